@@ -1,0 +1,130 @@
+"""``finetune run``: run the real ``finetune`` DAG through Airflow on this machine.
+
+Uses ``airflow dags test`` with ``AIRFLOW_HOME`` (SQLite) under ``$FINETUNE_HOME`` (default
+``./.finetune``), passes ``--source`` and ``--set`` as the run's Params, streams the task logs to
+stderr and prints a one-line JSON summary last. On failure it names the step and its error.
+
+    finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import finetune_home, load_config, safe_run_id
+from pipeline.errors import PipelineError
+from pipeline.steps import STEPS
+
+DAG_ID = "finetune"
+
+
+def dags_folder() -> Path:
+    return Path(os.environ.get("FINETUNE_DAGS_FOLDER", Path(__file__).resolve().parent.parent / "dags"))
+
+
+def airflow_env() -> dict[str, str]:
+    home = finetune_home()
+    env = dict(os.environ)
+    env.update({
+        "FINETUNE_HOME": str(home),
+        "AIRFLOW_HOME": env.get("AIRFLOW_HOME", str(home / "airflow")),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    })
+    return env
+
+
+def _airflow(args: list[str], env: dict[str, str], capture: bool = False) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("airflow")), *args]
+    if capture:
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+    return subprocess.run(command, env=env, stdout=sys.stderr, stderr=sys.stderr)
+
+
+def _config_overrides(path: str | None) -> list[str]:
+    """A YAML config file as ``key=value`` overrides, so it travels as the run's Params."""
+    if not path:
+        return []
+    load_config(path)  # validates keys and values, naming the file
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    flat = []
+    for key, value in data.items():
+        if isinstance(value, dict) and key in STEPS:
+            flat += [f"{key}.{k}={json.dumps(v)}" for k, v in value.items()]
+        else:
+            flat.append(f"{key}={json.dumps(value)}")
+    return flat
+
+
+def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
+    listing = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
+    try:
+        runs = json.loads(listing.stdout[listing.stdout.find("["):])
+    except ValueError:
+        return None
+    for dag_run in runs:
+        if str(dag_run.get("logical_date", "")).startswith(logical_date[:19]):
+            return dag_run["run_id"]
+    return None
+
+
+def failure(artifact_run_uri: str) -> str:
+    for step in STEPS:
+        error_uri = storage.join(artifact_run_uri, step, "error.json")
+        if storage.exists(error_uri):
+            return f"step '{step}' failed: {storage.read_json(error_uri)['error']}"
+        if not storage.exists(storage.join(artifact_run_uri, step, "result.json")):
+            return f"step '{step}' failed (see the task log above)"
+    return "the DAG run failed (see the log above)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", action="append", default=[], help="data source URI (repeatable)")
+    parser.add_argument("--config", help="YAML config file; its keys become overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
+    try:
+        overrides = _config_overrides(args.config) + args.overrides
+        cfg = load_config(None, overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else []))
+    except PipelineError as exc:
+        print(f"error: run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    conf: dict[str, Any] = {"overrides": overrides}
+    if sources:
+        conf["source"] = sources
+    env = airflow_env()
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    if _airflow(["db", "migrate"], env, capture=True).returncode != 0:
+        print("error: run: `airflow db migrate` failed; run it by hand to see why", file=sys.stderr)
+        return 1
+    logical_date = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    print(f"finetune run: airflow dags test {DAG_ID} {logical_date} -c '{json.dumps(conf)}'", file=sys.stderr)
+    _airflow(["dags", "test", DAG_ID, logical_date, "-c", json.dumps(conf)], env)
+    airflow_run_id = find_run_id(env, logical_date)
+    if airflow_run_id is None:
+        print("error: run: the DAG run was not created (see the log above)", file=sys.stderr)
+        return 1
+    run_uri = storage.join(cfg.artifact_root, "runs", safe_run_id(airflow_run_id))
+    result_uri = storage.join(run_uri, "register", "result.json")
+    if not storage.exists(result_uri):
+        print(f"error: run: {failure(run_uri)}", file=sys.stderr)
+        return 1
+    result = storage.read_json(result_uri)
+    summary = {key: result[key] for key in ("model_name", "version", "aliases", "metrics", "run_id", "snapshot")}
+    print(f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
+          f"sqlite:///{finetune_home() / 'mlflow.db'}`)", file=sys.stderr)
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
