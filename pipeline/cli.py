@@ -63,7 +63,8 @@ def step_main(step: str, run: Callable[[PipelineConfig], Any], argv: Sequence[st
     except PipelineError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)
         if cfg is not None and is_main_process():
-            storage.write_json(storage.join(cfg.step_uri(step), "error.json"), {"step": step, "error": str(exc)})
+            storage.write_json(storage.join(cfg.step_uri(step), "error.json"),
+                               {"step": step, "error": str(exc), "exit_code": exc.exit_code})
         return exc.exit_code
     if result is None:  # a non-zero rank of a distributed step: rank 0 reports
         return 0

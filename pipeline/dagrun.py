@@ -69,8 +69,9 @@ def _config_overrides(path: str | None) -> list[str]:
 
 def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
     listing = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
+    lines = [line for line in listing.stdout.splitlines() if line.startswith("[")]  # skip warnings
     try:
-        runs = json.loads(listing.stdout[listing.stdout.find("["):])
+        runs = json.loads(lines[-1]) if lines else []
     except ValueError:
         return None
     for dag_run in runs:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
@@ -140,7 +141,12 @@ def launch_local(step: str, overrides: Sequence[str]) -> dict[str, Any]:
                 print(line, end="", flush=True)
                 tail.append(line.rstrip())
         if process.returncode != 0:
-            errors = [line for line in tail if "error: " in line]
-            reason = errors[-1] if errors else "\n".join(list(tail)[-10:])
+            # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
+            # workers said, so the exit code is read back from error.json too.
+            error_uri = storage.join(load_config(None, overrides).step_uri(step), "error.json")
+            if storage.exists(error_uri):
+                error = storage.read_json(error_uri)
+                raise StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
+            reason = "\n".join(list(tail)[-10:])
             raise StepFailed(f"step '{step}' exited with code {process.returncode}: {reason}", process.returncode)
         return json.loads(Path(result_file).read_text())

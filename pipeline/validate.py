@@ -82,6 +82,9 @@ def run(cfg: PipelineConfig) -> ValidateResult:
     out_uri = cfg.step_uri("validate")
     with tempfile.TemporaryDirectory(prefix="finetune-gx-") as tmp:
         context = gx.get_context(mode="file", project_root_dir=tmp)
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
         batch = (context.data_sources.add_pandas("snapshot").add_dataframe_asset(name="rows")
                  .add_batch_definition_whole_dataframe("all"))
         suite = context.suites.add(build_suite(gx, own))

@@ -1,0 +1,54 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline import evaluate, storage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DataError, ModelError
+
+
+def _snapshot(tmp_path, split="eval"):
+    rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
+            ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
+    path = tmp_path / "snap.parquet"
+    pd.DataFrame([(t, l, split) for t, l in rows], columns=["text", "label", "split"]).to_parquet(path)
+    return path.as_uri()
+
+
+def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, classifier_dir):
+    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e"])
+    result = evaluate.run(cfg)
+    assert result.rows == 12 and set(result.metrics) == {"accuracy", "macro_f1"}
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    assert result.promote and "no champion" in result.reason and result.champion_version == ""
+    png = storage.read_bytes(result.confusion_matrix_uri)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    report = storage.read_json(result.report_uri)
+    assert {"order_status", "password_reset", "refund_request", "macro avg"} <= set(report)
+    from pipeline.tracking import client, pipeline_run_id
+
+    logged = client().get_run(pipeline_run_id(cfg))
+    assert logged.data.metrics["eval_accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert {a.path for a in client().list_artifacts(logged.info.run_id, "evaluate")} == {
+        "evaluate/classification_report.json", "evaluate/confusion_matrix.png"}
+
+
+@pytest.mark.parametrize("challenger, champion, margin, promote", [
+    (0.9, None, 0.0, True), (0.91, 0.90, 0.0, True), (0.90, 0.90, 0.0, False),
+    (0.905, 0.90, 0.01, False), (0.92, 0.90, 0.01, True), (0.5, 0.9, 0.0, False),
+])
+def test_gate(challenger, champion, margin, promote):
+    assert evaluate.decide(challenger, champion, margin, "accuracy")[0] is promote
+
+
+def test_empty_eval_split_and_missing_inputs(tmp_path, classifier_dir):
+    with pytest.raises(DataError, match="the eval split is empty"):
+        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path, 'train')}",
+                                        f"evaluate.model_uri={json.dumps(str(classifier_dir))}"]))
+    with pytest.raises(ConfigError, match="evaluate.model_uri is required"):
+        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}"]))
+    with pytest.raises(ModelError, match="no config.json"):
+        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+                                        f"evaluate.model_uri={json.dumps(str(tmp_path))}"]))

@@ -1,0 +1,59 @@
+"""End to end: `finetune run` drives the real DAG through `airflow dags test` (SQLite Airflow),
+real DeepSpeed over 2 processes and real MLflow; assertions are on the registry."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import shipped_rows, write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def _finetune_run(*args):
+    command = [sys.executable, "-m", "pipeline", "run", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_model_dir, small_data):
+    from pipeline.tracking import client
+
+    common = ["--set", f"base_model={tiny_model_dir}", "--set", "train.epochs=1", "--set", "train.batch_size=8"]
+    done = _finetune_run("--source", str(small_data), *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"model_name", "version", "aliases", "metrics", "run_id", "snapshot"}
+    assert summary["version"] == "1" and summary["aliases"] == ["challenger", "champion"]
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    assert summary["run_id"].startswith("manual__")
+
+    tracker = client()
+    version = tracker.get_model_version_by_alias("support-intents", "champion")
+    assert version.version == "1" and version.tags["finetune.run_id"] == summary["run_id"]
+    assert version.tags["finetune.snapshot_uri"] == summary["snapshot"]
+    run = tracker.get_run(version.run_id)
+    assert run.data.metrics["eval_accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert run.data.params["train.epochs"] == "1"
+    assert tracker.get_metric_history(run.info.run_id, "train_loss")
+    artifacts = {a.path for a in tracker.list_artifacts(run.info.run_id, "evaluate")}
+    assert "evaluate/confusion_matrix.png" in artifacts
+    assert [a.path for a in tracker.list_artifacts(run.info.run_id, "train")] == ["train/deepspeed_config.json"]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "eval"}
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", shipped_rows(3, 10) + [{"text": "no label here", "label": None}])
+    failed = _finetune_run("--source", str(bad), *common)
+    assert failed.returncode != 0
+    assert "step 'validate' failed" in failed.stderr
+    assert "expect_column_values_to_not_be_null(column=label): 1 unexpected" in failed.stderr
+    assert len(tracker.search_model_versions("name='support-intents'")) == 1
+    assert tracker.get_model_version_by_alias("support-intents", "champion").version == "1"
+
+
+def test_unknown_key_and_bad_value_fail_before_airflow_starts():
+    unknown = _finetune_run("--set", "train.epoch=2")
+    assert unknown.returncode == 2
+    assert "unknown config key 'train.epoch'" in unknown.stderr and "did you mean 'train.epochs'" in unknown.stderr
+    bad = _finetune_run("--set", "train.learning_rate=fast")
+    assert bad.returncode == 2 and "train.learning_rate: expected a number, got 'fast'" in bad.stderr
