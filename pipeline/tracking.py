@@ -40,7 +40,7 @@ def experiment_id(cfg: PipelineConfig) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # embedded: artifacts beside the SQLite file
+    if tracking_uri().startswith("sqlite:"):  # embedded: artifacts beside the SQLite file, not ./mlruns
         location = (finetune_home() / "mlartifacts").as_uri()
     try:
         return tracker.create_experiment(cfg.model_name, artifact_location=location)

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,9 @@ def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir):
     assert json.loads(version.tags["finetune.gate"])["promote"] is True
     run = client().get_run(third.mlflow_run_id)
     assert run.data.tags["finetune.run_id"] == "r3"
+    # Embedded default: artifacts stay beside the SQLite file under FINETUNE_HOME, not in ./mlruns.
+    location = client().get_experiment_by_name("support-intents").artifact_location
+    assert location == (Path(os.environ["FINETUNE_HOME"]) / "mlartifacts").as_uri()
 
 
 def test_champion_loads_and_predicts_through_pyfunc(tmp_path, classifier_dir):
