@@ -223,6 +223,12 @@ def _fit(cfg: PipelineConfig, model_dir: str, rows: Any, labels: list[str], ds_c
     own = cfg.train
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed
+
+        # Before TrainingArguments/from_pretrained: ZeRO-3's zero.Init reads the world size from
+        # deepspeed.comm, which would otherwise still say 1 on CPU and reject the batch sizes.
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
     args = TrainingArguments(
         output_dir=str(scratch / "checkpoints"), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
@@ -250,6 +256,7 @@ def _fit(cfg: PipelineConfig, model_dir: str, rows: Any, labels: list[str], ds_c
                            f"{os.environ.get('WORLD_SIZE')} processes: the data would not be sharded")
     output = trainer.train()
     trainer.save_model(str(scratch / "model"))  # all ranks: ZeRO-3 gathers the 16-bit weights here
+    (scratch / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
     per_rank = _gather_audit(audit, args.world_size)
     tokenizer.save_pretrained(str(scratch / "model"))
     report = sharding_report(per_rank, len(rows))

@@ -31,7 +31,7 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
 
     tracker = client()
     version = tracker.get_model_version_by_alias("support-intents", "champion")
-    assert version.version == "1" and version.tags["finetune.run_id"] == summary["run_id"]
+    assert str(version.version) == "1" and version.tags["finetune.run_id"] == summary["run_id"]
     assert version.tags["finetune.snapshot_uri"] == summary["snapshot"]
     run = tracker.get_run(version.run_id)
     assert run.data.metrics["eval_accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
@@ -48,7 +48,7 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
     assert "step 'validate' failed" in failed.stderr
     assert "expect_column_values_to_not_be_null(column=label): 1 unexpected" in failed.stderr
     assert len(tracker.search_model_versions("name='support-intents'")) == 1
-    assert tracker.get_model_version_by_alias("support-intents", "champion").version == "1"
+    assert str(tracker.get_model_version_by_alias("support-intents", "champion").version) == "1"
 
 
 def test_unknown_key_and_bad_value_fail_before_airflow_starts():

@@ -33,7 +33,7 @@ def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, ti
     result = _train(snapshot, tiny_model_dir, "a")
     per_rank = snapshot.rows_train // (BATCH * 2) * BATCH  # the partial last global batch is dropped
     assert result["world_size"] == 2
-    assert result["global_step"] == 2 * snapshot.rows_train // (BATCH * 2)
+    assert result["global_step"] == 2 * (snapshot.rows_train // (BATCH * 2))  # 2 epochs
     audit = storage.read_json(result["summary_uri"])
     assert audit["trainer_world_size"] == 2 and audit["deepspeed"]["zero_stage"] == 2
     for epoch in audit["sharding"]["epochs"]:
