@@ -38,7 +38,6 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW_HOME": env.get("AIRFLOW_HOME", str(home / "airflow")),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     })
     return env
 

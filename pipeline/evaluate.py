@@ -120,14 +120,18 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
 
     try:
         version = client().get_model_version_by_alias(cfg.model_name, CHAMPION)
-    except MlflowException:
-        return None  # no registered model or no champion alias yet
+    except MlflowException as exc:
+        # No registered model, or no champion alias yet. Anything else (an unreachable server,
+        # a permission error) must not read as "no champion": that would promote unchecked.
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(exc):
+            return None
+        raise ModelError(f"cannot look up the champion of {cfg.model_name}: {exc}") from exc
     try:
         parts = mlflow.transformers.load_model(f"models:/{cfg.model_name}@{CHAMPION}", return_type="components")
     except Exception as exc:  # fail closed: never promote over a champion we could not score
         raise ModelError(f"champion {cfg.model_name} version {version.version} cannot be loaded, "
                          f"so the new model cannot be compared with it: {exc}") from exc
-    return version.version, parts["model"], parts["tokenizer"]
+    return str(version.version), parts["model"], parts["tokenizer"]
 
 
 def run(cfg: PipelineConfig) -> EvaluateResult:

@@ -87,8 +87,6 @@ def _log_model(model_uri: str, run_id: str) -> Any:
 
 
 def run(cfg: PipelineConfig) -> RegisterResult:
-    from mlflow.exceptions import MlflowException
-
     from pipeline.tracking import client, pipeline_run_id
 
     trained, evaluated, validated = _inputs(cfg.register)
@@ -114,11 +112,9 @@ def run(cfg: PipelineConfig) -> RegisterResult:
                                                        f"in pipeline run {cfg.run_id}").version
     tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
     if evaluated["promote"]:
-        try:
-            previous = tracker.get_model_version_by_alias(cfg.model_name, CHAMPION).version
+        previous = tracker.get_registered_model(cfg.model_name).aliases.get(CHAMPION)
+        if previous is not None:
             tracker.set_registered_model_alias(cfg.model_name, PREVIOUS_CHAMPION, previous)
-        except MlflowException:
-            pass  # first champion
         tracker.set_registered_model_alias(cfg.model_name, CHAMPION, version)
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)

@@ -52,3 +52,40 @@ def test_empty_eval_split_and_missing_inputs(tmp_path, classifier_dir):
     with pytest.raises(ModelError, match="no config.json"):
         evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
                                         f"evaluate.model_uri={json.dumps(str(tmp_path))}"]))
+
+
+def _register_champion(tmp_path, classifier_dir):
+    from pipeline import register
+
+    train_uri, evaluate_uri = (tmp_path / "t.json").as_uri(), (tmp_path / "e.json").as_uri()
+    storage.write_json(train_uri, {"model_uri": str(classifier_dir), "snapshot_uri": "file:///s.parquet"})
+    storage.write_json(evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True,
+                                      "reason": "first"})
+    return register.run(load_config(None, ["run_id=champ", f"register.train_result_uri={train_uri}",
+                                           f"register.evaluate_result_uri={evaluate_uri}"]))
+
+
+def test_champion_is_scored_on_the_same_rows_and_a_tie_does_not_promote(tmp_path, classifier_dir):
+    _register_champion(tmp_path, classifier_dir)
+    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e2"])
+    result = evaluate.run(cfg)
+    assert result.champion_version == "1"
+    assert result.champion_metrics == result.metrics  # the same weights on the same rows
+    assert not result.promote and "does not beat champion" in result.reason
+
+
+def test_a_champion_that_cannot_be_loaded_fails_closed(tmp_path, classifier_dir):
+    import shutil
+
+    from pipeline.tracking import client
+
+    registered = _register_champion(tmp_path, classifier_dir)
+    source = client().get_model_version("support-intents", registered.version).source
+    artifacts = client().get_logged_model(source.rsplit("/", 1)[-1]).artifact_location
+    shutil.rmtree(storage.local_path(artifacts))
+    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e3"])
+    with pytest.raises(ModelError, match="champion support-intents version 1 cannot be loaded"):
+        evaluate.run(cfg)
+    assert not storage.exists(cfg.step_uri("evaluate") + "/result.json")
