@@ -234,6 +234,9 @@ def _fit(cfg: PipelineConfig, model_dir: str, rows: Any, labels: list[str], ds_c
         output_dir=str(scratch / "checkpoints"), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
         per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
         weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
+        # Sequence classification losses are per-example means with equal batches on every rank;
+        # token averaging would multiply them by the world size (and the gradients with them).
+        average_tokens_across_devices=False,
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
         deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False,
         dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
