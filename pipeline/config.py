@@ -152,9 +152,6 @@ class PipelineConfig:
         """Where ``step`` writes for this run: ``<artifact_root>/runs/<run_id>/<step>``."""
         return f"{self.artifact_root.rstrip('/')}/runs/{self.run_id}/{step}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def safe_run_id(airflow_run_id: str) -> str:
     """Airflow run ids contain ':' and '+'; keep them readable but path- and S3-safe."""
@@ -209,22 +206,33 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
-    """Build a config from defaults, an optional YAML file and ``key=value`` overrides."""
+def _read_yaml(path: str | os.PathLike) -> list[tuple[str, Any]]:
     import yaml
 
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return _flatten(data)
+
+
+def file_overrides(path: str | os.PathLike) -> list[str]:
+    """A YAML config file as ``key=value`` overrides, e.g. to travel as a DAG run's Params."""
+    import json
+
+    load_config(path)  # validates keys and values, naming the file
+    return [f"{key}={json.dumps(value)}" for key, value in _read_yaml(path)]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Build a config from defaults, an optional YAML file and ``key=value`` overrides."""
     tree: dict[str, Any] = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        for key, value in _flatten(data):
-            _set(tree, key, value, str(path))
+    for key, value in _read_yaml(path) if path else []:
+        _set(tree, key, value, str(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -244,14 +252,14 @@ def build_config(tree: dict[str, Any]) -> PipelineConfig:
     return PipelineConfig(**top, **sections)
 
 
-def field_help(key: str) -> dataclasses.Field:
+def _field(key: str) -> dataclasses.Field:
     section, _, name = key.rpartition(".")
     return _schema()[section][name]
 
 
 def param_schema(key: str) -> dict[str, Any]:
     """JSON-schema keywords for an Airflow ``Param`` bound to config key ``key``."""
-    f = field_help(key)
+    f = _field(key)
     section, _, name = key.rpartition(".")
     hint = typing.get_type_hints(PipelineConfig if not section else _step_config_types()[section])[name]
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import finetune_home, load_config, safe_run_id
+from pipeline.config import file_overrides, finetune_home, load_config, safe_run_id
 from pipeline.errors import PipelineError
 from pipeline.steps import STEPS
 
@@ -47,23 +47,6 @@ def _airflow(args: list[str], env: dict[str, str], capture: bool = False) -> sub
     if capture:
         return subprocess.run(command, env=env, capture_output=True, text=True)
     return subprocess.run(command, env=env, stdout=sys.stderr, stderr=sys.stderr)
-
-
-def _config_overrides(path: str | None) -> list[str]:
-    """A YAML config file as ``key=value`` overrides, so it travels as the run's Params."""
-    if not path:
-        return []
-    load_config(path)  # validates keys and values, naming the file
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    flat = []
-    for key, value in data.items():
-        if isinstance(value, dict) and key in STEPS:
-            flat += [f"{key}.{k}={json.dumps(v)}" for k, v in value.items()]
-        else:
-            flat.append(f"{key}={json.dumps(value)}")
-    return flat
 
 
 def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
@@ -97,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
     try:
-        overrides = _config_overrides(args.config) + args.overrides
+        overrides = (file_overrides(args.config) if args.config else []) + args.overrides
         cfg = load_config(None, overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else []))
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import PipelineConfig, known_keys, load_config, param_schema, safe_run_id
+from pipeline.config import PipelineConfig, file_overrides, known_keys, load_config, param_schema, safe_run_id
 from pipeline.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "pipeline" / "configs"
@@ -76,3 +76,10 @@ def test_param_schema_follows_the_field():
 def test_safe_run_id_is_path_safe():
     assert safe_run_id("manual__2026-11-29T03:52:07.162532+00:00") == "manual__2026-11-29T03_52_07.162532_00_00"
     load_config(None, [f"run_id={safe_run_id('scheduled__2026-01-01T00:00:00+00:00')}"])
+
+
+def test_a_config_file_travels_as_overrides():
+    path = CONFIGS / "support_intents.yaml"
+    overrides = file_overrides(path)
+    assert "train.zero_stage=2" in overrides
+    assert load_config(None, overrides) == load_config(path)
