@@ -31,8 +31,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 @dataclass(frozen=True)
 class TrainConfig:
     snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
-    epochs: int = option(3, "Passes over the training split.", minimum=1, maximum=100)
-    learning_rate: float = option(1e-4, "Peak learning rate (linear decay after warm-up).",
+    epochs: int = option(5, "Passes over the training split.", minimum=1, maximum=100)
+    learning_rate: float = option(2e-4, "Peak learning rate (linear decay after warm-up).",
                                   exclusive_minimum=0.0, maximum=1.0)
     batch_size: int = option(16, "Examples per process per step (micro-batch).", minimum=1, maximum=1024)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", minimum=1, maximum=1024)
