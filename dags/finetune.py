@@ -26,7 +26,7 @@ import pendulum
 from airflow.sdk import Param, chain, dag, task
 
 from pipeline.config import param_schema
-from pipeline.steps import PARAM_KEYS, STEPS
+from pipeline.steps import PARAM_KEYS, PIPELINE, STEPS
 
 SCHEDULE = os.environ.get("FINETUNE_SCHEDULE", "@weekly")
 
@@ -71,7 +71,7 @@ def step_task(step: str):
     doc_md=__doc__,
 )
 def finetune():
-    chain(*(step_task(step) for step in STEPS))
+    chain(*(step_task(step) for step in PIPELINE))
 
 
 finetune()

@@ -41,6 +41,7 @@ def _step_summary(step: str) -> str:
         "train": "Fine-tune the base model with Hugging Face Trainer + DeepSpeed.",
         "evaluate": "Score the trained model and the champion on held-out data.",
         "register": "Log the model to MLflow, register it and move aliases.",
+        "promote": "Move a registry alias (champion) to a version; roll back; audited.",
         "run": "Run the whole finetune DAG through Airflow on this machine.",
     }[step]
 

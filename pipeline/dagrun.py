@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import file_overrides, finetune_home, load_config, safe_run_id
 from pipeline.errors import PipelineError
-from pipeline.steps import STEPS
+from pipeline.steps import PIPELINE
 
 DAG_ID = "finetune"
 
@@ -49,8 +49,8 @@ def _airflow(args: list[str], env: dict[str, str], capture: bool = False) -> sub
     return subprocess.run(command, env=env, stdout=sys.stderr, stderr=sys.stderr)
 
 
-def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
-    listing = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
+def find_run_id(env: dict[str, str], dag_id: str, logical_date: str) -> str | None:
+    listing = _airflow(["dags", "list-runs", dag_id, "-o", "json"], env, capture=True)
     lines = [line for line in listing.stdout.splitlines() if line.startswith("[")]  # skip warnings
     try:
         runs = json.loads(lines[-1]) if lines else []
@@ -63,13 +63,28 @@ def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
 
 
 def failure(artifact_run_uri: str) -> str:
-    for step in STEPS:
+    for step in PIPELINE:
         error_uri = storage.join(artifact_run_uri, step, "error.json")
         if storage.exists(error_uri):
             return f"step '{step}' failed: {storage.read_json(error_uri)['error']}"
         if not storage.exists(storage.join(artifact_run_uri, step, "result.json")):
             return f"step '{step}' failed (see the task log above)"
     return "the DAG run failed (see the log above)"
+
+
+def test_dag(dag_id: str, conf: dict[str, Any]) -> str:
+    """Run one DAG run of ``dag_id`` with ``airflow dags test`` (logs to stderr); its run id."""
+    env = airflow_env()
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    if _airflow(["db", "migrate"], env, capture=True).returncode != 0:
+        raise PipelineError("`airflow db migrate` failed; run it by hand to see why")
+    logical_date = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    print(f"finetune run: airflow dags test {dag_id} {logical_date} -c '{json.dumps(conf)}'", file=sys.stderr)
+    _airflow(["dags", "test", dag_id, logical_date, "-c", json.dumps(conf)], env)
+    airflow_run_id = find_run_id(env, dag_id, logical_date)
+    if airflow_run_id is None:
+        raise PipelineError(f"the {dag_id} DAG run was not created (see the log above)")
+    return airflow_run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,17 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     conf: dict[str, Any] = {"overrides": overrides}
     if sources:
         conf["source"] = sources
-    env = airflow_env()
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    if _airflow(["db", "migrate"], env, capture=True).returncode != 0:
-        print("error: run: `airflow db migrate` failed; run it by hand to see why", file=sys.stderr)
-        return 1
-    logical_date = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    print(f"finetune run: airflow dags test {DAG_ID} {logical_date} -c '{json.dumps(conf)}'", file=sys.stderr)
-    _airflow(["dags", "test", DAG_ID, logical_date, "-c", json.dumps(conf)], env)
-    airflow_run_id = find_run_id(env, logical_date)
-    if airflow_run_id is None:
-        print("error: run: the DAG run was not created (see the log above)", file=sys.stderr)
+    try:
+        airflow_run_id = test_dag(DAG_ID, conf)
+    except PipelineError as exc:
+        print(f"error: run: {exc}", file=sys.stderr)
         return 1
     run_uri = storage.join(cfg.artifact_root, "runs", safe_run_id(airflow_run_id))
     result_uri = storage.join(run_uri, "register", "result.json")

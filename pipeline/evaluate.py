@@ -12,6 +12,7 @@ promoted when there is no champion, or when it beats the champion's ``gate_metri
 from __future__ import annotations
 
 import io
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,14 +31,30 @@ CHAMPION = "champion"
 class EvaluateConfig:
     snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
     model_uri: str = option("", "Trained model directory (the train step's model_uri).")
-    gate_metric: str = option("accuracy", "Metric that decides promotion (higher is better).", choices=METRICS)
+    gate_metric: str = option("accuracy", "Metric compared with the champion's to decide promotion.",
+                              choices=METRICS)
+    greater_is_better: bool = option(True, "Direction of gate_metric (false for losses, perplexity).")
     promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
                                      minimum=0.0, maximum=1.0)
+    thresholds: list[str] = option([], "Absolute bars every new model must clear, e.g. ['accuracy>=0.85'].")
     batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
     max_seq_len: int = option(64, "Tokens per example after truncation.", minimum=8, maximum=8192)
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate.")
+        for rule in self.thresholds:
+            parse_threshold(rule)
+
+
+def parse_threshold(rule: str) -> tuple[str, str, float]:
+    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
+    if not match or match.group(1) not in METRICS:
+        raise ConfigError(f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
+                          f"with a metric in {list(METRICS)}")
+    try:
+        return match.group(1), match.group(2), float(match.group(3))
+    except ValueError as exc:
+        raise ConfigError(f"evaluate.thresholds: {rule!r}: {match.group(3)!r} is not a number") from exc
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,8 @@ class EvaluateResult:
     reason: str
     champion_version: str = ""
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    greater_is_better: bool = True
+    thresholds: list[str] = field(default_factory=list)
 
 
 def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_seq_len: int) -> list[str]:
@@ -94,12 +113,21 @@ def confusion_png(truth: list[str], predicted: list[str], labels: list[str]) -> 
     return buffer.getvalue()
 
 
-def decide(challenger: float, champion: float | None, margin: float, metric: str) -> tuple[bool, str]:
+def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig) -> tuple[bool, str]:
+    """The promotion gate: every absolute threshold, then the margin over the champion."""
+    for rule in cfg.thresholds:
+        name, op, bound = parse_threshold(rule)
+        if not (metrics[name] >= bound if op == ">=" else metrics[name] <= bound):
+            return False, f"{name} {metrics[name]:.4f} fails the threshold {name} {op} {bound}"
+    metric, ours = cfg.gate_metric, metrics[cfg.gate_metric]
     if champion is None:
-        return True, f"no champion yet; {metric}={challenger:.4f}"
-    if challenger > champion + margin:
-        return True, f"{metric} {challenger:.4f} beats champion {champion:.4f} by more than {margin}"
-    return False, f"{metric} {challenger:.4f} does not beat champion {champion:.4f} by more than {margin}"
+        return True, f"no champion yet; {metric}={ours:.4f}"
+    theirs = champion[metric]
+    gain = ours - theirs if cfg.greater_is_better else theirs - ours
+    better = "higher" if cfg.greater_is_better else "lower"
+    if gain > cfg.promotion_margin:
+        return True, f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
+    return False, f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
 
 
 def _load_local(model_uri: str, scratch: Path) -> tuple[Any, Any]:
@@ -161,8 +189,7 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
                                                 own.max_seq_len))
         print(f"evaluate: champion v{champion_version} " + " ".join(f"{k}={v:.4f}" for k, v in
                                                                   champion_metrics.items()), file=sys.stderr)
-    promote, reason = decide(metrics[own.gate_metric], champion_metrics.get(own.gate_metric), own.promotion_margin,
-                             own.gate_metric)
+    promote, reason = decide(metrics, champion_metrics if champion is not None else None, own)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
 
     labels = sorted(set(truth) | set(predicted))
@@ -173,15 +200,16 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     storage.write_json(report_uri, report)
     png = confusion_png(truth, predicted, labels)
     storage.write_bytes(png_uri, png)
-    _log(cfg, rows, metrics, champion_metrics, report, png)
+    _log(cfg, rows, metrics, champion_metrics, report, png, promote, reason)
     return EvaluateResult(result_uri=storage.join(out_uri, "result.json"), metrics=metrics, report_uri=report_uri,
                           confusion_matrix_uri=png_uri, rows=len(rows), gate_metric=own.gate_metric,
                           promote=promote, reason=reason, champion_version=champion_version,
-                          champion_metrics=champion_metrics)
+                          champion_metrics=champion_metrics, greater_is_better=own.greater_is_better,
+                          thresholds=list(own.thresholds))
 
 
 def _log(cfg: PipelineConfig, rows: Any, metrics: dict[str, float], champion_metrics: dict[str, float],
-         report: dict[str, Any], png: bytes) -> None:
+         report: dict[str, Any], png: bytes, promote: bool, reason: str) -> None:
     import mlflow
 
     from pipeline.tracking import client, pipeline_run_id
@@ -192,6 +220,8 @@ def _log(cfg: PipelineConfig, rows: Any, metrics: dict[str, float], champion_met
         tracker.log_metric(run_id, f"eval_{key}", value)
     for key, value in champion_metrics.items():
         tracker.log_metric(run_id, f"champion_eval_{key}", value)
+    tracker.set_tag(run_id, "gate.promote", str(promote).lower())
+    tracker.set_tag(run_id, "gate.reason", reason)
     tracker.log_dict(run_id, report, "evaluate/classification_report.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "confusion_matrix.png"

@@ -1,15 +1,20 @@
-"""register: log the trained model to MLflow with the transformers flavor, register a version,
-give it the ``challenger`` alias and, when the evaluate step decided so, move ``champion`` to it
-(the version that held ``champion`` keeps the ``previous_champion`` alias, for roll-back).
+"""register: log the trained model to MLflow with the transformers flavor, register a version
+with its lineage and model card, give it the ``challenger`` alias and, when the evaluate step's
+gate passed, move ``champion`` to it. The version that held ``champion`` keeps the
+``previous_champion`` alias, so a roll-back is promoting that alias back.
+
+Re-running register for the same pipeline run returns the version it already registered.
 
     finetune register --set register.train_result_uri=.../train/result.json \\
         --set register.evaluate_result_uri=.../evaluate/result.json \\
-        --set register.validate_result_uri=.../validate/result.json
+        --set register.collect_result_uri=.../collect/result.json
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -20,15 +25,17 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import ConfigError, DataError
 
-CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous_champion"
+CHALLENGER, CHAMPION = "challenger", "champion"
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
+RUN_TAG = "finetune.run_id"
 
 
 @dataclass(frozen=True)
 class RegisterConfig:
     train_result_uri: str = option("", "The train step's result.json.")
     evaluate_result_uri: str = option("", "The evaluate step's result.json.")
-    validate_result_uri: str = option("", "The validate step's result.json (recorded as lineage).")
+    validate_result_uri: str = option("", "The validate step's result.json (lineage).")
+    collect_result_uri: str = option("", "The collect step's result.json (lineage: snapshot sha256).")
 
     def __post_init__(self) -> None:
         check_fields(self, "register.")
@@ -49,17 +56,22 @@ class RegisterResult:
     model_uri: str
 
 
-def _inputs(own: RegisterConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    for key in ("train_result_uri", "evaluate_result_uri"):
-        if not getattr(own, key):
+def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
+    if not uri:
+        if required:
             raise ConfigError(f"register.{key} is required")
-    trained = storage.read_json(own.train_result_uri)
-    evaluated = storage.read_json(own.evaluate_result_uri)
-    validated = storage.read_json(own.validate_result_uri) if own.validate_result_uri else {}
+        return {}
+    return storage.read_json(uri)
+
+
+def _inputs(own: RegisterConfig) -> dict[str, dict[str, Any]]:
+    inputs = {step: _read(getattr(own, f"{step}_result_uri"), f"{step}_result_uri", step in ("train", "evaluate"))
+              for step in ("collect", "validate", "train", "evaluate")}
+    evaluated = inputs["evaluate"]
     gate = evaluated.get("gate_metric")
     if gate not in (evaluated.get("metrics") or {}):
         raise DataError(f"{own.evaluate_result_uri}: gate metric '{gate}' missing from the evaluation metrics")
-    return trained, evaluated, validated
+    return inputs
 
 
 def pip_requirements() -> list[str]:
@@ -70,69 +82,141 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "transformers", "torch", "accelerate")]
 
 
-def _log_model(model_uri: str, run_id: str) -> Any:
+def git_commit() -> str:
+    """The code's commit: baked into images as FINETUNE_GIT_COMMIT, else read from a checkout."""
+    if os.environ.get("FINETUNE_GIT_COMMIT"):
+        return os.environ["FINETUNE_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    trained, evaluated = inputs["train"], inputs["evaluate"]
+    validated, collected = inputs["validate"], inputs["collect"]
+    tags = {
+        RUN_TAG: cfg.run_id, "finetune.task": cfg.task, "finetune.base_model": cfg.base_model,
+        # Airflow exports its context to the task's environment; the step subprocess inherits it.
+        "airflow.dag_id": os.environ.get("AIRFLOW_CTX_DAG_ID", ""),
+        "airflow.run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""),
+        "airflow.try_number": os.environ.get("AIRFLOW_CTX_TRY_NUMBER", ""),
+        "finetune.snapshot_uri": trained["snapshot_uri"],
+        "finetune.snapshot_sha256": collected.get("sha256", ""),
+        "finetune.validation_summary_uri": validated.get("summary_uri", ""),
+        "finetune.data_docs_uri": validated.get("data_docs_uri", ""),
+        "finetune.trained_model_uri": trained["model_uri"],
+        "finetune.config_sha256": trained.get("config_sha256", ""),
+        "finetune.git_commit": git_commit(),
+        "finetune.image": os.environ.get("FINETUNE_IMAGE", ""),
+        "finetune.gate": json.dumps({key: evaluated.get(key) for key in (
+            "promote", "reason", "gate_metric", "greater_is_better", "thresholds", "champion_version",
+            "champion_metrics")}),
+        "finetune.gate_passed": str(bool(evaluated["promote"])).lower(),
+    }
+    tags.update({f"metric.{k}": f"{float(v):.6f}" for k, v in evaluated["metrics"].items()})
+    return {k: v for k, v in tags.items() if v != ""}
+
+
+def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
+    trained, evaluated, collected = inputs["train"], inputs["evaluate"], inputs["collect"]
+    champion = evaluated.get("champion_metrics") or {}
+    rows = "\n".join(
+        f"| {name} | {value:.4f} | {champion[name]:.4f} |" if name in champion else f"| {name} | {value:.4f} | - |"
+        for name, value in evaluated["metrics"].items())
+    settings = {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}
+    return f"""# {cfg.model_name}: {cfg.task}
+
+## Intended use
+Classifies short customer-support messages (English and Chinese) into the intents seen in
+training: {", ".join(trained.get("labels", []) or collected.get("labels", []))}. Route or
+pre-fill support tickets; keep a person in the loop for refunds and account actions.
+
+## Data
+- Snapshot: `{trained["snapshot_uri"]}` (sha256 `{collected.get("sha256", "unknown")}`)
+- Rows: {collected.get("rows", "?")} ({collected.get("rows_train", "?")} train / {collected.get("rows_eval", "?")} eval, split by text hash)
+
+## Metrics (eval split){f" vs champion version {evaluated['champion_version']}" if champion else ""}
+| metric | this model | champion |
+|---|---|---|
+{rows}
+
+Gate: {evaluated["reason"]}
+
+## Training
+- Base model: `{cfg.base_model}`; seed {cfg.seed}; pipeline run `{cfg.run_id}`
+- Settings: `{json.dumps(settings, sort_keys=True)}`
+- Global steps: {trained.get("global_step")}; processes: {trained.get("world_size")}
+
+## Limitations
+Trained on a small, synthetic or team-curated set of intents: messages outside them are forced
+into the nearest known intent. Scores are measured on a held-out split of the same snapshot,
+not on live traffic; re-check after the data or the intent list changes.
+"""
+
+
+def _log_model(model_uri: str, run_id: str, card: str) -> Any:
     import mlflow
     import transformers
 
-    with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
-        from pipeline.train import resolve_model
+    from pipeline.train import resolve_model
 
+    with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
         path = resolve_model(model_uri, Path(tmp), what="trained model")
         classifier = transformers.pipeline("text-classification", model=path, tokenizer=path)
         with mlflow.start_run(run_id=run_id):
+            mlflow.log_text(card, "model_card.md")
             # The signature is inferred by running the pipeline on the input example.
             return mlflow.transformers.log_model(transformers_model=classifier, name="model",
                                                  task="text-classification", input_example=INPUT_EXAMPLE,
                                                  pip_requirements=pip_requirements())
 
 
+def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
+    versions = tracker.search_model_versions(f"name='{cfg.model_name}' and tags.`{RUN_TAG}` = '{cfg.run_id}'")
+    return versions[0] if versions else None
+
+
 def run(cfg: PipelineConfig) -> RegisterResult:
-    from pipeline.tracking import client, pipeline_run_id
-
-    trained, evaluated, validated = _inputs(cfg.register)
-    tracker = client()
-    mlflow_run_id = trained.get("mlflow_run_id") or pipeline_run_id(cfg)
-    info = _log_model(trained["model_uri"], mlflow_run_id)
-    snapshot = trained["snapshot_uri"]
-    metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
-    tags = {
-        "finetune.run_id": cfg.run_id, "finetune.task": cfg.task, "finetune.base_model": cfg.base_model,
-        "finetune.snapshot_uri": snapshot, "finetune.trained_model_uri": trained["model_uri"],
-        "finetune.validation_summary_uri": validated.get("summary_uri", ""),
-        "finetune.gate": json.dumps({"promote": evaluated["promote"], "reason": evaluated["reason"],
-                                     "metric": evaluated["gate_metric"],
-                                     "champion_version": evaluated.get("champion_version", ""),
-                                     "champion_metrics": evaluated.get("champion_metrics", {})}),
-        **{f"metric.{k}": f"{v:.6f}" for k, v in metrics.items()},
-    }
-    if not _exists(tracker, cfg.model_name):
-        tracker.create_registered_model(cfg.model_name)
-    version = tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id, tags=tags,
-                                           description=f"{cfg.task} fine-tuned from {cfg.base_model} "
-                                                       f"in pipeline run {cfg.run_id}").version
-    tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-    if evaluated["promote"]:
-        previous = tracker.get_registered_model(cfg.model_name).aliases.get(CHAMPION)
-        if previous is not None:
-            tracker.set_registered_model_alias(cfg.model_name, PREVIOUS_CHAMPION, previous)
-        tracker.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-    aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
-    print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
-    return RegisterResult(result_uri=storage.join(cfg.step_uri("register"), "result.json"),
-                          model_name=cfg.model_name, version=str(version), aliases=aliases,
-                          promoted=bool(evaluated["promote"]), reason=evaluated["reason"], metrics=metrics,
-                          run_id=cfg.run_id, snapshot=snapshot, mlflow_run_id=mlflow_run_id,
-                          model_uri=f"models:/{cfg.model_name}/{version}")
-
-
-def _exists(tracker: Any, name: str) -> bool:
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import client, pipeline_run_id
+
+    inputs = _inputs(cfg.register)
+    trained, evaluated = inputs["train"], inputs["evaluate"]
+    tracker = client()
     try:
-        tracker.get_registered_model(name)
-        return True
-    except MlflowException:
-        return False
+        tracker.create_registered_model(cfg.model_name, description=f"{cfg.task} models fine-tuned by finetune-pipeline")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = _already_registered(tracker, cfg)
+    if existing is not None:  # a retried or re-run register: same training run, same version
+        version, mlflow_run_id = str(existing.version), existing.run_id
+        print(f"register: pipeline run {cfg.run_id} is already version {version}", file=sys.stderr)
+    else:
+        mlflow_run_id = trained.get("mlflow_run_id") or pipeline_run_id(cfg)
+        card = model_card(cfg, inputs)
+        info = _log_model(trained["model_uri"], mlflow_run_id, card)
+        version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
+                                                   tags=lineage_tags(cfg, inputs), description=card).version)
+        tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        if evaluated["promote"]:
+            from pipeline.promote import attempt
+
+            # Under the registry lock, and only if the champion evaluate compared against still holds.
+            attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
+                    reason=evaluated["reason"], expected_current=evaluated.get("champion_version") or "")
+        tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
+    aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
+    print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
+    metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
+    return RegisterResult(result_uri=storage.join(cfg.step_uri("register"), "result.json"),
+                          model_name=cfg.model_name, version=version, aliases=aliases,
+                          promoted=CHAMPION in aliases, reason=evaluated["reason"], metrics=metrics,
+                          run_id=cfg.run_id, snapshot=trained["snapshot_uri"], mlflow_run_id=mlflow_run_id,
+                          model_uri=f"models:/{cfg.model_name}/{version}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,9 +51,14 @@ STEPS: dict[str, Step] = {
                                          "evaluate.model_uri": ("train", "model_uri")}, memory="4Gi"),
     "register": Step("register", inputs={"register.train_result_uri": ("train", "result_uri"),
                                          "register.evaluate_result_uri": ("evaluate", "result_uri"),
-                                         "register.validate_result_uri": ("validate", "result_uri")},
+                                         "register.validate_result_uri": ("validate", "result_uri"),
+                                         "register.collect_result_uri": ("collect", "result_uri")},
                      memory="4Gi"),
+    "promote": Step("promote", memory="1Gi"),
 }
+
+# The finetune DAG's tasks, in order; promote runs in a DAG of its own.
+PIPELINE: tuple[str, ...] = ("collect", "validate", "train", "evaluate", "register")
 
 # DAG Param name -> config key. The Params' types, bounds and defaults come from the config fields.
 PARAM_KEYS: dict[str, str] = {

@@ -61,6 +61,7 @@ class TrainResult:
     train_runtime_s: float
     world_size: int
     mlflow_run_id: str
+    config_sha256: str  # training config + DeepSpeed config, for lineage
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -191,7 +192,17 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     return TrainResult(result_uri=storage.join(out_uri, "result.json"), model_uri=model_uri, summary_uri=summary_uri,
                        snapshot_uri=own.snapshot_uri, base_model=cfg.base_model, global_step=outcome["global_step"],
                        train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],
-                       world_size=world, mlflow_run_id=mlflow_run_id or "")
+                       world_size=world, mlflow_run_id=mlflow_run_id or "",
+                       config_sha256=config_hash(cfg, ds_config))
+
+
+def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
+    """Everything that shapes the weights apart from the data: model, seed, train settings, DeepSpeed."""
+    import hashlib
+
+    settings = {"base_model": cfg.base_model, "seed": cfg.seed, "task": cfg.task,
+                "train": {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}, "deepspeed": ds_config}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: Any) -> str:

@@ -102,3 +102,49 @@ def s3(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a fresh PostgreSQL database as its backend store."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    import uuid
+
+    try:
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except Exception as exc:  # CI and our machines have it; elsewhere say why
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {exc}")
+    database = f"mlflow_test_{uuid.uuid4().hex[:10]}"
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {database}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+         "--artifacts-destination", artifacts.as_uri(), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError("mlflow server exited at start-up")
+            time.sleep(0.5)
+    else:
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    admin.close()

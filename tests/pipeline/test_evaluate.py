@@ -35,12 +35,29 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
         "evaluate/classification_report.json", "evaluate/confusion_matrix.png"}
 
 
-@pytest.mark.parametrize("challenger, champion, margin, promote", [
-    (0.9, None, 0.0, True), (0.91, 0.90, 0.0, True), (0.90, 0.90, 0.0, False),
-    (0.905, 0.90, 0.01, False), (0.92, 0.90, 0.01, True), (0.5, 0.9, 0.0, False),
+@pytest.mark.parametrize("ours, theirs, sets, promote", [
+    (0.9, None, [], True),
+    (0.91, 0.90, [], True),
+    (0.90, 0.90, [], False),  # a tie is not a win
+    (0.905, 0.90, ["evaluate.promotion_margin=0.01"], False),
+    (0.92, 0.90, ["evaluate.promotion_margin=0.01"], True),
+    (0.5, 0.9, [], False),
+    (0.9, None, ['evaluate.thresholds=["accuracy>=0.95"]'], False),  # first model, but below the bar
+    (0.96, 0.5, ['evaluate.thresholds=["accuracy>=0.95", "macro_f1>=0.5"]'], True),
+    (0.4, 0.5, ["evaluate.greater_is_better=false"], True),  # lower is better, e.g. a loss
+    (0.6, 0.5, ["evaluate.greater_is_better=false"], False),
 ])
-def test_gate(challenger, champion, margin, promote):
-    assert evaluate.decide(challenger, champion, margin, "accuracy")[0] is promote
+def test_gate(ours, theirs, sets, promote):
+    cfg = load_config(None, sets).evaluate
+    champion = None if theirs is None else {"accuracy": theirs, "macro_f1": theirs}
+    decision, reason = evaluate.decide({"accuracy": ours, "macro_f1": ours}, champion, cfg)
+    assert decision is promote, reason
+
+
+@pytest.mark.parametrize("rule", ["accuracy > 0.9", "recall>=0.5", "accuracy>=high"])
+def test_bad_threshold_is_rejected_with_its_text(rule):
+    with pytest.raises(ConfigError, match="evaluate.thresholds"):
+        load_config(None, [f"evaluate.thresholds={json.dumps([rule])}"])
 
 
 def test_empty_eval_split_and_missing_inputs(tmp_path, classifier_dir):

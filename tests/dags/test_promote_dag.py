@@ -1,0 +1,57 @@
+"""The promote DAG: integrity, and a real run through `airflow dags test` against MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.test_promote import NAME, _aliases, _audit, _version
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    return bag.dags["promote"]
+
+
+def test_manual_only_one_task_params_validated(dag):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    assert dag.schedule is None and dag.max_active_runs == 1 and dag.task_ids == ["promote"]
+    assert set(dag.params) == {"model_name", "version", "target_alias", "reason", "force"}
+    assert dag.get_task("promote").retries == 0
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("target_alias").resolve("champ ion")
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("force").resolve("yes")
+
+
+@pytest.mark.slow
+def test_roll_back_through_airflow_records_who_and_why():
+    from pipeline.dagrun import test_dag
+    from pipeline.tracking import client
+
+    tracker = client()
+    v1, v2 = _version(tracker, 0.8), _version(tracker, 0.9)
+    tracker.set_registered_model_alias(NAME, "previous_champion", v1)
+    tracker.set_registered_model_alias(NAME, "champion", v2)
+    run_id = test_dag("promote", {"model_name": NAME, "version": "previous_champion", "force": True,
+                                  "reason": "v2 misroutes refunds"})
+    assert run_id.startswith("manual__")
+    assert _aliases(tracker) == {"champion": v1, "previous_champion": v2}
+    [record] = _audit(tracker)
+    assert record.data.tags["promotion.requested_by"] == "dag_test"  # `airflow dags test`'s user
+    assert record.data.tags["promotion.reason"] == "v2 misroutes refunds"
+
+    test_dag("promote", {"model_name": NAME, "version": v2})  # better than the champion v1: allowed
+    assert _aliases(tracker)["champion"] == v2
+    test_dag("promote", {"model_name": NAME, "version": v1})  # worse than the champion, not forced
+    assert _aliases(tracker)["champion"] == v2
+    outcomes = sorted(r.data.tags["promotion.outcome"] for r in _audit(tracker))
+    assert outcomes == ["promoted", "promoted", "refused"]
+    assert json.loads(tracker.get_model_version(NAME, v2).tags["finetune.promoted_to.champion"])["forced"] is False
