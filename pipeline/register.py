@@ -200,7 +200,8 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         card = model_card(cfg, inputs)
         info = _log_model(trained["model_uri"], mlflow_run_id, card)
         version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
-                                                   tags=lineage_tags(cfg, inputs), description=card).version)
+                                                   tags=lineage_tags(cfg, inputs), description=card,
+                                                   model_id=info.model_id).version)
         tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if evaluated["promote"]:
             from pipeline.promote import attempt

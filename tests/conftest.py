@@ -3,6 +3,7 @@ MiniLM's real tokenizer, and small labelled data sets written as real files."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,9 @@ def s3(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a fresh PostgreSQL database as its backend store."""
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real `mlflow server` on loopback: a fresh PostgreSQL database as its backend store and
+    the loopback S3 API as its artifact store, proxied, so clients need no S3 access."""
     import socket
     import subprocess
     import sys
@@ -126,12 +128,18 @@ def mlflow_server(tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
+    import boto3
+
+    s3_env = {"AWS_ENDPOINT_URL": s3_server, "MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+              "AWS_ACCESS_KEY_ID": "moto-dummy", "AWS_SECRET_ACCESS_KEY": "moto-dummy"}
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="moto-dummy",
+                 aws_secret_access_key="moto-dummy").create_bucket(Bucket=database.replace("_", "-"))
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
-         "--artifacts-destination", artifacts.as_uri(), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--artifacts-destination", f"s3://{database.replace('_', '-')}/mlflow", "--workers", "2"],
+        env={**server_env, **s3_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:

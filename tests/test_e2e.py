@@ -57,3 +57,27 @@ def test_unknown_key_and_bad_value_fail_before_airflow_starts():
     assert "unknown config key 'train.epoch'" in unknown.stderr and "did you mean 'train.epochs'" in unknown.stderr
     bad = _finetune_run("--set", "train.learning_rate=fast")
     assert bad.returncode == 2 and "train.learning_rate: expected a number, got 'fast'" in bad.stderr
+
+
+def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_server, monkeypatch, tiny_model_dir,
+                                                                     small_data):
+    """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API); the
+    champion then loads and predicts in a fresh process, from the server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = "remote-intents"
+    done = _finetune_run("--source", str(small_data), "--set", f"base_model={tiny_model_dir}",
+                         "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", f"model_name={name}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    from pipeline.tracking import client
+
+    version = client().get_model_version_by_alias(name, "champion")
+    assert str(version.version) == summary["version"] and version.tags["finetune.run_id"] == summary["run_id"]
+    assert client().get_experiment_by_name(name).artifact_location.startswith("mlflow-artifacts:")
+    probe = ("import json, mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+             "print(json.dumps(m.predict(['where is my parcel', '我要退款'])['label'].tolist()))")
+    loaded = subprocess.run([sys.executable, "-c", probe, f"models:/{name}@champion"], capture_output=True,
+                            text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    labels = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert len(labels) == 2 and set(labels) <= {r["label"] for r in shipped_rows(3, 40)}  # small_data's intents

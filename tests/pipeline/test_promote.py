@@ -101,8 +101,9 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
                                   "--set", f"promote.requested_by=attempt-{v}", "--set", f"run_id=c{v}"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for v in versions]
-    codes = [a.wait(timeout=300) for a in attempts]
-    assert set(codes) <= {0, 2}, [a.stderr.read()[-2000:] for a in attempts]
+    outcomes = [(a.wait(timeout=300), a.stderr.read()) for a in attempts]
+    crashed = [err[-3000:] for code, err in outcomes if code not in (0, 2)]  # 2: a refusal, which is fine
+    assert not crashed, crashed
     best = versions[accuracies.index(max(accuracies))]
     assert _aliases(tracker)["champion"] == best
     records = _audit(tracker)
