@@ -7,6 +7,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV_VERSION := 3.3.30
 # Where a CPU build of torch comes from on machines that lack one locally, e.g.
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -25,15 +26,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt -e '.[dev]'
 	touch $@
 
+# checkov (manifest and Dockerfile checks, tests only) in a venv of its own: in .venv, under our
+# pins, pip resolves it to an ancient 2.x.
+CHECKOV := .tools/checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov && .tools/checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+
 install: $(STAMP)
 
 demo: install
 	$(BIN)/finetune run
 
-test: install
+test: install $(CHECKOV)
 	$(BIN)/python -m pytest -q -rs
 
-test-fast: install
+test-fast: install $(CHECKOV)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 up: install

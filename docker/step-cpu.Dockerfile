@@ -1,17 +1,23 @@
-# The CPU image every step runs in: `finetune <step> --set ...` is its argv.
-#   docker build -f docker/step-cpu.Dockerfile -t registry.example.com/finetune-step-cpu:0.1.0 .
+# The CPU image every non-GPU step runs in: its argv is `finetune <step> --set ...`.
+#   docker build -f docker/step-cpu.Dockerfile -t registry.example.com/finetune/step-cpu:0.1.0 .
+# Base pinned by version tag (digests cannot be resolved on the build machine; pin one when
+# mirroring). Installs from the same constraints.txt as `make install`; holds no credentials.
 FROM python:3.11.11-slim-bookworm
 
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
-    HF_HOME=/tmp/hf DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    HF_HOME=/var/cache/huggingface DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1
 
 WORKDIR /opt/finetune
 COPY constraints.txt pyproject.toml README.md ./
 COPY pipeline ./pipeline
 # torch first from the CPU wheel index, so the constraint is met by the CPU build, never CUDA.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install -c constraints.txt .
+ && pip install -c constraints.txt . \
+ && groupadd --gid 10001 finetune \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp finetune
 
-RUN useradd --uid 10001 --create-home finetune
-USER 10001
+# Pods run with a read-only root filesystem: /tmp and the HF cache are emptyDir mounts.
+USER 10001:10001
 ENTRYPOINT ["finetune"]
+CMD ["--help"]
+HEALTHCHECK NONE

