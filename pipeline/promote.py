@@ -83,6 +83,8 @@ def registry_lock(tracker: Any, model_name: str, holder: str):
                 raise
         try:
             held = tracker.get_registered_model(lock)
+            if held.tags.get("holder") == holder:
+                break  # our create went through but its response was lost and the client retried it
             if time.time() * 1000 - held.creation_timestamp > LOCK_TTL_S * 1000:
                 print(f"promote: breaking stale lock held by {held.tags.get('holder')}", file=sys.stderr)
                 tracker.delete_registered_model(lock)
@@ -96,7 +98,12 @@ def registry_lock(tracker: Any, model_name: str, holder: str):
     try:
         yield
     finally:
-        tracker.delete_registered_model(lock)
+        try:
+            tracker.delete_registered_model(lock)
+        except MlflowException as exc:
+            # The HTTP client retries a DELETE whose response was lost; the retry finds it gone.
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
 
 def resolve_version(tracker: Any, model_name: str, ref: str) -> Any:
