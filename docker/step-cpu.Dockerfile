@@ -5,7 +5,7 @@
 FROM python:3.11.11-slim-bookworm
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HF_HOME=/var/cache/huggingface DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1
+    HF_HOME=/var/cache/huggingface DS_ACCELERATOR=cpu
 
 WORKDIR /opt/finetune
 COPY constraints.txt pyproject.toml README.md ./
