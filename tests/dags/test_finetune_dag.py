@@ -13,12 +13,8 @@ HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "great_expectations", "
 
 
 @pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS))
-    assert bag.import_errors == {}
-    return bag.dags["finetune"]
+def dag(dagbag):
+    return dagbag.dags["finetune"]
 
 
 def test_task_graph_is_the_five_steps_in_order(dag):

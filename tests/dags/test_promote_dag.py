@@ -1,22 +1,15 @@
 """The promote DAG: integrity, and a real run through `airflow dags test` against MLflow."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.pipeline.test_promote import NAME, _aliases, _audit, _version
 
-DAGS = Path(__file__).resolve().parents[2] / "dags"
-
 
 @pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS))
-    assert bag.import_errors == {}
-    return bag.dags["promote"]
+def dag(dagbag):
+    return dagbag.dags["promote"]
 
 
 def test_manual_only_one_task_params_validated(dag):
