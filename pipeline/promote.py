@@ -79,6 +79,8 @@ def registry_lock(tracker: Any, model_name: str, holder: str):
                                             description="Held while an alias of the model is being moved.")
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # the server saw the name taken, then released, while creating: try again
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
