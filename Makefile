@@ -45,7 +45,7 @@ test-fast: install $(CHECKOV)
 
 up: install
 	@echo "Airflow UI on http://127.0.0.1:8080 (login printed below), MLflow UI on http://127.0.0.1:5000"
-	AIRFLOW_HOME=$(FINETUNE_HOME)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(FINETUNE_HOME)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 $(BIN)/airflow standalone & \
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow.db \
 	  --default-artifact-root $(FINETUNE_HOME)/mlartifacts; wait
