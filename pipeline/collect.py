@@ -96,17 +96,10 @@ def _expand(source: str) -> list[tuple[str, bytes]]:
 
 
 def _expand_s3(source: str) -> list[tuple[str, bytes]]:
-    if storage.exists(source):
-        return [(source, storage.read_bytes(source))]
-    import boto3
-
-    bucket, _, prefix = source[len("s3://"):].partition("/")
-    client = boto3.client("s3")
-    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-    if not keys:
+    objects = [source] if storage.exists(source) else storage.list_objects(source)
+    if not objects:
         raise DataError(f"source {source} matches no objects")
-    return [(f"s3://{bucket}/{key}", storage.read_bytes(f"s3://{bucket}/{key}")) for key in sorted(keys)]
+    return [(uri, storage.read_bytes(uri)) for uri in objects]
 
 
 def _format_of(uri: str) -> tuple[str, bool]:

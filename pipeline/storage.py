@@ -162,6 +162,20 @@ def publish_dir(src: Path, uri: str) -> str:
     return uri
 
 
+def list_objects(uri: str) -> list[str]:
+    """The ``s3://`` URIs of every object under the prefix ``uri``, in key order."""
+    _remote_only(uri)
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = _bucket_key(uri)
+    try:
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    except ClientError as exc:
+        raise DataError(f"cannot list {uri}: {exc.response.get('Error', {}).get('Message', exc)}") from exc
+    return [f"s3://{bucket}/{key}" for key in sorted(keys)]
+
+
 def fetch_dir(uri: str, dest: Path) -> Path:
     """A local directory holding the contents of ``uri`` (downloaded for s3://)."""
     path = local_path(uri)
@@ -169,17 +183,14 @@ def fetch_dir(uri: str, dest: Path) -> Path:
         if not path.is_dir():
             raise DataError(f"{uri}: no such directory")
         return path
-    _remote_only(uri)
-    bucket, prefix = _bucket_key(uri)
-    prefix = prefix.rstrip("/") + "/"
-    client = _s3()
-    found = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            target = dest / obj["Key"][len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
-            found = True
-    if not found:
+    prefix = uri.rstrip("/") + "/"
+    objects = list_objects(prefix)
+    if not objects:
         raise DataError(f"{uri}: no objects under this prefix")
+    client = _s3()
+    for object_uri in objects:
+        bucket, key = _bucket_key(object_uri)
+        target = dest / object_uri[len(prefix):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(target))
     return dest

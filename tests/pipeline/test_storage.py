@@ -67,3 +67,49 @@ def test_base_model_from_an_s3_prefix_loads(s3, tmp_path, tiny_model_dir):
     assert model.config.num_hidden_layers == 2
     with pytest.raises(ModelError, match="holds no config.json"):
         resolve_model(str(tmp_path), tmp_path)
+
+
+def test_s3_missing_bucket_and_prefix_name_the_source(s3):
+    with pytest.raises(DataError, match="cannot list s3://no-such-bucket-here/data/: The specified bucket does not exist"):
+        _collect("s3://no-such-bucket-here/data/")
+    with pytest.raises(DataError, match=f"source s3://{s3}/nothing/ matches no objects"):
+        _collect(f"s3://{s3}/nothing/")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server: /data.jsonl is a file, /missing answers 404, /broken 500."""
+    import http.server
+    import threading
+
+    write_jsonl(tmp_path / "data.jsonl", shipped_rows(2, 5))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):
+            if self.path.startswith("/broken"):
+                self.send_error(500, "boom")
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_sources(http_server):
+    assert _collect(f"{http_server}/data.jsonl").rows == 10
+    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:\d+/missing.jsonl: HTTP Error 404"):
+        _collect(f"{http_server}/missing.jsonl")
+    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:\d+/broken.jsonl: HTTP Error 500"):
+        _collect(f"{http_server}/broken.jsonl")
+
+
+def _collect(source):
+    return collect.run(load_config(None, [f"collect.sources={json.dumps([source])}", "run_id=h"]))
