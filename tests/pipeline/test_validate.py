@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import collect, storage, validate
 from pipeline.config import load_config
-from pipeline.errors import ValidationFailed
+from pipeline.errors import ConfigError, ValidationFailed
 
 
 def _snapshot(tmp_path, rows) -> str:
@@ -31,7 +31,8 @@ def test_good_snapshot_passes_and_publishes_data_docs(small_data):
 
 
 def test_failing_suite_names_expectations_counts_and_rows(tmp_path):
-    rows = [("fine text", "a", "train")] * 10 + [("   ", "a", "train"), ("ok", None, "eval"), ("x", None, "train")]
+    rows = [(f"fine text {i}", "a", "train") for i in range(10)] + [("   ", "a", "train"), ("ok", None, "eval"),
+                                                                     ("x", None, "train")]
     cfg = _cfg(_snapshot(tmp_path, rows))
     with pytest.raises(ValidationFailed) as failed:
         validate.run(cfg)
@@ -58,3 +59,40 @@ def test_missing_column_and_too_few_rows(tmp_path):
 def test_cli_exit_code_is_distinct(tmp_path):
     uri = _snapshot(tmp_path, [("", "a", "train")] * 12)
     assert validate.main(["--set", f"validate.snapshot_uri={uri}", "--set", "run_id=v2"]) == 3
+
+
+def _rows(n, label="a", split="train", prefix="text"):
+    return [(f"{prefix} {label} {i}", label, split) for i in range(n)]
+
+
+@pytest.mark.parametrize("rows, sets, check, message", [
+    (_rows(12) + [("Text A 0", "a", "train")], ["validate.max_duplicate_rate=0.0"], "duplicate_rate",
+     "expect_column_values_to_be_unique(column=text_normalized): 2 unexpected"),
+    (_rows(12) + [("lonely", "b", "train")], [], "examples_per_class",
+     "expect_column_values_to_be_between(column=label_count): 1 unexpected, example rows [12]"),
+    (_rows(12) + [("text a 0", "a", "eval")], ["validate.max_duplicate_rate=0.5"], "split_leakage",
+     "expect_column_values_to_be_in_set(column=leaks_across_splits): 2 unexpected, example rows [0, 12]"),
+    (_rows(12) + _rows(3, "zz"), ['validate.allowed_labels=["a"]'], "label_allowed",
+     "expect_column_values_to_be_in_set(column=label): 3 unexpected, example rows [12, 13, 14]"),
+])
+def test_data_quality_checks_fail_the_gate_naming_rows(tmp_path, rows, sets, check, message):
+    with pytest.raises(ValidationFailed) as failed:
+        validate.run(_cfg(_snapshot(tmp_path, rows), *sets))
+    assert f"{check}: {message}" in str(failed.value)
+
+
+def test_a_check_downgraded_to_warning_is_reported_not_enforced(tmp_path):
+    rows = _rows(12) + [("lonely", "b", "train")]
+    result = validate.run(_cfg(_snapshot(tmp_path, rows), 'validate.warn_only=["examples_per_class"]'))
+    assert result.passed and len(result.warnings) == 1 and result.warnings[0].startswith("examples_per_class:")
+    summary = storage.read_json(result.summary_uri)
+    assert [c["severity"] for c in summary["checks"] if not c["success"]] == ["warning"]
+    with pytest.raises(ConfigError, match=r"validate.warn_only: unknown check\(s\) \['typo'\]"):
+        _cfg("file:///x.parquet", 'validate.warn_only=["typo"]')
+
+
+def test_a_snapshot_without_text_fails_on_the_columns_check(tmp_path):
+    path = tmp_path / "notext.parquet"
+    pd.DataFrame({"label": ["x"] * 12, "split": ["train"] * 12}).to_parquet(path)
+    with pytest.raises(ValidationFailed, match=r"columns: expect_column_to_exist\(column=text\)"):
+        validate.run(_cfg(path.as_uri()))
