@@ -155,9 +155,14 @@ def _normalise(frame: pd.DataFrame, uri: str, cfg: CollectConfig) -> pd.DataFram
         raise DataError(f"{uri}: has a header but no rows")
     out = frame[[cfg.text_column, cfg.label_column]].rename(
         columns={cfg.text_column: "text", cfg.label_column: "label"})
-    for column in ("text", "label"):
-        # Keep nulls as nulls for the validate step to report; everything else becomes a string.
-        out[column] = out[column].map(lambda v: v if v is None or v != v or isinstance(v, str) else str(v))
+    # Nulls stay nulls for the validate step to report. Text must already be text: a number or a
+    # list there means the column is not what the file claims. Labels may be numbers (0/1 classes).
+    wrong = [i for i, v in enumerate(out["text"]) if not (v is None or v != v or isinstance(v, str))]
+    if wrong:
+        value = out["text"].iloc[wrong[0]]
+        raise DataError(f"{uri}: row {wrong[0] + 1}: '{cfg.text_column}' is {type(value).__name__} {value!r}, not "
+                        f"a string ({len(wrong)} such row(s))")
+    out["label"] = out["label"].map(lambda v: v if v is None or v != v or isinstance(v, str) else str(v))
     return out
 
 

@@ -62,6 +62,8 @@ def test_shipped_data_is_large_bilingual_and_balanced():
     ("latin1.csv", "text,label\ncaf\xe9,x\n".encode("latin-1"), "latin1.csv: not valid UTF-8 at byte"),
     ("data.txt", b"hello", "data.txt: unknown format"),
     ("cut.jsonl.gz", gzip.compress(b'{"text": "a", "label": "b"}\n' * 50)[:-12], "cut.jsonl.gz: cannot decompress"),
+    ("num.jsonl", b'{"text": "ok", "label": 1}\n{"text": 42, "label": 0}\n',
+     "num.jsonl: row 2: 'text' is int 42, not a string (1 such row(s))"),
 ])
 def test_bad_files_name_the_file_and_publish_nothing(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -83,3 +85,8 @@ def test_step_main_exit_code_and_error_file(tmp_path, capsys):
     assert "error: collect: source" in capsys.readouterr().err
     cfg = load_config(None, ["run_id=r9"])
     assert "matches no files" in storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]
+
+
+def test_numeric_labels_are_kept_as_strings(tmp_path):
+    write_jsonl(tmp_path / "n.jsonl", [{"text": "yes please", "label": 1}, {"text": "no thanks", "label": 0}])
+    assert _run(tmp_path / "n.jsonl").labels == ["0", "1"]
