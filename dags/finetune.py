@@ -128,6 +128,7 @@ def pytorchjob_task(step: str):
             from airflow.exceptions import AirflowFailException
 
             from pipeline import k8s, steps, storage
+            from pipeline.cli import step_error
             from pipeline.config import load_config
             from pipeline.errors import PipelineError
 
@@ -140,9 +141,8 @@ def pytorchjob_task(step: str):
             phase = k8s.run_pytorchjob(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
                                        cfg.k8s.job_timeout_seconds, log=self.log.info)
             if phase != "Succeeded":
-                error_uri = storage.join(cfg.step_uri(step), "error.json")
-                if storage.exists(error_uri):  # the step's own verdict on its input: not retried
-                    error = storage.read_json(error_uri)
+                error = step_error(cfg.step_uri(step))
+                if error is not None:  # the step's own verdict on its input: not retried
                     raise AirflowFailException(f"step '{step}' failed: {error['error']}")
                 raise RuntimeError(f"PyTorchJob {self.manifest['metadata']['name']} ended {phase}")
             return storage.read_json(storage.join(cfg.step_uri(step), "result.json"))

@@ -47,6 +47,14 @@ def _step_summary(step: str) -> str:
     }[step]
 
 
+def step_error(step_uri: str) -> dict[str, Any] | None:
+    """The error a step recorded under its prefix (``step_main`` writes it), or None."""
+    from pipeline import storage
+
+    uri = storage.join(step_uri, "error.json")
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
+from pipeline.cli import step_error
 from pipeline.config import file_overrides, finetune_home, load_config, safe_run_id
 from pipeline.errors import PipelineError
 from pipeline.steps import PIPELINE
@@ -64,9 +65,9 @@ def find_run_id(env: dict[str, str], dag_id: str, logical_date: str) -> str | No
 
 def failure(artifact_run_uri: str) -> str:
     for step in PIPELINE:
-        error_uri = storage.join(artifact_run_uri, step, "error.json")
-        if storage.exists(error_uri):
-            return f"step '{step}' failed: {storage.read_json(error_uri)['error']}"
+        error = step_error(storage.join(artifact_run_uri, step))
+        if error is not None:
+            return f"step '{step}' failed: {error['error']}"
         if not storage.exists(storage.join(artifact_run_uri, step, "result.json")):
             return f"step '{step}' failed (see the task log above)"
     return "the DAG run failed (see the log above)"

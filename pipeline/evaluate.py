@@ -22,9 +22,9 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.promote import CHAMPION
 
 METRICS = ("accuracy", "macro_f1")
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)

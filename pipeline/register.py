@@ -24,8 +24,9 @@ from typing import Any
 from pipeline import storage
 from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import ConfigError, DataError
+from pipeline.promote import CHAMPION, attempt
 
-CHALLENGER, CHAMPION = "challenger", "champion"
+CHALLENGER = "challenger"
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
 RUN_TAG = "finetune.run_id"
 
@@ -204,8 +205,6 @@ def run(cfg: PipelineConfig) -> RegisterResult:
                                                    model_id=info.model_id).version)
         tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if evaluated["promote"]:
-            from pipeline.promote import attempt
-
             # Under the registry lock, and only if the champion evaluate compared against still holds.
             attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
                     reason=evaluated["reason"], expected_current=evaluated.get("champion_version") or "")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline.cli import step_error
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
@@ -186,9 +186,8 @@ def launch_local(step: str, overrides: Sequence[str]) -> dict[str, Any]:
         if process.returncode != 0:
             # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
             # workers said, so the exit code is read back from error.json too.
-            error_uri = storage.join(load_config(None, overrides).step_uri(step), "error.json")
-            if storage.exists(error_uri):
-                error = storage.read_json(error_uri)
+            error = step_error(load_config(None, overrides).step_uri(step))
+            if error is not None:
                 raise StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
             reason = "\n".join(list(tail)[-10:])
             raise StepFailed(f"step '{step}' exited with code {process.returncode}: {reason}", process.returncode)
