@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-TASKS = ("sequence-classification",)
+TASKS = ("sequence-classification", "causal-lm")
 STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
 # Config sections: one per step, plus settings that are no step (so neither a DAG task nor a
 # `finetune` command): `k8s`, how steps are submitted to Kubernetes (pipeline/k8s.py).

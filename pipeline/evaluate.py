@@ -1,10 +1,17 @@
 """evaluate: score the trained model and the current ``champion`` on the same held-out split and
 decide whether the new model should be promoted.
 
-Metrics: accuracy, macro-F1, a per-class report and a confusion-matrix PNG, written under
-``<artifact_root>/runs/<run_id>/evaluate/`` and logged to the pipeline's MLflow run. The model is
-promoted when there is no champion, or when it beats the champion's ``gate_metric`` by more than
-``promotion_margin``. A champion that can no longer be loaded fails the step (fail closed).
+Metrics, written under ``<artifact_root>/runs/<run_id>/evaluate/`` and logged to the pipeline's
+MLflow run:
+
+- ``sequence-classification``: accuracy, macro-F1, a per-class report and a confusion-matrix PNG;
+- ``causal-lm``: eval loss and perplexity on the assistant tokens of the held-out conversations
+  (the base model's too, on the same tokens), exact match and ROUGE-L of greedy generations, and a
+  table of samples (prompt, reference, output).
+
+The model is promoted when there is no champion, or when it beats the champion's ``gate_metric``
+by more than ``promotion_margin``, in the metric's direction (lower perplexity is better). A
+champion that can no longer be loaded fails the step (fail closed).
 
     finetune evaluate --set evaluate.snapshot_uri=... --set evaluate.model_uri=.../train/model
 """
@@ -24,26 +31,46 @@ from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.promote import CHAMPION
 
-METRICS = ("accuracy", "macro_f1")
+# Each task family's metrics, the first its default gate metric, and each metric's direction.
+TASK_METRICS = {"sequence-classification": ("accuracy", "macro_f1"),
+                "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l")}
+METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
+LOWER_IS_BETTER = ("perplexity", "eval_loss")
+DIRECTIONS = ("auto", "higher", "lower")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
     model_uri: str = option("", "Trained model directory (the train step's model_uri).")
-    gate_metric: str = option("accuracy", "Metric compared with the champion's to decide promotion.",
-                              choices=METRICS)
-    greater_is_better: bool = option(True, "Direction of gate_metric (false for losses, perplexity).")
+    gate_metric: str = option("", "Metric compared with the champion's to decide promotion; empty: the task's "
+                                  "first (accuracy, perplexity).", choices=("", *METRICS))
+    metric_direction: str = option("auto", "Whether a higher or lower gate_metric is better; auto: lower for "
+                                           "eval_loss and perplexity, higher otherwise.", choices=DIRECTIONS)
     promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
-                                     minimum=0.0, maximum=1.0)
+                                     minimum=0.0)
     thresholds: list[str] = option([], "Absolute bars every new model must clear, e.g. ['accuracy>=0.85'].")
     batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
-    max_seq_len: int = option(64, "Tokens per example after truncation.", minimum=8, maximum=8192)
+    max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
+                                  "train.max_seq_len, as training did).", minimum=8, maximum=8192)
+    generate_rows: int = option(32, "causal-lm: held-out conversations answered by greedy generation for exact "
+                                    "match and ROUGE-L; 0: none.", minimum=0)
+    max_new_tokens: int = option(64, "causal-lm: longest generated answer, in tokens.", minimum=1, maximum=4096)
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate.")
         for rule in self.thresholds:
             parse_threshold(rule)
+
+    def gate(self, task: str) -> tuple[str, bool]:
+        """(metric, greater_is_better) of the promotion gate for ``task``."""
+        metric = self.gate_metric or TASK_METRICS[task][0]
+        if metric not in TASK_METRICS[task]:
+            raise ConfigError(f"evaluate.gate_metric: {metric!r} is not a {task} metric; choose one of "
+                              f"{list(TASK_METRICS[task])}")
+        if self.metric_direction == "auto":
+            return metric, metric not in LOWER_IS_BETTER
+        return metric, self.metric_direction == "higher"
 
 
 def parse_threshold(rule: str) -> tuple[str, str, float]:
@@ -61,14 +88,15 @@ def parse_threshold(rule: str) -> tuple[str, str, float]:
 class EvaluateResult:
     result_uri: str
     metrics: dict[str, float]
-    report_uri: str
-    confusion_matrix_uri: str
+    report_uri: str  # classification report, or the causal-lm samples table
     rows: int
     gate_metric: str
     promote: bool
     reason: str
+    confusion_matrix_uri: str = ""
     champion_version: str = ""
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same tokens
     greater_is_better: bool = True
     thresholds: list[str] = field(default_factory=list)
 
@@ -113,30 +141,25 @@ def confusion_png(truth: list[str], predicted: list[str], labels: list[str]) -> 
     return buffer.getvalue()
 
 
-def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig) -> tuple[bool, str]:
+def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig,
+           task: str = "sequence-classification") -> tuple[bool, str]:
     """The promotion gate: every absolute threshold, then the margin over the champion."""
     for rule in cfg.thresholds:
         name, op, bound = parse_threshold(rule)
+        if name not in metrics:
+            raise ConfigError(f"evaluate.thresholds: {rule!r}: {name} is not a {task} metric ({list(metrics)})")
         if not (metrics[name] >= bound if op == ">=" else metrics[name] <= bound):
             return False, f"{name} {metrics[name]:.4f} fails the threshold {name} {op} {bound}"
-    metric, ours = cfg.gate_metric, metrics[cfg.gate_metric]
+    metric, greater_is_better = cfg.gate(task)
+    ours = metrics[metric]
     if champion is None:
         return True, f"no champion yet; {metric}={ours:.4f}"
     theirs = champion[metric]
-    gain = ours - theirs if cfg.greater_is_better else theirs - ours
-    better = "higher" if cfg.greater_is_better else "lower"
+    gain = ours - theirs if greater_is_better else theirs - ours
+    better = "higher" if greater_is_better else "lower"
     if gain > cfg.promotion_margin:
         return True, f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
     return False, f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
-
-
-def _load_local(model_uri: str, scratch: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from pipeline.train import resolve_model
-
-    path = resolve_model(model_uri, scratch, what="evaluate.model_uri")
-    return AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
 def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
@@ -162,74 +185,212 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
     return str(version.version), parts["model"], parts["tokenizer"]
 
 
-def run(cfg: PipelineConfig) -> EvaluateResult:
-    from sklearn.metrics import classification_report
+@dataclass
+class Scored:
+    """One task family's verdict on the new model, before the gate."""
 
+    rows: Any  # the eval rows, logged to MLflow as the evaluation data set
+    metrics: dict[str, float]
+    champion_version: str
+    champion_metrics: dict[str, float]
+    base_metrics: dict[str, float]
+    artifacts: dict[str, bytes]  # file name -> content, under evaluate/
+
+
+def _print(what: str, metrics: dict[str, float]) -> None:
+    print(f"evaluate: {what} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr, flush=True)
+
+
+def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
+    import json
+
+    from sklearn.metrics import classification_report
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.train import resolve_model
+
+    own = cfg.evaluate
+    rows = frame[(frame["split"] == "eval") & frame["label"].notna() & frame["text"].notna()]
+    if rows.empty:
+        raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
+    texts, truth = [str(t) for t in rows["text"]], [str(v) for v in rows["label"]]
+    path = resolve_model(own.model_uri, scratch, what="evaluate.model_uri")
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
+    metrics = score(truth, predicted)
+    _print(f"{len(rows)} eval rows", metrics)
+    champion_version, champion_metrics = "", {}
+    champion = _champion(cfg)
+    if champion is not None:
+        champion_version, champion_model, champion_tokenizer = champion
+        champion_metrics = score(truth, predict(champion_model, champion_tokenizer, texts, own.batch_size,
+                                                own.max_seq_len))
+        _print(f"champion v{champion_version}", champion_metrics)
+    labels = sorted(set(truth) | set(predicted))
+    report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
+    return Scored(rows[["text", "label"]], metrics, champion_version, champion_metrics, {},
+                  {"classification_report.json": json.dumps(report, indent=2).encode(),
+                   "confusion_matrix.png": confusion_png(truth, predicted, labels)})
+
+
+def load_trained_lm(cfg: PipelineConfig, model_uri: str, scratch: Path) -> tuple[Any, Any]:
+    """A trained causal LM: a full model directory, or a LoRA adapter applied to base_model."""
+    from pipeline.train import load_causal_lm, resolve_model
+
+    path = resolve_model(model_uri, scratch / "trained", what="evaluate.model_uri")
+    if not (Path(path) / "adapter_config.json").is_file():
+        return load_causal_lm(path, f"evaluate.model_uri '{model_uri}'")
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
+    return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str,
+             cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Greedy answers to the last user turn of each conversation, scored against the reference."""
+    import torch
+
+    from pipeline import chat
+
+    samples = []
+    stop = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    stop.discard(None)
+    model.eval()
+    for messages in conversations[:cfg.evaluate.generate_rows]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = chat.render(tokenizer, messages[:last], template, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -cfg.train.max_seq_len:]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=cfg.evaluate.max_new_tokens, eos_token_id=sorted(stop),
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        cut = next((i for i, token in enumerate(new) if token in stop), len(new))
+        output = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        reference = messages[last]["content"]
+        samples.append({"prompt": messages[last - 1]["content"], "reference": reference, "output": output,
+                        "exact_match": chat.exact_match(reference, output), "rouge_l": chat.rouge_l(reference, output)})
+    return samples
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any,
+             generate_samples: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Eval loss and perplexity over the assistant tokens of the eval split; exact match and
+    ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it."""
+    import math
+
+    from pipeline import chat, train
+
+    examples, _, template = train.encode_split(cfg, tokenizer, frame, "eval")
+    total, tokens = chat.token_loss(model, examples, tokenizer.pad_token_id, cfg.evaluate.batch_size)
+    loss = total / tokens
+    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    samples: list[dict[str, Any]] = []
+    if generate_samples and cfg.evaluate.generate_rows:
+        samples = generate(model, tokenizer, train.conversations(frame, "eval"), template, cfg)
+        metrics["exact_match"] = sum(s["exact_match"] for s in samples) / len(samples)
+        metrics["rouge_l"] = sum(s["rouge_l"] for s in samples) / len(samples)
+    return metrics, samples
+
+
+def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
+    import json
+
+    from pipeline.train import load_causal_lm, resolve_model
+
+    own = cfg.evaluate
+    rows = frame[frame["split"] == "eval"]
+    if rows.empty:
+        raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
+    model, tokenizer = load_trained_lm(cfg, own.model_uri, scratch)
+    metrics, samples = score_lm(cfg, model, tokenizer, frame)
+    _print(f"{len(rows)} eval conversations", metrics)
+    # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
+    # training used): what fine-tuning bought.
+    base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base-score"), f"base_model '{cfg.base_model}'")
+    base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False)
+    _print("base model", base_metrics)
+    champion_version, champion_metrics = "", {}
+    champion = _champion(cfg)
+    if champion is not None:
+        champion_version, champion_model, champion_tokenizer = champion
+        if champion_tokenizer.pad_token is None:
+            champion_tokenizer.pad_token = champion_tokenizer.eos_token
+        champion_metrics, _ = score_lm(cfg, champion_model, champion_tokenizer, frame)
+        _print(f"champion v{champion_version}", champion_metrics)
+    return Scored(rows[["messages"]], metrics, champion_version, champion_metrics, base_metrics,
+                  {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()})
+
+
+EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evaluate_lm}
+
+
+def run(cfg: PipelineConfig) -> EvaluateResult:
     from pipeline.collect import load_snapshot
 
     own = cfg.evaluate
     for key in ("snapshot_uri", "model_uri"):
         if not getattr(own, key):
             raise ConfigError(f"evaluate.{key} is required")
+    metric, greater_is_better = own.gate(cfg.task)
     frame = load_snapshot(own.snapshot_uri)
-    rows = frame[(frame["split"] == "eval") & frame["label"].notna() & frame["text"].notna()]
-    if rows.empty:
-        raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
-    texts, truth = [str(t) for t in rows["text"]], [str(v) for v in rows["label"]]
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
-        model, tokenizer = _load_local(own.model_uri, Path(tmp))
-        predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
-    metrics = score(truth, predicted)
-    print(f"evaluate: {len(rows)} eval rows " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stderr)
-    champion = _champion(cfg)
-    champion_version, champion_metrics = "", {}
-    if champion is not None:
-        champion_version, champion_model, champion_tokenizer = champion
-        champion_metrics = score(truth, predict(champion_model, champion_tokenizer, texts, own.batch_size,
-                                                own.max_seq_len))
-        print(f"evaluate: champion v{champion_version} " + " ".join(f"{k}={v:.4f}" for k, v in
-                                                                  champion_metrics.items()), file=sys.stderr)
-    promote, reason = decide(metrics, champion_metrics if champion is not None else None, own)
+        scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
+    promote, reason = decide(scored.metrics, scored.champion_metrics if scored.champion_version else None, own,
+                             cfg.task)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
-
-    labels = sorted(set(truth) | set(predicted))
     out_uri = cfg.step_uri("evaluate")
-    report_uri = storage.join(out_uri, "classification_report.json")
-    png_uri = storage.join(out_uri, "confusion_matrix.png")
-    report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
-    storage.write_json(report_uri, report)
-    png = confusion_png(truth, predicted, labels)
-    storage.write_bytes(png_uri, png)
-    _log(cfg, rows, metrics, champion_metrics, report, png, promote, reason)
-    return EvaluateResult(result_uri=storage.join(out_uri, "result.json"), metrics=metrics, report_uri=report_uri,
-                          confusion_matrix_uri=png_uri, rows=len(rows), gate_metric=own.gate_metric,
-                          promote=promote, reason=reason, champion_version=champion_version,
-                          champion_metrics=champion_metrics, greater_is_better=own.greater_is_better,
+    uris = {name: storage.join(out_uri, name) for name in scored.artifacts}
+    for name, content in scored.artifacts.items():
+        storage.write_bytes(uris[name], content)
+    _log(cfg, scored, promote, reason)
+    return EvaluateResult(result_uri=storage.join(out_uri, "result.json"), metrics=scored.metrics,
+                          report_uri=uris.get("classification_report.json") or uris["samples.json"],
+                          confusion_matrix_uri=uris.get("confusion_matrix.png", ""), rows=len(scored.rows),
+                          gate_metric=metric, promote=promote, reason=reason,
+                          champion_version=scored.champion_version, champion_metrics=scored.champion_metrics,
+                          base_metrics=scored.base_metrics, greater_is_better=greater_is_better,
                           thresholds=list(own.thresholds))
 
 
-def _log(cfg: PipelineConfig, rows: Any, metrics: dict[str, float], champion_metrics: dict[str, float],
-         report: dict[str, Any], png: bytes, promote: bool, reason: str) -> None:
+def _log(cfg: PipelineConfig, scored: Scored, promote: bool, reason: str) -> None:
+    import json
+
     import mlflow
 
     from pipeline.tracking import client, pipeline_run_id
 
     run_id = pipeline_run_id(cfg)
     tracker = client()
-    for key, value in metrics.items():
-        tracker.log_metric(run_id, f"eval_{key}", value)
-    for key, value in champion_metrics.items():
-        tracker.log_metric(run_id, f"champion_eval_{key}", value)
+    for prefix, metrics in (("eval_", scored.metrics), ("champion_eval_", scored.champion_metrics),
+                            ("base_eval_", scored.base_metrics)):
+        for key, value in metrics.items():
+            tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
     tracker.set_tag(run_id, "gate.promote", str(promote).lower())
     tracker.set_tag(run_id, "gate.reason", reason)
-    tracker.log_dict(run_id, report, "evaluate/classification_report.json")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "confusion_matrix.png"
-        path.write_bytes(png)
-        tracker.log_artifact(run_id, str(path), "evaluate")
+        for name, content in scored.artifacts.items():
+            if name == "samples.json":
+                continue  # logged as a table below, which the MLflow UI shows as one
+            path = Path(tmp) / name
+            path.write_bytes(content)
+            tracker.log_artifact(run_id, str(path), "evaluate")
+    if "samples.json" in scored.artifacts:
+        import pandas as pd
+
+        samples = json.loads(scored.artifacts["samples.json"])
+        if samples:
+            tracker.log_table(run_id, data=pd.DataFrame(samples), artifact_file="evaluate/samples.json")
+    targets = "label" if "label" in scored.rows.columns else None
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(mlflow.data.from_pandas(rows[["text", "label"]], source=cfg.evaluate.snapshot_uri,
-                                                 name="eval", targets="label"), context="eval")
+        mlflow.log_input(mlflow.data.from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval",
+                                                 targets=targets), context="eval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pipeline.promote import CHAMPION, attempt
 
 CHALLENGER = "challenger"
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 16}
 RUN_TAG = "finetune.run_id"
 
 
@@ -75,12 +76,13 @@ def _inputs(own: RegisterConfig) -> dict[str, dict[str, Any]]:
     return inputs
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(adapter: bool = False) -> list[str]:
     """What serving the model needs, pinned to what trained it. Given explicitly: MLflow's own
     inference adds torchvision for every torch model and runs a slow subprocess."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "transformers", "torch", "accelerate")]
+    names = ("mlflow", "transformers", "torch", "accelerate", *(("peft",) if adapter else ()))
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def git_commit() -> str:
@@ -127,12 +129,21 @@ def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
         f"| {name} | {value:.4f} | {champion[name]:.4f} |" if name in champion else f"| {name} | {value:.4f} | - |"
         for name, value in evaluated["metrics"].items())
     settings = {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}
+    base = evaluated.get("base_metrics") or {}
+    base_line = ("\nBase model on the same held-out tokens: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n") if base else ""
+    if cfg.task == "causal-lm":
+        use = f"""Answers customer-support conversations in the style of its instruction data, as a chat
+model (`mlflow.pyfunc` takes OpenAI-style `messages`). Draft replies for a person to check;
+it has no access to orders or accounts, so facts it states about them are invented."""
+    else:
+        use = f"""Classifies short customer-support messages (English and Chinese) into the intents seen in
+training: {", ".join(trained.get("labels", []) or collected.get("labels", []))}. Route or
+pre-fill support tickets; keep a person in the loop for refunds and account actions."""
     return f"""# {cfg.model_name}: {cfg.task}
 
 ## Intended use
-Classifies short customer-support messages (English and Chinese) into the intents seen in
-training: {", ".join(trained.get("labels", []) or collected.get("labels", []))}. Route or
-pre-fill support tickets; keep a person in the loop for refunds and account actions.
+{use}
 
 ## Data
 - Snapshot: `{trained["snapshot_uri"]}` (sha256 `{collected.get("sha256", "unknown")}`)
@@ -142,7 +153,7 @@ pre-fill support tickets; keep a person in the loop for refunds and account acti
 | metric | this model | champion |
 |---|---|---|
 {rows}
-
+{base_line}
 Gate: {evaluated["reason"]}
 
 ## Training
@@ -157,7 +168,7 @@ not on live traffic; re-check after the data or the intent list changes.
 """
 
 
-def _log_model(model_uri: str, run_id: str, card: str) -> Any:
+def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> Any:
     import mlflow
     import transformers
 
@@ -165,13 +176,38 @@ def _log_model(model_uri: str, run_id: str, card: str) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
         path = resolve_model(model_uri, Path(tmp), what="trained model")
-        classifier = transformers.pipeline("text-classification", model=path, tokenizer=path)
+        if cfg.task == "causal-lm":
+            flavor = _chat_model(cfg, path, Path(tmp))
+        else:
+            flavor = {"transformers_model": transformers.pipeline("text-classification", model=path, tokenizer=path),
+                      "task": "text-classification", "input_example": INPUT_EXAMPLE,
+                      "pip_requirements": pip_requirements()}
         with mlflow.start_run(run_id=run_id):
             mlflow.log_text(card, "model_card.md")
-            # The signature is inferred by running the pipeline on the input example.
-            return mlflow.transformers.log_model(transformers_model=classifier, name="model",
-                                                 task="text-classification", input_example=INPUT_EXAMPLE,
-                                                 pip_requirements=pip_requirements())
+            # The signature is inferred by running the model on the input example.
+            return mlflow.transformers.log_model(name="model", **flavor)
+
+
+def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]:
+    """log_model arguments for a causal LM: a chat model (OpenAI-style messages in and out). A LoRA
+    adapter is logged alone, with a reference to the base model's directory (or hub name)."""
+    from pipeline.evaluate import load_trained_lm
+    from pipeline.train import load_causal_lm
+
+    adapter = (Path(path) / "adapter_config.json").is_file()
+    base_model_path = None
+    if adapter:
+        local = storage.local_path(cfg.base_model) if storage.scheme(cfg.base_model) in ("", "file", "pkg") else None
+        if storage.scheme(cfg.base_model) == "s3":
+            raise ConfigError(f"train.lora_merge=false registers a reference to base_model, but '{cfg.base_model}' is "
+                              f"copied from S3 for each step; use a local directory, a hub name, or lora_merge=true")
+        base_model_path = str(local) if local is not None and local.is_dir() else None
+        model, tokenizer = load_trained_lm(cfg, path, scratch)
+    else:
+        model, tokenizer = load_causal_lm(path, "trained model")
+    return {"transformers_model": {"model": model, "tokenizer": tokenizer}, "task": "llm/v1/chat",
+            "input_example": CHAT_EXAMPLE, "pip_requirements": pip_requirements(adapter),
+            "base_model_path": base_model_path}
 
 
 def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
@@ -199,7 +235,7 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     else:
         mlflow_run_id = trained.get("mlflow_run_id") or pipeline_run_id(cfg)
         card = model_card(cfg, inputs)
-        info = _log_model(trained["model_uri"], mlflow_run_id, card)
+        info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
         version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
                                                    tags=lineage_tags(cfg, inputs), description=card,
                                                    model_id=info.model_id).version)

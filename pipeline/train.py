@@ -1,10 +1,13 @@
-"""train: fine-tune a pretrained model for sequence classification with Hugging Face ``Trainer``
-and DeepSpeed ZeRO, over ``train.num_processes`` processes started by ``torch.distributed.run``.
+"""train: fine-tune a pretrained model with Hugging Face ``Trainer`` and DeepSpeed ZeRO, over
+``train.num_processes`` processes started by ``torch.distributed.run``.
 
+Two task families: ``sequence-classification`` (a classification head on the snapshot's
+``text``/``label``) and ``causal-lm`` (instruction or chat fine-tuning on the snapshot's
+``messages``, rendered with the chat template, loss on assistant tokens only, optional LoRA).
 Each rank gets its own shard of every epoch; at the end the ranks exchange the ids of the
 examples they saw and rank 0 records the sharding audit (per-rank counts, overlap) in
 ``training_summary.json``. The model is published as safetensors with its tokenizer under
-``<artifact_root>/runs/<run_id>/train/model/``.
+``<artifact_root>/runs/<run_id>/train/model/`` (and a LoRA adapter under ``train/adapter/``).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 -m pipeline train \\
         --set train.snapshot_uri=file:///.../data.parquet --set train.epochs=1
@@ -26,6 +29,8 @@ from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import ConfigError, DataError, ModelError
 
 ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OVERLONG = ("truncate", "drop")
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,29 @@ class TrainConfig:
     num_processes: int = option(2, "Training processes on this node (GPUs, or CPU processes with gloo).",
                                 minimum=1, maximum=64)
     logging_steps: int = option(5, "Log loss and learning rate every N optimizer steps.", minimum=1)
+    precision: str = option("auto", "Weights and activations: auto = bf16 on GPUs that support it, else fp32.",
+                            choices=PRECISIONS)
+    offload_optimizer: bool = option(False, "ZeRO: keep optimizer states in CPU memory (stage 1-3).")
+    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory between uses.")
+    # causal-lm only
+    chat_template: str = option("", "causal-lm: Jinja chat template, or 'chatml'; empty: the tokenizer's own.")
+    overlong: str = option("truncate", "causal-lm: conversations longer than max_seq_len are truncated or dropped.",
+                           choices=OVERLONG)
+    packing: bool = option(False, "causal-lm: pack several conversations into each max_seq_len sequence.")
+    lora_r: int = option(0, "causal-lm: LoRA rank; 0 trains every weight.", minimum=0, maximum=1024)
+    lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
+    lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)
+    lora_target_modules: list[str] = option([], "causal-lm: module names LoRA adapts, e.g. [q_proj, v_proj]; "
+                                                "empty: PEFT's default for the architecture.")
+    lora_merge: bool = option(True, "causal-lm: publish the base model with the adapter merged in; false: the "
+                                    "adapter alone, registered with a reference to base_model.")
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3, got 0")
 
 
 @dataclass(frozen=True)
@@ -67,9 +92,27 @@ class TrainResult:
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     uri = cfg.deepspeed_config or f"pkg://pipeline/configs/zero{cfg.zero_stage}.json"
     try:
-        return json.loads(storage.read_bytes(uri))
+        config = json.loads(storage.read_bytes(uri))
     except (DataError, json.JSONDecodeError) as exc:
         raise ConfigError(f"train.deepspeed_config: cannot load {uri}: {exc}") from exc
+    zero = config.setdefault("zero_optimization", {})
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return config
+
+
+def mixed_precision(cfg: TrainConfig) -> dict[str, bool]:
+    """TrainingArguments' bf16/fp16 flags; the DeepSpeed JSON's "auto" entries follow them."""
+    import torch
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision={cfg.precision}: {precision} training needs a GPU; use fp32 or auto on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def resolve_model(uri: str, scratch: Path, what: str = "base_model") -> str:
@@ -83,10 +126,11 @@ def resolve_model(uri: str, scratch: Path, what: str = "base_model") -> str:
         return uri  # a hub name; from_pretrained reports if it cannot be reached
     if not path.is_dir():
         raise ModelError(f"{what} '{uri}': no such directory ({path})")
-    if not (path / "config.json").is_file():
+    config = next((path / name for name in ("config.json", "adapter_config.json") if (path / name).is_file()), None)
+    if config is None:
         raise ModelError(f"{what} '{uri}': {path} holds no config.json; not a Hugging Face model directory")
-    if not os.access(path / "config.json", os.R_OK):
-        raise ModelError(f"{what} '{uri}': {path / 'config.json'} is not readable")
+    if not os.access(config, os.R_OK):
+        raise ModelError(f"{what} '{uri}': {config} is not readable")
     return str(path)
 
 
@@ -175,17 +219,18 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         from pipeline.collect import load_snapshot
 
         frame = load_snapshot(own.snapshot_uri)
-        labels = sorted({str(v) for v in frame["label"].dropna()})
-        if len(labels) < 2:
-            raise DataError(f"{own.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
         train_rows = frame[frame["split"] == "train"].reset_index(drop=True)
         if train_rows.empty:
             raise DataError(f"{own.snapshot_uri}: the train split is empty")
+        parts = TASK_PARTS[cfg.task]
+        check_snapshot(cfg, frame)
         mlflow_run_id = _start_tracking(cfg, ds_config, train_rows) if rank == 0 else None
-        outcome = _fit(cfg, model_dir, train_rows, labels, ds_config, scratch, mlflow_run_id)
+        outcome = _fit(cfg, parts, model_dir, frame, ds_config, scratch, mlflow_run_id)
         if rank != 0:
             return None
         out_uri = cfg.step_uri("train")
+        if (scratch / "adapter").is_dir():
+            storage.publish_dir(scratch / "adapter", storage.join(out_uri, "adapter"))
         model_uri = storage.publish_dir(scratch / "model", storage.join(out_uri, "model"))
         summary_uri = storage.join(out_uri, "training_summary.json")
         storage.write_json(summary_uri, outcome)
@@ -194,6 +239,19 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
                        train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],
                        world_size=world, mlflow_run_id=mlflow_run_id or "",
                        config_sha256=config_hash(cfg, ds_config))
+
+
+def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
+    """The snapshot holds what the task family trains on."""
+    needed = {"sequence-classification": ("text", "label"), "causal-lm": ("messages",)}[cfg.task]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{cfg.train.snapshot_uri}: no column(s) {missing} for task {cfg.task}; found "
+                        f"{list(frame.columns)} (was it collected for another task?)")
+    if cfg.task == "sequence-classification":
+        labels = sorted({str(v) for v in frame["label"].dropna()})
+        if len(labels) < 2:
+            raise DataError(f"{cfg.train.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
 
 
 def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
@@ -216,20 +274,129 @@ def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: 
               **{f"train.{k}": v for k, v in vars(cfg.train).items()}}
     tracker.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     tracker.log_dict(run_id, ds_config, "train/deepspeed_config.json")
+    columns = [c for c in train_rows.columns if c != "split"]
     with mlflow.start_run(run_id=run_id):
-        dataset = mlflow.data.from_pandas(train_rows[["text", "label"]], source=cfg.train.snapshot_uri,
-                                          name="train", targets="label")
+        dataset = mlflow.data.from_pandas(train_rows[columns], source=cfg.train.snapshot_uri, name="train",
+                                          targets="label" if "label" in columns else None)
         mlflow.log_input(dataset, context="training")
     return run_id
 
 
-def _fit(cfg: PipelineConfig, model_dir: str, rows: Any, labels: list[str], ds_config: dict[str, Any],
+@dataclass
+class Parts:
+    """What a task family hands the shared Trainer set-up."""
+
+    model: Any
+    tokenizer: Any
+    dataset: Any
+    collator: Any
+    summary: dict[str, Any]
+    after_training: Any = None  # (trainer, scratch) -> summary entries; runs on every rank
+
+
+def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    rows = frame[frame["split"] == "train"].reset_index(drop=True)
+    labels = sorted({str(v) for v in frame["label"].dropna()})
+    id2label, label2id = label_maps(labels)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
+    encoded = tokenizer(list(rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
+    dataset = Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in rows["label"]],
+                                 "example_id": list(range(len(rows)))})
+    return Parts(model, tokenizer, dataset, DataCollatorWithPadding(tokenizer), {"labels": labels, "examples": len(rows)})
+
+
+def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, checked to fit each other."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
+                         f"{embeddings} rows: they do not belong together")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
+    return model, tokenizer
+
+
+def conversations(frame: Any, split: str) -> list[list[dict[str, str]]]:
+    from pipeline import chat
+
+    return [chat.parse_messages(m) for m in frame.loc[frame["split"] == split, "messages"]]
+
+
+def encode_split(cfg: PipelineConfig, tokenizer: Any, frame: Any, split: str) -> tuple[list[dict], dict[str, int], str]:
+    """A split's conversations as training examples, with the length-policy counts."""
+    from pipeline import chat
+
+    own = cfg.train
+    try:
+        template = chat.chat_template(tokenizer, own.chat_template)
+        examples, counts = chat.prepare(tokenizer, conversations(frame, split), template, own.max_seq_len,
+                                        own.overlong)
+    except ValueError as exc:
+        raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
+    if counts["examples"] and not examples:
+        raise DataError(f"{own.snapshot_uri}: none of the {counts['examples']} {split} conversations fits "
+                        f"train.max_seq_len={own.max_seq_len} with something left to learn "
+                        f"(overlong={own.overlong}: {counts})")
+    return examples, counts, template
+
+
+def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    from pipeline import chat
+
+    own = cfg.train
+    model, tokenizer = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
+    examples, counts, template = encode_split(cfg, tokenizer, frame, "train")
+    eval_examples, eval_counts, _ = encode_split(cfg, tokenizer, frame, "eval")
+    print(f"train: conversations {counts}", file=sys.stderr, flush=True)
+    if own.packing:
+        examples = chat.pack(examples, own.max_seq_len)
+    tokenizer.chat_template = template  # the published tokenizer renders as training did
+    if own.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type="CAUSAL_LM", r=own.lora_r, lora_alpha=own.lora_alpha, lora_dropout=own.lora_dropout,
+            target_modules=list(own.lora_target_modules) or None))
+    dataset = Dataset.from_list(examples)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True)
+
+    def after_training(trainer: Any, scratch: Path) -> dict[str, Any]:
+        # The loss of the weights as they are in memory (sharded, under ZeRO-3), on the held-out
+        # conversations; the evaluate step recomputes it from the saved files. Equal figures show
+        # the save wrote the trained weights, not ZeRO-3's empty placeholders.
+        total, tokens = chat.token_loss(trainer.model, eval_examples, tokenizer.pad_token_id, own.batch_size)
+        return {"eval_loss_in_memory": total / tokens if tokens else None, "eval_tokens": tokens}
+
+    return Parts(model, tokenizer, dataset, collator,
+                 {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
+                  "lora": bool(own.lora_r), "examples": counts["examples"]}, after_training)
+
+
+TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
+
+
+def _fit(cfg: PipelineConfig, parts_of: Any, model_dir: str, frame: Any, ds_config: dict[str, Any],
          scratch: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, PrinterCallback,
-                              Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     own = cfg.train
     set_seed(cfg.seed)
@@ -245,41 +412,58 @@ def _fit(cfg: PipelineConfig, model_dir: str, rows: Any, labels: list[str], ds_c
         output_dir=str(scratch / "checkpoints"), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
         per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
         weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
-        # Sequence classification losses are per-example means with equal batches on every rank;
-        # token averaging would multiply them by the world size (and the gradients with them).
-        average_tokens_across_devices=False,
+        # A classification loss is a per-example mean over equal batches on every rank: token
+        # averaging would multiply it by the world size. A causal LM's loss is per token, and
+        # batches hold different numbers of target tokens: there it is what makes the mean right.
+        average_tokens_across_devices=cfg.task == "causal-lm",
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
-        deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False,
+        deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False, **mixed_precision(own),
         dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
-    id2label, label2id = label_maps(labels)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
-    encoded = tokenizer(list(rows["text"]), truncation=True, max_length=own.max_seq_len)
-    dataset = Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in rows["label"]],
-                                 "example_id": list(range(len(rows)))})
-    audit = _Audit(DataCollatorWithPadding(tokenizer))
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=audit,
+    parts = parts_of(cfg, model_dir, frame)
+    audit = _Audit(parts.collator)
+    trainer = Trainer(model=parts.model, args=args, train_dataset=parts.dataset, data_collator=audit,
                       callbacks=_callbacks(audit, mlflow_run_id))
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
                            f"{os.environ.get('WORLD_SIZE')} processes: the data would not be sharded")
     output = trainer.train()
-    trainer.save_model(str(scratch / "model"))  # all ranks: ZeRO-3 gathers the 16-bit weights here
-    (scratch / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
+    extra = parts.after_training(trainer, scratch) if parts.after_training else {}
+    target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
+    trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
+    (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
     per_rank = _gather_audit(audit, args.world_size)
-    tokenizer.save_pretrained(str(scratch / "model"))
-    report = sharding_report(per_rank, len(rows))
+    parts.tokenizer.save_pretrained(str(target))
+    if target.name == "adapter" and trainer.is_world_process_zero():
+        _publishable_model(cfg, model_dir, target, scratch / "model")
+    report = sharding_report(per_rank, len(parts.dataset))
     if trainer.is_world_process_zero():
         print("train: sharding " + json.dumps(report["epochs"]), file=sys.stderr, flush=True)
     return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
-            "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), "labels": labels,
+            "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
             "sharding": report, "deepspeed": {"zero_stage": ds_config.get("zero_optimization", {}).get("stage")},
             "trainer_world_size": args.world_size}
+
+
+def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: Path) -> None:
+    """The ``model/`` a LoRA run publishes: base + adapter merged, or the adapter alone."""
+    import shutil
+
+    if not cfg.train.lora_merge:
+        shutil.copytree(adapter, out)
+        return
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Training is over and only rank 0 is here: loading under ZeRO-3's zero.Init would wait for
+    # the other ranks' collectives forever.
+    unset_hf_deepspeed_config()
+    base, _ = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))  # carries the chat template used
 
 
 def main(argv: list[str] | None = None) -> int:

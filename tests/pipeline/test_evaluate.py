@@ -44,8 +44,8 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
     (0.5, 0.9, [], False),
     (0.9, None, ['evaluate.thresholds=["accuracy>=0.95"]'], False),  # first model, but below the bar
     (0.96, 0.5, ['evaluate.thresholds=["accuracy>=0.95", "macro_f1>=0.5"]'], True),
-    (0.4, 0.5, ["evaluate.greater_is_better=false"], True),  # lower is better, e.g. a loss
-    (0.6, 0.5, ["evaluate.greater_is_better=false"], False),
+    (0.4, 0.5, ["evaluate.metric_direction=lower"], True),  # lower is better, e.g. a loss
+    (0.6, 0.5, ["evaluate.metric_direction=lower"], False),
 ])
 def test_gate(ours, theirs, sets, promote):
     cfg = load_config(None, sets).evaluate
