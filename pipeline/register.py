@@ -197,10 +197,8 @@ def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]
     adapter = (Path(path) / "adapter_config.json").is_file()
     base_model_path = None
     if adapter:
+        # The train step refused an S3 base for an adapter: a local directory, or a hub name (None).
         local = storage.local_path(cfg.base_model) if storage.scheme(cfg.base_model) in ("", "file", "pkg") else None
-        if storage.scheme(cfg.base_model) == "s3":
-            raise ConfigError(f"train.lora_merge=false registers a reference to base_model, but '{cfg.base_model}' is "
-                              f"copied from S3 for each step; use a local directory, a hub name, or lora_merge=true")
         base_model_path = str(local) if local is not None and local.is_dir() else None
         model, tokenizer = load_trained_lm(cfg, path, scratch)
     else:

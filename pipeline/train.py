@@ -211,6 +211,10 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     own = cfg.train
     if not own.snapshot_uri:
         raise ConfigError("train.snapshot_uri is required (the collect step's snapshot_uri)")
+    if cfg.task == "causal-lm" and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
+        raise ConfigError(f"train.lora_merge=false registers the adapter with a reference to base_model, but "
+                          f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
+                          f"local directory or a hub name, or train.lora_merge=true")
     rank, world = _rank()
     ds_config = deepspeed_config(own)
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp:
@@ -222,10 +226,11 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         train_rows = frame[frame["split"] == "train"].reset_index(drop=True)
         if train_rows.empty:
             raise DataError(f"{own.snapshot_uri}: the train split is empty")
-        parts = TASK_PARTS[cfg.task]
         check_snapshot(cfg, frame)
+        # Data and tokenizer first: bad input fails here, before any model is built or run tracked.
+        parts = TASK_PARTS[cfg.task](cfg, model_dir, frame)
         mlflow_run_id = _start_tracking(cfg, ds_config, train_rows) if rank == 0 else None
-        outcome = _fit(cfg, parts, model_dir, frame, ds_config, scratch, mlflow_run_id)
+        outcome = _fit(cfg, parts, model_dir, ds_config, scratch, mlflow_run_id)
         if rank != 0:
             return None
         out_uri = cfg.step_uri("train")
@@ -286,12 +291,12 @@ def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: 
 class Parts:
     """What a task family hands the shared Trainer set-up."""
 
-    model: Any
+    load_model: Any  # () -> model; called after TrainingArguments, so that ZeRO-3 partitions it
     tokenizer: Any
     dataset: Any
     collator: Any
     summary: dict[str, Any]
-    after_training: Any = None  # (trainer, scratch) -> summary entries; runs on every rank
+    after_training: Any = None  # (trainer) -> summary entries; runs on every rank
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
@@ -303,32 +308,50 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Par
     id2label, label2id = label_maps(labels)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
+        raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
+
+    def load_model() -> Any:
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
+
     encoded = tokenizer(list(rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
     dataset = Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in rows["label"]],
                                  "example_id": list(range(len(rows)))})
-    return Parts(model, tokenizer, dataset, DataCollatorWithPadding(tokenizer), {"labels": labels, "examples": len(rows)})
+    return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
+                 {"labels": labels, "examples": len(rows)})
+
+
+def lm_tokenizer(path: str, what: str) -> Any:
+    """A causal LM's tokenizer, checked against the model's vocabulary size (its config only)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
+                         f"{vocab} rows: they do not belong together")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
+    return tokenizer
 
 
 def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
     """A causal LM and its tokenizer, checked to fit each other."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = lm_tokenizer(path, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path), tokenizer
     except (OSError, ValueError) as exc:
         raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
-    embeddings = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > embeddings:
-        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
-                         f"{embeddings} rows: they do not belong together")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
-    return model, tokenizer
 
 
 def conversations(frame: Any, split: str) -> list[list[dict[str, str]]]:
@@ -362,30 +385,37 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
     from pipeline import chat
 
     own = cfg.train
-    model, tokenizer = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
+    tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
     examples, counts, template = encode_split(cfg, tokenizer, frame, "train")
     eval_examples, eval_counts, _ = encode_split(cfg, tokenizer, frame, "eval")
     print(f"train: conversations {counts}", file=sys.stderr, flush=True)
     if own.packing:
         examples = chat.pack(examples, own.max_seq_len)
     tokenizer.chat_template = template  # the published tokenizer renders as training did
-    if own.lora_r:
+
+    def load_model() -> Any:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if not own.lora_r:
+            return model
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
+        return get_peft_model(model, LoraConfig(
             task_type="CAUSAL_LM", r=own.lora_r, lora_alpha=own.lora_alpha, lora_dropout=own.lora_dropout,
             target_modules=list(own.lora_target_modules) or None))
+
     dataset = Dataset.from_list(examples)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True)
 
-    def after_training(trainer: Any, scratch: Path) -> dict[str, Any]:
+    def after_training(trainer: Any) -> dict[str, Any]:
         # The loss of the weights as they are in memory (sharded, under ZeRO-3), on the held-out
         # conversations; the evaluate step recomputes it from the saved files. Equal figures show
         # the save wrote the trained weights, not ZeRO-3's empty placeholders.
         total, tokens = chat.token_loss(trainer.model, eval_examples, tokenizer.pad_token_id, own.batch_size)
         return {"eval_loss_in_memory": total / tokens if tokens else None, "eval_tokens": tokens}
 
-    return Parts(model, tokenizer, dataset, collator,
+    return Parts(load_model, tokenizer, dataset, collator,
                  {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
                   "lora": bool(own.lora_r), "examples": counts["examples"]}, after_training)
 
@@ -393,8 +423,8 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
 TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
 
 
-def _fit(cfg: PipelineConfig, parts_of: Any, model_dir: str, frame: Any, ds_config: dict[str, Any],
-         scratch: Path, mlflow_run_id: str | None) -> dict[str, Any]:
+def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str, Any], scratch: Path,
+         mlflow_run_id: str | None) -> dict[str, Any]:
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
@@ -419,16 +449,15 @@ def _fit(cfg: PipelineConfig, parts_of: Any, model_dir: str, frame: Any, ds_conf
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
         deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False, **mixed_precision(own),
         dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
-    parts = parts_of(cfg, model_dir, frame)
     audit = _Audit(parts.collator)
-    trainer = Trainer(model=parts.model, args=args, train_dataset=parts.dataset, data_collator=audit,
+    trainer = Trainer(model=parts.load_model(), args=args, train_dataset=parts.dataset, data_collator=audit,
                       callbacks=_callbacks(audit, mlflow_run_id))
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
                            f"{os.environ.get('WORLD_SIZE')} processes: the data would not be sharded")
     output = trainer.train()
-    extra = parts.after_training(trainer, scratch) if parts.after_training else {}
+    extra = parts.after_training(trainer) if parts.after_training else {}
     target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
     (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow

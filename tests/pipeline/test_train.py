@@ -71,3 +71,109 @@ def test_missing_base_model_fails_without_retry_and_publishes_nothing(snapshot, 
     assert f"base_model '{missing}': no such directory" in str(failed.value)
     assert failed.value.returncode == 2 and not failed.value.retryable
     assert not storage.exists(load_config(None, ["run_id=m"]).step_uri("train") + "/model")
+
+
+# --- causal-lm: the tiny Llama on the shipped instruction/chat data ---------------------------
+
+INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
+LM = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.learning_rate=1e-3"]
+
+
+@pytest.fixture
+def chat_snapshot():
+    return collect.run(load_config(None, ["task=causal-lm", f"collect.sources={json.dumps([INSTRUCTIONS])}"]))
+
+
+def _train_lm(snapshot, model_dir, run_id, *extra):
+    return steps.launch_local("train", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
+                                        f"train.snapshot_uri={snapshot.snapshot_uri}", "train.epochs=1", *extra])
+
+
+def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
+    return steps.launch_local("evaluate", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
+                                           f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+                                           f"evaluate.model_uri={model_uri}", "evaluate.generate_rows=4", *extra])
+
+
+def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_snapshot, tiny_lm_dir):
+    result = _train_lm(chat_snapshot, tiny_lm_dir, "lm3", "train.zero_stage=3")
+    summary = storage.read_json(result["summary_uri"])
+    assert summary["deepspeed"]["zero_stage"] == 3 and summary["trainer_world_size"] == 2
+    assert summary["conversations"]["kept"] == chat_snapshot.rows_train
+    for epoch in summary["sharding"]["epochs"]:
+        assert epoch["seen_twice"] == 0 and epoch["seen_per_rank"][0] == epoch["seen_per_rank"][1] > 0
+    # Per-token loss of a random 1000-token model starts near ln(1000) = 6.9; token averaging
+    # across ranks done wrong would double it.
+    assert result["train_loss"] < 7.5
+    # A fresh process loads the published safetensors: the same eval loss as the sharded weights
+    # had in memory before the save (an empty ZeRO-3 save would give a random model's ~6.9).
+    evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], "lm3", tiny_lm_dir)
+    assert evaluated["metrics"]["eval_loss"] == pytest.approx(summary["eval_loss_in_memory"], rel=1e-5)
+    assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
+    assert not evaluated["greater_is_better"] and evaluated["gate_metric"] == "perplexity"
+    samples = storage.read_json(evaluated["report_uri"])
+    assert len(samples) == 4 and {"prompt", "reference", "output", "rouge_l"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snapshot, tiny_lm_dir, merge):
+    import mlflow
+    from safetensors.torch import load_file
+
+    from pipeline.tracking import tracking_uri
+
+    run_id = f"lora-{merge}"
+    result = _train_lm(chat_snapshot, tiny_lm_dir, run_id, "train.lora_r=8", "train.lora_alpha=16",
+                       f"train.lora_merge={json.dumps(merge)}", 'train.lora_target_modules=["q_proj", "v_proj"]')
+    adapter = storage.local_path(result["model_uri"]).parent / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)
+    assert any("q_proj" in name for name in weights) and not any("k_proj" in name for name in weights)
+    published = storage.local_path(result["model_uri"])
+    assert (published / "model.safetensors").is_file() is merge
+    assert (published / "adapter_config.json").is_file() is not merge
+
+    evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], run_id, tiny_lm_dir)
+    registered = steps.launch_local("register", [
+        *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
+        f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
+    assert registered["aliases"] == ["challenger", "champion"]
+    mlflow.set_tracking_uri(tracking_uri())
+    uri = f"models:/chat-{merge}@champion"
+    local = mlflow.artifacts.download_artifacts(uri)
+    from pathlib import Path
+
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+    assert any(f.endswith("peft/adapter_model.safetensors") for f in files) is not merge
+    # An adapter is registered without a copy of the base weights.
+    assert any(f.rsplit("/", 1)[-1] == "model.safetensors" for f in files) is merge
+    answer = mlflow.pyfunc.load_model(uri).predict(
+        {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8})
+    assert answer[0]["choices"][0]["message"]["role"] == "assistant"
+    components = mlflow.transformers.load_model(uri, return_type="components")
+    assert components["model"].config.vocab_size == 1000 and components["tokenizer"].chat_template
+
+
+def test_causal_lm_bad_input_fails_before_training(chat_snapshot, tiny_lm_dir, tmp_path):
+    from pipeline import train
+    from pipeline.errors import ConfigError, DataError, ModelError
+    from tests.conftest import build_tiny_lm
+
+    def run(model_dir, *extra):
+        train.run(load_config(None, [*LM, f"base_model={json.dumps(str(model_dir))}",
+                                     f"train.snapshot_uri={chat_snapshot.snapshot_uri}", *extra]))
+
+    bare = build_tiny_lm(tmp_path / "no-template", chat_template=False)
+    with pytest.raises(ConfigError, match="no chat template and train.chat_template is not set"):
+        run(bare)
+    with pytest.raises(DataError, match=r"none of the \d+ train conversations fits train.max_seq_len=8"):
+        run(tiny_lm_dir, "train.max_seq_len=8", "train.overlong=drop")
+    mismatched = tmp_path / "mismatched"
+    import shutil
+
+    shutil.copytree(tiny_lm_dir, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "vocab_size": 500}))
+    with pytest.raises(ModelError, match="the tokenizer has 1000 tokens but the model's embedding matrix has 500 rows"):
+        run(mismatched)
+    assert not storage.exists(load_config(None, []).step_uri("train") + "/result.json")
