@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = storage.read_json(result_uri)
     summary = {key: result[key] for key in ("model_name", "version", "aliases", "metrics", "run_id", "snapshot")}
+    if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
+        summary["base_metrics"] = result["base_metrics"]
     print(f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
           f"sqlite:///{finetune_home() / 'mlflow.db'}`)", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class RegisterResult:
     snapshot: str
     mlflow_run_id: str
     model_uri: str
+    base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same eval tokens
 
 
 def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
@@ -119,6 +120,7 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
         "finetune.gate_passed": str(bool(evaluated["promote"])).lower(),
     }
     tags.update({f"metric.{k}": f"{float(v):.6f}" for k, v in evaluated["metrics"].items()})
+    tags.update({f"base_metric.{k}": f"{float(v):.6f}" for k, v in (evaluated.get("base_metrics") or {}).items()})
     return {k: v for k, v in tags.items() if v != ""}
 
 
@@ -250,7 +252,8 @@ def run(cfg: PipelineConfig) -> RegisterResult:
                           model_name=cfg.model_name, version=version, aliases=aliases,
                           promoted=CHAMPION in aliases, reason=evaluated["reason"], metrics=metrics,
                           run_id=cfg.run_id, snapshot=trained["snapshot_uri"], mlflow_run_id=mlflow_run_id,
-                          model_uri=f"models:/{cfg.model_name}/{version}")
+                          model_uri=f"models:/{cfg.model_name}/{version}",
+                          base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()})
 
 
 def main(argv: list[str] | None = None) -> int:

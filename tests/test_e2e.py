@@ -24,7 +24,7 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
     done = _finetune_run("--source", str(small_data), *common)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"model_name", "version", "aliases", "metrics", "run_id", "snapshot"}
+    assert set(summary) == {"model_name", "version", "aliases", "metrics", "run_id", "snapshot"}  # no base_metrics
     assert summary["version"] == "1" and summary["aliases"] == ["challenger", "champion"]
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert summary["run_id"].startswith("manual__")
@@ -81,3 +81,26 @@ def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_ser
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     labels = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert len(labels) == 2 and set(labels) <= {r["label"] for r in shipped_rows(3, 40)}  # small_data's intents
+
+
+def test_causal_lm_run_registers_a_chat_model_better_than_its_base(tiny_lm_dir):
+    """The LLM path through the same DAG: the shipped instruction/chat data, the tiny Llama,
+    ZeRO-3 over 2 processes; the registered model's eval perplexity beats the base model's."""
+    from pipeline.tracking import client
+
+    done = _finetune_run("--source", "pkg://pipeline/data/support_instructions.jsonl", "--set", "task=causal-lm",
+                         "--set", f"base_model={tiny_lm_dir}", "--set", "model_name=support-chat",
+                         "--set", "train.zero_stage=3", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+                         "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=192",
+                         "--set", "evaluate.generate_rows=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["aliases"] == ["challenger", "champion"]
+    assert summary["metrics"]["perplexity"] < summary["base_metrics"]["perplexity"]
+    version = client().get_model_version_by_alias("support-chat", "champion")
+    run = client().get_run(version.run_id)
+    assert run.data.metrics["eval_perplexity"] == pytest.approx(summary["metrics"]["perplexity"])
+    assert run.data.metrics["base_eval_perplexity"] == pytest.approx(summary["base_metrics"]["perplexity"])
+    assert json.loads(version.tags["finetune.gate"])["greater_is_better"] is False
+    assert version.tags["finetune.task"] == "causal-lm"
+    assert "evaluate/samples.json" in {a.path for a in client().list_artifacts(run.info.run_id, "evaluate")}

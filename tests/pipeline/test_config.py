@@ -33,6 +33,9 @@ def test_scientific_notation_override_is_a_number():
     ("train.epoch=2", "unknown config key 'train.epoch' in --set train.epoch=2 (did you mean 'train.epochs'?)"),
     ("model_name=has space", "model_name: 'has space' does not match"),
     ("epochs", "--set expects key=value"),
+    ("train.offload_params=true", "train.offload_params needs train.zero_stage=3, got 2"),
+    ("train.overlong=keep", "train.overlong: 'keep' is not one of ['truncate', 'drop']"),
+    ("evaluate.metric_direction=up", "evaluate.metric_direction: 'up' is not one of"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
@@ -83,3 +86,30 @@ def test_a_config_file_travels_as_overrides():
     overrides = file_overrides(path)
     assert "train.zero_stage=2" in overrides
     assert load_config(None, overrides) == load_config(path)
+
+
+def test_gate_metric_must_belong_to_the_task_and_knows_its_direction():
+    from pipeline.evaluate import EvaluateConfig
+
+    assert EvaluateConfig().gate("sequence-classification") == ("accuracy", True)
+    assert EvaluateConfig().gate("causal-lm") == ("perplexity", False)  # lower perplexity is better
+    assert EvaluateConfig(gate_metric="rouge_l").gate("causal-lm") == ("rouge_l", True)
+    assert EvaluateConfig(gate_metric="eval_loss", metric_direction="higher").gate("causal-lm") == ("eval_loss", True)
+    with pytest.raises(ConfigError, match="evaluate.gate_metric: 'perplexity' is not a sequence-classification metric"):
+        EvaluateConfig(gate_metric="perplexity").gate("sequence-classification")
+
+
+def test_deepspeed_offload_and_precision_settings():
+    from pipeline.train import TrainConfig, deepspeed_config, mixed_precision
+
+    zero3 = deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True))
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "offload_param" not in deepspeed_config(TrainConfig(zero_stage=3))["zero_optimization"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert mixed_precision(TrainConfig()) == {"bf16": False, "fp16": False}  # auto: fp32 on CPU
+        with pytest.raises(ConfigError, match="train.precision=bf16: bf16 training needs a GPU"):
+            mixed_precision(TrainConfig(precision="bf16"))
