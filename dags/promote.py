@@ -47,7 +47,7 @@ PARAMS = {
 def promote():
     @task(task_id="promote")
     def move_alias(**context):
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         from pipeline import steps
         from pipeline.config import safe_run_id

@@ -64,6 +64,7 @@ PIPELINE: tuple[str, ...] = ("collect", "validate", "train", "evaluate", "regist
 # DAG Param name -> config key. The Params' types, bounds and defaults come from the config fields.
 PARAM_KEYS: dict[str, str] = {
     "source": "collect.sources",
+    "model_name": "model_name",
     "task": "task",
     "base_model": "base_model",
     "epochs": "train.epochs",
@@ -96,8 +97,9 @@ def step_argv(step: str, overrides: Sequence[str]) -> list[str]:
     return ["finetune", step, *(part for item in overrides for part in ("--set", item))]
 
 
-def local_env() -> dict[str, str]:
-    env = dict(os.environ)
+def local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The step subprocess's environment: this one, plus ``extra`` (e.g. ``aws_env``), which wins."""
+    env = {**os.environ, **(extra or {})}
     if "DS_ACCELERATOR" not in env and not Path("/dev/nvidia0").exists():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; gloo for collectives
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -136,15 +138,26 @@ def launcher_from_env() -> str:
     return check_launcher(os.environ.get("FINETUNE_LAUNCHER", "local"))
 
 
-def launch(step: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """Run one step with the launcher named by ``FINETUNE_LAUNCHER`` and return its result JSON."""
+def aws_env(login: str | None, password: str | None, extra: Mapping[str, Any]) -> dict[str, str]:
+    """boto3's environment variables from the fields of an AWS connection in Airflow's layout
+    (login, password, extra ``aws_session_token``, ``endpoint_url``, ``region_name``); a field
+    left empty is left out, so the standard AWS chain still supplies it."""
+    values = {"AWS_ACCESS_KEY_ID": login, "AWS_SECRET_ACCESS_KEY": password,
+              "AWS_SESSION_TOKEN": extra.get("aws_session_token"), "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
+              "AWS_DEFAULT_REGION": extra.get("region_name")}
+    return {name: str(value) for name, value in values.items() if value}
+
+
+def launch(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one step with the launcher named by ``FINETUNE_LAUNCHER`` and return its result JSON;
+    ``env`` goes into the step's environment (``local_env``)."""
     launcher = launcher_from_env()
     if launcher != "local":
         # Pods and PyTorchJobs are submitted by the DAG's operators, which Airflow can watch,
         # log and kill; this process never talks to a cluster itself.
         raise ConfigError(f"FINETUNE_LAUNCHER: '{launcher}' steps are submitted by the finetune DAG; "
                           f"'finetune render --step {step} --launcher {launcher}' shows the manifest")
-    return launch_local(step, overrides)
+    return launch_local(step, overrides, env)
 
 
 def uses_pytorchjob(step: str, launcher: str) -> bool:
@@ -170,14 +183,14 @@ def render(step: str, overrides: Sequence[str], launcher: str) -> dict[str, Any]
     return k8s.pod_manifest(cfg, STEPS[step], step_args)
 
 
-def launch_local(step: str, overrides: Sequence[str]) -> dict[str, Any]:
+def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run ``step`` as a subprocess, stream its output to this log, return its result JSON."""
     with tempfile.TemporaryDirectory(prefix=f"finetune-{step}-") as tmp:
         result_file = str(Path(tmp) / "result.json")
         command = local_command(step, overrides, result_file)
         print("launch:", " ".join(command), flush=True)
         tail: collections.deque[str] = collections.deque(maxlen=40)
-        with subprocess.Popen(command, env=local_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        with subprocess.Popen(command, env=local_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, bufsize=1) as process:
             assert process.stdout is not None
             for line in process.stdout:

@@ -1,5 +1,5 @@
-"""DAG integrity: it imports cleanly and fast, has the expected graph, Params and retries, and
-Airflow itself rejects bad Params from the trigger form."""
+"""DAG integrity: it imports cleanly and fast, has the expected graph, schedule, Params and
+retries, and Airflow itself rejects bad Params from the trigger form."""
 
 import json
 import subprocess
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-DAGS = Path(__file__).resolve().parents[2] / "dags"
+from tests.dags.conftest import DAGS
+
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "great_expectations", "pandas", "datasets")
 
 
@@ -29,11 +30,36 @@ def test_schedule_tags_retries_and_docs(dag):
     assert {"finetune", "mlops"} <= set(dag.tags)
     assert all(task.retries == 2 for task in dag.tasks)
     assert "collect → validate → train → evaluate → register" in dag.doc_md
-    assert dag.schedule == "@weekly"
+    assert "FINETUNE_ASSET_SCHEDULE" in dag.doc_md and "aws_default" in dag.doc_md
+
+
+def test_cron_or_the_default_models_snapshot_asset(dag):
+    from airflow.sdk import AssetOrTimeSchedule
+
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert dag.timetable.timetable.expression == "0 0 * * 0"  # FINETUNE_SCHEDULE's default, @weekly
+    [asset] = dag.timetable.asset_condition.objects
+    assert (asset.name, asset.uri) == ("support-intents-snapshot", "x-finetune://snapshots/support-intents")
+
+
+def load_finetune(monkeypatch, **env):
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
+    return bag
+
+
+def test_asset_schedule_can_be_switched_off_and_a_bad_switch_fails_the_import(monkeypatch):
+    dag = load_finetune(monkeypatch, FINETUNE_ASSET_SCHEDULE="false", FINETUNE_SCHEDULE="0 3 * * 1").dags["finetune"]
+    assert dag.schedule == "0 3 * * 1"
+    bag = load_finetune(monkeypatch, FINETUNE_ASSET_SCHEDULE="sometimes")
+    assert "FINETUNE_ASSET_SCHEDULE: expected true or false, got 'sometimes'" in next(iter(bag.import_errors.values()))
 
 
 def test_params_have_type_bounds_default_and_description(dag):
-    expected = {"source", "task", "base_model", "epochs", "learning_rate", "batch_size", "zero_stage",
+    expected = {"source", "model_name", "task", "base_model", "epochs", "learning_rate", "batch_size", "zero_stage",
                 "num_processes", "promotion_margin", "overrides"}
     assert set(dag.params) == expected
     for name in expected:
@@ -53,13 +79,20 @@ def test_airflow_rejects_bad_params(dag, name, value):
         dag.params.get_param(name).resolve(value)
 
 
-def test_parsing_imports_nothing_heavy_and_is_fast():
+@pytest.mark.parametrize("dag_file", ["finetune.py", "collect.py"])
+def test_parsing_imports_nothing_heavy_and_is_fast(dag_file):
+    # The bundle folder on sys.path, as Airflow's DAG processor puts it, for `import finetune_tasks`.
     probe = (
-        "import sys, time, runpy, json; import airflow.sdk; t = time.perf_counter();"
-        f"runpy.run_path({str(DAGS / 'finetune.py')!r}); elapsed = time.perf_counter() - t;"
+        f"import sys, time, runpy, json; import airflow.sdk; sys.path.append({str(DAGS)!r}); t = time.perf_counter();"
+        f"runpy.run_path({str(DAGS / dag_file)!r}); elapsed = time.perf_counter() - t;"
         f"print(json.dumps({{'elapsed': elapsed, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
-    assert report["elapsed"] < 1.0, f"parsing dags/finetune.py took {report['elapsed']:.2f}s"
+    assert report["elapsed"] < 1.0, f"parsing dags/{dag_file} took {report['elapsed']:.2f}s"
+
+
+def test_the_shared_task_module_is_not_parsed_as_a_dag_file(dagbag):
+    assert set(dagbag.dag_ids) == {"finetune", "collect", "promote"}
+    assert not any(path.endswith("finetune_tasks.py") for path in dagbag.file_last_changed)

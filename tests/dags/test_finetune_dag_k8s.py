@@ -10,12 +10,12 @@ ORDER = ["collect", "validate", "train", "evaluate", "register"]
 
 
 def load_dag(monkeypatch, launcher):
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    from tests.dags.test_finetune_dag import DAGS
+    from tests.dags.conftest import DAGS
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", launcher)
-    bag = DagBag(dag_folder=str(DAGS / "finetune.py"))
+    bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
     assert bag.import_errors == {}
     return bag.dags["finetune"]
 
@@ -52,10 +52,10 @@ def test_submitted_pod_with_xcom_sidecar_is_valid_and_restricted(monkeypatch):
 
 
 def test_bad_launcher_fails_the_dag_import(monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
 
-    from tests.dags.test_finetune_dag import DAGS
+    from tests.dags.conftest import DAGS
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", "slurm")
-    bag = DagBag(dag_folder=str(DAGS / "finetune.py"))
+    bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
     assert "unknown launcher 'slurm'" in next(iter(bag.import_errors.values()))

@@ -49,3 +49,19 @@ def test_failed_step_reports_its_error_and_is_not_retryable(tmp_path):
         steps.launch_local("collect", [f'collect.sources=["{tmp_path}/nothing-*.jsonl"]', "run_id=r"])
     assert "matches no files" in str(failed.value)
     assert failed.value.returncode == 2 and not failed.value.retryable
+
+
+def test_aws_env_from_connection_fields_leaves_out_what_is_not_set():
+    extra = {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1", "aws_session_token": "token"}
+    assert steps.aws_env("key-id", "secret", extra) == {
+        "AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+    # A connection with only a region (keys from an instance role): the chain supplies the rest.
+    assert steps.aws_env(None, "", {"region_name": "eu-west-1"}) == {"AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+def test_extra_env_reaches_the_step_and_wins_over_this_process(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env = steps.local_env({"AWS_DEFAULT_REGION": "eu-west-1"})
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-1" and env["PATH"]
+    assert steps.local_env()["AWS_DEFAULT_REGION"] == "us-east-1"
