@@ -2,6 +2,7 @@
 #   make demo   fine-tune MiniLM on the shipped intents through the real Airflow DAG
 #   make test   the whole test suite (what CI runs)
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1
+#   make bench  the benchmarks behind BENCHMARKS.md (minutes; writes bench/results/)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -16,7 +17,7 @@ export FINETUNE_HOME ?= $(CURDIR)/.finetune
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast up lock lint clean
+.PHONY: install demo test test-fast up bench lock lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,10 @@ up: install
 	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 $(BIN)/airflow standalone & \
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow.db \
 	  --default-artifact-root $(FINETUNE_HOME)/mlartifacts; wait
+
+bench: install
+	$(BIN)/python bench/collect_memory.py --sizes-mb 50 500 --out bench/results/collect.md
+	$(BIN)/python bench/validate_1m.py --out bench/results/validate.md
 
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet --upgrade pip

@@ -288,6 +288,8 @@ def param_schema(key: str) -> dict[str, Any]:
                          ("exclusive_minimum", "exclusiveMinimum"), ("min_items", "minItems")):
         if ours in meta:
             schema[theirs] = meta[ours]
+    if "pattern" in meta:  # JSON schema patterns match anywhere: anchor them as fullmatch does
+        schema["pattern"] = f"^(?:{meta['pattern']})$"
     if json_type == "array":
         schema["items"] = {"type": "string"}
     return schema

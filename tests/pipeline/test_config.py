@@ -74,6 +74,20 @@ def test_param_schema_follows_the_field():
     assert param_schema("train.zero_stage")["enum"] == [0, 1, 2, 3]
     assert param_schema("collect.sources")["type"] == "array"
     assert "train.epochs" in known_keys() and "run_id" in known_keys()
+    assert param_schema("task")["enum"] == ["sequence-classification", "causal-lm"]
+
+
+def test_param_pattern_rejects_what_the_config_rejects():
+    """Airflow's trigger form validates Params with jsonschema: a bad model name fails there."""
+    import jsonschema
+
+    schema = param_schema("model_name")
+    jsonschema.validate("support-intents", schema)
+    for bad in ("has space", "-leading-dash", "ok/but-a-path"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(ConfigError):
+            load_config(None, [f"model_name={bad}"])
 
 
 def test_safe_run_id_is_path_safe():
