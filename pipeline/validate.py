@@ -1,29 +1,75 @@
-"""validate: gate a snapshot with a Great Expectations 1.x suite and publish its Data Docs.
+"""validate: gate a snapshot with a Great Expectations 1.x suite, measure its drift from the last
+accepted snapshot, and publish Data Docs, a summary and a drift report.
 
-The suite checks the columns the trainer needs, that text is present and not blank, and that
-every row has a label. A failing suite writes the Data Docs and a JSON summary, then exits with
-code 3 naming every failed expectation with its count and example row numbers.
+The suite follows ``task``: for ``sequence-classification`` (columns ``text``, ``label``,
+``split``) it checks the columns, text presence, length in characters and in the base model's
+tokens, labels (present, in the allowed set, at least two classes, enough rows each), duplicates
+and leakage between splits; for ``causal-lm`` (columns ``messages``, ``split``) it checks that
+every conversation parses, keeps the role order, has a non-empty assistant turn and fits
+``train.max_seq_len`` tokens once rendered with the chat template, plus duplicates and leakage.
+Drift checks (:mod:`pipeline.drift`) join them when an accepted snapshot exists.
+
+A failing gate publishes the Data Docs, ``summary.json`` and the drift report, logs them to the
+pipeline's MLflow run, then exits with code 3 naming every failed check with its count and example
+rows. A passing gate records the snapshot as this model's last accepted one
+(``<artifact_root>/accepted/<model_name>/latest.json``): the next run takes its labels as the
+allowed set and measures drift against it.
 
     finetune validate --set validate.snapshot_uri=file:///.../snapshots/<sha>/data.parquet
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import drift, storage
 from pipeline.config import PipelineConfig, check_fields, option
-from pipeline.errors import ConfigError, ValidationFailed
+from pipeline.errors import ConfigError, DataError, ModelError, ValidationFailed
 
-
-# Every check of the suite by name: the name is what reports and validate.warn_only use.
-CHECKS = ("columns", "row_count", "text_present", "text_not_blank", "text_length", "label_present",
-          "label_allowed", "split_valid", "examples_per_class", "duplicate_rate", "split_leakage")
+# Every check by name: the name is what reports, log lines and validate.warn_only use.
+CHECK_HELP = {
+    "columns": "the columns the trainer reads exist",
+    "row_count": "at least validate.min_rows rows",
+    "text_present": "no null text",
+    "text_not_blank": "no text that is only whitespace",
+    "text_length": "text within validate.max_text_chars characters",
+    "text_tokens": "text within 1..validate.max_text_tokens tokens of base_model's tokenizer (special tokens not "
+                   "counted), on the rows validate.token_sample_rows selects",
+    "label_present": "no null label",
+    "label_allowed": "every label in validate.allowed_labels, or, when that is empty, in the labels of the last "
+                     "accepted snapshot of this model; a genuinely new class therefore fails until it is added to "
+                     "validate.allowed_labels or the run sets warn_only: [label_allowed]",
+    "label_cardinality": "at least 2 distinct labels: a classifier needs two classes",
+    "examples_per_class": "every label has at least validate.min_examples_per_class rows",
+    "split_valid": "split is train or eval",
+    "duplicate_rate": "share of rows whose normalised text repeats another's within validate.max_duplicate_rate",
+    "split_leakage": "no normalised text in both splits",
+    "messages_valid": "messages parses as a list of {role, content} with known roles",
+    "role_order": "optional system first, then user and assistant alternate from user, ending with assistant",
+    "assistant_present": "at least one assistant turn",
+    "assistant_not_empty": "no assistant turn is empty",
+    "conversation_tokens": "the conversation rendered with the chat template fits train.max_seq_len tokens",
+    "drift_label_psi": "population stability index of label shares vs the last accepted snapshot within "
+                       "validate.drift_max_label_psi",
+    "drift_length_ks": "Kolmogorov-Smirnov statistic of text lengths vs the last accepted snapshot within "
+                       "validate.drift_max_length_ks",
+    "drift_oov_rate": "share of words the last accepted snapshot never has within validate.drift_max_oov_rate",
+}
+CLASSIFICATION_CHECKS = ("columns", "row_count", "text_present", "text_not_blank", "text_length", "text_tokens",
+                         "label_present", "label_allowed", "label_cardinality", "examples_per_class", "split_valid",
+                         "duplicate_rate", "split_leakage")
+CHAT_CHECKS = ("columns", "row_count", "messages_valid", "role_order", "assistant_present", "assistant_not_empty",
+               "split_valid", "duplicate_rate", "split_leakage", "conversation_tokens")
+CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *drift.CHECKS)))
+SEVERITIES = ("warning", "error")
 
 
 @dataclass(frozen=True)
@@ -31,10 +77,31 @@ class ValidateConfig:
     snapshot_uri: str = option("", "Snapshot to validate (the collect step's snapshot_uri).")
     min_rows: int = option(10, "Fewest rows a snapshot may have.", minimum=1)
     max_text_chars: int = option(5000, "Longest text, in characters.", minimum=1)
-    allowed_labels: list[str] = option([], "Labels a row may carry; empty: any label.")
+    max_text_tokens: int = option(512, "Most tokens a text may have with base_model's tokenizer, special tokens not "
+                                       "counted (check text_tokens).", minimum=1)
+    token_sample_rows: int = option(
+        20000, "Rows whose tokens are counted, a sample seeded by `seed`; 0: every row. Rows long enough in UTF-8 "
+               "bytes to possibly exceed the token bar are always counted as well.", minimum=0)
+    allowed_labels: list[str] = option([], "Labels a row may carry; empty: the labels of this model's last accepted "
+                                           "snapshot, or any label before the first one. A new class needs this "
+                                           "list or warn_only: [label_allowed].")
     min_examples_per_class: int = option(2, "Fewest rows any label may have.", minimum=1)
     max_duplicate_rate: float = option(0.05, "Largest share of rows whose normalised text repeats another's.",
                                        minimum=0.0, maximum=1.0)
+    # A few long conversations are the train step's to truncate or drop (train.overlong, counted
+    # in its summary); many mean max_seq_len or the data is wrong.
+    max_overlong_rate: float = option(0.05, "causal-lm: largest share of conversations longer than train.max_seq_len "
+                                             "tokens (check conversation_tokens).", minimum=0.0, maximum=1.0)
+    drift_max_label_psi: float = option(0.2, "Largest population stability index of the label shares vs the last "
+                                             "accepted snapshot (0.1: some shift, 0.25: a large one).", minimum=0.0)
+    drift_max_length_ks: float = option(0.2, "Largest Kolmogorov-Smirnov statistic of text lengths vs the last "
+                                             "accepted snapshot.", minimum=0.0, maximum=1.0)
+    drift_max_oov_rate: float = option(0.2, "Largest share of words the last accepted snapshot never has.",
+                                       minimum=0.0, maximum=1.0)
+    # Drift is news, not necessarily bad data (a new product line shifts every measure), so it is
+    # reported by default and a team that wants a hard stop opts in.
+    drift_severity: str = option("warning", "Severity of the drift checks: warning reports, error fails the gate.",
+                                 choices=SEVERITIES)
     warn_only: list[str] = option([], f"Checks reported as warnings instead of failing the gate; any of "
                                       f"{list(CHECKS)}.")
 
@@ -54,10 +121,15 @@ class ValidateResult:
     failed: list[str]
     rows: int
     warnings: list[str] = field(default_factory=list)
+    drift_report_uri: str = ""  # empty when there was no accepted snapshot to compare with
+    accepted_uri: str = ""
 
+
+# ---------------------------------------------------------------------------------------------
+# Derived columns: computed once, vectorised where pandas can, so the suite only compares them.
 
 def with_derived_columns(frame: Any) -> Any:
-    """Columns the suite checks besides the data: normalised text, rows per label, leakage."""
+    """Columns the classification suite checks besides the data: normalised text, rows per label, leakage."""
     from pipeline.collect import normalize_text
 
     out = frame.copy()  # a missing column is reported by the 'columns' check, not here
@@ -65,44 +137,219 @@ def with_derived_columns(frame: Any) -> Any:
         out["text_normalized"] = [normalize_text(t) if isinstance(t, str) else None for t in out["text"]]
     if "label" in out:
         out["label_count"] = out.groupby("label", dropna=False)["label"].transform("size")
-    if "split" in out and "text" in out:
+    return _with_leakage(out)
+
+
+def _with_leakage(out: Any) -> Any:
+    if "split" in out and "text_normalized" in out:
         splits = out.groupby("text_normalized")["split"].transform("nunique")
         out["leaks_across_splits"] = splits.fillna(1) > 1  # the same text in train and eval
     return out
 
 
-def build_suite(gx: Any, cfg: ValidateConfig) -> Any:
+def utf8_bytes(texts: Any) -> Any:
+    """UTF-8 length of every text (0 for null), vectorised by Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = pa.array(texts, type=pa.large_string(), from_pandas=True)
+    return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+
+
+def rows_to_count(upper_bytes: Any, bar: int, sample_rows: int, seed: int) -> Any:
+    """Row positions whose tokens are counted: every row when ``sample_rows`` is 0 or covers them,
+    else a seeded sample plus every row that could exceed ``bar``.
+
+    WordPiece, BPE, byte-level BPE and SentencePiece with byte fallback make at most one token
+    per UTF-8 byte (``upper_bytes`` adds one for a prefix token), so a shorter row cannot exceed
+    the bar; the factor 2 is a margin for normalisers that expand text (NFKD, lower-casing).
+    """
+    import numpy as np
+
+    if sample_rows == 0 or sample_rows >= len(upper_bytes):
+        return np.arange(len(upper_bytes))
+    sample = np.random.default_rng(seed).choice(len(upper_bytes), size=sample_rows, replace=False)
+    return np.union1d(sample, np.flatnonzero(2 * np.asarray(upper_bytes) > bar))
+
+
+def _token_note(counted: Any, total: int, sample_rows: int, bar: int, what: str) -> dict[str, Any]:
+    policy = ("every row" if len(counted) == total else
+              f"a sample of {sample_rows} rows seeded by `seed`, plus every row of more than {bar // 2} UTF-8 "
+              f"bytes (only those can exceed {bar} tokens)")
+    return {"counted": what, "rows_counted": int(len(counted)), "rows": total, "policy": policy}
+
+
+def classification_columns(frame: Any, tokenizer: Any, own: ValidateConfig, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The classification suite's frame, and how token counts were taken."""
+    import numpy as np
+
+    out = with_derived_columns(frame)
+    if "text" not in out:
+        return out, {}
+    positions = rows_to_count(utf8_bytes(out["text"]) + 1, own.max_text_tokens, own.token_sample_rows, seed)
+    positions = [int(i) for i in positions if isinstance(out["text"].iat[i], str)]
+    tokens = np.full(len(out), np.nan)  # rows not counted stay null: the expectation skips them
+    if positions:
+        encoded = tokenizer([out["text"].iat[i] for i in positions], add_special_tokens=False,
+                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        tokens[positions] = [len(ids) for ids in encoded]
+    out["text_tokens"] = tokens
+    return out, _token_note(positions, len(out), own.token_sample_rows, own.max_text_tokens,
+                            "tokens of the text, special tokens not counted")
+
+
+# Tokens a chat template adds per message are estimated from the template itself; this is the
+# allowance when the template cannot render the probe (ChatML: <|im_start|>, role, \n, <|im_end|>, \n).
+MESSAGE_TOKEN_ALLOWANCE = 5
+
+
+def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig, max_seq_len: int,
+                 seed: int) -> tuple[Any, dict[str, Any], list[Any]]:
+    """The chat suite's frame, how token counts were taken, and each row's parsed messages (None
+    when they do not parse)."""
+    import numpy as np
+
+    from pipeline import chat
+    from pipeline.collect import normalize_text
+
+    out = frame.copy()
+    if "messages" not in out:
+        return out, {}, [None] * len(out)
+    parsed, errors = [], []
+    for value in out["messages"]:
+        try:
+            parsed.append(chat.parse_messages(value))
+            errors.append(None)
+        except ValueError as exc:
+            parsed.append(None)
+            errors.append(str(exc))
+    out["messages_error"] = errors
+    out["assistant_turns"] = [np.nan if m is None else sum(x["role"] == "assistant" for x in m) for m in parsed]
+    out["empty_assistant_turns"] = [np.nan if m is None else sum(x["role"] == "assistant" and not x["content"].strip()
+                                                                 for x in m) for m in parsed]
+    # Missing and empty assistant turns have checks of their own; role_order judges the order alone.
+    out["role_problem"] = [None if m is None or not any(x["role"] == "assistant" for x in m)
+                           else chat.role_problem([{**x, "content": x["content"] or "-"} for x in m]) for m in parsed]
+    out["text_normalized"] = [
+        normalize_text("\n".join(f"{x['role']}: {x['content']}" for x in m)) if m is not None
+        else (normalize_text(v) if isinstance(v, str) else None) for m, v in zip(parsed, out["messages"])]
+    out = _with_leakage(out)
+
+    contents = [None if m is None else "".join(x["content"] for x in m) for m in parsed]
+    try:
+        probe = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+        per_message = len(chat.render(tokenizer, probe, template).encode()) // 2 + 1
+    except Exception:  # a template may reject the probe; the documented allowance stands in
+        per_message = MESSAGE_TOKEN_ALLOWANCE
+    upper = utf8_bytes(contents) + np.array([per_message * len(m) if m else 0 for m in parsed]) + 1
+    positions = [int(i) for i in rows_to_count(upper, max_seq_len, own.token_sample_rows, seed) if parsed[i]]
+    tokens = np.full(len(out), np.nan)
+    for i in positions:
+        tokens[i] = chat.token_length(tokenizer, parsed[i], template)
+    out["conversation_tokens"] = tokens
+    return out, _token_note(positions, len(out), own.token_sample_rows, max_seq_len,
+                            "tokens of the conversation rendered with the chat template"), parsed
+
+
+# ---------------------------------------------------------------------------------------------
+# The suites.
+
+def classification_expectations(gx: Any, own: ValidateConfig, allowed: list[str]) -> list[tuple[str, Any]]:
     e = gx.expectations
     checks = [
         *(("columns", e.ExpectColumnToExist(column=c)) for c in ("text", "label", "split")),
-        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows)),
+        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
         ("text_present", e.ExpectColumnValuesToNotBeNull(column="text")),
         ("text_not_blank", e.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$")),
         ("text_length", e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1,
-                                                              max_value=cfg.max_text_chars)),
+                                                              max_value=own.max_text_chars)),
+        ("text_tokens", e.ExpectColumnValuesToBeBetween(column="text_tokens", min_value=1,
+                                                        max_value=own.max_text_tokens)),
         ("label_present", e.ExpectColumnValuesToNotBeNull(column="label")),
+        ("label_cardinality", e.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2)),
         ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
         ("examples_per_class", e.ExpectColumnValuesToBeBetween(column="label_count",
-                                                              min_value=cfg.min_examples_per_class)),
+                                                              min_value=own.min_examples_per_class)),
         # 'mostly': the share of rows that must be unique; a duplicate rate above the bar fails.
         ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
-                                                          mostly=1.0 - cfg.max_duplicate_rate)),
+                                                          mostly=1.0 - own.max_duplicate_rate)),
         ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
     ]
-    if cfg.allowed_labels:
-        checks.append(("label_allowed", e.ExpectColumnValuesToBeInSet(column="label",
-                                                                       value_set=list(cfg.allowed_labels))))
+    if allowed:
+        checks.append(("label_allowed", e.ExpectColumnValuesToBeInSet(column="label", value_set=list(allowed))))
+    return checks
+
+
+def chat_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tuple[str, Any]]:
+    e = gx.expectations
+    return [
+        *(("columns", e.ExpectColumnToExist(column=c)) for c in ("messages", "split")),
+        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
+        # The null-expectations report the problem text of each failing row as its value.
+        ("messages_valid", e.ExpectColumnValuesToBeNull(column="messages_error")),
+        ("role_order", e.ExpectColumnValuesToBeNull(column="role_problem")),
+        ("assistant_present", e.ExpectColumnValuesToBeBetween(column="assistant_turns", min_value=1)),
+        ("assistant_not_empty", e.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)),
+        ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
+        ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
+                                                          mostly=1.0 - own.max_duplicate_rate)),
+        ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
+        ("conversation_tokens", e.ExpectColumnValuesToBeBetween(column="conversation_tokens", max_value=max_seq_len,
+                                                                mostly=1.0 - own.max_overlong_rate)),
+    ]
+
+
+def severity(check: str, own: ValidateConfig) -> str:
+    if check in own.warn_only:
+        return "warning"
+    return own.drift_severity if check in drift.CHECKS else "error"
+
+
+def run_suite(frame: Any, name: str, expectations: list[tuple[str, Any]], own: ValidateConfig,
+              root: Path) -> tuple[list[dict[str, Any]], Path]:
+    """Run the expectations over ``frame`` in a file context under ``root``; the checks and the Data Docs folder."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="file", project_root_dir=str(root))
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
+    batch = (context.data_sources.add_pandas("snapshot").add_dataframe_asset(name="rows")
+             .add_batch_definition_whole_dataframe("all"))
+    suite = gx.ExpectationSuite(name=name)
+    for check, expectation in expectations:
+        expectation.meta = {"check": check, "severity": severity(check, own)}
+        suite.add_expectation(expectation)
+    suite = context.suites.add(suite)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="snapshot", data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="gate", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+        result_format={"result_format": "SUMMARY"}))
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+    checks = [_describe(r) for run_result in outcome.run_results.values() for r in run_result.results]
+    return checks, root / "gx" / "uncommitted" / "data_docs" / "local_site"
+
+
+def build_suite(gx: Any, cfg: ValidateConfig, allowed: list[str] | None = None) -> Any:
+    """The classification suite as an ExpectationSuite, for a person to inspect or export."""
     suite = gx.ExpectationSuite(name="sequence_classification")
-    for name, expectation in checks:
-        expectation.meta = {"check": name, "severity": "warning" if name in cfg.warn_only else "error"}
+    for check, expectation in classification_expectations(gx, cfg, list(allowed or cfg.allowed_labels)):
+        expectation.meta = {"check": check, "severity": severity(check, cfg)}
         suite.add_expectation(expectation)
     return suite
+
+
+def _shorten(value: Any, limit: int = 80) -> Any:
+    text = value if isinstance(value, str) else None
+    return text[:limit] + f"... ({len(text)} chars)" if text is not None and len(text) > limit else value
 
 
 def _describe(result: Any) -> dict[str, Any]:
     config = result.expectation_config
     details = result.result or {}
     meta = config.meta or {}
+    values = [_shorten(v) for v in (details.get("partial_unexpected_list") or [])[:5]]
     return {
         "check": meta.get("check", config.type),
         "severity": meta.get("severity", "error"),
@@ -111,8 +358,120 @@ def _describe(result: Any) -> dict[str, Any]:
         "success": bool(result.success),
         "unexpected_count": details.get("unexpected_count"),
         "example_rows": [int(i) for i in (details.get("partial_unexpected_index_list") or [])[:5]],
-        "observed_value": details.get("observed_value"),
+        "example_values": values if any(v is not None for v in values) else [],
+        "observed_value": _shorten(details.get("observed_value")),
     }
+
+
+def _drift_check(measure: dict[str, Any], own: ValidateConfig) -> dict[str, Any]:
+    """A drift measure in the shape of a suite check, so reports and the gate treat both alike."""
+    return {"check": measure["check"], "severity": severity(measure["check"], own), "expectation": measure["measure"],
+            "column": measure["of"], "success": measure["passed"], "unexpected_count": measure.get("rows"),
+            "example_rows": measure.get("example_rows", []), "example_values": [],
+            "observed_value": measure["value"], "max": measure["max"]}
+
+
+def _explain(check: dict[str, Any]) -> str:
+    head = f"{check['check']}: {check['expectation']}(column={check['column']}): "
+    if "max" in check:  # a drift measure
+        rows = (f", {check['unexpected_count']} rows, example rows {check['example_rows']}"
+                if check["unexpected_count"] else "")
+        return head + f"observed {check['observed_value']} > max {check['max']}{rows}"
+    values = f", values {check['example_values']}" if check.get("example_values") else ""
+    return (head + f"{check['unexpected_count']} unexpected, example rows {check['example_rows']}, "
+                   f"observed {check['observed_value']}{values}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The last accepted snapshot of a model, and drift against it.
+
+def accepted_uri(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.artifact_root, "accepted", cfg.model_name, "latest.json")
+
+
+def read_accepted(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """This model's last accepted snapshot record, or None (none yet, or one of another task)."""
+    uri = accepted_uri(cfg)
+    if not storage.exists(uri):
+        return None
+    record = storage.read_json(uri)
+    if record.get("task", cfg.task) != cfg.task:
+        print(f"validate: {uri} records a {record.get('task')} snapshot; ignored for task {cfg.task}", file=sys.stderr)
+        return None
+    return record
+
+
+def record_accepted(cfg: PipelineConfig, rows: int, labels: list[str], summary_uri: str) -> str:
+    uri = accepted_uri(cfg)
+    storage.write_json(uri, {
+        "snapshot_uri": cfg.validate.snapshot_uri, "sha256": _snapshot_sha256(cfg.validate.snapshot_uri),
+        "labels": labels, "rows": rows, "task": cfg.task, "run_id": cfg.run_id, "summary_uri": summary_uri,
+        "accepted_at": datetime.now(timezone.utc).isoformat()})
+    return uri
+
+
+def _snapshot_sha256(snapshot_uri: str) -> str | None:
+    """The content hash collect recorded in the manifest beside the snapshot, when there is one."""
+    manifest = snapshot_uri.rsplit("/", 1)[0] + "/manifest.json"
+    try:
+        return storage.read_json(manifest).get("sha256") if storage.exists(manifest) else None
+    except DataError:
+        return None
+
+
+def _texts_and_labels(task: str, frame: Any, parsed: list[Any] | None = None) -> tuple[Any, Any]:
+    """What drift compares: the text (chat: the concatenated message contents) and the labels (chat: none)."""
+    import pandas as pd
+
+    from pipeline import chat
+
+    if task != "causal-lm":
+        texts = frame["text"] if "text" in frame else pd.Series([], dtype=object)
+        return texts.where(texts.map(lambda t: isinstance(t, str)), None), frame.get("label")
+    if parsed is None:
+        parsed = []
+        for value in frame.get("messages", []):
+            try:
+                parsed.append(chat.parse_messages(value))
+            except ValueError:
+                parsed.append(None)
+    return pd.Series(["\n".join(x["content"] for x in m) if m else None for m in parsed], dtype=object), None
+
+
+def measure_drift(cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: Any,
+                  parsed: list[Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The summary's drift entry and the report (None when skipped)."""
+    from pipeline.collect import load_snapshot
+
+    own = cfg.validate
+    if accepted is None:
+        return {"status": "skipped", "reason": f"no accepted snapshot for model {cfg.model_name} yet"}, None
+    try:
+        reference = load_snapshot(accepted["snapshot_uri"])
+    except (DataError, OSError, ValueError) as exc:  # the reference was deleted or is unreadable
+        return {"status": "skipped", "reason": f"the last accepted snapshot cannot be read: {exc}"}, None
+    ref_texts, ref_labels = _texts_and_labels(cfg.task, reference)
+    cur_texts, cur_labels = _texts_and_labels(cfg.task, frame, parsed)
+    report = drift.compare(ref_texts, cur_texts, ref_labels, cur_labels, own.drift_max_label_psi,
+                           own.drift_max_length_ks, own.drift_max_oov_rate)
+    report["reference"] = {k: accepted.get(k) for k in ("snapshot_uri", "sha256", "accepted_at", "run_id")}
+    report["current"] = {"snapshot_uri": own.snapshot_uri}
+    return {"status": "compared", "reference": report["reference"]}, report
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: PipelineConfig, scratch: Path) -> Any:
+    """base_model's tokenizer alone: the weights are not loaded."""
+    from transformers import AutoTokenizer
+
+    from pipeline.train import resolve_model
+
+    path = resolve_model(cfg.base_model, scratch)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
 
 
 def run(cfg: PipelineConfig) -> ValidateResult:
@@ -121,49 +480,146 @@ def run(cfg: PipelineConfig) -> ValidateResult:
     own = cfg.validate
     if not own.snapshot_uri:
         raise ConfigError("validate.snapshot_uri is required (the collect step's snapshot_uri)")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        timings[phase] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+
     frame = load_snapshot(own.snapshot_uri)
+    accepted = read_accepted(cfg)
+    lap("load")
+    out_uri = cfg.step_uri("validate")
+    summary: dict[str, Any] = {"snapshot_uri": own.snapshot_uri, "task": cfg.task, "rows": len(frame),
+                               "tokenizer": cfg.base_model}
+    parsed = None
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
     import great_expectations as gx
 
-    out_uri = cfg.step_uri("validate")
-    with tempfile.TemporaryDirectory(prefix="finetune-gx-") as tmp:
-        context = gx.get_context(mode="file", project_root_dir=tmp)
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+    lap("import")
+    with tempfile.TemporaryDirectory(prefix="finetune-validate-") as tmp:
+        scratch = Path(tmp)
+        tokenizer = load_tokenizer(cfg, scratch)
+        if cfg.task == "causal-lm":
+            from pipeline import chat
 
-        context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
-        batch = (context.data_sources.add_pandas("snapshot").add_dataframe_asset(name="rows")
-                 .add_batch_definition_whole_dataframe("all"))
-        suite = context.suites.add(build_suite(gx, own))
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name="snapshot", data=batch,
-                                                                                suite=suite))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name="gate", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-            result_format={"result_format": "SUMMARY"}))
-        outcome = checkpoint.run(batch_parameters={"dataframe": with_derived_columns(frame)})
-        checks = [_describe(r) for run_result in outcome.run_results.values() for r in run_result.results]
-        docs = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
+            try:
+                template = chat.chat_template(tokenizer, cfg.train.chat_template)
+            except ValueError as exc:
+                raise ConfigError(f"train.chat_template: {exc}") from exc
+            derived, summary["token_count"], parsed = chat_columns(frame, tokenizer, template, own,
+                                                                   cfg.train.max_seq_len, cfg.seed)
+            expectations, suite_name = chat_expectations(gx, own, cfg.train.max_seq_len), "chat"
+        else:
+            allowed, source = _allowed_labels(own, accepted)
+            summary["label_allowed"] = {"labels": allowed, "source": source}
+            derived, summary["token_count"] = classification_columns(frame, tokenizer, own, cfg.seed)
+            expectations, suite_name = classification_expectations(gx, own, allowed), "sequence_classification"
+        lap("derive")
+        checks, docs = run_suite(derived, suite_name, expectations, own, scratch)
+        lap("suite")
+        del derived
+        summary["drift"], report = measure_drift(cfg, accepted, frame, parsed)
+        if report is not None:
+            checks += [_drift_check(m, own) for m in report["checks"]]
+        lap("drift")
+
+        failed = [c for c in checks if not c["success"] and c["severity"] == "error"]
+        warnings = [c for c in checks if not c["success"] and c["severity"] == "warning"]
         data_docs_uri = storage.publish_dir(docs, storage.join(out_uri, "data_docs"))
-    failed = [c for c in checks if not c["success"] and c["severity"] == "error"]
-    warnings = [c for c in checks if not c["success"] and c["severity"] == "warning"]
-    summary_uri = storage.join(out_uri, "summary.json")
-    storage.write_json(summary_uri, {"snapshot_uri": own.snapshot_uri, "rows": len(frame),
-                                     "passed": not failed, "checks": checks})
-    for check in checks:
-        verdict = "ok  " if check["success"] else ("WARN" if check["severity"] == "warning" else "FAIL")
-        print(f"validate: {verdict} {check['check']}: {check['expectation']}({check['column'] or ''})",
-              file=sys.stderr)
+        drift_dir = _write_drift(report, scratch / "drift", own.snapshot_uri)
+        drift_report_uri = _publish_drift(drift_dir, out_uri)
+        if drift_report_uri:
+            summary["drift"]["report_uri"] = drift_report_uri
+        summary_uri = storage.join(out_uri, "summary.json")
+        summary.update(passed=not failed, checks=checks, data_docs_uri=data_docs_uri, timings_s=timings)
+        storage.write_json(summary_uri, summary)
+        lap("publish")
+        try:
+            _log(cfg, summary, docs, drift_dir)
+        except Exception as exc:  # a failed gate exits 3 even when the tracking server is down
+            if not failed:
+                raise
+            print(f"validate: could not log to MLflow: {exc}", file=sys.stderr)
+
+    _print(checks, summary)
     if failed:
-        raise ValidationFailed(f"{len(failed)} expectation(s) failed on {own.snapshot_uri}: "
+        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: "
                                + "; ".join(map(_explain, failed)) + f" (Data Docs: {data_docs_uri}/index.html)")
+    labels = sorted({str(v) for v in frame["label"].dropna()}) if "label" in frame else []
+    record_uri = record_accepted(cfg, len(frame), labels, summary_uri)
     return ValidateResult(result_uri=storage.join(out_uri, "result.json"), passed=True, summary_uri=summary_uri,
                           data_docs_uri=data_docs_uri, failed=[], rows=len(frame),
-                          warnings=[_explain(c) for c in warnings])
+                          warnings=[_explain(c) for c in warnings], drift_report_uri=drift_report_uri,
+                          accepted_uri=record_uri)
 
 
-def _explain(check: dict[str, Any]) -> str:
-    return (f"{check['check']}: {check['expectation']}(column={check['column']}): {check['unexpected_count']} "
-            f"unexpected, example rows {check['example_rows']}, observed {check['observed_value']}")
+def _allowed_labels(own: ValidateConfig, accepted: dict[str, Any] | None) -> tuple[list[str], str]:
+    if own.allowed_labels:
+        return list(own.allowed_labels), "validate.allowed_labels"
+    if accepted and accepted.get("labels"):
+        return list(accepted["labels"]), f"the last accepted snapshot {accepted['snapshot_uri']}"
+    return [], "none: any label (validate.allowed_labels is empty and no snapshot was accepted yet)"
+
+
+def _write_drift(report: dict[str, Any] | None, folder: Path, snapshot_uri: str) -> Path | None:
+    if report is None:
+        return None
+    folder.mkdir(parents=True)
+    (folder / "drift.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    title = f"Drift of {snapshot_uri} from {report['reference']['snapshot_uri']}"
+    (folder / "drift.html").write_text(drift.render_html(report, title), encoding="utf-8")
+    return folder
+
+
+def _publish_drift(folder: Path | None, out_uri: str) -> str:
+    """Copy the drift report under the step's prefix; without one, remove a stale report of an earlier try."""
+    for name in ("drift.json", "drift.html"):
+        uri = storage.join(out_uri, name)
+        if folder is None:
+            if storage.exists(uri):
+                storage.delete(uri)
+        else:
+            storage.write_bytes(uri, (folder / name).read_bytes())
+    return storage.join(out_uri, "drift.html") if folder is not None else ""
+
+
+def _log(cfg: PipelineConfig, summary: dict[str, Any], docs: Path, drift_dir: Path | None) -> None:
+    """The summary, Data Docs, drift report and headline numbers, on the pipeline's MLflow run."""
+    from mlflow.entities import Metric
+
+    from pipeline.tracking import client, pipeline_run_id
+
+    run_id = pipeline_run_id(cfg)
+    tracker = client()
+    tracker.log_dict(run_id, summary, "validate/summary.json")
+    tracker.log_artifacts(run_id, str(docs), "validate/data_docs")
+    if drift_dir is not None:
+        tracker.log_artifacts(run_id, str(drift_dir), "validate/drift")
+    now = int(time.time() * 1000)
+    checks = summary["checks"]
+    numbers = {"validate_rows": summary["rows"],
+               "validate_failed_checks": sum(not c["success"] and c["severity"] == "error" for c in checks),
+               "validate_warning_checks": sum(not c["success"] and c["severity"] == "warning" for c in checks),
+               **{c["check"]: c["observed_value"] for c in checks if c["check"] in drift.CHECKS}}
+    tracker.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
+    tracker.set_tag(run_id, "validate.passed", str(summary["passed"]).lower())
+
+
+def _print(checks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    for check in checks:
+        verdict = "ok  " if check["success"] else ("WARN" if check["severity"] == "warning" else "FAIL")
+        observed = f" = {check['observed_value']} (max {check['max']})" if "max" in check else ""
+        print(f"validate: {verdict} {check['check']}: {check['expectation']}({check['column'] or ''}){observed}",
+              file=sys.stderr)
+    tokens = summary.get("token_count")
+    if tokens:
+        print(f"validate: token counts on {tokens['rows_counted']} of {tokens['rows']} rows: {tokens['policy']}",
+              file=sys.stderr)
+    if summary["drift"]["status"] == "skipped":
+        print(f"validate: drift skipped: {summary['drift']['reason']}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

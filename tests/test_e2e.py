@@ -91,7 +91,7 @@ def test_causal_lm_run_registers_a_chat_model_better_than_its_base(tiny_lm_dir):
     done = _finetune_run("--source", "pkg://pipeline/data/support_instructions.jsonl", "--set", "task=causal-lm",
                          "--set", f"base_model={tiny_lm_dir}", "--set", "model_name=support-chat",
                          "--set", "train.zero_stage=3", "--set", "train.epochs=1", "--set", "train.batch_size=8",
-                         "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=192",
+                         "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=256",
                          "--set", "evaluate.generate_rows=4")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
