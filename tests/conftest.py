@@ -66,27 +66,10 @@ def classifier_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def s3_server():
     """Moto's S3 API in server mode on a free loopback port, reached through AWS_ENDPOINT_URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from tests.helpers import moto_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -109,7 +92,6 @@ def s3(s3_server, monkeypatch):
 def mlflow_server(tmp_path_factory, s3_server):
     """A real `mlflow server` on loopback: a fresh PostgreSQL database as its backend store and
     the loopback S3 API as its artifact store, proxied, so clients need no S3 access."""
-    import socket
     import subprocess
     import sys
     import time
@@ -125,9 +107,9 @@ def mlflow_server(tmp_path_factory, s3_server):
     database = f"mlflow_test_{uuid.uuid4().hex[:10]}"
     admin.autocommit = True
     admin.cursor().execute(f"CREATE DATABASE {database}")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tests.helpers import free_port
+
+    port = free_port()
     import boto3
 
     s3_env = {"AWS_ENDPOINT_URL": s3_server, "MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",

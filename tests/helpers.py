@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,3 +38,33 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(env: dict[str, str] | None = None, probe_path: str = "") -> Iterator[str]:
+    """Moto's S3 (and IAM) API in server mode on a free loopback port; yields its endpoint.
+
+    ``probe_path`` is what the start-up check requests: ``/moto-api/`` is not an AWS action, so
+    it does not use up a server's INITIAL_NO_AUTH_ACTION_COUNT.
+    """
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint + probe_path, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

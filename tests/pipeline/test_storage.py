@@ -1,11 +1,6 @@
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -13,7 +8,7 @@ from pipeline import collect, storage
 from pipeline.config import load_config
 from pipeline.errors import DataError, ModelError
 from pipeline.train import resolve_model
-from tests.helpers import shipped_rows, write_jsonl
+from tests.helpers import moto_server, shipped_rows, write_jsonl
 
 
 def test_local_write_is_atomic_and_pkg_uris_resolve(tmp_path):
@@ -116,23 +111,9 @@ def test_s3_missing_bucket_key_and_prefix_name_the_source(s3):
 def iam_s3_server():
     """A Moto server of its own that enforces IAM: INITIAL_NO_AUTH_ACTION_COUNT lets the first
     three calls through unsigned (creating an admin), after which every call is checked."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**env, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)  # not an AWS action: not counted
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
+    with moto_server({**env, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, probe_path="/moto-api/") as endpoint:
+        yield endpoint
 
 
 def _keys_of(iam, user: str, policy: dict) -> dict:
