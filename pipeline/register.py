@@ -134,10 +134,13 @@ def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
     base = evaluated.get("base_metrics") or {}
     base_line = ("\nBase model on the same held-out tokens: "
                  + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n") if base else ""
+    limits = ("Trained on a small, synthetic or team-curated set of intents: messages outside them are "
+              "forced into the nearest known intent.")
     if cfg.task == "causal-lm":
-        use = f"""Answers customer-support conversations in the style of its instruction data, as a chat
-model (`mlflow.pyfunc` takes OpenAI-style `messages`). Draft replies for a person to check;
-it has no access to orders or accounts, so facts it states about them are invented."""
+        limits = ("Learns the tone and patterns of its conversations, not facts: answers about a customer's order, "
+                  "account or refund are plausible text, not looked up.")
+        use = """Answers customer-support conversations in the style of its instruction data, as a chat
+model (`mlflow.pyfunc` takes OpenAI-style `messages`). Drafts replies for a person to check."""
     else:
         use = f"""Classifies short customer-support messages (English and Chinese) into the intents seen in
 training: {", ".join(trained.get("labels", []) or collected.get("labels", []))}. Route or
@@ -164,9 +167,8 @@ Gate: {evaluated["reason"]}
 - Global steps: {trained.get("global_step")}; processes: {trained.get("world_size")}
 
 ## Limitations
-Trained on a small, synthetic or team-curated set of intents: messages outside them are forced
-into the nearest known intent. Scores are measured on a held-out split of the same snapshot,
-not on live traffic; re-check after the data or the intent list changes.
+{limits} Scores are measured on a held-out split of the same snapshot, not on live traffic;
+re-check after the data changes.
 """
 
 
