@@ -120,11 +120,16 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     import mlflow
     from safetensors.torch import load_file
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import client
 
     run_id = f"lora-{merge}"
     result = _train_lm(chat_snapshot, tiny_lm_dir, run_id, "train.lora_r=8", "train.lora_alpha=16",
-                       f"train.lora_merge={json.dumps(merge)}", 'train.lora_target_modules=["q_proj", "v_proj"]')
+                       f"train.lora_merge={json.dumps(merge)}", 'train.lora_target_modules=["q_proj", "v_proj"]',
+                       f"train.packing={json.dumps(merge)}")  # packing rides along with one of the two
+    summary = storage.read_json(result["summary_uri"])
+    assert summary["lora"] is True
+    packed, kept = summary["packed_sequences"], summary["conversations"]["kept"]
+    assert (packed < kept) if merge else (packed == kept)
     adapter = storage.local_path(result["model_uri"]).parent / "adapter"
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert weights and all("lora_" in name for name in weights)
@@ -138,7 +143,7 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
         *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
         f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
     assert registered["aliases"] == ["challenger", "champion"]
-    mlflow.set_tracking_uri(tracking_uri())
+    client()  # points MLflow's tracking and registry URIs at this test's store
     uri = f"models:/chat-{merge}@champion"
     local = mlflow.artifacts.download_artifacts(uri)
     from pathlib import Path
