@@ -258,8 +258,9 @@ def list_object_info(uri: str) -> list[dict[str, Any]]:
             for obj in sorted(objects, key=lambda o: o["Key"])]
 
 
-def fetch_dir(uri: str, dest: Path) -> Path:
-    """A local directory holding the contents of ``uri`` (downloaded for s3://)."""
+def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = ()) -> Path:
+    """A local directory holding the contents of ``uri`` (downloaded for s3://, leaving out the
+    files whose names end in ``skip_suffixes``)."""
     path = local_path(uri)
     if path is not None:
         if not path.is_dir():
@@ -271,6 +272,8 @@ def fetch_dir(uri: str, dest: Path) -> Path:
         raise DataError(f"{uri}: no objects under this prefix")
     client = _s3()
     for object_uri in objects:
+        if object_uri.endswith(skip_suffixes):
+            continue
         bucket, key = _bucket_key(object_uri)
         target = dest / object_uri[len(prefix):]
         target.parent.mkdir(parents=True, exist_ok=True)

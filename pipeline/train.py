@@ -115,11 +115,18 @@ def mixed_precision(cfg: TrainConfig) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def resolve_model(uri: str, scratch: Path, what: str = "base_model") -> str:
-    """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True) -> str:
+    """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from.
+
+    ``weights=False`` is for a tokenizer or config alone: an S3 model is then fetched without
+    its weight files, which are most of its bytes.
+    """
     kind = storage.scheme(uri)
     if kind == "s3":
-        return str(storage.fetch_dir(uri, scratch / "model"))
+        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES))
     path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
     looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
     if path is None or (looks_like_hub_name and not path.exists()):

@@ -467,7 +467,7 @@ def load_tokenizer(cfg: PipelineConfig, scratch: Path) -> Any:
 
     from pipeline.train import resolve_model
 
-    path = resolve_model(cfg.base_model, scratch)
+    path = resolve_model(cfg.base_model, scratch, weights=False)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

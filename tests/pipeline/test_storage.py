@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,10 @@ def test_base_model_from_an_s3_prefix_loads(s3, tmp_path, tiny_model_dir):
     assert model.config.num_hidden_layers == 2
     with pytest.raises(ModelError, match="holds no config.json"):
         resolve_model(str(tmp_path), tmp_path)
+    # A tokenizer alone (validate) does not download the weights.
+    light = Path(resolve_model(f"s3://{s3}/models/tiny", tmp_path / "light", weights=False))
+    assert (light / "tokenizer.json").is_file() and (light / "config.json").is_file()
+    assert not list(light.glob("*.safetensors")) and list(Path(local).glob("*.safetensors"))
 
 
 def test_s3_missing_bucket_key_and_prefix_name_the_source(s3):
