@@ -439,7 +439,14 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import warnings
+
         import deepspeed
+
+        # DeepSpeed's collectives call torch.distributed functions that torch 2.13 deprecates
+        # (all_gather_into_tensor, reduce_scatter_tensor); under ZeRO-3 the warning repeats
+        # thousands of times and buries the task log. Nothing for us to change.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
         # Before TrainingArguments/from_pretrained: ZeRO-3's zero.Init reads the world size from
         # deepspeed.comm, which would otherwise still say 1 on CPU and reject the batch sizes.
