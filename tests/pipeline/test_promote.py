@@ -109,3 +109,20 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
     records = _audit(tracker)
     assert sorted(r.data.tags["promotion.requested_by"] for r in records) == sorted(f"attempt-{v}" for v in versions)
     assert tracker.search_registered_models(f"name = '{NAME}.promotion-lock'") == []
+
+
+def test_a_lower_is_better_gate_metric_promotes_the_lower_perplexity():
+    """A causal-lm version records perplexity with greater_is_better false: lower wins."""
+    tracker = client()
+    name = "support-chat"
+    tracker.create_registered_model(name)
+    gate = json.dumps({"gate_metric": "perplexity", "greater_is_better": False})
+    v1, v2, v3 = (str(tracker.create_model_version(name, "s3://registry-test/chat", tags={
+        "finetune.gate_passed": "true", "metric.perplexity": f"{ppl:.6f}", "finetune.gate": gate}).version)
+        for ppl in (120.0, 95.0, 130.0))
+    sets = [f"model_name={name}"]
+    assert _promote(*sets, f"promote.version={v1}").outcome == "promoted"
+    assert _promote(*sets, f"promote.version={v2}").outcome == "promoted"  # 95 < 120
+    with pytest.raises(promote.PromotionRefused, match="perplexity 130.0000 of version 3 is not better"):
+        _promote(*sets, f"promote.version={v3}")
+    assert str(tracker.get_model_version_by_alias(name, "champion").version) == v2
