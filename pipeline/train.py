@@ -246,6 +246,10 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         model_uri = storage.publish_dir(scratch / "model", storage.join(out_uri, "model"))
         summary_uri = storage.join(out_uri, "training_summary.json")
         storage.write_json(summary_uri, outcome)
+        if mlflow_run_id:  # the sharding audit and, for causal-lm, the truncated/dropped counts
+            from pipeline.tracking import client
+
+            client().log_dict(mlflow_run_id, outcome, "train/training_summary.json")
     return TrainResult(result_uri=storage.join(out_uri, "result.json"), model_uri=model_uri, summary_uri=summary_uri,
                        snapshot_uri=own.snapshot_uri, base_model=cfg.base_model, global_step=outcome["global_step"],
                        train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],

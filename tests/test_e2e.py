@@ -39,7 +39,8 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
     assert tracker.get_metric_history(run.info.run_id, "train_loss")
     artifacts = {a.path for a in tracker.list_artifacts(run.info.run_id, "evaluate")}
     assert "evaluate/confusion_matrix.png" in artifacts
-    assert [a.path for a in tracker.list_artifacts(run.info.run_id, "train")] == ["train/deepspeed_config.json"]
+    assert [a.path for a in tracker.list_artifacts(run.info.run_id, "train")] == [
+        "train/deepspeed_config.json", "train/training_summary.json"]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "eval"}
 
     bad = write_jsonl(tmp_path / "bad.jsonl", shipped_rows(3, 10) + [{"text": "no label here", "label": None}])
@@ -104,3 +105,6 @@ def test_causal_lm_run_registers_a_chat_model_better_than_its_base(tiny_lm_dir):
     assert json.loads(version.tags["finetune.gate"])["greater_is_better"] is False
     assert version.tags["finetune.task"] == "causal-lm"
     assert "evaluate/samples.json" in {a.path for a in client().list_artifacts(run.info.run_id, "evaluate")}
+    trained = json.loads(open(client().download_artifacts(run.info.run_id, "train/training_summary.json")).read())
+    assert trained["conversations"]["kept"] + trained["conversations"]["dropped_overlong"] == \
+        trained["conversations"]["examples"]
