@@ -312,9 +312,13 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     metrics, samples = score_lm(cfg, model, tokenizer, frame)
     _print(f"{len(rows)} eval conversations", metrics)
     # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
-    # training used): what fine-tuning bought.
-    base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base-score"), f"base_model '{cfg.base_model}'")
-    base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False)
+    # training used): what fine-tuning bought. A LoRA model holds its base: switch the adapter off.
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False)
+    else:
+        base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
+        base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False)
     _print("base model", base_metrics)
     champion_version, champion_metrics = "", {}
     champion = _champion(cfg)

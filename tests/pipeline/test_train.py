@@ -139,6 +139,8 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     assert (published / "adapter_config.json").is_file() is not merge
 
     evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], run_id, tiny_lm_dir)
+    # Merged: the base is loaded on its own; adapter: scored with the adapter switched off.
+    assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
     registered = steps.launch_local("register", [
         *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
         f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
