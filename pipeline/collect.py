@@ -187,20 +187,35 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
+# Transient HTTP failures are retried by urllib3's Retry (exponential back-off 0.5 s, 1 s, 2 s),
+# as S3 downloads are by botocore's standard mode; a 4xx is the source's answer and is not.
+HTTP_RETRIES = 3
+HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
 def _download_http(source: SourceFile, dest: Path) -> None:
     """Stream an http(s) URL to ``dest`` in chunks, recording its ETag and Last-Modified."""
-    import http.client
-    import urllib.error
-    import urllib.request
     from email.utils import parsedate_to_datetime
 
+    import urllib3
+
+    retry = urllib3.Retry(total=HTTP_RETRIES, backoff_factor=0.5, status_forcelist=HTTP_RETRY_STATUSES,
+                          allowed_methods=("GET",), raise_on_status=False)
+    pool = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=30, read=60))
     try:
-        with urllib.request.urlopen(source.uri, timeout=60) as response, dest.open("wb") as out:
-            shutil.copyfileobj(response, out, READ_BYTES)
+        response = pool.request("GET", source.uri, preload_content=False)
+        try:
+            if response.status >= 400:
+                retried = f" (after {HTTP_RETRIES} retries)" if response.status in HTTP_RETRY_STATUSES else ""
+                raise DataError(f"cannot download {source.uri}: HTTP Error {response.status}: "
+                                f"{response.reason}{retried}")
+            with dest.open("wb") as out:
+                for chunk in response.stream(READ_BYTES):
+                    out.write(chunk)
             headers = response.headers
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"cannot download {source.uri}: {exc}") from exc
-    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, body cut short
+        finally:
+            response.release_conn()
+    except urllib3.exceptions.HTTPError as exc:  # refused, timed out, body cut short, retries spent
         raise DataError(f"cannot download {source.uri}: {exc!r}") from exc
     source.etag = headers.get("ETag")
     if headers.get("Last-Modified"):

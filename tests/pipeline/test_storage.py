@@ -152,11 +152,13 @@ def test_s3_access_denied_names_the_object(iam_s3_server, monkeypatch):
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A loopback HTTP server: /data.jsonl is a file, /missing answers 404, /broken 500."""
+    """A loopback HTTP server: /data.jsonl is a file, /missing answers 404, /broken 500, and
+    /flaky/data.jsonl answers 503 twice before serving the file."""
     import http.server
     import threading
 
     write_jsonl(tmp_path / "data.jsonl", shipped_rows(2, 5))
+    flaky_requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -165,6 +167,13 @@ def http_server(tmp_path):
         def do_GET(self):
             if self.path.startswith("/broken"):
                 self.send_error(500, "boom")
+            elif self.path.startswith("/flaky/"):
+                flaky_requests.append(self.path)
+                if len(flaky_requests) <= 2:
+                    self.send_error(503, "busy")
+                else:
+                    self.path = self.path[len("/flaky"):]
+                    super().do_GET()
             else:
                 super().do_GET()
 
@@ -185,7 +194,13 @@ def test_http_sources(http_server, tmp_path):
     assert (entry["bytes"], entry["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
     assert entry["last_modified"].startswith("20")  # from the Last-Modified header
     assert f"cannot download {http_server}/missing.jsonl: HTTP Error 404" in _fails(f"{http_server}/missing.jsonl")
-    assert f"cannot download {http_server}/broken.jsonl: HTTP Error 500" in _fails(f"{http_server}/broken.jsonl")
+    broken = _fails(f"{http_server}/broken.jsonl")
+    assert f"cannot download {http_server}/broken.jsonl: HTTP Error 500" in broken and "(after 3 retries)" in broken
+
+
+def test_http_transient_errors_are_retried(http_server):
+    result = _collect(f"{http_server}/flaky/data.jsonl")  # 503, 503, then the file
+    assert result.rows == 10
 
 
 def _collect(source):
