@@ -194,12 +194,19 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
     return packed
 
 
-def words(text: str) -> list[str]:
-    """Tokens for ROUGE-L and exact match: words, and each CJK character on its own."""
-    import re
-    import unicodedata
+# Kana and CJK ideographs: scripts without spaces between words, so each character counts as a
+# word (ROUGE-L here, the OOV rate in pipeline/drift.py).
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 
-    return re.findall(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]|\w+", unicodedata.normalize("NFKC", text).casefold())
+
+def words(text: str) -> list[str]:
+    """Tokens for ROUGE-L and exact match, of the normalised text: words (numbers included: an
+    order number in an answer matters), and each CJK character on its own."""
+    import re
+
+    from pipeline.collect import normalize_text
+
+    return re.findall(f"[{CJK}]|\\w+", normalize_text(text))
 
 
 def rouge_l(reference: str, output: str) -> float:

@@ -26,6 +26,8 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from pipeline import chat
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -34,8 +36,7 @@ LENGTH_BINS = 20
 SHARE_FLOOR = 1e-4  # PSI is infinite for a class one side lacks; floor shares as is customary
 TOP_OOV_WORDS = 30
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, CJK ideographs
-_WORD = re.compile(f"[{_CJK}]|[^\\W\\d_{_CJK}]+")  # one CJK character, or a run of other letters
+_WORD = re.compile(f"[{chat.CJK}]|[^\\W\\d_{chat.CJK}]+")  # one CJK character, or a run of other letters
 
 
 def words(text: str) -> list[str]:
