@@ -264,10 +264,6 @@ def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
     if missing:
         raise DataError(f"{cfg.train.snapshot_uri}: no column(s) {missing} for task {cfg.task}; found "
                         f"{list(frame.columns)} (was it collected for another task?)")
-    if cfg.task == "sequence-classification":
-        labels = sorted({str(v) for v in frame["label"].dropna()})
-        if len(labels) < 2:
-            raise DataError(f"{cfg.train.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
 
 
 def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
@@ -316,6 +312,8 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Par
 
     rows = frame[frame["split"] == "train"].reset_index(drop=True)
     labels = sorted({str(v) for v in frame["label"].dropna()})
+    if len(labels) < 2:
+        raise DataError(f"{cfg.train.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
     id2label, label2id = label_maps(labels)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
