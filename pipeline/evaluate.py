@@ -279,15 +279,16 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any,
-             generate_samples: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any, generate_samples: bool = True,
+             encoded: tuple[list[dict], dict[str, int], str] | None = None) -> tuple[dict[str, float], list[dict]]:
     """Eval loss and perplexity over the assistant tokens of the eval split; exact match and
-    ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it."""
+    ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it.
+    ``encoded``: the split as ``train.encode_split`` gives it for ``tokenizer``, when already done."""
     import math
 
     from pipeline import chat, train
 
-    examples, _, template = train.encode_split(cfg, tokenizer, frame, "eval")
+    examples, _, template = encoded or train.encode_split(cfg, tokenizer, frame, "eval")
     total, tokens = chat.token_loss(model, examples, tokenizer.pad_token_id, cfg.evaluate.batch_size)
     loss = total / tokens
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -302,23 +303,24 @@ def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any,
 def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     import json
 
-    from pipeline.train import load_causal_lm, resolve_model
+    from pipeline.train import encode_split, load_causal_lm, resolve_model
 
     own = cfg.evaluate
     rows = frame[frame["split"] == "eval"]
     if rows.empty:
         raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
     model, tokenizer = load_trained_lm(cfg, own.model_uri, scratch)
-    metrics, samples = score_lm(cfg, model, tokenizer, frame)
+    encoded = encode_split(cfg, tokenizer, frame, "eval")
+    metrics, samples = score_lm(cfg, model, tokenizer, frame, encoded=encoded)
     _print(f"{len(rows)} eval conversations", metrics)
     # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
     # training used): what fine-tuning bought. A LoRA model holds its base: switch the adapter off.
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False)
+            base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False, encoded=encoded)
     else:
         base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
-        base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False)
+        base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False, encoded=encoded)
     _print("base model", base_metrics)
     champion_version, champion_metrics = "", {}
     champion = _champion(cfg)
