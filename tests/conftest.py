@@ -143,13 +143,14 @@ def mlflow_server(tmp_path_factory, s3_server):
 def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
     """A 2-layer Llama (random weights) with a byte-level BPE tokenizer trained here on the
     project's shipped text, saved like a pretrained checkpoint: a causal LM that loads offline."""
+    import json
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pipeline.chat import CHATML
     from tests.helpers import SHIPPED_DATA
-
-    import json
 
     texts = [json.loads(line)["text"] for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
     bpe = Tokenizer(models.BPE())
@@ -166,8 +167,6 @@ def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    import torch
-
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
