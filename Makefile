@@ -3,6 +3,7 @@
 #   make test   the whole test suite (what CI runs)
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1
 #   make bench  the benchmarks behind BENCHMARKS.md (minutes; writes bench/results/)
+#   make lint   the import layers (pyproject.toml [tool.importlinter]; make test runs it too)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -38,8 +39,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/finetune run
 
-test: install $(CHECKOV)
-	$(BIN)/python -m pytest -q -rs
+test: install $(CHECKOV) lint
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: install $(CHECKOV)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -54,6 +55,9 @@ up: install
 bench: install
 	$(BIN)/python bench/collect_memory.py --sizes-mb 50 500 --out bench/results/collect.md
 	$(BIN)/python bench/validate_1m.py --rows 1000000 --repeats 3  # prints the figures bench/results/validate.md records
+
+lint: install
+	$(BIN)/lint-imports --no-cache
 
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet --upgrade pip

@@ -59,9 +59,11 @@ def child_pandas(snapshot: Path) -> dict:
     import numpy as np
     import pandas as pd
 
-    from pipeline.collect import load_snapshot, normalize_text
     from pipeline.config import load_config
-    from pipeline.validate import load_tokenizer, rows_to_count, utf8_bytes
+    from pipeline.models import load_tokenizer
+    from pipeline.snapshot import load_snapshot
+    from pipeline.text import normalize_text
+    from pipeline.validate import rows_to_count, utf8_bytes
 
     phases = {}
     clock = time.perf_counter()
@@ -70,7 +72,7 @@ def child_pandas(snapshot: Path) -> dict:
     frame = load_snapshot(own.snapshot_uri)
     phases["load"] = time.perf_counter() - clock
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = load_tokenizer(cfg, Path(tmp))
+        tokenizer = load_tokenizer(cfg.base_model, Path(tmp))
     text, label, split = frame["text"], frame["label"], frame["split"]
     masks = {}  # check -> boolean mask of failing rows
     masks["text_present"] = text.isna().to_numpy()

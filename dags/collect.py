@@ -41,7 +41,7 @@ SCHEDULE = os.environ.get("FINETUNE_COLLECT_SCHEDULE", "@daily")
     max_active_runs=1,  # two runs on the same data would both see it as new
     tags=["finetune", "mlops", "data"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "ml-platform"},
-    params=step_params(["source", "model_name"]),
+    params=step_params("finetune", ["source", "model_name"]),
     doc_md=__doc__,
 )
 def collect():

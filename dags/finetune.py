@@ -43,7 +43,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, chain, dag
 from finetune_tasks import default_model_name, env_flag, snapshot_asset, step_params, step_task
 
-from pipeline.steps import PARAM_KEYS, PIPELINE, launcher_from_env
+from pipeline.steps import PIPELINE, launcher_from_env
 
 LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator each task is
 CRON = os.environ.get("FINETUNE_SCHEDULE", "@weekly")
@@ -64,7 +64,7 @@ else:
     max_active_runs=1,
     tags=["finetune", "mlops", "training"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "ml-platform"},
-    params=step_params(PARAM_KEYS),
+    params=step_params("finetune"),
     doc_md=__doc__,
 )
 def finetune():

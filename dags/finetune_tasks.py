@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, Param, task
 
-from pipeline.config import param_schema
-from pipeline.errors import ConfigError
-from pipeline.steps import PARAM_KEYS, STEPS, uses_pytorchjob
+from pipeline import k8s, steps, storage
+from pipeline.config import file_overrides, load_config, param_schema, safe_run_id
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.steps import DAG_PARAMS, STEPS, uses_pytorchjob
 
 AWS_CONN_ID = "aws_default"
 # Every snapshot announcement goes through this alias, so the asset can follow the run's
@@ -50,11 +52,18 @@ def env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
 
-def step_params(names: Iterable[str]) -> dict[str, Param]:
-    """DAG Params bound to config keys (type, bounds, default from the config field), plus ``overrides``."""
-    params = {name: Param(**param_schema(PARAM_KEYS[name]), title=name) for name in names}
-    params["overrides"] = Param([], type="array", items={"type": "string"}, title="overrides",
-                                description="More config overrides as step.key=value, e.g. train.max_seq_len=128.")
+def step_params(dag_id: str, names: Iterable[str] | None = None, overrides: bool = True,
+                **form: Mapping[str, Any]) -> dict[str, Param]:
+    """The Params of ``dag_id`` (``pipeline.steps.DAG_PARAMS``), or the ``names`` among them, bound
+    to config keys: type, bounds, default and help come from the config field; ``form`` changes a
+    Param's schema where the trigger form needs another default (e.g. ``version={"default": ...}``).
+    ``overrides`` adds the free-form ``overrides`` Param."""
+    keys = DAG_PARAMS[dag_id]
+    params = {name: Param(**{**param_schema(keys[name]), **form.get(name, {})}, title=name)
+              for name in (names or keys)}
+    if overrides:
+        params["overrides"] = Param([], type="array", items={"type": "string"}, title="overrides",
+                                    description="More config overrides as step.key=value, e.g. train.max_seq_len=128.")
     return params
 
 
@@ -74,13 +83,11 @@ def triggered_snapshot(context) -> str | None:
 
 
 def run_overrides(step: str, context) -> list[str]:
-    """The step's overrides in this run: Params, upstream results, and for ``collect`` in an
-    asset-triggered run the announced snapshot as its only source."""
-    from pipeline import steps
-    from pipeline.config import safe_run_id
-
+    """The step's overrides in this run: Params, who triggered it, upstream results, and for
+    ``collect`` in an asset-triggered run the announced snapshot as its only source."""
     upstream = {source: context["ti"].xcom_pull(task_ids=source) for source, _ in STEPS[step].inputs.values()}
-    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]))
+    user = getattr(context.get("dag_run"), "triggering_user_name", None) or "unknown"
+    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user)
     if step == "collect" and (snapshot_uri := triggered_snapshot(context)):
         sets.append(f"collect.sources={json.dumps([snapshot_uri])}")
     return sets
@@ -89,8 +96,6 @@ def run_overrides(step: str, context) -> list[str]:
 def cluster_overrides(step: str, context) -> list[str]:
     """The step's overrides on a cluster: the deployment's YAML (``FINETUNE_K8S_CONFIG``: images,
     namespace, Secret names...) first, so that a run's Params and ``overrides`` still win."""
-    from pipeline.config import file_overrides
-
     path = os.environ.get("FINETUNE_K8S_CONFIG")
     return [*(file_overrides(path) if path else []), *run_overrides(step, context)]
 
@@ -101,8 +106,6 @@ def aws_connection_env() -> dict[str, str]:
     standard AWS chain (environment, profile, instance or IRSA role)."""
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
-
-    from pipeline import steps
 
     try:
         connection = Connection.get(AWS_CONN_ID)
@@ -122,9 +125,6 @@ def step_task(step: str, launcher: str):
     def launch(**context):
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipeline import steps
-        from pipeline.errors import PipelineError
-
         try:
             return steps.launch(step, run_overrides(step, context), env=aws_connection_env())
         except PipelineError as exc:
@@ -142,15 +142,10 @@ def pod_task(step: str, launcher: str):
     input fails the task before anything is submitted."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    from pipeline.k8s import RESTRICTED_CONTAINER
-
     class StepPodOperator(KubernetesPodOperator):
         def execute(self, context):
             from airflow.sdk.exceptions import AirflowFailException
             from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
-
-            from pipeline import steps
-            from pipeline.errors import PipelineError
 
             try:
                 manifest = steps.render(step, cluster_overrides(step, context), launcher)
@@ -161,7 +156,7 @@ def pod_task(step: str, launcher: str):
             return super().execute(context)
 
     # KPO's XCom sidecar must meet the same "restricted" policy as the step container.
-    sidecar_security = dict(RESTRICTED_CONTAINER, runAsUser=65534, runAsGroup=65534)
+    sidecar_security = dict(k8s.RESTRICTED_CONTAINER, runAsUser=65534, runAsGroup=65534)
     return StepPodOperator(task_id=step, name=f"finetune-{step}", do_xcom_push=True,
                            xcom_sidecar_container_security_context=sidecar_security,
                            on_finish_action="delete_pod")
@@ -185,11 +180,6 @@ def pytorchjob_task(step: str, launcher: str):
         def execute(self, context):
             from airflow.sdk.exceptions import AirflowFailException
 
-            from pipeline import k8s, steps, storage
-            from pipeline.cli import step_error
-            from pipeline.config import load_config
-            from pipeline.errors import PipelineError
-
             try:
                 overrides = cluster_overrides(step, context)
                 self.manifest = steps.render(step, overrides, launcher)
@@ -199,15 +189,13 @@ def pytorchjob_task(step: str, launcher: str):
             phase = k8s.run_pytorchjob(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
                                        cfg.k8s.job_timeout_seconds, log=self.log.info)
             if phase != "Succeeded":
-                error = step_error(cfg.step_uri(step))
+                error = steps.step_error(cfg.step_uri(step))
                 if error is not None:  # the step's own verdict on its input: not retried
                     raise AirflowFailException(f"step '{step}' failed: {error['error']}")
                 raise RuntimeError(f"PyTorchJob {self.manifest['metadata']['name']} ended {phase}")
-            return storage.read_json(storage.join(cfg.step_uri(step), "result.json"))
+            return storage.read_json(storage.join(cfg.step_uri(step), steps.RESULT_FILE))
 
         def on_kill(self):
-            from pipeline import k8s
-
             if self.manifest is not None:
                 k8s.delete_pytorchjob(self.api(), self.manifest)
 

@@ -13,24 +13,13 @@ experiment `<model_name>-promotions`.
 
 from __future__ import annotations
 
-import json
-
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import chain, dag
+from finetune_tasks import step_params, step_task
 
-from pipeline.config import param_schema
-from pipeline.promote import ALIAS_PATTERN
+from pipeline.steps import dag_steps, launcher_from_env
 
-PARAMS = {
-    "model_name": Param(**param_schema("model_name"), title="model_name"),
-    "version": Param("challenger", type="string", minLength=1, title="version",
-                     description="Version number, or an alias to resolve: challenger, previous_champion, ..."),
-    "target_alias": Param("champion", type="string", pattern=f"^{ALIAS_PATTERN}$", title="target_alias",
-                          description="The alias to move (letters, digits, _ and -)."),
-    "reason": Param("", type="string", title="reason", description="Why; recorded; required with force."),
-    "force": Param(False, type="boolean", title="force",
-                   description="Override the gate and the champion comparison (needs a reason)."),
-}
+LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator each task is
 
 
 @dag(
@@ -40,34 +29,13 @@ PARAMS = {
     catchup=False,
     max_active_runs=1,  # one promotion at a time from Airflow; the registry lock covers the rest
     tags=["finetune", "mlops", "registry"],
+    # A refused promotion is a verdict, not a flake: no retry.
     default_args={"retries": 0, "owner": "ml-platform"},
-    params=PARAMS,
+    params=step_params("promote", overrides=False, version={"default": "challenger", "minLength": 1}),
     doc_md=__doc__,
 )
 def promote():
-    @task(task_id="promote")
-    def move_alias(**context):
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from pipeline import steps
-        from pipeline.config import safe_run_id
-        from pipeline.errors import PipelineError
-
-        params = context["params"]
-        user = getattr(context["dag_run"], "triggering_user_name", None) or "unknown"
-        overrides = [f"model_name={json.dumps(params['model_name'])}",
-                     f"promote.version={json.dumps(str(params['version']))}",
-                     f"promote.target_alias={json.dumps(params['target_alias'])}",
-                     f"promote.reason={json.dumps(params['reason'])}",
-                     f"promote.force={json.dumps(params['force'])}",
-                     f"promote.requested_by={json.dumps(user)}",
-                     f"run_id={safe_run_id(context['run_id'])}"]
-        try:
-            return steps.launch("promote", overrides)
-        except PipelineError as exc:  # a refused promotion is a verdict, not a flake: no retry
-            raise AirflowFailException(str(exc)) from exc
-
-    move_alias()
+    chain(*(step_task(step, LAUNCHER) for step in dag_steps("promote")))
 
 
 promote()

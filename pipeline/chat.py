@@ -8,12 +8,19 @@ first and user and assistant turns then alternate, starting with user and ending
 non-empty assistant turn.
 
     python -c "from pipeline import chat; print(chat.role_problem([{'role': 'user', 'content': 'hi'}]))"
+
+torch is imported inside ``token_loss`` alone: collect and validate use the rest without it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, DataError
+from pipeline.text import CJK, normalize_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -90,7 +97,6 @@ def role_problem(messages: list[dict[str, str]]) -> str | None:
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
           "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 TEMPLATES = {"chatml": CHATML}
-OVERLONG = ("truncate", "drop")
 IGNORE = -100  # label of a token that takes no part in the loss (Hugging Face convention)
 
 
@@ -194,18 +200,30 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
     return packed
 
 
-# Kana and CJK ideographs: scripts without spaces between words, so each character counts as a
-# word (ROUGE-L here, the OOV rate in pipeline/drift.py).
-CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+def conversations(frame: Any, split: str) -> list[list[dict[str, str]]]:
+    """The parsed conversations of one split (``train`` or ``eval``) of a causal-lm snapshot."""
+    return [parse_messages(m) for m in frame.loc[frame["split"] == split, "messages"]]
+
+
+def encode_split(cfg: PipelineConfig, tokenizer: Any, frame: Any, split: str) -> tuple[list[dict], dict[str, int], str]:
+    """A split's conversations as training examples, with the length-policy counts and the
+    template used: what train trains on and evaluate scores, encoded the same way."""
+    own = cfg.train
+    try:
+        template = chat_template(tokenizer, own.chat_template)
+        examples, counts = prepare(tokenizer, conversations(frame, split), template, own.max_seq_len, own.overlong)
+    except ValueError as exc:
+        raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
+    if counts["examples"] and not examples:
+        raise DataError(f"{own.snapshot_uri}: none of the {counts['examples']} {split} conversations fits "
+                        f"train.max_seq_len={own.max_seq_len} with something left to learn "
+                        f"(overlong={own.overlong}: {counts})")
+    return examples, counts, template
 
 
 def words(text: str) -> list[str]:
     """Tokens for ROUGE-L and exact match, of the normalised text: words (numbers included: an
     order number in an answer matters), and each CJK character on its own."""
-    import re
-
-    from pipeline.collect import normalize_text
-
     return re.findall(f"[{CJK}]|\\w+", normalize_text(text))
 
 

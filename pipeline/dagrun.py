@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.cli import step_error
 from pipeline.config import file_overrides, finetune_home, load_config, safe_run_id
 from pipeline.errors import PipelineError
-from pipeline.steps import PIPELINE
+from pipeline.steps import PIPELINE, RESULT_FILE, step_error
 
 DAG_ID = "finetune"
 
@@ -68,7 +67,7 @@ def failure(artifact_run_uri: str) -> str:
         error = step_error(storage.join(artifact_run_uri, step))
         if error is not None:
             return f"step '{step}' failed: {error['error']}"
-        if not storage.exists(storage.join(artifact_run_uri, step, "result.json")):
+        if not storage.exists(storage.join(artifact_run_uri, step, RESULT_FILE)):
             return f"step '{step}' failed (see the task log above)"
     return "the DAG run failed (see the log above)"
 

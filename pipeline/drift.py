@@ -17,6 +17,9 @@ labels. Pure pandas/numpy/scipy; :func:`render_html` draws both distributions of
 inline SVG, so the report is one self-contained file.
 
     python -c "from pipeline import drift; print(drift.words('Where is order #A12? 我的订单'))"
+
+numpy and scipy are imported inside the functions that compute: the module is on the
+DAG-parse path through validate.
 """
 
 from __future__ import annotations
@@ -26,23 +29,22 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from pipeline import chat
+from pipeline.config import DRIFT_CHECKS
+from pipeline.text import CJK, normalize_text
 
 if TYPE_CHECKING:
     import pandas as pd
 
-CHECKS = ("drift_label_psi", "drift_length_ks", "drift_oov_rate")
+CHECKS = DRIFT_CHECKS  # their bars and severity are validate's settings
 LENGTH_BINS = 20
 SHARE_FLOOR = 1e-4  # PSI is infinite for a class one side lacks; floor shares as is customary
 TOP_OOV_WORDS = 30
 
-_WORD = re.compile(f"[{chat.CJK}]|[^\\W\\d_{chat.CJK}]+")  # one CJK character, or a run of other letters
+_WORD = re.compile(f"[{CJK}]|[^\\W\\d_{CJK}]+")  # one CJK character, or a run of other letters
 
 
 def words(text: str) -> list[str]:
     """The words the OOV rate counts, of the normalised text (see the module docstring)."""
-    from pipeline.collect import normalize_text
-
     return _WORD.findall(normalize_text(text))
 
 

@@ -14,74 +14,28 @@ by more than ``promotion_margin``, in the metric's direction (lower perplexity i
 champion that can no longer be loaded fails the step (fail closed).
 
     finetune evaluate --set evaluate.snapshot_uri=... --set evaluate.model_uri=.../train/model
+
+torch, transformers, sklearn, matplotlib, pandas and mlflow are imported inside the functions
+that use them: the step table imports this module when Airflow parses the DAG files.
 """
 
 from __future__ import annotations
 
 import io
-import re
+import json
+import math
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import PipelineConfig, check_fields, option
+from pipeline import chat, storage, tracking
+from pipeline.config import CHAMPION, EvaluateConfig, PipelineConfig, parse_threshold
 from pipeline.errors import ConfigError, DataError, ModelError
-from pipeline.promote import CHAMPION
-
-# Each task family's metrics, the first its default gate metric, and each metric's direction.
-TASK_METRICS = {"sequence-classification": ("accuracy", "macro_f1"),
-                "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l")}
-METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
-LOWER_IS_BETTER = ("perplexity", "eval_loss")
-DIRECTIONS = ("auto", "higher", "lower")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
-    model_uri: str = option("", "Trained model directory (the train step's model_uri).")
-    gate_metric: str = option("", "Metric compared with the champion's to decide promotion; empty: the task's "
-                                  "first (accuracy, perplexity).", choices=("", *METRICS))
-    metric_direction: str = option("auto", "Whether a higher or lower gate_metric is better; auto: lower for "
-                                           "eval_loss and perplexity, higher otherwise.", choices=DIRECTIONS)
-    promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
-                                     minimum=0.0)
-    thresholds: list[str] = option([], "Absolute bars every new model must clear, e.g. ['accuracy>=0.85'].")
-    batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
-    max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
-                                  "train.max_seq_len, as training did).", minimum=8, maximum=8192)
-    generate_rows: int = option(32, "causal-lm: held-out conversations answered by greedy generation for exact "
-                                    "match and ROUGE-L; 0: none.", minimum=0)
-    max_new_tokens: int = option(64, "causal-lm: longest generated answer, in tokens.", minimum=1, maximum=4096)
-
-    def __post_init__(self) -> None:
-        check_fields(self, "evaluate.")
-        for rule in self.thresholds:
-            parse_threshold(rule)
-
-    def gate(self, task: str) -> tuple[str, bool]:
-        """(metric, greater_is_better) of the promotion gate for ``task``."""
-        metric = self.gate_metric or TASK_METRICS[task][0]
-        if metric not in TASK_METRICS[task]:
-            raise ConfigError(f"evaluate.gate_metric: {metric!r} is not a {task} metric; choose one of "
-                              f"{list(TASK_METRICS[task])}")
-        if self.metric_direction == "auto":
-            return metric, metric not in LOWER_IS_BETTER
-        return metric, self.metric_direction == "higher"
-
-
-def parse_threshold(rule: str) -> tuple[str, str, float]:
-    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
-    if not match or match.group(1) not in METRICS:
-        raise ConfigError(f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
-                          f"with a metric in {list(METRICS)}")
-    try:
-        return match.group(1), match.group(2), float(match.group(3))
-    except ValueError as exc:
-        raise ConfigError(f"evaluate.thresholds: {rule!r}: {match.group(3)!r} is not a number") from exc
+from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
+from pipeline.snapshot import load_snapshot
 
 
 @dataclass(frozen=True)
@@ -167,10 +121,8 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import client
-
     try:
-        version = client().get_model_version_by_alias(cfg.model_name, CHAMPION)
+        version = tracking.client().get_model_version_by_alias(cfg.model_name, CHAMPION)
     except MlflowException as exc:
         # No registered model, or no champion alias yet. Anything else (an unreachable server,
         # a permission error) must not read as "no champion": that would promote unchecked.
@@ -187,14 +139,14 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
 
 @dataclass
 class Scored:
-    """One task family's verdict on the new model, before the gate."""
+    """One task family's verdict on the new model, before the gate, and how it scores another
+    model (the champion) on the same rows."""
 
     rows: Any  # the eval rows, logged to MLflow as the evaluation data set
     metrics: dict[str, float]
-    champion_version: str
-    champion_metrics: dict[str, float]
     base_metrics: dict[str, float]
     artifacts: dict[str, bytes]  # file name -> content, under evaluate/
+    score_other: Callable[[Any, Any], dict[str, float]]  # (model, tokenizer) -> the same metrics
 
 
 def _print(what: str, metrics: dict[str, float]) -> None:
@@ -202,12 +154,8 @@ def _print(what: str, metrics: dict[str, float]) -> None:
 
 
 def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
-    import json
-
     from sklearn.metrics import classification_report
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from pipeline.train import resolve_model
 
     own = cfg.evaluate
     rows = frame[(frame["split"] == "eval") & frame["label"].notna() & frame["text"].notna()]
@@ -219,40 +167,21 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)
     _print(f"{len(rows)} eval rows", metrics)
-    champion_version, champion_metrics = "", {}
-    champion = _champion(cfg)
-    if champion is not None:
-        champion_version, champion_model, champion_tokenizer = champion
-        champion_metrics = score(truth, predict(champion_model, champion_tokenizer, texts, own.batch_size,
-                                                own.max_seq_len))
-        _print(f"champion v{champion_version}", champion_metrics)
+
+    def score_other(other: Any, other_tokenizer: Any) -> dict[str, float]:
+        return score(truth, predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len))
+
     labels = sorted(set(truth) | set(predicted))
     report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
-    return Scored(rows[["text", "label"]], metrics, champion_version, champion_metrics, {},
+    return Scored(rows[["text", "label"]], metrics, {},
                   {"classification_report.json": json.dumps(report, indent=2).encode(),
-                   "confusion_matrix.png": confusion_png(truth, predicted, labels)})
-
-
-def load_trained_lm(cfg: PipelineConfig, model_uri: str, scratch: Path) -> tuple[Any, Any]:
-    """A trained causal LM: a full model directory, or a LoRA adapter applied to base_model."""
-    from pipeline.train import load_causal_lm, resolve_model
-
-    path = resolve_model(model_uri, scratch / "trained", what="evaluate.model_uri")
-    if not (Path(path) / "adapter_config.json").is_file():
-        return load_causal_lm(path, f"evaluate.model_uri '{model_uri}'")
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
-    return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
+                   "confusion_matrix.png": confusion_png(truth, predicted, labels)}, score_other)
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str,
              cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Greedy answers to the last user turn of each conversation, scored against the reference."""
     import torch
-
-    from pipeline import chat
 
     samples = []
     stop = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
@@ -283,34 +212,26 @@ def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any, genera
              encoded: tuple[list[dict], dict[str, int], str] | None = None) -> tuple[dict[str, float], list[dict]]:
     """Eval loss and perplexity over the assistant tokens of the eval split; exact match and
     ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it.
-    ``encoded``: the split as ``train.encode_split`` gives it for ``tokenizer``, when already done."""
-    import math
-
-    from pipeline import chat, train
-
-    examples, _, template = encoded or train.encode_split(cfg, tokenizer, frame, "eval")
+    ``encoded``: the split as ``chat.encode_split`` gives it for ``tokenizer``, when already done."""
+    examples, _, template = encoded or chat.encode_split(cfg, tokenizer, frame, "eval")
     total, tokens = chat.token_loss(model, examples, tokenizer.pad_token_id, cfg.evaluate.batch_size)
     loss = total / tokens
     metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     samples: list[dict[str, Any]] = []
     if generate_samples and cfg.evaluate.generate_rows:
-        samples = generate(model, tokenizer, train.conversations(frame, "eval"), template, cfg)
+        samples = generate(model, tokenizer, chat.conversations(frame, "eval"), template, cfg)
         metrics["exact_match"] = sum(s["exact_match"] for s in samples) / len(samples)
         metrics["rouge_l"] = sum(s["rouge_l"] for s in samples) / len(samples)
     return metrics, samples
 
 
 def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
-    import json
-
-    from pipeline.train import encode_split, load_causal_lm, resolve_model
-
     own = cfg.evaluate
     rows = frame[frame["split"] == "eval"]
     if rows.empty:
         raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
-    model, tokenizer = load_trained_lm(cfg, own.model_uri, scratch)
-    encoded = encode_split(cfg, tokenizer, frame, "eval")
+    model, tokenizer = load_trained_lm(own.model_uri, cfg.base_model, scratch)
+    encoded = chat.encode_split(cfg, tokenizer, frame, "eval")
     metrics, samples = score_lm(cfg, model, tokenizer, frame, encoded=encoded)
     _print(f"{len(rows)} eval conversations", metrics)
     # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
@@ -322,24 +243,20 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
         base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
         base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False, encoded=encoded)
     _print("base model", base_metrics)
-    champion_version, champion_metrics = "", {}
-    champion = _champion(cfg)
-    if champion is not None:
-        champion_version, champion_model, champion_tokenizer = champion
-        if champion_tokenizer.pad_token is None:
-            champion_tokenizer.pad_token = champion_tokenizer.eos_token
-        champion_metrics, _ = score_lm(cfg, champion_model, champion_tokenizer, frame)
-        _print(f"champion v{champion_version}", champion_metrics)
-    return Scored(rows[["messages"]], metrics, champion_version, champion_metrics, base_metrics,
-                  {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()})
+
+    def score_other(other: Any, other_tokenizer: Any) -> dict[str, float]:
+        if other_tokenizer.pad_token is None:
+            other_tokenizer.pad_token = other_tokenizer.eos_token
+        return score_lm(cfg, other, other_tokenizer, frame)[0]
+
+    return Scored(rows[["messages"]], metrics, base_metrics,
+                  {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()}, score_other)
 
 
 EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evaluate_lm}
 
 
 def run(cfg: PipelineConfig) -> EvaluateResult:
-    from pipeline.collect import load_snapshot
-
     own = cfg.evaluate
     for key in ("snapshot_uri", "model_uri"):
         if not getattr(own, key):
@@ -348,33 +265,34 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
-    promote, reason = decide(scored.metrics, scored.champion_metrics if scored.champion_version else None, own,
-                             cfg.task)
+    champion_version, champion_metrics = "", {}
+    champion = _champion(cfg)
+    if champion is not None:  # scored on the same rows, by the same code, in this step
+        champion_version, champion_model, champion_tokenizer = champion
+        champion_metrics = scored.score_other(champion_model, champion_tokenizer)
+        _print(f"champion v{champion_version}", champion_metrics)
+    promote, reason = decide(scored.metrics, champion_metrics if champion_version else None, own, cfg.task)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
     out_uri = cfg.step_uri("evaluate")
     uris = {name: storage.join(out_uri, name) for name in scored.artifacts}
     for name, content in scored.artifacts.items():
         storage.write_bytes(uris[name], content)
-    _log(cfg, scored, promote, reason)
+    _log(cfg, scored, champion_metrics, promote, reason)
     return EvaluateResult(result_uri=storage.join(out_uri, "result.json"), metrics=scored.metrics,
                           report_uri=uris.get("classification_report.json") or uris["samples.json"],
                           confusion_matrix_uri=uris.get("confusion_matrix.png", ""), rows=len(scored.rows),
-                          gate_metric=metric, promote=promote, reason=reason,
-                          champion_version=scored.champion_version, champion_metrics=scored.champion_metrics,
-                          base_metrics=scored.base_metrics, greater_is_better=greater_is_better,
-                          thresholds=list(own.thresholds))
+                          gate_metric=metric, promote=promote, reason=reason, champion_version=champion_version,
+                          champion_metrics=champion_metrics, base_metrics=scored.base_metrics,
+                          greater_is_better=greater_is_better, thresholds=list(own.thresholds))
 
 
-def _log(cfg: PipelineConfig, scored: Scored, promote: bool, reason: str) -> None:
-    import json
-
+def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float], promote: bool, reason: str) -> None:
     import mlflow
+    import pandas as pd
 
-    from pipeline.tracking import client, pipeline_run_id
-
-    run_id = pipeline_run_id(cfg)
-    tracker = client()
-    for prefix, metrics in (("eval_", scored.metrics), ("champion_eval_", scored.champion_metrics),
+    run_id = tracking.pipeline_run_id(cfg)
+    tracker = tracking.client()
+    for prefix, metrics in (("eval_", scored.metrics), ("champion_eval_", champion_metrics),
                             ("base_eval_", scored.base_metrics)):
         for key, value in metrics.items():
             tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
@@ -388,8 +306,6 @@ def _log(cfg: PipelineConfig, scored: Scored, promote: bool, reason: str) -> Non
             path.write_bytes(content)
             tracker.log_artifact(run_id, str(path), "evaluate")
     if "samples.json" in scored.artifacts:
-        import pandas as pd
-
         samples = json.loads(scored.artifacts["samples.json"])
         if samples:
             tracker.log_table(run_id, data=pd.DataFrame(samples), artifact_file="evaluate/samples.json")
@@ -398,8 +314,3 @@ def _log(cfg: PipelineConfig, scored: Scored, promote: bool, reason: str) -> Non
         mlflow.log_input(mlflow.data.from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval",
                                                  targets=targets), context="eval")
 
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import step_main
-
-    return step_main("evaluate", run, argv)

@@ -1,14 +1,16 @@
 """Kubernetes manifests for the steps: one Pod per step, or a Kubeflow PyTorchJob for training.
 
-Pure functions from a ``PipelineConfig`` (its ``k8s`` section) and a step's ``--set`` overrides
-to plain dicts, so that ``finetune render`` prints exactly what the DAG submits and tests validate
-it against the Kubernetes and Kubeflow schemas without a cluster. Secrets are only ever referenced
-by name (``envFrom``); no value is rendered.
+Pure functions from a ``PipelineConfig`` (its ``k8s`` section) and a row of the step table
+(``steps.STEPS``: name, resources, whether it is distributed) to plain dicts, so that
+``finetune render`` prints exactly what the DAG submits and tests validate it against the
+Kubernetes and Kubeflow schemas without a cluster. Secrets are only ever referenced by name
+(``envFrom``); no value is rendered.
 
     finetune render --step train --launcher pytorchjob --set k8s.num_nodes=2
 
-Never imports Airflow; the ``kubernetes`` client is only touched by ``run_pytorchjob``, which
-gets an API object from its caller (the DAG task, through the provider's hook).
+Launching layer, below ``steps``: never imports Airflow; the ``kubernetes`` client is only touched
+by ``run_pytorchjob``, which gets an API object from its caller (the DAG task, through the
+provider's hook).
 """
 
 from __future__ import annotations
@@ -18,21 +20,14 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import check_fields, option
-from pipeline.errors import ConfigError
+from pipeline.config import PipelineConfig, node_selector, tolerations
 
-PULL_POLICIES = ("IfNotPresent", "Always", "Never")
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 GPU_RESOURCE = "nvidia.com/gpu"
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # KubernetesPodOperator reads it through its sidecar
 HF_CACHE = "/var/cache/huggingface"
 UID = 10001  # the non-root user the step images create
-DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
-QUANTITY = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?"
 
 # Pod Security Standards "restricted": what the container runtime must enforce for every container.
 RESTRICTED_CONTAINER = {
@@ -44,94 +39,6 @@ RESTRICTED_CONTAINER = {
 }
 
 
-@dataclass(frozen=True)
-class K8sConfig:
-    namespace: str = option("finetune", "Namespace the step pods and PyTorchJobs run in.", pattern=DNS_LABEL)
-    image: str = option("registry.example.com/finetune/step-cpu:0.1.0",
-                        "Image of the CPU steps (docker/step-cpu.Dockerfile); a pinned tag or digest.")
-    gpu_image: str = option("registry.example.com/finetune/step-cuda:0.1.0",
-                            "Image of the GPU steps (docker/step-cuda.Dockerfile); a pinned tag or digest.")
-    image_pull_policy: str = option("IfNotPresent", "Image pull policy of every step container.",
-                                    choices=PULL_POLICIES)
-    service_account: str = option("finetune-step", "Service account of the step pods (k8s/rbac.yaml); "
-                                  "it has no API permissions.", pattern=DNS_SUBDOMAIN)
-    settings_configmap: str = option("finetune-settings", "ConfigMap with non-secret settings as env vars "
-                                     "(FINETUNE_ARTIFACT_ROOT, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).",
-                                     pattern=DNS_SUBDOMAIN)
-    aws_secret: str = option("finetune-aws", "Secret with the S3 credentials as env vars "
-                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).", pattern=DNS_SUBDOMAIN)
-    mlflow_secret: str = option("finetune-mlflow", "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME "
-                                "and MLFLOW_TRACKING_PASSWORD.", pattern=DNS_SUBDOMAIN)
-    gpu_node_selector: list[str] = option(["nvidia.com/gpu.present=true"],
-                                          "Node labels (key=value) a GPU pod must land on.")
-    gpu_tolerations: list[str] = option(["nvidia.com/gpu:NoSchedule"],
-                                        "Taints GPU pods tolerate: key:Effect or key=value:Effect.")
-    gpus_per_node: int = option(1, "GPUs each training pod requests; torchrun starts one process per GPU.",
-                                minimum=1, maximum=16)
-    max_gpus_per_node: int = option(8, "GPUs on one node of the GPU pool: more per pod can never schedule.",
-                                    minimum=1, maximum=16)
-    num_nodes: int = option(2, "Training pods of a PyTorchJob (1 Master + num_nodes-1 Workers).",
-                            minimum=1, maximum=64)
-    training_priority_class: str = option("finetune-training", "PriorityClass of training pods (k8s/).",
-                                          pattern=DNS_SUBDOMAIN)
-    scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).",
-                               pattern=QUANTITY)
-    hf_cache_size: str = option("20Gi", "Size limit of the Hugging Face cache emptyDir.", pattern=QUANTITY)
-    job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's status.", minimum=1, maximum=600)
-    job_timeout_seconds: int = option(86400, "A PyTorchJob still running after this is deleted and failed.",
-                                      minimum=60, maximum=7 * 86400)
-
-    def __post_init__(self) -> None:
-        # Before check_fields: an empty name would otherwise fail with a bare regex message.
-        for name in ("aws_secret", "mlflow_secret", "settings_configmap", "service_account"):
-            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
-                raise ConfigError(f"k8s.{name}: a name is required (the pods read their settings from it)")
-        check_fields(self, "k8s.")
-        for name in ("image", "gpu_image"):
-            check_image(f"k8s.{name}", getattr(self, name))
-        if self.gpus_per_node > self.max_gpus_per_node:
-            raise ConfigError(f"k8s.gpus_per_node: {self.gpus_per_node} GPUs per pod cannot be scheduled on a "
-                              f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
-        node_selector(self.gpu_node_selector)
-        tolerations(self.gpu_tolerations)
-
-
-def check_image(name: str, image: str) -> None:
-    """An image must be pinned: ``repo:tag`` (not ``latest``) or ``repo@sha256:...``."""
-    if "@sha256:" in image:
-        return
-    last = image.rsplit("/", 1)[-1]
-    if ":" not in last or not last.split(":", 1)[1]:
-        raise ConfigError(f"{name}: {image!r} has no tag; pin a version (name:1.2.3 or name@sha256:...)")
-    if last.split(":", 1)[1] == "latest":
-        raise ConfigError(f"{name}: {image!r} is tagged ':latest'; pin a version (name:1.2.3 or name@sha256:...)")
-
-
-def node_selector(items: Sequence[str]) -> dict[str, str]:
-    selector = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"k8s.gpu_node_selector: {item!r} is not key=value")
-        selector[key] = value
-    return selector
-
-
-def tolerations(items: Sequence[str]) -> list[dict[str, str]]:
-    out = []
-    for item in items:
-        taint, _, effect = item.rpartition(":")
-        key, sep, value = taint.partition("=")
-        if not key or effect not in TAINT_EFFECTS:
-            raise ConfigError(f"k8s.gpu_tolerations: {item!r} is not key[=value]:Effect "
-                              f"with Effect one of {list(TAINT_EFFECTS)}")
-        toleration = {"key": key, "operator": "Equal" if sep else "Exists", "effect": effect}
-        if sep:
-            toleration["value"] = value
-        out.append(toleration)
-    return out
-
-
 def object_name(prefix: str, run_id: str) -> str:
     """A DNS-1123 name unique per run: run ids hold '_' and upper case, and may be long."""
     readable = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")[:30].strip("-")
@@ -139,7 +46,7 @@ def object_name(prefix: str, run_id: str) -> str:
     return f"{prefix}-{readable}-{digest}" if readable else f"{prefix}-{digest}"
 
 
-def container(cfg: Any, step: Any, name: str, command: list[str], args: list[str]) -> dict[str, Any]:
+def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], args: list[str]) -> dict[str, Any]:
     """The one step container spec, shared by the Pod and every PyTorchJob replica."""
     k = cfg.k8s
     gpus = k.gpus_per_node if step.gpus else 0
@@ -167,7 +74,7 @@ def container(cfg: Any, step: Any, name: str, command: list[str], args: list[str
     }
 
 
-def pod_spec(cfg: Any, step: Any, main: dict[str, Any], restart_policy: str = "Never") -> dict[str, Any]:
+def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never") -> dict[str, Any]:
     k = cfg.k8s
     volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}},
                {"name": "hf-cache", "emptyDir": {"sizeLimit": k.hf_cache_size}}]
@@ -195,7 +102,7 @@ def labels(step: str) -> dict[str, str]:
             "app.kubernetes.io/part-of": "finetune-pipeline"}
 
 
-def pod_manifest(cfg: Any, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
+def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
     """One Pod running ``step``; ``step_args`` is ``steps.step_argv`` without the program name.
 
     The step writes its result to ``/airflow/xcom/return.json``; KubernetesPodOperator adds the
@@ -215,7 +122,7 @@ def pod_manifest(cfg: Any, step: Any, step_args: Sequence[str]) -> dict[str, Any
     }
 
 
-def pytorchjob_manifest(cfg: Any, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
+def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
     """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``gpus_per_node`` each.
 
     The Training Operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT and
@@ -299,30 +206,3 @@ def run_pytorchjob(api: Any, manifest: Mapping[str, Any], poll_seconds: float, t
         if phase != "Succeeded":
             delete_pytorchjob(api, manifest)
 
-
-def render_main(argv: Sequence[str] | None) -> int:
-    """``finetune render --step S --launcher L [--config F] [--set k=v ...]``: print the manifest as YAML."""
-    import argparse
-    import sys
-
-    import yaml
-
-    from pipeline import steps
-
-    parser = argparse.ArgumentParser(prog="finetune render", description=render_main.__doc__)
-    parser.add_argument("--step", required=True, choices=list(steps.STEPS))
-    parser.add_argument("--launcher", required=True, help=f"one of {[n for n in steps.LAUNCHERS if n != 'local']}")
-    parser.add_argument("--config", help="YAML config file (sections per step, and k8s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. k8s.num_nodes=4 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        from pipeline.config import file_overrides
-
-        overrides = [*(file_overrides(args.config) if args.config else []), *args.overrides]
-        manifest = steps.render(args.step, overrides, args.launcher)
-    except ConfigError as exc:
-        print(f"error: render: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(yaml.safe_dump(manifest, sort_keys=False), end="")
-    return 0

@@ -8,6 +8,9 @@ Re-running register for the same pipeline run returns the version it already reg
     finetune register --set register.train_result_uri=.../train/result.json \\
         --set register.evaluate_result_uri=.../evaluate/result.json \\
         --set register.collect_result_uri=.../collect/result.json
+
+mlflow and transformers are imported inside the functions that use them: the step table
+imports this module when Airflow parses the DAG files.
 """
 
 from __future__ import annotations
@@ -18,29 +21,17 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import PipelineConfig, check_fields, option
+from pipeline import registry, storage, tracking
+from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.promote import CHAMPION, attempt
+from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
 
-CHALLENGER = "challenger"
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 16}
-RUN_TAG = "finetune.run_id"
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    train_result_uri: str = option("", "The train step's result.json.")
-    evaluate_result_uri: str = option("", "The evaluate step's result.json.")
-    validate_result_uri: str = option("", "The validate step's result.json (lineage).")
-    collect_result_uri: str = option("", "The collect step's result.json (lineage: snapshot sha256).")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "register.")
 
 
 @dataclass(frozen=True)
@@ -80,10 +71,8 @@ def _inputs(own: RegisterConfig) -> dict[str, dict[str, Any]]:
 def pip_requirements(adapter: bool = False) -> list[str]:
     """What serving the model needs, pinned to what trained it. Given explicitly: MLflow's own
     inference adds torchvision for every torch model and runs a slow subprocess."""
-    from importlib.metadata import version
-
     names = ("mlflow", "transformers", "torch", "accelerate", *(("peft",) if adapter else ()))
-    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
 def git_commit() -> str:
@@ -101,7 +90,7 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
     trained, evaluated = inputs["train"], inputs["evaluate"]
     validated, collected = inputs["validate"], inputs["collect"]
     tags = {
-        RUN_TAG: cfg.run_id, "finetune.task": cfg.task, "finetune.base_model": cfg.base_model,
+        tracking.RUN_TAG: cfg.run_id, "finetune.task": cfg.task, "finetune.base_model": cfg.base_model,
         # Airflow exports its context to the task's environment; the step subprocess inherits it.
         "airflow.dag_id": os.environ.get("AIRFLOW_CTX_DAG_ID", ""),
         "airflow.run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""),
@@ -176,8 +165,6 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
     import mlflow
     import transformers
 
-    from pipeline.train import resolve_model
-
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
         path = resolve_model(model_uri, Path(tmp), what="trained model")
         if cfg.task == "causal-lm":
@@ -195,16 +182,13 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
 def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]:
     """log_model arguments for a causal LM: a chat model (OpenAI-style messages in and out). A LoRA
     adapter is logged alone, with a reference to the base model's directory (or hub name)."""
-    from pipeline.evaluate import load_trained_lm
-    from pipeline.train import load_causal_lm
-
     adapter = (Path(path) / "adapter_config.json").is_file()
     base_model_path = None
     if adapter:
         # The train step refused an S3 base for an adapter: a local directory, or a hub name (None).
         local = storage.local_path(cfg.base_model) if storage.scheme(cfg.base_model) in ("", "file", "pkg") else None
         base_model_path = str(local) if local is not None and local.is_dir() else None
-        model, tokenizer = load_trained_lm(cfg, path, scratch)
+        model, tokenizer = load_trained_lm(path, cfg.base_model, scratch)
     else:
         model, tokenizer = load_causal_lm(path, "trained model")
     return {"transformers_model": {"model": model, "tokenizer": tokenizer}, "task": "llm/v1/chat",
@@ -213,18 +197,17 @@ def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]
 
 
 def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
-    versions = tracker.search_model_versions(f"name='{cfg.model_name}' and tags.`{RUN_TAG}` = '{cfg.run_id}'")
+    query = f"name='{cfg.model_name}' and tags.`{tracking.RUN_TAG}` = '{cfg.run_id}'"
+    versions = tracker.search_model_versions(query)
     return versions[0] if versions else None
 
 
 def run(cfg: PipelineConfig) -> RegisterResult:
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import client, pipeline_run_id
-
     inputs = _inputs(cfg.register)
     trained, evaluated = inputs["train"], inputs["evaluate"]
-    tracker = client()
+    tracker = tracking.client()
     try:
         tracker.create_registered_model(cfg.model_name, description=f"{cfg.task} models fine-tuned by finetune-pipeline")
     except MlflowException as exc:
@@ -235,7 +218,7 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         version, mlflow_run_id = str(existing.version), existing.run_id
         print(f"register: pipeline run {cfg.run_id} is already version {version}", file=sys.stderr)
     else:
-        mlflow_run_id = trained.get("mlflow_run_id") or pipeline_run_id(cfg)
+        mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
         card = model_card(cfg, inputs)
         info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
         version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
@@ -244,7 +227,7 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
         if evaluated["promote"]:
             # Under the registry lock, and only if the champion evaluate compared against still holds.
-            attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
+            registry.attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
                     reason=evaluated["reason"], expected_current=evaluated.get("champion_version") or "")
         tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
@@ -257,8 +240,3 @@ def run(cfg: PipelineConfig) -> RegisterResult:
                           model_uri=f"models:/{cfg.model_name}/{version}",
                           base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()})
 
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import step_main
-
-    return step_main("register", run, argv)

@@ -1,4 +1,5 @@
-"""The one table that knows each step: its upstream inputs, resources and how it is launched.
+"""The one table that knows each step: its ``run``, the DAG that runs it, its upstream inputs,
+its resources and how it is launched.
 
 A DAG task is built from a row of ``STEPS`` by the factory in ``dags/``; it turns the DAG
 Params and the upstream results into ``--set`` overrides (``step_overrides``) and hands the argv
@@ -6,10 +7,12 @@ Params and the upstream results into ``--set`` overrides (``step_overrides``) an
 (training under ``torch.distributed.run`` over ``train.num_processes`` processes), ``kubernetes``
 as one Pod per step and ``pytorchjob`` as a Pod per step but training as a multi-node Kubeflow
 PyTorchJob (``render`` builds those manifests with ``pipeline/k8s.py``; the DAG submits them).
+Adding a step is one row here plus its module.
 
     python -c "from pipeline import steps; print(steps.step_argv('train', ['train.epochs=1']))"
 
-Pure Python: this module never imports Airflow and is imported at DAG parse time.
+Launching layer: imports the step modules (for their ``run``) and ``k8s``; never Airflow. It is
+imported at DAG parse time, so everything it imports keeps heavy libraries inside functions.
 """
 
 from __future__ import annotations
@@ -20,74 +23,108 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import step_error
-from pipeline.config import load_config
+from pipeline import collect, evaluate, k8s, promote, register, storage, train, validate
+from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
 LAUNCHERS = ("local", "kubernetes", "pytorchjob")
+# What a step leaves under <artifact_root>/runs/<run_id>/<step>/ for its launcher to read back.
+RESULT_FILE, ERROR_FILE = "result.json", "error.json"
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
+    run: Callable[[PipelineConfig], Any]  # the step's work; returns its result dataclass (None on ranks > 0)
+    summary: str  # one line for `finetune --help` and `finetune <step> --help`
+    dag: str  # the DAG whose task runs this step
     # config key <- (upstream step, field of its result JSON)
     inputs: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    requested_by_key: str = ""  # config key that receives the Airflow user who triggered the run
     distributed: bool = False  # started over N processes by torch.distributed.run
     cpu: str = "1"
     memory: str = "2Gi"
     gpus: int = 0
 
 
-STEPS: dict[str, Step] = {
-    "collect": Step("collect"),
-    "validate": Step("validate", inputs={"validate.snapshot_uri": ("collect", "snapshot_uri")}),
-    "train": Step("train", inputs={"train.snapshot_uri": ("collect", "snapshot_uri")},
-                  distributed=True, cpu="2", memory="8Gi", gpus=1),
-    "evaluate": Step("evaluate", inputs={"evaluate.snapshot_uri": ("collect", "snapshot_uri"),
-                                         "evaluate.model_uri": ("train", "model_uri")}, memory="4Gi"),
-    "register": Step("register", inputs={"register.train_result_uri": ("train", "result_uri"),
-                                         "register.evaluate_result_uri": ("evaluate", "result_uri"),
-                                         "register.validate_result_uri": ("validate", "result_uri"),
-                                         "register.collect_result_uri": ("collect", "result_uri")},
-                     memory="4Gi"),
-    "promote": Step("promote", memory="1Gi"),
-}
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step("collect", collect.run, "Read sources into a content-addressed Parquet snapshot.", "finetune"),
+    Step("validate", validate.run, "Gate the snapshot with a Great Expectations suite.", "finetune",
+         inputs={"validate.snapshot_uri": ("collect", "snapshot_uri")}),
+    Step("train", train.run, "Fine-tune the base model with Hugging Face Trainer + DeepSpeed.", "finetune",
+         inputs={"train.snapshot_uri": ("collect", "snapshot_uri")}, distributed=True, cpu="2", memory="8Gi", gpus=1),
+    Step("evaluate", evaluate.run, "Score the trained model and the champion on held-out data.", "finetune",
+         inputs={"evaluate.snapshot_uri": ("collect", "snapshot_uri"), "evaluate.model_uri": ("train", "model_uri")},
+         memory="4Gi"),
+    Step("register", register.run, "Log the model to MLflow, register it and move aliases.", "finetune",
+         inputs={"register.train_result_uri": ("train", "result_uri"),
+                 "register.evaluate_result_uri": ("evaluate", "result_uri"),
+                 "register.validate_result_uri": ("validate", "result_uri"),
+                 "register.collect_result_uri": ("collect", "result_uri")}, memory="4Gi"),
+    Step("promote", promote.run, "Move a registry alias (champion) to a version; roll back; audited.", "promote",
+         requested_by_key="promote.requested_by", memory="1Gi"),
+)}
 
-# The finetune DAG's tasks, in order; promote runs in a DAG of its own.
-PIPELINE: tuple[str, ...] = ("collect", "validate", "train", "evaluate", "register")
 
-# DAG Param name -> config key. The Params' types, bounds and defaults come from the config fields.
-PARAM_KEYS: dict[str, str] = {
-    "source": "collect.sources",
-    "model_name": "model_name",
-    "task": "task",
-    "base_model": "base_model",
-    "epochs": "train.epochs",
-    "learning_rate": "train.learning_rate",
-    "batch_size": "train.batch_size",
-    "zero_stage": "train.zero_stage",
-    "num_processes": "train.num_processes",
-    "promotion_margin": "evaluate.promotion_margin",
+def dag_steps(dag_id: str) -> tuple[str, ...]:
+    """The steps ``dag_id`` runs, in the table's order: one task each, chained."""
+    return tuple(name for name, step in STEPS.items() if step.dag == dag_id)
+
+
+PIPELINE: tuple[str, ...] = dag_steps("finetune")
+
+# Each DAG's Params: Param name -> config key. Their types, bounds, defaults and help come from
+# the config fields (config.param_schema).
+DAG_PARAMS: dict[str, dict[str, str]] = {
+    "finetune": {
+        "source": "collect.sources",
+        "model_name": "model_name",
+        "task": "task",
+        "base_model": "base_model",
+        "epochs": "train.epochs",
+        "learning_rate": "train.learning_rate",
+        "batch_size": "train.batch_size",
+        "zero_stage": "train.zero_stage",
+        "num_processes": "train.num_processes",
+        "promotion_margin": "evaluate.promotion_margin",
+    },
+    "promote": {
+        "model_name": "model_name",
+        "version": "promote.version",
+        "target_alias": "promote.target_alias",
+        "reason": "promote.reason",
+        "force": "promote.force",
+    },
 }
 
 
 def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]],
-                   run_id: str) -> list[str]:
-    """``key=value`` overrides for one step: Params, then the free-form ``overrides`` Param, then
-    the run id and upstream result URIs (which a user override must not redirect)."""
-    sets = [f"{key}={json.dumps(params[name])}" for name, key in PARAM_KEYS.items() if name in params]
+                   run_id: str, requested_by: str = "") -> list[str]:
+    """``key=value`` overrides for one step: its DAG's Params, then the free-form ``overrides``
+    Param, then who asked, the run id and upstream result URIs (which a user override must not
+    redirect)."""
+    row = STEPS[step]
+    sets = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items() if name in params]
     sets += list(params.get("overrides") or [])
+    if row.requested_by_key:
+        sets.append(f"{row.requested_by_key}={json.dumps(requested_by or 'unknown')}")
     sets.append(f"run_id={run_id}")
-    for key, (source, result_field) in STEPS[step].inputs.items():
+    for key, (source, result_field) in row.inputs.items():
         if source not in upstream or result_field not in upstream[source]:
             raise ConfigError(f"{step}: upstream result {source}.{result_field} is missing")
         sets.append(f"{key}={json.dumps(upstream[source][result_field])}")
     return sets
+
+
+def step_error(step_uri: str) -> dict[str, Any] | None:
+    """The error a step recorded under its prefix (``finetune <step>`` writes it), or None."""
+    uri = storage.join(step_uri, ERROR_FILE)
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
 def step_argv(step: str, overrides: Sequence[str]) -> list[str]:
@@ -170,8 +207,6 @@ def render(step: str, overrides: Sequence[str], launcher: str) -> dict[str, Any]
 
     The config is validated first, so a bad value fails here, naming its key, and nothing is submitted.
     """
-    from pipeline import k8s
-
     check_launcher(launcher, "--launcher")
     if launcher == "local":
         raise ConfigError("--launcher: 'local' runs a subprocess, not a manifest; "

@@ -8,6 +8,9 @@ beside its target and renamed into place (local) or uploaded file by file before
 (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
 
     python -c "from pipeline import storage; print(storage.read_json('file:///tmp/x/result.json'))"
+
+boto3 and botocore are imported inside the functions that reach S3: DAG parsing and local
+runs never pay for them.
 """
 
 from __future__ import annotations

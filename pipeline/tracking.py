@@ -3,6 +3,8 @@ per pipeline run, found again by tag so that train, evaluate and register log to
 and a retried step does not start a second one.
 
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 finetune register ...
+
+mlflow is imported inside ``client``: the steps import this module at DAG-parse time.
 """
 
 from __future__ import annotations

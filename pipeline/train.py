@@ -11,67 +11,30 @@ examples they saw and rank 0 records the sharding audit (per-rank counts, overla
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 -m pipeline train \\
         --set train.snapshot_uri=file:///.../data.parquet --set train.epochs=1
+
+torch, transformers, deepspeed, datasets, peft and mlflow are imported inside the functions that
+use them: the step table imports this module when Airflow parses the DAG files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import PipelineConfig, check_fields, option
+from pipeline import chat, storage, tracking
+from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, DataError, ModelError
-
-ZERO_STAGES = (0, 1, 2, 3)
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OVERLONG = ("truncate", "drop")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
-    epochs: int = option(5, "Passes over the training split.", minimum=1, maximum=100)
-    learning_rate: float = option(2e-4, "Peak learning rate (linear decay after warm-up).",
-                                  exclusive_minimum=0.0, maximum=1.0)
-    batch_size: int = option(16, "Examples per process per step (micro-batch).", minimum=1, maximum=1024)
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", minimum=1, maximum=1024)
-    max_seq_len: int = option(64, "Tokens per example after truncation.", minimum=8, maximum=8192)
-    weight_decay: float = option(0.01, "AdamW weight decay.", minimum=0.0, maximum=1.0)
-    warmup_ratio: float = option(0.1, "Share of steps spent warming up the learning rate.", minimum=0.0, maximum=0.5)
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage (shipped configs zero0..zero3.json).", choices=ZERO_STAGES)
-    deepspeed_config: str = option("", "A DeepSpeed JSON to use instead of the shipped zero<stage>.json.")
-    num_processes: int = option(2, "Training processes on this node (GPUs, or CPU processes with gloo).",
-                                minimum=1, maximum=64)
-    logging_steps: int = option(5, "Log loss and learning rate every N optimizer steps.", minimum=1)
-    precision: str = option("auto", "Weights and activations: auto = bf16 on GPUs that support it, else fp32.",
-                            choices=PRECISIONS)
-    offload_optimizer: bool = option(False, "ZeRO: keep optimizer states in CPU memory (stage 1-3).")
-    offload_params: bool = option(False, "ZeRO-3: keep parameters in CPU memory between uses.")
-    # causal-lm only
-    chat_template: str = option("", "causal-lm: Jinja chat template, or 'chatml'; empty: the tokenizer's own.")
-    overlong: str = option("truncate", "causal-lm: conversations longer than max_seq_len are truncated or dropped.",
-                           choices=OVERLONG)
-    packing: bool = option(False, "causal-lm: pack several conversations into each max_seq_len sequence.")
-    lora_r: int = option(0, "causal-lm: LoRA rank; 0 trains every weight.", minimum=0, maximum=1024)
-    lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
-    lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)
-    lora_target_modules: list[str] = option([], "causal-lm: module names LoRA adapts, e.g. [q_proj, v_proj]; "
-                                                "empty: PEFT's default for the architecture.")
-    lora_merge: bool = option(True, "causal-lm: publish the base model with the adapter merged in; false: the "
-                                    "adapter alone, registered with a reference to base_model.")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train.")
-        if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3, got 0")
+from pipeline.models import lm_tokenizer, load_causal_lm, resolve_model
+from pipeline.snapshot import load_snapshot
 
 
 @dataclass(frozen=True)
@@ -115,32 +78,6 @@ def mixed_precision(cfg: TrainConfig) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-
-
-def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True) -> str:
-    """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from.
-
-    ``weights=False`` is for a tokenizer or config alone: an S3 model is then fetched without
-    its weight files, which are most of its bytes.
-    """
-    kind = storage.scheme(uri)
-    if kind == "s3":
-        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES))
-    path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
-    looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
-    if path is None or (looks_like_hub_name and not path.exists()):
-        return uri  # a hub name; from_pretrained reports if it cannot be reached
-    if not path.is_dir():
-        raise ModelError(f"{what} '{uri}': no such directory ({path})")
-    config = next((path / name for name in ("config.json", "adapter_config.json") if (path / name).is_file()), None)
-    if config is None:
-        raise ModelError(f"{what} '{uri}': {path} holds no config.json; not a Hugging Face model directory")
-    if not os.access(config, os.R_OK):
-        raise ModelError(f"{what} '{uri}': {config} is not readable")
-    return str(path)
-
-
 def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     ordered = sorted(labels)
     return dict(enumerate(ordered)), {label: i for i, label in enumerate(ordered)}
@@ -179,9 +116,7 @@ def _callbacks(audit: _Audit, mlflow_run_id: str | None) -> list[Any]:
             print(f"train: step {state.global_step}/{state.max_steps} "
                   + " ".join(f"{k}={v:.4g}" for k, v in numbers.items()), flush=True)
             if mlflow_run_id:
-                from pipeline.tracking import client
-
-                client().log_batch(mlflow_run_id, metrics=[_metric(f"train_{k}" if not k.startswith("train_") else k,
+                tracking.client().log_batch(mlflow_run_id, metrics=[_metric(f"train_{k}" if not k.startswith("train_") else k,
                                                                    v, state.global_step) for k, v in numbers.items()])
 
     return [Progress()]
@@ -227,8 +162,6 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp:
         scratch = Path(tmp)
         model_dir = resolve_model(cfg.base_model, scratch)
-        from pipeline.collect import load_snapshot
-
         frame = load_snapshot(own.snapshot_uri)
         train_rows = frame[frame["split"] == "train"].reset_index(drop=True)
         if train_rows.empty:
@@ -247,9 +180,7 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         summary_uri = storage.join(out_uri, "training_summary.json")
         storage.write_json(summary_uri, outcome)
         if mlflow_run_id:  # the sharding audit and, for causal-lm, the truncated/dropped counts
-            from pipeline.tracking import client
-
-            client().log_dict(mlflow_run_id, outcome, "train/training_summary.json")
+            tracking.client().log_dict(mlflow_run_id, outcome, "train/training_summary.json")
     return TrainResult(result_uri=storage.join(out_uri, "result.json"), model_uri=model_uri, summary_uri=summary_uri,
                        snapshot_uri=own.snapshot_uri, base_model=cfg.base_model, global_step=outcome["global_step"],
                        train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],
@@ -268,8 +199,6 @@ def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
 
 def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
     """Everything that shapes the weights apart from the data: model, seed, train settings, DeepSpeed."""
-    import hashlib
-
     settings = {"base_model": cfg.base_model, "seed": cfg.seed, "task": cfg.task,
                 "train": {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}, "deepspeed": ds_config}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -278,10 +207,8 @@ def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
 def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: Any) -> str:
     import mlflow
 
-    from pipeline.tracking import client, pipeline_run_id
-
-    run_id = pipeline_run_id(cfg)
-    tracker = client()
+    run_id = tracking.pipeline_run_id(cfg)
+    tracker = tracking.client()
     params = {"task": cfg.task, "base_model": cfg.base_model, "seed": cfg.seed,
               **{f"train.{k}": v for k, v in vars(cfg.train).items()}}
     tracker.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -334,69 +261,14 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Par
                  {"labels": labels, "examples": len(rows)})
 
 
-def lm_tokenizer(path: str, what: str) -> Any:
-    """A causal LM's tokenizer, checked against the model's vocabulary size (its config only)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
-                         f"{vocab} rows: they do not belong together")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
-    return tokenizer
-
-
-def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer, checked to fit each other."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = lm_tokenizer(path, what)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path), tokenizer
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
-
-
-def conversations(frame: Any, split: str) -> list[list[dict[str, str]]]:
-    from pipeline import chat
-
-    return [chat.parse_messages(m) for m in frame.loc[frame["split"] == split, "messages"]]
-
-
-def encode_split(cfg: PipelineConfig, tokenizer: Any, frame: Any, split: str) -> tuple[list[dict], dict[str, int], str]:
-    """A split's conversations as training examples, with the length-policy counts."""
-    from pipeline import chat
-
-    own = cfg.train
-    try:
-        template = chat.chat_template(tokenizer, own.chat_template)
-        examples, counts = chat.prepare(tokenizer, conversations(frame, split), template, own.max_seq_len,
-                                        own.overlong)
-    except ValueError as exc:
-        raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
-    if counts["examples"] and not examples:
-        raise DataError(f"{own.snapshot_uri}: none of the {counts['examples']} {split} conversations fits "
-                        f"train.max_seq_len={own.max_seq_len} with something left to learn "
-                        f"(overlong={own.overlong}: {counts})")
-    return examples, counts, template
-
-
 def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
-    from pipeline import chat
-
     own = cfg.train
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
-    examples, counts, template = encode_split(cfg, tokenizer, frame, "train")
-    eval_examples, eval_counts, _ = encode_split(cfg, tokenizer, frame, "eval")
+    examples, counts, template = chat.encode_split(cfg, tokenizer, frame, "train")
+    eval_examples, eval_counts, _ = chat.encode_split(cfg, tokenizer, frame, "eval")
     print(f"train: conversations {counts}", file=sys.stderr, flush=True)
     if own.packing:
         examples = chat.pack(examples, own.max_seq_len)
@@ -441,8 +313,6 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import warnings
-
         import deepspeed
 
         # DeepSpeed's collectives call torch.distributed functions that torch 2.13 deprecates
@@ -492,12 +362,11 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
 
 def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: Path) -> None:
     """The ``model/`` a LoRA run publishes: base + adapter merged, or the adapter alone."""
-    import shutil
-
     if not cfg.train.lora_merge:
         shutil.copytree(adapter, out)
         return
     from peft import PeftModel
+    from transformers import AutoTokenizer
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # Training is over and only rank 0 is here: loading under ZeRO-3's zero.Init would wait for
@@ -506,12 +375,5 @@ def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: 
     base, _ = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out))
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))  # carries the chat template used
 
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import step_main
-
-    return step_main("train", run, argv)

@@ -16,6 +16,9 @@ rows. A passing gate records the snapshot as this model's last accepted one
 allowed set and measures drift against it.
 
     finetune validate --set validate.snapshot_uri=file:///.../snapshots/<sha>/data.parquet
+
+great_expectations, pandas, numpy, pyarrow and mlflow are imported inside the functions that use
+them: the step table imports this module when Airflow parses the DAG files.
 """
 
 from __future__ import annotations
@@ -25,92 +28,18 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import drift, storage
-from pipeline.config import PipelineConfig, check_fields, option
-from pipeline.errors import ConfigError, DataError, ModelError, ValidationFailed
-
-# Every check by name: the name is what reports, log lines and validate.warn_only use.
-CHECK_HELP = {
-    "columns": "the columns the trainer reads exist",
-    "row_count": "at least validate.min_rows rows",
-    "text_present": "no null text",
-    "text_not_blank": "no text that is only whitespace",
-    "text_length": "text within validate.max_text_chars characters",
-    "text_tokens": "text within 1..validate.max_text_tokens tokens of base_model's tokenizer (special tokens not "
-                   "counted), on the rows validate.token_sample_rows selects",
-    "label_present": "no null label",
-    "label_allowed": "every label in validate.allowed_labels, or, when that is empty, in the labels of the last "
-                     "accepted snapshot of this model; a genuinely new class therefore fails until it is added to "
-                     "validate.allowed_labels or the run sets warn_only: [label_allowed]",
-    "label_cardinality": "at least 2 distinct labels: a classifier needs two classes",
-    "examples_per_class": "every label has at least validate.min_examples_per_class rows",
-    "split_valid": "split is train or eval",
-    "duplicate_rate": "share of rows whose normalised text repeats another's within validate.max_duplicate_rate",
-    "split_leakage": "no normalised text in both splits",
-    "messages_valid": "messages parses as a list of {role, content} with known roles",
-    "role_order": "optional system first, then user and assistant alternate from user, ending with assistant",
-    "assistant_present": "at least one assistant turn",
-    "assistant_not_empty": "no assistant turn is empty",
-    "conversation_tokens": "the conversation rendered with the chat template fits train.max_seq_len tokens",
-    "drift_label_psi": "population stability index of label shares vs the last accepted snapshot within "
-                       "validate.drift_max_label_psi",
-    "drift_length_ks": "Kolmogorov-Smirnov statistic of text lengths vs the last accepted snapshot within "
-                       "validate.drift_max_length_ks",
-    "drift_oov_rate": "share of words the last accepted snapshot never has within validate.drift_max_oov_rate",
-}
-CLASSIFICATION_CHECKS = ("columns", "row_count", "text_present", "text_not_blank", "text_length", "text_tokens",
-                         "label_present", "label_allowed", "label_cardinality", "examples_per_class", "split_valid",
-                         "duplicate_rate", "split_leakage")
-CHAT_CHECKS = ("columns", "row_count", "messages_valid", "role_order", "assistant_present", "assistant_not_empty",
-               "split_valid", "duplicate_rate", "split_leakage", "conversation_tokens")
-CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *drift.CHECKS)))
-SEVERITIES = ("warning", "error")
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    snapshot_uri: str = option("", "Snapshot to validate (the collect step's snapshot_uri).")
-    min_rows: int = option(10, "Fewest rows a snapshot may have.", minimum=1)
-    max_text_chars: int = option(5000, "Longest text, in characters.", minimum=1)
-    max_text_tokens: int = option(512, "Most tokens a text may have with base_model's tokenizer, special tokens not "
-                                       "counted (check text_tokens).", minimum=1)
-    token_sample_rows: int = option(
-        20000, "Rows whose tokens are counted, a sample seeded by `seed`; 0: every row. Rows long enough in UTF-8 "
-               "bytes to possibly exceed the token bar are always counted as well.", minimum=0)
-    allowed_labels: list[str] = option([], "Labels a row may carry; empty: the labels of this model's last accepted "
-                                           "snapshot, or any label before the first one. A new class needs this "
-                                           "list or warn_only: [label_allowed].")
-    min_examples_per_class: int = option(2, "Fewest rows any label may have.", minimum=1)
-    max_duplicate_rate: float = option(0.05, "Largest share of rows whose normalised text repeats another's.",
-                                       minimum=0.0, maximum=1.0)
-    # A few long conversations are the train step's to truncate or drop (train.overlong, counted
-    # in its summary); many mean max_seq_len or the data is wrong.
-    max_overlong_rate: float = option(0.05, "causal-lm: largest share of conversations longer than train.max_seq_len "
-                                             "tokens (check conversation_tokens).", minimum=0.0, maximum=1.0)
-    drift_max_label_psi: float = option(0.2, "Largest population stability index of the label shares vs the last "
-                                             "accepted snapshot (0.1: some shift, 0.25: a large one).", minimum=0.0)
-    drift_max_length_ks: float = option(0.2, "Largest Kolmogorov-Smirnov statistic of text lengths vs the last "
-                                             "accepted snapshot.", minimum=0.0, maximum=1.0)
-    drift_max_oov_rate: float = option(0.2, "Largest share of words the last accepted snapshot never has.",
-                                       minimum=0.0, maximum=1.0)
-    # Drift is news, not necessarily bad data (a new product line shifts every measure), so it is
-    # reported by default and a team that wants a hard stop opts in.
-    drift_severity: str = option("warning", "Severity of the drift checks: warning reports, error fails the gate.",
-                                 choices=SEVERITIES)
-    warn_only: list[str] = option([], f"Checks reported as warnings instead of failing the gate; any of "
-                                      f"{list(CHECKS)}.")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "validate.")
-        unknown = sorted(set(self.warn_only) - set(CHECKS))
-        if unknown:
-            raise ConfigError(f"validate.warn_only: unknown check(s) {unknown}; checks are {list(CHECKS)}")
-
+from pipeline import chat, drift, storage, tracking
+from pipeline.config import PipelineConfig, ValidateConfig
+from pipeline.errors import ConfigError, DataError, ValidationFailed
+from pipeline.models import load_tokenizer
+from pipeline.snapshot import load_snapshot
+from pipeline.text import normalize_text
 
 @dataclass(frozen=True)
 class ValidateResult:
@@ -130,8 +59,6 @@ class ValidateResult:
 
 def with_derived_columns(frame: Any) -> Any:
     """Columns the classification suite checks besides the data: normalised text, rows per label, leakage."""
-    from pipeline.collect import normalize_text
-
     out = frame.copy()  # a missing column is reported by the 'columns' check, not here
     if "text" in out:
         out["text_normalized"] = [normalize_text(t) if isinstance(t, str) else None for t in out["text"]]
@@ -208,9 +135,6 @@ def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig,
     """The chat suite's frame, how token counts were taken, and each row's parsed messages (None
     when they do not parse)."""
     import numpy as np
-
-    from pipeline import chat
-    from pipeline.collect import normalize_text
 
     out = frame.copy()
     if "messages" not in out:
@@ -331,15 +255,6 @@ def run_suite(frame: Any, name: str, expectations: list[tuple[str, Any]], own: V
     return checks, root / "gx" / "uncommitted" / "data_docs" / "local_site"
 
 
-def build_suite(gx: Any, cfg: ValidateConfig, allowed: list[str] | None = None) -> Any:
-    """The classification suite as an ExpectationSuite, for a person to inspect or export."""
-    suite = gx.ExpectationSuite(name="sequence_classification")
-    for check, expectation in classification_expectations(gx, cfg, list(allowed or cfg.allowed_labels)):
-        expectation.meta = {"check": check, "severity": severity(check, cfg)}
-        suite.add_expectation(expectation)
-    return suite
-
-
 def _shorten(value: Any, limit: int = 80) -> Any:
     text = value if isinstance(value, str) else None
     return text[:limit] + f"... ({len(text)} chars)" if text is not None and len(text) > limit else value
@@ -423,8 +338,6 @@ def _texts_and_labels(task: str, frame: Any, parsed: list[Any] | None = None) ->
     """What drift compares: the text (chat: the concatenated message contents) and the labels (chat: none)."""
     import pandas as pd
 
-    from pipeline import chat
-
     if task != "causal-lm":
         texts = frame["text"] if "text" in frame else pd.Series([], dtype=object)
         return texts.where(texts.map(lambda t: isinstance(t, str)), None), frame.get("label")
@@ -441,8 +354,6 @@ def _texts_and_labels(task: str, frame: Any, parsed: list[Any] | None = None) ->
 def measure_drift(cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: Any,
                   parsed: list[Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The summary's drift entry and the report (None when skipped)."""
-    from pipeline.collect import load_snapshot
-
     own = cfg.validate
     if accepted is None:
         return {"status": "skipped", "reason": f"no accepted snapshot for model {cfg.model_name} yet"}, None
@@ -460,23 +371,44 @@ def measure_drift(cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: A
 
 
 # ---------------------------------------------------------------------------------------------
+# The step: the suite of the task family, drift, then the verdict, published either way.
 
-def load_tokenizer(cfg: PipelineConfig, scratch: Path) -> Any:
-    """base_model's tokenizer alone: the weights are not loaded."""
-    from transformers import AutoTokenizer
+@dataclass
+class Suite:
+    """One task family's suite, ready to run: the frame with its derived columns, the named
+    expectations, the parsed conversations (chat; drift reuses them) and summary entries."""
 
-    from pipeline.train import resolve_model
+    name: str
+    frame: Any
+    expectations: list[tuple[str, Any]]
+    parsed: list[Any] | None
+    summary: dict[str, Any]
 
-    path = resolve_model(cfg.base_model, scratch, weights=False)
+
+def classification_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None,
+                         gx: Any) -> Suite:
+    own = cfg.validate
+    allowed, source = _allowed_labels(own, accepted)
+    derived, token_note = classification_columns(frame, tokenizer, own, cfg.seed)
+    return Suite("sequence_classification", derived, classification_expectations(gx, own, allowed), None,
+                 {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note})
+
+
+def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any) -> Suite:
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
+        template = chat.chat_template(tokenizer, cfg.train.chat_template)
+    except ValueError as exc:
+        raise ConfigError(f"train.chat_template: {exc}") from exc
+    derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train.max_seq_len,
+                                               cfg.seed)
+    return Suite("chat", derived, chat_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed,
+                 {"token_count": token_note})
+
+
+SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}
 
 
 def run(cfg: PipelineConfig) -> ValidateResult:
-    from pipeline.collect import load_snapshot
-
     own = cfg.validate
     if not own.snapshot_uri:
         raise ConfigError("validate.snapshot_uri is required (the collect step's snapshot_uri)")
@@ -491,69 +423,62 @@ def run(cfg: PipelineConfig) -> ValidateResult:
     frame = load_snapshot(own.snapshot_uri)
     accepted = read_accepted(cfg)
     lap("load")
-    out_uri = cfg.step_uri("validate")
     summary: dict[str, Any] = {"snapshot_uri": own.snapshot_uri, "task": cfg.task, "rows": len(frame),
-                               "tokenizer": cfg.base_model}
-    parsed = None
+                               "tokenizer": cfg.base_model, "timings_s": timings}
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
-    import great_expectations as gx
+    import great_expectations as gx  # seconds to import: only a step that validates pays for it
 
     lap("import")
     with tempfile.TemporaryDirectory(prefix="finetune-validate-") as tmp:
         scratch = Path(tmp)
-        tokenizer = load_tokenizer(cfg, scratch)
-        if cfg.task == "causal-lm":
-            from pipeline import chat
-
-            try:
-                template = chat.chat_template(tokenizer, cfg.train.chat_template)
-            except ValueError as exc:
-                raise ConfigError(f"train.chat_template: {exc}") from exc
-            derived, summary["token_count"], parsed = chat_columns(frame, tokenizer, template, own,
-                                                                   cfg.train.max_seq_len, cfg.seed)
-            expectations, suite_name = chat_expectations(gx, own, cfg.train.max_seq_len), "chat"
-        else:
-            allowed, source = _allowed_labels(own, accepted)
-            summary["label_allowed"] = {"labels": allowed, "source": source}
-            derived, summary["token_count"] = classification_columns(frame, tokenizer, own, cfg.seed)
-            expectations, suite_name = classification_expectations(gx, own, allowed), "sequence_classification"
+        suite = SUITES[cfg.task](cfg, frame, load_tokenizer(cfg.base_model, scratch), accepted, gx)
+        summary.update(suite.summary)
         lap("derive")
-        checks, docs = run_suite(derived, suite_name, expectations, own, scratch)
+        checks, docs = run_suite(suite.frame, suite.name, suite.expectations, own, scratch)
+        parsed = suite.parsed
+        del suite  # the derived frame: as large as the snapshot, and no longer needed
         lap("suite")
-        del derived
         summary["drift"], report = measure_drift(cfg, accepted, frame, parsed)
         if report is not None:
             checks += [_drift_check(m, own) for m in report["checks"]]
         lap("drift")
-
         failed = [c for c in checks if not c["success"] and c["severity"] == "error"]
         warnings = [c for c in checks if not c["success"] and c["severity"] == "warning"]
-        data_docs_uri = storage.publish_dir(docs, storage.join(out_uri, "data_docs"))
-        drift_dir = _write_drift(report, scratch / "drift", own.snapshot_uri)
-        drift_report_uri = _publish_drift(drift_dir, out_uri)
-        if drift_report_uri:
-            summary["drift"]["report_uri"] = drift_report_uri
-        summary_uri = storage.join(out_uri, "summary.json")
-        summary.update(passed=not failed, checks=checks, data_docs_uri=data_docs_uri, timings_s=timings)
-        storage.write_json(summary_uri, summary)
+        summary_uri = publish(cfg, summary, checks, docs, report, scratch, passed=not failed)
         lap("publish")
-        try:
-            _log(cfg, summary, docs, drift_dir)
-        except Exception as exc:  # a failed gate exits 3 even when the tracking server is down
-            if not failed:
-                raise
-            print(f"validate: could not log to MLflow: {exc}", file=sys.stderr)
 
     _print(checks, summary)
     if failed:
-        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: "
-                               + "; ".join(map(_explain, failed)) + f" (Data Docs: {data_docs_uri}/index.html)")
+        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: " + "; ".join(map(_explain, failed))
+                               + f" (Data Docs: {summary['data_docs_uri']}/index.html)")
     labels = sorted({str(v) for v in frame["label"].dropna()}) if "label" in frame else []
     record_uri = record_accepted(cfg, len(frame), labels, summary_uri)
-    return ValidateResult(result_uri=storage.join(out_uri, "result.json"), passed=True, summary_uri=summary_uri,
-                          data_docs_uri=data_docs_uri, failed=[], rows=len(frame),
-                          warnings=[_explain(c) for c in warnings], drift_report_uri=drift_report_uri,
-                          accepted_uri=record_uri)
+    return ValidateResult(result_uri=storage.join(cfg.step_uri("validate"), "result.json"), passed=True,
+                          summary_uri=summary_uri, data_docs_uri=summary["data_docs_uri"], failed=[], rows=len(frame),
+                          warnings=[_explain(c) for c in warnings],
+                          drift_report_uri=summary["drift"].get("report_uri", ""), accepted_uri=record_uri)
+
+
+def publish(cfg: PipelineConfig, summary: dict[str, Any], checks: list[dict[str, Any]], docs: Path,
+            report: dict[str, Any] | None, scratch: Path, passed: bool) -> str:
+    """Data Docs, the drift report and ``summary.json`` under the step's prefix, then the same on
+    the pipeline's MLflow run; published whether the gate passed or not. The summary's URI."""
+    out_uri = cfg.step_uri("validate")
+    data_docs_uri = storage.publish_dir(docs, storage.join(out_uri, "data_docs"))
+    drift_dir = _write_drift(report, scratch / "drift", cfg.validate.snapshot_uri)
+    drift_report_uri = _publish_drift(drift_dir, out_uri)
+    if drift_report_uri:
+        summary["drift"]["report_uri"] = drift_report_uri
+    summary_uri = storage.join(out_uri, "summary.json")
+    summary.update(passed=passed, checks=checks, data_docs_uri=data_docs_uri)
+    storage.write_json(summary_uri, summary)
+    try:
+        _log(cfg, summary, docs, drift_dir)
+    except Exception as exc:  # a failed gate exits 3 even when the tracking server is down
+        if passed:
+            raise
+        print(f"validate: could not log to MLflow: {exc}", file=sys.stderr)
+    return summary_uri
 
 
 def _allowed_labels(own: ValidateConfig, accepted: dict[str, Any] | None) -> tuple[list[str], str]:
@@ -590,10 +515,8 @@ def _log(cfg: PipelineConfig, summary: dict[str, Any], docs: Path, drift_dir: Pa
     """The summary, Data Docs, drift report and headline numbers, on the pipeline's MLflow run."""
     from mlflow.entities import Metric
 
-    from pipeline.tracking import client, pipeline_run_id
-
-    run_id = pipeline_run_id(cfg)
-    tracker = client()
+    run_id = tracking.pipeline_run_id(cfg)
+    tracker = tracking.client()
     tracker.log_dict(run_id, summary, "validate/summary.json")
     tracker.log_artifacts(run_id, str(docs), "validate/data_docs")
     if drift_dir is not None:
@@ -621,8 +544,3 @@ def _print(checks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     if summary["drift"]["status"] == "skipped":
         print(f"validate: drift skipped: {summary['drift']['reason']}", file=sys.stderr)
 
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import step_main
-
-    return step_main("validate", run, argv)

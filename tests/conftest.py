@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import shipped_rows, write_jsonl
+from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +66,6 @@ def classifier_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="session")
 def s3_server():
     """Moto's S3 API in server mode on a free loopback port, reached through AWS_ENDPOINT_URL."""
-    from tests.helpers import moto_server
-
     with moto_server() as endpoint:
         yield endpoint
 
@@ -107,8 +105,6 @@ def mlflow_server(tmp_path_factory, s3_server):
     database = f"mlflow_test_{uuid.uuid4().hex[:10]}"
     admin.autocommit = True
     admin.cursor().execute(f"CREATE DATABASE {database}")
-    from tests.helpers import free_port
-
     port = free_port()
     import boto3
 
@@ -138,39 +134,6 @@ def mlflow_server(tmp_path_factory, s3_server):
     server.wait(timeout=30)
     admin.cursor().execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     admin.close()
-
-
-def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
-    """A 2-layer Llama (random weights) with a byte-level BPE tokenizer trained here on the
-    project's shipped text, saved like a pretrained checkpoint: a causal LM that loads offline."""
-    import json
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from pipeline.chat import CHATML
-    from tests.helpers import SHIPPED_DATA
-
-    texts = [json.loads(line)["text"] for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|pad|>")
-    if chat_template:
-        tokenizer.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

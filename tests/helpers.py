@@ -1,4 +1,5 @@
-"""Helpers for writing small real inputs; imported by tests and fixtures."""
+"""Helpers for writing small real inputs and reading the registry back; imported by tests and
+fixtures. Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from pipeline import collect
+from pipeline.chat import CHATML
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+DAGS = ROOT / "dags"
 SHIPPED_DATA = ROOT / "pipeline" / "data" / "support_intents.jsonl"
 PYTHON = sys.executable
+MODEL_NAME = "support-intents"  # the default model_name
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -31,6 +39,20 @@ def shipped_rows(labels: int, per_label: int) -> list[dict]:
     for label in chosen:
         out += [r for r in rows if r["label"] == label][:per_label]
     return out
+
+
+def write_snapshot(path: Path, rows: Any, columns: list[str] | None = None) -> str:
+    """A snapshot-shaped Parquet file written by hand (rows as tuples with ``columns``, or a dict
+    of columns), for inputs collect would refuse to publish; its URI."""
+    import pandas as pd
+
+    pd.DataFrame(rows, columns=columns).to_parquet(path, index=False)
+    return path.as_uri()
+
+
+def collect_snapshot(sources: list[Any], *sets: str) -> collect.CollectResult:
+    """A snapshot published by the real collect step from ``sources`` (paths or URIs)."""
+    return collect.run(load_config(None, [f"collect.sources={json.dumps([str(s) for s in sources])}", *sets]))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -68,3 +90,68 @@ def moto_server(env: dict[str, str] | None = None, probe_path: str = "") -> Iter
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
+    """A 2-layer Llama (random weights) with a byte-level BPE tokenizer trained here on the
+    project's shipped text, saved like a pretrained checkpoint: a causal LM that loads offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        pad_token="<|pad|>")
+    if chat_template:
+        tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def task_result(dag_run: Any, task_id: str) -> Any:
+    """The XCom result a task of ``dag_run`` returned, as Airflow stored it."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        value = session.scalar(select(XComModel.value).where(
+            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id,
+            XComModel.task_id == task_id, XComModel.key == "return_value"))
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# --- the registry, as register leaves it and as promotion reads it -----------------------------
+
+def register_version(tracker: Any, accuracy: float, passed: bool = True, name: str = MODEL_NAME) -> str:
+    """A registered version as register leaves it: gate verdict and metrics as tags. Never loaded:
+    promotion works on the registry only, and the server accepts a non-local source."""
+    try:
+        tracker.create_registered_model(name)
+    except Exception:  # already there
+        pass
+    tags = {"finetune.gate_passed": str(passed).lower(), "metric.accuracy": f"{accuracy:.6f}",
+            "finetune.gate": json.dumps({"gate_metric": "accuracy", "greater_is_better": True})}
+    return str(tracker.create_model_version(name, "s3://registry-test/model", tags=tags).version)
+
+
+def aliases(tracker: Any, name: str = MODEL_NAME) -> dict[str, str]:
+    return {k: str(v) for k, v in tracker.get_registered_model(name).aliases.items()}
+
+
+def promotion_audit(tracker: Any, name: str = MODEL_NAME) -> list[Any]:
+    """The audit runs of every promotion attempt on ``name``."""
+    experiment = tracker.get_experiment_by_name(f"{name}-promotions")
+    return tracker.search_runs([experiment.experiment_id]) if experiment else []

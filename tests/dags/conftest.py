@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-DAGS = Path(__file__).resolve().parents[2] / "dags"
+from tests.helpers import DAGS
+
 
 # Airflow reads its settings when first imported: point it at a private home and SQLite DB (the
 # DAG-run tests reset that DB, so never a developer's own) and at this project's dags/ first.

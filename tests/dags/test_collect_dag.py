@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import shipped_rows, write_jsonl
+from tests.helpers import shipped_rows, task_result, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +41,6 @@ def snapshot_events(asset_name: str) -> list:
         events = session.scalars(query).all()
         return [{"extra": event.extra, "source_dag_id": event.source_dag_id, "source_task_id": event.source_task_id}
                 for event in events]
-
-
-def task_result(dag_run, task_id: str):
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        value = session.scalar(select(XComModel.value).where(
-            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id,
-            XComModel.task_id == task_id, XComModel.key == "return_value"))
-    return json.loads(value) if isinstance(value, str) else value
 
 
 def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.conftest import DAGS
+from tests.helpers import DAGS
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "great_expectations", "pandas", "datasets")
 

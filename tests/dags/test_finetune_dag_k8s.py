@@ -4,15 +4,14 @@ included, still validates and meets Pod Security "restricted"."""
 
 import pytest
 
-from tests.pipeline.test_k8s import RUN, restricted_violations, validate_core
+from tests.helpers import DAGS
+from tests.manifests import RUN, restricted_violations, validate_core
 
 ORDER = ["collect", "validate", "train", "evaluate", "register"]
 
 
 def load_dag(monkeypatch, launcher):
     from airflow.dag_processing.dagbag import BundleDagBag
-
-    from tests.dags.conftest import DAGS
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", launcher)
     bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
@@ -53,8 +52,6 @@ def test_submitted_pod_with_xcom_sidecar_is_valid_and_restricted(monkeypatch):
 
 def test_bad_launcher_fails_the_dag_import(monkeypatch):
     from airflow.dag_processing.dagbag import BundleDagBag
-
-    from tests.dags.conftest import DAGS
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", "slurm")
     bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.pipeline.test_promote import NAME, _aliases, _audit, _version
+from tests.helpers import MODEL_NAME, aliases, promotion_audit, register_version
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +30,21 @@ def test_roll_back_through_airflow_records_who_and_why():
     from pipeline.tracking import client
 
     tracker = client()
-    v1, v2 = _version(tracker, 0.8), _version(tracker, 0.9)
-    tracker.set_registered_model_alias(NAME, "previous_champion", v1)
-    tracker.set_registered_model_alias(NAME, "champion", v2)
-    run_id = test_dag("promote", {"model_name": NAME, "version": "previous_champion", "force": True,
+    v1, v2 = register_version(tracker, 0.8), register_version(tracker, 0.9)
+    tracker.set_registered_model_alias(MODEL_NAME, "previous_champion", v1)
+    tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)
+    run_id = test_dag("promote", {"model_name": MODEL_NAME, "version": "previous_champion", "force": True,
                                   "reason": "v2 misroutes refunds"})
     assert run_id.startswith("manual__")
-    assert _aliases(tracker) == {"champion": v1, "previous_champion": v2}
-    [record] = _audit(tracker)
+    assert aliases(tracker) == {"champion": v1, "previous_champion": v2}
+    [record] = promotion_audit(tracker)
     assert record.data.tags["promotion.requested_by"] == "dag_test"  # `airflow dags test`'s user
     assert record.data.tags["promotion.reason"] == "v2 misroutes refunds"
 
-    test_dag("promote", {"model_name": NAME, "version": v2})  # better than the champion v1: allowed
-    assert _aliases(tracker)["champion"] == v2
-    test_dag("promote", {"model_name": NAME, "version": v1})  # worse than the champion, not forced
-    assert _aliases(tracker)["champion"] == v2
-    outcomes = sorted(r.data.tags["promotion.outcome"] for r in _audit(tracker))
+    test_dag("promote", {"model_name": MODEL_NAME, "version": v2})  # better than the champion v1: allowed
+    assert aliases(tracker)["champion"] == v2
+    test_dag("promote", {"model_name": MODEL_NAME, "version": v1})  # worse than the champion, not forced
+    assert aliases(tracker)["champion"] == v2
+    outcomes = sorted(r.data.tags["promotion.outcome"] for r in promotion_audit(tracker))
     assert outcomes == ["promoted", "promoted", "refused"]
-    assert json.loads(tracker.get_model_version(NAME, v2).tags["finetune.promoted_to.champion"])["forced"] is False
+    assert json.loads(tracker.get_model_version(MODEL_NAME, v2).tags["finetune.promoted_to.champion"])["forced"] is False

@@ -5,16 +5,16 @@ import subprocess
 
 import pytest
 
-from pipeline import chat, collect, storage
-from pipeline.config import load_config
+from pipeline import chat, cli, collect, storage
+from pipeline.config import DEFAULT_SOURCE, load_config
 from pipeline.errors import DataError
-from tests.helpers import PYTHON, shipped_rows, subprocess_env, write_jsonl
+from pipeline.snapshot import load_snapshot
+from pipeline.text import normalize_text
+from tests.helpers import PYTHON, collect_snapshot, shipped_rows, subprocess_env, write_jsonl
 
 
 def _run(*sources, **sets):
-    overrides = [f"collect.sources={json.dumps([str(s) for s in sources])}", "run_id=t"]
-    overrides += [f"{k}={v}" for k, v in sets.items()]
-    return collect.run(load_config(None, overrides))
+    return collect_snapshot(list(sources), "run_id=t", *(f"{k}={v}" for k, v in sets.items()))
 
 
 def _published_snapshots(**sets) -> list:
@@ -28,7 +28,7 @@ def _fails(*sources, **sets) -> str:
     record why in error.json. Returns that message."""
     argv = ["--set", f"collect.sources={json.dumps([str(s) for s in sources])}", "--set", "run_id=bad"]
     argv += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    assert collect.main(argv) == 2
+    assert cli.main(["collect", *argv]) == 2
     assert _published_snapshots(**sets) == []
     return storage.read_json(load_config(None, ["run_id=bad"]).step_uri("collect") + "/error.json")["error"]
 
@@ -46,7 +46,7 @@ def test_jsonl_csv_and_gzip_merge_into_one_snapshot_with_a_manifest(tmp_path):
     (tmp_path / "b.csv").write_text('\ufefftext,label\r\n"line one\nline two",refund_request\r\n', encoding="utf-8")
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress('{"text": "我想退款 🙏", "label": "refund_request"}\n'.encode()))
     result = _run(tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.jsonl.gz")
-    frame = collect.load_snapshot(result.snapshot_uri)
+    frame = load_snapshot(result.snapshot_uri)
     assert list(frame.columns) == ["text", "label", "split"]
     assert list(frame["text"]) == ["where is my parcel", "line one\nline two", "我想退款 🙏"]  # source order kept
     assert result.rows == 3 and result.labels == ["order_status", "refund_request"]
@@ -74,7 +74,7 @@ def test_same_data_gives_the_same_snapshot_and_rewrites_nothing(small_data):
 
 
 def test_split_is_by_text_hash_and_never_leaks(small_data):
-    frame = collect.load_snapshot(_run(small_data).snapshot_uri)
+    frame = load_snapshot(_run(small_data).snapshot_uri)
     for text, split in zip(frame["text"], frame["split"]):
         assert split == collect.split_of(text, 0.2)
         assert collect.split_of(text.upper() + "  ", 0.2) == split  # normalised before hashing
@@ -82,11 +82,11 @@ def test_split_is_by_text_hash_and_never_leaks(small_data):
 
 
 def test_shipped_data_is_large_bilingual_and_balanced():
-    frame = collect.load_snapshot(_run(collect.DEFAULT_SOURCE).snapshot_uri)
+    frame = load_snapshot(_run(DEFAULT_SOURCE).snapshot_uri)
     assert len(frame) >= 1000 and frame["label"].nunique() >= 8
     chinese = frame["text"].str.contains(r"[\u4e00-\u9fff]")
     assert 0.3 < chinese.mean() < 0.7
-    assert frame["text"].map(collect.normalize_text).is_unique
+    assert frame["text"].map(normalize_text).is_unique
 
 
 def test_streaming_writes_row_groups_and_the_hash_ignores_chunking(tmp_path):
@@ -106,7 +106,7 @@ def test_streaming_writes_row_groups_and_the_hash_ignores_chunking(tmp_path):
     assert sizes == [7] * 8 + [4]  # exactly row_group_rows each, across file and chunk boundaries
     assert pq.ParquetFile(storage.local_path(whole.snapshot_uri)).metadata.num_row_groups == 1
     assert storage.read_json(chunked.manifest_uri)["row_groups"] == 9
-    assert collect.load_snapshot(chunked.snapshot_uri).equals(collect.load_snapshot(whole.snapshot_uri))
+    assert load_snapshot(chunked.snapshot_uri).equals(load_snapshot(whole.snapshot_uri))
 
 
 def test_awkward_but_valid_input_is_collected(tmp_path):
@@ -115,7 +115,7 @@ def test_awkward_but_valid_input_is_collected(tmp_path):
         b'\xef\xbb\xbf{"text": "emoji \\ud83d\\ude00 \xe2\x80\xa8 inside", "label": "x"}\r\n\r\n\n'
         + json.dumps({"text": big, "label": "y"}, ensure_ascii=False).encode() + b"\n")
     (tmp_path / "b.csv").write_bytes('\ufefftext,label\r\n"引号 ""内"" ,\r\n换行",z\r\nplain,\r\n'.encode())
-    frame = collect.load_snapshot(_run(tmp_path / "a.jsonl", tmp_path / "b.csv").snapshot_uri)
+    frame = load_snapshot(_run(tmp_path / "a.jsonl", tmp_path / "b.csv").snapshot_uri)
     assert list(frame["text"]) == ["emoji 😀 \u2028 inside", big, '引号 "内" ,\r\n换行', "plain"]
     assert list(frame["label"].fillna("<null>")) == ["x", "y", "z", "<null>"]  # an empty cell is null, for validate
 
@@ -178,7 +178,7 @@ def test_a_source_matching_nothing(tmp_path):
 
 
 def test_step_main_exit_code_and_error_file(tmp_path, capsys):
-    code = collect.main(["--set", f"collect.sources={tmp_path}/none.jsonl", "--set", "run_id=r9"])
+    code = cli.main(["collect", "--set", f"collect.sources={tmp_path}/none.jsonl", "--set", "run_id=r9"])
     assert code == 2
     assert "error: collect: source" in capsys.readouterr().err
     cfg = load_config(None, ["run_id=r9"])
@@ -202,7 +202,7 @@ def test_numeric_labels_are_kept_as_strings(tmp_path):
 def test_configured_column_names(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"question": "hi there", "intent": "greet"}])
     result = _run(tmp_path / "q.jsonl", **{"collect.text_column": "question", "collect.label_column": "intent"})
-    assert collect.load_snapshot(result.snapshot_uri)[["text", "label"]].values.tolist() == [["hi there", "greet"]]
+    assert load_snapshot(result.snapshot_uri)[["text", "label"]].values.tolist() == [["hi there", "greet"]]
 
 
 def _chat_sources(tmp_path):
@@ -220,7 +220,7 @@ def _chat_sources(tmp_path):
 
 def test_causal_lm_collects_messages_and_instructions(tmp_path):
     result = _run(*_chat_sources(tmp_path), task="causal-lm")
-    frame = collect.load_snapshot(result.snapshot_uri)
+    frame = load_snapshot(result.snapshot_uri)
     assert list(frame.columns) == ["messages", "split"] and result.rows == 5 and result.labels == []
     conversations = [json.loads(m) for m in frame["messages"]]
     assert conversations[0] == conversations[1] == [{"role": "user", "content": "你好"},
@@ -244,7 +244,7 @@ def test_recollecting_a_snapshot_gives_the_same_sha_and_uri(tmp_path, small_data
     assert storage.local_path(first.manifest_uri).read_bytes() == manifest  # nothing rewritten
     elsewhere = _run(first.snapshot_uri, task=task, artifact_root=(tmp_path / "other").as_uri())
     assert elsewhere.sha256 == first.sha256
-    assert collect.load_snapshot(elsewhere.snapshot_uri).equals(collect.load_snapshot(first.snapshot_uri))
+    assert load_snapshot(elsewhere.snapshot_uri).equals(load_snapshot(first.snapshot_uri))
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -103,7 +103,7 @@ def test_a_config_file_travels_as_overrides():
 
 
 def test_gate_metric_must_belong_to_the_task_and_knows_its_direction():
-    from pipeline.evaluate import EvaluateConfig
+    from pipeline.config import EvaluateConfig
 
     assert EvaluateConfig().gate("sequence-classification") == ("accuracy", True)
     assert EvaluateConfig().gate("causal-lm") == ("perplexity", False)  # lower perplexity is better
@@ -114,7 +114,8 @@ def test_gate_metric_must_belong_to_the_task_and_knows_its_direction():
 
 
 def test_deepspeed_offload_and_precision_settings():
-    from pipeline.train import TrainConfig, deepspeed_config, mixed_precision
+    from pipeline.config import TrainConfig
+    from pipeline.train import deepspeed_config, mixed_precision
 
     zero3 = deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True))
     assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -1,19 +1,17 @@
 import json
 
-import pandas as pd
 import pytest
 
 from pipeline import evaluate, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, ModelError
+from tests.helpers import write_snapshot
 
 
 def _snapshot(tmp_path, split="eval"):
     rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
             ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    path = tmp_path / "snap.parquet"
-    pd.DataFrame([(t, l, split) for t, l in rows], columns=["text", "label", "split"]).to_parquet(path)
-    return path.as_uri()
+    return write_snapshot(tmp_path / "snap.parquet", [(t, l, split) for t, l in rows], ["text", "label", "split"])
 
 
 def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, classifier_dir):

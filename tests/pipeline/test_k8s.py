@@ -15,77 +15,16 @@ import sys
 from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
 from pipeline import cli, k8s, steps
+from pipeline.config import check_image
 from pipeline.errors import ConfigError
+from tests.manifests import RUN, images, manifests_in, pod_specs, restricted_violations, validate_core
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
-K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())  # oldest cluster we target, newest shipped
-RUN = ["run_id=scheduled__2026-01-05T00_00_00_00_00", 'train.snapshot_uri="s3://b/snap/data.parquet"']
-SAFE_VOLUME_KINDS = {"emptyDir", "secret", "configMap", "projected", "downwardAPI",
-                     "persistentVolumeClaim", "ephemeral", "csi"}
-
-
-def manifests_in(directory: Path) -> list[dict]:
-    return [doc for path in sorted(directory.glob("*.yaml")) if path.name != "kustomization.yaml"
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def validate_core(obj: dict) -> None:
-    for version in K8S_VERSIONS:
-        kubernetes_validate.validate(obj, version, strict=True)
-
-
-def pod_specs(obj: dict) -> list[dict]:
-    """Every pod spec an object would create."""
-    if obj["kind"] == "Pod":
-        return [obj["spec"]]
-    if obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
-        return [obj["spec"]["template"]["spec"]]
-    if obj["kind"] == "PyTorchJob":
-        return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
-    return []
-
-
-def restricted_violations(spec: dict) -> list[str]:
-    """The Pod Security Standards "restricted" profile (v1.31), checked field by field."""
-    bad = []
-    pod_sc = spec.get("securityContext", {})
-    for flag in ("hostNetwork", "hostPID", "hostIPC"):
-        if spec.get(flag):
-            bad.append(flag)
-    for volume in spec.get("volumes", []):
-        kinds = set(volume) - {"name"}
-        if not kinds <= SAFE_VOLUME_KINDS:
-            bad.append(f"volume {volume['name']}: {kinds}")
-    for c in spec.get("initContainers", []) + spec["containers"]:
-        sc = c.get("securityContext", {})
-        if sc.get("privileged"):
-            bad.append(f"{c['name']}: privileged")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            bad.append(f"{c['name']}: allowPrivilegeEscalation must be false")
-        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
-            bad.append(f"{c['name']}: runAsNonRoot must be true")
-        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-            bad.append(f"{c['name']}: runAsUser 0")
-        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
-            bad.append(f"{c['name']}: capabilities must drop ALL")
-        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
-            bad.append(f"{c['name']}: adds capabilities")
-        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            bad.append(f"{c['name']}: seccompProfile {seccomp}")
-        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
-            bad.append(f"{c['name']}: hostPort")
-    return bad
-
-
-def images(spec: dict) -> list[str]:
-    return [c["image"] for c in spec.get("initContainers", []) + spec["containers"]]
 
 
 def all_rendered() -> list[tuple[str, str, dict]]:
@@ -112,7 +51,7 @@ def test_rendered_objects_validate_meet_restricted_and_pin_images(step, launcher
         validate_core(obj)
     for spec in pod_specs(obj):
         assert restricted_violations(spec) == []
-        assert all(k8s.check_image("image", image) is None for image in images(spec))
+        assert all(check_image("image", image) is None for image in images(spec))
         assert spec["automountServiceAccountToken"] is False
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
         assert {"/tmp", k8s.HF_CACHE} <= mounts
@@ -271,7 +210,7 @@ def test_kustomization_lists_every_manifest_and_each_validates():
         validate_core(doc)
         for spec in pod_specs(doc):
             assert restricted_violations(spec) == [], doc["metadata"]["name"]
-            assert all(k8s.check_image("image", image) is None for image in images(spec))
+            assert all(check_image("image", image) is None for image in images(spec))
 
 
 def test_rbac_is_namespaced_and_least_privilege():
@@ -301,7 +240,7 @@ def test_no_image_is_latest_or_unpinned_anywhere():
         bases = [line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("FROM ")]
         assert bases, dockerfile
         for base in bases:
-            k8s.check_image(f"{dockerfile.name} FROM", base)
+            check_image(f"{dockerfile.name} FROM", base)
         assert "\nUSER root" not in dockerfile.read_text() and "\nUSER " in dockerfile.read_text()
         assert "-c constraints.txt" in dockerfile.read_text() or "-c /opt/finetune/constraints.txt" in dockerfile.read_text()
 

@@ -12,65 +12,44 @@ from pipeline import promote
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tracking import client
+from tests.helpers import MODEL_NAME, aliases, promotion_audit, register_version
 
-NAME = "support-intents"
-
-
-def _version(tracker, accuracy, passed=True):
-    """A registered version as register leaves it: gate verdict and metrics as tags."""
-    try:
-        tracker.create_registered_model(NAME)
-    except Exception:
-        pass
-    tags = {"finetune.gate_passed": str(passed).lower(), "metric.accuracy": f"{accuracy:.6f}",
-            "finetune.gate": json.dumps({"gate_metric": "accuracy", "greater_is_better": True})}
-    # Never loaded: promotion works on the registry only. The server accepts non-local sources.
-    return str(tracker.create_model_version(NAME, "s3://registry-test/model", tags=tags).version)
 
 
 def _promote(*sets):
     return promote.run(load_config(None, ["run_id=p", *sets]))
 
 
-def _aliases(tracker):
-    return {k: str(v) for k, v in tracker.get_registered_model(NAME).aliases.items()}
-
-
-def _audit(tracker, name=NAME):
-    experiment = tracker.get_experiment_by_name(f"{name}-promotions")
-    return tracker.search_runs([experiment.experiment_id]) if experiment else []
-
-
 def test_promote_refuse_and_roll_back_with_an_audit_per_attempt():
     tracker = client()
-    v1, v2, v3 = _version(tracker, 0.80), _version(tracker, 0.90), _version(tracker, 0.85)
+    v1, v2, v3 = register_version(tracker, 0.80), register_version(tracker, 0.90), register_version(tracker, 0.85)
     assert _promote(f"promote.version={v1}", "promote.requested_by=ana").outcome == "promoted"
     assert _promote(f"promote.version={v2}").outcome == "promoted"
-    assert _aliases(tracker) == {"champion": v2, "previous_champion": v1}
+    assert aliases(tracker) == {"champion": v2, "previous_champion": v1}
     with pytest.raises(promote.PromotionRefused, match="0.8500 of version 3 is not better than champion version 2"):
         _promote(f"promote.version={v3}")
     assert _promote(f"promote.version={v2}").outcome == "unchanged"
     rollback = _promote("promote.version=previous_champion", "promote.force=true",
                         "promote.reason=v2 misroutes refunds", "promote.requested_by=ana")
     assert rollback.outcome == "promoted" and rollback.previous_version == v2
-    assert _aliases(tracker) == {"champion": v1, "previous_champion": v2}
-    records = _audit(tracker)
+    assert aliases(tracker) == {"champion": v1, "previous_champion": v2}
+    records = promotion_audit(tracker)
     assert len(records) == 5
     assert sorted(r.data.tags["promotion.outcome"] for r in records) == [
         "promoted", "promoted", "promoted", "refused", "unchanged"]
     forced = [r for r in records if r.data.tags["promotion.forced"] == "True"][0]
     assert forced.data.tags["promotion.reason"] == "v2 misroutes refunds"
     assert forced.data.tags["promotion.requested_by"] == "ana" and forced.data.tags["promotion.at"]
-    assert json.loads(tracker.get_model_version(NAME, v1).tags["finetune.promoted_to.champion"])["forced"]
-    assert tracker.search_registered_models(f"name = '{NAME}.promotion-lock'") == []
+    assert json.loads(tracker.get_model_version(MODEL_NAME, v1).tags["finetune.promoted_to.champion"])["forced"]
+    assert tracker.search_registered_models(f"name = '{MODEL_NAME}.promotion-lock'") == []
 
 
 def test_a_version_that_failed_its_gate_needs_force():
     tracker = client()
-    failed = _version(tracker, 0.99, passed=False)
+    failed = register_version(tracker, 0.99, passed=False)
     with pytest.raises(promote.PromotionRefused, match="did not pass its promotion gate"):
         _promote(f"promote.version={failed}")
-    assert "champion" not in _aliases(tracker)
+    assert "champion" not in aliases(tracker)
 
 
 @pytest.mark.parametrize("sets, error, message", [
@@ -83,11 +62,11 @@ def test_a_version_that_failed_its_gate_needs_force():
 ])
 def test_bad_requests_change_nothing(sets, error, message):
     tracker = client()
-    _promote(f"promote.version={_version(tracker, 0.8)}")
-    before = _aliases(tracker)
+    _promote(f"promote.version={register_version(tracker, 0.8)}")
+    before = aliases(tracker)
     with pytest.raises(error, match=message):
         _promote(*sets)
-    assert _aliases(tracker) == before
+    assert aliases(tracker) == before
 
 
 @pytest.mark.slow
@@ -95,7 +74,7 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     tracker = client()
     accuracies = [0.71, 0.93, 0.65, 0.88, 0.97, 0.74, 0.90, 0.69, 0.95, 0.80]
-    versions = [_version(tracker, a) for a in accuracies]
+    versions = [register_version(tracker, a) for a in accuracies]
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
     attempts = [subprocess.Popen([sys.executable, "-m", "pipeline", "promote", "--set", f"promote.version={v}",
                                   "--set", f"promote.requested_by=attempt-{v}", "--set", f"run_id=c{v}"],
@@ -105,10 +84,10 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
     crashed = [err[-6000:] for code, err in outcomes if code not in (0, 2)]  # 2: a refusal, which is fine
     assert not crashed, crashed
     best = versions[accuracies.index(max(accuracies))]
-    assert _aliases(tracker)["champion"] == best
-    records = _audit(tracker)
+    assert aliases(tracker)["champion"] == best
+    records = promotion_audit(tracker)
     assert sorted(r.data.tags["promotion.requested_by"] for r in records) == sorted(f"attempt-{v}" for v in versions)
-    assert tracker.search_registered_models(f"name = '{NAME}.promotion-lock'") == []
+    assert tracker.search_registered_models(f"name = '{MODEL_NAME}.promotion-lock'") == []
 
 
 def test_a_lower_is_better_gate_metric_promotes_the_lower_perplexity():

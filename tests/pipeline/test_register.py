@@ -8,6 +8,7 @@ from pipeline import register, storage
 from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.tracking import client
+from tests.helpers import aliases
 
 
 def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion=""):
@@ -21,21 +22,17 @@ def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, cha
     return load_config(None, [f"run_id={name}"] + [f"register.{step}_result_uri={uri}" for step, uri in uris.items()])
 
 
-def _aliases(name="support-intents"):
-    return {alias: str(version) for alias, version in client().get_registered_model(name).aliases.items()}
-
-
 def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir):
     first = register.run(_inputs(tmp_path, classifier_dir, "r1", True, 0.8))
     assert first.version == "1" and first.aliases == ["challenger", "champion"]
     second = register.run(_inputs(tmp_path, classifier_dir, "r2", False, 0.7))
     assert second.aliases == ["challenger"] and not second.promoted
-    assert _aliases() == {"champion": "1", "challenger": "2"}
+    assert aliases(client()) == {"champion": "1", "challenger": "2"}
     third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1"))
-    assert _aliases() == {"champion": "3", "challenger": "3", "previous_champion": "1"}
+    assert aliases(client()) == {"champion": "3", "challenger": "3", "previous_champion": "1"}
     # Evaluated against v1, but v3 is champion by now: register must not guess, v4 stays challenger.
     fourth = register.run(_inputs(tmp_path, classifier_dir, "r4", True, 0.95, champion="1"))
-    assert not fourth.promoted and _aliases() == {"champion": "3", "challenger": "4", "previous_champion": "1"}
+    assert not fourth.promoted and aliases(client()) == {"champion": "3", "challenger": "4", "previous_champion": "1"}
     version = client().get_model_version("support-intents", third.version)
     assert version.tags["finetune.run_id"] == "r3" and version.tags["metric.accuracy"] == "0.900000"
     assert json.loads(version.tags["finetune.gate"])["promote"] is True
@@ -62,10 +59,10 @@ def test_champion_loads_and_predicts_through_pyfunc(tmp_path, classifier_dir):
 
 def test_missing_gate_metric_registers_nothing(tmp_path, classifier_dir):
     register.run(_inputs(tmp_path, classifier_dir, "ok", True, 0.8))
-    before = _aliases()
+    before = aliases(client())
     with pytest.raises(DataError, match="gate metric 'accuracy' missing from the evaluation metrics"):
         register.run(_inputs(tmp_path, classifier_dir, "bad", True, 0.9, metrics={"macro_f1": 0.9}))
-    assert _aliases() == before
+    assert aliases(client()) == before
     assert len(client().search_model_versions("name='support-intents'")) == 1
 
 

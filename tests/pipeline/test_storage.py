@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import collect, storage
+from pipeline import cli, collect, storage
 from pipeline.config import load_config
 from pipeline.errors import DataError, ModelError
-from pipeline.train import resolve_model
-from tests.helpers import moto_server, shipped_rows, write_jsonl
+from pipeline.models import resolve_model
+from pipeline.snapshot import load_snapshot
+from tests.helpers import collect_snapshot, moto_server, shipped_rows, write_jsonl
 
 
 def test_local_write_is_atomic_and_pkg_uris_resolve(tmp_path):
@@ -72,7 +73,7 @@ def test_collect_from_s3_prefix_into_an_s3_artifact_root(s3, tmp_path):
                              f"artifact_root=s3://{s3}/artifacts", "run_id=s"])
     result = collect.run(cfg)
     assert result.snapshot_uri.startswith(f"s3://{s3}/artifacts/snapshots/") and result.rows == 40
-    assert len(collect.load_snapshot(result.snapshot_uri)) == 40
+    assert len(load_snapshot(result.snapshot_uri)) == 40
     sources = storage.read_json(result.manifest_uri)["sources"]
     assert [s["uri"] for s in sources] == [f"s3://{s3}/incoming/part-0.jsonl", f"s3://{s3}/incoming/part-1.jsonl"]
     for i, entry in enumerate(sources):
@@ -187,7 +188,7 @@ def http_server(tmp_path):
 
 
 def test_http_sources(http_server, tmp_path):
-    result = _collect(f"{http_server}/data.jsonl")
+    result = collect_snapshot([f"{http_server}/data.jsonl"], "run_id=h")
     assert result.rows == 10
     [entry] = storage.read_json(result.manifest_uri)["sources"]
     raw = (tmp_path / "data.jsonl").read_bytes()
@@ -199,12 +200,8 @@ def test_http_sources(http_server, tmp_path):
 
 
 def test_http_transient_errors_are_retried(http_server):
-    result = _collect(f"{http_server}/flaky/data.jsonl")  # 503, 503, then the file
+    result = collect_snapshot([f"{http_server}/flaky/data.jsonl"], "run_id=h")  # 503, 503, then the file
     assert result.rows == 10
-
-
-def _collect(source):
-    return collect.run(load_config(None, [f"collect.sources={json.dumps([source])}", "run_id=h"]))
 
 
 def _fails(source: str) -> str:
@@ -212,6 +209,6 @@ def _fails(source: str) -> str:
     cfg = load_config(None, ["run_id=bad"])
     snapshots = storage.local_path(cfg.artifact_root) / "snapshots"
     before = sorted(snapshots.rglob("*"))
-    assert collect.main(["--set", f"collect.sources={json.dumps([source])}", "--set", "run_id=bad"]) == 2
+    assert cli.main(["collect", "--set", f"collect.sources={json.dumps([source])}", "--set", "run_id=bad"]) == 2
     assert sorted(snapshots.rglob("*")) == before
     return storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]

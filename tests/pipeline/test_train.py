@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from pipeline import collect, steps, storage
+from pipeline import steps, storage
 from pipeline.config import load_config
+from tests.helpers import build_tiny_lm, collect_snapshot
 
 pytestmark = pytest.mark.slow
 BATCH = 8
@@ -15,7 +16,7 @@ BATCH = 8
 
 @pytest.fixture
 def snapshot(small_data):
-    return collect.run(load_config(None, [f"collect.sources={json.dumps([str(small_data)])}"]))
+    return collect_snapshot([small_data])
 
 
 def _train(snapshot, model_dir, run_id, *extra):
@@ -81,7 +82,7 @@ LM = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.le
 
 @pytest.fixture
 def chat_snapshot():
-    return collect.run(load_config(None, ["task=causal-lm", f"collect.sources={json.dumps([INSTRUCTIONS])}"]))
+    return collect_snapshot([INSTRUCTIONS], "task=causal-lm")
 
 
 def _train_lm(snapshot, model_dir, run_id, *extra):
@@ -164,7 +165,6 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
 def test_causal_lm_bad_input_fails_before_training(chat_snapshot, tiny_lm_dir, tmp_path):
     from pipeline import train
     from pipeline.errors import ConfigError, DataError, ModelError
-    from tests.conftest import build_tiny_lm
 
     def run(model_dir, *extra):
         train.run(load_config(None, [*LM, f"base_model={json.dumps(str(model_dir))}",

@@ -1,18 +1,15 @@
 import json
 
-import pandas as pd
 import pytest
 
-from pipeline import collect, storage, validate
-from pipeline.config import load_config
+from pipeline import cli, storage, validate
+from pipeline.config import CHAT_CHECKS, CLASSIFICATION_CHECKS, load_config
 from pipeline.errors import ConfigError, ValidationFailed
-from tests.helpers import shipped_rows
+from tests.helpers import collect_snapshot, shipped_rows, write_snapshot
 
 
 def _snapshot(tmp_path, rows, name="snap") -> str:
-    path = tmp_path / f"{name}.parquet"
-    pd.DataFrame(rows, columns=["text", "label", "split"]).to_parquet(path, index=False)
-    return path.as_uri()
+    return write_snapshot(tmp_path / f"{name}.parquet", rows, ["text", "label", "split"])
 
 
 def _cfg(snapshot_uri, *extra):
@@ -28,14 +25,14 @@ def _checks(summary_uri):
 
 
 def test_good_snapshot_passes_publishes_data_docs_and_is_recorded_as_accepted(small_data):
-    snapshot = collect.run(load_config(None, [f"collect.sources={json.dumps([str(small_data)])}"]))
+    snapshot = collect_snapshot([small_data])
     result = validate.run(_cfg(snapshot.snapshot_uri))
     assert result.passed and result.rows == snapshot.rows
     docs = storage.local_path(result.data_docs_uri)
     assert (docs / "index.html").is_file()
     assert any(p.suffix == ".html" for p in (docs / "validations").rglob("*"))
     summary = storage.read_json(result.summary_uri)
-    assert summary["passed"] and {c["check"] for c in summary["checks"]} == set(validate.CLASSIFICATION_CHECKS) - {
+    assert summary["passed"] and {c["check"] for c in summary["checks"]} == set(CLASSIFICATION_CHECKS) - {
         "label_allowed"}  # nothing to take allowed labels from yet
     assert summary["drift"] == {"status": "skipped", "reason": "no accepted snapshot for model support-intents yet"}
     assert summary["token_count"]["rows_counted"] == snapshot.rows
@@ -68,17 +65,16 @@ def test_failing_suite_names_checks_counts_and_rows(tmp_path):
 
 
 def test_missing_column_and_too_few_rows(tmp_path):
-    path = tmp_path / "nosplit.parquet"
-    pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_parquet(path)
+    uri = write_snapshot(tmp_path / "nosplit.parquet", {"text": ["a", "b"], "label": ["x", "y"]})
     with pytest.raises(ValidationFailed) as failed:
-        validate.run(_cfg(path.as_uri()))
+        validate.run(_cfg(uri))
     assert "expect_column_to_exist(column=split)" in str(failed.value)
     assert "expect_table_row_count_to_be_between(column=None)" in str(failed.value)
 
 
 def test_cli_exit_code_is_distinct(tmp_path):
     uri = _snapshot(tmp_path, [("", "a", "train")] * 12)
-    assert validate.main(["--set", f"validate.snapshot_uri={uri}", "--set", "run_id=v2"]) == 3
+    assert cli.main(["validate", "--set", f"validate.snapshot_uri={uri}", "--set", "run_id=v2"]) == 3
 
 
 @pytest.mark.parametrize("rows, sets, check, message", [
@@ -113,10 +109,9 @@ def test_a_check_downgraded_to_warning_is_reported_not_enforced(tmp_path):
 
 
 def test_a_snapshot_without_text_fails_on_the_columns_check(tmp_path):
-    path = tmp_path / "notext.parquet"
-    pd.DataFrame({"label": ["x", "y"] * 6, "split": ["train"] * 12}).to_parquet(path)
+    uri = write_snapshot(tmp_path / "notext.parquet", {"label": ["x", "y"] * 6, "split": ["train"] * 12})
     with pytest.raises(ValidationFailed, match=r"columns: expect_column_to_exist\(column=text\)"):
-        validate.run(_cfg(path.as_uri()))
+        validate.run(_cfg(uri))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -194,7 +189,7 @@ def test_drift_from_the_accepted_snapshot_is_reported_with_both_distributions(tm
     rows = _support_rows(3, 30, suffix=" zebra quantum " * 6)
     shifted = [r for r in rows if r[1] == "account_login"] + [r for r in rows if r[1] != "account_login"][::10]
     uri = _snapshot(tmp_path, shifted, "shifted")
-    strict = validate.main(["--set", f"validate.snapshot_uri={uri}", "--set", "run_id=r2",
+    strict = cli.main(["validate", "--set", f"validate.snapshot_uri={uri}", "--set", "run_id=r2",
                             "--set", "validate.drift_severity=error"])
     assert strict == 3
     error = storage.read_json(load_config(None, ["run_id=r2"]).step_uri("validate") + "/error.json")["error"]
@@ -308,7 +303,7 @@ def test_bad_input_exits_3_names_the_check_and_records_nothing(tmp_path, accepte
     before = storage.read_bytes(record_uri)
     snapshot = _snapshot(tmp_path, _with(change), "bad")
     run_id = f"bad-{change.__name__.strip('_')}"
-    code = validate.main(["--set", f"validate.snapshot_uri={snapshot}", "--set", f"run_id={run_id}",
+    code = cli.main(["validate", "--set", f"validate.snapshot_uri={snapshot}", "--set", f"run_id={run_id}",
                           "--set", f"artifact_root={accepted_root.as_uri()}"])
     assert code == 3
     step = storage.join(accepted_root.as_uri(), "runs", run_id, "validate")
@@ -329,11 +324,8 @@ def _conversation(text, label, system=False):
 
 
 def _chat_snapshot(tmp_path, conversations, name="chat"):
-    path = tmp_path / f"{name}.parquet"
-    pd.DataFrame({"messages": [json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else m
-                               for m in conversations],
-                  "split": ["train"] * len(conversations)}).to_parquet(path, index=False)
-    return path.as_uri()
+    messages = [json.dumps(m, ensure_ascii=False) if not isinstance(m, str) else m for m in conversations]
+    return write_snapshot(tmp_path / f"{name}.parquet", {"messages": messages, "split": ["train"] * len(messages)})
 
 
 def _good_chats():
@@ -348,7 +340,7 @@ def _chat_cfg(uri, tiny_model_dir, *extra):
 def test_good_chat_snapshot_passes_with_the_chat_suite(tmp_path, tiny_model_dir):
     result = validate.run(_chat_cfg(_chat_snapshot(tmp_path, _good_chats()), tiny_model_dir))
     summary = storage.read_json(result.summary_uri)
-    assert result.passed and {c["check"] for c in summary["checks"]} == set(validate.CHAT_CHECKS)
+    assert result.passed and {c["check"] for c in summary["checks"]} == set(CHAT_CHECKS)
     assert summary["token_count"]["counted"] == "tokens of the conversation rendered with the chat template"
     assert storage.read_json(result.accepted_uri)["labels"] == []
 
@@ -381,7 +373,7 @@ def test_bad_chat_input_exits_3_names_the_check_and_records_nothing(tmp_path, ti
     cfg = _chat_cfg(_chat_snapshot(tmp_path, _good_chats(), "good"), tiny_model_dir, "run_id=good")
     record = storage.read_bytes(validate.run(cfg).accepted_uri)
     bad = _chat_snapshot(tmp_path, [*_good_chats(), broken], "bad")
-    code = validate.main(["--set", f"validate.snapshot_uri={bad}", "--set", "run_id=bad", "--set", "task=causal-lm",
+    code = cli.main(["validate", "--set", f"validate.snapshot_uri={bad}", "--set", "run_id=bad", "--set", "task=causal-lm",
                           "--set", f"base_model={tiny_model_dir}", "--set", "model_name=chat-model",
                           "--set", "train.chat_template=chatml", "--set", "train.max_seq_len=256",
                           "--set", "validate.max_overlong_rate=0"])

