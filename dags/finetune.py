@@ -17,7 +17,10 @@ Each task runs `finetune <step> --set ...` — the same argv a container would r
 launcher chosen by `FINETUNE_LAUNCHER` (default `local`; `kubernetes`: a pod per step;
 `pytorchjob`: pods, and training as a multi-node Kubeflow PyTorchJob). Data moves as URIs; XCom carries only
 each step's small result JSON. Bad input fails the task without retries; crashes are retried.
-Extra settings go in the `overrides` Param as `step.key=value` strings.
+Extra settings go in the `overrides` Param as `step.key=value` strings: only keys the deployment's
+`trigger_keys` allow (data, task, model, training settings by default; never the promotion gate,
+`k8s.*` or `artifact_root`). A refused key fails the run at `collect`, before any work. The form's
+defaults are the deployment's config (`FINETUNE_CONFIG`); a Param left at its default sends nothing.
 
 **When it runs.** On the cron schedule `FINETUNE_SCHEDULE` (default `@weekly`) and, unless
 `FINETUNE_ASSET_SCHEDULE=false`, also whenever the Asset `<model_name>-snapshot` (the default

@@ -20,7 +20,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, Param, task
 
 from pipeline import k8s, steps, storage
-from pipeline.config import file_overrides, load_config, param_schema, safe_run_id
+from pipeline.config import PipelineConfig, load_config, param_schema, safe_run_id
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.steps import DAG_PARAMS, STEPS, uses_pytorchjob
 
@@ -37,8 +37,14 @@ def snapshot_asset(model_name: str) -> Asset:
     return Asset(name=f"{model_name}-snapshot", uri=f"x-finetune://snapshots/{model_name}")
 
 
+def deployment_config() -> PipelineConfig:
+    """The deployment's effective config (its config files over the defaults): what the trigger
+    form shows as defaults. Read when a DAG file is parsed: local files, no network."""
+    return load_config(None, steps.deployment_overrides())
+
+
 def default_model_name() -> str:
-    return param_schema("model_name")["default"]
+    return deployment_config().model_name
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -55,15 +61,17 @@ def env_flag(name: str, default: bool) -> bool:
 def step_params(dag_id: str, names: Iterable[str] | None = None, overrides: bool = True,
                 **form: Mapping[str, Any]) -> dict[str, Param]:
     """The Params of ``dag_id`` (``pipeline.steps.DAG_PARAMS``), or the ``names`` among them, bound
-    to config keys: type, bounds, default and help come from the config field; ``form`` changes a
-    Param's schema where the trigger form needs another default (e.g. ``version={"default": ...}``).
-    ``overrides`` adds the free-form ``overrides`` Param."""
-    keys = DAG_PARAMS[dag_id]
-    params = {name: Param(**{**param_schema(keys[name]), **form.get(name, {})}, title=name)
+    to config keys: type, bounds and help come from the config field, the default from the
+    deployment's config; ``form`` changes a Param's schema where the trigger form needs another
+    default (e.g. ``version={"default": ...}``). ``overrides`` adds the free-form ``overrides`` Param.
+    A Param left at its default sends nothing: the deployment's value stands."""
+    keys, defaults = DAG_PARAMS[dag_id], deployment_config()
+    params = {name: Param(**{**param_schema(keys[name], defaults), **form.get(name, {})}, title=name)
               for name in (names or keys)}
     if overrides:
         params["overrides"] = Param([], type="array", items={"type": "string"}, title="overrides",
-                                    description="More config overrides as step.key=value, e.g. train.max_seq_len=128.")
+                                    description="More config overrides as step.key=value, e.g. train.max_seq_len=128; "
+                                                "only keys the deployment's trigger_keys allow.")
     return params
 
 
@@ -83,21 +91,19 @@ def triggered_snapshot(context) -> str | None:
 
 
 def run_overrides(step: str, context) -> list[str]:
-    """The step's overrides in this run: Params, who triggered it, upstream results, and for
+    """The step's overrides in this run: the deployment's config files, what the trigger sent
+    (checked against the deployment's trigger_keys), who triggered it, upstream results, and for
     ``collect`` in an asset-triggered run the announced snapshot as its only source."""
     upstream = {source: context["ti"].xcom_pull(task_ids=source) for source, _ in STEPS[step].inputs.values()}
-    user = getattr(context.get("dag_run"), "triggering_user_name", None) or "unknown"
-    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user)
+    dag_run = context.get("dag_run")
+    user = getattr(dag_run, "triggering_user_name", None) or "unknown"
+    run_after = getattr(dag_run, "run_after", None)  # a cleared task of an old run keeps its old date
+    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user,
+                                deployment=steps.deployment_overrides(),
+                                run_date=run_after.isoformat() if run_after else "")
     if step == "collect" and (snapshot_uri := triggered_snapshot(context)):
         sets.append(f"collect.sources={json.dumps([snapshot_uri])}")
     return sets
-
-
-def cluster_overrides(step: str, context) -> list[str]:
-    """The step's overrides on a cluster: the deployment's YAML (``FINETUNE_K8S_CONFIG``: images,
-    namespace, Secret names...) first, so that a run's Params and ``overrides`` still win."""
-    path = os.environ.get("FINETUNE_K8S_CONFIG")
-    return [*(file_overrides(path) if path else []), *run_overrides(step, context)]
 
 
 def aws_connection_env() -> dict[str, str]:
@@ -126,7 +132,8 @@ def step_task(step: str, launcher: str):
         from airflow.sdk.exceptions import AirflowFailException
 
         try:
-            return steps.launch(step, run_overrides(step, context), env=aws_connection_env())
+            overrides = run_overrides(step, context)  # a refused trigger key fails here, before any work
+            return steps.launch(step, overrides, env=aws_connection_env())
         except PipelineError as exc:
             if getattr(exc, "retryable", False):
                 raise
@@ -148,7 +155,7 @@ def pod_task(step: str, launcher: str):
             from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
 
             try:
-                manifest = steps.render(step, cluster_overrides(step, context), launcher)
+                manifest = steps.render(step, run_overrides(step, context), launcher)
             except PipelineError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
             self.full_pod_spec = PodGenerator.deserialize_model_dict(manifest)
@@ -181,7 +188,7 @@ def pytorchjob_task(step: str, launcher: str):
             from airflow.sdk.exceptions import AirflowFailException
 
             try:
-                overrides = cluster_overrides(step, context)
+                overrides = run_overrides(step, context)
                 self.manifest = steps.render(step, overrides, launcher)
                 cfg = load_config(None, overrides)
             except PipelineError as exc:

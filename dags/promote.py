@@ -9,6 +9,9 @@ current champion on the gate metric, is refused unless `force` is set, and `forc
 experiment `<model_name>-promotions`.
 
 **Roll back**: `version=previous_champion`, `force=true`, `reason=<why>`.
+
+Its task is built by the same factory as the `finetune` DAG's: under `FINETUNE_LAUNCHER=kubernetes`
+or `pytorchjob` it runs as a pod. No retries: a refused promotion is a verdict.
 """
 
 from __future__ import annotations

@@ -53,7 +53,10 @@ def step_main(step: str, argv: Sequence[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if is_main_process():
-            storage.delete(storage.join(cfg.step_uri(step), steps.ERROR_FILE))
+            # A re-run starts bare: neither an old error nor an old result may pass for this run's
+            # while the step rewrites its outputs.
+            for name in (steps.ERROR_FILE, steps.RESULT_FILE):
+                storage.delete(storage.join(cfg.step_uri(step), name))
         result = steps.STEPS[step].run(cfg)
     except PipelineError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)

@@ -13,7 +13,10 @@ sources are (bench/results/collect.md). The finished file is then published to
 
 The split (``train`` or ``eval``) comes from a stable hash of the normalised text, so it never
 changes between runs and the same text can never land in both splits. A published snapshot is a
-valid source: collecting it again gives the same sha256 and URI.
+valid source: collecting it again gives the same sha256 and URI. An http(s) source's redirects are
+followed (at most five) only within its scheme and, unless ``collect.allowed_hosts`` lists the
+host, only to public addresses or back to the source's own host and port; the manifest names the
+source as configured (``uri``) and the URL its bytes came from (``final_uri``).
 
     finetune collect --set collect.sources='[pipeline/data/support_intents.jsonl]'
 
@@ -29,21 +32,24 @@ import glob
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urljoin, urlsplit
 
 from pipeline import chat, storage
 from pipeline.config import READ_ROWS, CollectConfig, PipelineConfig
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.snapshot import snapshot_columns
 from pipeline.text import normalize_text
 
@@ -85,16 +91,25 @@ class SourceFile:
     last_modified: str | None = None
     sha256: str | None = None
     rows: int = 0
+    # http(s): the URL the bytes came from, after redirects. ``uri`` stays the URL the config
+    # names, so the manifest's sources match collect.sources and collecting them again works.
+    final_uri: str | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"uri": self.uri, "bytes": self.size, "sha256": self.sha256, "rows": self.rows,
-                "etag": self.etag, "last_modified": self.last_modified}
+        entry = {"uri": self.uri, "bytes": self.size, "sha256": self.sha256, "rows": self.rows,
+                 "etag": self.etag, "last_modified": self.last_modified}
+        if self.final_uri is not None:
+            entry["final_uri"] = self.final_uri
+        return entry
 
 
-def _expand(source: str) -> list[SourceFile]:
+def _expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
     """Every file a source names, in a stable order; no bytes are read yet."""
     kind = storage.scheme(source)
     if kind in ("http", "https"):
+        if allowed_hosts and not _listed(source, allowed_hosts):
+            raise ConfigError(f"source {source}: {_host_port(source)} is not in collect.allowed_hosts "
+                              f"{list(allowed_hosts)}; add it there to download from it")
         return [SourceFile(source)]
     if kind == "s3":
         info = storage.object_info(source)
@@ -122,7 +137,7 @@ def _expand(source: str) -> list[SourceFile]:
 
 
 @contextlib.contextmanager
-def _local_copy(source: SourceFile, tmp: Path) -> Iterator[Path]:
+def _local_copy(source: SourceFile, tmp: Path, allowed_hosts: Sequence[str] = ()) -> Iterator[Path]:
     """A local file holding the source's bytes: the file itself, or a download deleted afterwards.
 
     Remote sources go to disk, not memory, so a source's size costs disk space only; the sha256 of
@@ -135,7 +150,7 @@ def _local_copy(source: SourceFile, tmp: Path) -> Iterator[Path]:
             if kind == "s3":
                 storage.download(source.uri, path)
             else:
-                _download_http(source, path)
+                _download_http(source, path, allowed_hosts)
             source.size = path.stat().st_size
             source.sha256 = _file_sha256(path)
             yield path
@@ -159,34 +174,116 @@ def _file_sha256(path: Path) -> str:
 # as S3 downloads are by botocore's standard mode; a 4xx is the source's answer and is not.
 HTTP_RETRIES = 3
 HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
+# Redirects are followed here, not by urllib3, so that each target is checked before anything
+# connects to it: a public source must not be able to send collect to 169.254.169.254.
+HTTP_MAX_REDIRECTS = 5
 
 
-def _download_http(source: SourceFile, dest: Path) -> None:
-    """Stream an http(s) URL to ``dest`` in chunks, recording its ETag and Last-Modified."""
+def _download_http(source: SourceFile, dest: Path, allowed_hosts: Sequence[str] = ()) -> None:
+    """Stream an http(s) URL to ``dest`` in chunks, recording its ETag, Last-Modified and the
+    URL it finally came from; at most ``HTTP_MAX_REDIRECTS`` redirects, each checked first."""
     import urllib3
 
     retry = urllib3.Retry(total=HTTP_RETRIES, backoff_factor=0.5, status_forcelist=HTTP_RETRY_STATUSES,
                           allowed_methods=("GET",), raise_on_status=False)
     pool = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=30, read=60))
+    url = source.uri
     try:
-        response = pool.request("GET", source.uri, preload_content=False)
-        try:
-            if response.status >= 400:
-                retried = f" (after {HTTP_RETRIES} retries)" if response.status in HTTP_RETRY_STATUSES else ""
-                raise DataError(f"cannot download {source.uri}: HTTP Error {response.status}: "
-                                f"{response.reason}{retried}")
-            with dest.open("wb") as out:
-                for chunk in response.stream(READ_BYTES):
-                    out.write(chunk)
-            headers = response.headers
-        finally:
-            response.release_conn()
+        for _ in range(HTTP_MAX_REDIRECTS + 1):
+            response = pool.request("GET", url, preload_content=False, redirect=False)
+            try:
+                location = response.get_redirect_location()  # False: not a redirect
+                if location is False:
+                    _save_response(response, source, url, dest)
+                    break
+                response.close()  # a redirect's body is never wanted, and a hostile one may not end
+            finally:
+                response.release_conn()
+            url = _redirect_target(source.uri, url, location, allowed_hosts)
+        else:
+            raise DataError(f"cannot download {source.uri}: more than {HTTP_MAX_REDIRECTS} redirects "
+                            f"(the last to {url})")
     except urllib3.exceptions.HTTPError as exc:  # refused, timed out, body cut short, retries spent
-        raise DataError(f"cannot download {source.uri}: {exc!r}") from exc
+        where = "" if url == source.uri else f" (redirected to {url})"
+        raise DataError(f"cannot download {source.uri}{where}: {exc!r}") from exc
+    source.final_uri = url
+
+
+def _save_response(response: Any, source: SourceFile, url: str, dest: Path) -> None:
+    """Write the body of the final (not a redirect) response for ``source`` to ``dest``."""
+    if response.status >= 400:
+        retried = f" (after {HTTP_RETRIES} retries)" if response.status in HTTP_RETRY_STATUSES else ""
+        where = "" if url == source.uri else f" (redirected to {url})"
+        raise DataError(f"cannot download {source.uri}{where}: HTTP Error {response.status}: "
+                        f"{response.reason}{retried}")
+    with dest.open("wb") as out:
+        for chunk in response.stream(READ_BYTES):
+            out.write(chunk)
+    headers = response.headers
     source.etag = headers.get("ETag")
     if headers.get("Last-Modified"):
         with contextlib.suppress(TypeError, ValueError):
             source.last_modified = parsedate_to_datetime(headers["Last-Modified"]).isoformat()
+
+
+def _redirect_target(source_uri: str, url: str, location: str | None, allowed_hosts: Sequence[str]) -> str:
+    """The absolute URL the redirect from ``url`` points to, once it is allowed: the same scheme
+    as the source; with ``allowed_hosts``, a listed host; without, the source's own host and port
+    or a host whose every address is public. Nothing has connected to it yet."""
+    refused = f"cannot download {source_uri}: refused the redirect from {url} to"
+    if not location:
+        raise DataError(f"cannot download {source_uri}: {url} answered a redirect without a Location")
+    target = urljoin(url, location)
+    parts = urlsplit(target)
+    if parts.scheme != urlsplit(source_uri).scheme:
+        raise DataError(f"{refused} {target}: it changes the scheme from {urlsplit(source_uri).scheme} to "
+                        f"{parts.scheme or 'none'}, which no setting allows (name that URL in collect.sources "
+                        "if it is the one meant)")
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is no number
+        host = None
+    if not host:
+        raise DataError(f"{refused} {target}: not a URL with a host")
+    if allowed_hosts:
+        if not _listed(target, allowed_hosts):
+            raise DataError(f"{refused} {target}: {_host_port(target)} is not in collect.allowed_hosts "
+                            f"{list(allowed_hosts)}; add it there to allow it")
+        return target
+    if _host_port(target) == _host_port(source_uri):
+        return target  # back to the host the config names: it reaches nothing the source did not
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError as exc:
+        raise DataError(f"{refused} {target}: cannot resolve {host} ({exc})") from exc
+    for text in sorted(addresses):
+        address = ipaddress.ip_address(text.split("%")[0])  # an IPv6 zone ('fe80::1%eth0') is no part of it
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its spelling
+        if not address.is_global:
+            kind = ("loopback" if address.is_loopback else "link-local" if address.is_link_local
+                    else "private" if address.is_private else "non-public")
+            raise DataError(f"{refused} {target}: {host} resolves to {address}, a {kind} address; add "
+                            f"'{_host_port(target)}' to collect.allowed_hosts (with the source's host) to allow it")
+    return target
+
+
+def _host_port(url: str) -> str:
+    """'host:port' of ``url`` as collect.allowed_hosts writes it (IPv6 in brackets, default port filled in)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listed(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether collect.allowed_hosts names the host of ``url``: alone (any port) or with its port."""
+    host_port = _host_port(url)
+    host = host_port.rpartition(":")[0]
+    return any(entry.lower() in (host_port, host, host.strip("[]")) for entry in allowed_hosts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +657,7 @@ class Tally:
 
 def run(cfg: PipelineConfig) -> CollectResult:
     own = cfg.collect
-    sources = [file for source in own.sources for file in _expand(source)]
+    sources = [file for source in own.sources for file in _expand(source, own.allowed_hosts)]
     for source in sources:
         _format_of(source.uri)  # an unknown format fails now, not after reading the other sources
     tally = Tally()
@@ -587,7 +684,7 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: SnapshotWriter,
         to_rows, fields = _chat_rows, CHAT_FIELDS
     else:
         to_rows, fields = _classification_rows, tuple(dict.fromkeys((own.text_column, own.label_column)))
-    with _local_copy(source, tmp) as path, \
+    with _local_copy(source, tmp, own.allowed_hosts) as path, \
             open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
         if parsed.columns_complete:  # fail before reading rows when the header says so
             _check_columns(cfg.task, source.uri, parsed.columns, own)

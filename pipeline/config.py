@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
 import os
 import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,20 @@ class CollectConfig:
         100_000, f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
                  "this many if fewer); with the row size, it bounds collect's memory.",
         minimum=1, maximum=1_000_000)  # pyarrow caps a row group at 1Mi rows by default
+    # A redirect must not turn a public source into a request to the cloud metadata service or
+    # an internal host; this list is how a deployment vouches for the hosts it does mean.
+    allowed_hosts: list[str] = option(
+        [], "http(s) sources: hosts a download may reach, as 'host' (any port) or 'host:port' (IPv6: '[::1]:8080'). "
+            "Empty: any host for a URL in collect.sources, and redirects only to public addresses or back to the "
+            "source's own host:port; not empty: the source URL and every redirect must name a listed host, which "
+            "may then be loopback, link-local or private. A redirect never changes the scheme.")
 
     def __post_init__(self) -> None:
         check_fields(self, "collect.")
+        for host in self.allowed_hosts:
+            if not re.fullmatch(r"[^\s/?#@]+", host):  # a URL here would silently never match
+                raise ConfigError(f"collect.allowed_hosts: {host!r} is not a host or host:port "
+                                  "(e.g. 'data.example.com' or '10.0.0.5:8080')")
 
 
 # --- validate ---------------------------------------------------------------------------------
@@ -265,6 +278,11 @@ class PromoteConfig:
     reason: str = option("", "Why; recorded in the audit trail; required with force.")
     force: bool = option(False, "Promote even if the version failed its gate or is worse than the champion.")
     requested_by: str = option("", "Who asked (the Airflow user who triggered the run).")
+    # The lock every alias move (promote, and register's own promotion) takes: pipeline/registry.py.
+    lock_ttl_s: float = option(60.0, "Seconds after which the registry lock of a holder that stopped renewing it "
+                                     "(it renews every quarter of this) may be taken over.", minimum=1.0, maximum=3600.0)
+    lock_wait_s: float = option(300.0, "Seconds an alias move waits for the registry lock before it fails with a "
+                                       "retryable error.", minimum=0.0, maximum=86400.0)
 
     def __post_init__(self) -> None:
         check_fields(self, "promote.")
@@ -371,6 +389,41 @@ class K8sConfig:
         tolerations(self.gpu_tolerations)
 
 
+# --- what a trigger may set -------------------------------------------------------------------
+
+# What a trigger sends (the trigger form's Params, the REST API's conf, the `overrides` Param,
+# `finetune run --set`) is untrusted; what the deployment configures (its environment, the config
+# file FINETUNE_CONFIG names, `finetune run --config FILE`) is trusted and says, in trigger_keys,
+# which keys a trigger may set. The default: data and training choices. Never a key that moves
+# the promotion gate or where artifacts and images come from (k8s.*, artifact_root,
+# evaluate.gate_metric / metric_direction / thresholds / promotion_margin), nor the data gate's
+# settings (validate.*): those belong to whoever runs the deployment.
+TRIGGER_KEYS = (
+    "task", "model_name", "base_model", "seed",
+    "collect.sources", "collect.text_column", "collect.label_column",
+    "train.epochs", "train.learning_rate", "train.batch_size", "train.gradient_accumulation_steps",
+    "train.max_seq_len", "train.weight_decay", "train.warmup_ratio", "train.zero_stage", "train.num_processes",
+    "train.logging_steps", "train.precision", "train.offload_optimizer", "train.offload_params",
+    "train.chat_template", "train.overlong", "train.packing", "train.lora_*",
+    "evaluate.batch_size", "evaluate.max_seq_len", "evaluate.generate_rows", "evaluate.max_new_tokens",
+    "promote.version", "promote.target_alias", "promote.reason", "promote.force",
+)
+# Set by the deployment alone, even where its trigger_keys would match them.
+NEVER_FROM_A_TRIGGER = ("trigger_keys",)
+
+
+def check_trigger(overrides: Sequence[str], allowed: Sequence[str], origin: str = "DAG run conf") -> None:
+    """Refuse any ``key=value`` of ``overrides`` (what a trigger sent) whose key no pattern of
+    ``allowed`` (the deployment's ``trigger_keys``) matches, naming the key and the setting."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in NEVER_FROM_A_TRIGGER or not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+            raise ConfigError(
+                f"{origin}: '{key}' may not be set by a trigger (the trigger form, the REST API, the overrides Param "
+                f"or `finetune run --set`); the deployment allows it by adding it to trigger_keys in its config "
+                f"file (FINETUNE_CONFIG, or `finetune run --config FILE`)")
+
+
 # --- the whole configuration ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -389,7 +442,12 @@ class PipelineConfig:
         pattern=r"[A-Za-z0-9][A-Za-z0-9_.\-]*",
     )
     artifact_root: str = option("", "Artifact store URI (file:// or s3://); default file://$FINETUNE_HOME/artifacts.")
+    run_date: str = option("", "When this pipeline run was due (ISO 8601; the Airflow run's run_after, set by the "
+                               "DAG): it orders runs, so a re-run of an old one never rewinds what a newer one "
+                               "recorded. Empty: now.")
     seed: int = option(42, "Random seed for splitting, initialisation and data order.", minimum=0)
+    trigger_keys: list[str] = option(list(TRIGGER_KEYS), "Config keys (glob patterns) a trigger may set; "
+                                     "the deployment's setting, never a trigger's.")
     collect: CollectConfig = field(default_factory=CollectConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -402,6 +460,18 @@ class PipelineConfig:
         if not self.artifact_root:
             object.__setattr__(self, "artifact_root", default_artifact_root())
         check_fields(self)
+        if self.run_date:
+            try:
+                self.run_time()
+            except ValueError as exc:
+                raise ConfigError(f"run_date: {self.run_date!r} is not an ISO 8601 date and time") from exc
+
+    def run_time(self) -> datetime:
+        """``run_date`` as an aware datetime (now, when it is empty)."""
+        if not self.run_date:
+            return datetime.now(timezone.utc)
+        moment = datetime.fromisoformat(self.run_date)
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
     def step_uri(self, step: str) -> str:
         """Where ``step`` writes for this run: ``<artifact_root>/runs/<run_id>/<step>``."""
@@ -501,8 +571,18 @@ def build_config(tree: dict[str, Any]) -> PipelineConfig:
     return PipelineConfig(**top, **sections)
 
 
-def param_schema(key: str) -> dict[str, Any]:
-    """JSON-schema keywords for an Airflow ``Param`` bound to config key ``key``."""
+def value_of(cfg: PipelineConfig, key: str) -> Any:
+    """The value of the config key ``key`` (``train.epochs``, ``model_name``) in ``cfg``."""
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, name)
+
+
+def param_schema(key: str, defaults: PipelineConfig | None = None) -> dict[str, Any]:
+    """JSON-schema keywords for an Airflow ``Param`` bound to config key ``key``; its default is
+    the field's, or ``key``'s value in ``defaults`` (the deployment's effective config)."""
     section, _, name = key.rpartition(".")
     hint = typing.get_type_hints(SECTIONS[section] if section else PipelineConfig)[name]
-    return json_schema(_schema()[section][name], hint)
+    schema = json_schema(_schema()[section][name], hint)
+    if defaults is not None:
+        schema["default"] = value_of(defaults, key)
+    return schema

@@ -4,6 +4,10 @@ Uses ``airflow dags test`` with ``AIRFLOW_HOME`` (SQLite) under ``$FINETUNE_HOME
 ``./.finetune``), passes ``--source`` and ``--set`` as the run's Params, streams the task logs to
 stderr and prints a one-line JSON summary last. On failure it names the step and its error.
 
+On your own machine you are the deployment: ``--config FILE`` is the deployment's config file
+(``FINETUNE_CONFIG`` for this run), trusted, any key; ``--set`` is what a trigger sends, held to
+the deployment's ``trigger_keys`` before Airflow starts.
+
     finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1
 """
 
@@ -18,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import file_overrides, finetune_home, load_config, safe_run_id
+from pipeline import steps, storage
+from pipeline.config import check_trigger, finetune_home, load_config, safe_run_id
 from pipeline.errors import PipelineError
 from pipeline.steps import PIPELINE, RESULT_FILE, step_error
 
@@ -30,9 +34,9 @@ def dags_folder() -> Path:
     return Path(os.environ.get("FINETUNE_DAGS_FOLDER", Path(__file__).resolve().parent.parent / "dags"))
 
 
-def airflow_env() -> dict[str, str]:
+def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     home = finetune_home()
-    env = dict(os.environ)
+    env = {**os.environ, **(extra or {})}
     env.update({
         "FINETUNE_HOME": str(home),
         "AIRFLOW_HOME": env.get("AIRFLOW_HOME", str(home / "airflow")),
@@ -72,9 +76,9 @@ def failure(artifact_run_uri: str) -> str:
     return "the DAG run failed (see the log above)"
 
 
-def test_dag(dag_id: str, conf: dict[str, Any]) -> str:
+def test_dag(dag_id: str, conf: dict[str, Any], env_extra: dict[str, str] | None = None) -> str:
     """Run one DAG run of ``dag_id`` with ``airflow dags test`` (logs to stderr); its run id."""
-    env = airflow_env()
+    env = airflow_env(env_extra)
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     if _airflow(["db", "migrate"], env, capture=True).returncode != 0:
         raise PipelineError("`airflow db migrate` failed; run it by hand to see why")
@@ -90,21 +94,25 @@ def test_dag(dag_id: str, conf: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
     parser.add_argument("--source", action="append", default=[], help="data source URI (repeatable)")
-    parser.add_argument("--config", help="YAML config file; its keys become overrides")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", help="the deployment's YAML config file (FINETUNE_CONFIG for this run): any key")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trigger's override: only keys the config's trigger_keys allow")
     args = parser.parse_args(argv)
     sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
+    env_extra = {"FINETUNE_CONFIG": str(Path(args.config).resolve())} if args.config else {}
+    trigger = args.overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else [])
     try:
-        overrides = (file_overrides(args.config) if args.config else []) + args.overrides
-        cfg = load_config(None, overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else []))
+        deployment = steps.deployment_overrides({**os.environ, **env_extra})  # as the DAG's tasks will read it
+        check_trigger(trigger, load_config(None, deployment).trigger_keys, "run --set")
+        cfg = load_config(None, deployment + trigger)
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)
         return exc.exit_code
-    conf: dict[str, Any] = {"overrides": overrides}
+    conf: dict[str, Any] = {"overrides": args.overrides}
     if sources:
         conf["source"] = sources
     try:
-        airflow_run_id = test_dag(DAG_ID, conf)
+        airflow_run_id = test_dag(DAG_ID, conf, env_extra)
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)
         return 1

@@ -23,3 +23,9 @@ class ValidationFailed(PipelineError):
 
 class ModelError(PipelineError):
     """The base model or a trained model cannot be found or loaded."""
+
+
+class TransientError(PipelineError):
+    """A condition that may clear by itself (a busy lock, a lease taken over): try again later."""
+
+    exit_code = 75  # EX_TEMPFAIL: launchers retry it, unlike the verdicts on input (2, 3)

@@ -162,7 +162,7 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     if rows.empty:
         raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
     texts, truth = [str(t) for t in rows["text"]], [str(v) for v in rows["label"]]
-    path = resolve_model(own.model_uri, scratch, what="evaluate.model_uri")
+    path = resolve_model(own.model_uri, scratch, what="evaluate.model_uri", published=True)
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)

@@ -10,6 +10,7 @@ Foundation layer: imports nothing of ours but ``errors``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import typing
 from dataclasses import field
@@ -66,6 +67,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)  # --set promote.version=3 parses as a number; the field is text
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads an unquoted timestamp as one; the field is text
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name}: expected a string, got {value!r}")

@@ -21,15 +21,19 @@ from pipeline.errors import ModelError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True) -> str:
+def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True,
+                  published: bool = False) -> str:
     """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from.
 
     ``weights=False`` is for a tokenizer or config alone: an S3 model is then fetched without
-    its weight files, which are most of its bytes.
+    its weight files, which are most of its bytes. ``published=True`` is for a model the pipeline
+    published itself (train's): an S3 prefix must carry its publish manifest, so a half-written
+    or stale model is refused; a base model a person uploaded has none.
     """
     kind = storage.scheme(uri)
     if kind == "s3":
-        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES))
+        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES,
+                                     published=published))
     path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
     looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
     if path is None or (looks_like_hub_name and not path.exists()):
@@ -86,7 +90,7 @@ def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
 
 def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any, Any]:
     """A trained causal LM: a full model directory, or a LoRA adapter applied to ``base_model``."""
-    path = resolve_model(model_uri, scratch / "trained", what="evaluate.model_uri")
+    path = resolve_model(model_uri, scratch / "trained", what="evaluate.model_uri", published=True)
     if not (Path(path) / "adapter_config.json").is_file():
         return load_causal_lm(path, f"evaluate.model_uri '{model_uri}'")
     from peft import PeftModel  # only an adapter needs it (and it takes seconds to import)

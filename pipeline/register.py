@@ -3,7 +3,8 @@ with its lineage and model card, give it the ``challenger`` alias and, when the 
 gate passed, move ``champion`` to it. The version that held ``champion`` keeps the
 ``previous_champion`` alias, so a roll-back is promoting that alias back.
 
-Re-running register for the same pipeline run returns the version it already registered.
+Re-running register for the same pipeline run returns the version it already registered and
+finishes what an interrupted try left undone (``challenger``, the promotion attempt).
 
     finetune register --set register.train_result_uri=.../train/result.json \\
         --set register.evaluate_result_uri=.../evaluate/result.json \\
@@ -166,7 +167,7 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
     import transformers
 
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
-        path = resolve_model(model_uri, Path(tmp), what="trained model")
+        path = resolve_model(model_uri, Path(tmp), what="trained model", published=True)
         if cfg.task == "causal-lm":
             flavor = _chat_model(cfg, path, Path(tmp))
         else:
@@ -202,6 +203,25 @@ def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
     return versions[0] if versions else None
 
 
+PROMOTION_DONE = "finetune.register.promotion"  # version tag: the outcome of register's promotion attempt
+
+
+def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[str, Any]) -> None:
+    """What follows the version, done so that a re-run after a crash at any point ends where an
+    uninterrupted run would: ``challenger`` (unless a newer version holds it by now), then, when
+    the gate passed and no earlier try finished it, the promotion attempt."""
+    held = tracker.get_registered_model(cfg.model_name).aliases.get(CHALLENGER)
+    if held is None or int(held) < int(version):
+        tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+    if evaluated["promote"] and PROMOTION_DONE not in tracker.get_model_version(cfg.model_name, version).tags:
+        # Under the registry lock, and only if the champion evaluate compared against still holds.
+        promotion = registry.attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
+                                     reason=evaluated["reason"],
+                                     expected_current=evaluated.get("champion_version") or "",
+                                     ttl_s=cfg.promote.lock_ttl_s, wait_s=cfg.promote.lock_wait_s)
+        tracker.set_model_version_tag(cfg.model_name, version, PROMOTION_DONE, promotion.outcome)
+
+
 def run(cfg: PipelineConfig) -> RegisterResult:
     from mlflow.exceptions import MlflowException
 
@@ -216,7 +236,7 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     existing = _already_registered(tracker, cfg)
     if existing is not None:  # a retried or re-run register: same training run, same version
         version, mlflow_run_id = str(existing.version), existing.run_id
-        print(f"register: pipeline run {cfg.run_id} is already version {version}", file=sys.stderr)
+        print(f"register: pipeline run {cfg.run_id} is already version {version}; completing it", file=sys.stderr)
     else:
         mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
         card = model_card(cfg, inputs)
@@ -224,12 +244,8 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
                                                    tags=lineage_tags(cfg, inputs), description=card,
                                                    model_id=info.model_id).version)
-        tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        if evaluated["promote"]:
-            # Under the registry lock, and only if the champion evaluate compared against still holds.
-            registry.attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
-                    reason=evaluated["reason"], expected_current=evaluated.get("champion_version") or "")
-        tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
+    _complete(tracker, cfg, version, evaluated)
+    tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
     metrics = {k: float(v) for k, v in evaluated["metrics"].items()}

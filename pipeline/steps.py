@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import collect, evaluate, k8s, promote, register, storage, train, validate
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, check_trigger, file_overrides, load_config, value_of
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
 LAUNCHERS = ("local", "kubernetes", "pytorchjob")
@@ -91,7 +91,6 @@ DAG_PARAMS: dict[str, dict[str, str]] = {
         "batch_size": "train.batch_size",
         "zero_stage": "train.zero_stage",
         "num_processes": "train.num_processes",
-        "promotion_margin": "evaluate.promotion_margin",
     },
     "promote": {
         "model_name": "model_name",
@@ -103,17 +102,35 @@ DAG_PARAMS: dict[str, dict[str, str]] = {
 }
 
 
+# The deployment's config files, trusted: FINETUNE_CONFIG (any section, trigger_keys included)
+# and FINETUNE_K8S_CONFIG (the k8s section: images, namespace, Secret names, ...), in that order.
+DEPLOYMENT_CONFIG_VARIABLES = ("FINETUNE_CONFIG", "FINETUNE_K8S_CONFIG")
+
+
+def deployment_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The deployment's config files as ``key=value`` overrides (each checked, naming the file)."""
+    environ = os.environ if environ is None else environ
+    return [item for name in DEPLOYMENT_CONFIG_VARIABLES if environ.get(name) for item in file_overrides(environ[name])]
+
+
 def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]],
-                   run_id: str, requested_by: str = "") -> list[str]:
-    """``key=value`` overrides for one step: its DAG's Params, then the free-form ``overrides``
-    Param, then who asked, the run id and upstream result URIs (which a user override must not
-    redirect)."""
+                   run_id: str, requested_by: str = "", deployment: Sequence[str] = (), run_date: str = "") -> list[str]:
+    """``key=value`` overrides for one step, later ones winning: the deployment's (trusted), then
+    what the trigger sent -- its DAG's Params that differ from the deployment's values, then the
+    free-form ``overrides`` Param -- refused unless the deployment's ``trigger_keys`` allow each
+    key, then the pipeline's own: who asked, the run id and date and the upstream result URIs."""
     row = STEPS[step]
-    sets = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items() if name in params]
-    sets += list(params.get("overrides") or [])
+    trusted = load_config(None, deployment)
+    trigger = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items()
+               if name in params and params[name] != value_of(trusted, key)]
+    trigger += list(params.get("overrides") or [])
+    check_trigger(trigger, trusted.trigger_keys)
+    sets = [*deployment, *trigger]
     if row.requested_by_key:
         sets.append(f"{row.requested_by_key}={json.dumps(requested_by or 'unknown')}")
     sets.append(f"run_id={run_id}")
+    if run_date:
+        sets.append(f"run_date={json.dumps(run_date)}")
     for key, (source, result_field) in row.inputs.items():
         if source not in upstream or result_field not in upstream[source]:
             raise ConfigError(f"{step}: upstream result {source}.{result_field} is missing")

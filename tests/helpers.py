@@ -155,3 +155,14 @@ def promotion_audit(tracker: Any, name: str = MODEL_NAME) -> list[Any]:
     """The audit runs of every promotion attempt on ``name``."""
     experiment = tracker.get_experiment_by_name(f"{name}-promotions")
     return tracker.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def lock_generations(tracker: Any, name: str = MODEL_NAME) -> dict[str, dict[str, str]]:
+    """The registry lock's generations of ``name`` (pipeline/registry.py) and their tags."""
+    prefix = f"{name}.promotion-lock."
+    return {m.name: dict(m.tags) for m in tracker.search_registered_models(f"name LIKE '{prefix}%'")}
+
+
+def lock_is_free(tracker: Any, name: str = MODEL_NAME) -> bool:
+    """No generation of the registry lock is held: every one left is released."""
+    return all(tags.get("released") == "true" for tags in lock_generations(tracker, name).values())

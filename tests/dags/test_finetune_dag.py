@@ -60,7 +60,7 @@ def test_asset_schedule_can_be_switched_off_and_a_bad_switch_fails_the_import(mo
 
 def test_params_have_type_bounds_default_and_description(dag):
     expected = {"source", "model_name", "task", "base_model", "epochs", "learning_rate", "batch_size", "zero_stage",
-                "num_processes", "promotion_margin", "overrides"}
+                "num_processes", "overrides"}
     assert set(dag.params) == expected
     for name in expected:
         param = dag.params.get_param(name)
@@ -96,3 +96,18 @@ def test_parsing_imports_nothing_heavy_and_is_fast(dag_file):
 def test_the_shared_task_module_is_not_parsed_as_a_dag_file(dagbag):
     assert set(dagbag.dag_ids) == {"finetune", "collect", "promote"}
     assert not any(path.endswith("finetune_tasks.py") for path in dagbag.file_last_changed)
+
+
+@pytest.mark.parametrize("override", ["evaluate.metric_direction=lower", "k8s.image=any/image:1"])
+def test_a_refused_trigger_key_fails_the_run_before_any_step_does_work(dag, airflow_db, override, capfd):
+    from pipeline import storage
+    from pipeline.config import load_config
+
+    run = dag.test(run_conf={"overrides": [override]})
+    logged = "".join(capfd.readouterr())
+    assert f"DAG run conf: '{override.partition('=')[0]}' may not be set by a trigger" in logged
+    assert run.state == "failed"
+    collect = run.get_task_instance("collect")
+    assert collect.state == "failed" and collect.try_number == 1  # a verdict on the input: never retried
+    root = storage.local_path(load_config().artifact_root)
+    assert not (root / "snapshots").exists() and not (root / "runs").exists()

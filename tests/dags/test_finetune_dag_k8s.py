@@ -56,3 +56,22 @@ def test_bad_launcher_fails_the_dag_import(monkeypatch):
     monkeypatch.setenv("FINETUNE_LAUNCHER", "slurm")
     bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
     assert "unknown launcher 'slurm'" in next(iter(bag.import_errors.values()))
+
+
+@pytest.mark.parametrize("launcher", ["kubernetes", "pytorchjob"])
+def test_promote_runs_as_a_pod_on_the_cluster_launchers(monkeypatch, launcher):
+    """Promotion and roll-back are a row of the step table like the rest: on a cluster they run as a
+    pod, never as a local subprocess of the Airflow worker (which has no registry credentials)."""
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    from pipeline import steps
+
+    monkeypatch.setenv("FINETUNE_LAUNCHER", launcher)
+    bag = BundleDagBag(dag_folder=str(DAGS / "promote.py"), bundle_path=DAGS)
+    assert bag.import_errors == {}
+    task = bag.dags["promote"].get_task("promote")
+    assert type(task).__name__ == "StepPodOperator" and task.retries == 0
+    manifest = steps.render("promote", ["promote.version=3", "run_id=manual__x"], launcher)
+    assert manifest["kind"] == "Pod" and manifest["spec"]["containers"][0]["args"][:2] == ["promote", "--set"]
+    validate_core(manifest)
+    assert restricted_violations(manifest["spec"]) == []

@@ -185,6 +185,16 @@ def test_step_main_exit_code_and_error_file(tmp_path, capsys):
     assert "matches no files" in storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]
 
 
+def test_a_rerun_that_fails_leaves_no_result_of_the_run_before(small_data, tmp_path):
+    step_uri = load_config(None, ["run_id=again"]).step_uri("collect")
+    argv = ["collect", "--set", "run_id=again", "--set"]
+    assert cli.main([*argv, f"collect.sources={json.dumps([str(small_data)])}"]) == 0
+    assert storage.exists(f"{step_uri}/result.json") and not storage.exists(f"{step_uri}/error.json")
+    assert cli.main([*argv, f"collect.sources={json.dumps([str(tmp_path / 'gone.jsonl')])}"]) == 2
+    assert not storage.exists(f"{step_uri}/result.json")  # a reader must not take it for this run's
+    assert "gone.jsonl matches no files" in storage.read_json(f"{step_uri}/error.json")["error"]
+
+
 def test_finetune_command_exits_2_and_publishes_nothing(tmp_path, finetune_home):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a", "label": "b"}\n{oops\n')
     done = subprocess.run([PYTHON, "-m", "pipeline", "collect", "--set", f"collect.sources={tmp_path}/bad.jsonl"],

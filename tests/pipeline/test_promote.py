@@ -12,7 +12,7 @@ from pipeline import promote
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tracking import client
-from tests.helpers import MODEL_NAME, aliases, promotion_audit, register_version
+from tests.helpers import MODEL_NAME, aliases, lock_is_free, promotion_audit, register_version
 
 
 
@@ -41,7 +41,7 @@ def test_promote_refuse_and_roll_back_with_an_audit_per_attempt():
     assert forced.data.tags["promotion.reason"] == "v2 misroutes refunds"
     assert forced.data.tags["promotion.requested_by"] == "ana" and forced.data.tags["promotion.at"]
     assert json.loads(tracker.get_model_version(MODEL_NAME, v1).tags["finetune.promoted_to.champion"])["forced"]
-    assert tracker.search_registered_models(f"name = '{MODEL_NAME}.promotion-lock'") == []
+    assert lock_is_free(tracker)
 
 
 def test_a_version_that_failed_its_gate_needs_force():
@@ -87,7 +87,7 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
     assert aliases(tracker)["champion"] == best
     records = promotion_audit(tracker)
     assert sorted(r.data.tags["promotion.requested_by"] for r in records) == sorted(f"attempt-{v}" for v in versions)
-    assert tracker.search_registered_models(f"name = '{MODEL_NAME}.promotion-lock'") == []
+    assert lock_is_free(tracker)
 
 
 def test_a_lower_is_better_gate_metric_promotes_the_lower_perplexity():

@@ -87,3 +87,70 @@ def test_lineage_model_card_and_idempotent_rerun(tmp_path, classifier_dir, monke
     again = register.run(cfg)  # a retried task: same pipeline run, same version
     assert again.version == first.version
     assert len(client().search_model_versions("name='support-intents'")) == 1
+
+
+class Crash(BaseException):
+    """The process dying right after a call reached the registry (not an Exception: nothing catches it)."""
+
+
+class CrashingClient:
+    """The real MLflow client, except that the first call of ``method`` matching ``when`` goes
+    through to the registry and then the process 'dies'."""
+
+    def __init__(self, real, method, when=lambda *args, **kwargs: True):
+        self.real, self.method, self.when, self.crashed = real, method, when, False
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if name != self.method or self.crashed:
+            return attr
+
+        def call(*args, **kwargs):
+            result = attr(*args, **kwargs)
+            if self.when(*args, **kwargs):
+                self.crashed = True
+                raise Crash(f"died after {name}")
+            return result
+
+        return call
+
+
+def _alias_is(alias):
+    return lambda name, set_alias, version: set_alias == alias
+
+
+@pytest.mark.parametrize("method, when, attempts", [
+    ("create_model_version", lambda *a, **k: True, 1),  # the version exists, nothing else
+    ("set_registered_model_alias", _alias_is("challenger"), 1),  # challenger set, no promotion yet
+    # Inside the promotion: its audit record written, no alias moved yet.
+    ("create_run", lambda *a, **k: k.get("run_name", "").startswith("promoting"), 2),
+    ("set_registered_model_alias", _alias_is("previous_champion"), 2),  # half moved
+    ("set_registered_model_alias", _alias_is("champion"), 2),  # moved, the attempt not recorded as done
+], ids=["after-version", "after-challenger", "after-audit", "after-previous-champion", "after-champion"])
+def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(tmp_path, classifier_dir, monkeypatch, method,
+                                                                   when, attempts):
+    from pipeline import tracking
+    from tests.helpers import promotion_audit
+
+    register.run(_inputs(tmp_path, classifier_dir, "r1", True, 0.8))  # version 1, champion
+    real = client()
+    crashing = CrashingClient(real, method, when)
+    monkeypatch.setattr(tracking, "client", lambda: crashing)
+    cfg = _inputs(tmp_path, classifier_dir, "r2", True, 0.9, champion="1")
+    with pytest.raises(Crash):
+        register.run(cfg)
+    assert crashing.crashed
+    monkeypatch.setattr(tracking, "client", lambda: real)
+    again = register.run(cfg)  # the retry of the task
+
+    assert again.version == "2" and again.promoted
+    assert len(real.search_model_versions("name='support-intents'")) == 2
+    assert aliases(real) == {"champion": "2", "challenger": "2", "previous_champion": "1"}
+    records = [r for r in promotion_audit(real) if r.data.tags["promotion.version"] == "2"]
+    # One record per attempt that reached the lock: the crashed one (if it got that far), then the retry's.
+    assert len(records) == attempts
+    if attempts == 2:  # the crashed attempt shows as what it was: begun, never finished
+        assert "promoting" in {r.data.tags["promotion.outcome"] for r in records}
+    assert real.get_model_version("support-intents", "2").tags[register.PROMOTION_DONE] in ("promoted", "unchanged")
+    assert register.run(cfg).aliases == ["challenger", "champion"]  # and once more changes nothing
+    assert aliases(real) == {"champion": "2", "challenger": "2", "previous_champion": "1"}

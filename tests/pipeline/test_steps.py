@@ -1,9 +1,12 @@
+import re
 import sys
 
 import pytest
 
 from pipeline import steps
+from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tests.helpers import ROOT
 
 
 def test_overrides_carry_params_then_free_overrides_then_upstream_uris():
@@ -12,8 +15,6 @@ def test_overrides_carry_params_then_free_overrides_then_upstream_uris():
     sets = steps.step_overrides("train", params, upstream, "r1")
     assert sets.index("train.epochs=2") < sets.index("train.epochs=4")  # the free-form override wins
     assert sets[-2:] == ["run_id=r1", 'train.snapshot_uri="file:///a/data.parquet"']
-    from pipeline.config import load_config
-
     cfg = load_config(None, sets)
     assert cfg.train.epochs == 4 and cfg.collect.sources == ["s3://bucket/data/"] and cfg.run_id == "r1"
 
@@ -65,3 +66,53 @@ def test_extra_env_reaches_the_step_and_wins_over_this_process(monkeypatch):
     env = steps.local_env({"AWS_DEFAULT_REGION": "eu-west-1"})
     assert env["AWS_DEFAULT_REGION"] == "eu-west-1" and env["PATH"]
     assert steps.local_env()["AWS_DEFAULT_REGION"] == "us-east-1"
+
+
+# --- what a trigger may set: the deployment's trigger_keys --------------------------------------
+
+@pytest.mark.parametrize("override", [
+    "evaluate.metric_direction=lower",  # would turn the accuracy gate upside down
+    'evaluate.thresholds=["accuracy>=0.0"]',
+    "evaluate.promotion_margin=0",
+    "k8s.image=any/image:1",  # any image, with the S3 and MLflow secrets mounted
+    "artifact_root=s3://elsewhere/",
+    'validate.warn_only=["label_allowed"]',
+    "run_id=another-run",  # would overwrite another run's artifacts
+    'trigger_keys=["*"]',  # a trigger can never widen its own allow-list
+])
+def test_a_trigger_may_not_set_a_key_outside_the_deployments_allow_list(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' may not be set by a trigger .* trigger_keys"):
+        steps.step_overrides("collect", {"overrides": [override]}, {}, "r1")
+
+
+def test_the_deployment_config_is_trusted_and_can_widen_the_allow_list(tmp_path):
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("evaluate:\n  metric_direction: lower\ntrain:\n  epochs: 3\n"
+                          "trigger_keys: [collect.sources, 'train.*', evaluate.promotion_margin]\n")
+    overrides = steps.deployment_overrides({"FINETUNE_CONFIG": str(deployment)})
+    # The deployment's own keys are never checked; its allow-list then governs the trigger.
+    sets = steps.step_overrides("train", {"epochs": 3, "overrides": ["evaluate.promotion_margin=0.01"]},
+                                {"collect": {"snapshot_uri": "file:///s.parquet"}}, "r1", deployment=overrides)
+    cfg = load_config(None, sets)
+    assert cfg.evaluate.metric_direction == "lower" and cfg.evaluate.promotion_margin == 0.01
+    assert cfg.train.epochs == 3 and "train.epochs=3" not in sets[len(overrides):]  # a Param at its default sends nothing
+    assert load_config(None, steps.step_overrides("train", {"epochs": 7}, {"collect": {"snapshot_uri": "x"}}, "r",
+                                                  deployment=overrides)).train.epochs == 7
+    with pytest.raises(ConfigError, match="'model_name' may not be set by a trigger"):  # not in this allow-list
+        steps.step_overrides("train", {"model_name": "other"}, {"collect": {"snapshot_uri": "x"}}, "r",
+                             deployment=overrides)
+
+
+def test_a_shipped_recipe_that_moves_the_gate_works_as_the_deployments_config():
+    recipe = ROOT / "pipeline" / "configs" / "support_chat_qwen.yaml"
+    overrides = steps.deployment_overrides({"FINETUNE_CONFIG": str(recipe)})
+    cfg = load_config(None, steps.step_overrides("collect", {}, {}, "r1", deployment=overrides))
+    assert cfg.evaluate.gate_metric == load_config(recipe).evaluate.gate_metric != ""
+
+
+def test_finetune_run_refuses_a_trigger_key_before_airflow_starts(capsys):
+    from pipeline import dagrun
+
+    assert dagrun.main(["--set", "evaluate.metric_direction=lower"]) == 2
+    assert "run --set: 'evaluate.metric_direction' may not be set by a trigger" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import cli, collect, storage
 from pipeline.config import load_config
-from pipeline.errors import DataError, ModelError
+from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import resolve_model
 from pipeline.snapshot import load_snapshot
 from tests.helpers import collect_snapshot, moto_server, shipped_rows, write_jsonl
@@ -103,6 +103,83 @@ def test_base_model_from_an_s3_prefix_loads(s3, tmp_path, tiny_model_dir):
     light = Path(resolve_model(f"s3://{s3}/models/tiny", tmp_path / "light", weights=False))
     assert (light / "tokenizer.json").is_file() and (light / "config.json").is_file()
     assert not list(light.glob("*.safetensors")) and list(Path(local).glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["../../escape.txt", "{outside}"])  # up and out; a '/' that makes it absolute
+def test_fetch_dir_refuses_a_key_that_leads_outside_its_directory(s3, tmp_path, name):
+    import boto3
+
+    outside = tmp_path / "escape.txt"
+    key = f"model/{name.format(outside=outside)}"
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3, Key="model/config.json", Body=b"{}")
+    client.put_object(Bucket=s3, Key=key, Body=b"escaped")
+    # S3, and Moto with it, keeps a key as written: the '..' and the '//' are part of the name.
+    listed = client.list_objects_v2(Bucket=s3, Prefix="model/")["Contents"]
+    assert [o["Key"] for o in listed] == [key, "model/config.json"]
+    dest = tmp_path / "scratch" / "model"  # '../../escape.txt' from here is tmp_path/escape.txt
+    with pytest.raises(DataError) as refused:
+        storage.fetch_dir(f"s3://{s3}/model", dest)
+    assert f"the key '{key}' under the prefix s3://{s3}/model/ names a path outside" in str(refused.value)
+    assert not outside.exists() and not dest.exists()  # checked before anything was downloaded
+    # A manifest is a name someone else chose too.
+    storage.write_json(f"s3://{s3}/model/{storage.PUBLISHED_MANIFEST}",
+                       {"files": [{"path": key.removeprefix("model/"), "size": 7}]})
+    with pytest.raises(DataError, match="names a path outside"):
+        storage.fetch_dir(f"s3://{s3}/model", dest, published=True)
+    assert not outside.exists() and not dest.exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_s3_publish_dir_writes_a_manifest_and_fetches_back_what_it_lists(s3, tmp_path):
+    (tmp_path / "v1" / "sub").mkdir(parents=True)
+    (tmp_path / "v1" / "config.json").write_bytes(b"{}")
+    (tmp_path / "v1" / "sub" / "weights.bin").write_bytes(os.urandom(1000))
+    uri = f"s3://{s3}/runs/r/train/model"
+    assert storage.publish_dir(tmp_path / "v1", uri) == uri
+    assert storage.read_json(f"{uri}/{storage.PUBLISHED_MANIFEST}") == {
+        "files": [{"path": "config.json", "size": 2}, {"path": "sub/weights.bin", "size": 1000}]}
+    assert _tree(storage.fetch_dir(uri, tmp_path / "back", published=True)) == _tree(tmp_path / "v1")
+    # Read as a plain prefix (a base model), the manifest is bookkeeping, not a file of the model.
+    assert _tree(storage.fetch_dir(uri, tmp_path / "plain")) == _tree(tmp_path / "v1")
+
+
+def test_a_prefix_without_a_manifest_is_not_a_published_directory(s3, tmp_path):
+    # What a reader finds while a publish is under way, after one was cut short, or where a person
+    # uploaded a model by hand: files, no manifest.
+    storage.write_bytes(f"s3://{s3}/half/config.json", b"{}")
+    with pytest.raises(DataError, match=rf"^s3://{s3}/half/: not a \(completely\) published directory: it has "
+                                        rf"no _MANIFEST.json"):
+        storage.fetch_dir(f"s3://{s3}/half", tmp_path / "x", published=True)
+    with pytest.raises(DataError, match="not a \\(completely\\) published directory"):
+        resolve_model(f"s3://{s3}/half", tmp_path, what="evaluate.model_uri", published=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "model").exists()
+    # As a base model, a person's upload without a manifest still loads.
+    assert _tree(Path(resolve_model(f"s3://{s3}/half", tmp_path))) == {"config.json": b"{}"}
+
+
+def test_s3_republish_with_fewer_files_fetches_only_the_new_set(s3, tmp_path):
+    uri = f"s3://{s3}/runs/r/train/model"
+    for version, files in (("v1", {"config.json": b"{1}", "model-00001-of-00002.safetensors": b"a",
+                                   "model-00002-of-00002.safetensors": b"b"}),
+                           ("v2", {"config.json": b"{22}", "model.safetensors": b"ab"})):
+        (tmp_path / version).mkdir()
+        for name, data in files.items():
+            (tmp_path / version / name).write_bytes(data)
+        storage.publish_dir(tmp_path / version, uri)
+    assert _tree(storage.fetch_dir(uri, tmp_path / "back", published=True)) == _tree(tmp_path / "v2")
+    assert storage.list_objects(uri + "/") == [f"{uri}/{name}" for name in (
+        storage.PUBLISHED_MANIFEST, "config.json", "model.safetensors")]  # v1's shards are gone
+    # A file under the prefix that no manifest lists (a stray upload, a cut-short publish's) is not fetched.
+    storage.write_bytes(f"{uri}/model-00001-of-00002.safetensors", b"stale")
+    assert _tree(storage.fetch_dir(uri, tmp_path / "again", published=True)) == _tree(tmp_path / "v2")
+    # A listed file that changed after its manifest was written: the directory is not what it lists.
+    storage.write_bytes(f"{uri}/config.json", b"{333}")
+    with pytest.raises(DataError, match=f"{uri}: config.json has 5 bytes, its manifest says 4"):
+        storage.fetch_dir(uri, tmp_path / "changed", published=True)
 
 
 def test_s3_missing_bucket_key_and_prefix_name_the_source(s3):
@@ -204,11 +281,100 @@ def test_http_transient_errors_are_retried(http_server):
     assert result.rows == 10
 
 
-def _fails(source: str) -> str:
-    """`finetune collect` on ``source`` must exit 2, publish no snapshot and say why in error.json."""
+@pytest.fixture
+def redirector():
+    """A second loopback HTTP server: /<name>?to=URL answers 302 to URL; /loop.jsonl redirects to
+    itself for ever. Yields its URL and the paths it was asked for."""
+    import http.server
+    import threading
+    from urllib.parse import parse_qs, urlsplit
+
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            target = "/loop.jsonl" if self.path == "/loop.jsonl" else parse_qs(urlsplit(self.path).query)["to"][0]
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def _via(redirector_url: str, target: str) -> str:
+    from urllib.parse import quote
+
+    return f"{redirector_url}/data.jsonl?to={quote(target, safe='')}"
+
+
+def test_http_redirect_to_another_loopback_port_needs_allowed_hosts(http_server, redirector, tmp_path):
+    source, target = _via(redirector[0], f"{http_server}/data.jsonl"), f"{http_server}/data.jsonl"
+    here, there = redirector[0].removeprefix("http://"), http_server.removeprefix("http://")
+    assert (f"cannot download {source}: refused the redirect from {source} to {target}: 127.0.0.1 resolves to "
+            f"127.0.0.1, a loopback address; add '{there}' to collect.allowed_hosts") in _fails(source)
+    # A list names every host a download may reach, the source's too.
+    assert (f"refused the redirect from {source} to {target}: {there} is not in collect.allowed_hosts "
+            f"['{here}']") in _fails(source, f"collect.allowed_hosts={json.dumps([here])}")
+    assert f"source {source}: {here} is not in collect.allowed_hosts ['{there}']" in _fails(
+        source, f"collect.allowed_hosts={json.dumps([there])}")
+    # Listed as host:port each, or as the host alone (any port), the redirect is followed. The
+    # manifest keeps the URL the config names (collecting it again works) and where the bytes came from.
+    for allowed in ([here, there], ["127.0.0.1"]):
+        result = collect_snapshot([source], "run_id=h", f"collect.allowed_hosts={json.dumps(allowed)}")
+        [entry] = storage.read_json(result.manifest_uri)["sources"]
+        assert (result.rows, entry["uri"], entry["final_uri"]) == (10, source, target)
+        assert entry["sha256"] == hashlib.sha256((tmp_path / "data.jsonl").read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match="collect.allowed_hosts: 'http://127.0.0.1' is not a host or host:port"):
+        load_config(None, ['collect.allowed_hosts=["http://127.0.0.1"]'])
+
+
+def test_http_redirect_to_the_metadata_address_is_refused_before_connecting(redirector):
+    import sys
+    import time
+
+    target = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    source = _via(redirector[0], target)
+    connects, recording = [], [True]
+    # An audit hook sees every socket.connect of this process: proof that none went to the target.
+    sys.addaudithook(lambda event, args: connects.append(args[1]) if event == "socket.connect" and recording else None)
+    started = time.monotonic()
+    try:
+        error = _fails(source)
+    finally:
+        recording.clear()  # hooks cannot be removed; this one stops recording
+    assert time.monotonic() - started < 5  # no 30 s connect timeout to a black-holed address either
+    assert (f"cannot download {source}: refused the redirect from {source} to {target}: 169.254.169.254 resolves "
+            "to 169.254.169.254, a link-local address; add '169.254.169.254:80' to collect.allowed_hosts") in error
+    assert redirector[1] == [source.removeprefix(redirector[0])]
+    assert ("127.0.0.1", int(redirector[0].rpartition(":")[2])) in connects
+    assert not [address for address in connects if address[0] == "169.254.169.254"]
+
+
+def test_http_redirects_keep_the_scheme_and_stop_after_five(redirector):
+    source = _via(redirector[0], "https://127.0.0.1:9/data.jsonl")
+    assert (f"refused the redirect from {source} to https://127.0.0.1:9/data.jsonl: it changes the scheme from "
+            "http to https, which no setting allows") in _fails(source, 'collect.allowed_hosts=["127.0.0.1"]')
+    # Back to the source's own host and port needs no list; a loop ends after five hops.
+    loop = f"{redirector[0]}/loop.jsonl"
+    assert f"cannot download {loop}: more than 5 redirects (the last to {loop})" in _fails(loop)
+    assert redirector[1][1:] == ["/loop.jsonl"] * 6
+
+
+def _fails(source: str, *sets: str) -> str:
+    """`finetune collect` on ``source`` (and ``--set`` each of ``sets``) must exit 2, publish no
+    snapshot and say why in error.json."""
     cfg = load_config(None, ["run_id=bad"])
     snapshots = storage.local_path(cfg.artifact_root) / "snapshots"
     before = sorted(snapshots.rglob("*"))
-    assert cli.main(["collect", "--set", f"collect.sources={json.dumps([source])}", "--set", "run_id=bad"]) == 2
+    argv = ["collect", "--set", f"collect.sources={json.dumps([source])}", "--set", "run_id=bad"]
+    assert cli.main([*argv, *(a for s in sets for a in ("--set", s))]) == 2
     assert sorted(snapshots.rglob("*")) == before
     return storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]

@@ -398,3 +398,17 @@ def test_chat_without_a_template_is_a_config_error(tmp_path, tiny_model_dir):
     cfg = _cfg(_chat_snapshot(tmp_path, _good_chats()), "task=causal-lm", f"base_model={tiny_model_dir}")
     with pytest.raises(ConfigError, match="train.chat_template: the tokenizer has no chat template"):
         validate.run(cfg)
+
+
+def test_the_accepted_snapshot_pointer_only_moves_forward_in_run_order(tmp_path):
+    older = _snapshot(tmp_path, _support_rows(3, 20), "older")
+    newer = _snapshot(tmp_path, _support_rows(3, 20, suffix=" again"), "newer")
+    validate.run(_cfg(newer, "run_id=tuesday", "run_date=2026-11-03T00:00:00+00:00"))
+    record_uri = validate.accepted_uri(_cfg(newer))
+    # Monday's run cleared and re-run after Tuesday's: it passes, but must not rewind the pointer.
+    assert validate.run(_cfg(older, "run_id=monday", "run_date=2026-11-02T00:00:00+00:00")).passed
+    assert storage.read_json(record_uri)["snapshot_uri"] == newer
+    validate.run(_cfg(older, "run_id=wednesday", "run_date=2026-11-04T00:00:00+00:00"))
+    assert storage.read_json(record_uri)["run_id"] == "wednesday"
+    with pytest.raises(ConfigError, match="run_date: 'yesterday' is not an ISO 8601"):
+        _cfg(older, "run_date=yesterday")

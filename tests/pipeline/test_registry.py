@@ -1,0 +1,189 @@
+"""The registry lock, attacked where a lock breaks: two waiters racing for a stale lease, a holder
+frozen (SIGSTOP) past its TTL, a holder killed (SIGKILL) inside the lock, refused writes, and a
+wait that must end. Real MLflow stores (SQLite here, `mlflow server` on PostgreSQL for the
+10-way run); the interleavings are forced with barriers and signals, not hoped for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline import registry
+from pipeline.tracking import client
+from tests.helpers import MODEL_NAME, aliases, lock_generations, lock_is_free, promotion_audit, register_version
+
+LOCK = f"{MODEL_NAME}.promotion-lock."
+
+
+class Recorder:
+    """The real client, counting calls; a method may first wait at a barrier or be refused."""
+
+    def __init__(self, real, barrier_on=None, barrier=None, refuse=()):
+        self.real, self.barrier_on, self.barrier, self.refuse = real, barrier_on, barrier, set(refuse)
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name in self.refuse:
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException(f"{name}: permission denied", error_code="PERMISSION_DENIED")
+            if name == self.barrier_on and self.barrier is not None and self.calls[name] == 1:
+                self.barrier.wait(timeout=30)  # both contenders reach this call before either makes it
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _stale_lease(tracker, generation=1, idle_s=3600, holder="dead-holder#0"):
+    tracker.create_registered_model(f"{LOCK}{generation}", tags={
+        "holder": holder, "renewed_at": str(int((time.time() - idle_s) * 1000)), "released": "false"})
+
+
+def test_two_waiters_racing_for_a_stale_lock_never_both_hold_it():
+    real = client()
+    _stale_lease(real)
+    barrier = threading.Barrier(2)
+    inside, most, entered, guard = [0], [0], [], threading.Lock()
+
+    def contender(name):
+        tracker = Recorder(client(), barrier_on="create_registered_model", barrier=barrier)
+        with registry.registry_lock(tracker, MODEL_NAME, name, ttl_s=5, wait_s=30) as lease:
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                entered.append((name, lease.generation))
+            time.sleep(0.5)
+            lease.check()
+            with guard:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=contender, args=(f"waiter-{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert most[0] == 1 and len(entered) == 2
+    assert sorted(generation for _, generation in entered) == [2, 3]  # one took over the stale lease, then the other
+    held = lock_generations(real)
+    assert list(held) == [f"{LOCK}3"] and held[f"{LOCK}3"]["released"] == "true"  # older generations pruned
+
+
+HOLDER = """
+import sys
+from pipeline import registry, tracking
+tracker = tracking.client()
+with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=float(sys.argv[2]), wait_s=30) as lease:
+    print("held", lease.generation, flush=True)
+    sys.stdin.readline()  # frozen here by the test
+    try:
+        lease.check()
+        tracker.set_registered_model_alias(sys.argv[1], "champion", "1")
+        print("wrote", flush=True)
+    except registry.LockLost as exc:
+        print("lost:", exc, flush=True)
+"""
+
+
+def _holder(ttl_s, name=MODEL_NAME):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, name, str(ttl_s)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    line = holder.stdout.readline()
+    assert line.startswith("held"), line + holder.stderr.read()
+    return holder
+
+
+def test_a_holder_frozen_past_the_ttl_loses_the_lock_and_neither_writes_nor_removes_its_successor():
+    tracker = client()
+    v1, v2 = register_version(tracker, 0.8), register_version(tracker, 0.9)
+    holder = _holder(ttl_s=2)
+    os.kill(holder.pid, signal.SIGSTOP)  # an eviction notice that never came, a GC pause, a stuck VM
+    try:
+        time.sleep(2.5)
+        with registry.registry_lock(tracker, MODEL_NAME, "successor", ttl_s=30, wait_s=10) as lease:
+            assert lease.generation == 2  # took over generation 1 once it went unrenewed for the TTL
+            tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)
+            os.kill(holder.pid, signal.SIGCONT)
+            out, err = holder.communicate("go\n", timeout=60)
+            assert "lost: registry lock " in out and "is no longer held by frozen-holder" in out, out + err
+            assert "wrote" not in out
+            # The frozen holder's release touched nothing of ours: our lease stands, and still guards writes.
+            lease.check()
+            held = lock_generations(tracker)[f"{LOCK}2"]
+            assert held["holder"] == lease.token and held["released"] == "false"
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+    assert aliases(tracker) == {"champion": v2} and v1 == "1"
+
+
+def test_a_refused_prune_does_not_stop_the_lock_and_a_refused_create_fails_at_once():
+    real = client()
+    _stale_lease(real)
+    refusing_delete = Recorder(real, refuse={"delete_registered_model"})
+    with registry.registry_lock(refusing_delete, MODEL_NAME, "a", ttl_s=5, wait_s=5) as lease:
+        assert lease.generation == 2
+    assert refusing_delete.calls["delete_registered_model"] == 1  # tried once, not in a loop
+    assert set(lock_generations(real)) == {f"{LOCK}1", f"{LOCK}2"}
+
+    refusing_create = Recorder(real, refuse={"create_registered_model"})
+    started = time.monotonic()
+    with pytest.raises(Exception, match=rf"cannot create the registry lock {LOCK}3: .*permission"):
+        with registry.registry_lock(refusing_create, MODEL_NAME, "b", ttl_s=5, wait_s=30):
+            pass
+    assert time.monotonic() - started < 5 and refusing_create.calls["create_registered_model"] == 1
+
+
+def test_a_busy_lock_is_waited_for_with_back_off_until_the_deadline_then_a_retryable_error():
+    real = client()
+    with registry.registry_lock(real, MODEL_NAME, "long-holder", ttl_s=2, wait_s=5):
+        waiter = Recorder(client())
+        started = time.monotonic()
+        with pytest.raises(registry.RegistryBusy) as busy:
+            registry.acquire(waiter, MODEL_NAME, "impatient", ttl_s=2, wait_s=3)
+        waited = time.monotonic() - started
+    # The holder renewed the lease all along (every TTL/4), so the 3 s wait outlasted the 2 s TTL in vain.
+    assert 3 <= waited < 6
+    assert waiter.calls["search_registered_models"] < 20  # backed off: no spin
+    message = str(busy.value)
+    assert "long-holder" in message and "promote.lock_wait_s" in message and "promote.lock_ttl_s" in message
+    assert busy.value.exit_code == 75  # launchers retry it; bad input (2) and a failed gate (3) they do not
+
+
+@pytest.mark.slow
+def test_ten_concurrent_promotions_proceed_past_a_holder_killed_inside_the_lock(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tracker = client()
+    name = "killed-holder-intents"  # the server is shared with the other 10-way test
+    accuracies = [0.71, 0.93, 0.65, 0.88, 0.97, 0.74, 0.90, 0.69, 0.95, 0.80]
+    versions = [register_version(tracker, a, name=name) for a in accuracies]
+    holder = _holder(ttl_s=3, name=name)
+    holder.kill()  # SIGKILL inside the lock: no release, no renewal, ever again
+    holder.wait(timeout=10)
+    started = time.monotonic()
+    attempts = [subprocess.Popen([sys.executable, "-m", "pipeline", "promote", "--set", f"model_name={name}",
+                                  "--set", f"promote.version={v}", "--set", f"promote.requested_by=attempt-{v}",
+                                  "--set", f"run_id=k{v}", "--set", "promote.lock_ttl_s=3"],
+                                 env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for v in versions]
+    outcomes = [(a.wait(timeout=300), a.stderr.read()) for a in attempts]
+    crashed = [err[-6000:] for code, err in outcomes if code not in (0, 2)]  # 2: a refusal, which is fine
+    assert not crashed, crashed
+    assert any("taking over the registry lock from frozen-holder" in err for _, err in outcomes)
+    assert time.monotonic() - started < 120
+    best = versions[accuracies.index(max(accuracies))]
+    assert aliases(tracker, name)["champion"] == best
+    records = promotion_audit(tracker, name)
+    assert sorted(r.data.tags["promotion.requested_by"] for r in records) == sorted(f"attempt-{v}" for v in versions)
+    assert "promoting" not in {r.data.tags["promotion.outcome"] for r in records}
+    assert lock_is_free(tracker, name)
