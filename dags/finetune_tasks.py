@@ -58,6 +58,17 @@ def env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
 
+# What the trigger form calls each Param; the description under it is the config field's help.
+TITLES = {
+    "source": "Data sources", "model_name": "Registered model name", "task": "Task family",
+    "base_model": "Base model", "epochs": "Epochs", "learning_rate": "Learning rate",
+    "batch_size": "Batch size per process", "zero_stage": "DeepSpeed ZeRO stage",
+    "num_processes": "Training processes", "version": "Version or alias to promote",
+    "target_alias": "Alias to move", "reason": "Reason (recorded; required with force)",
+    "force": "Force (override the gate)", "overrides": "More settings (one key=value per line)",
+}
+
+
 def step_params(dag_id: str, names: Iterable[str] | None = None, overrides: bool = True,
                 **form: Mapping[str, Any]) -> dict[str, Param]:
     """The Params of ``dag_id`` (``pipeline.steps.DAG_PARAMS``), or the ``names`` among them, bound
@@ -66,10 +77,10 @@ def step_params(dag_id: str, names: Iterable[str] | None = None, overrides: bool
     default (e.g. ``version={"default": ...}``). ``overrides`` adds the free-form ``overrides`` Param.
     A Param left at its default sends nothing: the deployment's value stands."""
     keys, defaults = DAG_PARAMS[dag_id], deployment_config()
-    params = {name: Param(**{**param_schema(keys[name], defaults), **form.get(name, {})}, title=name)
+    params = {name: Param(**{**param_schema(keys[name], defaults), **form.get(name, {})}, title=TITLES[name])
               for name in (names or keys)}
     if overrides:
-        params["overrides"] = Param([], type="array", items={"type": "string"}, title="overrides",
+        params["overrides"] = Param([], type="array", items={"type": "string"}, title=TITLES["overrides"],
                                     description="More config overrides as step.key=value, e.g. train.max_seq_len=128; "
                                                 "only keys the deployment's trigger_keys allow.")
     return params

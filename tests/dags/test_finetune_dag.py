@@ -111,3 +111,12 @@ def test_a_refused_trigger_key_fails_the_run_before_any_step_does_work(dag, airf
     assert collect.state == "failed" and collect.try_number == 1  # a verdict on the input: never retried
     root = storage.local_path(load_config().artifact_root)
     assert not (root / "snapshots").exists() and not (root / "runs").exists()
+
+
+@pytest.mark.parametrize("dag_id", ["finetune", "collect", "promote"])
+def test_every_param_of_the_trigger_form_has_a_title_and_a_description(dagbag, dag_id):
+    params = dagbag.dags[dag_id].params
+    for name in params:
+        schema = params.get_param(name).schema
+        assert schema.get("title") and schema["title"] != name and params.get_param(name).description, name
+        assert schema.get("type"), name
