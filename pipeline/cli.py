@@ -4,6 +4,8 @@
     finetune validate | train | evaluate | register | promote   (same options)
     finetune run --source URI [--source URI ...] [--set key=value ...]   # the whole DAG via Airflow
     finetune render --step STEP --launcher kubernetes|pytorchjob [--set key=value ...]
+    finetune config [--config FILE] [--set key=value ...]   # the effective configuration, as YAML
+    finetune <step> --help                                  # the step's settings: type, default, bounds
 
 A step writes its result JSON to ``<artifact_root>/runs/<run_id>/<step>/result.json`` (and to
 ``--result-file`` when given, e.g. ``/airflow/xcom/return.json`` in a pod). On a user error it
@@ -17,24 +19,47 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from pipeline import dagrun, steps, storage
-from pipeline.config import file_overrides, load_config
+from pipeline.config import SECTIONS, PipelineConfig, file_overrides, load_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.fields import describe
 
 # The commands that are no step, beside one per row of the step table.
 COMMANDS = {
     "run": "Run the whole finetune DAG through Airflow on this machine.",
     "render": "Print the Kubernetes manifest a step would be submitted as (Pod or PyTorchJob).",
+    "config": "Print the effective configuration (defaults < --config < --set) as YAML.",
 }
 
 
+def settings_help(section: str) -> str:
+    """Every key of ``section`` ('' for the shared top-level keys) with its type, default, bounds
+    and help, generated from the config fields (never written twice)."""
+    cls = SECTIONS[section] if section else PipelineConfig
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS:
+            continue
+        kind, default, bounds = describe(f, hints[f.name])
+        key = f"{section}.{f.name}" if section else f.name
+        head = f"  {key} ({kind}, default {default}{'; ' + bounds if bounds else ''})"
+        lines += [head, *textwrap.wrap(f.metadata["help"], 96, initial_indent="      ", subsequent_indent="      ")]
+    return "\n".join(lines)
+
+
 def _step_parser(step: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"finetune {step}", description=steps.STEPS[step].summary)
+    epilog = (f"settings of {step} (--set {step}.KEY=VALUE, or the {step}: section of --config):\n"
+              f"{settings_help(step)}\n\nshared settings: finetune config --help")
+    parser = argparse.ArgumentParser(prog=f"finetune {step}", description=steps.STEPS[step].summary, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (sections per step)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. train.epochs=2 (repeatable)")
@@ -49,20 +74,28 @@ def is_main_process() -> bool:
 def step_main(step: str, argv: Sequence[str] | None) -> int:
     """``finetune <step>``: parse, run the step's ``run`` from the table, write the result JSON."""
     args = _step_parser(step).parse_args(argv)
+    # One id for every rank of one launch of a distributed step (torch.distributed.run sets it;
+    # a new launch gets a new one): which error.json belongs to this attempt.
+    attempt = os.environ.get("TORCHELASTIC_RUN_ID", "")
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if is_main_process():
             # A re-run starts bare: neither an old error nor an old result may pass for this run's
-            # while the step rewrites its outputs.
-            for name in (steps.ERROR_FILE, steps.RESULT_FILE):
-                storage.delete(storage.join(cfg.step_uri(step), name))
+            # while the step rewrites its outputs. An error another rank of this launch already
+            # wrote stays: it may be the only report of why the launch failed.
+            storage.delete(storage.join(cfg.step_uri(step), steps.RESULT_FILE))
+            old = steps.step_error(cfg.step_uri(step))
+            if old is not None and (not attempt or old.get("attempt") != attempt):
+                storage.delete(storage.join(cfg.step_uri(step), steps.ERROR_FILE))
         result = steps.STEPS[step].run(cfg)
     except PipelineError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)
-        if cfg is not None and is_main_process():
+        if cfg is not None:
+            # Every rank writes it (the same verdict; an atomic replace): the first rank to fail
+            # makes torch.distributed.run stop the others, rank 0 perhaps before it could write.
             storage.write_json(storage.join(cfg.step_uri(step), steps.ERROR_FILE),
-                               {"step": step, "error": str(exc), "exit_code": exc.exit_code})
+                               {"step": step, "error": str(exc), "exit_code": exc.exit_code, "attempt": attempt})
         return exc.exit_code
     if result is None:  # a non-zero rank of a distributed step: rank 0 reports
         return 0
@@ -94,6 +127,24 @@ def render_main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def config_main(argv: Sequence[str] | None) -> int:
+    """``finetune config [--config F] [--set k=v ...]``: what a run with these settings will use."""
+    parser = argparse.ArgumentParser(prog="finetune config", description=COMMANDS["config"],
+                                     epilog=f"shared settings:\n{settings_help('')}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (sections per step)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train.epochs=2 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: config: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     summaries = {**{name: step.summary for name, step in steps.STEPS.items()}, **COMMANDS}
@@ -106,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dagrun.main(rest)
     if command == "render":
         return render_main(rest)
+    if command == "config":
+        return config_main(rest)
     return step_main(command, rest)
 
 

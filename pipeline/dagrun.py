@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     trigger = args.overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else [])
     try:
         deployment = steps.deployment_overrides({**os.environ, **env_extra})  # as the DAG's tasks will read it
+        cfg = load_config(None, deployment + trigger)  # an unknown key or a bad value first, named as such
         check_trigger(trigger, load_config(None, deployment).trigger_keys, "run --set")
-        cfg = load_config(None, deployment + trigger)
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -110,3 +110,22 @@ def json_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if json_type == "array":
         schema["items"] = {"type": "string"}
     return schema
+
+
+def describe(f: dataclasses.Field, hint: Any) -> tuple[str, str, str]:
+    """A field as a person reads it in ``--help``: its type, its default and its bounds."""
+    kind = {str: "text", int: "integer", float: "number", bool: "true|false"}.get(hint, "list")
+    meta = f.metadata
+    bounds = []
+    if "choices" in meta:
+        bounds.append("one of " + ", ".join(str(c) if c != "" else "''" for c in meta["choices"]))
+    low = meta.get("minimum", meta.get("exclusive_minimum"))
+    if low is not None or "maximum" in meta:
+        left = "(" if "exclusive_minimum" in meta else "["
+        bounds.append(f"{left}{'' if low is None else low}..{meta.get('maximum', '')}]")
+    if "min_items" in meta:
+        bounds.append(f"at least {meta['min_items']} item(s)")
+    if "pattern" in meta:
+        bounds.append(f"matching {meta['pattern']}")
+    default = default_of(f)
+    return kind, "''" if default == "" else str(default), "; ".join(bounds)

@@ -27,6 +27,6 @@ def run(cfg: PipelineConfig) -> PromoteResult:
                               ttl_s=own.lock_ttl_s, wait_s=own.lock_wait_s)
     if result.outcome == "refused":
         raise PromotionRefused(f"{cfg.model_name} version {result.version} not promoted to {own.target_alias}: "
-                               f"{result.reason} (audit run {result.audit_run_id}); set force with a reason "
-                               f"to override")
+                               f"{result.reason} (audit run {result.audit_run_id}); to override the gate, trigger "
+                               f"promote again with force=true and a reason, which is recorded")
     return result

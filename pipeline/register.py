@@ -248,6 +248,10 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
+    if CHAMPION not in aliases:
+        print(f"register: the champion is unchanged; version {version} stays {CHALLENGER}. To promote it anyway, "
+              f"trigger the promote DAG with version={version}, force=true and a reason (recorded in "
+              f"{cfg.model_name}-promotions).", file=sys.stderr)
     metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
     return RegisterResult(result_uri=storage.join(cfg.step_uri("register"), "result.json"),
                           model_name=cfg.model_name, version=version, aliases=aliases,

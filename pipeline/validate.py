@@ -297,6 +297,44 @@ def _explain(check: dict[str, Any]) -> str:
                    f"observed {check['observed_value']}{values}")
 
 
+def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
+    """What a person can do about a failed check: the cause in plain words and the setting or
+    action that resolves it."""
+    own = cfg.validate
+    allowed = summary.get("label_allowed", {})
+    drift = ("the data moved away from the last accepted snapshot: check it is the data you meant; drift checks "
+             "fail the gate only with validate.drift_severity=error")
+    chat_source = "fix the conversations in the source (the format: pipeline/data/README.md)"
+    return {
+        "columns": "the snapshot lacks a column training reads: collect.text_column and collect.label_column name "
+                   "the source's columns (causal-lm: messages, or prompt and response)",
+        "row_count": f"fewer than validate.min_rows={own.min_rows} rows: add data, or lower validate.min_rows",
+        "text_present": "rows without text: fix or drop them in the source",
+        "text_not_blank": "rows whose text is only whitespace: fix or drop them in the source",
+        "text_length": f"texts longer than validate.max_text_chars={own.max_text_chars}: shorten them or raise the bar",
+        "text_tokens": f"texts with no tokens, or more than validate.max_text_tokens={own.max_text_tokens} of "
+                       f"base_model's tokenizer: drop the empty ones; shorten the long ones or raise the bar",
+        "label_present": "rows without a label: label them or drop them in the source",
+        "label_allowed": f"labels outside the allowed set, which is {allowed.get('source', 'validate.allowed_labels')}; "
+                         f"if this is data for another model, set model_name to a new name (e.g. --set "
+                         f"model_name=my-intents), which starts its own label set; if the labels changed on purpose, "
+                         f"list the new set in validate.allowed_labels (or add label_allowed to validate.warn_only)",
+        "label_cardinality": "a classifier needs at least two labels",
+        "examples_per_class": f"a label has fewer than validate.min_examples_per_class={own.min_examples_per_class} "
+                              f"rows: add examples or drop that label",
+        "split_valid": "split must be train or eval: give collect the source, not a hand-made snapshot",
+        "duplicate_rate": f"more than validate.max_duplicate_rate={own.max_duplicate_rate} of the rows repeat "
+                          f"another's text once normalised: deduplicate the source",
+        "split_leakage": "the same text in train and eval: give collect the source, which splits by text",
+        "messages_valid": chat_source, "role_order": chat_source, "assistant_present": chat_source,
+        "assistant_not_empty": chat_source,
+        "conversation_tokens": f"more than validate.max_overlong_rate={own.max_overlong_rate} of the conversations "
+                               f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
+                               f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
+        "drift_label_psi": drift, "drift_length_ks": drift, "drift_oov_rate": drift,
+    }.get(check, "see the Data Docs")
+
+
 # ---------------------------------------------------------------------------------------------
 # The last accepted snapshot of a model, and drift against it.
 
@@ -459,8 +497,10 @@ def run(cfg: PipelineConfig) -> ValidateResult:
 
     _print(checks, summary)
     if failed:
-        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: " + "; ".join(map(_explain, failed))
-                               + f" (Data Docs: {summary['data_docs_uri']}/index.html)")
+        explained = "; ".join(f"{_explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
+        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: {explained} (Data Docs: "
+                               f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
+                               f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)")
     labels = sorted({str(v) for v in frame["label"].dropna()}) if "label" in frame else []
     record_uri = record_accepted(cfg, len(frame), labels, summary_uri)
     return ValidateResult(result_uri=storage.join(cfg.step_uri("validate"), "result.json"), passed=True,

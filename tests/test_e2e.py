@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import shipped_rows, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e  # the runs that train are marked slow too
 
 
 def _finetune_run(*args):
@@ -17,6 +17,7 @@ def _finetune_run(*args):
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_model_dir, small_data):
     from pipeline.tracking import client
 
@@ -60,6 +61,7 @@ def test_unknown_key_and_bad_value_fail_before_airflow_starts():
     assert bad.returncode == 2 and "train.learning_rate: expected a number, got 'fast'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_server, monkeypatch, tiny_model_dir,
                                                                      small_data):
     """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API); the
@@ -84,6 +86,7 @@ def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_ser
     assert len(labels) == 2 and set(labels) <= {r["label"] for r in shipped_rows(3, 40)}  # small_data's intents
 
 
+@pytest.mark.slow
 def test_causal_lm_run_registers_a_chat_model_better_than_its_base(tiny_lm_dir):
     """The LLM path through the same DAG: the shipped instruction/chat data, the tiny Llama,
     ZeRO-3 over 2 processes; the registered model's eval perplexity beats the base model's."""

@@ -47,7 +47,7 @@ def test_promote_refuse_and_roll_back_with_an_audit_per_attempt():
 def test_a_version_that_failed_its_gate_needs_force():
     tracker = client()
     failed = register_version(tracker, 0.99, passed=False)
-    with pytest.raises(promote.PromotionRefused, match="did not pass its promotion gate"):
+    with pytest.raises(promote.PromotionRefused, match="did not pass its promotion gate.*force=true and a reason"):
         _promote(f"promote.version={failed}")
     assert "champion" not in aliases(tracker)
 

@@ -22,11 +22,13 @@ def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, cha
     return load_config(None, [f"run_id={name}"] + [f"register.{step}_result_uri={uri}" for step, uri in uris.items()])
 
 
-def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir):
+def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsys):
     first = register.run(_inputs(tmp_path, classifier_dir, "r1", True, 0.8))
     assert first.version == "1" and first.aliases == ["challenger", "champion"]
     second = register.run(_inputs(tmp_path, classifier_dir, "r2", False, 0.7))
     assert second.aliases == ["challenger"] and not second.promoted
+    assert "To promote it anyway, trigger the promote DAG with version=2, force=true and a reason" in \
+        capsys.readouterr().err
     assert aliases(client()) == {"champion": "1", "challenger": "2"}
     third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1"))
     assert aliases(client()) == {"champion": "3", "challenger": "3", "previous_champion": "1"}

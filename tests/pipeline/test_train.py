@@ -1,5 +1,6 @@
 """Training through the real local launcher: torch.distributed.run over 2 CPU processes, DeepSpeed
-(gloo), the tiny BERT. Checks sharding, step count, determinism, safetensors and ZeRO-3 saving."""
+(gloo), the tiny BERT. Checks sharding, step count, determinism, safetensors and ZeRO-3 saving.
+The tests that train are marked slow; those that fail before training are not."""
 
 import json
 import math
@@ -10,7 +11,6 @@ from pipeline import steps, storage
 from pipeline.config import load_config
 from tests.helpers import build_tiny_lm, collect_snapshot
 
-pytestmark = pytest.mark.slow
 BATCH = 8
 
 
@@ -31,6 +31,7 @@ def _weights(model_uri):
     return load_file(str(storage.local_path(model_uri) / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, tiny_model_dir):
     result = _train(snapshot, tiny_model_dir, "a")
     per_rank = snapshot.rows_train // (BATCH * 2) * BATCH  # the partial last global batch is dropped
@@ -54,6 +55,7 @@ def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, ti
     assert all((first[k] == second[k]).all() for k in first)
 
 
+@pytest.mark.slow
 def test_zero3_gathers_full_weights_on_save(snapshot, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -96,6 +98,7 @@ def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
                                            f"evaluate.model_uri={model_uri}", "evaluate.generate_rows=4", *extra])
 
 
+@pytest.mark.slow
 def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_snapshot, tiny_lm_dir):
     result = _train_lm(chat_snapshot, tiny_lm_dir, "lm3", "train.zero_stage=3")
     summary = storage.read_json(result["summary_uri"])
@@ -116,6 +119,7 @@ def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_sn
     assert len(samples) == 4 and {"prompt", "reference", "output", "rouge_l"} <= set(samples[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snapshot, tiny_lm_dir, merge):
     import mlflow

@@ -96,6 +96,11 @@ def test_data_quality_checks_fail_the_gate_naming_rows(tmp_path, rows, sets, che
     with pytest.raises(ValidationFailed) as failed:
         validate.run(_cfg(_snapshot(tmp_path, rows), *sets))
     assert f"{check}: {message}" in str(failed.value)
+    # Each failure says what to do about it, naming the setting that governs the check.
+    remedy = str(failed.value).split(f"{check}: {message}", 1)[1].split("[to fix: ", 1)[1].split("]", 1)[0]
+    assert remedy == validate.remedy(check, _cfg("file:///x.parquet", *sets), {"label_allowed": {
+        "source": "validate.allowed_labels"}}) or check == "label_allowed"
+    assert any(word in remedy for word in ("validate.", "collect.", "source", "label", "classifier"))
 
 
 def test_a_check_downgraded_to_warning_is_reported_not_enforced(tmp_path):
@@ -165,6 +170,10 @@ def test_labels_of_the_last_accepted_snapshot_are_the_allowed_set(tmp_path):
         validate.run(_cfg(grown, "run_id=r2"))
     assert ("label_allowed: expect_column_values_to_be_in_set(column=label): 20 unexpected, example rows "
             "[60, 61, 62, 63, 64]") in str(failed.value)
+    # Why, and the two ways on: a new model, or a deliberate change of the label set.
+    hint = str(failed.value).split("[to fix: ", 1)[1]
+    assert f"the last accepted snapshot {record['snapshot_uri']}" in hint
+    assert "--set model_name=" in hint and "validate.allowed_labels" in hint and "FINETUNE_CONFIG" in hint
     assert storage.read_json(first.accepted_uri) == record  # a failing gate never moves the record
 
     # The new class is accepted deliberately; the record then carries it.
