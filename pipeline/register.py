@@ -229,7 +229,8 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     trained, evaluated = inputs["train"], inputs["evaluate"]
     tracker = tracking.client()
     try:
-        tracker.create_registered_model(cfg.model_name, description=f"{cfg.task} models fine-tuned by finetune-pipeline")
+        tracker.create_registered_model(cfg.model_name,
+                                        description=f"{cfg.task} models fine-tuned by finetune-pipeline")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -9,8 +9,8 @@ model (the name is unique). The lock is built on that alone -- a lease per gener
    token; only the newest generation counts. Creating generation n+1 is the only way to take
    the lock, so of any number of contenders exactly one succeeds (the name is unique).
 2. n+1 may be created only when generation n is released or was not renewed for its holder's
-   ``ttl_s`` (a tag of the lease); the holder renews every ``ttl_s / 4`` while it holds the lock. Nothing is ever deleted to take
-   the lock, so a contender can never remove a newer holder's lease.
+   ``ttl_s`` (a tag of the lease); the holder renews every ``ttl_s / 4`` while it holds the lock.
+   Nothing is ever deleted to take the lock, so a contender can never remove a newer holder's lease.
 3. Before every alias write the holder checks that its generation is still the newest, still
    carries its token and was renewed less than ``3/4 ttl_s`` ago; otherwise it stops (``LockLost``).
 4. Release marks the holder's own generation released; it never touches another generation.
@@ -25,7 +25,8 @@ gate or is not better than the champion on the gate metric (unless forced, which
 reason), moves the alias, keeps the old champion as ``previous_champion`` and re-reads the alias
 to check the write. Roll-back = promote ``previous_champion`` with force.
 
-    python -c "from pipeline import registry, tracking; print(registry.resolve_version(tracking.client(), 'support-intents', 'champion'))"
+    python -c "from pipeline import registry, tracking; \\
+        print(registry.resolve_version(tracking.client(), 'support-intents', 'champion'))"
 
 mlflow is imported inside the functions that use it: the module is on the DAG-parse path
 through the steps.

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +260,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Par
     dataset = Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in rows["label"]],
                                  "example_id": list(range(len(rows)))})
     return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
-                 {"labels": labels, "examples": len(rows)})
+                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, encoded["input_ids"]))})
 
 
 def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
@@ -298,7 +300,8 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
 
     return Parts(load_model, tokenizer, dataset, collator,
                  {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
-                  "lora": bool(own.lora_r), "examples": counts["examples"]}, after_training)
+                  "lora": bool(own.lora_r), "examples": counts["examples"],
+                  "train_tokens": sum(len(e["input_ids"]) for e in examples)}, after_training)
 
 
 TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
@@ -322,7 +325,10 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
 
         # Before TrainingArguments/from_pretrained: ZeRO-3's zero.Init reads the world size from
         # deepspeed.comm, which would otherwise still say 1 on CPU and reject the batch sizes.
-        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl")
+        # A bounded wait: one hung rank fails the collective after collective_timeout_s instead
+        # of blocking every later run behind it.
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl",
+                                   timeout=timedelta(seconds=own.collective_timeout_s))
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
     args = TrainingArguments(
         output_dir=str(scratch / "checkpoints"), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
@@ -333,8 +339,8 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
         # batches hold different numbers of target tokens: there it is what makes the mean right.
         average_tokens_across_devices=cfg.task == "causal-lm",
         save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
-        deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False, **mixed_precision(own),
-        dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
+        ddp_timeout=own.collective_timeout_s, deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False,
+        **mixed_precision(own), dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
     audit = _Audit(parts.collator)
     trainer = Trainer(model=parts.load_model(), args=args, train_dataset=parts.dataset, data_collator=audit,
                       callbacks=_callbacks(audit, mlflow_run_id))
@@ -357,7 +363,14 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
             "sharding": report, "deepspeed": {"zero_stage": ds_config.get("zero_optimization", {}).get("stage")},
-            "trainer_world_size": args.world_size}
+            "trainer_world_size": args.world_size, "peak_memory_bytes": _peak_memory(torch)}
+
+
+def _peak_memory(torch: Any) -> int:
+    """This rank's peak memory: allocated on the GPU, or the process's resident set on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: Path) -> None:
