@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {key: result[key] for key in ("model_name", "version", "aliases", "metrics", "run_id", "snapshot")}
     if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
         summary["base_metrics"] = result["base_metrics"]
+    if result.get("slices"):  # per language of the eval rows: one number can hide a language it cannot read
+        summary["slices"] = {name: {k: round(v, 4) for k, v in values.items()}
+                             for name, values in result["slices"].items()}
     print(f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
           f"sqlite:///{finetune_home() / 'mlflow.db'}`)", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))

@@ -36,6 +36,7 @@ from pipeline.config import CHAMPION, EvaluateConfig, PipelineConfig, parse_thre
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
 from pipeline.snapshot import load_snapshot
+from pipeline.text import language_of
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class EvaluateResult:
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same tokens
     greater_is_better: bool = True
     thresholds: list[str] = field(default_factory=list)
+    # Per language of the eval rows (text.language_of): {"zh": {"rows": 160, "accuracy": ...}, ...}
+    slices: dict[str, dict[str, float]] = field(default_factory=dict)
+    champion_slices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_seq_len: int) -> list[str]:
@@ -76,7 +80,7 @@ def score(truth: list[str], predicted: list[str]) -> dict[str, float]:
             "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
 
 
-def confusion_png(truth: list[str], predicted: list[str], labels: list[str]) -> bytes:
+def confusion_png(truth: list[str], predicted: list[str], labels: list[str], what: str = "eval split") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +91,7 @@ def confusion_png(truth: list[str], predicted: list[str], labels: list[str]) -> 
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, xticks_rotation=45,
                                             colorbar=False)
-    ax.set_title("Confusion matrix (eval split)")
+    ax.set_title(f"Confusion matrix ({what})")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -96,24 +100,43 @@ def confusion_png(truth: list[str], predicted: list[str], labels: list[str]) -> 
 
 
 def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig,
-           task: str = "sequence-classification") -> tuple[bool, str]:
-    """The promotion gate: every absolute threshold, then the margin over the champion."""
+           task: str = "sequence-classification", slices: dict[str, dict[str, float]] | None = None,
+           champion_slices: dict[str, dict[str, float]] | None = None) -> tuple[bool, str]:
+    """The promotion gate: every absolute threshold (overall or per slice), then no slice worse
+    than the champion's by more than ``max_slice_regression``, then the margin over the champion."""
+    slices = slices or {}
     for rule in cfg.thresholds:
         name, op, bound = parse_threshold(rule)
-        if name not in metrics:
-            raise ConfigError(f"evaluate.thresholds: {rule!r}: {name} is not a {task} metric ({list(metrics)})")
-        if not (metrics[name] >= bound if op == ">=" else metrics[name] <= bound):
-            return False, f"{name} {metrics[name]:.4f} fails the threshold {name} {op} {bound}"
+        metric_name, _, slice_name = name.rstrip("]").partition("[")
+        if metric_name not in metrics:
+            raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
+        if slice_name and slice_name not in slices:
+            return False, (f"{name} cannot be checked: the eval split has no rows of slice '{slice_name}' "
+                           f"(slices: {sorted(slices)})")
+        value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
+        if not (value >= bound if op == ">=" else value <= bound):
+            return False, f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
     metric, greater_is_better = cfg.gate(task)
     ours = metrics[metric]
     if champion is None:
         return True, f"no champion yet; {metric}={ours:.4f}"
+    for slice_name, values in sorted(slices.items()):
+        theirs_there = (champion_slices or {}).get(slice_name, {}).get(metric)
+        if values["rows"] < cfg.min_slice_rows or theirs_there is None:
+            continue
+        loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
+        if loss > cfg.max_slice_regression:
+            return False, (f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
+                           f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
+                           f"evaluate.max_slice_regression={cfg.max_slice_regression}")
     theirs = champion[metric]
     gain = ours - theirs if greater_is_better else theirs - ours
     better = "higher" if greater_is_better else "lower"
     if gain > cfg.promotion_margin:
-        return True, f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
-    return False, f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
+        return True, (f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} "
+                      f"({better} is better)")
+    return False, (f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
+                   f"({better} is better)")
 
 
 def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
@@ -144,9 +167,11 @@ class Scored:
 
     rows: Any  # the eval rows, logged to MLflow as the evaluation data set
     metrics: dict[str, float]
+    slices: dict[str, dict[str, float]]  # the same metrics per language of the rows, with "rows"
     base_metrics: dict[str, float]
     artifacts: dict[str, bytes]  # file name -> content, under evaluate/
-    score_other: Callable[[Any, Any], dict[str, float]]  # (model, tokenizer) -> the same metrics
+    # (model, tokenizer) -> the same metrics and slices, on the same rows
+    score_other: Callable[[Any, Any], tuple[dict[str, float], dict[str, dict[str, float]]]]
 
 
 def _print(what: str, metrics: dict[str, float]) -> None:
@@ -166,16 +191,36 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)
+    languages = [language_of(t) for t in texts]
+    slices = score_slices(truth, predicted, languages)
     _print(f"{len(rows)} eval rows", metrics)
+    for name, values in sorted(slices.items()):
+        _print(f"  slice {name} ({int(values['rows'])} rows)", {k: v for k, v in values.items() if k != "rows"})
 
-    def score_other(other: Any, other_tokenizer: Any) -> dict[str, float]:
-        return score(truth, predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len))
+    def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        theirs = predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len)
+        return score(truth, theirs), score_slices(truth, theirs, languages)
 
     labels = sorted(set(truth) | set(predicted))
     report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
-    return Scored(rows[["text", "label"]], metrics, {},
-                  {"classification_report.json": json.dumps(report, indent=2).encode(),
-                   "confusion_matrix.png": confusion_png(truth, predicted, labels)}, score_other)
+    artifacts = {"classification_report.json": json.dumps(report, indent=2).encode(),
+                 "confusion_matrix.png": confusion_png(truth, predicted, labels)}
+    for name, values in sorted(slices.items()):  # where the model fails, per language
+        if values["rows"] >= own.min_slice_rows:
+            chosen = [i for i, language in enumerate(languages) if language == name]
+            artifacts[f"confusion_matrix_{name}.png"] = confusion_png(
+                [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows")
+    return Scored(rows[["text", "label"]], metrics, slices, {}, artifacts, score_other)
+
+
+def score_slices(truth: list[str], predicted: list[str], languages: list[str]) -> dict[str, dict[str, float]]:
+    """The classification metrics per language of the rows, each with its row count."""
+    slices = {}
+    for name in sorted(set(languages)):
+        chosen = [i for i, language in enumerate(languages) if language == name]
+        slices[name] = {"rows": float(len(chosen)),
+                        **score([truth[i] for i in chosen], [predicted[i] for i in chosen])}
+    return slices
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str,
@@ -214,15 +259,32 @@ def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any, genera
     ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it.
     ``encoded``: the split as ``chat.encode_split`` gives it for ``tokenizer``, when already done."""
     examples, _, template = encoded or chat.encode_split(cfg, tokenizer, frame, "eval")
-    total, tokens = chat.token_loss(model, examples, tokenizer.pad_token_id, cfg.evaluate.batch_size)
-    loss = total / tokens
-    metrics = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    metrics = _loss_metrics(*chat.token_loss(model, examples, tokenizer.pad_token_id, cfg.evaluate.batch_size))
     samples: list[dict[str, Any]] = []
     if generate_samples and cfg.evaluate.generate_rows:
         samples = generate(model, tokenizer, chat.conversations(frame, "eval"), template, cfg)
         metrics["exact_match"] = sum(s["exact_match"] for s in samples) / len(samples)
         metrics["rouge_l"] = sum(s["rouge_l"] for s in samples) / len(samples)
     return metrics, samples
+
+
+def _loss_metrics(total: float, tokens: int) -> dict[str, float]:
+    loss = total / tokens
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def lm_slices(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any,
+              encoded: tuple[list[dict], dict[str, int], str]) -> dict[str, dict[str, float]]:
+    """Eval loss and perplexity per language of the held-out conversations (their message text)."""
+    conversations = chat.conversations(frame, "eval")
+    languages = [language_of(" ".join(m["content"] for m in c)) for c in conversations]
+    slices = {}
+    for name in sorted(set(languages)):
+        subset = [e for e in encoded[0] if languages[e["example_id"]] == name]
+        if subset:
+            total, tokens = chat.token_loss(model, subset, tokenizer.pad_token_id, cfg.evaluate.batch_size)
+            slices[name] = {"rows": float(len(subset)), **_loss_metrics(total, tokens)}
+    return slices
 
 
 def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
@@ -233,6 +295,7 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     model, tokenizer = load_trained_lm(own.model_uri, cfg.base_model, scratch)
     encoded = chat.encode_split(cfg, tokenizer, frame, "eval")
     metrics, samples = score_lm(cfg, model, tokenizer, frame, encoded=encoded)
+    slices = lm_slices(cfg, model, tokenizer, frame, encoded)
     _print(f"{len(rows)} eval conversations", metrics)
     # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
     # training used): what fine-tuning bought. A LoRA model holds its base: switch the adapter off.
@@ -244,12 +307,14 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
         base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False, encoded=encoded)
     _print("base model", base_metrics)
 
-    def score_other(other: Any, other_tokenizer: Any) -> dict[str, float]:
+    def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         if other_tokenizer.pad_token is None:
             other_tokenizer.pad_token = other_tokenizer.eos_token
-        return score_lm(cfg, other, other_tokenizer, frame)[0]
+        theirs = chat.encode_split(cfg, other_tokenizer, frame, "eval")
+        return (score_lm(cfg, other, other_tokenizer, frame, encoded=theirs)[0],
+                lm_slices(cfg, other, other_tokenizer, frame, theirs))
 
-    return Scored(rows[["messages"]], metrics, base_metrics,
+    return Scored(rows[["messages"]], metrics, slices, base_metrics,
                   {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()}, score_other)
 
 
@@ -265,13 +330,14 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
-    champion_version, champion_metrics = "", {}
+    champion_version, champion_metrics, champion_slices = "", {}, {}
     champion = _champion(cfg)
     if champion is not None:  # scored on the same rows, by the same code, in this step
         champion_version, champion_model, champion_tokenizer = champion
-        champion_metrics = scored.score_other(champion_model, champion_tokenizer)
+        champion_metrics, champion_slices = scored.score_other(champion_model, champion_tokenizer)
         _print(f"champion v{champion_version}", champion_metrics)
-    promote, reason = decide(scored.metrics, champion_metrics if champion_version else None, own, cfg.task)
+    promote, reason = decide(scored.metrics, champion_metrics if champion_version else None, own, cfg.task,
+                             scored.slices, champion_slices)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
     out_uri = cfg.step_uri("evaluate")
     uris = {name: storage.join(out_uri, name) for name in scored.artifacts}
@@ -283,7 +349,8 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
                           confusion_matrix_uri=uris.get("confusion_matrix.png", ""), rows=len(scored.rows),
                           gate_metric=metric, promote=promote, reason=reason, champion_version=champion_version,
                           champion_metrics=champion_metrics, base_metrics=scored.base_metrics,
-                          greater_is_better=greater_is_better, thresholds=list(own.thresholds))
+                          greater_is_better=greater_is_better, thresholds=list(own.thresholds),
+                          slices=scored.slices, champion_slices=champion_slices)
 
 
 def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float], promote: bool, reason: str) -> None:
@@ -296,6 +363,9 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
                             ("base_eval_", scored.base_metrics)):
         for key, value in metrics.items():
             tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
+    for slice_name, values in scored.slices.items():  # e.g. eval_accuracy_zh, eval_rows_zh
+        for key, value in values.items():
+            tracker.log_metric(run_id, f"eval_{key.removeprefix('eval_')}_{slice_name}", value)
     tracker.set_tag(run_id, "gate.promote", str(promote).lower())
     tracker.set_tag(run_id, "gate.reason", reason)
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,6 +49,7 @@ class RegisterResult:
     mlflow_run_id: str
     model_uri: str
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same eval tokens
+    slices: dict[str, dict[str, float]] = field(default_factory=dict)  # the metrics per language of the eval rows
 
 
 def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
@@ -124,6 +125,15 @@ def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
     base = evaluated.get("base_metrics") or {}
     base_line = ("\nBase model on the same held-out tokens: "
                  + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n") if base else ""
+    slices = evaluated.get("slices") or {}
+    champion_slices = evaluated.get("champion_slices") or {}
+    gate = evaluated.get("gate_metric", "")
+    slice_rows = "\n".join(
+        f"| {name} | {int(values['rows'])} | {values[gate]:.4f} | "
+        + (f"{champion_slices[name][gate]:.4f} |" if gate in champion_slices.get(name, {}) else "- |")
+        for name, values in sorted(slices.items()) if gate in values)
+    slice_table = (f"\n### By language of the eval rows ({gate})\n| language | rows | this model | champion |\n"
+                   f"|---|---|---|---|\n{slice_rows}\n") if slice_rows else ""
     limits = ("Trained on a small, synthetic or team-curated set of intents: messages outside them are "
               "forced into the nearest known intent.")
     if cfg.task == "causal-lm":
@@ -148,7 +158,7 @@ pre-fill support tickets; keep a person in the loop for refunds and account acti
 | metric | this model | champion |
 |---|---|---|
 {rows}
-{base_line}
+{base_line}{slice_table}
 Gate: {evaluated["reason"]}
 
 ## Training
@@ -259,5 +269,6 @@ def run(cfg: PipelineConfig) -> RegisterResult:
                           promoted=CHAMPION in aliases, reason=evaluated["reason"], metrics=metrics,
                           run_id=cfg.run_id, snapshot=trained["snapshot_uri"], mlflow_run_id=mlflow_run_id,
                           model_uri=f"models:/{cfg.model_name}/{version}",
-                          base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()})
+                          base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()},
+                          slices=evaluated.get("slices") or {})
 

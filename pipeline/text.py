@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Kana and CJK ideographs: scripts without spaces between words, so each character counts as a
@@ -15,3 +16,21 @@ CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 def normalize_text(text: str) -> str:
     """The form used for hashing, splitting and duplicate detection: NFKC, case-folded, single spaces."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+# Writing systems the evaluation slices by: a row is the first of these its text contains, in this
+# order (kana marks Japanese even beside kanji; Han alone reads as Chinese), else "latin" when it
+# has Latin letters, else "other".
+_KANA = re.compile("[\u3040-\u30ff]")
+_HANGUL = re.compile("[\uac00-\ud7af\u1100-\u11ff]")
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
+LANGUAGES = ("ja", "ko", "zh", "latin", "other")
+
+
+def language_of(text: str) -> str:
+    """The writing system of ``text`` as an evaluation slice: ja, ko, zh, latin or other."""
+    for name, pattern in (("ja", _KANA), ("ko", _HANGUL), ("zh", _HAN), ("latin", _LATIN)):
+        if pattern.search(text):
+            return name
+    return "other"

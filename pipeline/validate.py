@@ -39,7 +39,7 @@ from pipeline.config import PipelineConfig, ValidateConfig
 from pipeline.errors import ConfigError, DataError, ValidationFailed
 from pipeline.models import load_tokenizer
 from pipeline.snapshot import load_snapshot
-from pipeline.text import normalize_text
+from pipeline.text import language_of, normalize_text
 
 @dataclass(frozen=True)
 class ValidateResult:
@@ -106,23 +106,55 @@ def _token_note(counted: Any, total: int, sample_rows: int, bar: int, what: str)
     return {"counted": what, "rows_counted": int(len(counted)), "rows": total, "policy": policy}
 
 
-def classification_columns(frame: Any, tokenizer: Any, own: ValidateConfig, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The classification suite's frame, and how token counts were taken."""
+def classification_columns(frame: Any, tokenizer: Any, own: ValidateConfig,
+                           seed: int) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
+    """The classification suite's frame, how token counts were taken, and the tokenizer's
+    coverage of each writing system on the same rows."""
     import numpy as np
 
     out = with_derived_columns(frame)
     if "text" not in out:
-        return out, {}
+        return out, {}, {}
     positions = rows_to_count(utf8_bytes(out["text"]) + 1, own.max_text_tokens, own.token_sample_rows, seed)
     positions = [int(i) for i in positions if isinstance(out["text"].iat[i], str)]
     tokens = np.full(len(out), np.nan)  # rows not counted stay null: the expectation skips them
+    encoded: list[list[int]] = []
     if positions:
         encoded = tokenizer([out["text"].iat[i] for i in positions], add_special_tokens=False,
                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         tokens[positions] = [len(ids) for ids in encoded]
     out["text_tokens"] = tokens
+    coverage = tokenizer_coverage(tokenizer, [out["text"].iat[i] for i in positions], encoded, positions)
     return out, _token_note(positions, len(out), own.token_sample_rows, own.max_text_tokens,
-                            "tokens of the text, special tokens not counted")
+                            "tokens of the text, special tokens not counted"), coverage
+
+
+def tokenizer_coverage(tokenizer: Any, texts: list[str], encoded: list[list[int]],
+                       positions: list[int]) -> dict[str, dict[str, Any]]:
+    """Per writing system (text.language_of): rows, tokens, the share of them that are the
+    tokenizer's unknown token, the rows with the most, and characters the vocabulary lacks.
+    Empty for a tokenizer without an unknown token (byte-level BPE falls back to bytes instead)."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return {}
+    scripts: dict[str, dict[str, Any]] = {}
+    for text, ids, row in zip(texts, encoded, positions):
+        entry = scripts.setdefault(language_of(text), {"rows": 0, "tokens": 0, "unknown": 0, "worst": [], "chars": set()})
+        missing = sum(token == unknown for token in ids)
+        entry["rows"] += 1
+        entry["tokens"] += len(ids)
+        entry["unknown"] += missing
+        if missing:
+            entry["worst"].append((missing / max(len(ids), 1), row))
+            entry["chars"].update(c for c in text if not c.isspace())
+    for name, entry in scripts.items():
+        lacking = [c for c in sorted(entry.pop("chars"))[:5000]
+                   if tokenizer(c, add_special_tokens=False)["input_ids"] == [unknown]]
+        worst = sorted(entry.pop("worst"), reverse=True)
+        entry.update(rate=round(entry["unknown"] / entry["tokens"], 6) if entry["tokens"] else 0.0,
+                     example_rows=[row for _, row in worst[:5]], rows_with_unknown=len(worst),
+                     missing_characters=len(lacking), missing_examples="".join(lacking[:30]))
+    return scripts
 
 
 # Tokens a chat template adds per message are estimated from the template itself; this is the
@@ -278,6 +310,18 @@ def _describe(result: Any) -> dict[str, Any]:
     }
 
 
+def coverage_checks(coverage: dict[str, dict[str, Any]], own: ValidateConfig) -> list[dict[str, Any]]:
+    """``tokenizer_coverage`` for every writing system with at least ``validate.min_slice_rows``
+    rows, in the shape of a suite check."""
+    severity_of = "warning" if "tokenizer_coverage" in own.warn_only else own.coverage_severity
+    return [{"check": "tokenizer_coverage", "severity": severity_of, "expectation": "unknown_token_rate",
+             "column": f"text ({name})", "success": entry["rate"] <= own.max_unknown_token_rate,
+             "unexpected_count": entry["rows_with_unknown"], "example_rows": entry["example_rows"],
+             "example_values": [], "observed_value": entry["rate"], "max": own.max_unknown_token_rate,
+             "script": name, "missing_characters": entry["missing_characters"]}
+            for name, entry in sorted(coverage.items()) if entry["rows"] >= own.min_slice_rows]
+
+
 def _drift_check(measure: dict[str, Any], own: ValidateConfig) -> dict[str, Any]:
     """A drift measure in the shape of a suite check, so reports and the gate treat both alike."""
     return {"check": measure["check"], "severity": severity(measure["check"], own), "expectation": measure["measure"],
@@ -291,7 +335,9 @@ def _explain(check: dict[str, Any]) -> str:
     if "max" in check:  # a drift measure
         rows = (f", {check['unexpected_count']} rows, example rows {check['example_rows']}"
                 if check["unexpected_count"] else "")
-        return head + f"observed {check['observed_value']} > max {check['max']}{rows}"
+        lacking = (f", {check['missing_characters']} characters its vocabulary lacks"
+                   if check.get("missing_characters") else "")
+        return head + f"observed {check['observed_value']} > max {check['max']}{rows}{lacking}"
     values = f", values {check['example_values']}" if check.get("example_values") else ""
     return (head + f"{check['unexpected_count']} unexpected, example rows {check['example_rows']}, "
                    f"observed {check['observed_value']}{values}")
@@ -332,6 +378,9 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
                                f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
                                f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
         "drift_label_psi": drift, "drift_length_ks": drift, "drift_oov_rate": drift,
+        "tokenizer_coverage": "base_model's tokenizer maps too much of this writing system to its unknown token, so "
+                              "the model cannot read it: choose a base_model whose tokenizer covers the script "
+                              "(a multilingual one), or raise validate.max_unknown_token_rate knowingly",
     }.get(check, "see the Data Docs")
 
 
@@ -437,9 +486,10 @@ def classification_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accept
                          gx: Any) -> Suite:
     own = cfg.validate
     allowed, source = _allowed_labels(own, accepted)
-    derived, token_note = classification_columns(frame, tokenizer, own, cfg.seed)
+    derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed)
     return Suite("sequence_classification", derived, classification_expectations(gx, own, allowed), None,
-                 {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note})
+                 {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note,
+                  "tokenizer_coverage": coverage})
 
 
 def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any) -> Suite:
@@ -483,6 +533,7 @@ def run(cfg: PipelineConfig) -> ValidateResult:
         summary.update(suite.summary)
         lap("derive")
         checks, docs = run_suite(suite.frame, suite.name, suite.expectations, own, scratch)
+        checks += coverage_checks(summary.get("tokenizer_coverage", {}), own)
         parsed = suite.parsed
         del suite  # the derived frame: as large as the snapshot, and no longer needed
         lap("suite")
@@ -576,7 +627,9 @@ def _log(cfg: PipelineConfig, summary: dict[str, Any], docs: Path, drift_dir: Pa
     numbers = {"validate_rows": summary["rows"],
                "validate_failed_checks": sum(not c["success"] and c["severity"] == "error" for c in checks),
                "validate_warning_checks": sum(not c["success"] and c["severity"] == "warning" for c in checks),
-               **{c["check"]: c["observed_value"] for c in checks if c["check"] in drift.CHECKS}}
+               **{c["check"]: c["observed_value"] for c in checks if c["check"] in drift.CHECKS},
+               **{f"tokenizer_unknown_rate_{name}": entry["rate"]
+                  for name, entry in summary.get("tokenizer_coverage", {}).items()}}
     tracker.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
     tracker.set_tag(run_id, "validate.passed", str(summary["passed"]).lower())
 

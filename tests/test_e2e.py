@@ -25,7 +25,9 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
     done = _finetune_run("--source", str(small_data), *common)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"model_name", "version", "aliases", "metrics", "run_id", "snapshot"}  # no base_metrics
+    # No base_metrics (causal-lm only); the metrics per language of the eval rows beside the overall ones.
+    assert set(summary) == {"model_name", "version", "aliases", "metrics", "run_id", "snapshot", "slices"}
+    assert {"latin", "zh"} <= set(summary["slices"]) and all(s["rows"] > 0 for s in summary["slices"].values())
     assert summary["version"] == "1" and summary["aliases"] == ["challenger", "champion"]
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert summary["run_id"].startswith("manual__")

@@ -73,6 +73,7 @@ def _register_champion(tmp_path, classifier_dir):
     from pipeline import register
 
     train_uri, evaluate_uri = (tmp_path / "t.json").as_uri(), (tmp_path / "e.json").as_uri()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     storage.write_json(train_uri, {"model_uri": str(classifier_dir), "snapshot_uri": "file:///s.parquet"})
     storage.write_json(evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True,
                                       "reason": "first"})
@@ -104,3 +105,72 @@ def test_a_champion_that_cannot_be_loaded_fails_closed(tmp_path, classifier_dir)
     with pytest.raises(ModelError, match="champion support-intents version 1 cannot be loaded"):
         evaluate.run(cfg)
     assert not storage.exists(cfg.step_uri("evaluate") + "/result.json")
+
+
+# --- slices: per language of the eval rows, in the metrics and in the gate ----------------------
+
+def _answering(classifier_dir, path, label):
+    """The tiny classifier with its head biased to answer ``label`` whatever the text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir)
+    with torch.no_grad():
+        model.classifier.bias.fill_(-10.0)
+        model.classifier.bias[model.config.label2id[label]] = 10.0
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(classifier_dir).save_pretrained(path)
+    return path
+
+
+def _bilingual_snapshot(tmp_path):
+    """8 English password resets and 4 Chinese order-status questions from the shipped data."""
+    from tests.helpers import SHIPPED_DATA
+    from pipeline.text import language_of
+
+    rows = [json.loads(line) for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
+    english = [r["text"] for r in rows if r["label"] == "password_reset" and language_of(r["text"]) == "latin"][:8]
+    chinese = [r["text"] for r in rows if r["label"] == "order_status" and language_of(r["text"]) == "zh"][:4]
+    table = [(t, "password_reset", "eval") for t in english] + [(t, "order_status", "eval") for t in chinese]
+    return write_snapshot(tmp_path / "bilingual.parquet", table, ["text", "label", "split"])
+
+
+def test_a_challenger_better_overall_but_worse_on_one_language_is_refused(tmp_path, classifier_dir):
+    champion = _answering(classifier_dir, tmp_path / "champion", "order_status")  # right on the Chinese rows only
+    challenger = _answering(classifier_dir, tmp_path / "challenger", "password_reset")  # right on the English ones
+    _register_champion(tmp_path / "registered", champion)
+    snapshot = _bilingual_snapshot(tmp_path)
+    sets = [f"evaluate.snapshot_uri={snapshot}", f"evaluate.model_uri={json.dumps(str(challenger))}",
+            "evaluate.min_slice_rows=4"]
+    result = evaluate.run(load_config(None, [*sets, "run_id=s1"]))
+    assert result.metrics["accuracy"] == pytest.approx(8 / 12)
+    assert result.champion_metrics["accuracy"] == pytest.approx(4 / 12)
+    assert result.slices["zh"] == {"rows": 4.0, "accuracy": 0.0, "macro_f1": 0.0}
+    assert result.slices["latin"]["accuracy"] == 1.0 and result.champion_slices["zh"]["accuracy"] == 1.0
+    assert not result.promote
+    assert result.reason.startswith("accuracy[zh] 0.0000 is worse than the champion's 1.0000 on slice 'zh' (4 rows)")
+    assert storage.exists(result.confusion_matrix_uri.replace("confusion_matrix.png", "confusion_matrix_zh.png"))
+    from pipeline.tracking import client, pipeline_run_id
+
+    logged = client().get_run(pipeline_run_id(load_config(None, ["run_id=s1"]))).data.metrics
+    assert logged["eval_accuracy_zh"] == 0.0 and logged["eval_rows_latin"] == 8.0
+
+    # The same challenger, with the slice gate loosened by the deployment: it wins overall.
+    loose = evaluate.run(load_config(None, [*sets, "run_id=s2", "evaluate.max_slice_regression=1.0"]))
+    assert loose.promote and "beats champion" in loose.reason
+    # Too few rows in a slice to judge: reported, not gated.
+    few = evaluate.run(load_config(None, [*sets[:2], "run_id=s3", "evaluate.min_slice_rows=5"]))
+    assert few.promote and few.slices["zh"]["rows"] == 4
+
+
+@pytest.mark.parametrize("rule, promote, reason", [
+    ("accuracy[latin]>=0.9", True, "no champion yet"),
+    ("accuracy[zh]>=0.5", False, "accuracy[zh] 0.0000 fails the threshold accuracy[zh] >= 0.5"),
+    ("accuracy[ko]>=0.5", False, "accuracy[ko] cannot be checked: the eval split has no rows of slice 'ko'"),
+])
+def test_a_bar_on_one_language(tmp_path, classifier_dir, rule, promote, reason):
+    challenger = _answering(classifier_dir, tmp_path / "challenger", "password_reset")
+    result = evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_bilingual_snapshot(tmp_path)}",
+                                             f"evaluate.model_uri={json.dumps(str(challenger))}",
+                                             f"evaluate.thresholds={json.dumps([rule])}"]))
+    assert result.promote is promote and result.reason.startswith(reason)

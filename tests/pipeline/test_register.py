@@ -156,3 +156,15 @@ def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(tmp_path, cl
     assert real.get_model_version("support-intents", "2").tags[register.PROMOTION_DONE] in ("promoted", "unchanged")
     assert register.run(cfg).aliases == ["challenger", "champion"]  # and once more changes nothing
     assert aliases(real) == {"champion": "2", "challenger": "2", "previous_champion": "1"}
+
+
+def test_the_model_card_shows_the_gate_metric_per_language_beside_the_champion():
+    cfg = load_config(None, ["run_id=card"])
+    evaluated = {"metrics": {"accuracy": 0.9}, "gate_metric": "accuracy", "reason": "beats", "champion_version": "1",
+                 "champion_metrics": {"accuracy": 0.85},
+                 "slices": {"latin": {"rows": 171.0, "accuracy": 1.0}, "zh": {"rows": 171.0, "accuracy": 0.8}},
+                 "champion_slices": {"zh": {"rows": 171.0, "accuracy": 0.76}}}
+    card = register.model_card(cfg, {"train": {"snapshot_uri": "file:///s.parquet"}, "evaluate": evaluated,
+                                     "collect": {}, "validate": {}})
+    assert "### By language of the eval rows (accuracy)" in card
+    assert "| zh | 171 | 0.8000 | 0.7600 |" in card and "| latin | 171 | 1.0000 | - |" in card

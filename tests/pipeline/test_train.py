@@ -115,6 +115,10 @@ def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_sn
     assert evaluated["metrics"]["eval_loss"] == pytest.approx(summary["eval_loss_in_memory"], rel=1e-5)
     assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
     assert not evaluated["greater_is_better"] and evaluated["gate_metric"] == "perplexity"
+    # Per language of the held-out conversations: their rows add up to the scored conversations.
+    slices = evaluated["slices"]
+    assert slices and all(v["perplexity"] > 1 for v in slices.values())
+    assert sum(v["rows"] for v in slices.values()) == summary["eval_conversations"]["kept"]
     samples = storage.read_json(evaluated["report_uri"])
     assert len(samples) == 4 and {"prompt", "reference", "output", "rouge_l"} <= set(samples[0])
 

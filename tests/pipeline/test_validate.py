@@ -421,3 +421,21 @@ def test_the_accepted_snapshot_pointer_only_moves_forward_in_run_order(tmp_path)
     assert storage.read_json(record_uri)["run_id"] == "wednesday"
     with pytest.raises(ConfigError, match="run_date: 'yesterday' is not an ISO 8601"):
         _cfg(older, "run_date=yesterday")
+
+
+def test_tokenizer_coverage_per_writing_system_names_the_script_the_model_cannot_read(tmp_path):
+    # The shipped intents with the default base model, MiniLM: an English WordPiece vocabulary.
+    uri = _snapshot(tmp_path, _support_rows(10, 20), "coverage")
+    result = validate.run(_cfg(uri))
+    coverage = storage.read_json(result.summary_uri)["tokenizer_coverage"]
+    assert coverage["latin"]["rate"] < 0.01 and coverage["zh"]["rate"] > 0.5  # most Chinese tokens are [UNK]
+    assert coverage["zh"]["missing_characters"] > 100 and coverage["zh"]["rows"] + coverage["latin"]["rows"] == 200
+    [warning] = [w for w in result.warnings if w.startswith("tokenizer_coverage")]  # reported, by default
+    assert "unknown_token_rate(column=text (zh))" in warning
+
+    with pytest.raises(ValidationFailed) as failed:
+        validate.run(_cfg(uri, "run_id=strict", "validate.coverage_severity=error"))
+    message = str(failed.value)
+    assert f"tokenizer_coverage: unknown_token_rate(column=text (zh)): observed {coverage['zh']['rate']}" in message
+    assert "choose a base_model whose tokenizer covers the script" in message
+    assert "text (latin)" not in message  # English reads fine
