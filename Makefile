@@ -1,7 +1,8 @@
 # The commands a person types. Everything installs into .venv from constraints.txt.
 #   make demo   fine-tune MiniLM on the shipped intents through the real Airflow DAG
 #   make test   the whole test suite (what CI runs)
-#   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1
+#   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
+#   make down   stop what `make up` started
 #   make bench  the benchmarks behind BENCHMARKS.md (minutes; writes bench/results/)
 #   make lint   the import layers (pyproject.toml [tool.importlinter]; make test runs it too)
 SHELL := /bin/bash
@@ -17,8 +18,10 @@ PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 export FINETUNE_HOME ?= $(CURDIR)/.finetune
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+AIRFLOW_PORT ?= 8080
+MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test test-fast up bench lock lint clean
+.PHONY: install demo test test-fast up down bench lock lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,12 +48,14 @@ test: install $(CHECKOV) lint
 test-fast: install $(CHECKOV)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Both UIs in the background on 127.0.0.1 over the embedded stores under $(FINETUNE_HOME); pid files
+# in $(FINETUNE_HOME)/run, logs in $(FINETUNE_HOME)/logs (pipeline/services.py). A second `up` finds
+# the running copy. Ports: make up AIRFLOW_PORT=8081 MLFLOW_PORT=5001 (never 8793/8794: log servers).
 up: install
-	@echo "Airflow UI on http://127.0.0.1:8080 (login printed below), MLflow UI on http://127.0.0.1:5000"
-	PATH=$(CURDIR)/$(BIN):$$PATH AIRFLOW_HOME=$(FINETUNE_HOME)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 $(BIN)/airflow standalone & \
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow.db \
-	  --default-artifact-root $(FINETUNE_HOME)/mlartifacts; wait
+	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) $(BIN)/python -m pipeline.services up
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m pipeline.services down; else echo "nothing to stop: no $(VENV)"; fi
 
 bench: install
 	$(BIN)/python bench/collect_memory.py --sizes-mb 50 500 --out bench/results/collect.md
