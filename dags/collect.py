@@ -25,7 +25,8 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import chain, dag
-from finetune_tasks import announce_task, step_params, step_task
+from finetune_alerts import ON_FAILURE, deadline_alert
+from finetune_tasks import ANNOUNCE_TIMEOUT, announce_task, run_deadline, step_params, step_task
 
 from pipeline.steps import launcher_from_env
 
@@ -40,7 +41,10 @@ SCHEDULE = os.environ.get("FINETUNE_COLLECT_SCHEDULE", "@daily")
     catchup=False,
     max_active_runs=1,  # two runs on the same data would both see it as new
     tags=["finetune", "mlops", "data"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "ml-platform"},
+    # Retried with back-off but for bad input, a failed gate and out of memory (pipeline/steps.py).
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=30), "owner": "ml-platform", "on_failure_callback": ON_FAILURE},
+    deadline=deadline_alert(run_deadline(["collect"], ANNOUNCE_TIMEOUT)),
     params=step_params("finetune", ["source", "model_name"]),
     doc_md=__doc__,
 )

@@ -16,7 +16,9 @@ case: loss on assistant tokens, optional LoRA, perplexity gate).
 Each task runs `finetune <step> --set ...` — the same argv a container would run — through the
 launcher chosen by `FINETUNE_LAUNCHER` (default `local`; `kubernetes`: a pod per step;
 `pytorchjob`: pods, and training as a multi-node Kubeflow PyTorchJob). Data moves as URIs; XCom carries only
-each step's small result JSON. Bad input fails the task without retries; crashes are retried.
+each step's small result JSON. Bad input (exit 2), a failed gate (3) and out of memory (137) fail the
+task without retries; transient faults (75: S3/HTTP 5xx, throttling, timeouts, MLflow unreachable),
+crashes and a step past its `timeouts.<step>` are retried with exponential back-off.
 Extra settings go in the `overrides` Param as `step.key=value` strings: only keys the deployment's
 `trigger_keys` allow (data, task, model, training settings by default; never the promotion gate,
 `k8s.*` or `artifact_root`). A refused key fails the run at `collect`, before any work. The form's
@@ -31,6 +33,13 @@ way, `collect` reads the `snapshot_uri` in the extra of the latest triggering ev
 `source` Param (re-collecting a published snapshot gives the same content-addressed snapshot);
 an event without one collects the `source` Param.
 
+**Timeouts and alerts.** Each task runs at most `timeouts.<step>` of the deployment's config
+(`FINETUNE_CONFIG`; a trigger cannot lift it): the local launcher then stops every process of the
+step, a pod gets it as `activeDeadlineSeconds`, and the task's `execution_timeout` backs both. A
+task that fails for good, and (with `FINETUNE_DEADLINE_ALERTS=true`) a run still going after one
+attempt of each task, sends a message to the webhook of the Airflow connection `finetune_alerts`;
+so does a new champion. No such connection: nothing is sent.
+
 **Credentials.** Under the `local` launcher, an Airflow connection `aws_default`, looked up when
 each task runs, supplies the step's `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN` (extra `aws_session_token`), `AWS_ENDPOINT_URL` (extra `endpoint_url`) and
@@ -44,7 +53,8 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, chain, dag
-from finetune_tasks import default_model_name, env_flag, snapshot_asset, step_params, step_task
+from finetune_alerts import ON_FAILURE, deadline_alert
+from finetune_tasks import default_model_name, env_flag, run_deadline, snapshot_asset, step_params, step_task
 
 from pipeline.steps import PIPELINE, launcher_from_env
 
@@ -66,7 +76,11 @@ else:
     catchup=False,
     max_active_runs=1,
     tags=["finetune", "mlops", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "ml-platform"},
+    # Retried: transient faults (exit 75), crashes, timeouts, with back-off; bad input (2), a failed
+    # gate (3) and out of memory (137) fail at once (pipeline/steps.py, the retry table).
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=30), "owner": "ml-platform", "on_failure_callback": ON_FAILURE},
+    deadline=deadline_alert(run_deadline(PIPELINE)),  # FINETUNE_DEADLINE_ALERTS: a run later than its steps' timeouts
     params=step_params("finetune"),
     doc_md=__doc__,
 )

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, AssetAlias, Param, task
+from airflow.sdk import Asset, AssetAlias, BaseOperator, Param, task
+from finetune_alerts import ON_PROMOTION
 
 from pipeline import k8s, steps, storage
 from pipeline.config import PipelineConfig, load_config, param_schema, safe_run_id
@@ -131,29 +133,108 @@ def aws_connection_env() -> dict[str, str]:
     return steps.aws_env(connection.login, connection.password, connection.extra_dejson)
 
 
-def step_task(step: str, launcher: str):
-    """One Airflow task per row of ``pipeline.steps.STEPS``, run by ``launcher``."""
-    if uses_pytorchjob(step, launcher):
-        return pytorchjob_task(step, launcher)
-    if launcher != "local":
-        return pod_task(step, launcher)
+# Room past a step's own timeout before Airflow's execution_timeout ends the task: the launcher
+# (or the kubelet) stops the step first and says why; scheduling a pod and pulling its image
+# happen before activeDeadlineSeconds starts counting.
+LAUNCH_MARGIN_S = 300
+ANNOUNCE_TIMEOUT = timedelta(minutes=5)
 
-    @task(task_id=step)
-    def launch(**context):
+
+def step_timeout_s(step: str) -> int:
+    """``timeouts.<step>`` of the deployment's config (its file, FINETUNE_CONFIG), never a run's:
+    a trigger cannot lift it."""
+    return steps.step_timeout(step, deployment_config())
+
+
+def execution_timeout(step: str) -> timedelta:
+    """The Airflow task's ``execution_timeout``: the step's own timeout, the grace its processes
+    get to stop, and ``LAUNCH_MARGIN_S``."""
+    return timedelta(seconds=step_timeout_s(step) + deployment_config().timeouts.kill_grace_s + LAUNCH_MARGIN_S)
+
+
+class LocalStepOperator(BaseOperator):
+    """The step as a local subprocess (``steps.launch_local``) in a process group of its own: its
+    timeout, Airflow's execution_timeout and a kill of the task (``on_kill``) all stop every
+    process it started, torchrun's workers included."""
+
+    def __init__(self, *, step: str, **kwargs):
+        super().__init__(**kwargs)
+        self.step = step
+        self.process: steps.StepProcess | None = None
+
+    def execute(self, context):
         from airflow.sdk.exceptions import AirflowFailException
 
+        def started(process: steps.StepProcess) -> None:
+            self.process = process
+
         try:
-            overrides = run_overrides(step, context)  # a refused trigger key fails here, before any work
-            return steps.launch(step, overrides, env=aws_connection_env())
+            overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
+            return steps.launch(self.step, overrides, env=aws_connection_env(), timeout_s=step_timeout_s(self.step),
+                                grace_s=deployment_config().timeouts.kill_grace_s, started=started)
         except PipelineError as exc:
             if getattr(exc, "retryable", False):
                 raise
             raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
 
-    return launch()
+    def on_kill(self):
+        if self.process is not None:
+            self.process.stop(deployment_config().timeouts.kill_grace_s)
 
 
-def pod_task(step: str, launcher: str):
+def step_failed(step: str, launcher: str, cfg: PipelineConfig, exit_code: int | None, detail: str,
+                oom: bool | None = None) -> Exception:
+    """A failed pod's or PyTorchJob's step, as the retry table in ``pipeline.steps`` says: its own
+    error.json when it wrote one, else the exit code. An AirflowFailException when retrying cannot
+    help (bad input 2, failed gate 3, out of memory 137), else a retryable ``StepFailed``."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        error = steps.step_error(cfg.step_uri(step))
+    except PipelineError as exc:  # the artifact store is failing too: say so, and let it retry
+        error, detail = None, f"{detail}; its error.json could not be read: {exc}"
+    failure = steps.step_failure(step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]),
+                                 detail=detail, oom=oom)
+    return failure if failure.retryable else AirflowFailException(str(failure))
+
+
+def pod_exit(pod: Any) -> tuple[int | None, bool]:
+    """The exit code of a finished pod's step container (``base``) and whether the kubelet killed
+    it for memory (OOMKilled); ``TIMEOUT_EXIT_CODE`` when the pod ran past its activeDeadlineSeconds;
+    None when it never ran to an end (image pull, eviction)."""
+    if pod is None or pod.status is None:
+        return None, False
+    if pod.status.reason == "DeadlineExceeded":
+        return steps.TIMEOUT_EXIT_CODE, False
+    for status in pod.status.container_statuses or []:
+        if status.name == "base" and status.state is not None and status.state.terminated is not None:
+            terminated = status.state.terminated
+            return terminated.exit_code, terminated.reason == "OOMKilled"
+    return None, False
+
+
+def run_deadline(step_names: Iterable[str], extra: timedelta = timedelta(0)) -> timedelta:
+    """How long after it was queued a run of these steps is late: one attempt of each at its
+    execution_timeout (the DAG's DeadlineAlert then sends an alert; nothing is stopped)."""
+    return sum((execution_timeout(step) for step in step_names), extra)
+
+
+# Steps whose success may crown a new champion: their result is checked and announced.
+PROMOTING_STEPS = ("register", "promote")
+
+
+def step_task(step: str, launcher: str):
+    """One Airflow task per row of ``pipeline.steps.STEPS``, run by ``launcher``, with the step's
+    ``execution_timeout``; register and promote announce a new champion (``finetune_alerts``)."""
+    callbacks = {"on_success_callback": ON_PROMOTION} if step in PROMOTING_STEPS else {}
+    if uses_pytorchjob(step, launcher):
+        return pytorchjob_task(step, launcher, **callbacks)
+    if launcher != "local":
+        return pod_task(step, launcher, **callbacks)
+    return LocalStepOperator(task_id=step, step=step, execution_timeout=execution_timeout(step), **callbacks)
+
+
+def pod_task(step: str, launcher: str, **callbacks):
     """The step as one pod. Its argv needs the upstream results, known only at run time, so the
     operator renders the whole pod in ``execute`` with the same ``steps.render`` that
     ``finetune render`` prints (one code path, no Jinja copy of ``step_overrides``), and bad
@@ -166,21 +247,32 @@ def pod_task(step: str, launcher: str):
             from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
 
             try:
-                manifest = steps.render(step, run_overrides(step, context), launcher)
+                overrides = run_overrides(step, context)
+                manifest = steps.render(step, overrides, launcher, deadline_s=step_timeout_s(step))
+                cfg = load_config(None, overrides)
             except PipelineError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
             self.full_pod_spec = PodGenerator.deserialize_model_dict(manifest)
             self.namespace = manifest["metadata"]["namespace"]
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except Exception as exc:
+                # Read the container, not the pod's phase: with the XCom sidecar the pod may still
+                # be Running when the step container has ended.
+                pod = getattr(self, "remote_pod", None)
+                if pod is None:
+                    raise  # no pod came to be: KPO's own error (API, admission), retried
+                exit_code, oom = pod_exit(pod)
+                raise step_failed(step, launcher, cfg, exit_code, str(exc).splitlines()[0], oom=oom) from exc
 
     # KPO's XCom sidecar must meet the same "restricted" policy as the step container.
     sidecar_security = dict(k8s.RESTRICTED_CONTAINER, runAsUser=65534, runAsGroup=65534)
     return StepPodOperator(task_id=step, name=f"finetune-{step}", do_xcom_push=True,
                            xcom_sidecar_container_security_context=sidecar_security,
-                           on_finish_action="delete_pod")
+                           on_finish_action="delete_pod", execution_timeout=execution_timeout(step), **callbacks)
 
 
-def pytorchjob_task(step: str, launcher: str):
+def pytorchjob_task(step: str, launcher: str, **callbacks):
     """Training as a PyTorchJob: create it, watch it, delete it unless it succeeded (and on kill).
     Its result comes back as every step's does, from ``<step_uri>/result.json``."""
     from airflow.sdk import BaseOperator
@@ -200,31 +292,32 @@ def pytorchjob_task(step: str, launcher: str):
 
             try:
                 overrides = run_overrides(step, context)
-                self.manifest = steps.render(step, overrides, launcher)
+                self.manifest = steps.render(step, overrides, launcher, deadline_s=step_timeout_s(step))
                 cfg = load_config(None, overrides)
             except PipelineError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
             phase = k8s.run_pytorchjob(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
-                                       cfg.k8s.job_timeout_seconds, log=self.log.info)
+                                       self.manifest["spec"]["runPolicy"]["activeDeadlineSeconds"], log=self.log.info)
             if phase != "Succeeded":
-                error = steps.step_error(cfg.step_uri(step))
-                if error is not None:  # the step's own verdict on its input: not retried
-                    raise AirflowFailException(f"step '{step}' failed: {error['error']}")
-                raise RuntimeError(f"PyTorchJob {self.manifest['metadata']['name']} ended {phase}")
+                name = self.manifest["metadata"]["name"]
+                if phase == "Timeout":
+                    raise step_failed(step, launcher, cfg, steps.TIMEOUT_EXIT_CODE,
+                                      f"PyTorchJob {name} ran past its deadline (timeouts.{step})")
+                raise step_failed(step, launcher, cfg, None, f"PyTorchJob {name} ended {phase}")
             return storage.read_json(storage.join(cfg.step_uri(step), steps.RESULT_FILE))
 
         def on_kill(self):
             if self.manifest is not None:
                 k8s.delete_pytorchjob(self.api(), self.manifest)
 
-    return PyTorchJobOperator(task_id=step)
+    return PyTorchJobOperator(task_id=step, execution_timeout=execution_timeout(step), **callbacks)
 
 
 def announce_task():
     """Announce the collect task's snapshot on ``<model_name>-snapshot`` unless it is the one last
     announced there through ``SNAPSHOTS``: unchanged data emits no event, so nothing retrains."""
 
-    @task(task_id="announce", inlets=[SNAPSHOTS], outlets=[SNAPSHOTS])
+    @task(task_id="announce", inlets=[SNAPSHOTS], outlets=[SNAPSHOTS], execution_timeout=ANNOUNCE_TIMEOUT)
     def announce(**context):  # no return annotation: a dict one would split the XCom per key
         collected = context["ti"].xcom_pull(task_ids="collect")
         asset = snapshot_asset(context["params"]["model_name"])

@@ -11,14 +11,18 @@ experiment `<model_name>-promotions`.
 **Roll back**: `version=previous_champion`, `force=true`, `reason=<why>`.
 
 Its task is built by the same factory as the `finetune` DAG's: under `FINETUNE_LAUNCHER=kubernetes`
-or `pytorchjob` it runs as a pod. No retries: a refused promotion is a verdict.
+or `pytorchjob` it runs as a pod. A refused promotion is a verdict and is not retried; a transient
+fault (the registry lock wait ran out, MLflow unreachable) is, with back-off.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pendulum
 from airflow.sdk import chain, dag
-from finetune_tasks import step_params, step_task
+from finetune_alerts import ON_FAILURE, deadline_alert
+from finetune_tasks import run_deadline, step_params, step_task
 
 from pipeline.steps import dag_steps, launcher_from_env
 
@@ -32,8 +36,12 @@ LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator 
     catchup=False,
     max_active_runs=1,  # one promotion at a time from Airflow; the registry lock covers the rest
     tags=["finetune", "mlops", "registry"],
-    # A refused promotion is a verdict, not a flake: no retry.
-    default_args={"retries": 0, "owner": "ml-platform"},
+    # A refused promotion is a verdict, not a flake: it fails at once (exit 2). A transient fault
+    # (exit 75: the registry lock wait ran out, MLflow unreachable) is retried with back-off; a
+    # retry of a move that went through finds the version already holding the alias.
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=10), "owner": "ml-platform", "on_failure_callback": ON_FAILURE},
+    deadline=deadline_alert(run_deadline(dag_steps("promote"))),
     params=step_params("promote", overrides=False, version={"default": "challenger", "minLength": 1}),
     doc_md=__doc__,
 )

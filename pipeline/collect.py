@@ -49,7 +49,7 @@ from urllib.parse import urljoin, urlsplit
 
 from pipeline import chat, storage
 from pipeline.config import READ_ROWS, CollectConfig, PipelineConfig
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, TransientError
 from pipeline.snapshot import snapshot_columns
 from pipeline.text import normalize_text
 
@@ -205,8 +205,24 @@ def _download_http(source: SourceFile, dest: Path, allowed_hosts: Sequence[str] 
                             f"(the last to {url})")
     except urllib3.exceptions.HTTPError as exc:  # refused, timed out, body cut short, retries spent
         where = "" if url == source.uri else f" (redirected to {url})"
+        if _http_transient(exc):
+            raise TransientError(f"cannot download {source.uri}{where}: {exc!r} (after {HTTP_RETRIES} retries); "
+                                 f"it may clear by itself, so the task is retried with back-off") from exc
         raise DataError(f"cannot download {source.uri}{where}: {exc!r}") from exc
     source.final_uri = url
+
+
+def _http_transient(exc: Exception) -> bool:
+    """Whether urllib3's failure may clear by itself: a refused, reset or dropped connection, a
+    timeout, a body cut short. A bad certificate or URL is a verdict."""
+    import urllib3
+
+    errors = urllib3.exceptions
+    reason = exc.reason if isinstance(exc, errors.MaxRetryError) and exc.reason is not None else exc
+    if isinstance(reason, (errors.SSLError, errors.LocationValueError, errors.ProxySchemeUnknown)):
+        return False
+    return isinstance(reason, (errors.TimeoutError, errors.NewConnectionError, errors.ProtocolError,
+                               errors.ResponseError, errors.IncompleteRead, errors.DecodeError, ConnectionError))
 
 
 def _save_response(response: Any, source: SourceFile, url: str, dest: Path) -> None:
@@ -214,8 +230,10 @@ def _save_response(response: Any, source: SourceFile, url: str, dest: Path) -> N
     if response.status >= 400:
         retried = f" (after {HTTP_RETRIES} retries)" if response.status in HTTP_RETRY_STATUSES else ""
         where = "" if url == source.uri else f" (redirected to {url})"
-        raise DataError(f"cannot download {source.uri}{where}: HTTP Error {response.status}: "
-                        f"{response.reason}{retried}")
+        message = f"cannot download {source.uri}{where}: HTTP Error {response.status}: {response.reason}{retried}"
+        if response.status in HTTP_RETRY_STATUSES or response.status >= 500:  # busy or failing: not the source's answer
+            raise TransientError(f"{message}; it may clear by itself, so the task is retried with back-off")
+        raise DataError(message)
     with dest.open("wb") as out:
         for chunk in response.stream(READ_BYTES):
             out.write(chunk)

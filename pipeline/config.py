@@ -102,7 +102,7 @@ class CollectConfig:
 # Every check by name: the name is what reports, log lines and validate.warn_only use.
 CLASSIFICATION_CHECKS = ("columns", "row_count", "text_present", "text_not_blank", "text_length", "text_tokens",
                          "label_present", "label_allowed", "label_cardinality", "examples_per_class", "split_valid",
-                         "duplicate_rate", "split_leakage")
+                         "duplicate_rate", "split_leakage", "tokenizer_coverage")
 CHAT_CHECKS = ("columns", "row_count", "messages_valid", "role_order", "assistant_present", "assistant_not_empty",
                "split_valid", "duplicate_rate", "split_leakage", "conversation_tokens")
 DRIFT_CHECKS = ("drift_label_psi", "drift_length_ks", "drift_oov_rate")
@@ -138,6 +138,16 @@ class ValidateConfig:
                                        minimum=0.0, maximum=1.0)
     # Drift is news, not necessarily bad data (a new product line shifts every measure), so it is
     # reported by default and a team that wants a hard stop opts in.
+    max_unknown_token_rate: float = option(0.05, "Largest share of a writing system's tokens that base_model's "
+                                                 "tokenizer maps to its unknown token (check tokenizer_coverage).",
+                                           minimum=0.0, maximum=1.0)
+    min_slice_rows: int = option(50, "Writing systems with fewer rows are reported but not checked for coverage.",
+                                 minimum=1)
+    # Warning, not error, by default for now: the shipped demo's base model (MiniLM, an English
+    # WordPiece vocabulary) reads a fraction of its Chinese, and a base model or a vocabulary
+    # extension that covers it is the remedy still to ship (issue: a model that can read its data).
+    coverage_severity: str = option("warning", "Severity of tokenizer_coverage: warning reports, error fails the "
+                                               "gate.", choices=SEVERITIES)
     drift_severity: str = option("warning", "Severity of the drift checks: warning reports, error fails the gate.",
                                  choices=SEVERITIES)
     warn_only: list[str] = option([], f"Checks reported as warnings instead of failing the gate; any of "
@@ -189,6 +199,9 @@ class TrainConfig:
                                                 "empty: PEFT's default for the architecture.")
     lora_merge: bool = option(True, "causal-lm: publish the base model with the adapter merged in; false: the "
                                     "adapter alone, registered with a reference to base_model.")
+    collective_timeout_s: int = option(1800, "Seconds a collective (gloo/NCCL all-reduce, barrier) may wait for "
+                                       "the other ranks before the step fails; bounds a hung or lost rank.",
+                                       minimum=10, maximum=86400)
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")
@@ -209,15 +222,18 @@ DIRECTIONS = ("auto", "higher", "lower")
 
 
 def parse_threshold(rule: str) -> tuple[str, str, float]:
-    """``'accuracy>=0.85'`` as ``("accuracy", ">=", 0.85)``; a ConfigError quoting the rule otherwise."""
-    match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
+    """``'accuracy>=0.85'`` as ``("accuracy", ">=", 0.85)``, and a bar on one slice of the eval
+    split, ``'accuracy[zh]>=0.85'``, as ``("accuracy[zh]", ">=", 0.85)``; a ConfigError quoting
+    the rule otherwise."""
+    match = re.fullmatch(r"\s*(\w+)(\[[\w=.\-]+\])?\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
     if not match or match.group(1) not in METRICS:
         raise ConfigError(f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
-                          f"with a metric in {list(METRICS)}")
+                          f"(or '<metric>[<slice>] >= <number>', e.g. accuracy[zh]>=0.85) with a metric in "
+                          f"{list(METRICS)}")
     try:
-        return match.group(1), match.group(2), float(match.group(3))
+        return match.group(1) + (match.group(2) or ""), match.group(3), float(match.group(4))
     except ValueError as exc:
-        raise ConfigError(f"evaluate.thresholds: {rule!r}: {match.group(3)!r} is not a number") from exc
+        raise ConfigError(f"evaluate.thresholds: {rule!r}: {match.group(4)!r} is not a number") from exc
 
 
 @dataclass(frozen=True)
@@ -230,7 +246,13 @@ class EvaluateConfig:
                                            "eval_loss and perplexity, higher otherwise.", choices=DIRECTIONS)
     promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
                                      minimum=0.0)
-    thresholds: list[str] = option([], "Absolute bars every new model must clear, e.g. ['accuracy>=0.85'].")
+    thresholds: list[str] = option([], "Absolute bars every new model must clear, overall or on one slice of "
+                                       "the eval split, e.g. ['accuracy>=0.85', 'accuracy[zh]>=0.85'].")
+    max_slice_regression: float = option(0.05, "Refuse a new model that is worse than the champion on any slice "
+                                               "(a language of the eval split) by more than this on the gate metric, "
+                                               "however much better it is overall.", minimum=0.0)
+    min_slice_rows: int = option(20, "Slices with fewer eval rows are reported but not gated on (too few to "
+                                     "tell a regression from noise).", minimum=1)
     batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
     max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
                                   "train.max_seq_len, as training did).", minimum=8, maximum=8192)
@@ -373,6 +395,9 @@ class K8sConfig:
     job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's status.", minimum=1, maximum=600)
     job_timeout_seconds: int = option(86400, "A PyTorchJob still running after this is deleted and failed.",
                                       minimum=60, maximum=7 * 86400)
+    memory: list[str] = option([], "Memory (request and limit) of a step's pods as step=quantity, e.g. "
+                                   "['train=16Gi']; a step not listed gets the step table's (train 8Gi). Raise it "
+                                   "when a step is OOMKilled.")
 
     def __post_init__(self) -> None:
         # Before check_fields: an empty name would otherwise fail with a bare regex message.
@@ -387,6 +412,33 @@ class K8sConfig:
                               f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
         node_selector(self.gpu_node_selector)
         tolerations(self.gpu_tolerations)
+
+
+# --- timeouts ---------------------------------------------------------------------------------
+
+# How long one attempt of each step may run, the deployment's setting (its config file,
+# FINETUNE_CONFIG): the Airflow task's execution_timeout, the local launcher's kill of the step's
+# process group and the pod's activeDeadlineSeconds all come from it. Not in TRIGGER_KEYS, and the
+# DAG reads it from the deployment's config alone, so a trigger can never lift it.
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    collect: int = option(1800, "Seconds one attempt of collect may run before it is killed.",
+                          minimum=10, maximum=7 * 86400)
+    validate: int = option(1800, "Seconds one attempt of validate may run before it is killed.",
+                           minimum=10, maximum=7 * 86400)
+    train: int = option(6 * 3600, "Seconds one attempt of train may run before it is killed (all its processes).",
+                        minimum=10, maximum=7 * 86400)
+    evaluate: int = option(3600, "Seconds one attempt of evaluate may run before it is killed.",
+                           minimum=10, maximum=7 * 86400)
+    register: int = option(1800, "Seconds one attempt of register may run before it is killed.",
+                           minimum=10, maximum=7 * 86400)
+    promote: int = option(900, "Seconds one attempt of promote may run before it is killed (it waits up to "
+                               "promote.lock_wait_s for the registry lock).", minimum=10, maximum=7 * 86400)
+    kill_grace_s: int = option(30, "Seconds a step killed for its timeout or by Airflow gets between SIGTERM and "
+                                   "SIGKILL of its whole process group.", minimum=1, maximum=600)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "timeouts.")
 
 
 # --- what a trigger may set -------------------------------------------------------------------
@@ -455,6 +507,7 @@ class PipelineConfig:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     def __post_init__(self) -> None:
         if not self.artifact_root:

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pipeline.config import PipelineConfig, node_selector, tolerations
+from pipeline.config import QUANTITY, PipelineConfig, node_selector, tolerations
+from pipeline.errors import ConfigError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # KubernetesPodOperator reads it through its sidecar
@@ -46,12 +47,26 @@ def object_name(prefix: str, run_id: str) -> str:
     return f"{prefix}-{readable}-{digest}" if readable else f"{prefix}-{digest}"
 
 
+def step_memory(cfg: PipelineConfig, step: Any) -> str:
+    """The memory of ``step``'s pods: its entry in ``k8s.memory`` (``step=quantity``), else the
+    step table's."""
+    memory = step.memory
+    for item in cfg.k8s.memory:
+        name, sep, quantity = item.partition("=")
+        if not sep or not re.fullmatch(QUANTITY, quantity.strip()):
+            raise ConfigError(f"k8s.memory: {item!r} is not step=quantity, e.g. 'train=16Gi'")
+        if name.strip() == step.name:
+            memory = quantity.strip()
+    return memory
+
+
 def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], args: list[str]) -> dict[str, Any]:
     """The one step container spec, shared by the Pod and every PyTorchJob replica."""
     k = cfg.k8s
     gpus = k.gpus_per_node if step.gpus else 0
-    resources: dict[str, Any] = {"requests": {"cpu": step.cpu, "memory": step.memory},
-                                 "limits": {"cpu": step.cpu, "memory": step.memory}}
+    memory = step_memory(cfg, step)
+    resources: dict[str, Any] = {"requests": {"cpu": step.cpu, "memory": memory},
+                                 "limits": {"cpu": step.cpu, "memory": memory}}
     if gpus:
         resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE] = str(gpus)
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "hf-cache", "mountPath": HF_CACHE}]
@@ -74,7 +89,14 @@ def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], arg
     }
 
 
-def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never") -> dict[str, Any]:
+def deadline_seconds(cfg: PipelineConfig, step: Any, deadline_s: int | None = None) -> int:
+    """How long the step's pod or job may run: ``deadline_s`` (the DAG passes the deployment's
+    ``timeouts.<step>``), else ``timeouts.<step>`` of ``cfg``."""
+    return int(deadline_s if deadline_s is not None else getattr(cfg.timeouts, step.name))
+
+
+def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never",
+             deadline_s: int | None = None) -> dict[str, Any]:
     k = cfg.k8s
     volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}},
                {"name": "hf-cache", "emptyDir": {"sizeLimit": k.hf_cache_size}}]
@@ -89,6 +111,8 @@ def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_polic
         "containers": [main],
         "volumes": volumes,
     }
+    if deadline_s is not None:  # the kubelet kills the pod past it, wherever the Airflow task is
+        spec["activeDeadlineSeconds"] = deadline_s
     if step.gpus:
         spec["nodeSelector"] = node_selector(k.gpu_node_selector)
         spec["tolerations"] = tolerations(k.gpu_tolerations)
@@ -102,8 +126,10 @@ def labels(step: str) -> dict[str, str]:
             "app.kubernetes.io/part-of": "finetune-pipeline"}
 
 
-def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
-    """One Pod running ``step``; ``step_args`` is ``steps.step_argv`` without the program name.
+def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+                 ) -> dict[str, Any]:
+    """One Pod running ``step``; ``step_args`` is ``steps.step_argv`` without the program name. It
+    runs at most ``deadline_seconds`` (``activeDeadlineSeconds``).
 
     The step writes its result to ``/airflow/xcom/return.json``; KubernetesPodOperator adds the
     ``xcom`` volume there and its sidecar when it submits the pod.
@@ -118,12 +144,15 @@ def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]) -> di
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"finetune-{step.name}", "namespace": cfg.k8s.namespace, "labels": labels(step.name)},
-        "spec": pod_spec(cfg, step, container(cfg, step, "base", command, args)),  # KPO's name for it
+        "spec": pod_spec(cfg, step, container(cfg, step, "base", command, args),  # KPO's name for it
+                         deadline_s=deadline_seconds(cfg, step, deadline_s)),
     }
 
 
-def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]) -> dict[str, Any]:
+def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+                        ) -> dict[str, Any]:
     """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``gpus_per_node`` each.
+    The job runs at most the step's ``deadline_seconds`` and ``k8s.job_timeout_seconds``, the smaller.
 
     The Training Operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT and
     PET_NPROC_PER_NODE, which torch.distributed.run reads; the step argv is the local one. Rank 0
@@ -150,7 +179,8 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
             "nprocPerNode": str(k.gpus_per_node),
             # Retrying is Airflow's job (it counts attempts and tells bad input from crashes).
             "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running",
-                          "activeDeadlineSeconds": k.job_timeout_seconds, "ttlSecondsAfterFinished": 86400},
+                          "activeDeadlineSeconds": min(k.job_timeout_seconds, deadline_seconds(cfg, step, deadline_s)),
+                          "ttlSecondsAfterFinished": 86400},
             "pytorchReplicaSpecs": replicas,
         },
     }

@@ -18,15 +18,22 @@ imported at DAG parse time, so everything it imports keeps heavy libraries insid
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from pipeline import collect, evaluate, k8s, promote, register, storage, train, validate
 from pipeline.config import PipelineConfig, check_trigger, file_overrides, load_config, value_of
@@ -124,6 +131,7 @@ def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, 
     trigger = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items()
                if name in params and params[name] != value_of(trusted, key)]
     trigger += list(params.get("overrides") or [])
+    load_config(None, [*deployment, *trigger])  # an unknown key or a bad value first, named as such
     check_trigger(trigger, trusted.trigger_keys)
     sets = [*deployment, *trigger]
     if row.requested_by_key:
@@ -170,15 +178,60 @@ def local_command(step: str, overrides: Sequence[str], result_file: str) -> list
     return [sys.executable, "-m", "pipeline", *args]
 
 
+OOM_EXIT_CODE = 137  # 128 + SIGKILL: what a container the kernel's OOM killer ended exits with
+
+# The one retry table, applied by every launcher (local, kubernetes, pytorchjob): a failed step's
+# exit code -- its own, from error.json, where it wrote one -- and whether the task is retried.
+# Retries back off exponentially (the DAGs' retry_exponential_backoff).
+#   2    bad input (ConfigError, DataError, ModelError)        never: the same input fails again
+#   3    the data gate failed (ValidationFailed)               never
+#   75   transient (TransientError: S3/HTTP 5xx, throttling,   yes
+#        connection refused or reset, timeouts, MLflow
+#        unreachable, the registry lock wait ran out)
+#   124  ran past timeouts.<step> and was stopped              yes
+#   137  out of memory (OOMKilled)                             never: raise the memory first
+#   any other (a crash, a lost node, a signal)                 yes
+NOT_RETRIED = {ConfigError.exit_code: "bad input", ValidationFailed.exit_code: "the data gate failed",
+               OOM_EXIT_CODE: "out of memory"}
+
+
 class StepFailed(PipelineError):
     """A launched step exited non-zero; the message carries its own error line."""
 
-    def __init__(self, message: str, returncode: int) -> None:
+    def __init__(self, message: str, returncode: int, retryable: bool | None = None) -> None:
         super().__init__(message)
         self.returncode = returncode
-        # Exit codes 2 and 3 are the steps' own verdicts on bad input; anything else (a crash,
-        # an OOM kill, a lost node) may succeed on a retry.
-        self.retryable = returncode not in (ConfigError.exit_code, ValidationFailed.exit_code)
+        self.exit_code = returncode if 0 < returncode < 256 else 1
+        self.retryable = returncode not in NOT_RETRIED if retryable is None else retryable
+
+
+def step_failure(step: str, launcher: str, exit_code: int | None, error: Mapping[str, Any] | None = None,
+                 memory: str = "", detail: str = "", oom: bool | None = None) -> StepFailed:
+    """How a failed step is reported on every launcher, by the table above: the step's own
+    error.json (``steps.step_error``) when it wrote one, else its exit code (None: unknown, a
+    crash). ``memory`` is its pod's memory limit, named in an out-of-memory message. ``oom``: what
+    the cluster said (a pod's OOMKilled); None: a SIGKILL (137) is taken for the OOM killer."""
+    if error is not None:
+        return StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
+    if oom is False and exit_code in (OOM_EXIT_CODE, -signal.SIGKILL):  # evicted, preempted, stopped
+        return StepFailed(f"step '{step}' was killed (exit code {OOM_EXIT_CODE}, not for memory): {detail}",
+                          OOM_EXIT_CODE, retryable=True)
+    if oom or exit_code in (OOM_EXIT_CODE, -signal.SIGKILL):
+        if launcher == "local":
+            where = ("give the Airflow worker more memory, or lower train.batch_size or train.num_processes "
+                     "(fewer processes share the machine)")
+        else:
+            where = (f"raise k8s.memory for it (its pods have {memory or STEPS[step].memory}), e.g. "
+                     f"k8s.memory=['{step}=<more>'] in the deployment's config (FINETUNE_K8S_CONFIG or FINETUNE_CONFIG), "
+                     "then clear the task")
+        return StepFailed(f"step '{step}' ran out of memory (killed, exit code {OOM_EXIT_CODE}): {where}", OOM_EXIT_CODE)
+    if exit_code == TIMEOUT_EXIT_CODE:
+        return StepFailed(f"step '{step}' ran past its timeout and was stopped ({detail}); if it needs longer, raise "
+                          f"timeouts.{step} in the deployment's config (FINETUNE_CONFIG)", TIMEOUT_EXIT_CODE)
+    if exit_code is None:
+        return StepFailed(f"step '{step}' failed without an exit code: {detail}", 1)
+    how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
+    return StepFailed(f"step '{step}' {how}: {detail}", exit_code)
 
 
 def check_launcher(launcher: str, origin: str = "FINETUNE_LAUNCHER") -> str:
@@ -202,16 +255,17 @@ def aws_env(login: str | None, password: str | None, extra: Mapping[str, Any]) -
     return {name: str(value) for name, value in values.items() if value}
 
 
-def launch(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def launch(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None, **local: Any) -> dict[str, Any]:
     """Run one step with the launcher named by ``FINETUNE_LAUNCHER`` and return its result JSON;
-    ``env`` goes into the step's environment (``local_env``)."""
+    ``env`` goes into the step's environment (``local_env``), ``local`` to ``launch_local``
+    (``timeout_s``, ``grace_s``, ``started``)."""
     launcher = launcher_from_env()
     if launcher != "local":
         # Pods and PyTorchJobs are submitted by the DAG's operators, which Airflow can watch,
         # log and kill; this process never talks to a cluster itself.
         raise ConfigError(f"FINETUNE_LAUNCHER: '{launcher}' steps are submitted by the finetune DAG; "
                           f"'finetune render --step {step} --launcher {launcher}' shows the manifest")
-    return launch_local(step, overrides, env)
+    return launch_local(step, overrides, env, **local)
 
 
 def uses_pytorchjob(step: str, launcher: str) -> bool:
@@ -219,8 +273,10 @@ def uses_pytorchjob(step: str, launcher: str) -> bool:
     return launcher == "pytorchjob" and STEPS[step].distributed
 
 
-def render(step: str, overrides: Sequence[str], launcher: str) -> dict[str, Any]:
-    """The manifest ``launcher`` submits for ``step``: a Pod, or a PyTorchJob for training.
+def render(step: str, overrides: Sequence[str], launcher: str, deadline_s: int | None = None) -> dict[str, Any]:
+    """The manifest ``launcher`` submits for ``step``: a Pod, or a PyTorchJob for training, that
+    runs at most ``deadline_s`` seconds (default: ``timeouts.<step>`` of the overrides' config;
+    the DAG passes the deployment's, which no trigger can lift).
 
     The config is validated first, so a bad value fails here, naming its key, and nothing is submitted.
     """
@@ -231,29 +287,135 @@ def render(step: str, overrides: Sequence[str], launcher: str) -> dict[str, Any]
     step_args = step_argv(step, overrides)[1:]
     cfg = load_config(None, overrides)
     if uses_pytorchjob(step, launcher):
-        return k8s.pytorchjob_manifest(cfg, STEPS[step], step_args)
-    return k8s.pod_manifest(cfg, STEPS[step], step_args)
+        return k8s.pytorchjob_manifest(cfg, STEPS[step], step_args, deadline_s)
+    return k8s.pod_manifest(cfg, STEPS[step], step_args, deadline_s)
 
 
-def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run ``step`` as a subprocess, stream its output to this log, return its result JSON."""
+def step_timeout(step: str, cfg: PipelineConfig) -> int:
+    """Seconds one attempt of ``step`` may run: ``timeouts.<step>``. The DAG passes the deployment's
+    config here, never a run's, so what a trigger sends cannot lift it."""
+    if step not in STEPS or not hasattr(cfg.timeouts, step):
+        raise ConfigError(f"no timeouts.{step} for step '{step}'; every row of steps.STEPS needs a field in "
+                          "config.TimeoutsConfig")
+    return int(getattr(cfg.timeouts, step))
+
+
+# Every process a local step starts carries this variable (value: the launch's id), so a stop finds
+# them all, even the torchrun workers, which run in sessions of their own and outlive their parent
+# if it dies first (the idea of Jenkins' process tree killer).
+LAUNCH_TAG = "FINETUNE_LAUNCH_ID"
+TIMEOUT_EXIT_CODE = 124  # as timeout(1): the step ran past its time and was killed
+
+
+class StepProcess:
+    """A local step: its command in a session of its own, and every process it starts."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
+        self.tag = uuid.uuid4().hex
+        self.popen = subprocess.Popen(list(command), env={**env, LAUNCH_TAG: self.tag}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+    def members(self) -> list[psutil.Process]:
+        """The live processes of this step: its process group (the leader's session) and every
+        process carrying its tag, wherever it moved."""
+        found = []
+        for proc in psutil.process_iter():
+            if proc.pid == os.getpid():
+                continue
+            try:
+                if os.getpgid(proc.pid) == self.popen.pid or proc.environ().get(LAUNCH_TAG) == self.tag:
+                    found.append(proc)
+            except (psutil.Error, OSError):  # gone meanwhile, or another user's
+                continue
+        return found
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM every process of the step, SIGKILL what is left after ``grace_s``. Safe in a
+        signal handler (the leader is polled, never waited on under Popen's lock) and idempotent."""
+        for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            procs = self.members()
+            if not procs:
+                return
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signum)
+            deadline = time.monotonic() + wait_s
+            others = [proc for proc in procs if proc.pid != self.popen.pid]
+            while time.monotonic() < deadline:
+                # The leader is our child: reaped by poll(); the others are reaped by init or their parent.
+                leader_done = self.popen.poll() is not None
+                others = [proc for proc in others if _alive(proc)]
+                if leader_done and not others:
+                    break
+                time.sleep(0.05)
+
+    def wait(self, timeout_s: float | None) -> int | None:
+        """The leader's exit code, or None when it still runs after ``timeout_s`` seconds."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (code := self.popen.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)  # short waits: Popen.wait() without a timeout holds a lock a signal handler needs
+        return code
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def run_step_process(command: Sequence[str], env: Mapping[str, str], timeout_s: float | None = None,
+                     grace_s: float = 30.0, started: Callable[[StepProcess], None] | None = None,
+                     tail: collections.deque[str] | None = None) -> int | None:
+    """Run ``command`` as a local step, its output streamed to this log (and its last lines kept
+    in ``tail``); return its exit code, or None when it ran past ``timeout_s``. Whatever ends
+    the wait -- the step, its timeout, an exception here (Airflow's execution_timeout, a kill) --
+    no process of the step is left running. ``started`` gets the running step (for ``on_kill``)."""
+    tail = collections.deque(maxlen=40) if tail is None else tail
+    process = StepProcess(command, env)
+
+    def pump() -> None:
+        assert process.popen.stdout is not None
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under it: the step was stopped
+            for line in process.popen.stdout:
+                print(line, end="", flush=True)
+                tail.append(line.rstrip())
+
+    reader = threading.Thread(target=pump, name="step-output", daemon=True)
+    reader.start()
+    try:
+        if started is not None:
+            started(process)
+        code = process.wait(timeout_s)
+    finally:
+        process.stop(grace_s)  # the step's stragglers too: a torchrun worker whose parent died
+        reader.join(timeout=5)
+        process.popen.stdout.close()
+    return code
+
+
+def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None,
+                 timeout_s: float | None = None, grace_s: float = 30.0,
+                 started: Callable[[StepProcess], None] | None = None) -> dict[str, Any]:
+    """Run ``step`` as a subprocess, stream its output to this log, return its result JSON.
+
+    The step runs in a process group of its own; past ``timeout_s`` seconds, or when this call is
+    interrupted, every process of it gets SIGTERM, then SIGKILL after ``grace_s``."""
     with tempfile.TemporaryDirectory(prefix=f"finetune-{step}-") as tmp:
         result_file = str(Path(tmp) / "result.json")
         command = local_command(step, overrides, result_file)
         print("launch:", " ".join(command), flush=True)
         tail: collections.deque[str] = collections.deque(maxlen=40)
-        with subprocess.Popen(command, env=local_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1) as process:
-            assert process.stdout is not None
-            for line in process.stdout:
-                print(line, end="", flush=True)
-                tail.append(line.rstrip())
-        if process.returncode != 0:
+        returncode = run_step_process(command, local_env(env), timeout_s, grace_s, started, tail)
+        if returncode is None:
+            raise StepFailed(f"step '{step}' ran past its timeout of {timeout_s:g} s and was stopped, with every "
+                             f"process it started; if it needs longer, raise timeouts.{step} in the deployment's "
+                             "config (FINETUNE_CONFIG)", TIMEOUT_EXIT_CODE)
+        if returncode != 0:
             # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
             # workers said, so the exit code is read back from error.json too.
             error = step_error(load_config(None, overrides).step_uri(step))
-            if error is not None:
-                raise StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
-            reason = "\n".join(list(tail)[-10:])
-            raise StepFailed(f"step '{step}' exited with code {process.returncode}: {reason}", process.returncode)
+            raise step_failure(step, "local", returncode, error, detail="\n".join(list(tail)[-10:]))
         return json.loads(Path(result_file).read_text())

@@ -7,6 +7,9 @@ beside its target and renamed into place (local) or uploaded file by file with i
 ``_MANIFEST.json``, written last (S3): ``fetch_dir(..., published=True)`` refuses a prefix
 without one and downloads exactly the files it lists. S3 endpoint, credentials and region come
 the standard AWS way (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
+What S3 answers after botocore's own retries is told apart (``s3_error``): a 4xx (no such key,
+access denied) is a ``DataError`` (exit 2, not retried); a 5xx, throttling, a timeout or a
+refused or dropped connection is a ``TransientError`` (exit 75, the task is retried).
 
     python -c "from pipeline import storage; print(storage.read_json('file:///tmp/x/result.json'))"
 
@@ -16,6 +19,7 @@ runs never pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError, TransientError
 
 # The object an S3 directory publish writes last: each file's relative path and size. S3 has no
 # rename, so this is the commit marker: without it a prefix is a publish under way or cut short.
@@ -85,6 +89,63 @@ def _error_text(exc: Exception) -> str:
     return detail
 
 
+# Error codes of S3 (and S3-compatible stores) that say "not now", not "no": throttling, a busy or
+# failing server, a request that timed out. Any 5xx counts too. botocore has already retried them.
+TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
+})
+
+
+def _botocore_cause(exc: BaseException) -> BaseException:
+    """The botocore error behind a boto3 transfer error (S3UploadFailedError wraps a ClientError)."""
+    seen = exc
+    while seen is not None:
+        if type(seen).__module__.startswith("botocore"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an S3 failure may clear by itself: a 5xx, 429 or throttling answer, a timeout, a
+    refused or dropped connection. A 4xx (no such key or bucket, access denied) is a verdict."""
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    cause = _botocore_cause(exc)
+    if isinstance(cause, ClientError):
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(cause.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or status == 429 or code in TRANSIENT_S3_CODES or (code.isdigit() and int(code) >= 500)
+    return isinstance(cause, (ConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError))
+
+
+def s3_error(action: str, uri: str, exc: BaseException) -> PipelineError:
+    """What a person is told when S3 failed ``action`` ('read', 'write', ...) on ``uri``: a
+    TransientError (exit 75, retried) when it may clear by itself, else a DataError (exit 2)."""
+    cause = _botocore_cause(exc)
+    detail = _error_text(cause) if hasattr(cause, "response") else str(cause)
+    if is_transient(exc):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        return TransientError(f"cannot {action} {uri}: S3 ({endpoint}) still failing after botocore's retries: "
+                              f"{detail}; it may clear by itself, so the task is retried with back-off")
+    return DataError(f"cannot {action} {uri}: {detail}")
+
+
+@contextlib.contextmanager
+def _s3_call(action: str, uri: str):
+    """Turn what boto3 raises after its own retries into our errors (``s3_error``)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError, Boto3Error) as exc:
+        raise s3_error(action, uri, exc) from exc
+
+
 def _bucket_key(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     return parsed.netloc, parsed.path.lstrip("/")
@@ -103,13 +164,14 @@ def exists(uri: str) -> bool:
     from botocore.exceptions import ClientError
 
     bucket, key = _bucket_key(uri)
-    try:
-        _s3().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+    with _s3_call("read", uri):
+        try:
+            _s3().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return True
 
 
 def object_info(uri: str) -> dict[str, Any] | None:
@@ -120,12 +182,13 @@ def object_info(uri: str) -> dict[str, Any] | None:
     bucket, key = _bucket_key(uri)
     if not key or key.endswith("/"):
         return None  # a prefix, not an object
-    try:
-        head = _s3().head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None  # perhaps a prefix; a missing bucket is reported by the listing
-        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
+    with _s3_call("read", uri):
+        try:
+            head = _s3().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None  # perhaps a prefix; a missing bucket is reported by the listing
+            raise
     return {"uri": uri, "size": head["ContentLength"], "etag": head.get("ETag", "").strip('"') or None,
             "last_modified": head["LastModified"].isoformat() if head.get("LastModified") else None}
 
@@ -138,26 +201,18 @@ def read_bytes(uri: str) -> bytes:
         except OSError as exc:
             raise DataError(f"cannot read {uri}: {exc.strerror}") from exc
     _remote_only(uri)
-    from botocore.exceptions import ClientError
-
     bucket, key = _bucket_key(uri)
-    try:
+    with _s3_call("read", uri):
         return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
 
 
 def download(uri: str, dest: Path) -> None:
     """Copy the S3 object ``uri`` to the local file ``dest``: ranged, parallel GETs for big
     objects, straight to disk, so memory does not grow with the object."""
     _remote_only(uri)
-    from botocore.exceptions import ClientError
-
     bucket, key = _bucket_key(uri)
-    try:
+    with _s3_call("read", uri):
         _s3().download_file(bucket, key, str(dest), Config=_transfer_config())
-    except ClientError as exc:
-        raise DataError(f"cannot read {uri}: {_error_text(exc)}") from exc
 
 
 def put_file(src: Path, uri: str) -> None:
@@ -175,13 +230,9 @@ def put_file(src: Path, uri: str) -> None:
             tmp.unlink(missing_ok=True)
         return
     _remote_only(uri)
-    from boto3.exceptions import S3UploadFailedError
-
     bucket, key = _bucket_key(uri)
-    try:
+    with _s3_call("write", uri):
         _s3().upload_file(str(src), bucket, key, Config=_transfer_config())
-    except S3UploadFailedError as exc:
-        raise DataError(f"cannot write {uri}: {exc}") from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -194,7 +245,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     _remote_only(uri)
     bucket, key = _bucket_key(uri)
-    _s3().put_object(Bucket=bucket, Key=key, Body=data)
+    with _s3_call("write", uri):
+        _s3().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def read_json(uri: str) -> Any:
@@ -218,7 +270,8 @@ def delete(uri: str) -> None:
         return
     _remote_only(uri)
     bucket, key = _bucket_key(uri)
-    _s3().delete_object(Bucket=bucket, Key=key)
+    with _s3_call("delete", uri):
+        _s3().delete_object(Bucket=bucket, Key=key)
 
 
 def publish_dir(src: Path, uri: str) -> str:
@@ -239,8 +292,6 @@ def publish_dir(src: Path, uri: str) -> str:
             os.replace(staging, path)
         return uri
     _remote_only(uri)
-    from boto3.exceptions import S3UploadFailedError
-
     bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
     files = {file.relative_to(src).as_posix(): file for file in sorted(p for p in src.rglob("*") if p.is_file())}
     if PUBLISHED_MANIFEST in files:
@@ -249,21 +300,21 @@ def publish_dir(src: Path, uri: str) -> str:
     client = _s3()
     # The old manifest goes first: while files are replaced, readers find none and refuse the
     # directory rather than fetch a mix of two publishes.
-    client.delete_object(Bucket=bucket, Key=prefix + PUBLISHED_MANIFEST)
+    with _s3_call("write", uri):
+        client.delete_object(Bucket=bucket, Key=prefix + PUBLISHED_MANIFEST)
     for relative, file in files.items():
-        try:
+        with _s3_call("write", f"s3://{bucket}/{prefix}{relative}"):
             client.upload_file(str(file), bucket, prefix + relative, Config=_transfer_config())
-        except S3UploadFailedError as exc:
-            raise DataError(f"cannot write s3://{bucket}/{prefix}{relative}: {exc}") from exc
     write_json(f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
                {"files": [{"path": relative, "size": file.stat().st_size} for relative, file in files.items()]})
     # Files of an older publish that this one lacks: readers of the manifest skip them, and
     # removing them keeps the prefix what a local publish leaves (the new files alone).
     stale = [info["uri"] for info in list_object_info(f"s3://{bucket}/{prefix}")
              if info["uri"][len(f"s3://{bucket}/{prefix}"):] not in (*files, PUBLISHED_MANIFEST)]
-    for start in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
-        client.delete_objects(Bucket=bucket, Delete={"Quiet": True, "Objects": [
-            {"Key": _bucket_key(stale_uri)[1]} for stale_uri in stale[start:start + 1000]]})
+    with _s3_call("delete", uri):
+        for start in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
+            client.delete_objects(Bucket=bucket, Delete={"Quiet": True, "Objects": [
+                {"Key": _bucket_key(stale_uri)[1]} for stale_uri in stale[start:start + 1000]]})
     return uri
 
 
@@ -276,14 +327,10 @@ def list_object_info(uri: str) -> list[dict[str, Any]]:
     """URI, size, ETag and Last-Modified of every object under the prefix ``uri``, in key order
     (one paginated listing, so a prefix of any size costs one request per thousand keys)."""
     _remote_only(uri)
-    from botocore.exceptions import ClientError
-
     bucket, prefix = _bucket_key(uri)
-    try:
+    with _s3_call("list", uri):
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         objects = [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-    except ClientError as exc:
-        raise DataError(f"cannot list {uri}: {_error_text(exc)}") from exc
     return [{"uri": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj.get("ETag", "").strip('"') or None,
              "last_modified": obj["LastModified"].isoformat() if obj.get("LastModified") else None}
             for obj in sorted(objects, key=lambda o: o["Key"])]
@@ -302,8 +349,6 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
         if not path.is_dir():
             raise DataError(f"{uri}: no such directory")
         return path
-    from botocore.exceptions import ClientError
-
     prefix = uri.rstrip("/") + "/"
     if published:
         sizes = _published_files(prefix)
@@ -328,10 +373,8 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
     client = _s3()
     for relative, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with _s3_call("read", f"{prefix}{relative}"):
             client.download_file(bucket, key_prefix + relative, str(target), Config=_transfer_config())
-        except ClientError as exc:
-            raise DataError(f"cannot read {prefix}{relative}: {_error_text(exc)}") from exc
         if published and target.stat().st_size != sizes[relative]:
             raise DataError(f"{uri}: {relative} has {target.stat().st_size} bytes, its manifest says "
                             f"{sizes[relative]}: it changed after it was published (a publish under way?); fetch it "

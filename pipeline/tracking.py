@@ -4,15 +4,19 @@ and a retried step does not start a second one.
 
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 finetune register ...
 
-mlflow is imported inside ``client``: the steps import this module at DAG-parse time.
+mlflow is imported inside ``client``: the steps import this module at DAG-parse time. The client
+it returns turns "MLflow cannot be reached" (a refused or dropped connection, a timeout, a 5xx or
+429 answer, after MLflow's own retries) into a ``TransientError``: exit code 75, retried.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from pipeline.config import PipelineConfig, finetune_home
+from pipeline.errors import TransientError
 
 RUN_TAG = "finetune.run_id"
 
@@ -27,13 +31,57 @@ def tracking_uri() -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow client error says the server could not be reached or is failing, not
+    that the request was wrong: a connection or timeout error anywhere in its chain (MLflow wraps
+    requests' errors), or an HTTP 5xx / 429 answer."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__module__.split(".")[0] in ("requests",
+                                                                                                      "urllib3"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if type(exc).__name__ == "RestException":  # the server answered with a JSON error
+        return exc.get_http_status_code() >= 500 or exc.error_code in ("TEMPORARILY_UNAVAILABLE",
+                                                                       "REQUEST_LIMIT_EXCEEDED")
+    status = re.search(r"failed with error code (\d{3})", str(exc))  # a non-JSON error page
+    return status is not None and (int(status.group(1)) >= 500 or int(status.group(1)) == 429)
+
+
+class Tracker:
+    """An ``MlflowClient`` whose calls raise ``TransientError`` (exit 75: the task is retried with
+    back-off) when the tracking server is ``unreachable``; every other error passes unchanged."""
+
+    def __init__(self, mlflow_client: Any, uri: str) -> None:
+        self._client, self.uri = mlflow_client, re.sub(r"//[^/@\s]*@", "//", uri)  # never a password in a message
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                detail = re.sub(r"//[^/@\s]*@", "//", " ".join(str(exc).split()))[:300]
+                raise TransientError(
+                    f"MLflow tracking server {self.uri} unreachable or failing ({name}: {detail}) after MLflow's own "
+                    "retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); check MLFLOW_TRACKING_URI and the server; the task "
+                    "is retried with back-off") from exc
+
+        return call
+
+
 def client() -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
-    return MlflowClient()
+    return Tracker(MlflowClient(), tracking_uri())
 
 
 def experiment_id(cfg: PipelineConfig) -> str:

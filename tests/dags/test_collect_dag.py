@@ -24,7 +24,7 @@ def test_graph_schedule_params_retries_and_docs(dag):
     assert dag.get_task("collect").outlets == []
     assert dag.schedule == "@daily" and dag.catchup is False and dag.max_active_runs == 1
     assert {"finetune", "mlops", "data"} <= set(dag.tags)
-    assert all(task.retries == 2 for task in dag.tasks)
+    assert all(task.retries == 2 and task.retry_exponential_backoff for task in dag.tasks)
     assert set(dag.params) == {"source", "model_name", "overrides"}
     assert dag.params["model_name"] == "support-intents"
     assert "<model_name>-snapshot" in dag.doc_md and "FINETUNE_COLLECT_SCHEDULE" in dag.doc_md

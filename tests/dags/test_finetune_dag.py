@@ -28,7 +28,7 @@ def test_task_graph_is_the_five_steps_in_order(dag):
 def test_schedule_tags_retries_and_docs(dag):
     assert dag.catchup is False and dag.max_active_runs == 1
     assert {"finetune", "mlops"} <= set(dag.tags)
-    assert all(task.retries == 2 for task in dag.tasks)
+    assert all(task.retries == 2 and task.retry_exponential_backoff for task in dag.tasks)
     assert "collect → validate → train → evaluate → register" in dag.doc_md
     assert "FINETUNE_ASSET_SCHEDULE" in dag.doc_md and "aws_default" in dag.doc_md
 

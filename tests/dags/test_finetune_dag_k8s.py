@@ -70,7 +70,7 @@ def test_promote_runs_as_a_pod_on_the_cluster_launchers(monkeypatch, launcher):
     bag = BundleDagBag(dag_folder=str(DAGS / "promote.py"), bundle_path=DAGS)
     assert bag.import_errors == {}
     task = bag.dags["promote"].get_task("promote")
-    assert type(task).__name__ == "StepPodOperator" and task.retries == 0
+    assert type(task).__name__ == "StepPodOperator" and task.retries == 2 and task.retry_exponential_backoff
     manifest = steps.render("promote", ["promote.version=3", "run_id=manual__x"], launcher)
     assert manifest["kind"] == "Pod" and manifest["spec"]["containers"][0]["args"][:2] == ["promote", "--set"]
     validate_core(manifest)

@@ -17,7 +17,8 @@ def test_manual_only_one_task_params_validated(dag):
 
     assert dag.schedule is None and dag.max_active_runs == 1 and dag.task_ids == ["promote"]
     assert set(dag.params) == {"model_name", "version", "target_alias", "reason", "force"}
-    assert dag.get_task("promote").retries == 0
+    # Retried only for what may clear by itself (exit 75); a refusal fails at once (AirflowFailException).
+    assert dag.get_task("promote").retries == 2 and dag.get_task("promote").retry_exponential_backoff
     with pytest.raises(ParamValidationError):
         dag.params.get_param("target_alias").resolve("champ ion")
     with pytest.raises(ParamValidationError):

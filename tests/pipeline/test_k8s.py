@@ -274,3 +274,38 @@ def test_checkov_finds_nothing_but_documented_skips(directory, framework):
         for skipped in r["results"]["skipped_checks"]:
             assert len(skipped.get("check_result", {}).get("suppress_comment", "")) > 20, skipped["check_id"]
     assert sum(r["summary"]["passed"] for r in reports) > 20  # it really checked something
+
+
+# --- deadlines: a pod or job runs at most its step's timeout ---
+
+
+@pytest.mark.parametrize("step", list(steps.STEPS))
+def test_pods_carry_the_steps_timeout_as_active_deadline_and_still_validate(step):
+    from pipeline.config import load_config
+
+    pod = steps.render(step, RUN if step == "train" else RUN[:1], "kubernetes")
+    assert pod["spec"]["activeDeadlineSeconds"] == steps.step_timeout(step, load_config())
+    validate_core(pod)
+    # The DAG passes the deployment's timeout, whatever the run's own config says.
+    shorter = steps.render(step, [*RUN[:1], f"timeouts.{step}=999"], "kubernetes", deadline_s=120)
+    assert shorter["spec"]["activeDeadlineSeconds"] == 120
+    validate_core(shorter)
+
+
+def test_a_pytorchjob_runs_at_most_the_train_timeout_or_the_job_timeout():
+    job = steps.render("train", [*RUN, "timeouts.train=7200"], "pytorchjob")
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200
+    jsonschema.validate(job, crd_schema())
+    job = steps.render("train", [*RUN, "k8s.job_timeout_seconds=3600"], "pytorchjob", deadline_s=7200)
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 3600
+
+
+def test_k8s_memory_raises_a_steps_pod_memory_and_a_bad_entry_names_the_setting():
+    pod = steps.render("train", [*RUN, 'k8s.memory=["train=16Gi", "evaluate=6Gi"]'], "kubernetes")
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["memory"] == "16Gi"
+    validate_core(pod)
+    assert steps.render("collect", RUN[:1], "kubernetes")["spec"]["containers"][0]["resources"]["limits"][
+        "memory"] == steps.STEPS["collect"].memory
+    with pytest.raises(ConfigError, match="k8s.memory: 'train:16Gi' is not step=quantity"):
+        steps.render("train", [*RUN, 'k8s.memory=["train:16Gi"]'], "kubernetes")

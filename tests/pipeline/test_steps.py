@@ -116,3 +116,127 @@ def test_finetune_run_refuses_a_trigger_key_before_airflow_starts(capsys):
 
     assert dagrun.main(["--set", "evaluate.metric_direction=lower"]) == 2
     assert "run --set: 'evaluate.metric_direction' may not be set by a trigger" in capsys.readouterr().err
+
+
+# --- timeouts: a step that hangs is stopped with every process it started --------------------
+
+# A step's process tree as torchrun makes it: the leader starts a worker in a session of its own
+# (torchrun does, start_new_session=True), which ignores SIGTERM and has a child of its own.
+HANGING_TREE = r"""
+import os, signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", '''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "a").write(f"{child.pid}\\n")
+time.sleep(600)
+''', sys.argv[1]], start_new_session=True)
+open(sys.argv[1], "a").write(f"{os.getpid()}\n{worker.pid}\n")
+print("tree started", flush=True)
+time.sleep(600)
+"""
+
+
+def running(pids: list[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def wait_for_pids(path, count: int, seconds: float = 30.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pids = [int(line) for line in path.read_text().split()] if path.exists() else []
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"the process tree did not start: {path.read_text() if path.exists() else 'no pids'}")
+
+
+def test_a_hanging_step_is_killed_at_its_timeout_and_nothing_it_started_is_left(tmp_path):
+    import collections
+    import time
+
+    pids_file = tmp_path / "pids"
+    handles = []
+    tail = collections.deque(maxlen=5)
+    started = time.monotonic()
+    code = steps.run_step_process([sys.executable, "-c", HANGING_TREE, str(pids_file)], steps.local_env(),
+                                  timeout_s=3, grace_s=1, started=handles.append, tail=tail)
+    elapsed = time.monotonic() - started
+    assert code is None  # ran past its timeout
+    pids = wait_for_pids(pids_file, 3, seconds=1)
+    assert running(pids) == [] and handles[0].members() == []
+    assert 3 <= elapsed < 3 + 1 + 8  # the timeout, the grace, then SIGKILL for the one ignoring SIGTERM
+    assert "tree started" in tail
+
+
+def test_torchrun_workers_are_stopped_when_airflow_interrupts_the_wait(tmp_path):
+    """Airflow's execution_timeout raises inside the task (SIGALRM); the step's processes,
+    torchrun's workers in their own sessions included, must not outlive the task."""
+    import signal
+
+    pids_file = tmp_path / "pids"
+    worker = f"echo $BASHPID >> {pids_file}; exec sleep 600"  # torchrun's macros would eat "$$"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               "bash", "-c", worker]
+    handles = []
+
+    def execution_timeout(signum, frame):
+        raise TimeoutError("execution_timeout")
+
+    previous = signal.signal(signal.SIGALRM, execution_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 20)
+        with pytest.raises(TimeoutError):
+            # Waits for the workers first, so the alarm interrupts a tree that is fully up.
+            steps.run_step_process(command, steps.local_env(), grace_s=5,
+                                   started=lambda process: (handles.append(process), wait_for_pids(pids_file, 2, 19)))
+            pytest.fail("the alarm should have interrupted the wait")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    workers = wait_for_pids(pids_file, 2, seconds=1)
+    assert running(workers) == [] and running([handles[0].popen.pid]) == []
+    assert handles[0].members() == []
+
+
+def test_launch_local_stops_a_step_hanging_on_a_silent_source_and_names_the_setting(tmp_path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/data.jsonl"
+        handles = []
+        with pytest.raises(steps.StepFailed) as failed:
+            steps.launch_local("collect", [f'collect.sources=["{url}"]', "run_id=r"], timeout_s=4, grace_s=2,
+                               started=handles.append)
+    assert failed.value.returncode == steps.TIMEOUT_EXIT_CODE and failed.value.retryable
+    assert "ran past its timeout of 4 s" in str(failed.value) and "timeouts.collect" in str(failed.value)
+    assert handles[0].members() == [] and running([handles[0].popen.pid]) == []
+
+
+def test_step_timeouts_come_from_the_deployment_and_a_trigger_cannot_lift_them(tmp_path):
+    defaults = load_config()
+    assert [steps.step_timeout(step, defaults) for step in ("collect", "validate", "evaluate", "register", "promote")] \
+        == [1800, 1800, 3600, 1800, 900]  # minutes
+    assert steps.step_timeout("train", defaults) == 6 * 3600  # hours
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("timeouts:\n  train: 7200\n")
+    assert steps.step_timeout("train", load_config(None, steps.deployment_overrides(
+        {"FINETUNE_CONFIG": str(deployment)}))) == 7200
+    with pytest.raises(ConfigError, match="'timeouts.train' may not be set by a trigger"):
+        steps.step_overrides("train", {"overrides": ["timeouts.train=86400"]}, {"collect": {"snapshot_uri": "x"}}, "r")
+    with pytest.raises(ConfigError, match="timeouts.train: 1 is below the minimum 10"):
+        load_config(None, ["timeouts.train=1"])
+    assert all(steps.step_timeout(step, defaults) > 0 for step in steps.STEPS)  # every row has its timeout

@@ -1,0 +1,180 @@
+"""Retries by cause on the cluster launchers: after a failed pod or PyTorchJob the task reads the
+step's error.json (written by a real failing step here) and the pod's exit code, and fails at once
+for bad input (2), a failed gate (3) and out of memory (137, naming k8s.memory), but lets a
+transient fault (75) or a crash be retried. The local launcher's path is tested in
+tests/pipeline/test_retries.py and test_steps.py."""
+
+import json
+
+import pytest
+from kubernetes.client import (V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta, V1Pod,
+                               V1PodStatus)
+
+from pipeline import cli, steps, storage
+from pipeline.config import load_config
+from tests.helpers import DAGS
+from tests.manifests import RUN
+from tests.pipeline.test_k8s import InMemoryCustomObjects
+
+
+def load_tasks():
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
+    assert bag.import_errors == {}
+    import finetune_tasks  # on sys.path once a DAG file is parsed
+
+    return finetune_tasks
+
+
+def failed_pod(exit_code: int, reason: str = "Error") -> V1Pod:
+    terminated = V1ContainerStateTerminated(exit_code=exit_code, reason=reason)
+    return V1Pod(metadata=V1ObjectMeta(name="finetune-train"), status=V1PodStatus(phase="Failed", container_statuses=[
+        V1ContainerStatus(name="base", image="i", image_id="", ready=False, restart_count=0,
+                          state=V1ContainerState(terminated=terminated)),
+        V1ContainerStatus(name="airflow-xcom-sidecar", image="i", image_id="", ready=False, restart_count=0,
+                          state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=0)))]))
+
+
+def write_error(run_id: str, step: str, code: int) -> None:
+    """The step's error.json as ``finetune <step>`` writes it: from a real failing run for 2, by
+    hand for the other codes (a step writes the same shape for each)."""
+    cfg = load_config(None, [f"run_id={run_id}"])
+    if code == 2:
+        assert cli.main(["collect", "--set", 'collect.sources=["/nonexistent/*.jsonl"]', "--set",
+                         f"run_id={run_id}"]) == 2
+        error = storage.read_json(storage.join(cfg.step_uri("collect"), steps.ERROR_FILE))
+    else:
+        error = {"step": step, "error": f"exit {code} happened", "exit_code": code}
+    storage.write_json(storage.join(cfg.step_uri(step), steps.ERROR_FILE), error)
+
+
+@pytest.mark.parametrize("code, retried", [(2, False), (3, False), (75, True)])
+def test_a_failed_pod_with_the_steps_own_verdict(code, retried):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    tasks = load_tasks()
+    run_id = f"pod-{code}"
+    write_error(run_id, "train", code)
+    cfg = load_config(None, [f"run_id={run_id}"])
+    exit_code, oom = tasks.pod_exit(failed_pod(1))
+    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod returned a failure", oom=oom)
+    assert isinstance(outcome, steps.StepFailed if retried else AirflowFailException)
+    assert ("matches no files" if code == 2 else f"exit {code} happened") in str(outcome)
+
+
+def test_an_oom_killed_pod_says_out_of_memory_names_k8s_memory_and_is_not_retried():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    tasks = load_tasks()
+    cfg = load_config(None, ["run_id=pod-oom", 'k8s.memory=["train=12Gi"]'])
+    exit_code, oom = tasks.pod_exit(failed_pod(137, "OOMKilled"))
+    assert (exit_code, oom) == (137, True)
+    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "", oom=oom)
+    assert isinstance(outcome, AirflowFailException)
+    assert "ran out of memory" in str(outcome) and "k8s.memory" in str(outcome) and "12Gi" in str(outcome)
+
+
+def test_a_crashed_pod_without_an_error_file_is_retried():
+    tasks = load_tasks()
+    cfg = load_config(None, ["run_id=pod-crash"])
+    exit_code, oom = tasks.pod_exit(failed_pod(139))
+    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
+    assert isinstance(outcome, steps.StepFailed) and outcome.retryable and "exited with code 139" in str(outcome)
+    assert tasks.pod_exit(V1Pod(status=V1PodStatus(phase="Failed"))) == (None, False)  # evicted before it ran
+    # Killed but not for memory (preempted, stopped): a SIGKILL is not taken for the OOM killer.
+    exit_code, oom = tasks.pod_exit(failed_pod(137, "Error"))
+    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
+    assert isinstance(outcome, steps.StepFailed) and outcome.retryable and "not for memory" in str(outcome)
+
+
+def test_a_pod_past_its_active_deadline_is_a_timeout_and_is_retried():
+    tasks = load_tasks()
+    pod = failed_pod(137, "Error")
+    pod.status.reason = "DeadlineExceeded"
+    assert tasks.pod_exit(pod) == (steps.TIMEOUT_EXIT_CODE, False)
+    exit_code, oom = tasks.pod_exit(pod)
+    outcome = tasks.step_failed("train", "kubernetes", load_config(None, ["run_id=pod-deadline"]), exit_code,
+                                "Pod failed", oom=oom)
+    assert isinstance(outcome, steps.StepFailed) and outcome.retryable and outcome.returncode == 124
+    assert "ran past its timeout" in str(outcome) and "timeouts.train" in str(outcome)
+
+
+class FakeTI:
+    """What run_overrides asks of a task instance: the upstream results."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+
+    def xcom_pull(self, task_ids):
+        return self.upstream[task_ids]
+
+
+@pytest.mark.parametrize("code, retried", [(None, True), (2, False), (75, True)])
+def test_the_pytorchjob_task_reads_the_verdict_of_a_failed_job(monkeypatch, tmp_path, code, retried):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("FINETUNE_LAUNCHER", "pytorchjob")
+    tasks = load_tasks()
+    operator = tasks.pytorchjob_task("train", "pytorchjob")
+    run_id = f"job-{code}"
+    if code is not None:
+        write_error(run_id, "train", code)
+    api = InMemoryCustomObjects([[{"type": "Running", "status": "True"}], [{"type": "Failed", "status": "True"}]])
+    monkeypatch.setattr(type(operator), "api", lambda self: api)  # the cluster, not the operator, is faked
+    context = {"ti": FakeTI({"collect": {"snapshot_uri": json.loads(RUN[1].partition("=")[2])}}),
+               "params": {}, "run_id": run_id, "dag_run": None}
+    (tmp_path / "deploy.yaml").write_text("k8s:\n  job_poll_seconds: 1\n")
+    monkeypatch.setenv("FINETUNE_CONFIG", str(tmp_path / "deploy.yaml"))
+    with pytest.raises(steps.StepFailed if retried else AirflowFailException) as failed:
+        operator.execute(context)
+    assert api.deleted  # a failed job is deleted either way
+    if code == 2:
+        assert "matches no files" in str(failed.value)
+    elif code is None:
+        assert "ended Failed" in str(failed.value) and failed.value.retryable
+
+
+@pytest.mark.parametrize("fault, retried", [("missing file", False), ("HTTP 503", True)])
+def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_retry(fault, retried):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.faults import always_503
+
+    tasks = load_tasks()
+    operator = tasks.LocalStepOperator(task_id="collect", step="collect")
+    with always_503() as url:
+        source = "/nonexistent/*.jsonl" if fault == "missing file" else f"{url}/data.jsonl"
+        context = {"ti": FakeTI({}), "params": {"source": [source]}, "run_id": f"local-{retried}", "dag_run": None}
+        with pytest.raises(steps.StepFailed if retried else AirflowFailException) as failed:
+            operator.execute(context)
+    assert ("HTTP Error 503" if retried else "matches no files") in str(failed.value)
+
+
+@pytest.mark.parametrize("pod_exit, error_code, outcome, says", [
+    (2, 2, "fail", "matches no files"),
+    (137, None, "fail", "ran out of memory"),
+    (1, None, "retry", "exited with code 1"),
+])
+def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod_exit, error_code, outcome, says):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    monkeypatch.setenv("FINETUNE_LAUNCHER", "kubernetes")
+    tasks = load_tasks()
+    operator = tasks.pod_task("collect", "kubernetes")
+    run_id = f"pod-task-{pod_exit}"
+    if error_code is not None:
+        write_error(run_id, "collect", error_code)
+
+    def pod_ran_and_failed(self, context):  # the cluster's part: KPO saw the step container end so
+        self.remote_pod = failed_pod(pod_exit, "OOMKilled" if pod_exit == 137 else "Error")
+        raise AirflowException("Pod finetune-collect returned a failure.")
+
+    monkeypatch.setattr(KubernetesPodOperator, "execute", pod_ran_and_failed)
+    context = {"ti": FakeTI({}), "params": {"source": ["/nonexistent/*.jsonl"]}, "run_id": run_id, "dag_run": None}
+    with pytest.raises(AirflowFailException if outcome == "fail" else steps.StepFailed) as failed:
+        operator.execute(context)
+    assert says in str(failed.value)
+    if pod_exit == 137:
+        assert "k8s.memory" in str(failed.value) and steps.STEPS["collect"].memory in str(failed.value)
