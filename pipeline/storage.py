@@ -67,7 +67,9 @@ def _s3():
     from botocore.config import Config
 
     # Retries by botocore's standard mode, not a loop of ours; endpoint from AWS_ENDPOINT_URL.
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    # AWS_MAX_ATTEMPTS, the standard variable, may change how many tries; 5 otherwise.
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": attempts}))
 
 
 def _transfer_config():

@@ -52,11 +52,12 @@ def _down(env: dict[str, str]) -> subprocess.CompletedProcess:
 def _scratch_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of `up` on a scratch home: free ports for both UIs and both log servers,
     so the test never meets a developer's own `make up`."""
-    env = {**os.environ, "FINETUNE_HOME": str(home), "AIRFLOW_PORT": str(free_port()),
-           "MLFLOW_PORT": str(free_port()), "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()), **extra}
-    env.pop("AIRFLOW_HOME", None)
-    return env
+    # Not this process's Airflow settings: in the whole suite, tests/dags/conftest.py has pointed
+    # Airflow at its own test database and made every caller an admin (so no password is made).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    return {**inherited, "FINETUNE_HOME": str(home), "AIRFLOW_PORT": str(free_port()),
+            "MLFLOW_PORT": str(free_port()), "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()), **extra}
 
 
 def _pids(home: Path) -> dict[str, int]:
