@@ -395,6 +395,10 @@ class K8sConfig:
     job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's status.", minimum=1, maximum=600)
     job_timeout_seconds: int = option(86400, "A PyTorchJob still running after this is deleted and failed.",
                                       minimum=60, maximum=7 * 86400)
+    job_restarts: int = option(3, "Times the Training Operator restarts a PyTorchJob's pods that were killed "
+                                  "(a preempted or evicted node: exit code 128 and up); a step's own verdict "
+                                  "(exit 1-127) is never restarted there, Airflow's retries decide.",
+                               minimum=0, maximum=100)
     memory: list[str] = option([], "Memory (request and limit) of a step's pods as step=quantity, e.g. "
                                    "['train=16Gi']; a step not listed gets the step table's (train 8Gi). Raise it "
                                    "when a step is OOMKilled.")

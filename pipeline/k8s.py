@@ -163,7 +163,9 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
                      ["-m", "pipeline", *step_args])  # the operator requires the name 'pytorch'
 
     def replica(count: int) -> dict[str, Any]:
-        return {"replicas": count, "restartPolicy": "Never",
+        # ExitCode: the operator restarts a pod killed by a signal (exit 128+: preemption, eviction)
+        # and leaves exit codes 1-127 -- the step's own verdicts -- to Airflow's retry table.
+        return {"replicas": count, "restartPolicy": "ExitCode",
                 "template": {"metadata": {"labels": labels(step.name)},
                              "spec": pod_spec(cfg, step, copy.deepcopy(main))}}
 
@@ -177,8 +179,9 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
                      "labels": labels(step.name)},
         "spec": {
             "nprocPerNode": str(k.gpus_per_node),
-            # Retrying is Airflow's job (it counts attempts and tells bad input from crashes).
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running",
+            # Restarts of killed pods are the operator's (k8s.job_restarts); every other retry is
+            # Airflow's, which tells bad input from a crash.
+            "runPolicy": {"backoffLimit": k.job_restarts, "cleanPodPolicy": "Running",
                           "activeDeadlineSeconds": min(k.job_timeout_seconds, deadline_seconds(cfg, step, deadline_s)),
                           "ttlSecondsAfterFinished": 86400},
             "pytorchReplicaSpecs": replicas,
@@ -209,6 +212,16 @@ def delete_pytorchjob(api: Any, manifest: Mapping[str, Any]) -> None:
             raise
 
 
+def _exists(api: Any, meta: Mapping[str, Any]) -> bool:
+    try:
+        api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
+        return True
+    except Exception as exc:
+        if getattr(exc, "status", None) == 404:
+            return False
+        raise
+
+
 def run_pytorchjob(api: Any, manifest: Mapping[str, Any], poll_seconds: float, timeout_seconds: float,
                    sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print) -> str:
     """Create the job with a ``CustomObjectsApi``, poll until it ends and return its final phase.
@@ -217,9 +230,22 @@ def run_pytorchjob(api: Any, manifest: Mapping[str, Any], poll_seconds: float, t
     stays reserved by a run Airflow has given up on.
     """
     meta = manifest["metadata"]
-    api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, dict(manifest))
-    log(f"created PyTorchJob {meta['namespace']}/{meta['name']}")
     deadline = time.monotonic() + timeout_seconds
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, dict(manifest))
+    except Exception as exc:
+        if getattr(exc, "status", None) != 409:
+            raise
+        # An earlier attempt of this task left its job (a succeeded job is kept a day; a cleared
+        # task runs again): replace it rather than fail on the name.
+        log(f"replacing PyTorchJob {meta['namespace']}/{meta['name']} left by an earlier attempt")
+        delete_pytorchjob(api, manifest)
+        while _exists(api, meta):
+            if time.monotonic() > deadline:
+                return "Timeout"
+            sleep(poll_seconds)
+        api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, dict(manifest))
+    log(f"created PyTorchJob {meta['namespace']}/{meta['name']}")
     phase = None
     try:
         while phase is None:

@@ -163,6 +163,14 @@ def test_the_local_launcher_refuses_cluster_launchers_instead_of_running_locally
 # --- submitting a PyTorchJob: the create / watch / delete loop ---
 
 
+class ApiError(Exception):
+    """The kubernetes client's ApiException as the loop reads it: a ``status``."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
 class InMemoryCustomObjects:
     """The four CustomObjectsApi calls the loop makes, over a dict; the job's conditions are
     scripted per poll, as the Training Operator would set them."""
@@ -171,9 +179,13 @@ class InMemoryCustomObjects:
         self.objects, self.polls, self.deleted = {}, list(conditions_per_poll), []
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        if (namespace, body["metadata"]["name"]) in self.objects:
+            raise ApiError(409, "AlreadyExists")  # what the API server answers for a taken name
         self.objects[(namespace, body["metadata"]["name"])] = body
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        if (namespace, name) not in self.objects:
+            raise ApiError(404, "NotFound")
         job = self.objects[(namespace, name)]
         job["status"] = {"conditions": self.polls.pop(0) if self.polls else []}
         return job
@@ -196,6 +208,24 @@ def test_run_pytorchjob_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_
     assert k8s.run_pytorchjob(api, job, 0, -1, sleep=lambda s: None, log=lambda m: None) == "Timeout"
     assert api.deleted == [job["metadata"]["name"]]
 
+
+
+def test_a_new_attempt_replaces_the_job_an_earlier_attempt_left_instead_of_failing_on_its_name():
+    job = steps.render("train", RUN, "pytorchjob")
+    running, done = [{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]
+    api = InMemoryCustomObjects([done, running, done])
+    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
+    logged = []
+    # The task is cleared: the same run's job name is still taken by the succeeded job.
+    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=logged.append) == "Succeeded"
+    assert api.deleted == [job["metadata"]["name"]] and "left by an earlier attempt" in logged[0]
+
+
+def test_killed_pytorchjob_pods_restart_and_a_steps_verdict_does_not():
+    job = steps.render("train", [*RUN, "k8s.job_restarts=5"], "pytorchjob")
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 5
+    assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
+    jsonschema.validate(job, crd_schema())
 
 # --- k8s/ manifests and docker/ images ---
 
