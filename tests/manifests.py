@@ -1,5 +1,5 @@
 """Checks of Kubernetes manifests that the k8s and DAG tests share: schema validation against
-real Kubernetes versions, Pod Security "restricted", pinned images."""
+real Kubernetes versions, Pod Security "restricted", pinned images; and a custom-objects API in memory."""
 
 from __future__ import annotations
 
@@ -70,3 +70,38 @@ def restricted_violations(spec: dict) -> list[str]:
 
 def images(spec: dict) -> list[str]:
     return [c["image"] for c in spec.get("initContainers", []) + spec["containers"]]
+
+
+# --- a cluster's custom-objects API in memory, for the PyTorchJob loop and its DAG task ---
+
+
+class ApiError(Exception):
+    """The kubernetes client's ApiException as the loop reads it: a ``status``."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+class InMemoryCustomObjects:
+    """The four CustomObjectsApi calls the loop makes, over a dict; the job's conditions are
+    scripted per poll, as the Training Operator would set them."""
+
+    def __init__(self, conditions_per_poll):
+        self.objects, self.polls, self.deleted = {}, list(conditions_per_poll), []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        if (namespace, body["metadata"]["name"]) in self.objects:
+            raise ApiError(409, "AlreadyExists")  # what the API server answers for a taken name
+        self.objects[(namespace, body["metadata"]["name"])] = body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        if (namespace, name) not in self.objects:
+            raise ApiError(404, "NotFound")
+        job = self.objects[(namespace, name)]
+        job["status"] = {"conditions": self.polls.pop(0) if self.polls else []}
+        return job
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self.deleted.append(name)
+        del self.objects[(namespace, name)]

@@ -13,8 +13,7 @@ from kubernetes.client import (V1ContainerState, V1ContainerStateTerminated, V1C
 from pipeline import cli, steps, storage
 from pipeline.config import load_config
 from tests.helpers import DAGS
-from tests.manifests import RUN
-from tests.pipeline.test_k8s import InMemoryCustomObjects
+from tests.manifests import RUN, InMemoryCustomObjects
 
 
 def load_tasks():

@@ -21,7 +21,8 @@ import yaml
 from pipeline import cli, k8s, steps
 from pipeline.config import check_image
 from pipeline.errors import ConfigError
-from tests.manifests import RUN, images, manifests_in, pod_specs, restricted_violations, validate_core
+from tests.manifests import (RUN, InMemoryCustomObjects, images, manifests_in, pod_specs, restricted_violations,
+                             validate_core)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
@@ -161,38 +162,6 @@ def test_the_local_launcher_refuses_cluster_launchers_instead_of_running_locally
 
 
 # --- submitting a PyTorchJob: the create / watch / delete loop ---
-
-
-class ApiError(Exception):
-    """The kubernetes client's ApiException as the loop reads it: a ``status``."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
-
-
-class InMemoryCustomObjects:
-    """The four CustomObjectsApi calls the loop makes, over a dict; the job's conditions are
-    scripted per poll, as the Training Operator would set them."""
-
-    def __init__(self, conditions_per_poll):
-        self.objects, self.polls, self.deleted = {}, list(conditions_per_poll), []
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        if (namespace, body["metadata"]["name"]) in self.objects:
-            raise ApiError(409, "AlreadyExists")  # what the API server answers for a taken name
-        self.objects[(namespace, body["metadata"]["name"])] = body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        if (namespace, name) not in self.objects:
-            raise ApiError(404, "NotFound")
-        job = self.objects[(namespace, name)]
-        job["status"] = {"conditions": self.polls.pop(0) if self.polls else []}
-        return job
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, body):
-        self.deleted.append(name)
-        del self.objects[(namespace, name)]
 
 
 def test_run_pytorchjob_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_one():
