@@ -202,6 +202,15 @@ class TrainConfig:
     collective_timeout_s: int = option(1800, "Seconds a collective (gloo/NCCL all-reduce, barrier) may wait for "
                                        "the other ranks before the step fails; bounds a hung or lost rank.",
                                        minimum=10, maximum=86400)
+    checkpoint_steps: int = option(200, "Save a checkpoint to the artifact store every N optimizer steps (and at "
+                                        "each epoch end); 0: at epoch ends only.", minimum=0)
+    keep_checkpoints: int = option(2, "Complete checkpoints kept per run; older ones are deleted.", minimum=1,
+                                   maximum=100)
+    resume: bool = option(True, "A new attempt of train for the same run resumes from its newest complete "
+                                "checkpoint; false: start from step 0 and delete the run's checkpoints.")
+    term_grace_s: int = option(60, "On SIGTERM (eviction, preemption) train saves a checkpoint and exits 75 "
+                                   "(retried); the launcher waits this long before SIGKILL.", minimum=5,
+                               maximum=3600)
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")

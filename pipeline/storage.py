@@ -325,6 +325,19 @@ def list_objects(uri: str) -> list[str]:
     return [info["uri"] for info in list_object_info(uri)]
 
 
+def list_tree(uri: str) -> list[str]:
+    """The URIs of every file under the prefix ``uri`` (a local directory or an S3 prefix), in name
+    order. Local staging files (names starting with '.') are left out: they are writes under way."""
+    path = local_path(uri)
+    if path is None:
+        return list_objects(uri.rstrip("/") + "/")
+    if not path.is_dir():
+        return []
+    base = uri.rstrip("/")
+    return [join(base, file.relative_to(path).as_posix()) for file in sorted(path.rglob("*"))
+            if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)]
+
+
 def list_object_info(uri: str) -> list[dict[str, Any]]:
     """URI, size, ETag and Last-Modified of every object under the prefix ``uri``, in key order
     (one paginated listing, so a prefix of any size costs one request per thousand keys)."""

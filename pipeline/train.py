@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,9 +33,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import chat, storage, tracking
+from pipeline import chat, checkpoints, storage, tracking
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, TransientError
 from pipeline.models import lm_tokenizer, load_causal_lm, resolve_model
 from pipeline.snapshot import load_snapshot
 
@@ -90,7 +91,9 @@ def _rank() -> tuple[int, int]:
 
 
 class _Audit:
-    """Collator wrapper: pads a batch and records which example ids this rank saw, per epoch."""
+    """Which example ids this rank trained on, per epoch. The collator attaches the ids to each
+    batch and the trainer records them when the batch is trained on, not when it is fetched: the
+    data loader fetches ahead, and a checkpoint must hold exactly what its weights have seen."""
 
     def __init__(self, collate: Any) -> None:
         self.collate = collate
@@ -98,8 +101,21 @@ class _Audit:
         self.epoch = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
-        self.seen.setdefault(self.epoch, []).extend(int(f.pop("example_id")) for f in features)
-        return self.collate(features)
+        import torch
+
+        ids = [int(f.pop("example_id")) for f in features]
+        batch = self.collate(features)
+        batch["example_id"] = torch.tensor(ids)
+        return batch
+
+    def record(self, ids: Any) -> None:
+        self.seen.setdefault(self.epoch, []).extend(int(i) for i in ids.tolist())
+
+    def state(self) -> str:
+        return json.dumps({str(epoch): ids for epoch, ids in self.seen.items()})
+
+    def restore(self, text: str) -> None:
+        self.seen = {int(epoch): ids for epoch, ids in json.loads(text).items()}
 
 
 def _callbacks(audit: _Audit, mlflow_run_id: str | None) -> list[Any]:
@@ -109,7 +125,8 @@ def _callbacks(audit: _Audit, mlflow_run_id: str | None) -> list[Any]:
         """Progress lines for the task log, per-step metrics to MLflow (rank 0)."""
 
         def on_epoch_begin(self, args, state, control, **kwargs):
-            audit.epoch = int(round(state.epoch or 0))
+            # Floor, not round: a run resumed mid-epoch starts at a fractional epoch (e.g. 0.67).
+            audit.epoch = int((state.epoch or 0) + 1e-6)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -122,6 +139,169 @@ def _callbacks(audit: _Audit, mlflow_run_id: str | None) -> list[Any]:
                                                                    v, state.global_step) for k, v in numbers.items()])
 
     return [Progress()]
+
+
+# Settings a new attempt may change without making its checkpoints another run's: how often and how
+# many checkpoints, how long to wait. Everything else that shapes the weights must match to resume.
+RESUME_FREE = ("checkpoint_steps", "keep_checkpoints", "resume", "term_grace_s", "collective_timeout_s",
+               "logging_steps")
+
+
+def checkpoint_meta(cfg: PipelineConfig, ds_config: dict[str, Any], world: int) -> dict[str, Any]:
+    """What a checkpoint records about the run that saved it and a resume must match."""
+    return {"world_size": world, "settings": {
+        "base_model": cfg.base_model, "seed": cfg.seed, "task": cfg.task, "deepspeed": ds_config,
+        "train": {k: v for k, v in vars(cfg.train).items() if k not in RESUME_FREE}}}
+
+
+def _collective() -> Any:
+    """torch.distributed when more than one rank trains, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _barrier() -> None:
+    if (dist := _collective()) is not None:
+        dist.barrier()
+
+
+def _from_rank0(compute: Any) -> Any:
+    """``compute()`` on rank 0, its result (or its PipelineError, raised here) on every rank."""
+    dist = _collective()
+    outcome: list[Any] = [None]
+    if dist is None or dist.get_rank() == 0:
+        try:
+            outcome = [("ok", compute())]
+        except PipelineError as exc:
+            outcome = [("error", exc)]
+    if dist is not None:
+        dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _node_dir(scratch: Path) -> Path:
+    """A directory every rank on this node shares: DeepSpeed writes each rank's part of a
+    checkpoint into one folder. Keyed by the launch, so that another run never shares it."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not launch:
+        return scratch / "checkpoints"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    path = Path(tempfile.gettempdir()) / f"finetune-train-{launch}-{restart}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    _barrier()
+    return path
+
+
+def _resume_point(cfg: PipelineConfig, meta: dict[str, Any], local: Path) -> tuple[int, Path] | None:
+    """The step and local directory of the newest usable checkpoint of this run, on every rank,
+    or None. ``train.resume=false`` deletes the run's checkpoints instead."""
+    root = checkpoint_root(cfg)
+    if not cfg.train.resume:
+        _from_rank0(lambda: checkpoints.delete_all(root))
+        return None
+
+    def choose() -> tuple[int, str] | None:
+        found = checkpoints.newest_usable(root, meta, local / "resume")
+        return None if found is None else (found[0].step, str(found[1]))
+
+    chosen = _from_rank0(choose)
+    if chosen is None:
+        return None
+    step, path = chosen
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if rank != 0 and local_rank == 0 and not Path(path).is_dir():  # another node: fetch its own copy
+        marker = storage.read_json(storage.join(root, checkpoints.name(step), checkpoints.MARKER))
+        checkpoints.fetch(checkpoints.Checkpoint(storage.join(root, checkpoints.name(step)), step, marker), Path(path))
+    _barrier()
+    return step, Path(path)
+
+
+def checkpoint_root(cfg: PipelineConfig) -> str:
+    return storage.join(cfg.step_uri("train"), "checkpoints")
+
+
+class _Termination:
+    """SIGTERM (eviction, preemption notice) asks for a checkpoint at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+            print("train: SIGTERM: saving a checkpoint at the end of this step, then exiting", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, term: _Termination) -> Any:
+    from transformers import TrainerCallback
+
+    own = cfg.train
+    root = checkpoint_root(cfg)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+    class Checkpointing(TrainerCallback):
+        """Checkpoints at each epoch end and every ``train.checkpoint_steps`` (the Trainer's save
+        strategy), copied to the artifact store with the marker last; on SIGTERM, one more
+        checkpoint and a stop, when it fits in ``train.term_grace_s``."""
+
+        stopped_at: int | None = None
+        save_s = 0.0  # the last checkpoint's time, from the decision to save to its marker
+        save_started = 0.0
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_save = True
+            self.save_started = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            # Every rank decides alike: a checkpoint is a collective, and ranks get the signal apart.
+            asked = torch.tensor([1.0 if term.at is not None else 0.0,
+                                  time.monotonic() - term.at if term.at is not None else 0.0, self.save_s])
+            if (dist := _collective()) is not None:
+                dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            if asked[0] > 0:
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
+                control.should_save = bool(asked[1] + asked[2] < own.term_grace_s)
+            if control.should_save:
+                self.save_started = time.monotonic()
+
+        def on_save(self, args, state, control, **kwargs):
+            started = time.monotonic()
+            step = state.global_step
+            local = Path(args.output_dir) / f"checkpoint-{step}"
+            (local / f"audit-rank{rank}.json").write_text(audit.state())
+            _barrier()
+            files = checkpoints.upload(local, root, step) if local_rank == 0 else {}
+            gathered: list[Any] = [files]
+            if (dist := _collective()) is not None:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, files)
+            if rank == 0:
+                merged = {k: v for part in gathered for k, v in part.items()}
+                checkpoints.write_marker(root, step, merged, {**meta, "epoch": state.epoch})
+                pruned = checkpoints.prune(root, own.keep_checkpoints)
+                print(f"train: checkpoint at step {step} saved to {storage.join(root, checkpoints.name(step))} "
+                      f"({sum(f['size'] for f in merged.values()) / 2**20:.1f} MiB"
+                      + (f"; deleted steps {pruned}" if pruned else "") + ")", file=sys.stderr, flush=True)
+            _barrier()
+            if local_rank == 0:
+                shutil.rmtree(local, ignore_errors=True)
+            self.save_s = time.monotonic() - (self.save_started or started)
+
+    return Checkpointing()
 
 
 def _metric(key: str, value: float, step: int) -> Any:
@@ -183,6 +363,8 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         storage.write_json(summary_uri, outcome)
         if mlflow_run_id:  # the sharding audit and, for causal-lm, the truncated/dropped counts
             tracking.client().log_dict(mlflow_run_id, outcome, "train/training_summary.json")
+        # The model is published: the checkpoints were only for finishing this training.
+        checkpoints.delete_all(checkpoint_root(cfg))
     return TrainResult(result_uri=storage.join(out_uri, "result.json"), model_uri=model_uri, summary_uri=summary_uri,
                        snapshot_uri=own.snapshot_uri, base_model=cfg.base_model, global_step=outcome["global_step"],
                        train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],
@@ -329,26 +511,49 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
         # of blocking every later run behind it.
         deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl",
                                    timeout=timedelta(seconds=own.collective_timeout_s))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    node_dir = _node_dir(scratch)
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
     args = TrainingArguments(
-        output_dir=str(scratch / "checkpoints"), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
+        output_dir=str(node_dir), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
         per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
         weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
         # A classification loss is a per-example mean over equal batches on every rank: token
         # averaging would multiply it by the world size. A causal LM's loss is per token, and
         # batches hold different numbers of target tokens: there it is what makes the mean right.
         average_tokens_across_devices=cfg.task == "causal-lm",
-        save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
+        # Checkpoints: the Trainer's own (DeepSpeed state of every rank, RNG, data position) in a
+        # node-local folder, copied to the artifact store by the Checkpointing callback.
+        save_strategy="steps" if own.checkpoint_steps else "epoch", save_steps=own.checkpoint_steps or None,
+        save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
         ddp_timeout=own.collective_timeout_s, deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False,
         **mixed_precision(own), dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
+    meta = checkpoint_meta(cfg, ds_config, world)
+    resume = _resume_point(cfg, meta, node_dir)
     audit = _Audit(parts.collator)
-    trainer = Trainer(model=parts.load_model(), args=args, train_dataset=parts.dataset, data_collator=audit,
-                      callbacks=_callbacks(audit, mlflow_run_id))
+    if resume is not None:
+        step, path = resume
+        audit.restore((path / f"audit-rank{int(os.environ.get('RANK', '0'))}.json").read_text())
+        if _is_rank0():
+            print(f"train: resuming from step {step} ({storage.join(checkpoint_root(cfg), checkpoints.name(step))})",
+                  file=sys.stderr, flush=True)
+    term = _Termination()
+    saver = _checkpointing(cfg, meta, audit, term)
+    trainer = _audited_trainer(Trainer)(audit, model=parts.load_model(), args=args, train_dataset=parts.dataset,
+                                        data_collator=audit, callbacks=[*_callbacks(audit, mlflow_run_id), saver])
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
-    if args.world_size != int(os.environ.get("WORLD_SIZE", "1")):
+    if args.world_size != world:
         raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
                            f"{os.environ.get('WORLD_SIZE')} processes: the data would not be sharded")
-    output = trainer.train()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finally:
+        term.close()
+    if saver.stopped_at is not None:
+        raise TransientError(f"train: stopped by SIGTERM at step {saver.stopped_at} (an eviction or preemption "
+                             "notice); " + ("a checkpoint was saved there" if saver.stopped_at == _newest_step(cfg)
+                                            else f"no time to save within train.term_grace_s={own.term_grace_s}")
+                             + "; the next attempt resumes from the newest checkpoint")
     extra = parts.after_training(trainer) if parts.after_training else {}
     target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
@@ -360,10 +565,37 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     report = sharding_report(per_rank, len(parts.dataset))
     if trainer.is_world_process_zero():
         print("train: sharding " + json.dumps(report["epochs"]), file=sys.stderr, flush=True)
+    _barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(node_dir, ignore_errors=True)
     return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
             "sharding": report, "deepspeed": {"zero_stage": ds_config.get("zero_optimization", {}).get("stage")},
             "trainer_world_size": args.world_size, "peak_memory_bytes": _peak_memory(torch)}
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _newest_step(cfg: PipelineConfig) -> int | None:
+    found = checkpoints.complete(checkpoint_root(cfg))
+    return found[0].step if found else None
+
+
+def _audited_trainer(trainer_class: Any) -> Any:
+    class AuditedTrainer(trainer_class):
+        """Records the example ids of each micro-batch it trains on (see ``_Audit``)."""
+
+        def __init__(self, audit: _Audit, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.audit = audit
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.audit.record(inputs.pop("example_id"))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return AuditedTrainer
 
 
 def _peak_memory(torch: Any) -> int:

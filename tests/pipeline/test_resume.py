@@ -1,0 +1,210 @@
+"""Checkpoints and resume, tried by killing real training: the local launcher's torch.distributed.run
+over 2 CPU processes, DeepSpeed ZeRO-2, the tiny BERT. A run SIGKILLed mid-epoch, resumed, stopped
+by SIGTERM and resumed again must end with the weights, metrics and sharding audit of a run that
+was never interrupted."""
+
+import json
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from pipeline import checkpoints, steps, storage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DataError
+from tests.helpers import collect_snapshot
+
+BATCH = 8
+
+
+def _settings(snapshot, model_dir, run_id, *extra):
+    return [f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
+            "train.epochs=2", f"train.batch_size={BATCH}", "train.num_processes=2", "train.logging_steps=2",
+            "train.checkpoint_steps=2", *extra]
+
+
+def _root(settings):
+    return storage.join(load_config(None, settings).step_uri("train"), "checkpoints")
+
+
+def _start(settings, tmp_path):
+    """The step in a process group of its own, its output collected in ``process.lines``."""
+    command = steps.local_command("train", settings, str(tmp_path / "result.json"))
+    process = steps.StepProcess(command, steps.local_env())
+    process.lines = []
+    process.reader = threading.Thread(target=lambda: process.lines.extend(process.popen.stdout), daemon=True)
+    process.reader.start()
+    return process
+
+
+def _wait_for_checkpoint(process, root, after_step=0, timeout_s=240):
+    """The step of the first complete checkpoint past ``after_step``, polled while the step runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [c.step for c in checkpoints.complete(root) if c.step > after_step]
+        if found:
+            return min(found)
+        assert process.popen.poll() is None, "the step ended before it saved a checkpoint"
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint past step {after_step} within {timeout_s} s")
+
+
+def _output(process):
+    """The step's whole output, once every process of it has ended."""
+    process.reader.join(timeout=30)
+    return "".join(process.lines)
+
+
+def _weights(model_uri):
+    from safetensors.torch import load_file
+
+    return load_file(str(storage.local_path(model_uri) / "model.safetensors"))
+
+
+def _eval_logits(model_uri, snapshot):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.snapshot import load_snapshot
+
+    frame = load_snapshot(snapshot.snapshot_uri)
+    texts = list(frame[frame["split"] == "eval"]["text"])
+    path = storage.local_path(model_uri)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    batch = AutoTokenizer.from_pretrained(path)(texts, padding=True, truncation=True, max_length=64,
+                                                 return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def snapshot(small_data):
+    return collect_snapshot([small_data])
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path,
+                                                                             capfd):
+    reference = steps.launch_local("train", _settings(snapshot, tiny_model_dir, "reference"))
+    steps_per_epoch = snapshot.rows_train // (BATCH * 2)
+    assert reference["global_step"] == 2 * steps_per_epoch >= 8
+
+    # 1. SIGKILL to every process of the step, right after its first checkpoint.
+    settings = _settings(snapshot, tiny_model_dir, "killed")
+    root = _root(settings)
+    process = _start(settings, tmp_path)
+    first = _wait_for_checkpoint(process, root)
+    for proc in process.members():
+        proc.send_signal(signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL
+    time.sleep(0.5)
+    assert not process.members(), "a process of the killed step is still running"
+    killed_at = checkpoints.complete(root)[0].step
+    assert first <= killed_at < reference["global_step"], "the kill came after training ended"
+
+    # What a kill during a checkpoint write leaves (files, no marker) and a checkpoint whose file
+    # changed after its marker: neither may be resumed from.
+    newest = checkpoints.complete(root)[0]
+    partial = storage.local_path(storage.join(root, checkpoints.name(killed_at + 2)))
+    shutil.copytree(storage.local_path(newest.uri), partial)
+    (partial / checkpoints.MARKER).unlink()
+    damaged = storage.local_path(storage.join(root, checkpoints.name(killed_at + 1)))
+    shutil.copytree(storage.local_path(newest.uri), damaged)
+    state = damaged / "trainer_state.json"
+    state.write_text(state.read_text() + " ")
+    capfd.readouterr()
+
+    # 2. A new attempt resumes from the newest complete checkpoint; SIGTERM it after one more.
+    process = _start(settings, tmp_path)
+    second = _wait_for_checkpoint(process, root, after_step=killed_at + 1)  # +1: the damaged one
+    sent = time.monotonic()
+    for proc in process.members():
+        proc.send_signal(signal.SIGTERM)
+    code = process.wait(60)
+    took = time.monotonic() - sent
+    output = _output(process)
+    assert f"resuming from step {killed_at} " in output
+    assert f"checkpoint at step {killed_at + 1} is damaged" in output and "trainer_state.json does not match" in output
+    assert code != 0 and took < load_config(None, settings).train.term_grace_s
+    error = steps.step_error(load_config(None, settings).step_uri("train"))
+    assert error["exit_code"] == 75, error  # retried, unlike bad input
+    stopped = checkpoints.complete(root)[0].step
+    assert f"stopped by SIGTERM at step {stopped}" in error["error"] and "a checkpoint was saved there" in error["error"]
+    assert second <= stopped < reference["global_step"]
+    time.sleep(0.5)
+    assert not process.members()
+
+    # 3. The next attempt finishes from there.
+    capfd.readouterr()
+    resumed = steps.launch_local("train", settings)
+    assert f"resuming from step {stopped} " in capfd.readouterr().out
+    assert resumed["global_step"] == reference["global_step"]
+    a, b = _weights(reference["model_uri"]), _weights(resumed["model_uri"])
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert a.keys() == b.keys() and diff <= 1e-6, f"max abs weight difference {diff}"
+    assert (_eval_logits(reference["model_uri"], snapshot) - _eval_logits(resumed["model_uri"], snapshot)).abs().max() <= 1e-5
+    audit = storage.read_json(resumed["summary_uri"])["sharding"]
+    per_rank = steps_per_epoch * BATCH
+    assert [e["epoch"] for e in audit["epochs"]] == [0, 1]
+    for epoch in audit["epochs"]:  # over the three attempts: nothing skipped, nothing seen twice
+        assert epoch["seen_per_rank"] == [per_rank, per_rank] and epoch["seen_twice"] == 0
+        assert epoch["distinct"] == 2 * per_rank
+    assert checkpoints.complete(root) == [], "the checkpoints outlived the published model"
+    print(f"resume figures: first checkpoint {first}, SIGKILL left step {killed_at}; SIGTERM stopped at step {stopped} "
+          f"(checkpoint {second} seen), exited {took:.1f} s after the signal; steps {reference['global_step']}; "
+          f"max abs weight diff {diff:g}")
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_difference(tmp_path):
+    root = (tmp_path / "ckpt").as_uri()
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "state.json").write_text("{}")
+    digests = checkpoints.upload(files, root, 4)
+    saved = {"world_size": 2, "settings": {"train": {"learning_rate": 5e-5, "epochs": 2}}}
+    checkpoints.write_marker(root, 4, digests, saved)
+    now = {"world_size": 4, "settings": {"train": {"learning_rate": 1e-4, "epochs": 2}}}
+    with pytest.raises(ConfigError) as refused:
+        checkpoints.newest_usable(root, now, tmp_path / "dest")
+    assert "world_size: checkpoint 2, now 4" in str(refused.value)
+    assert "settings.train.learning_rate: checkpoint 5e-05, now 0.0001" in str(refused.value)
+    assert "train.resume=false" in str(refused.value)
+    found, path = checkpoints.newest_usable(root, saved, tmp_path / "dest")
+    assert found.step == 4 and (path / "state.json").read_text() == "{}"
+
+
+def test_s3_checkpoints_marker_last_damaged_skipped_and_pruned(s3, tmp_path):
+    root = f"s3://{s3}/runs/r/train/checkpoints"
+    meta = {"world_size": 1, "settings": {}}
+    for step in (2, 4, 6):
+        files = tmp_path / f"s{step}"
+        (files / "global_step").mkdir(parents=True)
+        (files / "global_step" / "optim.pt").write_bytes(bytes([step]) * 1000)
+        digests = checkpoints.upload(files, root, step)
+        if step != 6:  # 6: killed before its marker
+            checkpoints.write_marker(root, step, digests, meta)
+    assert [c.step for c in checkpoints.complete(root)] == [4, 2]
+    storage.write_bytes(f"{root}/{checkpoints.name(4)}/global_step/optim.pt", b"changed")
+    found, path = checkpoints.newest_usable(root, meta, tmp_path / "dest")
+    assert found.step == 2 and (path / "global_step" / "optim.pt").read_bytes() == bytes([2]) * 1000
+    assert checkpoints.prune(root, keep=1) == [2]  # the newest complete (4) stays, and 6 is newer than it
+    assert [c.step for c in checkpoints.complete(root)] == [4]
+    with pytest.raises(DataError, match="optim.pt does not match its marker"):
+        checkpoints.fetch(checkpoints.complete(root)[0], tmp_path / "again")
+    checkpoints.delete_all(root)
+    assert storage.list_tree(root) == []
+
+
+def test_resume_false_starts_over_and_deletes_the_runs_checkpoints(tmp_path, monkeypatch):
+    from pipeline import train
+
+    cfg = load_config(None, ["run_id=r", "train.resume=false"])
+    root = train.checkpoint_root(cfg)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "x").write_text("x")
+    checkpoints.write_marker(root, 2, checkpoints.upload(files, root, 2), {"world_size": 1})
+    assert train._resume_point(cfg, {"world_size": 1}, tmp_path / "node") is None
+    assert checkpoints.complete(root) == [] and storage.list_tree(root) == []
