@@ -10,7 +10,8 @@ Unchanged data publishes nothing new and emits no event, so nothing retrains. Th
 is scheduled on its default model's snapshot Asset as well as on its cron (see its docs): each
 new snapshot starts a finetune run whose `collect` task reads that `snapshot_uri`.
 
-Runs on `FINETUNE_COLLECT_SCHEDULE` (default `@daily`). Under the `local` launcher the Airflow
+Runs on `FINETUNE_COLLECT_SCHEDULE` (default `@daily`, UTC; a tick more than 5 minutes in the past
+when the DAG is unpaused is skipped, not run). Under the `local` launcher the Airflow
 connection `aws_default` (login, password, extra `aws_session_token`, `endpoint_url`,
 `region_name`), looked up when the task runs, is handed to the step as the standard `AWS_*`
 variables; without it the standard AWS chain applies. Announcements go through the Asset alias
@@ -27,11 +28,13 @@ import pendulum
 from airflow.sdk import chain, dag
 from finetune_alerts import ON_FAILURE, deadline_alert
 from finetune_tasks import ANNOUNCE_TIMEOUT, announce_task, run_deadline, step_params, step_task
+from finetune_timetable import OnTimeCronTimetable
 
 from pipeline.steps import launcher_from_env
 
 LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator each task is
-SCHEDULE = os.environ.get("FINETUNE_COLLECT_SCHEDULE", "@daily")
+# A tick already past when the DAG is unpaused is skipped, not run (plugins/finetune_timetable.py).
+SCHEDULE = OnTimeCronTimetable(os.environ.get("FINETUNE_COLLECT_SCHEDULE", "@daily"), timezone="UTC")
 
 
 @dag(

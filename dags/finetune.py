@@ -24,7 +24,8 @@ Extra settings go in the `overrides` Param as `step.key=value` strings: only key
 `k8s.*` or `artifact_root`). A refused key fails the run at `collect`, before any work. The form's
 defaults are the deployment's config (`FINETUNE_CONFIG`); a Param left at its default sends nothing.
 
-**When it runs.** On the cron schedule `FINETUNE_SCHEDULE` (default `@weekly`) and, unless
+**When it runs.** On the cron schedule `FINETUNE_SCHEDULE` (default `@weekly`, UTC; a tick more
+than 5 minutes in the past when the DAG is unpaused is skipped, not run) and, unless
 `FINETUNE_ASSET_SCHEDULE=false`, also whenever the Asset `<model_name>-snapshot` (the default
 `model_name` Param's) gets an event: the `collect` DAG emits one when it publishes a snapshot it
 has not announced before, and any outside producer may too (the REST API's
@@ -52,21 +53,23 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, chain, dag
+from airflow.sdk import AssetOrTimeSchedule, chain, dag
 from finetune_alerts import ON_FAILURE, deadline_alert
 from finetune_tasks import default_model_name, env_flag, run_deadline, snapshot_asset, step_params, step_task
+from finetune_timetable import OnTimeCronTimetable
 
 from pipeline.steps import PIPELINE, launcher_from_env
 
 LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator each task is
 CRON = os.environ.get("FINETUNE_SCHEDULE", "@weekly")
+# A tick already past when the DAG is unpaused is skipped, not run (plugins/finetune_timetable.py).
+CRON_TIMETABLE = OnTimeCronTimetable(CRON, timezone="UTC")
 # On by default: without an unpaused collect DAG or another producer no event ever comes, and
 # with one, retraining on new data is the point of scheduling on the Asset.
 if env_flag("FINETUNE_ASSET_SCHEDULE", default=True):
-    SCHEDULE = AssetOrTimeSchedule(timetable=CronTriggerTimetable(CRON, timezone="UTC"),
-                                   assets=[snapshot_asset(default_model_name())])
+    SCHEDULE = AssetOrTimeSchedule(timetable=CRON_TIMETABLE, assets=[snapshot_asset(default_model_name())])
 else:
-    SCHEDULE = CRON
+    SCHEDULE = CRON_TIMETABLE
 
 
 @dag(
