@@ -7,7 +7,9 @@ DAG is first unpaused, and when it is unpaused after a pause that spanned a tick
 once, ahead of the run the person asked for. `OnTimeCronTimetable` schedules the same ticks but
 skips one that is more than `grace` (default 5 minutes) in the past when the next run is
 computed, so an unpause only ever waits for the next tick. The grace keeps a tick whose run the
-scheduler creates a little late (a busy loop, the DAG processor re-parsing at that moment).
+scheduler creates a little late (a busy loop, the DAG processor re-parsing at that moment). A
+tick held back longer, by a run still going under `max_active_runs=1` or a scheduler that was
+down, is skipped the same way: the DAG processor recomputes the next run every parse.
 
 Airflow finds the class through the plugin below, registered as the `airflow.plugins` entry point
 in pyproject.toml: the DAG processor needs it to serialize the DAGs, and the scheduler and API
