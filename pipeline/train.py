@@ -283,6 +283,7 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
             step = state.global_step
             local = Path(args.output_dir) / f"checkpoint-{step}"
             (local / f"audit-rank{rank}.json").write_text(audit.state())
+            (local / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody reads; settings are in the marker
             _barrier()
             files = checkpoints.upload(local, root, step) if local_rank == 0 else {}
             gathered: list[Any] = [files]
@@ -532,6 +533,7 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     resume = _resume_point(cfg, meta, node_dir)
     audit = _Audit(parts.collator)
     if resume is not None:
+        weights_only_deepspeed_loads()
         step, path = resume
         audit.restore((path / f"audit-rank{int(os.environ.get('RANK', '0'))}.json").read_text())
         if _is_rank0():
@@ -572,6 +574,26 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
             "sharding": report, "deepspeed": {"zero_stage": ds_config.get("zero_optimization", {}).get("stage")},
             "trainer_world_size": args.world_size, "peak_memory_bytes": _peak_memory(torch)}
+
+
+def weights_only_deepspeed_loads() -> None:
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which runs
+    whatever a pickle says. Ours come from storage, so they are read with torch's weights-only
+    unpickler: tensors, containers and the few DeepSpeed classes its states hold, nothing else
+    (the Trainer reads its own files, RNG and scheduler states, that way already)."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    TorchCheckpointEngine.load = load
 
 
 def _is_rank0() -> bool:

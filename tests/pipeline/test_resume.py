@@ -4,6 +4,7 @@ by SIGTERM and resumed again must end with the weights, metrics and sharding aud
 was never interrupted."""
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -51,6 +52,28 @@ def _wait_for_checkpoint(process, root, after_step=0, timeout_s=240):
     raise AssertionError(f"no checkpoint past step {after_step} within {timeout_s} s")
 
 
+def _kill_after_first_checkpoint(settings, tmp_path, total_steps):
+    """SIGKILL every process of a train step once it saved a checkpoint; (first checkpoint, newest
+    complete one after the kill)."""
+    root = _root(settings)
+    process = _start(settings, tmp_path)
+    first = _wait_for_checkpoint(process, root)
+    for proc in process.members():
+        proc.send_signal(signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL
+    time.sleep(0.5)
+    assert not process.members(), "a process of the killed step is still running"
+    killed_at = checkpoints.complete(root)[0].step
+    assert first <= killed_at < total_steps, "the kill came after training ended"
+    return first, killed_at
+
+
+def _max_diff(a_uri, b_uri):
+    a, b = _weights(a_uri), _weights(b_uri)
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 def _output(process):
     """The step's whole output, once every process of it has ended."""
     process.reader.join(timeout=30)
@@ -94,15 +117,7 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
     # 1. SIGKILL to every process of the step, right after its first checkpoint.
     settings = _settings(snapshot, tiny_model_dir, "killed")
     root = _root(settings)
-    process = _start(settings, tmp_path)
-    first = _wait_for_checkpoint(process, root)
-    for proc in process.members():
-        proc.send_signal(signal.SIGKILL)
-    assert process.wait(30) == -signal.SIGKILL
-    time.sleep(0.5)
-    assert not process.members(), "a process of the killed step is still running"
-    killed_at = checkpoints.complete(root)[0].step
-    assert first <= killed_at < reference["global_step"], "the kill came after training ended"
+    first, killed_at = _kill_after_first_checkpoint(settings, tmp_path, reference["global_step"])
 
     # What a kill during a checkpoint write leaves (files, no marker) and a checkpoint whose file
     # changed after its marker: neither may be resumed from.
@@ -141,9 +156,8 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
     resumed = steps.launch_local("train", settings)
     assert f"resuming from step {stopped} " in capfd.readouterr().out
     assert resumed["global_step"] == reference["global_step"]
-    a, b = _weights(reference["model_uri"]), _weights(resumed["model_uri"])
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert a.keys() == b.keys() and diff <= 1e-6, f"max abs weight difference {diff}"
+    diff = _max_diff(reference["model_uri"], resumed["model_uri"])
+    assert diff <= 1e-6, f"max abs weight difference {diff}"
     assert (_eval_logits(reference["model_uri"], snapshot) - _eval_logits(resumed["model_uri"], snapshot)).abs().max() <= 1e-5
     audit = storage.read_json(resumed["summary_uri"])["sharding"]
     per_rank = steps_per_epoch * BATCH
@@ -155,6 +169,19 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
     print(f"resume figures: first checkpoint {first}, SIGKILL left step {killed_at}; SIGTERM stopped at step {stopped} "
           f"(checkpoint {second} seen), exited {took:.1f} s after the signal; steps {reference['global_step']}; "
           f"max abs weight diff {diff:g}")
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_states_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path, capfd):
+    reference = steps.launch_local("train", _settings(snapshot, tiny_model_dir, "z3-reference", "train.zero_stage=3",
+                                                      "train.epochs=1"))
+    settings = _settings(snapshot, tiny_model_dir, "z3", "train.zero_stage=3", "train.epochs=1")
+    _, killed_at = _kill_after_first_checkpoint(settings, tmp_path, reference["global_step"])
+    capfd.readouterr()
+    resumed = steps.launch_local("train", settings)
+    assert f"resuming from step {killed_at} " in capfd.readouterr().out
+    assert resumed["global_step"] == reference["global_step"]
+    assert _max_diff(reference["model_uri"], resumed["model_uri"]) <= 1e-6
 
 
 def test_checkpoint_from_another_config_is_refused_naming_the_difference(tmp_path):
@@ -208,3 +235,26 @@ def test_resume_false_starts_over_and_deletes_the_runs_checkpoints(tmp_path, mon
     checkpoints.write_marker(root, 2, checkpoints.upload(files, root, 2), {"world_size": 1})
     assert train._resume_point(cfg, {"world_size": 1}, tmp_path / "node") is None
     assert checkpoints.complete(root) == [] and storage.list_tree(root) == []
+
+
+def test_deepspeed_checkpoint_files_are_read_without_running_pickled_code(tmp_path):
+    import pickle
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from pipeline import train
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    train.weights_only_deepspeed_loads()
+    engine = TorchCheckpointEngine()
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0)}, "w": torch.ones(2)}, tmp_path / "good.pt")
+    assert engine.load(str(tmp_path / "good.pt"))["w"].tolist() == [1.0, 1.0]
+    torch.save({"w": torch.ones(2), "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        engine.load(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "ran").exists()
