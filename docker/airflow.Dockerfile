@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 FINETUNE_LAUNCHER=kuberne
 
 COPY --chown=airflow:0 constraints.txt pyproject.toml README.md /opt/finetune/
 COPY --chown=airflow:0 pipeline /opt/finetune/pipeline
+COPY --chown=airflow:0 plugins /opt/finetune/plugins
 # CPU torch first (the package depends on it; the scheduler never trains), then the package and
 # the providers pinned by constraints.txt, which matches this image's Airflow 3.3.2.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \

@@ -10,6 +10,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHON
 WORKDIR /opt/finetune
 COPY constraints.txt pyproject.toml README.md ./
 COPY pipeline ./pipeline
+COPY plugins ./plugins
 # torch first from the CPU wheel index, so the constraint is met by the CPU build, never CUDA.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install -c constraints.txt . \

@@ -14,6 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHON
 WORKDIR /opt/finetune
 COPY constraints.txt pyproject.toml README.md ./
 COPY pipeline ./pipeline
+COPY plugins ./plugins
 # The CUDA build of torch==2.13.0 first: constraints.txt's `torch==2.13.0` is then already met
 # and everything else installs from the same constraints as local.
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \

@@ -22,7 +22,7 @@ def test_graph_schedule_params_retries_and_docs(dag):
     assert dag.get_task("announce").upstream_task_ids == {"collect"}
     assert dag.get_task("announce").outlets == [SNAPSHOTS] and dag.get_task("announce").inlets == [SNAPSHOTS]
     assert dag.get_task("collect").outlets == []
-    assert dag.schedule == "@daily" and dag.catchup is False and dag.max_active_runs == 1
+    assert dag.timetable.expression == "0 0 * * *" and dag.catchup is False and dag.max_active_runs == 1  # @daily
     assert {"finetune", "mlops", "data"} <= set(dag.tags)
     assert all(task.retries == 2 and task.retry_exponential_backoff for task in dag.tasks)
     assert set(dag.params) == {"source", "model_name", "overrides"}

@@ -53,7 +53,7 @@ def load_finetune(monkeypatch, **env):
 
 def test_asset_schedule_can_be_switched_off_and_a_bad_switch_fails_the_import(monkeypatch):
     dag = load_finetune(monkeypatch, FINETUNE_ASSET_SCHEDULE="false", FINETUNE_SCHEDULE="0 3 * * 1").dags["finetune"]
-    assert dag.schedule == "0 3 * * 1"
+    assert dag.timetable.expression == "0 3 * * 1"
     bag = load_finetune(monkeypatch, FINETUNE_ASSET_SCHEDULE="sometimes")
     assert "FINETUNE_ASSET_SCHEDULE: expected true or false, got 'sometimes'" in next(iter(bag.import_errors.values()))
 
