@@ -189,7 +189,9 @@ OOM_EXIT_CODE = 137  # 128 + SIGKILL: what a container the kernel's OOM killer e
 #        connection refused or reset, timeouts, MLflow
 #        unreachable, the registry lock wait ran out)
 #   124  ran past timeouts.<step> and was stopped              yes
-#   137  out of memory (OOMKilled)                             never: raise the memory first
+#   137  out of memory (OOMKilled; locally, a SIGKILL while     never: raise the memory first
+#        the cgroup's OOM-kill count rose; any other SIGKILL,
+#        e.g. a preemption, is a crash and retried)
 #   any other (a crash, a lost node, a signal)                 yes
 NOT_RETRIED = {ConfigError.exit_code: "bad input", ValidationFailed.exit_code: "the data gate failed",
                OOM_EXIT_CODE: "out of memory"}
@@ -396,6 +398,33 @@ def run_step_process(command: Sequence[str], env: Mapping[str, str], timeout_s: 
     return code
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer ended in this process's memory cgroup (cgroup v2
+    ``memory.events``, v1 ``memory.oom_control``); None where neither can be read. A step killed
+    by SIGKILL is out of memory only if this count rose meanwhile: otherwise someone else killed
+    it (a preemption, a person, a node agent) and a retry may well succeed."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+        elif "memory" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
+    for candidate in candidates:
+        try:
+            for entry in candidate.read_text().splitlines():
+                key, _, value = entry.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None,
                  timeout_s: float | None = None, grace_s: float = 30.0,
                  started: Callable[[StepProcess], None] | None = None) -> dict[str, Any]:
@@ -408,7 +437,10 @@ def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | N
         command = local_command(step, overrides, result_file)
         print("launch:", " ".join(command), flush=True)
         tail: collections.deque[str] = collections.deque(maxlen=40)
+        oom_before = oom_kills()
         returncode = run_step_process(command, local_env(env), timeout_s, grace_s, started, tail)
+        oom_after = oom_kills()
+        oom = None if oom_before is None or oom_after is None else oom_after > oom_before
         if returncode is None:
             raise StepFailed(f"step '{step}' ran past its timeout of {timeout_s:g} s and was stopped, with every "
                              f"process it started; if it needs longer, raise timeouts.{step} in the deployment's "
@@ -417,5 +449,5 @@ def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | N
             # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
             # workers said, so the exit code is read back from error.json too.
             error = step_error(load_config(None, overrides).step_uri(step))
-            raise step_failure(step, "local", returncode, error, detail="\n".join(list(tail)[-10:]))
+            raise step_failure(step, "local", returncode, error, detail="\n".join(list(tail)[-10:]), oom=oom)
         return json.loads(Path(result_file).read_text())
