@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import dagrun, steps, storage
+from pipeline import dagrun, steps, storage, tracking
 from pipeline.config import SECTIONS, PipelineConfig, file_overrides, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fields import describe
@@ -88,7 +88,15 @@ def step_main(step: str, argv: Sequence[str] | None) -> int:
             old = steps.step_error(cfg.step_uri(step))
             if old is not None and (not attempt or old.get("attempt") != attempt):
                 storage.delete(storage.join(cfg.step_uri(step), steps.ERROR_FILE))
-        result = steps.STEPS[step].run(cfg)
+        try:
+            result = steps.STEPS[step].run(cfg)
+        except PipelineError:
+            raise
+        except Exception as exc:  # MLflow's module-level calls (start_run, log_model...) unwrapped
+            transient = tracking.transient_error(exc)
+            if transient is None:
+                raise
+            raise transient from exc
     except PipelineError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)
         if cfg is not None:

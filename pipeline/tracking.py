@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from typing import Any
 
 from pipeline.config import PipelineConfig, finetune_home
@@ -48,12 +49,42 @@ def unreachable(exc: BaseException) -> bool:
     return status is not None and (int(status.group(1)) >= 500 or int(status.group(1)) == 429)
 
 
+def _from_mlflow(exc: BaseException) -> bool:
+    """Whether MLflow's code raised ``exc`` (or an error it chains): a frame of the mlflow package."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        if type(seen).__module__.startswith("mlflow") or any("/mlflow/" in frame.filename for frame in frames):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def transient_error(exc: BaseException, call: str = "") -> TransientError | None:
+    """The TransientError (exit 75, retried) for an MLflow call that could not reach the tracking
+    server, or None when ``exc`` says something else. For the ``Tracker``'s calls and for the
+    module-level ones (``mlflow.start_run``, ``mlflow.log_input``, ``mlflow.pyfunc.log_model``...),
+    which the CLI maps with it."""
+    if not (unreachable(exc) and (call or _from_mlflow(exc))):
+        return None
+    uri = _redacted(tracking_uri())
+    detail = _redacted(" ".join(str(exc).split()))[:300]
+    return TransientError(
+        f"MLflow tracking server {uri} unreachable or failing ({call + ': ' if call else ''}{detail}) after MLflow's "
+        "own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); check MLFLOW_TRACKING_URI and the server; the task is "
+        "retried with back-off")
+
+
+def _redacted(text: str) -> str:
+    return re.sub(r"//[^/@\s]*@", "//", text)  # never a password in a message
+
+
 class Tracker:
     """An ``MlflowClient`` whose calls raise ``TransientError`` (exit 75: the task is retried with
     back-off) when the tracking server is ``unreachable``; every other error passes unchanged."""
 
     def __init__(self, mlflow_client: Any, uri: str) -> None:
-        self._client, self.uri = mlflow_client, re.sub(r"//[^/@\s]*@", "//", uri)  # never a password in a message
+        self._client, self.uri = mlflow_client, _redacted(uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -64,13 +95,10 @@ class Tracker:
             try:
                 return attr(*args, **kwargs)
             except Exception as exc:
-                if not unreachable(exc):
+                transient = transient_error(exc, name)
+                if transient is None:
                     raise
-                detail = re.sub(r"//[^/@\s]*@", "//", " ".join(str(exc).split()))[:300]
-                raise TransientError(
-                    f"MLflow tracking server {self.uri} unreachable or failing ({name}: {detail}) after MLflow's own "
-                    "retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); check MLFLOW_TRACKING_URI and the server; the task "
-                    "is retried with back-off") from exc
+                raise transient from exc
 
         return call
 

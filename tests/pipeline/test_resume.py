@@ -258,3 +258,65 @@ def test_deepspeed_checkpoint_files_are_read_without_running_pickled_code(tmp_pa
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
         engine.load(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "ran").exists()
+
+
+def _mlflow_server(port, store):
+    """`mlflow server` on loopback over a SQLite store and a local artifact folder (both kept across restarts)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    store.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            assert server.poll() is None, "mlflow server exited at start-up"
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not become healthy in 120 s")
+
+
+@pytest.mark.slow
+def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_resumes(snapshot, tiny_model_dir,
+                                                                                      tmp_path, monkeypatch, capfd):
+    from tests.helpers import free_port
+
+    port, store = free_port(), tmp_path / "mlflow"
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    settings = _settings(snapshot, tiny_model_dir, "outage")
+    cfg = load_config(None, settings)
+    server = _mlflow_server(port, store)
+    try:
+        process = _start(settings, tmp_path)
+        _wait_for_checkpoint(process, _root(settings))
+        server.terminate()
+        server.wait(timeout=30)
+        code = process.wait(120)
+        assert code not in (None, 0), _output(process)[-3000:]
+        error = steps.step_error(cfg.step_uri("train"))
+        assert error["exit_code"] == 75, error
+        assert f"MLflow tracking server {uri} unreachable or failing" in error["error"]
+        assert not storage.exists(storage.join(cfg.step_uri("train"), "model", "config.json"))
+
+        server = _mlflow_server(port, store)  # back, with the same store
+        capfd.readouterr()
+        resumed = steps.launch_local("train", settings)
+        assert "resuming from step " in capfd.readouterr().out
+        from pipeline import tracking
+
+        runs = tracking.client().search_runs([tracking.experiment_id(cfg)],
+                                             filter_string=f"tags.`{tracking.RUN_TAG}` = 'outage'")
+        assert len(runs) == 1 and runs[0].info.run_id == resumed["mlflow_run_id"]  # one MLflow run for both attempts
+        logged = [m.step for m in tracking.client().get_metric_history(resumed["mlflow_run_id"], "train_loss")]
+        assert logged and max(logged) == resumed["global_step"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
