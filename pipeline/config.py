@@ -208,9 +208,9 @@ class TrainConfig:
                                    maximum=100)
     resume: bool = option(True, "A new attempt of train for the same run resumes from its newest complete "
                                 "checkpoint; false: start from step 0 and delete the run's checkpoints.")
-    term_grace_s: int = option(60, "On SIGTERM (eviction, preemption) train saves a checkpoint and exits 75 "
-                                   "(retried); the launcher waits this long before SIGKILL.", minimum=5,
-                               maximum=3600)
+    term_grace_s: int = option(25, "On SIGTERM (eviction, preemption) train saves a checkpoint when it fits in "
+                                   "this many seconds, then exits 75 (retried). At most 30: torch.distributed.run "
+                                   "SIGKILLs its workers 30 s after its own SIGTERM.", minimum=1, maximum=30)
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")

@@ -40,6 +40,9 @@ RESTRICTED_CONTAINER = {
 }
 
 
+TORCHRUN_SHUTDOWN_S = 30  # torch.distributed.run: SIGTERM to its workers, SIGKILL 30 s later
+
+
 def object_name(prefix: str, run_id: str) -> str:
     """A DNS-1123 name unique per run: run ids hold '_' and upper case, and may be long."""
     readable = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")[:30].strip("-")
@@ -118,6 +121,9 @@ def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_polic
         spec["tolerations"] = tolerations(k.gpu_tolerations)
     if step.distributed:
         spec["priorityClassName"] = k.training_priority_class
+        # SIGTERM to SIGKILL: long enough for train's checkpoint on eviction (train.term_grace_s,
+        # within torch.distributed.run's own 30 s for its workers), over Kubernetes' default 30 s.
+        spec["terminationGracePeriodSeconds"] = TORCHRUN_SHUTDOWN_S + 15
     return spec
 
 

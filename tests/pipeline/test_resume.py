@@ -320,3 +320,12 @@ def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_re
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("launcher", ["kubernetes", "pytorchjob"])
+def test_training_pods_outlast_train_and_torchruns_grace_after_sigterm(launcher):
+    manifest = steps.render("train", ["run_id=r"], launcher)
+    pods = ([manifest["spec"]] if manifest["kind"] == "Pod" else
+            [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()])
+    for pod in pods:  # Kubernetes' default, 30 s, would SIGKILL while torchrun still waits on the checkpoint
+        assert pod["terminationGracePeriodSeconds"] > 30 >= load_config().train.term_grace_s
