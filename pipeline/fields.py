@@ -46,6 +46,10 @@ def check_fields(obj: Any, section: str = "") -> None:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name}: expected a mapping of names to values, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -96,7 +100,8 @@ def default_of(f: dataclasses.Field) -> Any:
 
 def json_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """JSON-schema keywords for an Airflow ``Param`` bound to the field ``f`` of type ``hint``."""
-    json_type = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, "array")
+    json_type = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
+        hint, "object" if typing.get_origin(hint) is dict else "array")
     schema: dict[str, Any] = {"default": default_of(f), "type": json_type, "description": f.metadata["help"]}
     meta = f.metadata
     if "choices" in meta:
@@ -114,7 +119,8 @@ def json_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
 
 def describe(f: dataclasses.Field, hint: Any) -> tuple[str, str, str]:
     """A field as a person reads it in ``--help``: its type, its default and its bounds."""
-    kind = {str: "text", int: "integer", float: "number", bool: "true|false"}.get(hint, "list")
+    kind = {str: "text", int: "integer", float: "number", bool: "true|false"}.get(
+        hint, "mapping" if typing.get_origin(hint) is dict else "list")
     meta = f.metadata
     bounds = []
     if "choices" in meta:
