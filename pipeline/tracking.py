@@ -15,6 +15,7 @@ import os
 import re
 import traceback
 from typing import Any
+from urllib.parse import urlencode
 
 from pipeline.config import PipelineConfig, finetune_home
 from pipeline.errors import TransientError
@@ -135,3 +136,20 @@ def pipeline_run_id(cfg: PipelineConfig) -> str:
         return found[0].info.run_id
     run = tracker.create_run(exp, run_name=cfg.run_id, tags={RUN_TAG: cfg.run_id, "finetune.task": cfg.task})
     return run.info.run_id
+
+
+def metric_history(run_id: str, name: str) -> list[Any]:
+    """Every logged value of metric ``name`` on run ``run_id`` (MLflow ``Metric`` entities: step,
+    timestamp, value), oldest first; empty when the metric was never logged."""
+    history = client().get_metric_history(run_id, name)
+    return sorted(history, key=lambda m: (m.timestamp, m.step))
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """Where the MLflow UI serves an artifact of a run: absolute on a tracking server
+    (``MLFLOW_TRACKING_URI=http...``), else relative to the UI's root (``make up`` serves the
+    embedded store), so a link in a model version's description opens it from the UI either way."""
+    query = urlencode({"path": path, "run_uuid": run_id})
+    uri = tracking_uri()
+    base = _redacted(uri).rstrip("/") + "/" if uri.startswith(("http://", "https://")) else ""
+    return f"{base}get-artifact?{query}"

@@ -30,7 +30,7 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
     logged = client().get_run(pipeline_run_id(cfg))
     assert logged.data.metrics["eval_accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert {a.path for a in client().list_artifacts(logged.info.run_id, "evaluate")} == {
-        "evaluate/classification_report.json", "evaluate/confusion_matrix.png"}
+        "evaluate/classification_report.json", "evaluate/confusion_matrix.png", "evaluate/per_class_f1.png"}
 
 
 @pytest.mark.parametrize("ours, theirs, sets, promote", [
