@@ -14,17 +14,19 @@ Three measures, each with a bar the validate step configures (``validate.drift_m
 
 For chat data (``causal-lm``) the text is the concatenated message contents and there are no
 labels. Pure pandas/numpy/scipy; :func:`render_html` draws both distributions of each measure as
-inline SVG, so the report is one self-contained file.
+inline SVG, so the report is one self-contained file; :func:`plot_png` draws them as one PNG (with
+matplotlib) for places that show pictures, not pages: the MLflow UI and the model card.
 
     python -c "from pipeline import drift; print(drift.words('Where is order #A12? 我的订单'))"
 
-numpy and scipy are imported inside the functions that compute: the module is on the
+numpy, scipy and matplotlib are imported inside the functions that use them: the module is on the
 DAG-parse path through validate.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -186,3 +188,57 @@ def _bars(items: list[tuple[str, float, float]]) -> str:
     height = row * len(items) + 4
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_width + bar_width + 60}' height='{height}' "
             f"font-size='12'>{''.join(svg)}</svg>")
+
+
+def plot_png(report: dict[str, Any],
+             title: str = "Drift from the last accepted snapshot") -> tuple[bytes, dict[str, Any]]:
+    """The label shares (when there are labels) and the text-length histogram of a ``compare``
+    report, reference beside current, as one PNG; and the values drawn: ``{"label_shares":
+    {label: (reference, current)}, "length": {"bins": [...], "reference": [...], "current": [...]}}``.
+    Each panel's title carries its check's value and bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen: draw to PNG bytes only
+    import matplotlib.pyplot as plt
+
+    checks = {c["check"]: c for c in report.get("checks", [])}
+    drawn: dict[str, Any] = {}
+    panels = []
+    if "label_shares" in report:
+        drawn["label_shares"] = {k: (v["reference"], v["current"]) for k, v in report["label_shares"].items()}
+        panels.append(("label_shares", "drift_label_psi", "Label shares"))
+    if "length_histogram" in report:
+        hist = report["length_histogram"]
+        edges = hist["edges"]
+        bins = [f"{edges[i]:.0f}-{edges[i + 1]:.0f}" + ("+" if i == len(edges) - 2 else "")
+                for i in range(len(edges) - 1)]
+        drawn["length"] = {"bins": bins, "reference": list(hist["reference"]), "current": list(hist["current"])}
+        panels.append(("length", "drift_length_ks", "Text length (characters)"))
+    height = max([2.8] + [0.28 * (len(drawn[key]) if key == "label_shares" else len(drawn[key]["bins"])) + 1.2
+                          for key, _, _ in panels])
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), height), squeeze=False)
+    for ax, (key, check, what) in zip(axes[0], panels):
+        if key == "label_shares":
+            names = list(drawn[key])
+            reference, current = [drawn[key][n][0] for n in names], [drawn[key][n][1] for n in names]
+        else:
+            names, reference, current = drawn[key]["bins"], drawn[key]["reference"], drawn[key]["current"]
+        rows = list(range(len(names)))
+        ax.barh([r - 0.2 for r in rows], reference, height=0.4, color="#9aa", label="reference")
+        ax.barh([r + 0.2 for r in rows], current, height=0.4, color="#36c", label="current")
+        ax.set_yticks(rows, [str(n)[:28] for n in names])
+        ax.invert_yaxis()  # first category on top, as in the HTML report
+        ax.set_xlabel("share of rows")
+        found = checks.get(check)
+        verdict = f"\n{check} = {found['value']:.3f} (max {found['max']})" if found else ""
+        ax.set_title(what + verdict, fontsize=10)
+        ax.legend(fontsize=8)
+    if not panels:
+        axes[0][0].axis("off")
+    oov = checks.get("drift_oov_rate")
+    fig.suptitle(title + (f"; new-word rate {oov['value']:.3f} (max {oov['max']})" if oov else ""), fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue(), drawn

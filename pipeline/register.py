@@ -1,6 +1,8 @@
 """register: log the trained model to MLflow with the transformers flavor, register a version
 with its lineage and model card, give it the ``challenger`` alias and, when the evaluate step's
-gate passed, move ``champion`` to it. The version that held ``champion`` keeps the
+gate passed, move ``champion`` to it. The model card links every picture of the run (evaluate's
+loss curves, confusion matrix, per-class F1 or perplexity, and ``register/drift.png``, drawn here
+from validate's drift report) and shows a causal LM's first sample answers. The version that held ``champion`` keeps the
 ``previous_champion`` alias, so a roll-back is promoting that alias back.
 
 Re-running register for the same pipeline run returns the version it already registered and
@@ -26,11 +28,13 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
-from pipeline import registry, storage, tracking
+from pipeline import drift, registry, storage, tracking
 from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
 
+DRIFT_PICTURE = "register/drift.png"  # drawn here from validate's drift.json, beside evaluate's pictures
+SAMPLE_ROWS, SAMPLE_CHARS = 5, 120  # a causal LM's sample answers in the model card: rows, characters a cell
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 16}
 
@@ -115,7 +119,63 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
     return {k: v for k, v in tags.items() if v != ""}
 
 
-def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
+def drift_picture(validated: dict[str, Any], run_id: str) -> dict[str, str]:
+    """Draw the validate step's drift report (``drift.json`` beside its ``drift.html``) as a PNG and
+    log it to ``run_id`` as ``DRIFT_PICTURE``; ``{path: caption}``, or ``{}`` when validate found no
+    earlier snapshot to compare with (the first run of a model) or was not run."""
+    page = validated.get("drift_report_uri") or ""
+    if not page:
+        return {}
+    report_uri = page.rsplit("/", 1)[0] + "/drift.json"
+    if not storage.exists(report_uri):
+        return {}
+    report = storage.read_json(report_uri)
+    sha256 = (report.get("reference") or {}).get("sha256") or ""  # the URI is too long for a title
+    png, _ = drift.plot_png(report, "Drift from the last accepted snapshot" + (f" {sha256[:12]}" if sha256 else ""))
+    with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
+        path = Path(tmp) / DRIFT_PICTURE.rsplit("/", 1)[-1]
+        path.write_bytes(png)
+        tracking.client().log_artifact(run_id, str(path), DRIFT_PICTURE.rsplit("/", 1)[0])
+    return {DRIFT_PICTURE: "Drift of the training snapshot from the last accepted one: label shares and text "
+                           f"lengths (the full report: {page})"}
+
+
+def _cell(text: Any, limit: int = SAMPLE_CHARS) -> str:
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+def samples_table(samples: list[dict[str, Any]], rows: int = SAMPLE_ROWS) -> str:
+    """The first generated answers of a causal LM beside their references, as a Markdown table."""
+    if not samples:
+        return ""
+    lines = [f"\n### Sample answers (the first {min(rows, len(samples))} of {len(samples)}; all in "
+             f"`evaluate/samples.json`)",
+             "| prompt | reference | fine-tuned answer | ROUGE-L |", "|---|---|---|---|"]
+    lines += [f"| {_cell(s.get('prompt', ''))} | {_cell(s.get('reference', ''))} | {_cell(s.get('output', ''))} | "
+              f"{float(s.get('rouge_l', 0.0)):.2f} |" for s in samples[:rows]]
+    return "\n".join(lines) + "\n"
+
+
+def pictures_section(pictures: dict[str, str], run_id: str) -> str:
+    """Each picture with what it shows, its artifact path linked to where the MLflow UI serves it,
+    and the picture itself."""
+    if not pictures:
+        return ""
+    parts = ["## Pictures",
+             f"Artifacts of MLflow run `{run_id}`: open one from the run's Artifacts tab, or download it with "
+             f"`mlflow.artifacts.download_artifacts(\"runs:/{run_id}/<path>\")`.", ""]
+    for path, caption in pictures.items():
+        url = tracking.artifact_url(run_id, path)
+        parts += [f"**{caption}** ([`{path}`]({url}))", "", f"![{path}]({url})", ""]
+    return "\n".join(parts)
+
+
+def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], pictures: dict[str, str] | None = None,
+               pictures_run_id: str = "", samples: list[dict[str, Any]] | None = None) -> str:
+    """The version's description: use, data, metrics beside the champion's, training, limitations;
+    ``pictures`` (MLflow artifact path on ``pictures_run_id`` -> caption) and a causal LM's first
+    sample answers when given."""
     trained, evaluated, collected = inputs["train"], inputs["evaluate"], inputs["collect"]
     champion = evaluated.get("champion_metrics") or {}
     rows = "\n".join(
@@ -158,7 +218,7 @@ pre-fill support tickets; keep a person in the loop for refunds and account acti
 | metric | this model | champion |
 |---|---|---|
 {rows}
-{base_line}{slice_table}
+{base_line}{slice_table}{samples_table(samples or [])}
 Gate: {evaluated["reason"]}
 
 ## Training
@@ -169,7 +229,7 @@ Gate: {evaluated["reason"]}
 ## Limitations
 {limits} Scores are measured on a held-out split of the same snapshot, not on live traffic;
 re-check after the data changes.
-"""
+""" + (f"\n{pictures_section(pictures, pictures_run_id)}" if pictures else "")
 
 
 def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> Any:
@@ -250,7 +310,11 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         print(f"register: pipeline run {cfg.run_id} is already version {version}; completing it", file=sys.stderr)
     else:
         mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
-        card = model_card(cfg, inputs)
+        pictures_run_id = evaluated.get("mlflow_run_id") or mlflow_run_id  # where evaluate logged its PNGs
+        pictures = {**(evaluated.get("pictures") or {}), **drift_picture(inputs["validate"], pictures_run_id)}
+        samples = storage.read_json(evaluated["report_uri"]) if cfg.task == "causal-lm" and evaluated.get(
+            "report_uri") else []
+        card = model_card(cfg, inputs, pictures, pictures_run_id, samples)
         info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
         version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
                                                    tags=lineage_tags(cfg, inputs), description=card,
