@@ -3,7 +3,7 @@
 #   make test   the whole test suite (what CI runs)
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
 #   make down   stop what `make up` started
-#   make bench  the benchmarks behind BENCHMARKS.md (minutes; writes bench/results/)
+#   make bench  the benchmarks behind BENCHMARKS.md (writes bench/results/*.json, then the tables)
 #   make lint   the import layers (pyproject.toml [tool.importlinter]; make test runs it too)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test test-fast up down bench lock lint clean
+.PHONY: install demo test test-fast up down bench bench-memory lock lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,15 @@ up: install
 down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m pipeline.services down; else echo "nothing to stop: no $(VENV)"; fi
 
+# Each script writes bench/results/<name>.json (figures, machine, commit, date, command); report.py
+# regenerates BENCHMARKS.md's tables from them. About 45 minutes on 2 cores; one at a time:
+#   make bench BENCH=training_tax
+BENCH ?= training_tax orchestration data_throughput
 bench: install
+	for name in $(BENCH); do $(BIN)/python bench/$$name.py || exit 1; done
+	$(BIN)/python bench/report.py
+
+bench-memory: install
 	$(BIN)/python bench/collect_memory.py --sizes-mb 50 500 --out bench/results/collect.md
 	$(BIN)/python bench/validate_1m.py --rows 1000000 --repeats 3  # prints the figures bench/results/validate.md records
 

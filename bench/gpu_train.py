@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, as bench/*.py do
 
+from bench.harness import commit, machine  # noqa: E402
 from pipeline import collect, steps, storage  # noqa: E402
 from pipeline.chat import CHATML  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -164,24 +163,12 @@ def main(argv: list[str] | None = None) -> int:
               "parameters": params, "precision": args.precision, "processes": world, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "datasheet_peak_tflops_per_gpu": args.peak_tflops,
               "measured_matmul_peak_tflops_per_gpu": round(peak, 1) if peak else None,
-              "machine": _machine(), "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "variants": figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _machine() -> dict:
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpus, "torch": torch.__version__}
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -438,7 +438,9 @@ def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | N
         print("launch:", " ".join(command), flush=True)
         tail: collections.deque[str] = collections.deque(maxlen=40)
         oom_before = oom_kills()
+        began = time.monotonic()
         returncode = run_step_process(command, local_env(env), timeout_s, grace_s, started, tail)
+        print(f"launch: step '{step}' ended ({returncode}) after {time.monotonic() - began:.2f} s", flush=True)
         oom_after = oom_kills()
         oom = None if oom_before is None or oom_after is None else oom_after > oom_before
         if returncode is None:

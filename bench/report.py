@@ -1,0 +1,132 @@
+"""Regenerate the tables of BENCHMARKS.md from bench/results/<name>.json: each result owns the text
+between ``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->`` (appended when missing), so the
+page and the figures cannot drift apart. `make bench` runs it last.
+
+    .venv/bin/python bench/report.py [--check]     # --check: exit 1 if BENCHMARKS.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "BENCHMARKS.md"
+
+
+def _m(figure: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    """'median (min-max)' of a spread."""
+    return (f"{figure['median'] * scale:,.{digits}f} ({figure['min'] * scale:,.{digits}f}-"
+            f"{figure['max'] * scale:,.{digits}f})")
+
+
+def _verdict(value: float, target: float, above: bool = True) -> str:
+    met = value >= target if above else value <= target
+    return "met" if met else "**missed**"
+
+
+def _provenance(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return (f"`{result['command']}` at {result['commit']}, {result['date']}; {m['cpus']} CPUs, "
+            f"{m['memory_gib']} GiB, {', '.join(m['gpus']) or 'no GPU'}, torch {m['torch']}.")
+
+
+def training_tax(r: dict[str, Any]) -> str:
+    s, v, ratios = r["setup"], r["variants"], r["ratios"]
+    names = {"a": "(a) the pipeline's `train` step (local launcher)", "b": "(b) HF `Trainer` + the same DeepSpeed JSON",
+             "c": "(c) raw `deepspeed.initialize` loop"}
+    rows = "\n".join(f"| {names[k]} | {_m(f['samples_per_s'])} | {_m(f['peak_rss_bytes'], 2**-20, 0)} | "
+                     f"{_m(f['wall_s'])} |" for k, f in v.items())
+    ab, ac = ratios["a/b"]["median"], ratios["a/c"]["median"]
+    return f"""{s['model']}, ZeRO-{s['zero_stage']}, {s['processes']} processes (gloo, CPU), micro-batch \
+{s['micro_batch']}, {s['seq_len']} tokens, {s['steps']} steps with the first {s['warmup_steps']} left out of \
+samples/s; median (min-max) of {s['repeats']} interleaved repetitions. {_provenance(r)}
+
+| variant | samples/s | peak RSS rank 0 (MiB) | process wall (s) |
+|---|---:|---:|---:|
+{rows}
+
+| ratio (paired per repetition) | median (min-max) | target | |
+|---|---:|---:|---|
+| a/b samples/s | {_m(ratios['a/b'], digits=3)} | >= 0.97 | {_verdict(ab, 0.97)} |
+| a/c samples/s | {_m(ratios['a/c'], digits=3)} | >= 0.90 | {_verdict(ac, 0.90)} |
+| (a) whole step minus its training loop | {_m(ratios['a_wall_minus_training_s'])} s | | |
+"""
+
+
+def orchestration(r: dict[str, Any]) -> str:
+    d = r["dag_run"]
+    rows = "\n".join(f"| `{name}` | {_m(t['task_s'])} | {_m(t['step_s'])} | {_m(t['overhead_s'], digits=2)} | "
+                     f"{_verdict(t['overhead_s']['median'], 2.0, above=False)} |" for name, t in d["tasks"].items())
+    parses = ", ".join(f"`{name}` {_m(p, 1000, 0)} ms" for name, p in r["dag_parse_s"].items())
+    worst_parse = max(p["median"] for p in r["dag_parse_s"].values())
+    return f"""The `finetune` DAG, {r['setup']['epochs']} epoch on the shipped data, through \
+{r['setup']['via']}, {r['setup']['repeats']} runs; median (min-max). {_provenance(r)}
+
+| task | in Airflow (s) | the step's own process (s) | overhead (s) | target <= 2 s |
+|---|---:|---:|---:|---|
+{rows}
+
+The whole run: {_m(d['wall_s'])} s, of which {_m(d['outside_tasks_s'])} s outside the tasks (`airflow dags \
+test` start-up, its DB, scheduling between tasks). `finetune --help`: {_m(r['finetune_help_s'], 1000, 0)} ms \
+(target < 1 s: {_verdict(r['finetune_help_s']['median'], 1.0, above=False)}). DAG parse, Airflow already \
+imported: {parses} (target < 500 ms: {_verdict(worst_parse, 0.5, above=False)}).
+"""
+
+
+def data_throughput(r: dict[str, Any]) -> str:
+    s, c, t = r["setup"], r["collect"], r["tokenize"]
+    return f"""{s['source_mib']} MiB of JSONL in {s['objects']} objects on {s['s3']}; {s['token_rows']:,} texts \
+tokenized; median (min-max) of {s['repeats']} interleaved repetitions. {_provenance(r)}
+
+| | pipeline | plain | ratio | target | |
+|---|---:|---:|---:|---:|---|
+| collect from S3 (MiB/s) vs boto3 download | {_m(c['pipeline_mib_per_s'])} | {_m(c['plain_boto3_mib_per_s'])} | \
+{_m(c['ratio'], digits=3)} | >= 0.8 | {_verdict(c['ratio']['median'], 0.8)} |
+| train's tokenization (rows/s) vs one batched call | {_m(t['pipeline_rows_per_s'], digits=0)} | \
+{_m(t['one_batched_call_rows_per_s'], digits=0)} | {_m(t['ratio'], digits=3)} | >= 0.9 | \
+{_verdict(t['ratio']['median'], 0.9)} |
+"""
+
+
+RENDERERS = {"training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
+             "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
+             "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput)}
+
+
+def render(page: str) -> str:
+    for name, (title, renderer) in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        body = renderer(json.loads(path.read_text()))
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        block = f"{start}\n{body}{end}"
+        if start in page and end in page:
+            page = page[:page.index(start)] + block + page[page.index(end) + len(end):]
+        else:
+            page = page.rstrip("\n") + f"\n\n## {title} (`bench/results/{name}.json`)\n\n{block}\n"
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if BENCHMARKS.md differs from the results")
+    args = parser.parse_args(argv)
+    page = PAGE.read_text()
+    new = render(page)
+    if args.check:
+        if new != page:
+            print("BENCHMARKS.md is stale: run .venv/bin/python bench/report.py", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
