@@ -62,8 +62,9 @@ class EvaluateResult:
     # Per language of the eval rows (text.language_of): {"zh": {"rows": 160, "accuracy": ...}, ...}
     slices: dict[str, dict[str, float]] = field(default_factory=dict)
     champion_slices: dict[str, dict[str, float]] = field(default_factory=dict)
-    # MLflow artifact path on mlflow_run_id -> what it shows, e.g. {"evaluate/loss_curves.png": "..."}
-    pictures: dict[str, str] = field(default_factory=dict)
+    # In the model card's order: [{"path": "evaluate/loss_curves.png", "caption": "..."}, ...], each
+    # an MLflow artifact of mlflow_run_id. A list: result JSON is written with sorted keys.
+    pictures: list[dict[str, str]] = field(default_factory=list)
     mlflow_run_id: str = ""
 
 
@@ -230,13 +231,14 @@ def _pictures(run_id: str, scored: Scored, champion_version: str,
     return pictures
 
 
-def picture_captions(names: list[str]) -> dict[str, str]:
-    """``evaluate/<name>`` (the MLflow artifact path) -> what the picture shows, for the model card:
-    the ``PICTURES`` in their order, then the per-language confusion matrices."""
-    captions = {f"evaluate/{name}": caption for name, caption in PICTURES.items() if name in names}
+def picture_captions(names: list[str]) -> list[dict[str, str]]:
+    """Each picture's MLflow artifact path (``evaluate/<name>``) and what it shows, for the model
+    card: the ``PICTURES`` in their order, then the per-language confusion matrices."""
+    captions = [{"path": f"evaluate/{name}", "caption": caption} for name, caption in PICTURES.items()
+                if name in names]
     for name in sorted(n for n in names if n.startswith("confusion_matrix_") and n.endswith(".png")):
         language = name.removeprefix("confusion_matrix_").removesuffix(".png")
-        captions[f"evaluate/{name}"] = f"Confusion matrix of the eval rows in {language}"
+        captions.append({"path": f"evaluate/{name}", "caption": f"Confusion matrix of the eval rows in {language}"})
     return captions
 
 

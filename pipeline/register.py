@@ -311,7 +311,8 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     else:
         mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
         pictures_run_id = evaluated.get("mlflow_run_id") or mlflow_run_id  # where evaluate logged its PNGs
-        pictures = {**(evaluated.get("pictures") or {}), **drift_picture(inputs["validate"], pictures_run_id)}
+        pictures = {p["path"]: p["caption"] for p in evaluated.get("pictures") or []}
+        pictures.update(drift_picture(inputs["validate"], pictures_run_id))
         samples = storage.read_json(evaluated["report_uri"]) if cfg.task == "causal-lm" and evaluated.get(
             "report_uri") else []
         card = model_card(cfg, inputs, pictures, pictures_run_id, samples)

@@ -130,9 +130,9 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
     run_id = _log_training_history(cfg)
     evaluated = evaluate.run(cfg)
     assert evaluated.mlflow_run_id == run_id
-    assert list(evaluated.pictures) == ["evaluate/loss_curves.png", "evaluate/confusion_matrix.png",
-                                        "evaluate/per_class_f1.png"]
-    for path in evaluated.pictures:
+    pictures = [p["path"] for p in evaluated.pictures]
+    assert pictures == ["evaluate/loss_curves.png", "evaluate/confusion_matrix.png", "evaluate/per_class_f1.png"]
+    for path in pictures:
         width, height = _png_size(_logged_png(run_id, path, tmp_path / path.replace("/", "_")))
         assert 400 <= width <= 2500 and 250 <= height <= 2500, (path, width, height)
         # and the same picture under the step's own prefix of the artifact store
@@ -156,8 +156,11 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
     _, version = _register(tmp_path, sets, evaluated, classifier_dir, _validate_result_with_drift(tmp_path))
     card = version.description
     assert "## Pictures" in card
-    for path in [*evaluated.pictures, register.DRIFT_PICTURE]:
+    for path in [*pictures, register.DRIFT_PICTURE]:
         assert f"([`{path}`]({artifact_url(run_id, path)}))" in card and f"![{path}]" in card
+    # In the order a person reads a run: how training went, then the eval split, then the data.
+    assert [card.index(f"![{path}]") for path in [*pictures, register.DRIFT_PICTURE]] == sorted(
+        card.index(f"![{path}]") for path in [*pictures, register.DRIFT_PICTURE])
     assert "get-artifact?path=evaluate%2Floss_curves.png&run_uuid=" + run_id in card
     width, height = _png_size(_logged_png(run_id, register.DRIFT_PICTURE, tmp_path / "drift"))
     assert width >= 1000 and height >= 300  # two panels side by side: label shares, lengths
@@ -189,7 +192,7 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
                              f"evaluate.model_uri={json.dumps(str(tiny_lm_dir))}", "evaluate.generate_rows=3"])
     run_id = _log_training_history(cfg, with_eval=False)
     evaluated = evaluate.run(cfg)
-    assert list(evaluated.pictures) == ["evaluate/loss_curves.png", "evaluate/perplexity.png"]
+    assert [p["path"] for p in evaluated.pictures] == ["evaluate/loss_curves.png", "evaluate/perplexity.png"]
     width, height = _png_size(_logged_png(run_id, "evaluate/perplexity.png", tmp_path / "ppl"))
     assert (width, height) == (715, 495)
     # The bars are the perplexities evaluate measured: base and fine-tuned, no champion yet.
@@ -204,8 +207,8 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
     assert "### Sample answers (the first 3 of 3; all in `evaluate/samples.json`)" in card
     samples = storage.read_json(evaluated.report_uri)
     assert f"| {register._cell(samples[0]['prompt'])} | {register._cell(samples[0]['reference'])} |" in card
-    for path in evaluated.pictures:
-        assert artifact_url(run_id, path) in card
+    for picture in evaluated.pictures:
+        assert artifact_url(run_id, picture["path"]) in card
     assert register.DRIFT_PICTURE not in card  # no validate result: nothing to draw
 
 
@@ -213,8 +216,9 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
 def test_the_loss_curve_of_a_real_training_run_has_one_point_per_logged_step(tmp_path, small_data, tiny_model_dir):
     snapshot = collect_snapshot([small_data])
     trained = steps.launch_local("train", [
-        "run_id=real-curve", f"base_model={json.dumps(str(tiny_model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-        "train.epochs=1", "train.batch_size=8", "train.num_processes=1", "train.logging_steps=2"])
+        "run_id=real-curve", f"base_model={json.dumps(str(tiny_model_dir))}",
+        f"train.snapshot_uri={snapshot.snapshot_uri}", "train.epochs=1", "train.batch_size=8", "train.num_processes=1",
+        "train.logging_steps=2"])
     cfg = load_config(None, ["run_id=real-curve", f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
                              f"evaluate.model_uri={trained['model_uri']}"])
     evaluated = evaluate.run(cfg)
@@ -226,4 +230,4 @@ def test_the_loss_curve_of_a_real_training_run_has_one_point_per_logged_step(tmp
     from pipeline.tracking import metric_history
 
     assert len(metric_history(run_id, "train_loss")) == len(steps_) + 1
-    assert "evaluate/loss_curves.png" in evaluated.pictures
+    assert {"path": "evaluate/loss_curves.png", "caption": evaluate.PICTURES["loss_curves.png"]} in evaluated.pictures
