@@ -11,6 +11,10 @@ sources are (bench/results/collect.md). The finished file is then published to
 - ``causal-lm``: ``messages`` (a JSON list of ``{"role", "content"}``, from a ``messages`` field
   or ``prompt`` + ``response`` + optional ``system``), ``split``.
 
+An entry of ``collect.sources`` may end in ``#rows=N`` (keep N of its rows) or ``#weight=W`` (its
+share of the rows of the weighted entries, as many as they can fill without repeating a row);
+the sample is seeded by ``seed`` and the manifest records each entry's rows read and kept.
+
 The split (``train`` or ``eval``) comes from a stable hash of the normalised text, so it never
 changes between runs and the same text can never land in both splits. A published snapshot is a
 valid source: collecting it again gives the same sha256 and URI. An http(s) source's redirects are
@@ -658,6 +662,139 @@ def _encodable(row: tuple[Any, ...]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Mixing: a source may be sampled, to a row count (``#rows=N``) or to a share of the sampled
+# sources together (``#weight=W``). Sampling is seeded (``seed``): a row's key is a hash of the
+# seed, its file and position and its content, and a source keeps its rows with the smallest keys.
+# Rows keep their split (a hash of their text), so sampling never moves a row across the boundary.
+
+MIX_KEYS = ("rows", "weight")
+
+
+@dataclass
+class MixEntry:
+    """One entry of collect.sources: its URI, its sampling and, once read, what it contributed."""
+
+    spec: str
+    uri: str
+    rows: int | None = None
+    weight: float | None = None
+    files: list[SourceFile] = field(default_factory=list)
+    keys: Any = None  # numpy uint64, one per staged row
+    keep: int = 0
+    staged: list[Path] = field(default_factory=list)
+    cut: int | None = None  # keep rows whose key is below this; None: every row
+
+    @property
+    def samples(self) -> bool:
+        return self.rows is not None or self.weight is not None
+
+    @classmethod
+    def parse(cls, spec: str, index: int) -> MixEntry:
+        uri, _, fragment = spec.partition("#")
+        entry = cls(spec, uri if fragment else spec)
+        if not fragment:
+            return entry
+        where = f"collect.sources[{index}] {spec!r}"
+        for part in fragment.split("&"):
+            key, _, value = part.partition("=")
+            if key not in MIX_KEYS:
+                raise ConfigError(f"{where}: unknown '#{key}'; a source may end in #rows=N (keep N rows) or "
+                                  "#weight=W (its share among the weighted sources)")
+            try:
+                number = int(value) if key == "rows" else float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: #{key}={value!r} is not a number") from None
+            if not number > 0 or number != number or number == float("inf"):
+                raise ConfigError(f"{where}: #{key} must be above 0, got {value}")
+            setattr(entry, key, number)
+        if entry.rows is not None and entry.weight is not None:
+            raise ConfigError(f"{where}: give #rows or #weight, not both")
+        return entry
+
+    def stage(self, cfg: PipelineConfig, tmp: Path) -> None:
+        """Read every file of the source into staging files, noting each row's sampling key."""
+        import numpy as np
+
+        keys: list[Any] = []
+        for number, source in enumerate(self.files):
+            staging = _Staging(tmp / f"mix-{id(self)}-{number}.parquet", snapshot_columns(cfg.task), cfg.seed,
+                               source.uri)
+            try:
+                read_source(cfg, source, staging, None, tmp)
+            finally:
+                staging.close()
+            keys.append(np.asarray(staging.keys, dtype=np.uint64))
+            self.staged.append(staging.path)
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+
+    def replay(self, writer: SnapshotWriter, tally: Tally) -> None:
+        """The staged rows whose keys fall below the cut, in their original order."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        offset = 0
+        for path in self.staged:
+            table = pq.read_table(path)
+            keys = self.keys[offset:offset + len(table)]
+            mask = [True] * len(table) if self.cut is None else (keys < np.uint64(self.cut)).tolist()
+            offset += len(table)
+            values = {c: [v for v, k in zip(table.column(c).to_pylist(), mask) if k] for c in writer.columns}
+            if values[writer.columns[0]]:
+                writer.add(values)
+                tally.add(values)
+            path.unlink()
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"source": self.spec, "rows_read": sum(f.rows for f in self.files),
+                "rows_kept": self.keep if self.samples else sum(f.rows for f in self.files),
+                "rows": self.rows, "weight": self.weight}
+
+
+class _Staging:
+    """A sampled source's rows, written as they are parsed, each with its sampling key."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], seed: int, uri: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.columns, self.prefix = path, columns, f"{seed}\0{uri}\0".encode()
+        self.schema = pa.schema([(c, pa.string()) for c in columns])
+        self._writer = pq.ParquetWriter(path, self.schema)
+        self.keys: list[int] = []
+
+    def add(self, values: dict[str, list[Any]]) -> None:
+        import pyarrow as pa
+
+        for row in zip(*(values[c] for c in self.columns)):
+            content = json.dumps([len(self.keys), *row], ensure_ascii=False).encode("utf-8", "surrogatepass")
+            self.keys.append(int.from_bytes(hashlib.blake2b(self.prefix + content, digest_size=8).digest(), "big"))
+        self._writer.write_table(pa.table({c: pa.array(values[c], pa.string()) for c in self.columns}, self.schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def plan_mix(entries: list[MixEntry]) -> None:
+    """How many rows each sampled source keeps, and the key below which they are. ``#rows=N``:
+    N, or all when the source has fewer. ``#weight``: shares of the largest mix the weighted
+    sources can fill without repeating a row (a source short of its share sets the total)."""
+    import numpy as np
+
+    weighted = [e for e in entries if e.weight is not None]
+    total_weight = sum(e.weight for e in weighted)
+    if weighted:
+        fill = min(len(e.keys) / (e.weight / total_weight) for e in weighted)
+        for entry in weighted:
+            entry.keep = min(len(entry.keys), int(round(fill * entry.weight / total_weight)))
+    for entry in entries:
+        if entry.rows is not None:
+            entry.keep = min(len(entry.keys), entry.rows)
+        if entry.keep < len(entry.keys):
+            entry.cut = int(np.partition(entry.keys, entry.keep)[entry.keep])
+        print(f"collect: {entry.spec}: keeps {entry.keep} of {len(entry.keys)} rows", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
 # The step: read every source into the writer, then publish the snapshot
 
 
@@ -675,28 +812,41 @@ class Tally:
 
 def run(cfg: PipelineConfig) -> CollectResult:
     own = cfg.collect
-    sources = [file for source in own.sources for file in _expand(source, own.allowed_hosts)]
-    for source in sources:
-        _format_of(source.uri)  # an unknown format fails now, not after reading the other sources
+    entries = [MixEntry.parse(source, i) for i, source in enumerate(own.sources)]
+    for entry in entries:
+        entry.files = _expand(entry.uri, own.allowed_hosts)
+        for source in entry.files:
+            _format_of(source.uri)  # an unknown format fails now, not after reading the other sources
+    sources = [file for entry in entries for file in entry.files]
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="finetune-collect-") as tmp_name:
         tmp = Path(tmp_name)
         writer = SnapshotWriter(tmp / "data.parquet", snapshot_columns(cfg.task), own.row_group_rows)
         try:
-            for source in sources:
-                read_source(cfg, source, writer, tally, tmp)
+            mixed = [entry for entry in entries if entry.samples]
+            for entry in mixed:  # first pass: every row of a sampled source, with its sampling key
+                entry.stage(cfg, tmp)
+            plan_mix(mixed)
+            for entry in entries:
+                if entry.samples:
+                    entry.replay(writer, tally)
+                else:
+                    for source in entry.files:
+                        read_source(cfg, source, writer, tally, tmp)
             sha = writer.finish()
         finally:
             writer.close()
-        snapshot_uri, manifest_uri = publish_snapshot(cfg, writer, sha, sources, tally)
+        snapshot_uri, manifest_uri = publish_snapshot(cfg, writer, sha, sources, tally,
+                                                      [e.manifest_entry() for e in entries] if mixed else None)
     return CollectResult(result_uri=storage.join(cfg.step_uri("collect"), "result.json"), snapshot_uri=snapshot_uri,
                          manifest_uri=manifest_uri, sha256=sha, rows=writer.rows,
                          rows_train=writer.rows - tally.rows_eval, rows_eval=tally.rows_eval,
                          labels=sorted(tally.labels))
 
 
-def read_source(cfg: PipelineConfig, source: SourceFile, writer: SnapshotWriter, tally: Tally, tmp: Path) -> None:
-    """Parse one source file chunk by chunk into snapshot rows and hand them to ``writer``."""
+def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tally | None, tmp: Path) -> None:
+    """Parse one source file chunk by chunk into snapshot rows and hand them to ``writer`` (the
+    snapshot's, or a sampled source's staging file)."""
     own = cfg.collect
     if cfg.task == "causal-lm":
         to_rows, fields = _chat_rows, CHAT_FIELDS
@@ -714,7 +864,8 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: SnapshotWriter,
                 raise DataError(f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
                                 "(an unpaired surrogate such as \\ud800)") from None
             source.rows += len(chunk)
-            tally.add(values)
+            if tally is not None:
+                tally.add(values)
         _check_columns(cfg.task, source.uri, parsed.columns, own)
         if not source.rows:
             raise DataError(f"{source.uri}: has a header but no rows")
@@ -722,7 +873,7 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: SnapshotWriter,
 
 
 def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sources: list[SourceFile],
-                     tally: Tally) -> tuple[str, str]:
+                     tally: Tally, mix: list[dict[str, Any]] | None = None) -> tuple[str, str]:
     """Publish the finished file at ``<artifact_root>/snapshots/<sha256>/``, the manifest last;
     content-addressed, so unchanged data is not rewritten. The snapshot's and manifest's URIs."""
     snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
@@ -735,5 +886,6 @@ def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sour
             "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
             "labels": sorted(tally.labels), "schema": {f.name: str(f.type) for f in writer.schema},
             "eval_fraction": cfg.collect.eval_fraction, "created_at": datetime.now(timezone.utc).isoformat(),
+            **({"mix": {"seed": cfg.seed, "sources": mix}} if mix else {}),
         })  # written last: a snapshot without its manifest is not published
     return snapshot_uri, manifest_uri

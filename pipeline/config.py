@@ -73,7 +73,9 @@ READ_ROWS = 10_000
 class CollectConfig:
     sources: list[str] = option(
         [DEFAULT_SOURCE],
-        "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok).",
+        "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok). "
+        "An entry ending in #rows=N keeps N of its rows, #weight=W its share among the weighted entries "
+        "(seeded by `seed`).",
         min_items=1,
     )
     text_column: str = option("text", "Column holding the input text in the sources (sequence-classification).")
