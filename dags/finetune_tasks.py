@@ -2,7 +2,8 @@
 finetune DAGs.
 
 ``step_task`` builds one Airflow task per row of ``pipeline.steps.STEPS``, run by the configured
-launcher (``local`` subprocess, ``kubernetes`` pod, ``pytorchjob``); ``announce_task`` turns a
+launcher (``local`` subprocess, ``kubernetes`` pod, ``pytorchjob`` or ``trainjob`` for training);
+``announce_task`` turns a
 new snapshot into an event on the model's snapshot Asset. Not a DAG file: ``.airflowignore``
 keeps the DAG processor from parsing it, and Airflow puts the DAG bundle's folder on ``sys.path``,
 so the DAG files import it as ``finetune_tasks``.
@@ -24,7 +25,7 @@ from finetune_alerts import ON_PROMOTION
 from pipeline import k8s, steps, storage
 from pipeline.config import PipelineConfig, load_config, param_schema, safe_run_id
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.steps import DAG_PARAMS, STEPS, uses_pytorchjob
+from pipeline.steps import DAG_PARAMS, STEPS, job_kind
 
 AWS_CONN_ID = "aws_default"
 # Every snapshot announcement goes through this alias, so the asset can follow the run's
@@ -65,7 +66,8 @@ TITLES = {
     "source": "Data sources", "model_name": "Registered model name", "task": "Task family",
     "base_model": "Base model", "epochs": "Epochs", "learning_rate": "Learning rate",
     "batch_size": "Batch size per process", "zero_stage": "DeepSpeed ZeRO stage",
-    "num_processes": "Training processes", "version": "Version or alias to promote",
+    "num_processes": "Training processes", "trainer_args": "More Trainer settings (TrainingArguments fields)",
+    "version": "Version or alias to promote",
     "target_alias": "Alias to move", "reason": "Reason (recorded; required with force)",
     "force": "Force (override the gate)", "overrides": "More settings (one key=value per line)",
 }
@@ -184,7 +186,7 @@ class LocalStepOperator(BaseOperator):
 
 def step_failed(step: str, launcher: str, cfg: PipelineConfig, exit_code: int | None, detail: str,
                 oom: bool | None = None) -> Exception:
-    """A failed pod's or PyTorchJob's step, as the retry table in ``pipeline.steps`` says: its own
+    """A failed pod's, PyTorchJob's or TrainJob's step, as the retry table in ``pipeline.steps`` says: its own
     error.json when it wrote one, else the exit code. An AirflowFailException when retrying cannot
     help (bad input 2, failed gate 3, out of memory 137), else a retryable ``StepFailed``."""
     from airflow.sdk.exceptions import AirflowFailException
@@ -227,8 +229,8 @@ def step_task(step: str, launcher: str):
     """One Airflow task per row of ``pipeline.steps.STEPS``, run by ``launcher``, with the step's
     ``execution_timeout``; register and promote announce a new champion (``finetune_alerts``)."""
     callbacks = {"on_success_callback": ON_PROMOTION} if step in PROMOTING_STEPS else {}
-    if uses_pytorchjob(step, launcher):
-        return pytorchjob_task(step, launcher, **callbacks)
+    if job_kind(step, launcher):
+        return job_task(step, launcher, **callbacks)
     if launcher != "local":
         return pod_task(step, launcher, **callbacks)
     return LocalStepOperator(task_id=step, step=step, execution_timeout=execution_timeout(step), **callbacks)
@@ -272,12 +274,16 @@ def pod_task(step: str, launcher: str, **callbacks):
                            on_finish_action="delete_pod", execution_timeout=execution_timeout(step), **callbacks)
 
 
-def pytorchjob_task(step: str, launcher: str, **callbacks):
-    """Training as a PyTorchJob: create it, watch it, delete it unless it succeeded (and on kill).
-    Its result comes back as every step's does, from ``<step_uri>/result.json``."""
+def job_task(step: str, launcher: str, **callbacks):
+    """Training as a PyTorchJob or a TrainJob (``steps.job_kind``): create it, watch it with its
+    rank-0 pod's log in the task log, delete it unless it succeeded (and on kill). Its result
+    comes back as every step's does, from ``<step_uri>/result.json``; a failed job is read by the
+    retry table from the step's error.json."""
     from airflow.sdk import BaseOperator
 
-    class PyTorchJobOperator(BaseOperator):
+    kind = job_kind(step, launcher)
+
+    class JobOperator(BaseOperator):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.manifest = None
@@ -286,6 +292,11 @@ def pytorchjob_task(step: str, launcher: str, **callbacks):
             from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
             return KubernetesHook().custom_object_client
+
+        def core_api(self):
+            from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+            return KubernetesHook().core_v1_client
 
         def execute(self, context):
             from airflow.sdk.exceptions import AirflowFailException
@@ -296,21 +307,30 @@ def pytorchjob_task(step: str, launcher: str, **callbacks):
                 cfg = load_config(None, overrides)
             except PipelineError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
-            phase = k8s.run_pytorchjob(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
-                                       self.manifest["spec"]["runPolicy"]["activeDeadlineSeconds"], log=self.log.info)
+            try:
+                core = self.core_api()
+            except Exception as exc:  # the job still runs and is judged; only its log is missing
+                self.log.warning("the rank-0 pod's log will not be streamed: %s", exc)
+                core = None
+            phase = k8s.run_job(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
+                                k8s.job_deadline_seconds(self.manifest), log=self.log.info, core=core)
             if phase != "Succeeded":
                 name = self.manifest["metadata"]["name"]
                 if phase == "Timeout":
                     raise step_failed(step, launcher, cfg, steps.TIMEOUT_EXIT_CODE,
-                                      f"PyTorchJob {name} ran past its deadline (timeouts.{step})")
-                raise step_failed(step, launcher, cfg, None, f"PyTorchJob {name} ended {phase}")
+                                      f"{kind} {name} ran past its deadline (timeouts.{step})")
+                raise step_failed(step, launcher, cfg, None, f"{kind} {name} ended {phase}")
             return storage.read_json(storage.join(cfg.step_uri(step), steps.RESULT_FILE))
 
         def on_kill(self):
             if self.manifest is not None:
-                k8s.delete_pytorchjob(self.api(), self.manifest)
+                k8s.delete_job(self.api(), self.manifest)
 
-    return PyTorchJobOperator(task_id=step, execution_timeout=execution_timeout(step), **callbacks)
+    JobOperator.__name__ = JobOperator.__qualname__ = f"{kind}Operator"  # what the graph and logs show
+    return JobOperator(task_id=step, execution_timeout=execution_timeout(step), **callbacks)
+
+
+pytorchjob_task = job_task  # its earlier name (tests/dags/test_retries_by_cause.py)
 
 
 def announce_task():

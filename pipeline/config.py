@@ -624,10 +624,14 @@ class K8sConfig:
     scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).",
                                pattern=QUANTITY)
     hf_cache_size: str = option("20Gi", "Size limit of the Hugging Face cache emptyDir.", pattern=QUANTITY)
-    job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's status.", minimum=1, maximum=600)
-    job_timeout_seconds: int = option(86400, "A PyTorchJob still running after this is deleted and failed.",
+    job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's or TrainJob's status and "
+                                       "passes on its rank-0 pod's new log lines.", minimum=1, maximum=600)
+    job_timeout_seconds: int = option(86400, "A PyTorchJob or TrainJob still running after this is deleted and "
+                                             "failed (a TrainJob's runtime stops its pods then too).",
                                       minimum=60, maximum=7 * 86400)
-    job_restarts: int = option(3, "Times the Training Operator restarts a PyTorchJob's pods that were killed "
+    trainjob_runtime: str = option("finetune-torch-distributed", "ClusterTrainingRuntime a TrainJob runs on "
+                                   "(k8s/trainingruntime.yaml; launcher trainjob).", pattern=DNS_SUBDOMAIN)
+    job_restarts: int = option(3, "Times a PyTorchJob's or TrainJob's pods that were killed are restarted "
                                   "(a preempted or evicted node: exit code 128 and up); a step's own verdict "
                                   "(exit 1-127) is never restarted there, Airflow's retries decide.",
                                minimum=0, maximum=100)

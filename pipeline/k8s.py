@@ -1,4 +1,5 @@
-"""Kubernetes manifests for the steps: one Pod per step, or a Kubeflow PyTorchJob for training.
+"""Kubernetes manifests for the steps: one Pod per step, or training as a Kubeflow PyTorchJob
+(Training Operator v1) or TrainJob (Kubeflow Trainer v2, on the ClusterTrainingRuntime in k8s/).
 
 Pure functions from a ``PipelineConfig`` (its ``k8s`` section) and a row of the step table
 (``steps.STEPS``: name, resources, whether it is distributed) to plain dicts, so that
@@ -6,20 +7,23 @@ Pure functions from a ``PipelineConfig`` (its ``k8s`` section) and a row of the 
 Kubernetes and Kubeflow schemas without a cluster. Secrets are only ever referenced by name
 (``envFrom``); no value is rendered.
 
-    finetune render --step train --launcher pytorchjob --set k8s.num_nodes=2
+    finetune render --step train --launcher trainjob --set k8s.num_nodes=2
 
 Launching layer, below ``steps``: never imports Airflow; the ``kubernetes`` client is only touched
-by ``run_pytorchjob``, which gets an API object from its caller (the DAG task, through the
-provider's hook).
+by ``run_job`` and ``MasterLog``, which get API objects from their caller (the DAG task, through
+the provider's hook).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import QUANTITY, PipelineConfig, node_selector, tolerations
@@ -155,6 +159,19 @@ def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadl
     }
 
 
+def torchrun_container(cfg: PipelineConfig, step: Any, name: str, step_args: Sequence[str]) -> dict[str, Any]:
+    """The step under torch.distributed.run, which reads PET_NNODES, PET_NODE_RANK,
+    PET_MASTER_ADDR/PORT and PET_NPROC_PER_NODE from the operator: a PyTorchJob replica's and a
+    TrainJob node's container."""
+    return container(cfg, step, name, ["python", "-m", "torch.distributed.run"], ["-m", "pipeline", *step_args])
+
+
+def job_deadline(cfg: PipelineConfig, step: Any, deadline_s: int | None = None) -> int:
+    """How long a PyTorchJob or TrainJob may run: the step's ``deadline_seconds`` and
+    ``k8s.job_timeout_seconds``, the smaller."""
+    return min(cfg.k8s.job_timeout_seconds, deadline_seconds(cfg, step, deadline_s))
+
+
 def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
                         ) -> dict[str, Any]:
     """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``gpus_per_node`` each.
@@ -165,8 +182,7 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
     writes the result to ``<artifact_root>/runs/<run_id>/train/result.json`` as it always does.
     """
     k = cfg.k8s
-    main = container(cfg, step, "pytorch", ["python", "-m", "torch.distributed.run"],
-                     ["-m", "pipeline", *step_args])  # the operator requires the name 'pytorch'
+    main = torchrun_container(cfg, step, "pytorch", step_args)  # the operator requires the name 'pytorch'
 
     def replica(count: int) -> dict[str, Any]:
         # ExitCode: the operator restarts a pod killed by a signal (exit 128+: preemption, eviction)
@@ -188,39 +204,160 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
             # Restarts of killed pods are the operator's (k8s.job_restarts); every other retry is
             # Airflow's, which tells bad input from a crash.
             "runPolicy": {"backoffLimit": k.job_restarts, "cleanPodPolicy": "Running",
-                          "activeDeadlineSeconds": min(k.job_timeout_seconds, deadline_seconds(cfg, step, deadline_s)),
+                          "activeDeadlineSeconds": job_deadline(cfg, step, deadline_s),
                           "ttlSecondsAfterFinished": 86400},
             "pytorchReplicaSpecs": replicas,
         },
     }
 
 
-# --- submitting a PyTorchJob: create, watch until it ends, delete it when it did not succeed ---
+# --- Kubeflow Trainer v2: a TrainJob on the ClusterTrainingRuntime in k8s/trainingruntime.yaml ---
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+TRAINER_GROUP, TRAINER_VERSION = "trainer.kubeflow.org", "v1alpha1"
+# The replicated job and container Trainer's torch plugin fills in (PET_* env, numNodes, the
+# TrainJob's image, command, args and resources), as named by the API of ../shared/schemas
+# (kubeflow/trainer a55f03a8cc); Trainer v2.0 renamed both 'node'.
+TRAINER_NODE, TRAINER_CONTAINER = "trainer-node", "trainer"
+# TrainJob v1alpha1 has no deadline field: the DAG task deletes the job past this (the runtime's
+# Jobs carry k8s.job_timeout_seconds as activeDeadlineSeconds, a cap even with Airflow gone).
+DEADLINE_ANNOTATION = "finetune-pipeline/active-deadline-seconds"
+
+
+def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
+    """The ClusterTrainingRuntime TrainJobs run on (k8s/trainingruntime.yaml is this with the
+    shipped defaults; a test keeps them equal): one Indexed Job of ``numNodes`` pods whose pod
+    template is a PyTorchJob replica's, restricted, with the deployment's Secrets by name.
+
+    Restarts mirror the PyTorchJob's ``restartPolicy: ExitCode``: a pod that exits 1-127 (the
+    step's own verdict) fails the Job at once and Airflow's retry table decides; a pod killed by a
+    signal (128 and up: preemption, eviction) is replaced, up to ``k8s.job_restarts`` times.
+    """
+    k = cfg.k8s
+    trainer = torchrun_container(cfg, step, TRAINER_CONTAINER, [step.name])  # each TrainJob sets its own argv
+    node_job = {
+        "completionMode": "Indexed",  # PET_NODE_RANK is the pod's completion index
+        "backoffLimit": k.job_restarts,
+        "activeDeadlineSeconds": k.job_timeout_seconds,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": list(range(1, 128))}},
+        ]},
+        "template": {"metadata": {"labels": labels(step.name)}, "spec": pod_spec(cfg, step, trainer)},
+    }
+    return {
+        "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": k.trainjob_runtime, "labels": labels(step.name)},
+        "spec": {
+            "mlPolicy": {"numNodes": k.num_nodes, "torch": {"numProcPerNode": k.gpus_per_node}},
+            "template": {"spec": {
+                "failurePolicy": {"maxRestarts": 0},  # restarts are the Job's (above), never the step's verdicts
+                "replicatedJobs": [{"name": TRAINER_NODE, "replicas": 1,
+                                    "template": {"metadata": {"labels": labels(step.name)}, "spec": node_job}}],
+            }},
+        },
+    }
+
+
+def trainjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+                      ) -> dict[str, Any]:
+    """A trainer.kubeflow.org/v1alpha1 TrainJob on ``k8s.trainjob_runtime``: ``num_nodes`` nodes of
+    ``gpus_per_node`` processes each, the step's image, argv, env and resources per node; the
+    deployment's Service account, GPU node labels, taints and Secrets as pod overrides. The DAG
+    task deletes it past ``job_deadline`` (``DEADLINE_ANNOTATION``)."""
+    k = cfg.k8s
+    main = torchrun_container(cfg, step, TRAINER_CONTAINER, step_args)
+    pod = pod_spec(cfg, step, main)
+    overrides: dict[str, Any] = {"targetJobs": [{"name": TRAINER_NODE}],
+                                 "serviceAccountName": pod["serviceAccountName"],
+                                 "containers": [{"name": TRAINER_CONTAINER, "envFrom": main["envFrom"]}]}
+    if step.gpus:
+        overrides.update(nodeSelector=pod["nodeSelector"], tolerations=pod["tolerations"])
+    return {
+        "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": object_name(f"finetune-{step.name}", cfg.run_id), "namespace": k.namespace,
+                     "labels": labels(step.name),
+                     "annotations": {DEADLINE_ANNOTATION: str(job_deadline(cfg, step, deadline_s))}},
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": k.trainjob_runtime},
+            "labels": labels(step.name),  # onto the JobSet and its Jobs
+            "trainer": {"image": main["image"], "command": main["command"], "args": main["args"], "env": main["env"],
+                        "numNodes": k.num_nodes, "numProcPerNode": k.gpus_per_node,
+                        "resourcesPerNode": main["resources"]},
+            "podSpecOverrides": [overrides],
+        },
+    }
+
+
+# --- submitting a PyTorchJob or TrainJob: create, watch until it ends, delete it when it did not succeed ---
+
+
+@dataclass(frozen=True)
+class JobApi:
+    """Where a kind of Kubeflow job lives in the API, how it says it ended, and which pod is rank 0."""
+
+    group: str
+    version: str
+    plural: str
+    ended: Mapping[str, str]  # terminal condition type -> 'Succeeded' or 'Failed'
+    master_container: str
+    master_labels: Callable[[str], dict[str, str]]  # job name -> labels of its rank-0 pod
+
+    def master_selector(self, name: str) -> str:
+        return ",".join(f"{key}={value}" for key, value in self.master_labels(name).items())
+
+
+JOB_APIS = {
+    "PyTorchJob": JobApi("kubeflow.org", "v1", "pytorchjobs", {"Succeeded": "Succeeded", "Failed": "Failed"}, "pytorch",
+                         lambda name: {"training.kubeflow.org/job-name": name,
+                                       "training.kubeflow.org/replica-type": "master",
+                                       "training.kubeflow.org/replica-index": "0"}),
+    # The JobSet the TrainJob owns has its name; its first Job's pod of completion index 0 is rank 0
+    # (Trainer points PET_MASTER_ADDR at it). Trainer replaces the pod template's own labels.
+    "TrainJob": JobApi(TRAINER_GROUP, TRAINER_VERSION, "trainjobs", {"Complete": "Succeeded", "Failed": "Failed"},
+                       TRAINER_CONTAINER,
+                       lambda name: {"jobset.sigs.k8s.io/jobset-name": name,
+                                     "jobset.sigs.k8s.io/replicatedjob-name": TRAINER_NODE,
+                                     "jobset.sigs.k8s.io/job-index": "0",
+                                     "batch.kubernetes.io/job-completion-index": "0"}),
+}
+
+
+def job_api(manifest: Mapping[str, Any]) -> JobApi:
+    return JOB_APIS[manifest["kind"]]
+
+
+def job_deadline_seconds(manifest: Mapping[str, Any]) -> int:
+    """The deadline a rendered PyTorchJob or TrainJob carries (``job_deadline``)."""
+    if manifest["kind"] == "PyTorchJob":
+        return int(manifest["spec"]["runPolicy"]["activeDeadlineSeconds"])
+    return int(manifest["metadata"]["annotations"][DEADLINE_ANNOTATION])
 
 
 def job_phase(job: Mapping[str, Any]) -> str | None:
     """'Succeeded' or 'Failed' once the job ended (its last true terminal condition), else None."""
+    ended = JOB_APIS[job.get("kind", "PyTorchJob")].ended
     for condition in reversed(job.get("status", {}).get("conditions") or []):
-        if condition.get("type") in ("Succeeded", "Failed") and condition.get("status") == "True":
-            return condition["type"]
+        if condition.get("type") in ended and condition.get("status") == "True":
+            return ended[condition["type"]]
     return None
 
 
-def delete_pytorchjob(api: Any, manifest: Mapping[str, Any]) -> None:
-    meta = manifest["metadata"]
+def delete_job(api: Any, manifest: Mapping[str, Any]) -> None:
+    meta, where = manifest["metadata"], job_api(manifest)
     try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+        api.delete_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, meta["name"],
                                             body={"propagationPolicy": "Foreground"})
     except Exception as exc:  # already gone: nothing to clean up
         if getattr(exc, "status", None) != 404:
             raise
 
 
-def _exists(api: Any, meta: Mapping[str, Any]) -> bool:
+def _exists(api: Any, manifest: Mapping[str, Any]) -> bool:
+    meta, where = manifest["metadata"], job_api(manifest)
     try:
-        api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
+        api.get_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, meta["name"])
         return True
     except Exception as exc:
         if getattr(exc, "status", None) == 404:
@@ -228,43 +365,141 @@ def _exists(api: Any, meta: Mapping[str, Any]) -> bool:
         raise
 
 
-def run_pytorchjob(api: Any, manifest: Mapping[str, Any], poll_seconds: float, timeout_seconds: float,
-                   sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print) -> str:
-    """Create the job with a ``CustomObjectsApi``, poll until it ends and return its final phase.
+LOG_OVERLAP_S = 30  # each read of the master's log reaches this far before the last; timestamps drop repeats
+
+
+class MasterLog:
+    """The rank-0 pod's log, read through a ``CoreV1Api`` at each poll of its job and passed to
+    ``log`` line by line, each line once: reads overlap, and the kubelet's timestamps tell which
+    lines were already passed on. A replaced pod (a restart) is followed from its first line.
+    Reading the log never fails the job's watch: a pod not started yet or an API error is said
+    once and tried again at the next poll."""
+
+    def __init__(self, core: Any, manifest: Mapping[str, Any], log: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        where = job_api(manifest)
+        self.core, self.log, self.clock = core, log, clock
+        self.namespace, self.container = manifest["metadata"]["namespace"], where.master_container
+        self.selector = where.master_selector(manifest["metadata"]["name"])
+        self.pod_uid: str | None = None
+        self.read_at: float | None = None
+        self.last: tuple[str, int] | None = None  # timestamp of the last line passed on
+        self.at_last: collections.Counter[str] = collections.Counter()  # the lines passed on at that time
+        self.said = ""
+
+    def poll(self) -> None:
+        try:
+            pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items
+            if not pods:
+                return
+            pod = max(pods, key=lambda p: p.metadata.creation_timestamp.timestamp())  # the newest: a replacement
+            if pod.metadata.uid != self.pod_uid:
+                self.pod_uid, self.read_at, self.last = pod.metadata.uid, None, None
+                self.at_last = collections.Counter()
+                self.log(f"following the log of pod {self.namespace}/{pod.metadata.name} (rank 0)")
+            since = {}
+            if self.read_at is not None:
+                since["since_seconds"] = int(self.clock() - self.read_at) + LOG_OVERLAP_S
+            started = self.clock()
+            text = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, container=self.container,
+                                                     timestamps=True, **since)
+            self.read_at = started
+        except Exception as exc:
+            message = f"the rank-0 pod's log cannot be read yet: {api_message(exc)}"
+            if message != self.said:
+                self.said = message
+                self.log(message)
+            return
+        repeats: collections.Counter[str] = collections.Counter()  # this read's lines at the last timestamp
+        for line in text.splitlines():
+            stamp, _, body = line.partition(" ")
+            key = log_time(stamp)
+            if key is None:  # not a kubelet timestamp: pass it on as it is
+                self.log(f"[rank 0] {line}")
+                continue
+            if self.last is not None and key < self.last:
+                continue  # passed on by an earlier read
+            if self.last is None or key > self.last:
+                self.last, self.at_last, repeats = key, collections.Counter(), collections.Counter()
+            repeats[body] += 1
+            if repeats[body] <= self.at_last[body]:
+                continue  # the same line at the same instant, passed on by an earlier read
+            self.at_last[body] += 1
+            self.log(f"[rank 0] {body}")
+
+
+def api_message(exc: Exception) -> str:
+    """What the API server said: the message in an ApiException's body, else its reason."""
+    try:
+        return str(json.loads(exc.body)["message"])  # type: ignore[attr-defined]
+    except Exception:
+        return str(getattr(exc, "reason", None) or exc)
+
+
+def log_time(stamp: str) -> tuple[str, int] | None:
+    """A kubelet log timestamp (RFC 3339, UTC, up to nanoseconds) as something that orders:
+    (seconds, nanoseconds); None when ``stamp`` is not one."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z", stamp)
+    if match is None:
+        return None
+    return match.group(1), int((match.group(2) or "").ljust(9, "0"))
+
+
+def run_job(api: Any, manifest: Mapping[str, Any], poll_seconds: float, timeout_seconds: float,
+            sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print,
+            core: Any = None) -> str:
+    """Create the PyTorchJob or TrainJob with a ``CustomObjectsApi``, poll until it ends and return
+    its final phase ('Succeeded', 'Failed', 'Timeout'). With a ``CoreV1Api`` as ``core``, the
+    rank-0 pod's log goes to ``log`` as the job runs (``MasterLog``).
 
     Anything but success (a Failed job, a timeout, an interruption) deletes the job, so no GPU
     stays reserved by a run Airflow has given up on.
     """
-    meta = manifest["metadata"]
+    meta, where, kind = manifest["metadata"], job_api(manifest), manifest["kind"]
     deadline = time.monotonic() + timeout_seconds
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, dict(manifest))
+        api.create_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, dict(manifest))
     except Exception as exc:
         if getattr(exc, "status", None) != 409:
             raise
-        # An earlier attempt of this task left its job (a succeeded job is kept a day; a cleared
-        # task runs again): replace it rather than fail on the name.
-        log(f"replacing PyTorchJob {meta['namespace']}/{meta['name']} left by an earlier attempt")
-        delete_pytorchjob(api, manifest)
-        while _exists(api, meta):
+        # An earlier attempt of this task left its job (a succeeded job is kept; a cleared task
+        # runs again): replace it rather than fail on the name.
+        log(f"replacing {kind} {meta['namespace']}/{meta['name']} left by an earlier attempt")
+        delete_job(api, manifest)
+        while _exists(api, manifest):
             if time.monotonic() > deadline:
                 return "Timeout"
             sleep(poll_seconds)
-        api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, dict(manifest))
-    log(f"created PyTorchJob {meta['namespace']}/{meta['name']}")
+        api.create_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, dict(manifest))
+    log(f"created {kind} {meta['namespace']}/{meta['name']}")
+    master = MasterLog(core, manifest, log) if core is not None else None
+    seen: set[tuple[str, str, str]] = set()
     phase = None
     try:
-        while phase is None:
-            job = api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
+        while True:
+            job = api.get_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural,
+                                                   meta["name"])
+            for condition in job.get("status", {}).get("conditions") or []:  # Created, Running, Restarting ...
+                said = (condition.get("type", ""), condition.get("status", ""), condition.get("reason", ""))
+                if said not in seen:
+                    seen.add(said)
+                    state, message = "=".join(said[:2]), condition.get("message", "")
+                    log(f"{kind} {meta['name']}: {state} {said[2]} {message}".rstrip())
             phase = job_phase(job)
-            if phase is None:
-                if time.monotonic() > deadline:
-                    phase = "Timeout"
-                    break
-                sleep(poll_seconds)
-        log(f"PyTorchJob {meta['name']}: {phase}")
+            if master is not None:
+                master.poll()  # after a terminal status too: the last lines, before a failed job is deleted
+            if phase is not None:
+                break
+            if time.monotonic() > deadline:
+                phase = "Timeout"
+                break
+            sleep(poll_seconds)
+        log(f"{kind} {meta['name']}: {phase}")
         return phase
     finally:
         if phase != "Succeeded":
-            delete_pytorchjob(api, manifest)
+            delete_job(api, manifest)
 
+
+# The v1 launcher's names, as its tests and the DAG's PyTorchJob task call them.
+run_pytorchjob, delete_pytorchjob = run_job, delete_job

@@ -5,8 +5,9 @@ A DAG task is built from a row of ``STEPS`` by the factory in ``dags/``; it turn
 Params and the upstream results into ``--set`` overrides (``step_overrides``) and hands the argv
 (``step_argv``) to a launcher. Every launcher runs exactly that argv: ``local`` as a subprocess
 (training under ``torch.distributed.run`` over ``train.num_processes`` processes), ``kubernetes``
-as one Pod per step and ``pytorchjob`` as a Pod per step but training as a multi-node Kubeflow
-PyTorchJob (``render`` builds those manifests with ``pipeline/k8s.py``; the DAG submits them).
+as one Pod per step, ``pytorchjob`` and ``trainjob`` as a Pod per step but training as a
+multi-node Kubeflow PyTorchJob (Training Operator v1) or TrainJob (Trainer v2) (``render`` builds
+those manifests with ``pipeline/k8s.py``; the DAG submits them).
 Adding a step is one row here plus its module.
 
     python -c "from pipeline import steps; print(steps.step_argv('train', ['train.epochs=1']))"
@@ -39,7 +40,10 @@ from pipeline import collect, evaluate, k8s, promote, register, storage, train, 
 from pipeline.config import PipelineConfig, check_trigger, file_overrides, load_config, value_of
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
-LAUNCHERS = ("local", "kubernetes", "pytorchjob")
+LAUNCHERS = ("local", "kubernetes", "pytorchjob", "trainjob")
+# The launchers that submit the distributed step (train) as a Kubeflow job, and the kind of job:
+# Training Operator v1's PyTorchJob, or Trainer v2's TrainJob. Every other step runs as a pod.
+JOB_LAUNCHERS = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
 # What a step leaves under <artifact_root>/runs/<run_id>/<step>/ for its launcher to read back.
 RESULT_FILE, ERROR_FILE = "result.json", "error.json"
 
@@ -98,6 +102,7 @@ DAG_PARAMS: dict[str, dict[str, str]] = {
         "batch_size": "train.batch_size",
         "zero_stage": "train.zero_stage",
         "num_processes": "train.num_processes",
+        "trainer_args": "train.trainer_args",
     },
     "promote": {
         "model_name": "model_name",
@@ -270,15 +275,16 @@ def launch(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = 
     return launch_local(step, overrides, env, **local)
 
 
-def uses_pytorchjob(step: str, launcher: str) -> bool:
-    """With the ``pytorchjob`` launcher the distributed step (train) runs as a PyTorchJob, the rest as pods."""
-    return launcher == "pytorchjob" and STEPS[step].distributed
+def job_kind(step: str, launcher: str) -> str | None:
+    """The kind of Kubeflow job ``launcher`` submits ``step`` as (``JOB_LAUNCHERS``): the distributed
+    step (train) under ``pytorchjob`` or ``trainjob``; None for a pod or a local subprocess."""
+    return JOB_LAUNCHERS.get(launcher) if STEPS[step].distributed else None
 
 
 def render(step: str, overrides: Sequence[str], launcher: str, deadline_s: int | None = None) -> dict[str, Any]:
-    """The manifest ``launcher`` submits for ``step``: a Pod, or a PyTorchJob for training, that
-    runs at most ``deadline_s`` seconds (default: ``timeouts.<step>`` of the overrides' config;
-    the DAG passes the deployment's, which no trigger can lift).
+    """The manifest ``launcher`` submits for ``step``: a Pod, or for training a PyTorchJob or a
+    TrainJob (``job_kind``), that runs at most ``deadline_s`` seconds (default: ``timeouts.<step>``
+    of the overrides' config; the DAG passes the deployment's, which no trigger can lift).
 
     The config is validated first, so a bad value fails here, naming its key, and nothing is submitted.
     """
@@ -288,8 +294,11 @@ def render(step: str, overrides: Sequence[str], launcher: str, deadline_s: int |
                           f"choose one of {[name for name in LAUNCHERS if name != 'local']}")
     step_args = step_argv(step, overrides)[1:]
     cfg = load_config(None, overrides)
-    if uses_pytorchjob(step, launcher):
+    kind = job_kind(step, launcher)
+    if kind == "PyTorchJob":
         return k8s.pytorchjob_manifest(cfg, STEPS[step], step_args, deadline_s)
+    if kind == "TrainJob":
+        return k8s.trainjob_manifest(cfg, STEPS[step], step_args, deadline_s)
     return k8s.pod_manifest(cfg, STEPS[step], step_args, deadline_s)
 
 
