@@ -313,13 +313,13 @@ JOB_APIS = {
                          lambda name: {"training.kubeflow.org/job-name": name,
                                        "training.kubeflow.org/replica-type": "master",
                                        "training.kubeflow.org/replica-index": "0"}),
-    # The JobSet the TrainJob owns has its name; its first Job's pod of completion index 0 is rank 0
-    # (Trainer points PET_MASTER_ADDR at it). Trainer replaces the pod template's own labels.
+    # The JobSet the TrainJob owns has its name; the pod of completion index 0 of its (one) node Job
+    # is rank 0 (Trainer points PET_MASTER_ADDR at it), found as Trainer's own SDK finds it: the
+    # pod template's labels are replaced with the JobSet's.
     "TrainJob": JobApi(TRAINER_GROUP, TRAINER_VERSION, "trainjobs", {"Complete": "Succeeded", "Failed": "Failed"},
                        TRAINER_CONTAINER,
                        lambda name: {"jobset.sigs.k8s.io/jobset-name": name,
                                      "jobset.sigs.k8s.io/replicatedjob-name": TRAINER_NODE,
-                                     "jobset.sigs.k8s.io/job-index": "0",
                                      "batch.kubernetes.io/job-completion-index": "0"}),
 }
 
