@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import dagrun, steps, storage, tracking
-from pipeline.config import SECTIONS, PipelineConfig, file_overrides, load_config
+from pipeline import chat, dagrun, models, steps, storage, tracking
+from pipeline.config import SECTIONS, PipelineConfig, file_overrides, finetune_home, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fields import describe
 
@@ -36,7 +36,9 @@ COMMANDS = {
     "run": "Run the whole finetune DAG through Airflow on this machine.",
     "render": "Print the Kubernetes manifest a step would be submitted as (Pod or PyTorchJob).",
     "config": "Print the effective configuration (defaults < --config < --set) as YAML.",
+    "demo-model": "Build the demo causal LM (no hub needed) that `make demo-llm` fine-tunes; print its directory.",
 }
+DEMO_TEXTS = ("pkg://pipeline/data/support_instructions.jsonl", "pkg://pipeline/data/support_intents.jsonl")
 
 
 def settings_help(section: str) -> str:
@@ -153,6 +155,22 @@ def config_main(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def demo_model_main(argv: Sequence[str]) -> int:
+    """``finetune demo-model``: a small Llama with a tokenizer trained on the shipped texts."""
+    parser = argparse.ArgumentParser(prog="finetune demo-model", description=COMMANDS["demo-model"])
+    parser.add_argument("--out", type=Path, default=None, help="where (default $FINETUNE_HOME/models/demo-llm)")
+    args = parser.parse_args(argv)
+    out = args.out or finetune_home() / "models" / "demo-llm"
+    if not (out / "config.json").is_file():
+        texts = [value for uri in DEMO_TEXTS for line in storage.read_bytes(uri).decode("utf-8").splitlines()
+                 for value in json.loads(line).values() if isinstance(value, str)]
+        models.build_demo_lm(out, texts, chat.CHATML)
+        print(f"demo-model: built a {models.DEMO_LM_SHAPE['num_hidden_layers']}-layer Llama with a tokenizer trained on "
+              f"{len(texts)} shipped texts", file=sys.stderr)
+    print(out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     summaries = {**{name: step.summary for name, step in steps.STEPS.items()}, **COMMANDS}
@@ -167,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return render_main(rest)
     if command == "config":
         return config_main(rest)
+    if command == "demo-model":
+        return demo_model_main(rest)
     return step_main(command, rest)
 
 

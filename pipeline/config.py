@@ -854,7 +854,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return build_config(tree)
 
 
+# Defaults that follow the task family: over the dataclass defaults (a classifier's), under the
+# YAML file and --set. A causal LM wants another model, data, sequence length and batch.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal-lm": {
+        "base_model": "Qwen/Qwen2.5-0.5B-Instruct",  # ships a chat template; offline: make demo-llm
+        "model_name": "support-chat",
+        "collect.sources": ["pkg://pipeline/data/support_instructions.jsonl"],
+        "train.max_seq_len": 512,
+        "train.batch_size": 8,
+    },
+}
+
+
 def build_config(tree: dict[str, Any]) -> PipelineConfig:
+    task = tree.get("task", PipelineConfig.task)
+    for key, value in TASK_DEFAULTS.get(task, {}).items():
+        section, _, name = key.rpartition(".")
+        (tree.setdefault(section, {}) if section else tree).setdefault(name, value)
     sections = {}
     for section, cls in SECTIONS.items():
         try:

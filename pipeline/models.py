@@ -37,6 +37,7 @@ def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bo
     path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
     looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
     if path is None or (looks_like_hub_name and not path.exists()):
+        _check_hub_reachable(uri, what)
         return uri  # a hub name; from_pretrained reports if it cannot be reached
     if not path.is_dir():
         raise ModelError(f"{what} '{uri}': no such directory ({path})")
@@ -46,6 +47,18 @@ def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bo
     if not os.access(config, os.R_OK):
         raise ModelError(f"{what} '{uri}': {config} is not readable")
     return str(path)
+
+
+def _check_hub_reachable(name: str, what: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub name loads only from the local cache: say so plainly."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelError(f"{what} '{name}' is a Hugging Face hub name, but HF_HUB_OFFLINE=1 and it is not in the "
+                         "local cache: set base_model to a local directory, file://, s3:// or pkg:// model, or run "
+                         "`make demo-llm`, which builds a small causal LM offline and fine-tunes it")
 
 
 def load_tokenizer(base_model: str, scratch: Path) -> Any:
@@ -98,3 +111,36 @@ def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any
 
     base, _ = load_causal_lm(resolve_model(base_model, scratch / "base"), f"base_model '{base_model}'")
     return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
+
+
+# A Llama-shaped causal LM small enough to fine-tune on a laptop CPU in minutes: `make demo-llm`.
+DEMO_LM_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "max_position_embeddings": 1024}
+DEMO_LM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+
+
+def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 4000, seed: int = 0) -> Path:
+    """A causal LM that needs no hub: a byte-level BPE tokenizer trained on ``texts`` (so every
+    character of them is covered) and a Llama of ``DEMO_LM_SHAPE`` with random weights, saved
+    like a pretrained checkpoint with ``chat_template``. Its answers start as noise: it shows the
+    pipeline, not a model worth serving."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(DEMO_LM_SPECIALS),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        pad_token="<|pad|>")
+    tokenizer.chat_template = chat_template
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, **DEMO_LM_SHAPE)
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

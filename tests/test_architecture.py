@@ -21,7 +21,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # modules that use them are imported when Airflow parses a DAG file or `finetune --help` runs.
 HEAVY = {"torch", "transformers", "deepspeed", "mlflow", "great_expectations", "pandas", "numpy", "pyarrow",
          "datasets", "peft", "sklearn", "scipy", "matplotlib", "safetensors", "tokenizers", "boto3", "botocore",
-         "urllib3"}
+         "urllib3", "huggingface_hub"}
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
