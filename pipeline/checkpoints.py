@@ -153,11 +153,12 @@ def newest_usable(root: str, meta: dict[str, Any], dest: Path) -> tuple[Checkpoi
     return None
 
 
-def prune(root: str, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` complete checkpoints, and the incomplete ones older than
-    the newest complete one (left by a kill during a write). The marker goes first, so a delete
-    cut short leaves a directory that is never used. Returns the deleted steps."""
-    kept = {c.step for c in complete(root)[:keep]}
+def prune(root: str, keep: int, also_keep: int | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints (and the one at step ``also_keep``,
+    early stopping's best), and the incomplete ones older than the newest complete one (left by a
+    kill during a write). The marker goes first, so a delete cut short leaves a directory that is
+    never used. Returns the deleted steps."""
+    kept = {c.step for c in complete(root)[:keep]} | ({also_keep} if also_keep is not None else set())
     newest = max(kept, default=None)
     doomed = {step: uris for step, uris in _by_step(root).items()
               if newest is not None and step < newest and step not in kept}

@@ -64,6 +64,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     zero = config.setdefault("zero_optimization", {})
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # DeepSpeed refuses ZeRO-Offload with the Trainer's own (client) optimizer: the optimizer
+        # must step where its states now live, which DeepSpeed's CPU Adam does. "auto" values are
+        # the Trainer's (train.learning_rate, train.weight_decay, adam_* in train.trainer_args);
+        # the learning-rate schedule stays the Trainer's.
+        config.setdefault("optimizer", {"type": "AdamW", "params": {
+            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}})
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return config
@@ -222,6 +228,22 @@ def _resume_point(cfg: PipelineConfig, meta: dict[str, Any], local: Path) -> tup
     return step, Path(path)
 
 
+def _best_checkpoint(cfg: PipelineConfig, step: int, resume: tuple[int, Path] | None, local: Path) -> Path:
+    """A local directory holding the best evaluation's checkpoint of a resumed run, on every rank."""
+    if resume is not None and resume[0] == step:
+        return resume[1]
+    root = checkpoint_root(cfg)
+    found = [c for c in checkpoints.complete(root) if c.step == step]
+    if not found:
+        raise DataError(f"{root}: the best evaluation's checkpoint (step {step}) is gone, so early stopping cannot "
+                        "publish its weights; set train.resume=false to train this run over")
+    dest = local / "best"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        checkpoints.fetch(found[0], dest)
+    _barrier()
+    return storage.local_path(found[0].uri) or dest
+
+
 def checkpoint_root(cfg: PipelineConfig) -> str:
     return storage.join(cfg.step_uri("train"), "checkpoints")
 
@@ -243,7 +265,8 @@ class _Termination:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, term: _Termination) -> Any:
+def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, term: _Termination,
+                   resume: tuple[int, Path] | None) -> Any:
     from transformers import TrainerCallback
 
     own = cfg.train
@@ -253,14 +276,26 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
     class Checkpointing(TrainerCallback):
         """Checkpoints at each epoch end and every ``train.checkpoint_steps`` (the Trainer's save
         strategy), copied to the artifact store with the marker last; on SIGTERM, one more
-        checkpoint and a stop, when it fits in ``train.term_grace_s``."""
+        checkpoint and a stop, when it fits in ``train.term_grace_s``.
+
+        With early stopping, also at each evaluation that is a new best. The best checkpoint stays
+        on the node (the Trainer loads it at the end) and in the artifact store (a resumed run
+        fetches it), whatever ``train.keep_checkpoints`` says."""
 
         stopped_at: int | None = None
         save_s = 0.0  # the last checkpoint's time, from the decision to save to its marker
         save_started = 0.0
+        on_cadence = False  # this step is one of train.checkpoint_steps
+        saved_step = -1
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed run's state names its best checkpoint by the old attempt's local path.
+            if args.load_best_model_at_end and state.best_global_step and state.best_model_checkpoint is None:
+                state.best_model_checkpoint = str(_best_checkpoint(cfg, state.best_global_step, resume,
+                                                                   Path(args.output_dir)))
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            control.should_save = True
+            control.should_save = state.global_step != self.saved_step  # not twice for one step
             self.save_started = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -271,16 +306,28 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
                                   time.monotonic() - term.at if term.at is not None else 0.0, self.save_s])
             if (dist := _collective()) is not None:
                 dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+            self.on_cadence = bool(own.checkpoint_steps) and state.global_step % own.checkpoint_steps == 0
+            if own.early_stopping_patience and self.on_cadence:
+                control.should_save = True  # the Trainer's save interval is train.eval_steps then
             if asked[0] > 0:
                 self.stopped_at = state.global_step
                 control.should_training_stop = True
+                control.should_evaluate = False
                 control.should_save = bool(asked[1] + asked[2] < own.term_grace_s)
             if control.should_save:
                 self.save_started = time.monotonic()
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not own.early_stopping_patience:
+                return
+            # The Trainer's own test for a new best (strictly lower), made before it records one.
+            loss = (metrics or {}).get("eval_loss")
+            best = loss is not None and (state.best_metric is None or loss < state.best_metric)
+            control.should_save = best or self.on_cadence
+
         def on_save(self, args, state, control, **kwargs):
             started = time.monotonic()
-            step = state.global_step
+            step = self.saved_step = state.global_step
             local = Path(args.output_dir) / f"checkpoint-{step}"
             (local / f"audit-rank{rank}.json").write_text(audit.state())
             (local / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody reads; settings are in the marker
@@ -290,16 +337,19 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
             if (dist := _collective()) is not None:
                 gathered = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, files)
+            best = state.best_global_step if args.load_best_model_at_end else None
             if rank == 0:
                 merged = {k: v for part in gathered for k, v in part.items()}
                 checkpoints.write_marker(root, step, merged, {**meta, "epoch": state.epoch})
-                pruned = checkpoints.prune(root, own.keep_checkpoints)
+                pruned = checkpoints.prune(root, own.keep_checkpoints, also_keep=best)
                 print(f"train: checkpoint at step {step} saved to {storage.join(root, checkpoints.name(step))} "
                       f"({sum(f['size'] for f in merged.values()) / 2**20:.1f} MiB"
                       + (f"; deleted steps {pruned}" if pruned else "") + ")", file=sys.stderr, flush=True)
             _barrier()
             if local_rank == 0:
-                shutil.rmtree(local, ignore_errors=True)
+                for folder in Path(args.output_dir).glob("checkpoint-*"):
+                    if best is None or folder.name != f"checkpoint-{best}":
+                        shutil.rmtree(folder, ignore_errors=True)
             self.save_s = time.monotonic() - (self.save_started or started)
 
     return Checkpointing()
@@ -351,7 +401,10 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
             raise DataError(f"{own.snapshot_uri}: the train split is empty")
         check_snapshot(cfg, frame)
         # Data and tokenizer first: bad input fails here, before any model is built or run tracked.
-        parts = TASK_PARTS[cfg.task](cfg, model_dir, frame)
+        parts = TASK_PARTS[cfg.task](cfg, model_dir, frame, model_kwargs(cfg, model_dir))
+        if own.eval_steps and parts.eval_dataset is None:
+            raise DataError(f"{own.snapshot_uri}: train.eval_steps={own.eval_steps} needs held-out examples, but "
+                            "the eval split has none (collect.eval_fraction)")
         mlflow_run_id = _start_tracking(cfg, ds_config, train_rows) if rank == 0 else None
         outcome = _fit(cfg, parts, model_dir, ds_config, scratch, mlflow_run_id)
         if rank != 0:
@@ -416,9 +469,10 @@ class Parts:
     collator: Any
     summary: dict[str, Any]
     after_training: Any = None  # (trainer) -> summary entries; runs on every rank
+    eval_dataset: Any = None  # the snapshot's eval split, for train.eval_steps
 
 
-def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
+def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -435,18 +489,23 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Par
     def load_model() -> Any:
         try:
             return AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id)
+                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, **model_kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
 
-    encoded = tokenizer(list(rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
-    dataset = Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in rows["label"]],
-                                 "example_id": list(range(len(rows)))})
+    def encode(split_rows: Any) -> Any:
+        encoded = tokenizer(list(split_rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
+        return Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in split_rows["label"]],
+                                  "example_id": list(range(len(split_rows)))})
+
+    dataset = encode(rows)
+    held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
     return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
-                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, encoded["input_ids"]))})
+                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, dataset["input_ids"]))},
+                 eval_dataset=encode(held_out) if cfg.train.eval_steps and len(held_out) else None)
 
 
-def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
+def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
@@ -462,7 +521,7 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
     def load_model() -> Any:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
         if not own.lora_r:
             return model
         from peft import LoraConfig, get_peft_model
@@ -484,16 +543,36 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any) -> Parts:
     return Parts(load_model, tokenizer, dataset, collator,
                  {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
                   "lora": bool(own.lora_r), "examples": counts["examples"],
-                  "train_tokens": sum(len(e["input_ids"]) for e in examples)}, after_training)
+                  "train_tokens": sum(len(e["input_ids"]) for e in examples)}, after_training,
+                 # Never packed: the held-out loss is per conversation, as evaluate scores it.
+                 eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None)
 
 
 TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
 
 
+def model_kwargs(cfg: PipelineConfig, model_dir: str) -> dict[str, Any]:
+    """``train.model_kwargs``, each checked against the base model's config before any model is
+    built: ``attn_implementation``, or an attribute of the config that from_pretrained overrides."""
+    if not cfg.train.model_kwargs:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base_model '{cfg.base_model}': cannot load its config: {exc}") from exc
+    for name in cfg.train.model_kwargs:
+        if name != "attn_implementation" and not hasattr(config, name):
+            raise ConfigError(f"train.model_kwargs.{name}: neither attn_implementation nor an attribute of "
+                              f"{type(config).__name__}, the config of base_model '{cfg.base_model}'")
+    return dict(cfg.train.model_kwargs)
+
+
 def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str, Any], scratch: Path,
          mlflow_run_id: str | None) -> dict[str, Any]:
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     own = cfg.train
     set_seed(cfg.seed)
@@ -515,20 +594,26 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     node_dir = _node_dir(scratch)
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
-    args = TrainingArguments(
-        output_dir=str(node_dir), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
-        per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
-        weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
-        # A classification loss is a per-example mean over equal batches on every rank: token
-        # averaging would multiply it by the world size. A causal LM's loss is per token, and
-        # batches hold different numbers of target tokens: there it is what makes the mean right.
-        average_tokens_across_devices=cfg.task == "causal-lm",
-        # Checkpoints: the Trainer's own (DeepSpeed state of every rank, RNG, data position) in a
-        # node-local folder, copied to the artifact store by the Checkpointing callback.
-        save_strategy="steps" if own.checkpoint_steps else "epoch", save_steps=own.checkpoint_steps or None,
-        save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=use_cpu,
-        ddp_timeout=own.collective_timeout_s, deepspeed=ds_config, disable_tqdm=True, remove_unused_columns=False,
-        **mixed_precision(own), dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
+    # Every field set here is refused in train.trainer_args (config.PIPELINE_TRAINER_ARGS says why).
+    try:
+        args = TrainingArguments(
+            **own.trainer_args,
+            output_dir=str(node_dir), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
+            per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
+            weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
+            # A classification loss is a per-example mean over equal batches on every rank: token
+            # averaging would multiply it by the world size. A causal LM's loss is per token, and
+            # batches hold different numbers of target tokens: there it is what makes the mean right.
+            average_tokens_across_devices=cfg.task == "causal-lm",
+            # Checkpoints: the Trainer's own (DeepSpeed state of every rank, RNG, data position) in a
+            # node-local folder, copied to the artifact store by the Checkpointing callback.
+            **_schedule(own), save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+            use_cpu=use_cpu, ddp_timeout=own.collective_timeout_s, deepspeed=ds_config, disable_tqdm=True,
+            remove_unused_columns=False, label_names=["labels"], per_device_eval_batch_size=own.batch_size,
+            **mixed_precision(own), dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
+    except (TypeError, ValueError) as exc:  # what the config-time check cannot know, e.g. an optimizer's package
+        raise ConfigError(f"train.trainer_args {json.dumps(own.trainer_args)}: TrainingArguments refused them: "
+                          f"{exc}") from exc
     meta = checkpoint_meta(cfg, ds_config, world)
     resume = _resume_point(cfg, meta, node_dir)
     audit = _Audit(parts.collator)
@@ -540,9 +625,11 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
             print(f"train: resuming from step {step} ({storage.join(checkpoint_root(cfg), checkpoints.name(step))})",
                   file=sys.stderr, flush=True)
     term = _Termination()
-    saver = _checkpointing(cfg, meta, audit, term)
+    saver = _checkpointing(cfg, meta, audit, term, resume)
+    stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
     trainer = _audited_trainer(Trainer)(audit, model=parts.load_model(), args=args, train_dataset=parts.dataset,
-                                        data_collator=audit, callbacks=[*_callbacks(audit, mlflow_run_id), saver])
+                                        eval_dataset=parts.eval_dataset, data_collator=audit,
+                                        callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping])
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != world:
         raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
@@ -556,7 +643,7 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
                              "notice); " + ("a checkpoint was saved there" if saver.stopped_at == _newest_step(cfg)
                                             else f"no time to save within train.term_grace_s={own.term_grace_s}")
                              + "; the next attempt resumes from the newest checkpoint")
-    extra = parts.after_training(trainer) if parts.after_training else {}
+    extra = {**_evaluation_summary(trainer, own), **(parts.after_training(trainer) if parts.after_training else {})}
     target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
     (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
@@ -572,8 +659,43 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
         shutil.rmtree(node_dir, ignore_errors=True)
     return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
-            "sharding": report, "deepspeed": {"zero_stage": ds_config.get("zero_optimization", {}).get("stage")},
+            "sharding": report, "deepspeed": _deepspeed_summary(trainer, ds_config),
             "trainer_world_size": args.world_size, "peak_memory_bytes": _peak_memory(torch)}
+
+
+def _deepspeed_summary(trainer: Any, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO stage, what is offloaded, and the optimizer DeepSpeed actually steps with."""
+    zero = ds_config.get("zero_optimization", {})
+    optimizer = getattr(trainer.model_wrapped, "basic_optimizer", None) or trainer.optimizer
+    return {"zero_stage": zero.get("stage"), "offload_optimizer": "offload_optimizer" in zero,
+            "offload_params": "offload_param" in zero, "optimizer": type(optimizer).__name__}
+
+
+def _schedule(own: TrainConfig) -> dict[str, Any]:
+    """Evaluation and checkpoint arguments. With early stopping the Trainer keeps the best
+    evaluation's checkpoint and loads it at the end (load_best_model_at_end), which it allows only
+    when saves can fall on evaluations: its save interval is then train.eval_steps, and the
+    Checkpointing callback keeps, of those, only a new best, train.checkpoint_steps' and the epoch ends."""
+    evaluation = {"eval_strategy": "steps", "eval_steps": own.eval_steps} if own.eval_steps else {"eval_strategy": "no"}
+    if own.early_stopping_patience:
+        return {**evaluation, "save_strategy": "steps", "save_steps": own.eval_steps, "load_best_model_at_end": True,
+                "metric_for_best_model": "eval_loss", "greater_is_better": False,
+                "restore_callback_states_from_checkpoint": True}  # a resumed run keeps its patience count
+    return {**evaluation, "save_strategy": "steps" if own.checkpoint_steps else "epoch",
+            "save_steps": own.checkpoint_steps or None}
+
+
+def _evaluation_summary(trainer: Any, own: TrainConfig) -> dict[str, Any]:
+    """The held-out loss curve of train.eval_steps and, with early stopping, which step won."""
+    if not own.eval_steps:
+        return {}
+    state = trainer.state
+    curve = [[entry["step"], entry["eval_loss"]] for entry in state.log_history if "eval_loss" in entry]
+    summary: dict[str, Any] = {"eval_loss_curve": curve}
+    if own.early_stopping_patience:
+        summary.update(best_step=state.best_global_step, best_eval_loss=state.best_metric,
+                       stopped_early=state.global_step < state.max_steps)
+    return summary
 
 
 def weights_only_deepspeed_loads() -> None:
@@ -616,6 +738,20 @@ def _audited_trainer(trainer_class: Any) -> Any:
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.audit.record(inputs.pop("example_id"))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs.pop("example_id", None)  # held-out examples are not audited
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            # dataloader_drop_last is for the training shards (the audit); the held-out loss is
+            # over every eval example, however few (the Trainer drops the repeats that even out
+            # the last batch across ranks when it gathers the losses).
+            self.args.dataloader_drop_last = False
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.args.dataloader_drop_last = True
 
     return AuditedTrainer
 

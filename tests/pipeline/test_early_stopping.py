@@ -1,0 +1,107 @@
+"""Eval during training and early stopping, run for real: the tiny Llama with LoRA under ZeRO-3
+over 2 CPU processes, a learning rate high enough to overfit a small chat snapshot, so that the
+held-out loss turns up and early stopping fires. The published weights must be the best
+evaluation's: equal to those of a run stopped at that step by max_steps."""
+
+import json
+
+import pytest
+
+from pipeline import steps, storage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from tests.helpers import collect_snapshot, write_jsonl
+
+INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
+# A constant learning rate: the run cut by max_steps then follows the same schedule.
+LM = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.learning_rate=0.1",
+      "train.zero_stage=3", "train.lora_r=8", 'train.lora_target_modules=["q_proj", "v_proj", "lm_head"]',
+      "train.lora_merge=false", "train.lora_dropout=0.0", "train.warmup_ratio=0.0", "train.epochs=3",
+      "train.logging_steps=1", "train.checkpoint_steps=0"]
+
+
+@pytest.fixture
+def small_chat(tmp_path):
+    """120 conversations of the shipped chat data: about 96 to train on (6 steps an epoch)."""
+    rows = [json.loads(line) for line in (storage.local_path(INSTRUCTIONS)).read_text().splitlines()[:120]]
+    return collect_snapshot([write_jsonl(tmp_path / "chat.jsonl", rows)], "task=causal-lm")
+
+
+def _train(snapshot, model_dir, run_id, *extra):
+    return steps.launch_local("train", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
+                                        f"train.snapshot_uri={snapshot.snapshot_uri}", *extra])
+
+
+def _weights(model_uri):
+    from safetensors.torch import load_file
+
+    return load_file(str(storage.local_path(model_uri) / "adapter_model.safetensors"))
+
+
+def test_early_stopping_needs_evaluation():
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["train.early_stopping_patience=2"])
+    assert "train.early_stopping_patience needs train.eval_steps" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_early_stopping_publishes_the_best_evaluations_weights(small_chat, tiny_lm_dir):
+    from pipeline.tracking import client
+
+    stopped = _train(small_chat, tiny_lm_dir, "early", "train.eval_steps=1", "train.early_stopping_patience=2",
+                     'train.trainer_args={"lr_scheduler_type": "constant"}')
+    summary = storage.read_json(stopped["summary_uri"])
+    curve, best = summary["eval_loss_curve"], summary["best_step"]
+    print(f"early-stopping figures: eval loss by step {curve}; best step {best}, stopped at {stopped['global_step']}")
+    assert summary["stopped_early"] and stopped["global_step"] == best + 2  # patience: 2 evaluations, one a step
+    assert summary["best_eval_loss"] == min(loss for _, loss in curve) == dict(curve)[best]
+    # The curve is in MLflow, one point per evaluation.
+    history = client().get_metric_history(stopped["mlflow_run_id"], "train_eval_loss")
+    assert [(m.step, m.value) for m in history] == [tuple(point) for point in curve]
+    # In memory, after the Trainer loaded the best checkpoint: its eval loss, not the last step's.
+    assert summary["eval_loss_in_memory"] is not None
+
+    cut = _train(small_chat, tiny_lm_dir, "cut", f'train.trainer_args={{"lr_scheduler_type": "constant", "max_steps": {best}}}')
+    assert cut["global_step"] == best
+    published, reference = _weights(stopped["model_uri"]), _weights(cut["model_uri"])
+    diff = max(float((published[k] - reference[k]).abs().max()) for k in reference)
+    print(f"early-stopping figures: max abs weight diff to the run cut at step {best}: {diff:g}")
+    assert diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_best(small_chat, tiny_lm_dir,
+                                                                                     tmp_path, capfd):
+    """SIGKILL once the checkpoint of step 3 (train.checkpoint_steps) is in the store, past the best
+    at step 2: the next attempt resumes from step 3 with the patience count it had, fetches the best
+    checkpoint from the store, stops at step 4 and publishes step 2's adapter."""
+    import signal
+    import threading
+    import time
+
+    from pipeline import checkpoints
+
+    early = [*LM, "train.eval_steps=1", "train.early_stopping_patience=2", "train.checkpoint_steps=3",
+             'train.trainer_args={"lr_scheduler_type": "constant"}', "run_id=killed",
+             f"base_model={json.dumps(str(tiny_lm_dir))}", f"train.snapshot_uri={small_chat.snapshot_uri}"]
+    root = storage.join(load_config(None, early).step_uri("train"), "checkpoints")
+    process = steps.StepProcess(steps.local_command("train", early, str(tmp_path / "result.json")), steps.local_env())
+    threading.Thread(target=lambda: process.popen.stdout.read(), daemon=True).start()  # a full pipe would block it
+    deadline = time.monotonic() + 240
+    while not any(c.step == 3 for c in checkpoints.complete(root)):
+        assert process.popen.poll() is None and time.monotonic() < deadline, "no checkpoint at step 3"
+        time.sleep(0.01)
+    for proc in process.members():
+        proc.send_signal(signal.SIGKILL)
+    process.wait(30)
+    kept = {c.step for c in checkpoints.complete(root)}
+    assert {2, 3} <= kept and 4 not in kept, kept  # the best (2) outlives keep_checkpoints' pruning
+    capfd.readouterr()
+
+    resumed = steps.launch_local("train", early)
+    assert "resuming from step 3 " in capfd.readouterr().out
+    summary = storage.read_json(resumed["summary_uri"])
+    assert summary["best_step"] == 2 and resumed["global_step"] == 4 and summary["stopped_early"]
+    cut = _train(small_chat, tiny_lm_dir, "cut2", 'train.trainer_args={"lr_scheduler_type": "constant", "max_steps": 2}')
+    published, reference = _weights(resumed["model_uri"]), _weights(cut["model_uri"])
+    assert max(float((published[k] - reference[k]).abs().max()) for k in reference) <= 1e-6
