@@ -60,7 +60,7 @@ def test_asset_schedule_can_be_switched_off_and_a_bad_switch_fails_the_import(mo
 
 def test_params_have_type_bounds_default_and_description(dag):
     expected = {"source", "model_name", "task", "base_model", "epochs", "learning_rate", "batch_size", "zero_stage",
-                "num_processes", "overrides"}
+                "num_processes", "trainer_args", "overrides"}
     assert set(dag.params) == expected
     for name in expected:
         param = dag.params.get_param(name)
