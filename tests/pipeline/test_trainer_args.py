@@ -144,3 +144,20 @@ def test_trainer_args_reach_the_trainer_with_zero3_lora_and_gradient_checkpointi
     rates = [m.value for m in client().get_metric_history(result["mlflow_run_id"], "train_learning_rate")]
     assert rates == [1e-3] * 4
     assert storage.read_json(result["summary_uri"])["lora"] is True
+
+
+def test_the_trigger_forms_trainer_args_param_travels_to_the_step_and_is_checked():
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    param = Param(**param_schema("train.trainer_args"))
+    assert param.resolve({"max_grad_norm": 0.5}) == {"max_grad_norm": 0.5}
+    with pytest.raises(ParamValidationError):
+        param.resolve("max_grad_norm=0.5")  # the form's JSON editor sends an object
+
+    sent = steps.step_overrides("collect", {"trainer_args": {"max_grad_norm": 0.5}}, {}, "r1")
+    assert 'train.trainer_args={"max_grad_norm": 0.5}' in sent
+    assert not any("trainer_args" in item for item in steps.step_overrides("collect", {"trainer_args": {}}, {}, "r2"))
+    with pytest.raises(ConfigError) as refused:
+        steps.step_overrides("collect", {"trainer_args": {"output_dir": "/tmp/elsewhere"}}, {}, "r3")
+    assert "train.trainer_args.output_dir: set by the pipeline" in str(refused.value)
