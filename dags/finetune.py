@@ -15,7 +15,8 @@ case: loss on assistant tokens, optional LoRA, perplexity gate).
 
 Each task runs `finetune <step> --set ...` — the same argv a container would run — through the
 launcher chosen by `FINETUNE_LAUNCHER` (default `local`; `kubernetes`: a pod per step;
-`pytorchjob`: pods, and training as a multi-node Kubeflow PyTorchJob). Data moves as URIs; XCom carries only
+`pytorchjob` / `trainjob`: pods, and training as a multi-node Kubeflow PyTorchJob or Trainer v2 TrainJob).
+Data moves as URIs; XCom carries only
 each step's small result JSON. Bad input (exit 2), a failed gate (3) and out of memory (137) fail the
 task without retries; transient faults (75: S3/HTTP 5xx, throttling, timeouts, MLflow unreachable),
 crashes and a step past its `timeouts.<step>` are retried with exponential back-off.

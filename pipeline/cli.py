@@ -1,10 +1,11 @@
-"""``finetune``: the one entrypoint every container, subprocess and PyTorchJob worker runs.
+"""``finetune``: the one entrypoint every container, subprocess and PyTorchJob or TrainJob worker runs.
 
     finetune collect  [--config FILE] [--set key=value ...] [--result-file PATH]
     finetune validate | train | evaluate | register | promote   (same options)
     finetune run --source URI [--source URI ...] [--set key=value ...]   # the whole DAG via Airflow
-    finetune render --step STEP --launcher kubernetes|pytorchjob [--set key=value ...]
+    finetune render --step STEP --launcher kubernetes|pytorchjob|trainjob [--set key=value ...]
     finetune config [--config FILE] [--set key=value ...]   # the effective configuration, as YAML
+    finetune demo-model [--out DIR]                          # the small causal LM make demo-llm trains
     finetune <step> --help                                  # the step's settings: type, default, bounds
 
 A step writes its result JSON to ``<artifact_root>/runs/<run_id>/<step>/result.json`` (and to
@@ -34,7 +35,7 @@ from pipeline.fields import describe
 # The commands that are no step, beside one per row of the step table.
 COMMANDS = {
     "run": "Run the whole finetune DAG through Airflow on this machine.",
-    "render": "Print the Kubernetes manifest a step would be submitted as (Pod or PyTorchJob).",
+    "render": "Print the Kubernetes manifest a step would be submitted as (Pod, PyTorchJob or TrainJob).",
     "config": "Print the effective configuration (defaults < --config < --set) as YAML.",
     "demo-model": "Build the demo causal LM (no hub needed) that `make demo-llm` fine-tunes; print its directory.",
 }
