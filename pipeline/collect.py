@@ -555,6 +555,12 @@ def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any
     return {"messages": conversations, "split": splits}
 
 
+def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, list[Any]]:
+    """The columns collect.extra_columns carries (e.g. channel, product), as text; nulls stay null."""
+    return {column: [None if _is_null(v) else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                     for v in chunk.values[column]] for column in own.extra_columns}
+
+
 def _split(text: str, own: CollectConfig, where: Any) -> str:
     try:
         return split_of(text, own.eval_fraction)
@@ -568,6 +574,10 @@ def _short(value: Any) -> str:
 
 
 def _check_columns(task: str, uri: str, found: set[str], own: CollectConfig) -> None:
+    extra = [c for c in own.extra_columns if c not in found]
+    if extra:
+        raise DataError(f"{uri}: missing column(s) {extra} that collect.extra_columns carries into the snapshot; "
+                        f"found {sorted(found)}")
     if task == "causal-lm":
         if "messages" not in found and not {"prompt", "response"} <= found:
             raise DataError(f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response'; "
@@ -717,8 +727,8 @@ class MixEntry:
 
         keys: list[Any] = []
         for number, source in enumerate(self.files):
-            staging = _Staging(tmp / f"mix-{id(self)}-{number}.parquet", snapshot_columns(cfg.task), cfg.seed,
-                               source.uri)
+            columns = snapshot_columns(cfg.task, cfg.collect.extra_columns)
+            staging = _Staging(tmp / f"mix-{id(self)}-{number}.parquet", columns, cfg.seed, source.uri)
             try:
                 read_source(cfg, source, staging, None, tmp)
             finally:
@@ -821,7 +831,7 @@ def run(cfg: PipelineConfig) -> CollectResult:
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="finetune-collect-") as tmp_name:
         tmp = Path(tmp_name)
-        writer = SnapshotWriter(tmp / "data.parquet", snapshot_columns(cfg.task), own.row_group_rows)
+        writer = SnapshotWriter(tmp / "data.parquet", snapshot_columns(cfg.task, own.extra_columns), own.row_group_rows)
         try:
             mixed = [entry for entry in entries if entry.samples]
             for entry in mixed:  # first pass: every row of a sampled source, with its sampling key
@@ -851,13 +861,14 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     if cfg.task == "causal-lm":
         to_rows, fields = _chat_rows, CHAT_FIELDS
     else:
-        to_rows, fields = _classification_rows, tuple(dict.fromkeys((own.text_column, own.label_column)))
+        to_rows, fields = _classification_rows, (own.text_column, own.label_column)
+    fields = tuple(dict.fromkeys((*fields, *own.extra_columns)))
     with _local_copy(source, tmp, own.allowed_hosts) as path, \
             open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
         if parsed.columns_complete:  # fail before reading rows when the header says so
             _check_columns(cfg.task, source.uri, parsed.columns, own)
         for chunk in parsed.chunks:
-            values = to_rows(chunk, source.uri, own)
+            values = {**to_rows(chunk, source.uri, own), **_extra_values(chunk, own)}
             try:
                 writer.add(values)
             except UnencodableRow as exc:

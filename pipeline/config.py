@@ -94,8 +94,15 @@ class CollectConfig:
             "source's own host:port; not empty: the source URL and every redirect must name a listed host, which "
             "may then be loopback, link-local or private. A redirect never changes the scheme.")
 
+    extra_columns: list[str] = option([], "Source columns carried into the snapshot as text (e.g. channel, product), "
+                                          "for evaluate.slice_columns; every source must have them.")
+
     def __post_init__(self) -> None:
         check_fields(self, "collect.")
+        reserved = [c for c in self.extra_columns if c in ("text", "label", "messages", "split")]
+        if reserved:
+            raise ConfigError(f"collect.extra_columns: {reserved} are the snapshot's own columns; name source "
+                              "columns to carry besides them (collect.text_column and collect.label_column map those)")
         for host in self.allowed_hosts:
             if not re.fullmatch(r"[^\s/?#@]+", host):  # a URL here would silently never match
                 raise ConfigError(f"collect.allowed_hosts: {host!r} is not a host or host:port "
@@ -485,6 +492,9 @@ class EvaluateConfig:
                                                "however much better it is overall.", minimum=0.0)
     min_slice_rows: int = option(20, "Slices with fewer eval rows are reported but not gated on (too few to "
                                      "tell a regression from noise).", minimum=1)
+    slice_columns: list[str] = option([], "Snapshot columns to slice the eval split on besides the language, each "
+                                          "value a slice named column=value (e.g. channel=email, gated as "
+                                          "accuracy[channel=email]>=0.8); collect.extra_columns carries them.")
     batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
     max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
                                   "train.max_seq_len, as training did).", minimum=8, maximum=8192)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -334,37 +335,53 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)
-    languages = [language_of(t) for t in texts]
-    slices = score_slices(truth, predicted, languages)
+    groups = slice_groups(cfg, rows, texts)
+    slices = score_slices(truth, predicted, groups)
     _print(f"{len(rows)} eval rows", metrics)
     for name, values in sorted(slices.items()):
         _print(f"  slice {name} ({int(values['rows'])} rows)", {k: v for k, v in values.items() if k != "rows"})
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         theirs = predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len)
-        return score(truth, theirs), score_slices(truth, theirs, languages)
+        return score(truth, theirs), score_slices(truth, theirs, groups)
 
     labels = sorted(set(truth) | set(predicted))
     report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
     artifacts = {"classification_report.json": json.dumps(report, indent=2).encode(),
                  "confusion_matrix.png": confusion_png(truth, predicted, labels),
                  "per_class_f1.png": per_class_f1_png(report, labels)[0]}
-    for name, values in sorted(slices.items()):  # where the model fails, per language
+    for name, values in sorted(slices.items()):  # where the model fails, per language and column value
         if values["rows"] >= own.min_slice_rows:
-            chosen = [i for i, language in enumerate(languages) if language == name]
-            artifacts[f"confusion_matrix_{name}.png"] = confusion_png(
+            chosen = groups[name]
+            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
                 [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows")
     return Scored(rows[["text", "label"]], metrics, slices, {}, artifacts, score_other)
 
 
-def score_slices(truth: list[str], predicted: list[str], languages: list[str]) -> dict[str, dict[str, float]]:
-    """The classification metrics per language of the rows, each with its row count."""
-    slices = {}
-    for name in sorted(set(languages)):
-        chosen = [i for i, language in enumerate(languages) if language == name]
-        slices[name] = {"rows": float(len(chosen)),
-                        **score([truth[i] for i in chosen], [predicted[i] for i in chosen])}
-    return slices
+def slice_groups(cfg: PipelineConfig, rows: Any, texts: list[str]) -> dict[str, list[int]]:
+    """Slice name -> the positions of its eval rows: the language of each row (``zh``, ``latin``)
+    and, for each of ``evaluate.slice_columns``, ``column=value`` (a null value: ``column=``)."""
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(language_of(text), []).append(i)
+    for column in cfg.evaluate.slice_columns:
+        if column not in rows.columns:
+            raise DataError(f"{cfg.evaluate.snapshot_uri}: evaluate.slice_columns names '{column}', which the snapshot "
+                            f"lacks (columns {sorted(c for c in rows.columns if c != 'split')}); collect it with "
+                            f"collect.extra_columns=['{column}']")
+        for i, value in enumerate(rows[column]):
+            groups.setdefault(f"{column}={'' if value is None else value}", []).append(i)
+    return groups
+
+
+def score_slices(truth: list[str], predicted: list[str], groups: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """The classification metrics per slice of the rows, each with its row count."""
+    return {name: {"rows": float(len(chosen)), **score([truth[i] for i in chosen], [predicted[i] for i in chosen])}
+            for name, chosen in sorted(groups.items())}
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^\w.=-]", "_", name)
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str,
@@ -511,9 +528,9 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
                             ("base_eval_", scored.base_metrics)):
         for key, value in metrics.items():
             tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
-    for slice_name, values in scored.slices.items():  # e.g. eval_accuracy_zh, eval_rows_zh
+    for slice_name, values in scored.slices.items():  # e.g. eval_accuracy_zh, eval_rows_channel:email
         for key, value in values.items():
-            tracker.log_metric(run_id, f"eval_{key.removeprefix('eval_')}_{slice_name}", value)
+            tracker.log_metric(run_id, f"eval_{key.removeprefix('eval_')}_{slice_name.replace('=', ':')}", value)
     tracker.set_tag(run_id, "gate.promote", str(promote).lower())
     tracker.set_tag(run_id, "gate.reason", reason)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ pandas is imported inside ``load_snapshot``: the module is on the DAG-parse path
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import storage
@@ -16,9 +17,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def snapshot_columns(task: str) -> tuple[str, ...]:
-    """The snapshot's columns, in the fixed order the content hash and the Parquet file use."""
-    return ("messages", "split") if task == "causal-lm" else ("text", "label", "split")
+def snapshot_columns(task: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The snapshot's columns, in the fixed order the content hash and the Parquet file use: the
+    task's, then the source columns collect.extra_columns carries (evaluate slices on them)."""
+    own = ("messages",) if task == "causal-lm" else ("text", "label")
+    return (*own, *(c for c in extra if c not in (*own, "split")), "split")
 
 
 def load_snapshot(snapshot_uri: str) -> pd.DataFrame:
