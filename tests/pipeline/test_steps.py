@@ -194,13 +194,17 @@ def test_torchrun_workers_are_stopped_when_airflow_interrupts_the_wait(tmp_path)
     def execution_timeout(signum, frame):
         raise TimeoutError("execution_timeout")
 
+    def tree_is_up(process):
+        handles.append(process)
+        wait_for_pids(pids_file, 2, 19)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # fires inside the wait, not 20 s after the start
+
     previous = signal.signal(signal.SIGALRM, execution_timeout)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 20)
+        signal.setitimer(signal.ITIMER_REAL, 20)  # the backstop, should the workers never start
         with pytest.raises(TimeoutError):
             # Waits for the workers first, so the alarm interrupts a tree that is fully up.
-            steps.run_step_process(command, steps.local_env(), grace_s=5,
-                                   started=lambda process: (handles.append(process), wait_for_pids(pids_file, 2, 19)))
+            steps.run_step_process(command, steps.local_env(), grace_s=5, started=tree_is_up)
             pytest.fail("the alarm should have interrupted the wait")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
