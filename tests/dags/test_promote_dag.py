@@ -1,4 +1,5 @@
-"""The promote DAG: integrity, and a real run through `airflow dags test` against MLflow."""
+"""The promote DAG: integrity, and real runs through Airflow (`dag.test()`, what `airflow dags test`
+runs, in this process against the metadata DB) against MLflow."""
 
 import json
 
@@ -26,25 +27,30 @@ def test_manual_only_one_task_params_validated(dag):
 
 
 @pytest.mark.slow
-def test_roll_back_through_airflow_records_who_and_why():
-    from pipeline.dagrun import test_dag
+def test_roll_back_through_airflow_records_who_and_why(dag, airflow_db):
     from pipeline.tracking import client
+
+    def promote(version, force=False, reason=""):
+        """A run of the promote DAG as `airflow dags test` makes it (``dag.test()``: Airflow's task
+        runner, the metadata DB, the step as a subprocess), in this process. Every Param is spelled
+        out: the task runner merges a run's conf into the task's Params in place."""
+        return dag.test(run_conf={"model_name": MODEL_NAME, "version": version, "target_alias": "champion",
+                                  "force": force, "reason": reason})
 
     tracker = client()
     v1, v2 = register_version(tracker, 0.8), register_version(tracker, 0.9)
     tracker.set_registered_model_alias(MODEL_NAME, "previous_champion", v1)
     tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)
-    run_id = test_dag("promote", {"model_name": MODEL_NAME, "version": "previous_champion", "force": True,
-                                  "reason": "v2 misroutes refunds"})
-    assert run_id.startswith("manual__")
+    run = promote("previous_champion", force=True, reason="v2 misroutes refunds")
+    assert run.run_id.startswith("manual__")
     assert aliases(tracker) == {"champion": v1, "previous_champion": v2}
     [record] = promotion_audit(tracker)
     assert record.data.tags["promotion.requested_by"] == "dag_test"  # `airflow dags test`'s user
     assert record.data.tags["promotion.reason"] == "v2 misroutes refunds"
 
-    test_dag("promote", {"model_name": MODEL_NAME, "version": v2})  # better than the champion v1: allowed
+    promote(v2)  # better than the champion v1: allowed
     assert aliases(tracker)["champion"] == v2
-    test_dag("promote", {"model_name": MODEL_NAME, "version": v1})  # worse than the champion, not forced
+    promote(v1)  # worse than the champion, not forced
     assert aliases(tracker)["champion"] == v2
     outcomes = sorted(r.data.tags["promotion.outcome"] for r in promotion_audit(tracker))
     assert outcomes == ["promoted", "promoted", "refused"]
