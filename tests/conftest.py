@@ -139,3 +139,30 @@ def mlflow_server(tmp_path_factory, s3_server):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# The LLM path through the real DAG costs a ZeRO-3 training and an evaluation with generation;
+# one run serves both the end-to-end test (its registry) and the train test (its artifacts).
+CAUSAL_LM_RUN = ["--source", "pkg://pipeline/data/support_instructions.jsonl", "--set", "task=causal-lm",
+                 "--set", "model_name=support-chat", "--set", "train.zero_stage=3", "--set", "train.epochs=1",
+                 "--set", "train.batch_size=8", "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=256",
+                 "--set", "evaluate.generate_rows=4"]
+
+
+@pytest.fixture(scope="session")
+def causal_lm_run(tmp_path_factory, tiny_lm_dir):
+    """`finetune run` of the causal-LM path (the shipped instruction/chat data, the tiny Llama,
+    ZeRO-3 over 2 processes) in a FINETUNE_HOME of its own, set up as ``finetune_home`` sets up
+    each test's: the finished process and that home. A test that reads its registry or artifacts
+    points FINETUNE_HOME there."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    home = tmp_path_factory.mktemp("causal-lm-run") / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "FINETUNE_ARTIFACT_ROOT", "AIRFLOW_HOME")}
+    env.update(FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1", GX_ANALYTICS_ENABLED="false", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", *CAUSAL_LM_RUN, "--set", f"base_model={tiny_lm_dir}"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(done=done, home=home)

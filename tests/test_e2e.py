@@ -89,16 +89,14 @@ def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_ser
 
 
 @pytest.mark.slow
-def test_causal_lm_run_registers_a_chat_model_better_than_its_base(tiny_lm_dir):
+def test_causal_lm_run_registers_a_chat_model_better_than_its_base(causal_lm_run, monkeypatch):
     """The LLM path through the same DAG: the shipped instruction/chat data, the tiny Llama,
-    ZeRO-3 over 2 processes; the registered model's eval perplexity beats the base model's."""
+    ZeRO-3 over 2 processes; the registered model's eval perplexity beats the base model's.
+    The run is tests/conftest.py's ``causal_lm_run`` (test_train reads its artifacts too)."""
     from pipeline.tracking import client
 
-    done = _finetune_run("--source", "pkg://pipeline/data/support_instructions.jsonl", "--set", "task=causal-lm",
-                         "--set", f"base_model={tiny_lm_dir}", "--set", "model_name=support-chat",
-                         "--set", "train.zero_stage=3", "--set", "train.epochs=1", "--set", "train.batch_size=8",
-                         "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=256",
-                         "--set", "evaluate.generate_rows=4")
+    monkeypatch.setenv("FINETUNE_HOME", str(causal_lm_run.home))  # the run's registry
+    done = causal_lm_run.done
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["aliases"] == ["challenger", "champion"]

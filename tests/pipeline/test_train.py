@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pipeline import steps, storage
-from pipeline.config import load_config
+from pipeline.config import load_config, safe_run_id
 from tests.helpers import build_tiny_lm, collect_snapshot
 
 BATCH = 8
@@ -99,11 +99,19 @@ def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
 
 
 @pytest.mark.slow
-def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_snapshot, tiny_lm_dir):
-    result = _train_lm(chat_snapshot, tiny_lm_dir, "lm3", "train.zero_stage=3")
+def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(causal_lm_run, monkeypatch):
+    # The ZeRO-3 training and the evaluation in a fresh process are those of the causal-LM DAG run
+    # (tests/conftest.py's causal_lm_run, which test_e2e checks through the registry): the same
+    # local launcher, 2 processes, the shipped instruction/chat data, train.max_seq_len=256.
+    monkeypatch.setenv("FINETUNE_HOME", str(causal_lm_run.home))
+    assert causal_lm_run.done.returncode == 0, causal_lm_run.done.stderr[-3000:]
+    run_id = safe_run_id(json.loads(causal_lm_run.done.stdout.strip().splitlines()[-1])["run_id"])
+    run = load_config(None, [f"run_id={run_id}"])
+    collected, result, evaluated = (storage.read_json(run.step_uri(step) + "/result.json")
+                                    for step in ("collect", "train", "evaluate"))
     summary = storage.read_json(result["summary_uri"])
     assert summary["deepspeed"]["zero_stage"] == 3 and summary["trainer_world_size"] == 2
-    assert summary["conversations"]["kept"] == chat_snapshot.rows_train
+    assert summary["conversations"]["kept"] == collected["rows_train"]
     for epoch in summary["sharding"]["epochs"]:
         assert epoch["seen_twice"] == 0 and epoch["seen_per_rank"][0] == epoch["seen_per_rank"][1] > 0
     # Per-token loss of a random 1000-token model starts near ln(1000) = 6.9; token averaging
@@ -111,7 +119,6 @@ def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(chat_sn
     assert result["train_loss"] < 7.5
     # A fresh process loads the published safetensors: the same eval loss as the sharded weights
     # had in memory before the save (an empty ZeRO-3 save would give a random model's ~6.9).
-    evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], "lm3", tiny_lm_dir)
     assert evaluated["metrics"]["eval_loss"] == pytest.approx(summary["eval_loss_in_memory"], rel=1e-5)
     assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
     assert not evaluated["greater_is_better"] and evaluated["gate_metric"] == "perplexity"
