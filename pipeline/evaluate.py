@@ -14,6 +14,10 @@ Both draw ``loss_curves.png``: the training loss per step (and an eval loss duri
 the pipeline run's MLflow metric history. The result's ``pictures`` lists every PNG by its MLflow
 artifact path, for the model card.
 
+A classifier is also scored on ``evaluate.challenge_uri`` (by default the hand-written challenge
+set shipped beside the demo data), rows it was never trained on, as the slices ``challenge``,
+``challenge:zh`` and ``challenge:latin``, beside the eval split's own.
+
 The model is promoted when there is no champion, or when it beats the champion's ``gate_metric``
 by more than ``promotion_margin``, in the metric's direction (lower perplexity is better). A
 champion that can no longer be loaded fails the step (fail closed).
@@ -38,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import chat, storage, tracking
-from pipeline.config import CHAMPION, EvaluateConfig, PipelineConfig, parse_threshold
+from pipeline.config import (CHALLENGE, CHAMPION, DEFAULT_CHALLENGE, EvaluateConfig, PipelineConfig, is_challenge,
+                             parse_threshold)
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
 from pipeline.snapshot import load_snapshot
@@ -60,7 +65,8 @@ class EvaluateResult:
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same tokens
     greater_is_better: bool = True
     thresholds: list[str] = field(default_factory=list)
-    # Per language of the eval rows (text.language_of): {"zh": {"rows": 160, "accuracy": ...}, ...}
+    # Per language of the eval rows (text.language_of), per value of evaluate.slice_columns, and the
+    # challenge set's: {"zh": {"rows": 160, "accuracy": ...}, "challenge:zh": {...}, ...}
     slices: dict[str, dict[str, float]] = field(default_factory=dict)
     champion_slices: dict[str, dict[str, float]] = field(default_factory=dict)
     # In the model card's order: [{"path": "evaluate/loss_curves.png", "caption": "..."}, ...], each
@@ -234,12 +240,21 @@ def _pictures(run_id: str, scored: Scored, champion_version: str,
 
 def picture_captions(names: list[str]) -> list[dict[str, str]]:
     """Each picture's MLflow artifact path (``evaluate/<name>``) and what it shows, for the model
-    card: the ``PICTURES`` in their order, then the per-language confusion matrices."""
+    card: the ``PICTURES`` in their order, then the per-slice confusion matrices (the challenge
+    set's last)."""
     captions = [{"path": f"evaluate/{name}", "caption": caption} for name, caption in PICTURES.items()
                 if name in names]
-    for name in sorted(n for n in names if n.startswith("confusion_matrix_") and n.endswith(".png")):
-        language = name.removeprefix("confusion_matrix_").removesuffix(".png")
-        captions.append({"path": f"evaluate/{name}", "caption": f"Confusion matrix of the eval rows in {language}"})
+    challenge = f"confusion_matrix_{CHALLENGE}"
+    for name in sorted((n for n in names if n.startswith("confusion_matrix_") and n.endswith(".png")),
+                       key=lambda n: (n.startswith(challenge), n)):
+        part = name.removeprefix("confusion_matrix_").removesuffix(".png")
+        if part == CHALLENGE:
+            caption = "Confusion matrix of the challenge set (evaluate.challenge_uri, never trained on)"
+        elif part.startswith(f"{CHALLENGE}_"):
+            caption = f"Confusion matrix of the challenge set's rows in {part.removeprefix(f'{CHALLENGE}_')}"
+        else:
+            caption = f"Confusion matrix of the eval rows in {part}"
+        captions.append({"path": f"evaluate/{name}", "caption": caption})
     return captions
 
 
@@ -247,7 +262,13 @@ def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: Ev
            task: str = "sequence-classification", slices: dict[str, dict[str, float]] | None = None,
            champion_slices: dict[str, dict[str, float]] | None = None) -> tuple[bool, str]:
     """The promotion gate: every absolute threshold (overall or per slice), then no slice worse
-    than the champion's by more than ``max_slice_regression``, then the margin over the champion."""
+    than the champion's by more than ``max_slice_regression``, then the margin over the champion.
+
+    The challenge slices meet only the thresholds that name them (``accuracy[challenge:zh]>=0.85``),
+    never the regression rule: the set is small (about 100 rows a language, so 0.05 is five
+    messages), fixed, and deliberately unlike the training data, so a model that fits a new
+    snapshot better can lose a few of its rows by chance. It is there to be read beside the eval
+    split, not to veto a model on its own; a bar on it is a choice the user makes explicitly."""
     slices = slices or {}
     for rule in cfg.thresholds:
         name, op, bound = parse_threshold(rule)
@@ -255,8 +276,10 @@ def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: Ev
         if metric_name not in metrics:
             raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
         if slice_name and slice_name not in slices:
-            return False, (f"{name} cannot be checked: the eval split has no rows of slice '{slice_name}' "
-                           f"(slices: {sorted(slices)})")
+            where = ("the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
+                     "skipped for a model that does not know its labels)" if is_challenge(slice_name)
+                     else f"the eval split has no rows of slice '{slice_name}'")
+            return False, f"{name} cannot be checked: {where} (slices: {sorted(slices)})"
         value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
         if not (value >= bound if op == ">=" else value <= bound):
             return False, f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
@@ -266,7 +289,7 @@ def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: Ev
         return True, f"no champion yet; {metric}={ours:.4f}"
     for slice_name, values in sorted(slices.items()):
         theirs_there = (champion_slices or {}).get(slice_name, {}).get(metric)
-        if values["rows"] < cfg.min_slice_rows or theirs_there is None:
+        if values["rows"] < cfg.min_slice_rows or theirs_there is None or is_challenge(slice_name):
             continue
         loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
         if loss > cfg.max_slice_regression:
@@ -316,6 +339,7 @@ class Scored:
     artifacts: dict[str, bytes]  # file name -> content, under evaluate/
     # (model, tokenizer) -> the same metrics and slices, on the same rows
     score_other: Callable[[Any, Any], tuple[dict[str, float], dict[str, dict[str, float]]]]
+    challenge_rows: Any = None  # the challenge set's rows when scored, logged to MLflow beside the eval rows
 
 
 def _print(what: str, metrics: dict[str, float]) -> None:
@@ -333,17 +357,23 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     texts, truth = [str(t) for t in rows["text"]], [str(v) for v in rows["label"]]
     path = resolve_model(own.model_uri, scratch, what="evaluate.model_uri", published=True)
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    challenge_texts, challenge_truth = challenge_rows(own.challenge_uri, set(model.config.id2label.values()))
+    challenge_groups = challenge_slice_groups(challenge_texts)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)
     groups = slice_groups(cfg, rows, texts)
     slices = score_slices(truth, predicted, groups)
+    challenge_predicted = predict(model, tokenizer, challenge_texts, own.batch_size, own.max_seq_len)
+    slices.update(score_slices(challenge_truth, challenge_predicted, challenge_groups))
     _print(f"{len(rows)} eval rows", metrics)
-    for name, values in sorted(slices.items()):
+    for name, values in slices.items():
         _print(f"  slice {name} ({int(values['rows'])} rows)", {k: v for k, v in values.items() if k != "rows"})
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         theirs = predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len)
-        return score(truth, theirs), score_slices(truth, theirs, groups)
+        theirs_challenge = predict(other, other_tokenizer, challenge_texts, own.batch_size, own.max_seq_len)
+        return score(truth, theirs), {**score_slices(truth, theirs, groups),
+                                      **score_slices(challenge_truth, theirs_challenge, challenge_groups)}
 
     labels = sorted(set(truth) | set(predicted))
     report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
@@ -351,11 +381,71 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
                  "confusion_matrix.png": confusion_png(truth, predicted, labels),
                  "per_class_f1.png": per_class_f1_png(report, labels)[0]}
     for name, values in sorted(slices.items()):  # where the model fails, per language and column value
-        if values["rows"] >= own.min_slice_rows:
+        if values["rows"] >= own.min_slice_rows and name in groups:
             chosen = groups[name]
             artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
                 [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows")
-    return Scored(rows[["text", "label"]], metrics, slices, {}, artifacts, score_other)
+    challenge_labels = sorted(set(challenge_truth) | set(challenge_predicted))
+    for name, chosen in challenge_groups.items():
+        if len(chosen) >= own.min_slice_rows:
+            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
+                [challenge_truth[i] for i in chosen], [challenge_predicted[i] for i in chosen], challenge_labels,
+                "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""))
+    challenge_frame = None
+    if challenge_texts:
+        import pandas as pd
+
+        challenge_frame = pd.DataFrame({"text": challenge_texts, "label": challenge_truth})
+    return Scored(rows[["text", "label"]], metrics, slices, {}, artifacts, score_other, challenge_frame)
+
+
+def challenge_rows(uri: str, known_labels: set[str]) -> tuple[list[str], list[str]]:
+    """The texts and labels of the challenge file ``uri`` (JSONL, ``{"text", "label"}`` a line);
+    none when ``uri`` is empty. A label the model cannot predict is a DataError naming the file
+    and the labels, not rows scored as wrong: such a slice would measure the mismatch (a renamed
+    intent, a typo in a label), not the model. The shipped default is for the demo's intents, so
+    a model of other intents skips it with a note instead."""
+    if not uri:
+        return [], []
+    texts, labels = [], []
+    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text, label = record["text"], record["label"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"evaluate.challenge_uri {uri}: line {number} is not a JSON object with 'text' and "
+                            f"'label' ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label:
+            raise DataError(f"evaluate.challenge_uri {uri}: line {number}: 'text' and 'label' must be non-empty "
+                            f"strings")
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise DataError(f"evaluate.challenge_uri {uri} has no rows; set evaluate.challenge_uri='' for none")
+    unknown = sorted(set(labels) - known_labels)
+    if unknown and uri == DEFAULT_CHALLENGE:
+        print(f"evaluate: the shipped challenge set is skipped: its intents {unknown} are not this model's "
+              f"(it knows {sorted(known_labels)}); set evaluate.challenge_uri to a file of your own labels, or '' "
+              f"to say none", file=sys.stderr, flush=True)
+        return [], []
+    if unknown:
+        raise DataError(f"evaluate.challenge_uri {uri}: label(s) {unknown} "
+                        f"({sum(label in unknown for label in labels)} of {len(labels)} rows) are not labels the "
+                        f"model knows ({sorted(known_labels)}); relabel those rows or drop them")
+    return texts, labels
+
+
+def challenge_slice_groups(texts: list[str]) -> dict[str, list[int]]:
+    """Slice name -> positions of the challenge rows: all of them (``challenge``) and each language
+    of them (``challenge:zh``, ``challenge:latin``), by ``text.language_of`` as for the eval rows."""
+    if not texts:
+        return {}
+    groups: dict[str, list[int]] = {CHALLENGE: list(range(len(texts)))}
+    for i, text in enumerate(texts):
+        groups.setdefault(f"{CHALLENGE}:{language_of(text)}", []).append(i)
+    return groups
 
 
 def slice_groups(cfg: PipelineConfig, rows: Any, texts: list[str]) -> dict[str, list[int]]:
@@ -488,6 +578,9 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         if not getattr(own, key):
             raise ConfigError(f"evaluate.{key} is required")
     metric, greater_is_better = own.gate(cfg.task)
+    if cfg.task != "sequence-classification" and own.challenge_uri not in ("", DEFAULT_CHALLENGE):
+        raise ConfigError(f"evaluate.challenge_uri: a challenge set is scored for sequence-classification only, "
+                          f"not {cfg.task}; set evaluate.challenge_uri=''")
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
@@ -528,7 +621,8 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
                             ("base_eval_", scored.base_metrics)):
         for key, value in metrics.items():
             tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
-    for slice_name, values in scored.slices.items():  # e.g. eval_accuracy_zh, eval_rows_channel:email
+    # e.g. eval_accuracy_zh, eval_rows_channel:email, eval_accuracy_challenge:zh
+    for slice_name, values in scored.slices.items():
         for key, value in values.items():
             tracker.log_metric(run_id, f"eval_{key.removeprefix('eval_')}_{slice_name.replace('=', ':')}", value)
     tracker.set_tag(run_id, "gate.promote", str(promote).lower())
@@ -548,4 +642,9 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(mlflow.data.from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval",
                                                  targets=targets), context="eval")
+        if scored.challenge_rows is not None:  # MLflow resolves file:// and s3://, not pkg:// or a bare path
+            path = storage.local_path(cfg.evaluate.challenge_uri)
+            mlflow.log_input(mlflow.data.from_pandas(scored.challenge_rows, name=CHALLENGE, targets="label",
+                                                     source=path.as_uri() if path else cfg.evaluate.challenge_uri),
+                             context=CHALLENGE)
 
