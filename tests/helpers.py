@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import collect
+from pipeline import cli, collect, storage
 from pipeline.chat import CHATML
 from pipeline.config import load_config
 
@@ -53,6 +53,15 @@ def write_snapshot(path: Path, rows: Any, columns: list[str] | None = None) -> s
 def collect_snapshot(sources: list[Any], *sets: str) -> collect.CollectResult:
     """A snapshot published by the real collect step from ``sources`` (paths or URIs)."""
     return collect.run(load_config(None, [f"collect.sources={json.dumps([str(s) for s in sources])}", *sets]))
+
+
+def run_step_here(step: str, overrides: list[str]) -> dict[str, Any]:
+    """``finetune <step> --set ...`` in this process, for tests where the process boundary is not
+    what is checked (a step process costs seconds of imports); its result JSON, as
+    ``steps.launch_local`` returns it."""
+    code = cli.main([step, *(arg for override in overrides for arg in ("--set", override))])
+    assert code == 0, f"finetune {step} exited with {code}"
+    return storage.read_json(load_config(None, overrides).step_uri(step) + "/result.json")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import steps, storage
 from pipeline.config import load_config, safe_run_id
-from tests.helpers import build_tiny_lm, collect_snapshot
+from tests.helpers import build_tiny_lm, collect_snapshot, run_step_here
 
 BATCH = 8
 
@@ -93,9 +93,9 @@ def _train_lm(snapshot, model_dir, run_id, *extra):
 
 
 def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
-    return steps.launch_local("evaluate", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
-                                           f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
-                                           f"evaluate.model_uri={model_uri}", "evaluate.generate_rows=4", *extra])
+    return run_step_here("evaluate", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
+                                      f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+                                      f"evaluate.model_uri={model_uri}", "evaluate.generate_rows=4", *extra])
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], run_id, tiny_lm_dir)
     # Merged: the base is loaded on its own; adapter: scored with the adapter switched off.
     assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
-    registered = steps.launch_local("register", [
+    registered = run_step_here("register", [
         *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
         f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
     assert registered["aliases"] == ["challenger", "champion"]
