@@ -80,7 +80,9 @@ def test_airflow_rejects_bad_params(dag, name, value):
 
 
 @pytest.mark.parametrize("dag_file", ["finetune.py", "collect.py"])
-def test_parsing_imports_nothing_heavy_and_is_fast(dag_file):
+def test_parsing_imports_nothing_heavy(dag_file):
+    # What parsing costs in time is measured by bench/orchestration.py (BENCHMARKS.md), not here: a
+    # wall-clock bar in a test fails on a busy machine. What makes parsing slow is tested instead.
     # The bundle folder on sys.path, as Airflow's DAG processor puts it, for `import finetune_tasks`.
     probe = (
         f"import sys, time, runpy, json; import airflow.sdk; sys.path.append({str(DAGS)!r}); t = time.perf_counter();"
@@ -89,8 +91,7 @@ def test_parsing_imports_nothing_heavy_and_is_fast(dag_file):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["heavy"] == []
-    assert report["elapsed"] < 1.0, f"parsing dags/{dag_file} took {report['elapsed']:.2f}s"
+    assert report["heavy"] == [], f"parsing dags/{dag_file} imports {report['heavy']}"
 
 
 def test_the_shared_task_module_is_not_parsed_as_a_dag_file(dagbag):
