@@ -50,10 +50,11 @@ def objects(client, total_mb: int, files: int) -> int:
     rng, rows, size = random.Random(0), 0, 0
     per_file = total_mb * 2**20 // files
     for index in range(files):
-        block = []
-        while sum(map(len, block)) < per_file:
+        block, length = [], 0
+        while length < per_file:
             row = rng.choice(shipped)
             block.append(json.dumps({"text": f"{row['text']} #{rows}", "label": row["label"]}, ensure_ascii=False) + "\n")
+            length += len(block[-1])
             rows += 1
         body = "".join(block).encode()
         size += len(body)
