@@ -32,7 +32,7 @@ import json
 import os
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -581,6 +581,7 @@ TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 QUANTITY = r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?"
+CPU = r"[0-9]+(\.[0-9]+)?m?"
 
 
 def check_image(name: str, image: str) -> None:
@@ -666,6 +667,10 @@ class K8sConfig:
     memory: list[str] = option([], "Memory (request and limit) of a step's pods as step=quantity, e.g. "
                                    "['train=16Gi']; a step not listed gets the step table's (train 8Gi). Raise it "
                                    "when a step is OOMKilled.")
+    resources: dict[str, Any] = option({}, "Per step: cpu, memory, gpus, node_selector (['key=value']) and "
+                                           "tolerations (['key:Effect']) of its pods, e.g. {evaluate: {gpus: 1, "
+                                           "memory: 16Gi}}; a step not listed gets the step table's. train's GPUs "
+                                           "per pod are k8s.gpus_per_node.")
 
     def __post_init__(self) -> None:
         # Before check_fields: an empty name would otherwise fail with a bare regex message.
@@ -680,6 +685,38 @@ class K8sConfig:
                               f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
         node_selector(self.gpu_node_selector)
         tolerations(self.gpu_tolerations)
+        check_step_resources(self.resources, self.max_gpus_per_node)
+
+
+STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
+RESOURCE_KEYS = ("cpu", "memory", "gpus", "node_selector", "tolerations")
+
+
+def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:
+    """``k8s.resources``: known steps and keys, Kubernetes quantities, GPUs a node of the pool can hold."""
+    for step, own in resources.items():
+        where = f"k8s.resources.{step}"
+        if step not in STEP_NAMES:
+            raise ConfigError(f"{where}: no step '{step}'; steps are {list(STEP_NAMES)}")
+        if not isinstance(own, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {list(RESOURCE_KEYS)}, got {own!r}")
+        for key, value in own.items():
+            if key not in RESOURCE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown; a step's resources are {list(RESOURCE_KEYS)}")
+            if key in ("cpu", "memory") and not re.fullmatch(CPU if key == "cpu" else QUANTITY, str(value)):
+                raise ConfigError(f"{where}.{key}: {value!r} is not a Kubernetes quantity (e.g. "
+                                  f"{'2 or 500m' if key == 'cpu' else '16Gi'})")
+        gpus = own.get("gpus", 0)
+        if step == "train" and "gpus" in own:
+            raise ConfigError(f"{where}.gpus: train's GPUs per pod are k8s.gpus_per_node (torchrun starts one "
+                              "process per GPU); set that instead")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise ConfigError(f"{where}.gpus: {gpus!r} is not a whole number of GPUs")
+        if gpus > max_gpus:
+            raise ConfigError(f"{where}.gpus: {gpus} GPUs per pod cannot be scheduled on a node pool of {max_gpus} "
+                              "GPUs per node (k8s.max_gpus_per_node)")
+        node_selector(own.get("node_selector", []))
+        tolerations(own.get("tolerations", []))
 
 
 # --- timeouts ---------------------------------------------------------------------------------
@@ -892,6 +929,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "evaluate.challenge_uri": "",  # the challenge set is labelled intents, not conversations
         "train.max_seq_len": 512,
         "train.batch_size": 8,
+        "k8s.resources": {"evaluate": {"gpus": 1, "memory": "16Gi"}},  # scoring and generation want a GPU
     },
 }
 

@@ -487,6 +487,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = chat.render(tokenizer, messages[:last], template, add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -cfg.train.max_seq_len:]
+        ids = ids.to(next(model.parameters()).device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=cfg.evaluate.max_new_tokens, eos_token_id=sorted(stop),
@@ -544,6 +545,7 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     if rows.empty:
         raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
     model, tokenizer = load_trained_lm(own.model_uri, cfg.base_model, scratch)
+    model = on_accelerator(model)
     encoded = chat.encode_split(cfg, tokenizer, frame, "eval")
     metrics, samples = score_lm(cfg, model, tokenizer, frame, encoded=encoded)
     slices = lm_slices(cfg, model, tokenizer, frame, encoded)
@@ -555,18 +557,27 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
             base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False, encoded=encoded)
     else:
         base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
-        base_metrics, _ = score_lm(cfg, base, tokenizer, frame, generate_samples=False, encoded=encoded)
+        base_metrics, _ = score_lm(cfg, on_accelerator(base), tokenizer, frame, generate_samples=False,
+                                   encoded=encoded)
     _print("base model", base_metrics)
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         if other_tokenizer.pad_token is None:
             other_tokenizer.pad_token = other_tokenizer.eos_token
         theirs = chat.encode_split(cfg, other_tokenizer, frame, "eval")
+        other = on_accelerator(other)
         return (score_lm(cfg, other, other_tokenizer, frame, encoded=theirs)[0],
                 lm_slices(cfg, other, other_tokenizer, frame, theirs))
 
     return Scored(rows[["messages"]], metrics, slices, base_metrics,
                   {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()}, score_other)
+
+
+def on_accelerator(model: Any) -> Any:
+    """The model on the GPU where the pod has one (k8s.resources gives a causal LM's evaluate one), else as is."""
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evaluate_lm}

@@ -67,13 +67,22 @@ def step_memory(cfg: PipelineConfig, step: Any) -> str:
     return memory
 
 
+def step_resources(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
+    """``step``'s pod resources: its entry in ``k8s.resources`` (and ``k8s.memory``) over the step
+    table's; training's GPUs are ``k8s.gpus_per_node``. Checked when the config was built."""
+    own = cfg.k8s.resources.get(step.name, {})
+    return {"cpu": str(own.get("cpu", step.cpu)), "memory": str(own.get("memory", step_memory(cfg, step))),
+            "gpus": cfg.k8s.gpus_per_node if step.gpus else int(own.get("gpus", 0)),
+            "node_selector": list(own.get("node_selector", [])), "tolerations": list(own.get("tolerations", []))}
+
+
 def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], args: list[str]) -> dict[str, Any]:
     """The one step container spec, shared by the Pod and every PyTorchJob replica."""
     k = cfg.k8s
-    gpus = k.gpus_per_node if step.gpus else 0
-    memory = step_memory(cfg, step)
-    resources: dict[str, Any] = {"requests": {"cpu": step.cpu, "memory": memory},
-                                 "limits": {"cpu": step.cpu, "memory": memory}}
+    wanted = step_resources(cfg, step)
+    gpus, memory = wanted["gpus"], wanted["memory"]
+    resources: dict[str, Any] = {"requests": {"cpu": wanted["cpu"], "memory": memory},
+                                 "limits": {"cpu": wanted["cpu"], "memory": memory}}
     if gpus:
         resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE] = str(gpus)
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "hf-cache", "mountPath": HF_CACHE}]
@@ -120,9 +129,13 @@ def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_polic
     }
     if deadline_s is not None:  # the kubelet kills the pod past it, wherever the Airflow task is
         spec["activeDeadlineSeconds"] = deadline_s
-    if step.gpus:
-        spec["nodeSelector"] = node_selector(k.gpu_node_selector)
-        spec["tolerations"] = tolerations(k.gpu_tolerations)
+    wanted = step_resources(cfg, step)
+    selector = [*(k.gpu_node_selector if wanted["gpus"] else []), *wanted["node_selector"]]
+    tolerated = [*(k.gpu_tolerations if wanted["gpus"] else []), *wanted["tolerations"]]
+    if selector:
+        spec["nodeSelector"] = node_selector(selector)
+    if tolerated:
+        spec["tolerations"] = tolerations(tolerated)
     if step.distributed:
         spec["priorityClassName"] = k.training_priority_class
         # SIGTERM to SIGKILL: long enough for train's checkpoint on eviction (train.term_grace_s,
