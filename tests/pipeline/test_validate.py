@@ -259,7 +259,12 @@ def accepted_root(tmp_path_factory):
     """An artifact root whose support-intents model has an accepted snapshot (3 intents x 30)."""
     root = tmp_path_factory.mktemp("accepted")
     uri = _snapshot(root, _support_rows(3, 30), "accepted")
-    validate.run(load_config(None, [f"validate.snapshot_uri={uri}", "run_id=first", f"artifact_root={root.as_uri()}"]))
+    # A module fixture is set up before the test's own FINETUNE_HOME: give this run a home (an
+    # MLflow store) of its own, not the developer's ./.finetune nor one a finished test left.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FINETUNE_HOME", str(root / "home"))
+        validate.run(load_config(None, [f"validate.snapshot_uri={uri}", "run_id=first",
+                                        f"artifact_root={root.as_uri()}"]))
     return root
 
 
