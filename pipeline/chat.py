@@ -183,21 +183,51 @@ def prepare(tokenizer: Any, conversations: list[list[dict[str, str]]], template:
 
 
 def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Concatenate whole examples, in order, into sequences of at most ``max_seq_len`` tokens.
+    """Concatenate whole examples, in order, into sequences of at most ``max_seq_len`` tokens,
+    with ``position_ids`` that start again at 0 for each example.
 
-    Fewer padding tokens per batch; attention is not masked between the packed examples (as in
-    TRL's packing without a padding-free kernel), which fine-tuning data of one kind tolerates.
-    A packed sequence's ``example_id`` is its first example's.
+    Without cross-talk: given position ids and no attention mask, transformers' causal mask is
+    block-diagonal by example (``masking_utils.find_packed_sequence_indices``, every attention
+    implementation), so no example attends to another and each keeps the positions it has alone;
+    ``PackedCollator`` pads in a block of its own. The first token of each example is never a
+    target (it would be predicted from the previous example). A packed sequence's ``example_id``
+    is its first example's.
     """
     packed: list[dict[str, list[int]]] = []
     for example in examples:
+        n = len(example["input_ids"])
+        piece = {"input_ids": list(example["input_ids"]), "labels": [IGNORE, *example["labels"][1:]],
+                 "position_ids": list(range(n))}
         last = packed[-1] if packed else None
-        if last is not None and len(last["input_ids"]) + len(example["input_ids"]) <= max_seq_len:
-            last["input_ids"] = last["input_ids"] + example["input_ids"]
-            last["labels"] = last["labels"] + example["labels"]
+        if last is not None and len(last["input_ids"]) + n <= max_seq_len:
+            for key in ("input_ids", "labels", "position_ids"):
+                last[key] = last[key] + piece[key]
         else:
-            packed.append(dict(example))
+            packed.append({**example, **piece})
     return packed
+
+
+class PackedCollator:
+    """Batches of packed sequences: padded at the end with a block of its own (positions from 0,
+    labels ignored), no attention mask and no KV cache, so the model builds the block-diagonal
+    causal mask."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            pad = width - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE] * pad)
+            positions = f.get("position_ids") or range(len(f["input_ids"]))  # an unpacked one (eval)
+            batch["position_ids"].append(list(positions) + list(range(pad)))
+        # No KV cache: with one, transformers skips the packed-sequence mask (it is for generation).
+        return {**{key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}, "use_cache": False}
 
 
 def conversations(frame: Any, split: str) -> list[list[dict[str, str]]]:

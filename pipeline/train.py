@@ -531,7 +531,8 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
             target_modules=list(own.lora_target_modules) or None))
 
     dataset = Dataset.from_list(examples)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True)
+    collator = (chat.PackedCollator(tokenizer.pad_token_id) if own.packing else
+                DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True))
 
     def after_training(trainer: Any) -> dict[str, Any]:
         # The loss of the weights as they are in memory (sharded, under ZeRO-3), on the held-out
