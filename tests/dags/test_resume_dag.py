@@ -34,12 +34,20 @@ def _kill_train_after_first_checkpoint(killed: dict, stop: threading.Event) -> N
 
 
 @pytest.mark.slow
-def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(dagbag, airflow_db, tiny_model_dir, small_data,
+def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(airflow_db, tiny_model_dir, small_data,
                                                                     tmp_path, monkeypatch, capfd):
     deployment = tmp_path / "deployment.yaml"
     deployment.write_text("train:\n  checkpoint_steps: 2\n  logging_steps: 2\n")
     monkeypatch.setenv("FINETUNE_CONFIG", str(deployment))
-    dag = dagbag.dags["finetune"].partial_subset(task_ids=["train"], include_upstream=True)
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    from tests.helpers import DAGS
+
+    # A DAG of its own, parsed here: the session's DagBag is shared with tests that run and change it.
+    fresh = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
+    assert fresh.import_errors == {}
+    dag = fresh.dags["finetune"].partial_subset(task_ids=["train"], include_upstream=True)
+    assert set(dag.task_ids) == {"collect", "validate", "train"}
     train = dag.get_task("train")
     train.retry_delay = train.max_retry_delay = timedelta(seconds=1)
     killed, stop = {}, threading.Event()

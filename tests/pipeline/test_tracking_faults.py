@@ -35,8 +35,8 @@ def test_the_cli_maps_an_unwrapped_mlflow_outage_to_exit_75(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
     def promote_that_calls_mlflow_directly(cfg):
-        mlflow.set_tracking_uri(uri)
-        return mlflow.search_registered_models()
+        mlflow.set_tracking_uri(uri)  # the registry URI may still be another test's: a tracking call
+        return mlflow.search_experiments()
 
     monkeypatch.setitem(steps.STEPS, "promote", dataclasses.replace(steps.STEPS["promote"],
                                                                     run=promote_that_calls_mlflow_directly))
