@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import html
 import io
-import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import DRIFT_CHECKS
-from pipeline.text import CJK, normalize_text
+from pipeline.text import CJK, compiled, normalize_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,12 +41,12 @@ LENGTH_BINS = 20
 SHARE_FLOOR = 1e-4  # PSI is infinite for a class one side lacks; floor shares as is customary
 TOP_OOV_WORDS = 30
 
-_WORD = re.compile(f"[{CJK}]|[^\\W\\d_{CJK}]+")  # one CJK character, or a run of other letters
+WORD = f"[{CJK}]|[^\\W\\d_{CJK}]+"  # one CJK character, or a run of other letters
 
 
 def words(text: str) -> list[str]:
     """The words the OOV rate counts, of the normalised text (see the module docstring)."""
-    return _WORD.findall(normalize_text(text))
+    return compiled(WORD).findall(normalize_text(text))
 
 
 def psi(reference: pd.Series, current: pd.Series) -> tuple[float, dict[str, dict[str, float]]]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -21,16 +22,22 @@ def normalize_text(text: str) -> str:
 # Writing systems the evaluation slices by: a row is the first of these its text contains, in this
 # order (kana marks Japanese even beside kanji; Han alone reads as Chinese), else "latin" when it
 # has Latin letters, else "other".
-_KANA = re.compile("[\u3040-\u30ff]")
-_HANGUL = re.compile("[\uac00-\ud7af\u1100-\u11ff]")
-_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
+SCRIPTS = (("ja", "[\u3040-\u30ff]"), ("ko", "[\uac00-\ud7af\u1100-\u11ff]"),
+           ("zh", "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"), ("latin", "[A-Za-z\u00c0-\u024f]"))
 LANGUAGES = ("ja", "ko", "zh", "latin", "other")
+
+
+@functools.cache
+def compiled(pattern: str) -> re.Pattern[str]:
+    """``pattern`` compiled on first use rather than at import: classes over thousands of code points
+    take milliseconds each to compile, and every DAG parse imports this module through the step
+    table (BENCHMARKS.md, DAG parse)."""
+    return re.compile(pattern)
 
 
 def language_of(text: str) -> str:
     """The writing system of ``text`` as an evaluation slice: ja, ko, zh, latin or other."""
-    for name, pattern in (("ja", _KANA), ("ko", _HANGUL), ("zh", _HAN), ("latin", _LATIN)):
-        if pattern.search(text):
+    for name, pattern in SCRIPTS:
+        if compiled(pattern).search(text):
             return name
     return "other"
