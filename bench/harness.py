@@ -57,11 +57,31 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "max": round(max(values), 4), "n": len(values)}
 
 
+def provenance() -> dict[str, Any]:
+    """The exact command, the machine, the commit and the date of a measurement."""
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), "commit": commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def write_result(name: str, report: dict[str, Any], out: Path | None = None) -> Path:
     """``bench/results/<name>.json`` with the figures, the machine, the commit, the date and the command."""
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **report}
+    path.write_text(json.dumps({"name": name, **provenance(), **report}, indent=2) + "\n")
+    return path
+
+
+def update_result(name: str, sections: dict[str, dict[str, Any]], out: Path | None = None,
+                  drop: Sequence[str] = ()) -> Path:
+    """Replace ``sections`` of ``bench/results/<name>.json``, each with its own command, machine,
+    commit and date, and keep the rest as it was measured: a benchmark measured in parts (one path
+    at a time) keeps one result file. ``drop`` removes keys the new sections supersede."""
+    path = out or RESULTS / f"{name}.json"
+    full = json.loads(path.read_text()) if path.exists() else {"name": name}
+    for key in drop:
+        full.pop(key, None)
+    stamp = provenance()
+    full.update({key: {**stamp, **section} for key, section in sections.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(full, indent=2) + "\n")
     return path
