@@ -421,6 +421,18 @@ class TrainConfig:
     early_stopping_patience: int = option(0, "Stop once the eval loss has not improved for this many evaluations "
                                              "(needs train.eval_steps) and publish the weights of the best one; "
                                              "0: train every epoch.", minimum=0, maximum=1000)
+    extend_vocab: bool = option(True, "sequence-classification: add the characters of the training split that "
+                                      "base_model's tokenizer maps to its unknown token as new tokens (published "
+                                      "with the model). Their embeddings start as the unknown token's and train "
+                                      "with the head, the rest frozen, for train.extend_vocab_epochs; then "
+                                      "everything trains. Nothing changes when the tokenizer reads every character.")
+    extend_vocab_min_count: int = option(2, "Characters the training split holds fewer times stay unknown.",
+                                         minimum=1)
+    extend_vocab_epochs: int = option(1, "Epochs at the start in which only the new embeddings and the head "
+                                         "train (at most train.epochs).", minimum=0, maximum=100)
+    extend_vocab_learning_rate: float = option(1e-3, "Peak learning rate of the embeddings and the head while "
+                                                     "the vocabulary is extended (the rest uses "
+                                                     "train.learning_rate).", exclusive_minimum=0.0, maximum=1.0)
     trainer_args: dict[str, Any] = option(
         {}, "More Hugging Face TrainingArguments fields by name, e.g. {gradient_checkpointing: true, "
             "lr_scheduler_type: cosine, max_grad_norm: 0.5, optim: adamw_torch}; checked against the installed "
@@ -440,6 +452,9 @@ class TrainConfig:
             raise ConfigError("train.early_stopping_patience needs train.eval_steps (how often the eval loss is "
                               "computed), got train.eval_steps=0")
         check_trainer_args(self.trainer_args)
+        if self.extend_vocab and self.extend_vocab_epochs > self.epochs:
+            raise ConfigError(f"train.extend_vocab_epochs={self.extend_vocab_epochs} is more than "
+                              f"train.epochs={self.epochs}")
         if self.offload_optimizer and "optim" in self.trainer_args:
             raise ConfigError("train.trainer_args.optim: with train.offload_optimizer the optimizer is DeepSpeed's "
                               "CPU Adam (AdamW), which steps where the offloaded states are; drop one of the two")
@@ -927,6 +942,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "model_name": "support-chat",
         "collect.sources": ["pkg://pipeline/data/support_instructions.jsonl"],
         "evaluate.challenge_uri": "",  # the challenge set is labelled intents, not conversations
+        "train.extend_vocab": False,  # a byte-level tokenizer reads every character
         "train.max_seq_len": 512,
         "train.batch_size": 8,
         "k8s.resources": {"evaluate": {"gpus": 1, "memory": "16Gi"}},  # scoring and generation want a GPU

@@ -12,6 +12,8 @@ DAG-parse and ``finetune --help`` path through the steps, which must not pay for
 from __future__ import annotations
 
 import os
+from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,61 @@ def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --- extending a vocabulary (train.extend_vocab) ----------------------------------------------
+
+def unreadable(tokenizer: Any, char: str) -> bool:
+    """``char`` alone becomes the unknown token, or, for a byte-level tokenizer without one, a
+    token per UTF-8 byte: the model cannot tell it from other characters it lacks."""
+    ids = tokenizer(char, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id is not None:
+        return tokenizer.unk_token_id in ids
+    return len(ids) > 1 and len(ids) == len(char.encode())
+
+
+def extend_vocabulary(tokenizer: Any, texts: Any, min_count: int = 1) -> dict[str, list[int]]:
+    """Add to ``tokenizer`` the characters of ``texts`` it cannot read (``unreadable``) that occur
+    at least ``min_count`` times, most frequent first; what each read as before (its old ids), in
+    the order of the new ids. The order is a function of the texts alone, so every rank adds alike."""
+    counts = Counter(c for text in texts if isinstance(text, str) for c in text if not c.isspace())
+    lacking = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+               if n >= min_count and unreadable(tokenizer, c)]
+    from transformers import AddedToken
+
+    before = {c: tokenizer(c, add_special_tokens=False)["input_ids"] for c in lacking}
+    # Matched in the raw text: the tokenizer's normalizer (BERT's pads CJK with spaces) would
+    # otherwise become part of the token's spelling.
+    tokenizer.add_tokens([AddedToken(c, normalized=False) for c in lacking])
+    return before
+
+
+def extend_embeddings(model: Any, pieces: list[list[int]]) -> None:
+    """One embedding row per new token, each the mean of the rows of what the token read as
+    before (the unknown token's row, or its bytes'): the extended model starts out computing what
+    the base model computed on the same text, and training tells the new characters apart. The
+    output embeddings too, when the model has untied ones. Under ZeRO-3 the rows are gathered."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    old = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps an empty placeholder in .shape
+    model.resize_token_embeddings(old + len(pieces), mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    for weight in matrices:
+        with _gathered(weight), torch.no_grad():
+            for i, ids in enumerate(pieces):
+                weight[old + i] = weight[ids].mean(dim=0)
+
+
+def _gathered(weight: Any) -> Any:
+    """The whole of ``weight`` under ZeRO-3 (changes from rank 0 kept), else nothing to do."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)

@@ -36,7 +36,7 @@ from typing import Any
 from pipeline import chat, checkpoints, storage, tracking
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, TransientError
-from pipeline.models import lm_tokenizer, load_causal_lm, resolve_model
+from pipeline.models import extend_embeddings, extend_vocabulary, lm_tokenizer, load_causal_lm, resolve_model
 from pipeline.snapshot import load_snapshot
 
 
@@ -470,6 +470,7 @@ class Parts:
     summary: dict[str, Any]
     after_training: Any = None  # (trainer) -> summary entries; runs on every rank
     eval_dataset: Any = None  # the snapshot's eval split, for train.eval_steps
+    warm_start: bool = False  # train.extend_vocab added tokens: embeddings and head first, body frozen
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -486,12 +487,20 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
 
+    added = extend_vocabulary(tokenizer, rows["text"], cfg.train.extend_vocab_min_count) if cfg.train.extend_vocab else {}
+    if added:
+        print(f"train: extend_vocab: {len(added)} characters the tokenizer lacked are new tokens: "
+              f"{''.join(list(added)[:40])}{'...' if len(added) > 40 else ''}", file=sys.stderr, flush=True)
+
     def load_model() -> Any:
         try:
-            return AutoModelForSequenceClassification.from_pretrained(
+            model = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, **model_kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
+        if added:
+            extend_embeddings(model, list(added.values()))
+        return model
 
     def encode(split_rows: Any) -> Any:
         encoded = tokenizer(list(split_rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
@@ -501,8 +510,10 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     dataset = encode(rows)
     held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
     return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
-                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, dataset["input_ids"]))},
-                 eval_dataset=encode(held_out) if cfg.train.eval_steps and len(held_out) else None)
+                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, dataset["input_ids"])),
+                  "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}},
+                 eval_dataset=encode(held_out) if cfg.train.eval_steps and len(held_out) else None,
+                 warm_start=bool(added) and cfg.train.extend_vocab_epochs > 0)
 
 
 def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -510,6 +521,9 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
     from transformers import DataCollatorForSeq2Seq
 
     own = cfg.train
+    if own.extend_vocab:
+        raise ConfigError("train.extend_vocab: for sequence-classification; a causal LM's byte-level tokenizer "
+                          "reads every character (set train.extend_vocab=false)")
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
     examples, counts, template = chat.encode_split(cfg, tokenizer, frame, "train")
     eval_examples, eval_counts, _ = chat.encode_split(cfg, tokenizer, frame, "eval")
@@ -628,7 +642,9 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     term = _Termination()
     saver = _checkpointing(cfg, meta, audit, term, resume)
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
-    trainer = _audited_trainer(Trainer)(audit, model=parts.load_model(), args=args, train_dataset=parts.dataset,
+    warm_start = _WarmStart(own.extend_vocab_epochs, own.extend_vocab_learning_rate) if parts.warm_start else None
+    trainer = _audited_trainer(Trainer)(audit, warm_start, model=parts.load_model(), args=args,
+                                        train_dataset=parts.dataset,
                                         eval_dataset=parts.eval_dataset, data_collator=audit,
                                         callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping])
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
@@ -728,13 +744,86 @@ def _newest_step(cfg: PipelineConfig) -> int | None:
     return found[0].step if found else None
 
 
+@dataclass
+class _WarmStart:
+    """train.extend_vocab's first phase: for ``epochs``, only the embeddings and the head train (at
+    ``learning_rate``), the body's learning rate held at 0; then the body follows the Trainer's
+    schedule (warm-up and decay) over the remaining steps. One optimizer, two kinds of parameter
+    group, so that DeepSpeed (whose engine owns the optimizer from the first step) and a resumed run
+    see one run, not two."""
+
+    epochs: int
+    learning_rate: float
+
+    @staticmethod
+    def parameters(model: Any) -> set[int]:
+        """The embeddings (input, and untied output) and what the base model lacks: the head."""
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        warm = {id(p) for name, p in model.named_parameters() if not name.startswith(prefix)}
+        warm.add(id(model.get_input_embeddings().weight))
+        if model.get_output_embeddings() is not None:
+            warm.add(id(model.get_output_embeddings().weight))
+        return warm
+
+    def split_groups(self, model: Any, optimizer: Any) -> None:
+        warm = self.parameters(model)
+        groups = list(optimizer.param_groups)
+        optimizer.param_groups.clear()
+        for group in groups:
+            for is_warm in (True, False):
+                params = [p for p in group["params"] if (id(p) in warm) == is_warm]
+                if params:
+                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": params,
+                                               "warm_start": is_warm,
+                                               "lr": self.learning_rate if is_warm else group["lr"]})
+
+    def scheduler(self, args: Any, optimizer: Any, total: int) -> Any:
+        import torch
+        from transformers import get_scheduler
+
+        groups = optimizer.param_groups
+        if not all("warm_start" in group for group in groups):  # DeepSpeed built its own optimizer
+            raise ConfigError("train.extend_vocab_epochs: the frozen first phase needs the Trainer's optimizer, but "
+                              "DeepSpeed steps its own (train.offload_optimizer, or an optimizer in "
+                              "train.deepspeed_config); set train.extend_vocab_epochs=0")
+        phase = min(total, round(total * self.epochs / max(args.num_train_epochs, 1)))
+
+        def shape(steps: int) -> Any:  # the Trainer's schedule over `steps`, as a function of the step
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            made = get_scheduler(args.lr_scheduler_type, optimizer=probe, num_training_steps=max(steps, 1),
+                                 num_warmup_steps=args.get_warmup_steps(max(steps, 1)),
+                                 scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+            if not isinstance(made, torch.optim.lr_scheduler.LambdaLR):
+                raise ConfigError(f"train.trainer_args.lr_scheduler_type={args.lr_scheduler_type}: train.extend_vocab's "
+                                  "two phases need a schedule that is a function of the step (linear, cosine, ...)")
+            return made.lr_lambdas[0]
+
+        warm, body = shape(total), shape(total - phase)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            warm if group["warm_start"] else (lambda step: 0.0 if step < phase else body(step - phase))
+            for group in groups])
+
+
 def _audited_trainer(trainer_class: Any) -> Any:
     class AuditedTrainer(trainer_class):
         """Records the example ids of each micro-batch it trains on (see ``_Audit``)."""
 
-        def __init__(self, audit: _Audit, **kwargs: Any) -> None:
+        def __init__(self, audit: _Audit, warm_start: _WarmStart | None, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.audit = audit
+            self.warm_start = warm_start
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if self.warm_start is not None:
+                self.warm_start.split_groups(self.model, optimizer)
+            return optimizer
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.warm_start is None or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            self.lr_scheduler = self.warm_start.scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+            return self.lr_scheduler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.audit.record(inputs.pop("example_id"))

@@ -1,0 +1,125 @@
+"""train.extend_vocab: the characters of the training split that the base model's tokenizer maps to
+its unknown token become new tokens whose embeddings start as the unknown token's (the extended
+model computes what the base model computed), then train with the head while the body is frozen,
+under each ZeRO stage; the extended tokenizer is published and registered with the model."""
+
+import json
+
+import pytest
+
+from pipeline import register, steps, storage
+from pipeline.config import load_config
+from pipeline.models import extend_embeddings, extend_vocabulary
+from tests.helpers import collect_snapshot
+
+CHINESE = ["我想取消订单", "我的订单到哪了", "退款什么时候到账", "取消订单可以吗"]
+
+
+def test_the_extended_model_starts_out_computing_what_the_base_model_computed(classifier_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base_tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
+    tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
+    unknown = tokenizer.unk_token_id
+    texts = [*CHINESE, "where is my order 🙏"]
+    added = extend_vocabulary(tokenizer, texts, min_count=2)
+    # Only characters that read as [UNK] and occur at least twice, most frequent first (ties by code point).
+    assert list(added)[:2] == ["单", "订"] and all(ids == [unknown] for ids in added.values())
+    assert "退" not in added and "🙏" not in added  # once each: they stay unknown
+    assert all(base_tokenizer(c, add_special_tokens=False)["input_ids"] == [unknown] for c in added)
+    assert len(tokenizer) == len(base_tokenizer) + len(added)
+    encoded = tokenizer(CHINESE[0], add_special_tokens=False)["input_ids"]
+    assert len(encoded) == len(CHINESE[0]) and tokenizer.convert_ids_to_tokens(encoded)[-2:] == ["订", "单"]
+    assert tokenizer("where is my order")["input_ids"] == base_tokenizer("where is my order")["input_ids"]
+
+    base = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    extend_embeddings(model, list(added.values()))
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    with torch.no_grad():
+        before = base(**base_tokenizer(texts, padding=True, return_tensors="pt")).logits
+        after = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.fixture
+def snapshot(small_data):
+    return collect_snapshot([small_data])
+
+
+def _train(snapshot, model_dir, run_id, *extra):
+    return steps.launch_local("train", [
+        f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
+        "train.batch_size=8", "train.num_processes=2", "train.logging_steps=2", *extra])
+
+
+def _weights(path):
+    """The tensors by name; ZeRO-3's consolidated save spells LayerNorm's weight and bias with
+    their legacy names (gamma, beta), which from_pretrained maps back."""
+    from safetensors.torch import load_file
+
+    legacy = {".gamma": ".weight", ".beta": ".bias"}
+    return {next((k[: -len(old)] + new for old, new in legacy.items() if k.endswith(old)), k): v
+            for k, v in load_file(str(path / "model.safetensors")).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_the_first_phase_trains_the_new_embeddings_and_the_head_and_leaves_the_body(snapshot, classifier_dir, stage):
+    """train.extend_vocab_epochs = train.epochs: the body never trains; under every ZeRO stage the
+    published body equals the base model's bit for bit while the new rows and the head moved."""
+    result = _train(snapshot, classifier_dir, f"frozen{stage}", f"train.zero_stage={stage}", "train.epochs=1",
+                    "train.extend_vocab_epochs=1", "train.learning_rate=0.01")
+    summary = storage.read_json(result["summary_uri"])
+    assert summary["deepspeed"]["zero_stage"] == stage
+    added = summary["extended_vocab"]["added_tokens"]
+    assert added > 20  # small_data's Chinese characters the MiniLM vocabulary lacks
+    model_dir = storage.local_path(result["model_uri"])
+    base, trained = _weights(classifier_dir), _weights(model_dir)
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    body = [k for k in base if k.startswith("bert.") and k != embeddings]
+    assert set(trained) == set(base), (sorted(set(base) - set(trained)), sorted(set(trained) - set(base)))
+    assert body and all((trained[k] == base[k]).all() for k in body)
+    assert trained[embeddings].shape[0] == base[embeddings].shape[0] + added
+    unknown = base[embeddings][100]  # [UNK]: where every new row started
+    assert (trained[embeddings][-added:] - unknown).abs().amax(dim=1).min() > 0  # every new row trained
+    assert (trained["classifier.weight"] - base["classifier.weight"]).abs().max() > 0
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tokenizer) == trained[embeddings].shape[0]
+    assert summary["extended_vocab"]["tokens"][0] in tokenizer.get_vocab()
+
+
+@pytest.mark.slow
+def test_after_the_first_phase_the_body_trains_and_the_registered_model_reads_the_new_characters(
+        snapshot, classifier_dir, tmp_path):
+    import mlflow
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = _train(snapshot, classifier_dir, "two-phase", "train.zero_stage=3", "train.epochs=2",
+                    "train.extend_vocab_epochs=1")
+    model_dir = storage.local_path(result["model_uri"])
+    base, trained = _weights(classifier_dir), _weights(model_dir)
+    assert any((trained[k] != base[k]).any() for k in base if k.startswith("bert.encoder."))
+
+    uris = {step: (tmp_path / f"{step}.json").as_uri() for step in ("collect", "evaluate")}
+    storage.write_json(uris["collect"], {"sha256": "ab" * 32, "rows": 120, "rows_train": 96, "rows_eval": 24})
+    storage.write_json(uris["evaluate"], {"metrics": {"accuracy": 0.9, "macro_f1": 0.9}, "gate_metric": "accuracy",
+                                          "promote": True, "reason": "test", "champion_version": ""})
+    register.run(load_config(None, ["run_id=two-phase", f"register.collect_result_uri={uris['collect']}",
+                                    f"register.train_result_uri={result['result_uri']}",
+                                    f"register.evaluate_result_uri={uris['evaluate']}"]))
+    served = mlflow.pyfunc.load_model("models:/support-intents@champion")
+    tokenizer = served._model_impl.pipeline.tokenizer
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(model_dir)) > len(AutoTokenizer.from_pretrained(
+        classifier_dir))
+    assert tokenizer.unk_token_id not in tokenizer("订单", add_special_tokens=False)["input_ids"]
+    local = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = model(**local(CHINESE, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    assert served.predict(CHINESE)["label"].tolist() == [model.config.id2label[i] for i in expected]
