@@ -267,19 +267,24 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
             raise SystemExit(f"orchestration: run {run['dag_run_id']} {run['state']}: {states}; logs in {home}")
         tasks, previous_end = {}, run["queued_at"]
         for ti in sorted(instances, key=lambda ti: ti["start_date"]):
-            steps = STEP.findall(task_log(home, run["dag_run_id"], ti["task_id"], ti["try_number"]))
+            launched = STEP.findall(task_log(home, run["dag_run_id"], ti["task_id"], ti["try_number"]))
+            if not launched:
+                raise SystemExit(f"orchestration: no `launch: step` line in the log of {ti['task_id']}")
             figures = {"wait_s": _seconds(ti["start_date"], previous_end),
                        "task_s": _seconds(ti["end_date"], ti["start_date"]),
-                       "step_s": float(steps[-1][2]) if steps else 0.0}
+                       "step_s": float(launched[-1][2])}
             figures["overhead_s"] = figures["wait_s"] + figures["task_s"] - figures["step_s"]
             tasks[ti["task_id"]] = figures
             previous_end = ti["end_date"]
         wall = _seconds(run["end_date"], run["queued_at"])
-        return {"up_s": up_s, "wall_s": wall, "observed_s": observed_s, "tasks": tasks,
-                "outside_steps_s": wall - sum(f["step_s"] for f in tasks.values())}
+    except BaseException:
+        print(f"orchestration: the scheduler run's home (logs, stores) is kept in {home}", file=sys.stderr)
+        raise
     finally:
         subprocess.run([*command, "down"], env=env, capture_output=True, text=True)
-        shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+    return {"up_s": up_s, "wall_s": wall, "observed_s": observed_s, "tasks": tasks,
+            "outside_steps_s": wall - sum(f["step_s"] for f in tasks.values())}
 
 
 def scheduler_section(epochs: int, repeats: int) -> dict[str, Any]:

@@ -45,3 +45,47 @@ def test_tables_come_from_the_result_files_and_a_stale_page_is_caught(tmp_path, 
     assert report.main(["--check"]) == 1
     report.main([])
     assert page.read_text().count("<!-- bench:training_tax -->") == 1 and "0.990 (0.891-1.089)" in page.read_text()
+
+
+def _orchestration_result():
+    task = {key: _spread(1.0) for key in ("task_s", "step_s", "overhead_s")}
+    return {"command": "python bench/orchestration.py --repeats 3", "commit": "abc1234", "date": "today",
+            "machine": {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"},
+            "setup": {"epochs": 1, "via": "finetune run (airflow dags test)", "repeats": 3},
+            "dag_run": {"wall_s": _spread(300.0), "outside_tasks_s": _spread(40.0), "tasks": {"collect": task}},
+            "finetune_help_s": _spread(0.5)}
+
+
+def test_each_part_of_the_orchestration_result_keeps_its_own_provenance(tmp_path, monkeypatch):
+    """`--only parse` and `--path scheduler` replace their part of orchestration.json and leave the
+    rest as measured; the page names each part's own command and commit."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+
+    report = _report_module()
+    out = tmp_path / "orchestration.json"
+    out.write_text(json.dumps({"name": "orchestration", **_orchestration_result(), "dag_parse_s": {}}))
+    monkeypatch.setattr(harness, "machine", lambda: {"cpus": 2})
+    monkeypatch.setattr(harness, "commit", lambda: "def5678")
+    monkeypatch.setattr(sys, "argv", ["bench/orchestration.py", "--only", "parse"])
+    files = {name: {"warm": _spread(0.08), "cold": _spread(0.2)} for name in ("collect.py", "finetune.py")}
+    parse = {"repeats": 5, "files": files, "baseline": {"commit": "1111111", "files": {
+        name: {"warm": _spread(0.1), "cold": _spread(0.2)} for name in files}}}
+    harness.update_result("orchestration", {"dag_parse": parse}, out, drop=["dag_parse_s"])
+    monkeypatch.setattr(sys, "argv", ["bench/orchestration.py", "--path", "scheduler"])
+    wait = {key: _spread(1.5) for key in ("wait_s", "task_s", "step_s", "overhead_s")}
+    scheduler = {"setup": {"via": "make up", "epochs": 1, "repeats": 1}, "up_s": _spread(60.0), "wall_s": _spread(300.0),
+                 "outside_steps_s": _spread(20.0), "tasks": {"collect": wait}}
+    harness.update_result("orchestration", {"scheduler": scheduler}, out)
+
+    result = json.loads(out.read_text())
+    assert "dag_parse_s" not in result and result["commit"] == "abc1234"  # the `finetune run` part as measured
+    assert result["dag_parse"]["command"].endswith("--only parse") and result["dag_parse"]["commit"] == "def5678"
+    assert result["scheduler"]["command"].endswith("--path scheduler")
+    text = report.orchestration(result)
+    assert "`collect.py` 80 (72-88) ms, `finetune.py` 80 (72-88) ms with bytecode cached (target < 500 ms: met)" in text
+    assert "`collect.py` 100 -> 80 ms" in text and "(1111111 -> def5678)" in text
+    assert "| `collect` | 1.50 (1.35-1.65) | 1.5 (1.4-1.7) | 1.5 (1.4-1.7) | 1.50 (1.35-1.65) | met |" in text
+    assert "`python bench/orchestration.py --path scheduler` at def5678" in text
