@@ -37,7 +37,7 @@ from typing import Any
 from pipeline import chat, drift, storage, tracking
 from pipeline.config import PipelineConfig, ValidateConfig
 from pipeline.errors import ConfigError, DataError, ValidationFailed
-from pipeline.models import load_tokenizer
+from pipeline.models import extend_vocabulary, load_tokenizer
 from pipeline.snapshot import load_snapshot
 from pipeline.text import language_of, normalize_text
 
@@ -261,35 +261,46 @@ def severity(check: str, own: ValidateConfig) -> str:
     return own.drift_severity if check in drift.CHECKS else "error"
 
 
-def run_suite(frame: Any, name: str, expectations: list[tuple[str, Any]], own: ValidateConfig,
+def run_suite(suites: list[tuple[str, Any, list[tuple[str, Any]]]], own: ValidateConfig,
               root: Path) -> tuple[list[dict[str, Any]], Path]:
-    """Run the expectations over ``frame`` in a file context under ``root``; the checks and the Data Docs folder."""
+    """Run each (name, frame, expectations) in one file context under ``root``, so that one Data
+    Docs site shows them all; the checks and the Data Docs folder."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in task logs
-    batch = (context.data_sources.add_pandas("snapshot").add_dataframe_asset(name="rows")
-             .add_batch_definition_whole_dataframe("all"))
-    suite = gx.ExpectationSuite(name=name)
-    for check, expectation in expectations:
-        expectation.meta = {"check": check, "severity": severity(check, own)}
-        suite.add_expectation(expectation)
-    suite = context.suites.add(suite)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="snapshot", data=batch, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="gate", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-        result_format={"result_format": "SUMMARY"}))
-    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
-    checks = [_describe(r) for run_result in outcome.run_results.values() for r in run_result.results]
+    source = context.data_sources.add_pandas("snapshot")
+    checks = []
+    for name, frame, expectations in suites:
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all")
+        suite = gx.ExpectationSuite(name=name)
+        for check, expectation in expectations:
+            expectation.meta = {"check": check, "severity": severity(check, own)}
+            suite.add_expectation(expectation)
+        suite = context.suites.add(suite)
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"gate-{name}", validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            result_format={"result_format": "SUMMARY"}))
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        checks += [_describe(r) for run_result in outcome.run_results.values() for r in run_result.results]
     return checks, root / "gx" / "uncommitted" / "data_docs" / "local_site"
 
 
 def _shorten(value: Any, limit: int = 80) -> Any:
     text = value if isinstance(value, str) else None
     return text[:limit] + f"... ({len(text)} chars)" if text is not None and len(text) > limit else value
+
+
+def _row_of(index: Any, column: str | None) -> int | str:
+    """A row number, or where the frame's index is named (the coverage table's, by script), its
+    value: GX reports those as {index name: value, column: value}."""
+    if isinstance(index, dict):
+        return ", ".join(str(v) for k, v in index.items() if k != column)
+    return index if isinstance(index, str) else int(index)
 
 
 def _describe(result: Any) -> dict[str, Any]:
@@ -304,21 +315,43 @@ def _describe(result: Any) -> dict[str, Any]:
         "column": config.kwargs.get("column"),
         "success": bool(result.success),
         "unexpected_count": details.get("unexpected_count"),
-        "example_rows": [int(i) for i in (details.get("partial_unexpected_index_list") or [])[:5]],
+        "example_rows": [_row_of(i, config.kwargs.get("column"))
+                         for i in (details.get("partial_unexpected_index_list") or [])[:5]],
         "example_values": values if any(v is not None for v in values) else [],
         "observed_value": _shorten(details.get("observed_value")),
     }
 
 
-def coverage_checks(coverage: dict[str, dict[str, Any]], own: ValidateConfig) -> list[dict[str, Any]]:
-    """``tokenizer_coverage`` for every writing system with at least ``validate.min_slice_rows``
-    rows, in the shape of a suite check."""
-    severity_of = "warning" if "tokenizer_coverage" in own.warn_only else own.coverage_severity
-    return [{"check": "tokenizer_coverage", "severity": severity_of, "expectation": "unknown_token_rate",
-             "column": f"text ({name})", "success": entry["rate"] <= own.max_unknown_token_rate,
+def coverage_frame(coverage: dict[str, dict[str, Any]], own: ValidateConfig) -> Any:
+    """One row per writing system with at least ``validate.min_slice_rows`` rows, indexed by its
+    name: the table the tokenizer_coverage expectation reads (and Data Docs shows)."""
+    import pandas as pd
+
+    kept = {name: entry for name, entry in sorted(coverage.items()) if entry["rows"] >= own.min_slice_rows}
+    return pd.DataFrame({"rows": [e["rows"] for e in kept.values()], "tokens": [e["tokens"] for e in kept.values()],
+                         "unknown_tokens": [e["unknown"] for e in kept.values()],
+                         "unknown_token_rate": [e["rate"] for e in kept.values()],
+                         "missing_characters": [e["missing_characters"] for e in kept.values()]},
+                        index=pd.Index(list(kept), name="script"))
+
+
+def coverage_expectations(gx: Any, own: ValidateConfig) -> list[tuple[str, Any]]:
+    return [("tokenizer_coverage", gx.expectations.ExpectColumnValuesToBeBetween(
+        column="unknown_token_rate", min_value=0.0, max_value=own.max_unknown_token_rate))]
+
+
+def coverage_checks(described: list[dict[str, Any]], coverage: dict[str, dict[str, Any]],
+                    own: ValidateConfig) -> list[dict[str, Any]]:
+    """The tokenizer_coverage expectation's verdict per writing system (its unexpected rows are the
+    failing scripts), each with the rate, the rows with the most unknown tokens and what is missing."""
+    [result] = described or [{"success": True, "severity": severity("tokenizer_coverage", own)}]
+    failing = set() if result["success"] else set(result["example_rows"])
+    return [{"check": "tokenizer_coverage", "severity": result["severity"], "expectation": "unknown_token_rate",
+             "column": f"text ({name})", "success": name not in failing,
              "unexpected_count": entry["rows_with_unknown"], "example_rows": entry["example_rows"],
              "example_values": [], "observed_value": entry["rate"], "max": own.max_unknown_token_rate,
-             "script": name, "missing_characters": entry["missing_characters"]}
+             "script": name, "missing_characters": entry["missing_characters"],
+             "missing_examples": entry["missing_examples"]}
             for name, entry in sorted(coverage.items()) if entry["rows"] >= own.min_slice_rows]
 
 
@@ -378,9 +411,16 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
                                f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
                                f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
         "drift_label_psi": drift, "drift_length_ks": drift, "drift_oov_rate": drift,
-        "tokenizer_coverage": "base_model's tokenizer maps too much of this writing system to its unknown token, so "
-                              "the model cannot read it: choose a base_model whose tokenizer covers the script "
-                              "(a multilingual one), or raise validate.max_unknown_token_rate knowingly",
+        "tokenizer_coverage": (
+            f"even with the training split's characters seen at least train.extend_vocab_min_count="
+            f"{cfg.train.extend_vocab_min_count} times added to the vocabulary (train.extend_vocab), too much of this "
+            "writing system is unknown: the rest are rarer or only in the eval split; add training rows that use "
+            "them, lower train.extend_vocab_min_count, or choose a base_model whose tokenizer covers the script"
+            if cfg.train.extend_vocab else
+            "base_model's tokenizer maps too much of this writing system to its unknown token, so the model cannot "
+            "read it: set train.extend_vocab=true (the training split's missing characters become tokens), or "
+            "choose a base_model whose tokenizer covers the script (a multilingual one), or raise "
+            "validate.max_unknown_token_rate knowingly"),
     }.get(check, "see the Data Docs")
 
 
@@ -486,10 +526,17 @@ def classification_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accept
                          gx: Any) -> Suite:
     own = cfg.validate
     allowed, source = _allowed_labels(own, accepted)
+    # Tokens as training will count them: with train.extend_vocab, the training split's characters
+    # the vocabulary lacks are tokens of their own, and only what is left is unknown.
+    added = {}
+    if cfg.train.extend_vocab and {"text", "split"} <= set(frame.columns):
+        added = extend_vocabulary(tokenizer, frame.loc[frame["split"] == "train", "text"],
+                                  cfg.train.extend_vocab_min_count)
     derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed)
     return Suite("sequence_classification", derived, classification_expectations(gx, own, allowed), None,
                  {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note,
-                  "tokenizer_coverage": coverage})
+                  "tokenizer_coverage": coverage, "extended_vocab": {"added_tokens": len(added),
+                                                                     "tokens": "".join(added)}})
 
 
 def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any) -> Suite:
@@ -532,8 +579,12 @@ def run(cfg: PipelineConfig) -> ValidateResult:
         suite = SUITES[cfg.task](cfg, frame, load_tokenizer(cfg.base_model, scratch), accepted, gx)
         summary.update(suite.summary)
         lap("derive")
-        checks, docs = run_suite(suite.frame, suite.name, suite.expectations, own, scratch)
-        checks += coverage_checks(summary.get("tokenizer_coverage", {}), own)
+        coverage = summary.get("tokenizer_coverage", {})
+        checks, docs = run_suite([(suite.name, suite.frame, suite.expectations),
+                                  *([("tokenizer_coverage", coverage_frame(coverage, own),
+                                      coverage_expectations(gx, own))] if coverage else [])], own, scratch)
+        described = [c for c in checks if c["check"] == "tokenizer_coverage"]
+        checks = [c for c in checks if c["check"] != "tokenizer_coverage"] + coverage_checks(described, coverage, own)
         parsed = suite.parsed
         del suite  # the derived frame: as large as the snapshot, and no longer needed
         lap("suite")

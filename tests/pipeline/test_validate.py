@@ -33,7 +33,8 @@ def test_good_snapshot_passes_publishes_data_docs_and_is_recorded_as_accepted(sm
     assert any(p.suffix == ".html" for p in (docs / "validations").rglob("*"))
     summary = storage.read_json(result.summary_uri)
     assert summary["passed"] and {c["check"] for c in summary["checks"]} == set(CLASSIFICATION_CHECKS) - {
-        "label_allowed"}  # nothing to take allowed labels from yet
+        "label_allowed",  # nothing to take allowed labels from yet
+        "tokenizer_coverage"}  # no writing system has validate.min_slice_rows rows here
     assert summary["drift"] == {"status": "skipped", "reason": "no accepted snapshot for model support-intents yet"}
     assert summary["token_count"]["rows_counted"] == snapshot.rows
     record = storage.read_json(result.accepted_uri)
@@ -430,17 +431,31 @@ def test_the_accepted_snapshot_pointer_only_moves_forward_in_run_order(tmp_path)
 
 def test_tokenizer_coverage_per_writing_system_names_the_script_the_model_cannot_read(tmp_path):
     # The shipped intents with the default base model, MiniLM: an English WordPiece vocabulary.
-    uri = _snapshot(tmp_path, _support_rows(10, 20), "coverage")
-    result = validate.run(_cfg(uri))
-    coverage = storage.read_json(result.summary_uri)["tokenizer_coverage"]
+    rows = [(text, label, "eval" if i % 5 == 0 else "train") for i, (text, label, _) in
+            enumerate(_support_rows(10, 80))]
+    uri = _snapshot(tmp_path, rows, "coverage")
+    with pytest.raises(ValidationFailed) as failed:  # the old default: no vocabulary extension
+        validate.run(_cfg(uri, "run_id=plain", "train.extend_vocab=false"))
+    summary = storage.read_json(load_config(None, ["run_id=plain"]).step_uri("validate") + "/summary.json")
+    coverage = summary["tokenizer_coverage"]
     assert coverage["latin"]["rate"] < 0.01 and coverage["zh"]["rate"] > 0.5  # most Chinese tokens are [UNK]
-    assert coverage["zh"]["missing_characters"] > 100 and coverage["zh"]["rows"] + coverage["latin"]["rows"] == 200
-    [warning] = [w for w in result.warnings if w.startswith("tokenizer_coverage")]  # reported, by default
-    assert "unknown_token_rate(column=text (zh))" in warning
-
-    with pytest.raises(ValidationFailed) as failed:
-        validate.run(_cfg(uri, "run_id=strict", "validate.coverage_severity=error"))
+    assert coverage["zh"]["missing_characters"] > 100 and coverage["zh"]["rows"] + coverage["latin"]["rows"] == 800
     message = str(failed.value)
     assert f"tokenizer_coverage: unknown_token_rate(column=text (zh)): observed {coverage['zh']['rate']}" in message
-    assert "choose a base_model whose tokenizer covers the script" in message
+    assert "set train.extend_vocab=true" in message and "choose a base_model whose tokenizer covers" in message
     assert "text (latin)" not in message  # English reads fine
+    docs = storage.local_path(summary["data_docs_uri"])
+    [page] = (docs / "validations" / "tokenizer_coverage").rglob("*.html")  # an expectation in Data Docs
+    assert "unknown_token_rate" in page.read_text() and "0.71" in page.read_text()  # zh's rate, failing
+
+    # Reported, not gating, when the team says so.
+    assert validate.run(_cfg(uri, "run_id=warned", "train.extend_vocab=false",
+                             "validate.warn_only=[tokenizer_coverage]")).warnings
+
+    # The default: the training split's missing characters become tokens (train.extend_vocab), and
+    # validate counts tokens as training will. What is left unknown is the eval split's rarities.
+    result = validate.run(_cfg(uri, "run_id=extended"))
+    summary = storage.read_json(result.summary_uri)
+    assert result.passed and not [w for w in result.warnings if w.startswith("tokenizer_coverage")]
+    assert summary["extended_vocab"]["added_tokens"] > 100
+    assert summary["tokenizer_coverage"]["zh"]["rate"] <= 0.05
