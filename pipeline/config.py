@@ -373,7 +373,8 @@ OVERLONG = ("truncate", "drop")
 @dataclass(frozen=True)
 class TrainConfig:
     snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
-    epochs: int = option(5, "Passes over the training split.", minimum=1, maximum=100)
+    epochs: int = option(6, "Passes over the training split (train.extend_vocab's frozen first phase included).",
+                         minimum=1, maximum=100)
     learning_rate: float = option(2e-4, "Peak learning rate (linear decay after warm-up).",
                                   exclusive_minimum=0.0, maximum=1.0)
     batch_size: int = option(16, "Examples per process per step (micro-batch).", minimum=1, maximum=1024)
@@ -423,12 +424,14 @@ class TrainConfig:
     extend_vocab: bool = option(True, "sequence-classification: add the characters of the training split that "
                                       "base_model's tokenizer maps to its unknown token as new tokens (published "
                                       "with the model). Their embeddings start as the unknown token's and train "
-                                      "with the head, the rest frozen, for train.extend_vocab_epochs; then "
-                                      "everything trains. Nothing changes when the tokenizer reads every character.")
+                                      "with the head, the rest frozen, for the first train.extend_vocab_epochs; "
+                                      "then everything trains. Nothing changes when the tokenizer reads every "
+                                      "character.")
     extend_vocab_min_count: int = option(2, "Characters the training split holds fewer times stay unknown.",
                                          minimum=1)
-    extend_vocab_epochs: int = option(1, "Epochs at the start in which only the new embeddings and the head "
-                                         "train (at most train.epochs).", minimum=0, maximum=100)
+    extend_vocab_epochs: int = option(1, "Of train.epochs, the first ones in which only the embeddings and the "
+                                         "head train, when train.extend_vocab added tokens; at most train.epochs - 1 "
+                                         "(the body trains for at least one epoch).", minimum=0, maximum=100)
     extend_vocab_learning_rate: float = option(1e-3, "Peak learning rate of the embeddings and the head while "
                                                      "the vocabulary is extended (the rest uses "
                                                      "train.learning_rate).", exclusive_minimum=0.0, maximum=1.0)
@@ -451,9 +454,6 @@ class TrainConfig:
             raise ConfigError("train.early_stopping_patience needs train.eval_steps (how often the eval loss is "
                               "computed), got train.eval_steps=0")
         check_trainer_args(self.trainer_args)
-        if self.extend_vocab and self.extend_vocab_epochs > self.epochs:
-            raise ConfigError(f"train.extend_vocab_epochs={self.extend_vocab_epochs} is more than "
-                              f"train.epochs={self.epochs}")
         if self.offload_optimizer and "optim" in self.trainer_args:
             raise ConfigError("train.trainer_args.optim: with train.offload_optimizer the optimizer is DeepSpeed's "
                               "CPU Adam (AdamW), which steps where the offloaded states are; drop one of the two")
@@ -776,7 +776,7 @@ TRIGGER_KEYS = (
     "train.max_seq_len", "train.weight_decay", "train.warmup_ratio", "train.zero_stage", "train.num_processes",
     "train.logging_steps", "train.precision", "train.offload_optimizer", "train.offload_params",
     "train.chat_template", "train.overlong", "train.packing", "train.lora_*", "train.eval_steps",
-    "train.early_stopping_patience", "train.trainer_args", "train.model_kwargs",
+    "train.early_stopping_patience", "train.trainer_args", "train.model_kwargs", "train.extend_vocab*",
     "evaluate.batch_size", "evaluate.max_seq_len", "evaluate.generate_rows", "evaluate.max_new_tokens",
     "promote.version", "promote.target_alias", "promote.reason", "promote.force",
 )

@@ -92,8 +92,10 @@ def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(ordered)), {label: i for i, label in enumerate(ordered)}
 
 
-def _rank() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def _ranks() -> tuple[int, int, int]:
+    """This process's rank, its rank on this node and the world size, as torch.distributed.run sets them."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
 class _Audit:
@@ -197,7 +199,7 @@ def _node_dir(scratch: Path) -> Path:
         return scratch / "checkpoints"
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     path = Path(tempfile.gettempdir()) / f"finetune-train-{launch}-{restart}"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if _ranks()[1] == 0:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
     _barrier()
@@ -220,7 +222,7 @@ def _resume_point(cfg: PipelineConfig, meta: dict[str, Any], local: Path) -> tup
     if chosen is None:
         return None
     step, path = chosen
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, _ = _ranks()
     if rank != 0 and local_rank == 0 and not Path(path).is_dir():  # another node: fetch its own copy
         marker = storage.read_json(storage.join(root, checkpoints.name(step), checkpoints.MARKER))
         checkpoints.fetch(checkpoints.Checkpoint(storage.join(root, checkpoints.name(step)), step, marker), Path(path))
@@ -238,7 +240,7 @@ def _best_checkpoint(cfg: PipelineConfig, step: int, resume: tuple[int, Path] | 
         raise DataError(f"{root}: the best evaluation's checkpoint (step {step}) is gone, so early stopping cannot "
                         "publish its weights; set train.resume=false to train this run over")
     dest = local / "best"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if _ranks()[1] == 0:
         checkpoints.fetch(found[0], dest)
     _barrier()
     return storage.local_path(found[0].uri) or dest
@@ -271,7 +273,7 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
 
     own = cfg.train
     root = checkpoint_root(cfg)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, _ = _ranks()
 
     class Checkpointing(TrainerCallback):
         """Checkpoints at each epoch end and every ``train.checkpoint_steps`` (the Trainer's save
@@ -361,12 +363,10 @@ def _metric(key: str, value: float, step: int) -> Any:
     return Metric(key=key, value=value, timestamp=int(time.time() * 1000), step=step)
 
 
-def _gather_audit(audit: _Audit, world: int) -> list[dict[int, list[int]]]:
-    if world == 1:
+def _gather_audit(audit: _Audit) -> list[dict[int, list[int]]]:
+    if (dist := _collective()) is None:
         return [audit.seen]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * world
+    gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, audit.seen)
     return gathered
 
@@ -390,7 +390,7 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         raise ConfigError(f"train.lora_merge=false registers the adapter with a reference to base_model, but "
                           f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
                           f"local directory or a hub name, or train.lora_merge=true")
-    rank, world = _rank()
+    rank, _, world = _ranks()
     ds_config = deepspeed_config(own)
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp:
         scratch = Path(tmp)
@@ -592,7 +592,8 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     own = cfg.train
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    rank, local_rank, world = _ranks()
+    if world > 1:
         import deepspeed
 
         # DeepSpeed's collectives call torch.distributed functions that torch 2.13 deprecates
@@ -606,7 +607,6 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
         # of blocking every later run behind it.
         deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl",
                                    timeout=timedelta(seconds=own.collective_timeout_s))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     node_dir = _node_dir(scratch)
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
     # Every field set here is refused in train.trainer_args (config.PIPELINE_TRAINER_ARGS says why).
@@ -635,14 +635,17 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     if resume is not None:
         weights_only_deepspeed_loads()
         step, path = resume
-        audit.restore((path / f"audit-rank{int(os.environ.get('RANK', '0'))}.json").read_text())
-        if _is_rank0():
+        audit.restore((path / f"audit-rank{rank}.json").read_text())
+        if rank == 0:
             print(f"train: resuming from step {step} ({storage.join(checkpoint_root(cfg), checkpoints.name(step))})",
                   file=sys.stderr, flush=True)
     term = _Termination()
     saver = _checkpointing(cfg, meta, audit, term, resume)
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
-    warm_start = _WarmStart(own.extend_vocab_epochs, own.extend_vocab_learning_rate) if parts.warm_start else None
+    # The body trains for at least one epoch: a one-epoch run has no frozen phase.
+    frozen_epochs = min(own.extend_vocab_epochs, own.epochs - 1)
+    warm_start = _WarmStart(frozen_epochs, own.extend_vocab_learning_rate) if parts.warm_start and frozen_epochs \
+        else None
     trainer = _audited_trainer(Trainer)(audit, warm_start, model=parts.load_model(), args=args,
                                         train_dataset=parts.dataset,
                                         eval_dataset=parts.eval_dataset, data_collator=audit,
@@ -650,7 +653,7 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != world:
         raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
-                           f"{os.environ.get('WORLD_SIZE')} processes: the data would not be sharded")
+                           f"{world} processes: the data would not be sharded")
     try:
         output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finally:
@@ -664,7 +667,7 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
     (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
-    per_rank = _gather_audit(audit, args.world_size)
+    per_rank = _gather_audit(audit)
     parts.tokenizer.save_pretrained(str(target))
     if target.name == "adapter" and trainer.is_world_process_zero():
         _publishable_model(cfg, model_dir, target, scratch / "model")
@@ -672,7 +675,7 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     if trainer.is_world_process_zero():
         print("train: sharding " + json.dumps(report["epochs"]), file=sys.stderr, flush=True)
     _barrier()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if local_rank == 0:
         shutil.rmtree(node_dir, ignore_errors=True)
     return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
             "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
@@ -735,10 +738,6 @@ def weights_only_deepspeed_loads() -> None:
     TorchCheckpointEngine.load = load
 
 
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _newest_step(cfg: PipelineConfig) -> int | None:
     found = checkpoints.complete(checkpoint_root(cfg))
     return found[0].step if found else None
@@ -746,9 +745,9 @@ def _newest_step(cfg: PipelineConfig) -> int | None:
 
 @dataclass
 class _WarmStart:
-    """train.extend_vocab's first phase: for ``epochs``, only the embeddings and the head train (at
-    ``learning_rate``), the body's learning rate held at 0; then the body follows the Trainer's
-    schedule (warm-up and decay) over the remaining steps. One optimizer, two kinds of parameter
+    """train.extend_vocab's first phase: for the first ``epochs`` of train.epochs, only the embeddings
+    and the head train (at ``learning_rate``), the body's learning rate held at 0; then the body
+    follows the Trainer's schedule (warm-up and decay) over the remaining steps. One optimizer, two kinds of parameter
     group, so that DeepSpeed (whose engine owns the optimizer from the first step) and a resumed run
     see one run, not two."""
 
@@ -777,16 +776,16 @@ class _WarmStart:
                                                "warm_start": is_warm,
                                                "lr": self.learning_rate if is_warm else group["lr"]})
 
-    def scheduler(self, args: Any, optimizer: Any, total: int) -> Any:
+    def scheduler(self, args: Any, optimizer: Any, total: int, per_epoch: int) -> Any:
         import torch
         from transformers import get_scheduler
 
-        groups = optimizer.param_groups
-        if not all("warm_start" in group for group in groups):  # DeepSpeed built its own optimizer
+        groups = getattr(optimizer, "param_groups", None) or []  # HF's stand-in for DeepSpeed's has none
+        if not groups or not all("warm_start" in group for group in groups):  # DeepSpeed builds its own
             raise ConfigError("train.extend_vocab_epochs: the frozen first phase needs the Trainer's optimizer, but "
                               "DeepSpeed steps its own (train.offload_optimizer, or an optimizer in "
                               "train.deepspeed_config); set train.extend_vocab_epochs=0")
-        phase = min(total, round(total * self.epochs / max(args.num_train_epochs, 1)))
+        phase = min(total, self.epochs * per_epoch)
 
         def shape(steps: int) -> Any:  # the Trainer's schedule over `steps`, as a function of the step
             probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -814,15 +813,20 @@ def _audited_trainer(trainer_class: Any) -> Any:
             self.warm_start = warm_start
 
         def create_optimizer(self, *args, **kwargs):
+            # Called again after DeepSpeed took the optimizer over (and by then holds flat
+            # partitions of the parameters): its groups are split once, when it is made.
+            fresh = self.optimizer is None
             optimizer = super().create_optimizer(*args, **kwargs)
-            if self.warm_start is not None:
+            if fresh and self.warm_start is not None:
                 self.warm_start.split_groups(self.model, optimizer)
             return optimizer
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.warm_start is None or self.lr_scheduler is not None:
                 return super().create_scheduler(num_training_steps, optimizer)
-            self.lr_scheduler = self.warm_start.scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+            per_epoch = max(len(self.get_train_dataloader()) // self.args.gradient_accumulation_steps, 1)
+            self.lr_scheduler = self.warm_start.scheduler(self.args, optimizer or self.optimizer, num_training_steps,
+                                                          per_epoch)
             return self.lr_scheduler
 
         def training_step(self, model, inputs, num_items_in_batch=None):

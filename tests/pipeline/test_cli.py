@@ -24,9 +24,9 @@ def test_step_help_lists_every_key_of_its_section_with_type_default_and_bounds(s
     for f in dataclasses.fields(SECTIONS[step]):
         assert f"  {step}.{f.name} (" in text, f.name
     if step == "train":
-        assert "  train.epochs (integer, default 5; [1..100])" in text
+        assert "  train.epochs (integer, default 6; [1..100])" in text
         assert "  train.zero_stage (integer, default 2; one of 0, 1, 2, 3)" in text
-        assert "Passes over the training split." in text
+        assert "Passes over the training split" in text
 
 
 def test_config_prints_the_effective_configuration_as_yaml_that_loads_back(tmp_path, capsys):

@@ -67,10 +67,13 @@ def _weights(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_the_first_phase_trains_the_new_embeddings_and_the_head_and_leaves_the_body(snapshot, classifier_dir, stage):
-    """train.extend_vocab_epochs = train.epochs: the body never trains; under every ZeRO stage the
+    """Training cut at the end of the first phase (max_steps = one epoch): under every ZeRO stage the
     published body equals the base model's bit for bit while the new rows and the head moved."""
-    result = _train(snapshot, classifier_dir, f"frozen{stage}", f"train.zero_stage={stage}", "train.epochs=1",
-                    "train.extend_vocab_epochs=1", "train.learning_rate=0.01")
+    epoch = snapshot.rows_train // (8 * 2)  # micro-batches of 8 on each of 2 ranks, the last partial one dropped
+    result = _train(snapshot, classifier_dir, f"frozen{stage}", f"train.zero_stage={stage}", "train.epochs=2",
+                    "train.extend_vocab_epochs=1", "train.learning_rate=0.01",
+                    f'train.trainer_args={{"max_steps": {epoch}}}')
+    assert result["global_step"] == epoch
     summary = storage.read_json(result["summary_uri"])
     assert summary["deepspeed"]["zero_stage"] == stage
     added = summary["extended_vocab"]["added_tokens"]
@@ -123,3 +126,14 @@ def test_after_the_first_phase_the_body_trains_and_the_registered_model_reads_th
     with torch.no_grad():
         expected = model(**local(CHINESE, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
     assert served.predict(CHINESE)["label"].tolist() == [model.config.id2label[i] for i in expected]
+
+
+@pytest.mark.slow
+def test_a_frozen_first_phase_under_deepspeeds_own_optimizer_is_refused_by_name(snapshot, classifier_dir):
+    """DeepSpeed's CPU Adam (train.offload_optimizer) holds every parameter in one group, so the
+    body cannot be held still: the step says so and what to set, and publishes nothing."""
+    with pytest.raises(steps.StepFailed) as failed:
+        _train(snapshot, classifier_dir, "offload", "train.epochs=2", "train.offload_optimizer=true")
+    assert failed.value.returncode == 2 and not failed.value.retryable
+    assert "set train.extend_vocab_epochs=0" in str(failed.value)
+    assert not storage.exists(load_config(None, ["run_id=offload"]).step_uri("train") + "/model")
