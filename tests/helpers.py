@@ -55,6 +55,13 @@ def collect_snapshot(sources: list[Any], *sets: str) -> collect.CollectResult:
     return collect.run(load_config(None, [f"collect.sources={json.dumps([str(s) for s in sources])}", *sets]))
 
 
+def train_settings(snapshot: collect.CollectResult, model_dir: Any, run_id: str, *settings: str) -> list[str]:
+    """The train step's settings for ``snapshot`` and the base model at ``model_dir``, on 2
+    processes, followed by ``settings`` (later ones win)."""
+    return [f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
+            "train.num_processes=2", *settings]
+
+
 def run_step_here(step: str, overrides: list[str]) -> dict[str, Any]:
     """``finetune <step> --set ...`` in this process, for tests where the process boundary is not
     what is checked (a step process costs seconds of imports); its result JSON, as

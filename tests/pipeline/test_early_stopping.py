@@ -10,7 +10,7 @@ import pytest
 from pipeline import steps, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from tests.helpers import collect_snapshot, write_jsonl
+from tests.helpers import collect_snapshot, train_settings, write_jsonl
 
 INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
 # A constant learning rate: the run cut by max_steps then follows the same schedule.
@@ -28,8 +28,7 @@ def small_chat(tmp_path):
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
-                                        f"train.snapshot_uri={snapshot.snapshot_uri}", *extra])
+    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, *extra))
 
 
 def _weights(model_uri):
@@ -72,37 +71,37 @@ def test_early_stopping_publishes_the_best_evaluations_weights(small_chat, tiny_
 @pytest.mark.slow
 def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_best(small_chat, tiny_lm_dir,
                                                                                      tmp_path, capfd):
-    """SIGKILL once the checkpoint of step 3 (train.checkpoint_steps) is in the store, past the best
-    at step 2: the next attempt resumes from step 3 with the patience count it had, fetches the best
-    checkpoint from the store, stops at step 4 and publishes step 2's adapter."""
+    """SIGKILL once the checkpoint of step 2 (train.checkpoint_steps) is in the store, past the best
+    at step 1: the next attempt resumes from step 2 with the patience count it had, fetches the best
+    checkpoint from the store, stops at step 4 (patience 3) and publishes step 1's adapter."""
     import signal
     import threading
     import time
 
     from pipeline import checkpoints
 
-    early = [*LM, "train.eval_steps=1", "train.early_stopping_patience=2", "train.checkpoint_steps=3",
+    early = [*LM, "train.eval_steps=1", "train.early_stopping_patience=3", "train.checkpoint_steps=2",
              'train.trainer_args={"lr_scheduler_type": "constant"}', "run_id=killed",
              f"base_model={json.dumps(str(tiny_lm_dir))}", f"train.snapshot_uri={small_chat.snapshot_uri}"]
     root = storage.join(load_config(None, early).step_uri("train"), "checkpoints")
     process = steps.StepProcess(steps.local_command("train", early, str(tmp_path / "result.json")), steps.local_env())
     threading.Thread(target=lambda: process.popen.stdout.read(), daemon=True).start()  # a full pipe would block it
     deadline = time.monotonic() + 240
-    while not any(c.step == 3 for c in checkpoints.complete(root)):
-        assert process.popen.poll() is None and time.monotonic() < deadline, "no checkpoint at step 3"
+    while not any(c.step == 2 for c in checkpoints.complete(root)):
+        assert process.popen.poll() is None and time.monotonic() < deadline, "no checkpoint at step 2"
         time.sleep(0.01)
     for proc in process.members():
         proc.send_signal(signal.SIGKILL)
     process.wait(30)
     kept = {c.step for c in checkpoints.complete(root)}
-    assert {2, 3} <= kept and 4 not in kept, kept  # the best (2) outlives keep_checkpoints' pruning
+    assert {1, 2} <= kept and 3 not in kept, kept  # the best (1) is kept whatever keep_checkpoints says
     capfd.readouterr()
 
     resumed = steps.launch_local("train", early)
-    assert "resuming from step 3 " in capfd.readouterr().out
+    assert "resuming from step 2 " in capfd.readouterr().out
     summary = storage.read_json(resumed["summary_uri"])
-    assert summary["best_step"] == 2 and resumed["global_step"] == 4 and summary["stopped_early"]
-    cut = _train(small_chat, tiny_lm_dir, "cut2", 'train.trainer_args={"lr_scheduler_type": "constant", "max_steps": 2}')
+    assert summary["best_step"] == 1 and resumed["global_step"] == 4 and summary["stopped_early"], summary
+    cut = _train(small_chat, tiny_lm_dir, "cut1", 'train.trainer_args={"lr_scheduler_type": "constant", "max_steps": 1}')
     published, reference = _weights(resumed["model_uri"]), _weights(cut["model_uri"])
     assert max(float((published[k] - reference[k]).abs().max()) for k in reference) <= 1e-6
 

@@ -4,29 +4,21 @@ offloaded, DeepSpeed's CPU Adam steps them; the run must reach the loss and weig
 run without offload. The first run on a machine compiles DeepSpeed's cpu_adam extension (about
 two minutes on 2 cores; cached under ~/.cache/torch_extensions afterwards)."""
 
-import json
-
 import pytest
 
 from pipeline import steps, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.train import deepspeed_config
-from tests.helpers import collect_snapshot
+from tests.helpers import train_settings
 
 BATCH = 8
 
 
-@pytest.fixture
-def snapshot(small_data):
-    return collect_snapshot([small_data])
-
-
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", [
-        f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-        "train.epochs=1", f"train.batch_size={BATCH}", "train.num_processes=2", "train.logging_steps=1",
-        "train.learning_rate=1e-3", *extra])
+    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=1",
+                                                      f"train.batch_size={BATCH}", "train.logging_steps=1",
+                                                      "train.learning_rate=1e-3", *extra))
 
 
 def _max_weight_diff(a_uri, b_uri):

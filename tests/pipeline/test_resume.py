@@ -3,7 +3,6 @@ over 2 CPU processes, DeepSpeed ZeRO-2, the tiny BERT. A run SIGKILLed mid-epoch
 by SIGTERM and resumed again must end with the weights, metrics and sharding audit of a run that
 was never interrupted."""
 
-import json
 import os
 import shutil
 import signal
@@ -15,15 +14,14 @@ import pytest
 from pipeline import checkpoints, steps, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
-from tests.helpers import collect_snapshot
+from tests.helpers import train_settings
 
 BATCH = 8
 
 
 def _settings(snapshot, model_dir, run_id, *extra):
-    return [f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-            "train.epochs=2", f"train.batch_size={BATCH}", "train.num_processes=2", "train.logging_steps=2",
-            "train.checkpoint_steps=2", *extra]
+    return train_settings(snapshot, model_dir, run_id, "train.epochs=2", f"train.batch_size={BATCH}",
+                          "train.logging_steps=2", "train.checkpoint_steps=2", *extra)
 
 
 def _root(settings):
@@ -100,11 +98,6 @@ def _eval_logits(model_uri, snapshot):
                                                  return_tensors="pt")
     with torch.no_grad():
         return model(**batch).logits
-
-
-@pytest.fixture
-def snapshot(small_data):
-    return collect_snapshot([small_data])
 
 
 @pytest.mark.slow

@@ -9,20 +9,14 @@ import pytest
 
 from pipeline import steps, storage
 from pipeline.config import load_config, safe_run_id
-from tests.helpers import build_tiny_lm, collect_snapshot, run_step_here
+from tests.helpers import build_tiny_lm, collect_snapshot, run_step_here, train_settings
 
 BATCH = 8
 
 
-@pytest.fixture
-def snapshot(small_data):
-    return collect_snapshot([small_data])
-
-
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", [
-        f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-        "train.epochs=2", f"train.batch_size={BATCH}", "train.num_processes=2", "train.logging_steps=2", *extra])
+    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=2",
+                                                      f"train.batch_size={BATCH}", "train.logging_steps=2", *extra))
 
 
 def _weights(model_uri):
@@ -88,8 +82,7 @@ def chat_snapshot():
 
 
 def _train_lm(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
-                                        f"train.snapshot_uri={snapshot.snapshot_uri}", "train.epochs=1", *extra])
+    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, "train.epochs=1", *extra))
 
 
 def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
