@@ -421,12 +421,12 @@ class TrainConfig:
     early_stopping_patience: int = option(0, "Stop once the eval loss has not improved for this many evaluations "
                                              "(needs train.eval_steps) and publish the weights of the best one; "
                                              "0: train every epoch.", minimum=0, maximum=1000)
-    extend_vocab: bool = option(True, "sequence-classification: add the characters of the training split that "
-                                      "base_model's tokenizer maps to its unknown token as new tokens (published "
-                                      "with the model). Their embeddings start as the unknown token's and train "
-                                      "with the head, the rest frozen, for the first train.extend_vocab_epochs; "
-                                      "then everything trains. Nothing changes when the tokenizer reads every "
-                                      "character.")
+    extend_vocab: bool = option(True, "Add the characters of the training split that base_model's tokenizer "
+                                      "cannot read (its unknown token; byte-level: a token per byte) as new tokens, "
+                                      "published with the model. Their embeddings start as what the model read "
+                                      "there before and train with the head (LoRA: beside the adapter), the rest "
+                                      "frozen, for the first train.extend_vocab_epochs; then everything trains. "
+                                      "On for sequence-classification, opt-in for causal-lm.")
     extend_vocab_min_count: int = option(2, "Characters the training split holds fewer times stay unknown.",
                                          minimum=1)
     extend_vocab_epochs: int = option(1, "Of train.epochs, the first ones in which only the embeddings and the "
@@ -450,6 +450,10 @@ class TrainConfig:
             raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3, got 0")
+        if self.extend_vocab and self.lora_r and not self.lora_merge:
+            raise ConfigError("train.extend_vocab with train.lora_merge=false: the adapter alone would be registered "
+                              "with a reference to base_model, whose embeddings lack the new tokens; set "
+                              "train.lora_merge=true or train.extend_vocab=false")
         if self.early_stopping_patience and not self.eval_steps:
             raise ConfigError("train.early_stopping_patience needs train.eval_steps (how often the eval loss is "
                               "computed), got train.eval_steps=0")
@@ -941,7 +945,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "model_name": "support-chat",
         "collect.sources": ["pkg://pipeline/data/support_instructions.jsonl"],
         "evaluate.challenge_uri": "",  # the challenge set is labelled intents, not conversations
-        "train.extend_vocab": False,  # a byte-level tokenizer reads every character
+        "train.extend_vocab": False,  # opt in: a byte-level tokenizer reads every character, if slowly
         "train.max_seq_len": 512,
         "train.batch_size": 8,
         "k8s.resources": {"evaluate": {"gpus": 1, "memory": "16Gi"}},  # scoring and generation want a GPU

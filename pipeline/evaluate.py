@@ -45,7 +45,7 @@ from pipeline import chat, storage, tracking
 from pipeline.config import (CHALLENGE, CHAMPION, DEFAULT_CHALLENGE, EvaluateConfig, PipelineConfig, is_challenge,
                              parse_threshold)
 from pipeline.errors import ConfigError, DataError, ModelError
-from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
+from pipeline.models import extend_like, load_causal_lm, load_trained_lm, resolve_model
 from pipeline.snapshot import load_snapshot
 from pipeline.text import language_of
 
@@ -556,7 +556,9 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
         with model.disable_adapter():
             base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False, encoded=encoded)
     else:
-        base, _ = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'")
+        base, base_tokenizer = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"),
+                                              f"base_model '{cfg.base_model}'")
+        extend_like(base, base_tokenizer, tokenizer)  # rows for train.extend_vocab's tokens, as training began
         base_metrics, _ = score_lm(cfg, on_accelerator(base), tokenizer, frame, generate_samples=False,
                                    encoded=encoded)
     _print("base model", base_metrics)

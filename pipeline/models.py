@@ -111,8 +111,10 @@ def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any
     from peft import PeftModel  # only an adapter needs it (and it takes seconds to import)
     from transformers import AutoTokenizer
 
-    base, _ = load_causal_lm(resolve_model(base_model, scratch / "base"), f"base_model '{base_model}'")
-    return PeftModel.from_pretrained(base, path), AutoTokenizer.from_pretrained(path)
+    base, base_tokenizer = load_causal_lm(resolve_model(base_model, scratch / "base"), f"base_model '{base_model}'")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    extend_like(base, base_tokenizer, tokenizer)  # an adapter trained with train.extend_vocab
+    return PeftModel.from_pretrained(base, path), tokenizer
 
 
 # A Llama-shaped causal LM small enough to fine-tune on a laptop CPU in minutes: `make demo-llm`.
@@ -193,6 +195,15 @@ def extend_embeddings(model: Any, pieces: list[list[int]]) -> None:
         with _gathered(weight), torch.no_grad():
             for i, ids in enumerate(pieces):
                 weight[old + i] = weight[ids].mean(dim=0)
+
+
+def extend_like(model: Any, base_tokenizer: Any, tokenizer: Any) -> None:
+    """Give ``model`` (with ``base_tokenizer``'s vocabulary) the rows of the tokens ``tokenizer``
+    added to it, initialised as training initialised them: what the base model reads on loading a
+    model or adapter that train.extend_vocab trained."""
+    added = [tokenizer.convert_ids_to_tokens(i) for i in range(len(base_tokenizer), len(tokenizer))]
+    if added:
+        extend_embeddings(model, [base_tokenizer(token, add_special_tokens=False)["input_ids"] for token in added])
 
 
 def _gathered(weight: Any) -> Any:

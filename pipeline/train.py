@@ -36,7 +36,8 @@ from typing import Any
 from pipeline import chat, checkpoints, storage, tracking
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, DataError, ModelError, PipelineError, TransientError
-from pipeline.models import extend_embeddings, extend_vocabulary, lm_tokenizer, load_causal_lm, resolve_model
+from pipeline.models import (extend_embeddings, extend_like, extend_vocabulary, lm_tokenizer, load_causal_lm,
+                             resolve_model)
 from pipeline.snapshot import load_snapshot
 
 
@@ -521,10 +522,14 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
     from transformers import DataCollatorForSeq2Seq
 
     own = cfg.train
-    if own.extend_vocab:
-        raise ConfigError("train.extend_vocab: for sequence-classification; a causal LM's byte-level tokenizer "
-                          "reads every character (set train.extend_vocab=false)")
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
+    added = {}
+    if own.extend_vocab:  # before encoding: the conversations are tokenized with the new tokens
+        texts = [m["content"] for messages in chat.conversations(frame, "train") for m in messages]
+        added = extend_vocabulary(tokenizer, texts, own.extend_vocab_min_count)
+        if added:
+            print(f"train: extend_vocab: {len(added)} characters the tokenizer read as bytes are new tokens: "
+                  f"{''.join(list(added)[:40])}", file=sys.stderr, flush=True)
     examples, counts, template = chat.encode_split(cfg, tokenizer, frame, "train")
     eval_examples, eval_counts, _ = chat.encode_split(cfg, tokenizer, frame, "eval")
     print(f"train: conversations {counts}", file=sys.stderr, flush=True)
@@ -536,13 +541,17 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
+        if added:
+            extend_embeddings(model, list(added.values()))
         if not own.lora_r:
             return model
         from peft import LoraConfig, get_peft_model
 
+        # The new rows train beside the adapter (PEFT's trainable tokens; tied output embeddings too).
+        new_ids = list(range(len(tokenizer) - len(added), len(tokenizer)))
         return get_peft_model(model, LoraConfig(
             task_type="CAUSAL_LM", r=own.lora_r, lora_alpha=own.lora_alpha, lora_dropout=own.lora_dropout,
-            target_modules=list(own.lora_target_modules) or None))
+            target_modules=list(own.lora_target_modules) or None, trainable_token_indices=new_ids or None))
 
     dataset = Dataset.from_list(examples)
     collator = (chat.PackedCollator(tokenizer.pad_token_id) if own.packing else
@@ -558,9 +567,11 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
     return Parts(load_model, tokenizer, dataset, collator,
                  {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
                   "lora": bool(own.lora_r), "examples": counts["examples"],
-                  "train_tokens": sum(len(e["input_ids"]) for e in examples)}, after_training,
+                  "train_tokens": sum(len(e["input_ids"]) for e in examples),
+                  "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}}, after_training,
                  # Never packed: the held-out loss is per conversation, as evaluate scores it.
-                 eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None)
+                 eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None,
+                 warm_start=bool(added) and own.extend_vocab_epochs > 0)
 
 
 TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
@@ -758,6 +769,8 @@ class _WarmStart:
     def parameters(model: Any) -> set[int]:
         """The embeddings (input, and untied output) and what the base model lacks: the head."""
         prefix = getattr(model, "base_model_prefix", "") + "."
+        if hasattr(model, "peft_config"):  # LoRA: the new rows are PEFT's trainable tokens
+            return {id(p) for name, p in model.named_parameters() if "trainable_tokens" in name}
         warm = {id(p) for name, p in model.named_parameters() if not name.startswith(prefix)}
         warm.add(id(model.get_input_embeddings().weight))
         if model.get_output_embeddings() is not None:
@@ -869,7 +882,8 @@ def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: 
     # Training is over and only rank 0 is here: loading under ZeRO-3's zero.Init would wait for
     # the other ranks' collectives forever.
     unset_hf_deepspeed_config()
-    base, _ = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
+    base, base_tokenizer = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
+    extend_like(base, base_tokenizer, AutoTokenizer.from_pretrained(str(adapter)))  # train.extend_vocab's rows
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))  # carries the chat template used

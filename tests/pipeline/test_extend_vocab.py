@@ -3,15 +3,15 @@ its unknown token become new tokens whose embeddings start as the unknown token'
 model computes what the base model computed), then train with the head while the body is frozen,
 under each ZeRO stage; the extended tokenizer is published and registered with the model."""
 
-import json
-
 import pytest
 
 from pipeline import register, steps, storage
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.models import extend_embeddings, extend_vocabulary
-from tests.helpers import collect_snapshot
+from tests.helpers import collect_snapshot, run_step_here, train_settings, write_jsonl
 
+INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
 CHINESE = ["我想取消订单", "我的订单到哪了", "退款什么时候到账", "取消订单可以吗"]
 
 
@@ -43,15 +43,9 @@ def test_the_extended_model_starts_out_computing_what_the_base_model_computed(cl
     assert torch.allclose(before, after, atol=1e-6)
 
 
-@pytest.fixture
-def snapshot(small_data):
-    return collect_snapshot([small_data])
-
-
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", [
-        f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-        "train.batch_size=8", "train.num_processes=2", "train.logging_steps=2", *extra])
+    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.batch_size=8",
+                                                      "train.logging_steps=2", *extra))
 
 
 def _weights(path):
@@ -137,3 +131,46 @@ def test_a_frozen_first_phase_under_deepspeeds_own_optimizer_is_refused_by_name(
     assert failed.value.returncode == 2 and not failed.value.retryable
     assert "set train.extend_vocab_epochs=0" in str(failed.value)
     assert not storage.exists(load_config(None, ["run_id=offload"]).step_uri("train") + "/model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, lora_r", [(2, 8), (3, 0)])
+def test_a_causal_lm_trains_its_new_tokens_beside_the_lora_adapter_and_publishes_them_merged(tmp_path, tiny_lm_dir,
+                                                                                             stage, lora_r):
+    """Opt-in for a causal LM: the tiny Llama's 1,000-token byte-level BPE reads the shipped chats'
+    rarer Chinese characters as a token per byte. The new rows train as PEFT's trainable tokens
+    beside a LoRA adapter (ZeRO-2; under ZeRO-3 PEFT gathers them on a CUDA device, so not on CPU)
+    and are merged into the published model, or with every weight under ZeRO-3. evaluate scores the
+    model and the base model, whose rows for the new tokens start as training's did."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in storage.local_path(INSTRUCTIONS).read_text().splitlines()[:120]]
+    snapshot = collect_snapshot([write_jsonl(tmp_path / "chat.jsonl", rows)], "task=causal-lm")
+    lm = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.learning_rate=1e-2",
+          f"train.lora_r={lora_r}", "train.epochs=2", "train.extend_vocab=true", "train.extend_vocab_learning_rate=0.05",
+          f"train.zero_stage={stage}"]
+    result = steps.launch_local("train", train_settings(snapshot, tiny_lm_dir, "lm-vocab", *lm))
+    added = storage.read_json(result["summary_uri"])["extended_vocab"]["added_tokens"]
+    assert added > 10
+    model_dir = storage.local_path(result["model_uri"])
+    base, merged = _weights(tiny_lm_dir), _weights(model_dir)
+    embeddings = "model.embed_tokens.weight"
+    assert merged[embeddings].shape[0] == base[embeddings].shape[0] + added == len(AutoTokenizer.from_pretrained(
+        model_dir))
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    new_id = len(base_tokenizer)  # the most frequent new character, and the bytes it was before
+    pieces = base_tokenizer(tokenizer.convert_ids_to_tokens(new_id), add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and (merged[embeddings][new_id] - base[embeddings][pieces].mean(dim=0)).abs().max() > 0
+    evaluated = run_step_here("evaluate", train_settings(snapshot, tiny_lm_dir, "lm-vocab", *lm)[:3] + [
+        "task=causal-lm", "train.max_seq_len=192", f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+        f"evaluate.model_uri={result['model_uri']}", "evaluate.generate_rows=2"])
+    assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
+
+
+def test_an_adapter_registered_alone_cannot_carry_new_tokens():
+    with pytest.raises(ConfigError, match="train.extend_vocab with train.lora_merge=false"):
+        load_config(None, ["task=causal-lm", "train.extend_vocab=true", "train.lora_r=8", "train.lora_merge=false"])
+    assert not load_config(None, ["task=causal-lm", "train.lora_r=8", "train.lora_merge=false"]).train.extend_vocab
