@@ -155,7 +155,14 @@ def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 
 def unreadable(tokenizer: Any, char: str) -> bool:
     """``char`` alone becomes the unknown token, or, for a byte-level tokenizer without one, a
     token per UTF-8 byte: the model cannot tell it from other characters it lacks."""
-    ids = tokenizer(char, add_special_tokens=False)["input_ids"]
+    return _unreadable(tokenizer, char, _char_ids(tokenizer, char))
+
+
+def _char_ids(tokenizer: Any, char: str) -> list[int]:
+    return tokenizer(char, add_special_tokens=False)["input_ids"]
+
+
+def _unreadable(tokenizer: Any, char: str, ids: list[int]) -> bool:
     if tokenizer.unk_token_id is not None:
         return tokenizer.unk_token_id in ids
     return len(ids) > 1 and len(ids) == len(char.encode())
@@ -165,15 +172,14 @@ def extend_vocabulary(tokenizer: Any, texts: Any, min_count: int = 1) -> dict[st
     """Add to ``tokenizer`` the characters of ``texts`` it cannot read (``unreadable``) that occur
     at least ``min_count`` times, most frequent first; what each read as before (its old ids), in
     the order of the new ids. The order is a function of the texts alone, so every rank adds alike."""
-    counts = Counter(c for text in texts if isinstance(text, str) for c in text if not c.isspace())
-    lacking = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-               if n >= min_count and unreadable(tokenizer, c)]
     from transformers import AddedToken
 
-    before = {c: tokenizer(c, add_special_tokens=False)["input_ids"] for c in lacking}
+    counts = Counter(c for text in texts if isinstance(text, str) for c in text if not c.isspace())
+    frequent = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if n >= min_count]
+    before = {c: ids for c in frequent if _unreadable(tokenizer, c, ids := _char_ids(tokenizer, c))}
     # Matched in the raw text: the tokenizer's normalizer (BERT's pads CJK with spaces) would
     # otherwise become part of the token's spelling.
-    tokenizer.add_tokens([AddedToken(c, normalized=False) for c in lacking])
+    tokenizer.add_tokens([AddedToken(c, normalized=False) for c in before])
     return before
 
 
@@ -203,7 +209,7 @@ def extend_like(model: Any, base_tokenizer: Any, tokenizer: Any) -> None:
     model or adapter that train.extend_vocab trained."""
     added = [tokenizer.convert_ids_to_tokens(i) for i in range(len(base_tokenizer), len(tokenizer))]
     if added:
-        extend_embeddings(model, [base_tokenizer(token, add_special_tokens=False)["input_ids"] for token in added])
+        extend_embeddings(model, [_char_ids(base_tokenizer, token) for token in added])
 
 
 def _gathered(weight: Any) -> Any:

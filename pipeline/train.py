@@ -471,7 +471,7 @@ class Parts:
     summary: dict[str, Any]
     after_training: Any = None  # (trainer) -> summary entries; runs on every rank
     eval_dataset: Any = None  # the snapshot's eval split, for train.eval_steps
-    warm_start: bool = False  # train.extend_vocab added tokens: embeddings and head first, body frozen
+    warm_start: bool = False  # train.extend_vocab added tokens: embeddings and head may train first, body frozen
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -488,10 +488,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
 
-    added = extend_vocabulary(tokenizer, rows["text"], cfg.train.extend_vocab_min_count) if cfg.train.extend_vocab else {}
-    if added:
-        print(f"train: extend_vocab: {len(added)} characters the tokenizer lacked are new tokens: "
-              f"{''.join(list(added)[:40])}{'...' if len(added) > 40 else ''}", file=sys.stderr, flush=True)
+    added = _extend_vocab(cfg.train, tokenizer, rows["text"])
 
     def load_model() -> Any:
         try:
@@ -514,7 +511,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
                  {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, dataset["input_ids"])),
                   "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}},
                  eval_dataset=encode(held_out) if cfg.train.eval_steps and len(held_out) else None,
-                 warm_start=bool(added) and cfg.train.extend_vocab_epochs > 0)
+                 warm_start=bool(added))
 
 
 def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -523,13 +520,9 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
 
     own = cfg.train
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
-    added = {}
-    if own.extend_vocab:  # before encoding: the conversations are tokenized with the new tokens
-        texts = [m["content"] for messages in chat.conversations(frame, "train") for m in messages]
-        added = extend_vocabulary(tokenizer, texts, own.extend_vocab_min_count)
-        if added:
-            print(f"train: extend_vocab: {len(added)} characters the tokenizer read as bytes are new tokens: "
-                  f"{''.join(list(added)[:40])}", file=sys.stderr, flush=True)
+    # Before encoding: the conversations are tokenized with the new tokens.
+    added = _extend_vocab(own, tokenizer, (m["content"] for messages in chat.conversations(frame, "train")
+                                           for m in messages))
     examples, counts, template = chat.encode_split(cfg, tokenizer, frame, "train")
     eval_examples, eval_counts, _ = chat.encode_split(cfg, tokenizer, frame, "eval")
     print(f"train: conversations {counts}", file=sys.stderr, flush=True)
@@ -571,7 +564,19 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
                   "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}}, after_training,
                  # Never packed: the held-out loss is per conversation, as evaluate scores it.
                  eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None,
-                 warm_start=bool(added) and own.extend_vocab_epochs > 0)
+                 warm_start=bool(added))
+
+
+def _extend_vocab(own: TrainConfig, tokenizer: Any, texts: Any) -> dict[str, list[int]]:
+    """train.extend_vocab: the characters of the training texts the tokenizer cannot read become
+    tokens of their own (models.extend_vocabulary); what each read as before, by character."""
+    if not own.extend_vocab:
+        return {}
+    added = extend_vocabulary(tokenizer, texts, own.extend_vocab_min_count)
+    if added:
+        print(f"train: extend_vocab: {len(added)} characters the tokenizer could not read are new tokens: "
+              f"{''.join(list(added)[:40])}{'...' if len(added) > 40 else ''}", file=sys.stderr, flush=True)
+    return added
 
 
 TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
@@ -768,9 +773,9 @@ class _WarmStart:
     @staticmethod
     def parameters(model: Any) -> set[int]:
         """The embeddings (input, and untied output) and what the base model lacks: the head."""
-        prefix = getattr(model, "base_model_prefix", "") + "."
         if hasattr(model, "peft_config"):  # LoRA: the new rows are PEFT's trainable tokens
             return {id(p) for name, p in model.named_parameters() if "trainable_tokens" in name}
+        prefix = getattr(model, "base_model_prefix", "") + "."
         warm = {id(p) for name, p in model.named_parameters() if not name.startswith(prefix)}
         warm.add(id(model.get_input_embeddings().weight))
         if model.get_output_embeddings() is not None:

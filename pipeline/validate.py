@@ -37,7 +37,7 @@ from typing import Any
 from pipeline import chat, drift, storage, tracking
 from pipeline.config import PipelineConfig, ValidateConfig
 from pipeline.errors import ConfigError, DataError, ValidationFailed
-from pipeline.models import extend_vocabulary, load_tokenizer
+from pipeline.models import extend_vocabulary, load_tokenizer, unreadable
 from pipeline.snapshot import load_snapshot
 from pipeline.text import language_of, normalize_text
 
@@ -148,8 +148,7 @@ def tokenizer_coverage(tokenizer: Any, texts: list[str], encoded: list[list[int]
             entry["worst"].append((missing / max(len(ids), 1), row))
             entry["chars"].update(c for c in text if not c.isspace())
     for name, entry in scripts.items():
-        lacking = [c for c in sorted(entry.pop("chars"))[:5000]
-                   if tokenizer(c, add_special_tokens=False)["input_ids"] == [unknown]]
+        lacking = [c for c in sorted(entry.pop("chars"))[:5000] if unreadable(tokenizer, c)]
         worst = sorted(entry.pop("worst"), reverse=True)
         entry.update(rate=round(entry["unknown"] / entry["tokens"], 6) if entry["tokens"] else 0.0,
                      example_rows=[row for _, row in worst[:5]], rows_with_unknown=len(worst),
