@@ -146,14 +146,16 @@ def test_a_refused_prune_does_not_stop_the_lock_and_a_refused_create_fails_at_on
 
 def test_a_busy_lock_is_waited_for_with_back_off_until_the_deadline_then_a_retryable_error():
     real = client()
-    with registry.registry_lock(real, MODEL_NAME, "long-holder", ttl_s=2, wait_s=5):
+    # The holder renews every TTL/4 (1 s), each renewal three calls to the SQLite store; a TTL of
+    # 4 s leaves it room for a slow renewal on a loaded machine (2 s did not: a take-over under load).
+    with registry.registry_lock(real, MODEL_NAME, "long-holder", ttl_s=4, wait_s=8):
         waiter = Recorder(client())
         started = time.monotonic()
         with pytest.raises(registry.RegistryBusy) as busy:
-            registry.acquire(waiter, MODEL_NAME, "impatient", ttl_s=2, wait_s=3)
+            registry.acquire(waiter, MODEL_NAME, "impatient", ttl_s=4, wait_s=5)
         waited = time.monotonic() - started
-    # The holder renewed the lease all along (every TTL/4), so the 3 s wait outlasted the 2 s TTL in vain.
-    assert 3 <= waited < 6
+    # The holder renewed the lease all along, so the 5 s wait outlasted the 4 s TTL in vain.
+    assert 5 <= waited < 8
     assert waiter.calls["search_registered_models"] < 20  # backed off: no spin
     message = str(busy.value)
     assert "long-holder" in message and "promote.lock_wait_s" in message and "promote.lock_ttl_s" in message
