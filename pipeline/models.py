@@ -174,9 +174,11 @@ def extend_vocabulary(tokenizer: Any, texts: Any, min_count: int = 1) -> dict[st
     the order of the new ids. The order is a function of the texts alone, so every rank adds alike."""
     from transformers import AddedToken
 
-    counts = Counter(c for text in texts if isinstance(text, str) for c in text if not c.isspace())
-    frequent = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if n >= min_count]
-    before = {c: ids for c in frequent if _unreadable(tokenizer, c, ids := _char_ids(tokenizer, c))}
+    counts = Counter("".join(text for text in texts if isinstance(text, str)))  # counted in C, a string at once
+    frequent = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                if n >= min_count and not c.isspace()]
+    pieces = tokenizer(frequent, add_special_tokens=False)["input_ids"] if frequent else []  # one batched call
+    before = {c: ids for c, ids in zip(frequent, pieces) if _unreadable(tokenizer, c, ids)}
     # Matched in the raw text: the tokenizer's normalizer (BERT's pads CJK with spaces) would
     # otherwise become part of the token's spelling.
     tokenizer.add_tokens([AddedToken(c, normalized=False) for c in before])

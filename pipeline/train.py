@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline import chat, checkpoints, storage, tracking
 from pipeline.config import PipelineConfig, TrainConfig
@@ -479,7 +479,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     rows = frame[frame["split"] == "train"].reset_index(drop=True)
-    labels = sorted({str(v) for v in frame["label"].dropna()})
+    labels = sorted({str(v) for v in frame["label"].dropna().tolist()})
     if len(labels) < 2:
         raise DataError(f"{cfg.train.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
     id2label, label2id = label_maps(labels)
@@ -488,7 +488,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
 
-    added = _extend_vocab(cfg.train, tokenizer, rows["text"])
+    added = _extend_vocab(cfg.train, tokenizer, rows["text"].tolist())
 
     def load_model() -> Any:
         try:
@@ -500,17 +500,20 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
             extend_embeddings(model, list(added.values()))
         return model
 
-    def encode(split_rows: Any) -> Any:
-        encoded = tokenizer(list(split_rows["text"]), truncation=True, max_length=cfg.train.max_seq_len)
-        return Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in split_rows["label"]],
-                                  "example_id": list(range(len(split_rows)))})
+    def encode(split_rows: Any) -> tuple[Any, int]:
+        """The Dataset, and its tokens (counted here: read back from the Dataset, the column comes
+        out of Arrow a row at a time, which took longer than the tokenizing)."""
+        # .tolist(): Arrow-backed columns convert at once; iterating them boxes a value at a time.
+        encoded = tokenizer(split_rows["text"].tolist(), truncation=True, max_length=cfg.train.max_seq_len)
+        return Dataset.from_dict({**encoded, "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
+                                  "example_id": list(range(len(split_rows)))}), sum(map(len, encoded["input_ids"]))
 
-    dataset = encode(rows)
+    dataset, tokens = encode(rows)
     held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
     return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
-                 {"labels": labels, "examples": len(rows), "train_tokens": sum(map(len, dataset["input_ids"])),
+                 {"labels": labels, "examples": len(rows), "train_tokens": tokens,
                   "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}},
-                 eval_dataset=encode(held_out) if cfg.train.eval_steps and len(held_out) else None,
+                 eval_dataset=encode(held_out)[0] if cfg.train.eval_steps and len(held_out) else None,
                  warm_start=bool(added))
 
 
@@ -606,6 +609,12 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     own = cfg.train
+    # The body trains for at least one epoch: a one-epoch run has no frozen phase.
+    frozen_epochs = min(own.extend_vocab_epochs, own.epochs - 1)
+    warm_start = _WarmStart(frozen_epochs, own.extend_vocab_learning_rate) if parts.warm_start and frozen_epochs \
+        else None
+    if warm_start is not None and "optimizer" in ds_config:  # before any model, engine or op build
+        raise ConfigError(_WarmStart.REFUSED)
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
     rank, local_rank, world = _ranks()
@@ -658,10 +667,6 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     term = _Termination()
     saver = _checkpointing(cfg, meta, audit, term, resume)
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
-    # The body trains for at least one epoch: a one-epoch run has no frozen phase.
-    frozen_epochs = min(own.extend_vocab_epochs, own.epochs - 1)
-    warm_start = _WarmStart(frozen_epochs, own.extend_vocab_learning_rate) if parts.warm_start and frozen_epochs \
-        else None
     trainer = _audited_trainer(Trainer)(audit, warm_start, model=parts.load_model(), args=args,
                                         train_dataset=parts.dataset,
                                         eval_dataset=parts.eval_dataset, data_collator=audit,
@@ -769,6 +774,9 @@ class _WarmStart:
 
     epochs: int
     learning_rate: float
+    REFUSED: ClassVar[str] = (
+        "train.extend_vocab_epochs: the frozen first phase needs the Trainer's optimizer, but DeepSpeed steps its "
+        "own (train.offload_optimizer, or an optimizer in train.deepspeed_config); set train.extend_vocab_epochs=0")
 
     @staticmethod
     def parameters(model: Any) -> set[int]:
@@ -800,9 +808,7 @@ class _WarmStart:
 
         groups = getattr(optimizer, "param_groups", None) or []  # HF's stand-in for DeepSpeed's has none
         if not groups or not all("warm_start" in group for group in groups):  # DeepSpeed builds its own
-            raise ConfigError("train.extend_vocab_epochs: the frozen first phase needs the Trainer's optimizer, but "
-                              "DeepSpeed steps its own (train.offload_optimizer, or an optimizer in "
-                              "train.deepspeed_config); set train.extend_vocab_epochs=0")
+            raise ConfigError(self.REFUSED)
         phase = min(total, self.epochs * per_epoch)
 
         def shape(steps: int) -> Any:  # the Trainer's schedule over `steps`, as a function of the step

@@ -123,14 +123,18 @@ def test_after_the_first_phase_the_body_trains_and_the_registered_model_reads_th
 
 
 @pytest.mark.slow
-def test_a_frozen_first_phase_under_deepspeeds_own_optimizer_is_refused_by_name(snapshot, classifier_dir):
+def test_a_frozen_first_phase_under_deepspeeds_own_optimizer_is_refused_by_name(snapshot, classifier_dir, capsys):
     """DeepSpeed's CPU Adam (train.offload_optimizer) holds every parameter in one group, so the
-    body cannot be held still: the step says so and what to set, and publishes nothing."""
+    body cannot be held still: the step says so and what to set before it loads a model or builds
+    DeepSpeed's engine (no CPU Adam compiled, no checkpoint written), and publishes nothing."""
     with pytest.raises(steps.StepFailed) as failed:
         _train(snapshot, classifier_dir, "offload", "train.epochs=2", "train.offload_optimizer=true")
     assert failed.value.returncode == 2 and not failed.value.retryable
     assert "set train.extend_vocab_epochs=0" in str(failed.value)
-    assert not storage.exists(load_config(None, ["run_id=offload"]).step_uri("train") + "/model")
+    log = capsys.readouterr().out  # the step's output, streamed by the launcher
+    assert "train: extend_vocab:" in log and "Loading weights" not in log  # transformers' progress line
+    run = load_config(None, ["run_id=offload"])
+    assert not storage.exists(run.step_uri("train") + "/model") and not storage.exists(run.step_uri("train") + "/checkpoints")
 
 
 @pytest.mark.slow
