@@ -59,8 +59,9 @@ TEST_TMPDIR ?= $(shell d=/dev/shm; [ -d $$d ] && [ -w $$d ] && \
 	[ "$$(df -Pk $$d | awk 'NR==2 {print $$4}')" -gt 4000000 ] && echo $$d || echo $${TMPDIR:-/tmp})
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -o tmp_path_retention_policy=failed
 
+# The JUnit report is what bench/suite.py sums per module for BENCHMARKS.md.
 test: install $(CHECKOV) lint
-	$(PYTEST) -q -rs --durations=15
+	$(PYTEST) -q -rs --durations=15 --junitxml=$(FINETUNE_HOME)/test-report.xml
 
 test-fast: install $(CHECKOV)
 	$(PYTEST) -q -m "not slow"

@@ -135,9 +135,33 @@ tokenized; median (min-max) of {s['repeats']} interleaved repetitions. {_provena
 """
 
 
+def suite(r: dict[str, Any]) -> str:
+    s, o = r["setup"], r["outcomes"]
+    rows = "\n".join(f"| `{m['module']}` | {m['tests']} | {m['seconds']:,.0f} | {100 * m['seconds'] / r['seconds_in_tests']:.0f}% |"
+                     for m in r["modules"][:12])
+    rest = r["modules"][12:]
+    slowest = "\n".join(f"| `{t['test']}` | {t['seconds']:,.0f} |" for t in r["slowest"])
+    return f"""One whole `make test`: {s['how']}. {o['passed']} passed, {o['failed']} failed, {o['error']} errors, \
+{o['skipped']} skipped; pytest {s['tests_s'] / 60:.1f} min, the whole command {s['wall_s'] / 60:.1f} min \
+(target {s['target_wall_s'] / 60:.0f} min: {_verdict(s['wall_s'], s['target_wall_s'], above=False)}). \
+Report of {_provenance(r)}
+
+| module | tests | s | share |
+|---|---:|---:|---:|
+{rows}
+| {len(rest)} other modules | {sum(m['tests'] for m in rest)} | {sum(m['seconds'] for m in rest):,.0f} | \
+{100 * sum(m['seconds'] for m in rest) / r['seconds_in_tests']:.0f}% |
+
+| slowest tests (setup + call + teardown) | s |
+|---|---:|
+{slowest}
+"""
+
+
 RENDERERS = {"training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
              "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
-             "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput)}
+             "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput),
+             "suite": ("Test suite: where make test's time goes", suite)}
 
 
 def render(page: str) -> str:

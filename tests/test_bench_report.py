@@ -89,3 +89,33 @@ def test_each_part_of_the_orchestration_result_keeps_its_own_provenance(tmp_path
     assert "`collect.py` 100 -> 80 ms" in text and "(1111111 -> def5678)" in text
     assert "| `collect` | 1.50 (1.35-1.65) | 1.5 (1.4-1.7) | 1.5 (1.4-1.7) | 1.50 (1.35-1.65) | met |" in text
     assert "`python bench/orchestration.py --path scheduler` at def5678" in text
+
+
+def test_the_suite_report_sums_each_module_and_names_the_slowest_tests(tmp_path, monkeypatch):
+    """bench/suite.py over a JUnit report as pytest writes it: seconds per module, outcomes, the
+    slowest tests, and the verdict on the 7-minute target from the whole command's wall time."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness, suite
+
+    junit = tmp_path / "report.xml"
+    junit.write_text("""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.pipeline.test_train" name="test_a" time="100.5"/>
+<testcase classname="tests.pipeline.test_train" name="test_b" time="20.0"><failure message="boom"/></testcase>
+<testcase classname="tests.test_ui" name="test_c" time="60.0"/>
+<testcase classname="tests.test_ui" name="test_d" time="0.0"><skipped message="no chromium"/></testcase>
+</testsuite></testsuites>""")
+    monkeypatch.setattr(harness, "machine", lambda: {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"})
+    monkeypatch.setattr(harness, "commit", lambda: "abc1234")
+    out = tmp_path / "suite.json"
+    suite.main(["--junit", str(junit), "--tests-s", "190", "--wall-s", "400", "--how", "a clean clone", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["outcomes"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
+    assert result["modules"][0] == {"module": "tests.pipeline.test_train", "tests": 2, "seconds": 120.5}
+    assert [t["test"] for t in result["slowest"]][:2] == ["tests.pipeline.test_train::test_a", "tests.test_ui::test_c"]
+    text = _report_module().suite(result)
+    assert "2 passed, 1 failed, 0 errors, 1 skipped" in text and "the whole command 6.7 min (target 7 min: met)" in text
+    assert "| `tests.pipeline.test_train` | 2 | 120 | 67% |" in text
+    result["setup"]["wall_s"] = 1500
+    assert "(target 7 min: **missed**)" in _report_module().suite(result)
