@@ -152,14 +152,12 @@ def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 
 
 # --- extending a vocabulary (train.extend_vocab) ----------------------------------------------
 
-def unreadable(tokenizer: Any, char: str) -> bool:
-    """``char`` alone becomes the unknown token, or, for a byte-level tokenizer without one, a
-    token per UTF-8 byte: the model cannot tell it from other characters it lacks."""
-    return _unreadable(tokenizer, char, _char_ids(tokenizer, char))
-
-
-def _char_ids(tokenizer: Any, char: str) -> list[int]:
-    return tokenizer(char, add_special_tokens=False)["input_ids"]
+def unreadable(tokenizer: Any, chars: list[str]) -> dict[str, list[int]]:
+    """Those of ``chars`` the tokenizer cannot read, in their order, with the ids each reads as
+    (one batched call): a character alone becomes the unknown token, or, for a byte-level
+    tokenizer without one, a token per UTF-8 byte; the model cannot tell it from others it lacks."""
+    pieces = tokenizer(chars, add_special_tokens=False)["input_ids"] if chars else []
+    return {c: ids for c, ids in zip(chars, pieces) if _unreadable(tokenizer, c, ids)}
 
 
 def _unreadable(tokenizer: Any, char: str, ids: list[int]) -> bool:
@@ -175,10 +173,8 @@ def extend_vocabulary(tokenizer: Any, texts: Any, min_count: int = 1) -> dict[st
     from transformers import AddedToken
 
     counts = Counter("".join(text for text in texts if isinstance(text, str)))  # counted in C, a string at once
-    frequent = [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-                if n >= min_count and not c.isspace()]
-    pieces = tokenizer(frequent, add_special_tokens=False)["input_ids"] if frequent else []  # one batched call
-    before = {c: ids for c, ids in zip(frequent, pieces) if _unreadable(tokenizer, c, ids)}
+    before = unreadable(tokenizer, [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                                    if n >= min_count and not c.isspace()])
     # Matched in the raw text: the tokenizer's normalizer (BERT's pads CJK with spaces) would
     # otherwise become part of the token's spelling.
     tokenizer.add_tokens([AddedToken(c, normalized=False) for c in before])
@@ -211,7 +207,7 @@ def extend_like(model: Any, base_tokenizer: Any, tokenizer: Any) -> None:
     model or adapter that train.extend_vocab trained."""
     added = [tokenizer.convert_ids_to_tokens(i) for i in range(len(base_tokenizer), len(tokenizer))]
     if added:
-        extend_embeddings(model, [_char_ids(base_tokenizer, token) for token in added])
+        extend_embeddings(model, base_tokenizer(added, add_special_tokens=False)["input_ids"])
 
 
 def _gathered(weight: Any) -> Any:

@@ -471,7 +471,7 @@ class Parts:
     summary: dict[str, Any]
     after_training: Any = None  # (trainer) -> summary entries; runs on every rank
     eval_dataset: Any = None  # the snapshot's eval split, for train.eval_steps
-    warm_start: bool = False  # train.extend_vocab added tokens: embeddings and head may train first, body frozen
+    warm_start: bool = False  # train.extend_vocab added tokens: _fit may train their rows and the head first
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:

@@ -148,7 +148,7 @@ def tokenizer_coverage(tokenizer: Any, texts: list[str], encoded: list[list[int]
             entry["worst"].append((missing / max(len(ids), 1), row))
             entry["chars"].update(c for c in text if not c.isspace())
     for name, entry in scripts.items():
-        lacking = [c for c in sorted(entry.pop("chars"))[:5000] if unreadable(tokenizer, c)]
+        lacking = list(unreadable(tokenizer, sorted(entry.pop("chars"))[:5000]))
         worst = sorted(entry.pop("worst"), reverse=True)
         entry.update(rate=round(entry["unknown"] / entry["tokens"], 6) if entry["tokens"] else 0.0,
                      example_rows=[row for _, row in worst[:5]], rows_with_unknown=len(worst),
