@@ -9,7 +9,8 @@ without one and downloads exactly the files it lists. S3 endpoint, credentials a
 the standard AWS way (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
 What S3 answers after botocore's own retries is told apart (``s3_error``): a 4xx (no such key,
 access denied) is a ``DataError`` (exit 2, not retried); a 5xx, throttling, a timeout or a
-refused or dropped connection is a ``TransientError`` (exit 75, the task is retried).
+refused or dropped connection is a ``TransientError`` (exit 75, the task is retried). http(s)
+URLs are read by ``pipeline.storage.http`` (a download to a file, its retries, its redirect guard).
 
     python -c "from pipeline import storage; print(storage.read_json('file:///tmp/x/result.json'))"
 
