@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import chat, dagrun, models, steps, storage, tracking
+from pipeline import chat, dagrun, distributed, models, steps, storage, tracking
 from pipeline.config import SECTIONS, PipelineConfig, file_overrides, finetune_home, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fields import describe
@@ -71,7 +71,7 @@ def _step_parser(step: str) -> argparse.ArgumentParser:
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return distributed.ranks()[0] == 0
 
 
 def step_main(step: str, argv: Sequence[str] | None) -> int:

@@ -218,15 +218,15 @@ def test_s3_checkpoints_marker_last_damaged_skipped_and_pruned(s3, tmp_path):
 
 
 def test_resume_false_starts_over_and_deletes_the_runs_checkpoints(tmp_path, monkeypatch):
-    from pipeline import train
+    from pipeline.train import checkpointing
 
     cfg = load_config(None, ["run_id=r", "train.resume=false"])
-    root = train.checkpoint_root(cfg)
+    root = checkpointing.checkpoint_root(cfg)
     files = tmp_path / "files"
     files.mkdir()
     (files / "x").write_text("x")
     checkpoints.write_marker(root, 2, checkpoints.upload(files, root, 2), {"world_size": 1})
-    assert train._resume_point(cfg, {"world_size": 1}, tmp_path / "node") is None
+    assert checkpointing._resume_point(cfg, {"world_size": 1}, tmp_path / "node") is None
     assert checkpoints.complete(root) == [] and storage.list_tree(root) == []
 
 
@@ -237,13 +237,13 @@ def test_deepspeed_checkpoint_files_are_read_without_running_pickled_code(tmp_pa
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from pipeline import train
+    from pipeline.train import checkpointing
 
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'ran'}",))
 
-    train.weights_only_deepspeed_loads()
+    checkpointing.weights_only_deepspeed_loads()
     engine = TorchCheckpointEngine()
     torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0)}, "w": torch.ones(2)}, tmp_path / "good.pt")
     assert engine.load(str(tmp_path / "good.pt"))["w"].tolist() == [1.0, 1.0]

@@ -57,13 +57,13 @@ def test_fields_the_pipeline_sets_are_refused_with_the_setting_to_use(name, sett
 
 
 def test_every_field_train_sets_itself_is_refused():
-    """Every keyword _fit passes to TrainingArguments, read from its source, is in the refused table."""
+    """Every keyword train passes to TrainingArguments, read from its source, is in the refused table."""
     import ast
     import inspect
 
     from pipeline import train
 
-    tree = ast.parse(inspect.getsource(train._fit) + inspect.getsource(train._schedule))
+    tree = ast.parse(inspect.getsource(train._training_arguments) + inspect.getsource(train._schedule))
     passed = {k.arg for node in ast.walk(tree) if isinstance(node, ast.Call)
               and getattr(node.func, "id", "") == "TrainingArguments" for k in node.keywords if k.arg}
     returned = {key.value for node in ast.walk(tree) if isinstance(node, ast.Dict) for key in node.keys
