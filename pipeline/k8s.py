@@ -5,7 +5,7 @@ Pure functions from a ``PipelineConfig`` (its ``k8s`` section) and a row of the 
 (``steps.STEPS``: name, resources, whether it is distributed) to plain dicts, so that
 ``finetune render`` prints exactly what the DAG submits and tests validate it against the
 Kubernetes and Kubeflow schemas without a cluster. Secrets are only ever referenced by name
-(``envFrom``); no value is rendered.
+(``envFrom``), or by name and key on a TrainJob (``secretKeyRef``); no value is rendered.
 
     finetune render --step train --launcher trainjob --set k8s.num_nodes=2
 
@@ -228,12 +228,25 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
 
 TRAINER_GROUP, TRAINER_VERSION = "trainer.kubeflow.org", "v1alpha1"
 # The replicated job and container Trainer's torch plugin fills in (PET_* env, numNodes, the
-# TrainJob's image, command, args and resources), as named by the API of ../shared/schemas
-# (kubeflow/trainer a55f03a8cc); Trainer v2.0 renamed both 'node'.
-TRAINER_NODE, TRAINER_CONTAINER = "trainer-node", "trainer"
-# TrainJob v1alpha1 has no deadline field: the DAG task deletes the job past this (the runtime's
-# Jobs carry k8s.job_timeout_seconds as activeDeadlineSeconds, a cap even with Airflow gone).
-DEADLINE_ANNOTATION = "finetune-pipeline/active-deadline-seconds"
+# TrainJob's image, command, args, env and resources): Trainer v2 names both 'node' and finds the
+# job by its ancestor label (kubeflow/trainer pkg/constants, v2.3.0).
+TRAINER_NODE, TRAINER_CONTAINER = "node", "node"
+TRAINER_ANCESTOR = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+# Our one entry of the TrainJob's runtimePatches (Trainer v2.2+): patches are keyed by manager.
+PATCH_MANAGER = "finetune-pipeline"
+# The keys of the deployment's Secrets (k8s/README.md), each referenced on the TrainJob's
+# spec.trainer.env: Trainer forbids env (and has no envFrom) in a runtime patch of the 'node'
+# container, so a job cannot swap the runtime's envFrom for its deployment's Secret names.
+SECRET_KEYS = {"aws_secret": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False)),
+               "mlflow_secret": (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", True),
+                                 ("MLFLOW_TRACKING_PASSWORD", True))}  # key -> optional (a server without auth)
+
+
+def secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The deployment's credentials as env by reference (``secretKeyRef``): never a value."""
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": getattr(cfg.k8s, setting), "key": key,
+                                                         **({"optional": True} if optional else {})}}}
+            for setting, keys in SECRET_KEYS.items() for key, optional in keys]
 
 
 def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
@@ -244,6 +257,8 @@ def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
     Restarts mirror the PyTorchJob's ``restartPolicy: ExitCode``: a pod that exits 1-127 (the
     step's own verdict) fails the Job at once and Airflow's retry table decides; a pod killed by a
     signal (128 and up: preemption, eviction) is replaced, up to ``k8s.job_restarts`` times.
+    Processes per node are each TrainJob's ``spec.trainer.numProcPerNode`` (Trainer v2.2 removed
+    the runtime's ``mlPolicy.torch.numProcPerNode``).
     """
     k = cfg.k8s
     trainer = torchrun_container(cfg, step, TRAINER_CONTAINER, [step.name])  # each TrainJob sets its own argv
@@ -260,13 +275,15 @@ def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "ClusterTrainingRuntime",
-        "metadata": {"name": k.trainjob_runtime, "labels": labels(step.name)},
+        "metadata": {"name": k.trainjob_runtime,
+                     "labels": {**labels(step.name), "trainer.kubeflow.org/framework": "torch"}},
         "spec": {
-            "mlPolicy": {"numNodes": k.num_nodes, "torch": {"numProcPerNode": k.gpus_per_node}},
+            "mlPolicy": {"numNodes": k.num_nodes, "torch": {}},
             "template": {"spec": {
                 "failurePolicy": {"maxRestarts": 0},  # restarts are the Job's (above), never the step's verdicts
                 "replicatedJobs": [{"name": TRAINER_NODE, "replicas": 1,
-                                    "template": {"metadata": {"labels": labels(step.name)}, "spec": node_job}}],
+                                    "template": {"metadata": {"labels": {**labels(step.name), **TRAINER_ANCESTOR}},
+                                                 "spec": node_job}}],
             }},
         },
     }
@@ -274,31 +291,34 @@ def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
 
 def trainjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
                       ) -> dict[str, Any]:
-    """A trainer.kubeflow.org/v1alpha1 TrainJob on ``k8s.trainjob_runtime``: ``num_nodes`` nodes of
-    ``gpus_per_node`` processes each, the step's image, argv, env and resources per node; the
-    deployment's Service account, GPU node labels, taints and Secrets as pod overrides. The DAG
-    task deletes it past ``job_deadline`` (``DEADLINE_ANNOTATION``)."""
+    """A trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2.2+) on ``k8s.trainjob_runtime``:
+    ``num_nodes`` nodes of ``gpus_per_node`` processes each, the step's image, argv, env (the
+    deployment's Secrets by key) and resources per node; ``job_deadline`` as its
+    ``activeDeadlineSeconds``; the Service account, GPU node labels and taints and our labels as
+    one ``runtimePatches`` entry (manager ``PATCH_MANAGER``)."""
     k = cfg.k8s
     main = torchrun_container(cfg, step, TRAINER_CONTAINER, step_args)
     pod = pod_spec(cfg, step, main)
-    overrides: dict[str, Any] = {"targetJobs": [{"name": TRAINER_NODE}],
-                                 "serviceAccountName": pod["serviceAccountName"],
-                                 "containers": [{"name": TRAINER_CONTAINER, "envFrom": main["envFrom"]}]}
+    pod_patch: dict[str, Any] = {"serviceAccountName": pod["serviceAccountName"]}
     if step.gpus:
-        overrides.update(nodeSelector=pod["nodeSelector"], tolerations=pod["tolerations"])
+        pod_patch.update(nodeSelector=pod["nodeSelector"], tolerations=pod["tolerations"])
+    meta = {"labels": labels(step.name)}
+    node_patch = {"name": TRAINER_NODE,
+                  "template": {"metadata": meta, "spec": {"template": {"metadata": meta, "spec": pod_patch}}}}
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",
         "metadata": {"name": object_name(f"finetune-{step.name}", cfg.run_id), "namespace": k.namespace,
-                     "labels": labels(step.name),
-                     "annotations": {DEADLINE_ANNOTATION: str(job_deadline(cfg, step, deadline_s))}},
+                     "labels": labels(step.name)},
         "spec": {
             "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": k.trainjob_runtime},
-            "labels": labels(step.name),  # onto the JobSet and its Jobs
-            "trainer": {"image": main["image"], "command": main["command"], "args": main["args"], "env": main["env"],
+            "activeDeadlineSeconds": job_deadline(cfg, step, deadline_s),
+            "trainer": {"image": main["image"], "command": main["command"], "args": main["args"],
+                        "env": [*main["env"], *secret_env(cfg)],
                         "numNodes": k.num_nodes, "numProcPerNode": k.gpus_per_node,
                         "resourcesPerNode": main["resources"]},
-            "podSpecOverrides": [overrides],
+            "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {
+                "metadata": meta, "spec": {"replicatedJobs": [node_patch]}}}}],
         },
     }
 
@@ -327,8 +347,8 @@ JOB_APIS = {
                                        "training.kubeflow.org/replica-type": "master",
                                        "training.kubeflow.org/replica-index": "0"}),
     # The JobSet the TrainJob owns has its name; the pod of completion index 0 of its (one) node Job
-    # is rank 0 (Trainer points PET_MASTER_ADDR at it), found as Trainer's own SDK finds it: the
-    # pod template's labels are replaced with the JobSet's.
+    # is rank 0 (Trainer points PET_MASTER_ADDR at it), found as Trainer's own SDK finds it: by the
+    # labels JobSet and the Job controller give every pod.
     "TrainJob": JobApi(TRAINER_GROUP, TRAINER_VERSION, "trainjobs", {"Complete": "Succeeded", "Failed": "Failed"},
                        TRAINER_CONTAINER,
                        lambda name: {"jobset.sigs.k8s.io/jobset-name": name,
@@ -345,7 +365,7 @@ def job_deadline_seconds(manifest: Mapping[str, Any]) -> int:
     """The deadline a rendered PyTorchJob or TrainJob carries (``job_deadline``)."""
     if manifest["kind"] == "PyTorchJob":
         return int(manifest["spec"]["runPolicy"]["activeDeadlineSeconds"])
-    return int(manifest["metadata"]["annotations"][DEADLINE_ANNOTATION])
+    return int(manifest["spec"]["activeDeadlineSeconds"])
 
 
 def job_phase(job: Mapping[str, Any]) -> str | None:

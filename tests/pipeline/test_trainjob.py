@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from pipeline import cli, k8s, steps
-from pipeline.config import check_image, load_config
+from pipeline.config import load_config
+from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
 from tests.inmemory_core import InMemoryCoreV1
 from tests.manifests import RUN, InMemoryCustomObjects, images, restricted_violations, validate_core
@@ -85,11 +86,25 @@ def test_the_trainjob_validates_against_trainers_crd_and_its_node_against_the_po
     assert steps.render("evaluate", RUN[:1], "trainjob")["kind"] == "Pod"
 
 
-def test_a_misspelt_or_newer_api_field_is_caught_not_pruned():
+@pytest.mark.parametrize("old_api", ["podSpecOverrides", "podTemplateOverrides"])  # before v2.1; v2.1
+def test_an_older_or_misspelt_api_field_is_caught_not_pruned(old_api):
     job = train()
-    job["spec"]["podTemplateOverrides"] = job["spec"].pop("podSpecOverrides")  # Trainer v2.1's name
+    job["spec"][old_api] = job["spec"].pop("runtimePatches")
     with pytest.raises(AssertionError):
         validate_crd(job)
+    runtime = k8s.training_runtime_manifest(load_config(), steps.STEPS["train"])
+    runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = 1  # removed in Trainer v2.2
+    with pytest.raises(AssertionError):
+        validate_crd(runtime)
+
+
+def node_patch(job: dict) -> dict:
+    """Our one runtime patch's entry for the trainer's node Job (Trainer v2.2+ ``runtimePatches``)."""
+    (patch,) = job["spec"]["runtimePatches"]
+    assert patch["manager"] == k8s.PATCH_MANAGER
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == k8s.TRAINER_NODE
+    return node
 
 
 def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorchjobs_do():
@@ -100,24 +115,41 @@ def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorch
     validate_crd(job)
     (replica,) = [r["template"]["spec"] for r in pytorchjob["spec"]["pytorchReplicaSpecs"].values()][:1]
     master = replica["containers"][0]
-    trainer, (pod,) = job["spec"]["trainer"], job["spec"]["podSpecOverrides"]
+    trainer, node = job["spec"]["trainer"], node_patch(job)
+    pod = node["template"]["spec"]["template"]["spec"]
     assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == 4
     assert trainer["resourcesPerNode"] == master["resources"]
     assert trainer["resourcesPerNode"]["limits"] == {"cpu": "2", "memory": "16Gi", "nvidia.com/gpu": "4"}
     # The same argv as a PyTorchJob replica, the local launcher's under torch.distributed.run.
     assert [*trainer["command"], *trainer["args"]] == [*master["command"], *master["args"]] == [
         "python", "-m", "torch.distributed.run", "-m", "pipeline", *steps.step_argv("train", [*RUN, *overrides])[1:]]
-    assert trainer["env"] == master["env"]
-    assert {e["name"] for e in trainer["env"]} == {"HF_HOME", "TOKENIZERS_PARALLELISM"}  # values only, no secret
-    assert pod["targetJobs"] == [{"name": k8s.TRAINER_NODE}]
-    (container,) = pod["containers"]
-    assert container == {"name": k8s.TRAINER_CONTAINER, "envFrom": master["envFrom"]}
-    assert {"secretRef": {"name": "team-s3"}} in container["envFrom"]
-    assert {"secretRef": {"name": "team-mlflow"}} in container["envFrom"]
+    # Values as the replica's; the Secrets by name and key (Trainer allows no env in a patch of the
+    # node container, and envFrom nowhere on a TrainJob), never a value.
+    values = [e for e in trainer["env"] if "value" in e]
+    assert values == master["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
+    assert len(values) + len(refs) == len(trainer["env"]) and all(set(e) <= {"name", "value", "valueFrom"}
+                                                                   for e in trainer["env"])
+    assert {name: ref["name"] for name, ref in refs.items()} == {
+        "AWS_ACCESS_KEY_ID": "team-s3", "AWS_SECRET_ACCESS_KEY": "team-s3", "MLFLOW_TRACKING_URI": "team-mlflow",
+        "MLFLOW_TRACKING_USERNAME": "team-mlflow", "MLFLOW_TRACKING_PASSWORD": "team-mlflow"}
+    assert all(ref["key"] == name for name, ref in refs.items())
+    assert [name for name, ref in refs.items() if ref.get("optional")] == ["MLFLOW_TRACKING_USERNAME",
+                                                                           "MLFLOW_TRACKING_PASSWORD"]
+    # Every key the TrainJob references is one the k8s README says its Secret holds.
+    readme = (ROOT / "k8s" / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in refs)
+    assert "containers" not in pod  # no env patch on the node container: the webhook refuses it
     assert (pod["serviceAccountName"], pod["nodeSelector"], pod["tolerations"]) == (
         replica["serviceAccountName"], replica["nodeSelector"], replica["tolerations"])
+    # Our labels on the JobSet, its node Job and their pods.
+    (patch,) = job["spec"]["runtimePatches"]
+    assert patch["trainingRuntimeSpec"]["template"]["metadata"]["labels"] == job["metadata"]["labels"] == \
+        node["template"]["metadata"]["labels"] == node["template"]["spec"]["template"]["metadata"]["labels"]
     assert job["spec"]["runtimeRef"]["name"] == "team-torch"
-    # The deadline: the same number as the PyTorchJob's activeDeadlineSeconds, which the DAG task enforces.
+    # The deadline: the same number as the PyTorchJob's activeDeadlineSeconds, enforced by Trainer
+    # (spec.activeDeadlineSeconds, v2.2+) and by the DAG task.
+    assert job["spec"]["activeDeadlineSeconds"] == pytorchjob["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200
     assert k8s.job_deadline_seconds(job) == k8s.job_deadline_seconds(pytorchjob) == 7200
     assert k8s.job_deadline_seconds(train(["k8s.job_timeout_seconds=3600"], deadline_s=7200)) == 3600
     assert k8s.job_deadline_seconds(train(deadline_s=120)) == 120
@@ -149,9 +181,13 @@ def test_the_runtime_in_k8s_is_the_one_the_code_builds_and_validates():
     validate_crd(runtime)
     assert runtime["metadata"]["name"] == load_config().k8s.trainjob_runtime
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
-    # Trainer's torch plugin fills in the job and container of these names.
-    assert node["name"] == k8s.TRAINER_NODE
-    assert [c["name"] for c in runtime_pod_spec(runtime)["containers"]] == [k8s.TRAINER_CONTAINER]
+    # Trainer's torch plugin fills in the job and container of these names (v2: both 'node'), the
+    # job it finds by its ancestor label; processes per node are each TrainJob's.
+    assert node["name"] == k8s.TRAINER_NODE == "node"
+    assert [c["name"] for c in runtime_pod_spec(runtime)["containers"]] == [k8s.TRAINER_CONTAINER] == ["node"]
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     # Its Job and pod template are valid Kubernetes objects (1.31 and newest, strict).
     validate_core({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"},
                    "spec": node["template"]["spec"]})
