@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, as bench/*.py do
 
 from bench.harness import commit, machine  # noqa: E402
-from pipeline import collect, steps, storage  # noqa: E402
+from pipeline import collect, local, storage  # noqa: E402
 from pipeline.chat import CHATML  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
@@ -117,7 +117,7 @@ def run_variant(name: str, model_dir: Path, snapshot_uri: str, args: argparse.Na
                  f"train.precision={args.precision}", f"train.num_processes={world}", "train.logging_steps=10",
                  *VARIANTS[name]]
     started = time.perf_counter()
-    result = steps.launch_local("train", overrides)
+    result = local.launch_local("train", overrides)
     wall = time.perf_counter() - started
     summary = storage.read_json(result["summary_uri"])
     tokens = summary["train_tokens"]  # one epoch: every packed sequence's tokens

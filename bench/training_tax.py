@@ -2,7 +2,7 @@
 peak RSS of rank 0 for the same model (the shipped MiniLM), data (the shipped intents), sequence
 length (64), micro-batch (16), ZeRO-2 JSON and 2 processes (torch.distributed.run, gloo, CPU):
 
-  a  the pipeline's `train` step, as its local launcher starts it (steps.local_command/local_env)
+  a  the pipeline's `train` step, as its local launcher starts it (local.local_command/local_env)
   b  a minimal script: HF `Trainer` + the same DeepSpeed JSON                      (--worker hf)
   c  a raw `deepspeed.initialize` loop, plain DataLoader + DistributedSampler     (--worker raw)
 
@@ -54,10 +54,10 @@ def torchrun(*args: str) -> list[str]:
 
 
 def command(variant: str, snapshot_uri: str, result_file: Path) -> list[str]:
-    from pipeline import steps
+    from pipeline import local
 
     if variant == "a":
-        return steps.local_command("train", [
+        return local.local_command("train", [
             f"train.snapshot_uri={snapshot_uri}", "train.epochs=1", f"train.batch_size={BATCH}",
             f"train.max_seq_len={SEQ_LEN}", f"train.num_processes={PROCESSES}", "train.zero_stage=2",
             f"train.learning_rate={LR}", f"train.logging_steps={LOG_EVERY}", f"seed={SEED}",
@@ -67,10 +67,10 @@ def command(variant: str, snapshot_uri: str, result_file: Path) -> list[str]:
 
 
 def measure(variant: str, snapshot_uri: str, work: Path, run: int, warmup: int) -> dict:
-    from pipeline import steps
+    from pipeline import local
 
     result_file = work / f"{variant}-{run}.json"
-    code, lines, wall = timed_lines(command(variant, snapshot_uri, result_file), steps.local_env())
+    code, lines, wall = timed_lines(command(variant, snapshot_uri, result_file), local.local_env())
     if code != 0:
         raise SystemExit(f"variant {variant} failed ({code}):\n" + "\n".join(line for _, line in lines[-40:]))
     marks = [(t, int(m.group(1))) for t, line in lines if (m := STEP_LINE[variant].match(line))]

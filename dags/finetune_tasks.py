@@ -23,7 +23,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator, Param, task
 from finetune_alerts import ON_PROMOTION
 
-from pipeline import k8s, steps, storage
+from pipeline import k8s, local, steps, storage
 from pipeline.config import PipelineConfig, load_config, param_schema, safe_run_id
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.steps import DAG_PARAMS, STEPS, job_kind
@@ -143,7 +143,7 @@ def aws_connection_env() -> dict[str, str]:
         connection = Connection.get(AWS_CONN_ID)
     except AirflowNotFoundException:
         return {}
-    return steps.aws_env(connection.login, connection.password, connection.extra_dejson)
+    return local.aws_env(connection.login, connection.password, connection.extra_dejson)
 
 
 # Room past a step's own timeout before Airflow's execution_timeout ends the task: the launcher
@@ -166,24 +166,24 @@ def execution_timeout(step: str) -> timedelta:
 
 
 class LocalStepOperator(BaseOperator):
-    """The step as a local subprocess (``steps.launch_local``) in a process group of its own: its
+    """The step as a local subprocess (``local.launch_local``) in a process group of its own: its
     timeout, Airflow's execution_timeout and a kill of the task (``on_kill``) all stop every
     process it started, torchrun's workers included."""
 
     def __init__(self, *, step: str, **kwargs):
         super().__init__(**kwargs)
         self.step = step
-        self.process: steps.StepProcess | None = None
+        self.process: local.StepProcess | None = None
 
     def execute(self, context):
         from airflow.sdk.exceptions import AirflowFailException
 
-        def started(process: steps.StepProcess) -> None:
+        def started(process: local.StepProcess) -> None:
             self.process = process
 
         try:
             overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
-            return steps.launch(self.step, overrides, env=aws_connection_env(), timeout_s=step_timeout_s(self.step),
+            return local.launch(self.step, overrides, env=aws_connection_env(), timeout_s=step_timeout_s(self.step),
                                 grace_s=deployment_config().timeouts.kill_grace_s, started=started)
         except PipelineError as exc:
             if getattr(exc, "retryable", False):
@@ -206,8 +206,8 @@ def step_failed(step: str, launcher: str, cfg: PipelineConfig, exit_code: int | 
         error = steps.step_error(cfg.step_uri(step))
     except PipelineError as exc:  # the artifact store is failing too: say so, and let it retry
         error, detail = None, f"{detail}; its error.json could not be read: {exc}"
-    failure = steps.step_failure(step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]),
-                                 detail=detail, oom=oom)
+    failure = steps.classify_failure(step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]),
+                                     detail=detail, oom=oom)
     return failure if failure.retryable else AirflowFailException(str(failure))
 
 

@@ -65,7 +65,7 @@ def train_settings(snapshot: collect.CollectResult, model_dir: Any, run_id: str,
 def run_step_here(step: str, overrides: list[str]) -> dict[str, Any]:
     """``finetune <step> --set ...`` in this process, for tests where the process boundary is not
     what is checked (a step process costs seconds of imports); its result JSON, as
-    ``steps.launch_local`` returns it."""
+    ``local.launch_local`` returns it."""
     code = cli.main([step, *(arg for override in overrides for arg in ("--set", override))])
     assert code == 0, f"finetune {step} exited with {code}"
     return storage.read_json(load_config(None, overrides).step_uri(step) + "/result.json")

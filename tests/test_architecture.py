@@ -74,7 +74,7 @@ def test_imports_inside_functions_are_heavy_libraries_only():
 
 @pytest.mark.parametrize("code", [
     "import pipeline.cli",  # `finetune --help`, and every step process before it knows its step
-    "import pipeline.steps, pipeline.config",  # what the DAG files import at parse time
+    "import pipeline.steps, pipeline.local, pipeline.config",  # what the DAG files import at parse time
 ])
 def test_the_light_paths_import_nothing_heavy(code):
     probe = f"import sys; {code}; print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))"

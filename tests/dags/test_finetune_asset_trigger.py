@@ -85,11 +85,11 @@ def test_outside_producer_through_the_rest_api_triggers_finetune(finetune_unpaus
     from fastapi.testclient import TestClient
     from sqlalchemy import select
 
-    from pipeline import steps
+    from pipeline import local
 
     # A snapshot published outside Airflow, by the collect step's own command.
     data = write_jsonl(tmp_path / "more.jsonl", shipped_rows(labels=4, per_label=10))
-    published = steps.launch_local("collect", [f"collect.sources={json.dumps([str(data)])}",
+    published = local.launch_local("collect", [f"collect.sources={json.dumps([str(data)])}",
                                                f"run_id=outside-{uuid.uuid4().hex[:8]}"])
     with create_session() as session:
         asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == ASSET))

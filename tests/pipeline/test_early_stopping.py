@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline import steps, storage
+from pipeline import local, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from tests.helpers import collect_snapshot, train_settings, write_jsonl
@@ -28,7 +28,7 @@ def small_chat(tmp_path):
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, *extra))
+    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, *extra))
 
 
 def _weights(model_uri):
@@ -84,7 +84,7 @@ def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_
              'train.trainer_args={"lr_scheduler_type": "constant"}', "run_id=killed",
              f"base_model={json.dumps(str(tiny_lm_dir))}", f"train.snapshot_uri={small_chat.snapshot_uri}"]
     root = storage.join(load_config(None, early).step_uri("train"), "checkpoints")
-    process = steps.StepProcess(steps.local_command("train", early, str(tmp_path / "result.json")), steps.local_env())
+    process = local.StepProcess(local.local_command("train", early, str(tmp_path / "result.json")), local.local_env())
     threading.Thread(target=lambda: process.popen.stdout.read(), daemon=True).start()  # a full pipe would block it
     deadline = time.monotonic() + 240
     while not any(c.step == 2 for c in checkpoints.complete(root)):
@@ -97,7 +97,7 @@ def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_
     assert {1, 2} <= kept and 3 not in kept, kept  # the best (1) is kept whatever keep_checkpoints says
     capfd.readouterr()
 
-    resumed = steps.launch_local("train", early)
+    resumed = local.launch_local("train", early)
     assert "resuming from step 2 " in capfd.readouterr().out
     summary = storage.read_json(resumed["summary_uri"])
     assert summary["best_step"] == 1 and resumed["global_step"] == 4 and summary["stopped_early"], summary

@@ -5,7 +5,7 @@ under each ZeRO stage; the extended tokenizer is published and registered with t
 
 import pytest
 
-from pipeline import register, steps, storage
+from pipeline import local, register, steps, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import extend_embeddings, extend_vocabulary
@@ -44,7 +44,7 @@ def test_the_extended_model_starts_out_computing_what_the_base_model_computed(cl
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.batch_size=8",
+    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.batch_size=8",
                                                       "train.logging_steps=2", *extra))
 
 
@@ -155,7 +155,7 @@ def test_a_causal_lm_trains_its_new_tokens_beside_the_lora_adapter_and_publishes
     lm = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.learning_rate=1e-2",
           f"train.lora_r={lora_r}", "train.epochs=2", "train.extend_vocab=true", "train.extend_vocab_learning_rate=0.05",
           f"train.zero_stage={stage}"]
-    result = steps.launch_local("train", train_settings(snapshot, tiny_lm_dir, "lm-vocab", *lm))
+    result = local.launch_local("train", train_settings(snapshot, tiny_lm_dir, "lm-vocab", *lm))
     added = storage.read_json(result["summary_uri"])["extended_vocab"]["added_tokens"]
     assert added > 10
     model_dir = storage.local_path(result["model_uri"])

@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline import cli, k8s, steps
+from pipeline import cli, k8s, local, steps
 from pipeline.config import check_image
 from pipeline.errors import ConfigError
 from tests.manifests import (RUN, InMemoryCustomObjects, images, manifests_in, pod_specs, restricted_violations,
@@ -158,7 +158,7 @@ def test_cli_render_bad_input_exits_2_with_the_setting_named(capsys):
 def test_the_local_launcher_refuses_cluster_launchers_instead_of_running_locally(monkeypatch):
     monkeypatch.setenv("FINETUNE_LAUNCHER", "kubernetes")
     with pytest.raises(ConfigError, match="submitted by the finetune DAG"):
-        steps.launch("collect", RUN[:1])
+        local.launch("collect", RUN[:1])
 
 
 # --- submitting a PyTorchJob: the create / watch / delete loop ---

@@ -6,7 +6,7 @@ two minutes on 2 cores; cached under ~/.cache/torch_extensions afterwards)."""
 
 import pytest
 
-from pipeline import steps, storage
+from pipeline import local, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.train import deepspeed_config
@@ -16,7 +16,7 @@ BATCH = 8
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=1",
+    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=1",
                                                       f"train.batch_size={BATCH}", "train.logging_steps=1",
                                                       "train.learning_rate=1e-3", *extra))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import drift, evaluate, register, steps, storage
+from pipeline import drift, evaluate, local, register, storage
 from pipeline.config import load_config
 from pipeline.tracking import RUN_TAG, artifact_url, client, pipeline_run_id
 from tests.helpers import collect_snapshot, write_snapshot
@@ -215,7 +215,7 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
 @pytest.mark.slow
 def test_the_loss_curve_of_a_real_training_run_has_one_point_per_logged_step(tmp_path, small_data, tiny_model_dir):
     snapshot = collect_snapshot([small_data])
-    trained = steps.launch_local("train", [
+    trained = local.launch_local("train", [
         "run_id=real-curve", f"base_model={json.dumps(str(tiny_model_dir))}",
         f"train.snapshot_uri={snapshot.snapshot_uri}", "train.epochs=1", "train.batch_size=8", "train.num_processes=1",
         "train.logging_steps=2"])

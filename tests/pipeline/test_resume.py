@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline import checkpoints, steps, storage
+from pipeline import checkpoints, local, steps, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
 from tests.helpers import train_settings
@@ -30,8 +30,8 @@ def _root(settings):
 
 def _start(settings, tmp_path):
     """The step in a process group of its own, its output collected in ``process.lines``."""
-    command = steps.local_command("train", settings, str(tmp_path / "result.json"))
-    process = steps.StepProcess(command, steps.local_env())
+    command = local.local_command("train", settings, str(tmp_path / "result.json"))
+    process = local.StepProcess(command, local.local_env())
     process.lines = []
     process.reader = threading.Thread(target=lambda: process.lines.extend(process.popen.stdout), daemon=True)
     process.reader.start()
@@ -103,7 +103,7 @@ def _eval_logits(model_uri, snapshot):
 @pytest.mark.slow
 def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path,
                                                                              capfd):
-    reference = steps.launch_local("train", _settings(snapshot, tiny_model_dir, "reference"))
+    reference = local.launch_local("train", _settings(snapshot, tiny_model_dir, "reference"))
     steps_per_epoch = snapshot.rows_train // (BATCH * 2)
     assert reference["global_step"] == 2 * steps_per_epoch >= 8
 
@@ -146,7 +146,7 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
 
     # 3. The next attempt finishes from there.
     capfd.readouterr()
-    resumed = steps.launch_local("train", settings)
+    resumed = local.launch_local("train", settings)
     assert f"resuming from step {stopped} " in capfd.readouterr().out
     assert resumed["global_step"] == reference["global_step"]
     diff = _max_diff(reference["model_uri"], resumed["model_uri"])
@@ -166,12 +166,12 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
 
 @pytest.mark.slow
 def test_zero3_partitioned_states_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path, capfd):
-    reference = steps.launch_local("train", _settings(snapshot, tiny_model_dir, "z3-reference", "train.zero_stage=3",
+    reference = local.launch_local("train", _settings(snapshot, tiny_model_dir, "z3-reference", "train.zero_stage=3",
                                                       "train.epochs=1"))
     settings = _settings(snapshot, tiny_model_dir, "z3", "train.zero_stage=3", "train.epochs=1")
     _, killed_at = _kill_after_first_checkpoint(settings, tmp_path, reference["global_step"])
     capfd.readouterr()
-    resumed = steps.launch_local("train", settings)
+    resumed = local.launch_local("train", settings)
     assert f"resuming from step {killed_at} " in capfd.readouterr().out
     assert resumed["global_step"] == reference["global_step"]
     assert _max_diff(reference["model_uri"], resumed["model_uri"]) <= 1e-6
@@ -301,7 +301,7 @@ def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_re
 
         server = _mlflow_server(port, store)  # back, with the same store
         capfd.readouterr()
-        resumed = steps.launch_local("train", settings)
+        resumed = local.launch_local("train", settings)
         assert "resuming from step " in capfd.readouterr().out
         from pipeline import tracking
 

@@ -1,13 +1,13 @@
 """Retries by cause: faults injected on loopback (a proxy in front of the S3 server that answers
 503, an HTTP source that always does, an MLflow tracking URI nobody listens on) end in the
 retryable exit code 75 after the client libraries' own retries, verdicts on input stay 2 and 3,
-and the one retry table (``steps.step_failure``) says the same on every launcher."""
+and the one retry table (``steps.classify_failure``) says the same on every launcher."""
 
 import json
 
 import pytest
 
-from pipeline import steps, storage, tracking
+from pipeline import local, steps, storage, tracking
 from pipeline.errors import DataError, TransientError
 from tests.faults import always_503, closed_port, failing_proxy
 from tests.helpers import collect_snapshot, shipped_rows, write_jsonl
@@ -35,7 +35,7 @@ def test_s3_503s_that_clear_are_retried_by_botocore_and_the_step_succeeds(s3_sou
 def test_s3_that_keeps_failing_exits_75_and_the_launcher_retries_it(s3_source, s3_server):
     with failing_proxy(s3_server, fail_first=None) as proxy:
         with pytest.raises(steps.StepFailed) as failed:
-            steps.launch_local("collect", [f"collect.sources={json.dumps([s3_source])}", "run_id=down-s3"],
+            local.launch_local("collect", [f"collect.sources={json.dumps([s3_source])}", "run_id=down-s3"],
                                env={"AWS_ENDPOINT_URL": proxy.url})
     assert failed.value.returncode == 75 and failed.value.retryable
     message = str(failed.value)
@@ -60,7 +60,7 @@ def test_s3_verdicts_stay_bad_input_and_5xx_or_a_refused_connection_is_transient
 def test_an_http_source_that_always_answers_503_exits_75():
     with always_503() as url:
         with pytest.raises(steps.StepFailed) as failed:
-            steps.launch_local("collect", [f'collect.sources=["{url}/data.jsonl"]', "run_id=down-http"])
+            local.launch_local("collect", [f'collect.sources=["{url}/data.jsonl"]', "run_id=down-http"])
     assert failed.value.returncode == 75 and failed.value.retryable
     assert f"cannot download {url}/data.jsonl: HTTP Error 503" in str(failed.value)
     assert "(after 3 retries)" in str(failed.value) and "retried with back-off" in str(failed.value)
@@ -69,7 +69,7 @@ def test_an_http_source_that_always_answers_503_exits_75():
 def test_an_http_source_that_refuses_connections_exits_75():
     source = f"http://127.0.0.1:{closed_port()}/data.jsonl"
     with pytest.raises(steps.StepFailed) as failed:
-        steps.launch_local("collect", [f'collect.sources=["{source}"]', "run_id=refused-http"])
+        local.launch_local("collect", [f'collect.sources=["{source}"]', "run_id=refused-http"])
     assert failed.value.returncode == 75 and "Connection refused" in str(failed.value)
 
 
@@ -79,7 +79,7 @@ def test_mlflow_unreachable_exits_75_naming_the_tracking_uri(server):
         uri = f"http://127.0.0.1:{closed_port()}" if server == "closed port" else failing
         env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
         with pytest.raises(steps.StepFailed) as failed:
-            steps.launch_local("promote", ["promote.version=1", "run_id=no-mlflow"], env=env)
+            local.launch_local("promote", ["promote.version=1", "run_id=no-mlflow"], env=env)
     assert failed.value.returncode == 75 and failed.value.retryable
     assert f"MLflow tracking server {uri} unreachable or failing" in str(failed.value)
     assert "MLFLOW_TRACKING_URI" in str(failed.value)
@@ -107,7 +107,7 @@ def test_the_tracker_passes_mlflows_own_verdicts_through(monkeypatch):
 ])
 def test_the_step_s_own_exit_code_decides_the_retry_on_every_launcher(launcher, code, retried, says):
     error = {"step": "train", "error": says, "exit_code": code}
-    failure = steps.step_failure("train", launcher, 1, error)  # torchrun itself exits 1 whatever its ranks said
+    failure = steps.classify_failure("train", launcher, 1, error)  # torchrun itself exits 1 whatever its ranks said
     assert (failure.returncode, failure.retryable) == (code, retried) and says in str(failure)
 
 
@@ -115,7 +115,7 @@ def test_the_step_s_own_exit_code_decides_the_retry_on_every_launcher(launcher, 
                                                ("pytorchjob", "k8s.memory")])
 def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retried(launcher, setting):
     for exit_code in (137, -9):
-        failure = steps.step_failure("train", launcher, exit_code, None, memory="8Gi")
+        failure = steps.classify_failure("train", launcher, exit_code, None, memory="8Gi")
         assert failure.returncode == 137 and not failure.retryable
         assert "ran out of memory" in str(failure) and setting in str(failure)
     if launcher != "local":
@@ -123,6 +123,6 @@ def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retr
 
 
 def test_a_crash_without_an_error_file_is_retried():
-    failure = steps.step_failure("evaluate", "kubernetes", 1, None, detail="Segmentation fault")
+    failure = steps.classify_failure("evaluate", "kubernetes", 1, None, detail="Segmentation fault")
     assert failure.retryable and "exited with code 1: Segmentation fault" in str(failure)
-    assert steps.step_failure("evaluate", "pytorchjob", None, None, detail="PyTorchJob x ended Failed").retryable
+    assert steps.classify_failure("evaluate", "pytorchjob", None, None, detail="PyTorchJob x ended Failed").retryable

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pipeline import steps
+from pipeline import local, steps
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from tests.helpers import ROOT
@@ -26,15 +26,15 @@ def test_missing_upstream_result_is_an_error():
 
 def test_argv_is_the_container_argv_and_training_is_distributed():
     assert steps.step_argv("collect", ["run_id=r"]) == ["finetune", "collect", "--set", "run_id=r"]
-    command = steps.local_command("train", ["train.num_processes=3"], "/tmp/r.json")
+    command = local.local_command("train", ["train.num_processes=3"], "/tmp/r.json")
     assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
     assert command[5:] == ["-m", "pipeline", "train", "--set", "train.num_processes=3", "--result-file", "/tmp/r.json"]
-    assert steps.local_command("evaluate", [], "/r")[:4] == [sys.executable, "-m", "pipeline", "evaluate"]
+    assert local.local_command("evaluate", [], "/r")[:4] == [sys.executable, "-m", "pipeline", "evaluate"]
 
 
 def test_bad_override_fails_before_any_process_starts():
     with pytest.raises(ConfigError, match="train.num_processes: 0 is below the minimum 1"):
-        steps.local_command("train", ["train.num_processes=0"], "/r")
+        local.local_command("train", ["train.num_processes=0"], "/r")
 
 
 def test_unknown_step_and_launcher(monkeypatch):
@@ -42,30 +42,30 @@ def test_unknown_step_and_launcher(monkeypatch):
         steps.step_argv("deploy", [])
     monkeypatch.setenv("FINETUNE_LAUNCHER", "slurm")
     with pytest.raises(ConfigError, match="unknown launcher 'slurm'"):
-        steps.launch("collect", [])
+        local.launch("collect", [])
 
 
 def test_failed_step_reports_its_error_and_is_not_retryable(tmp_path):
     with pytest.raises(steps.StepFailed) as failed:
-        steps.launch_local("collect", [f'collect.sources=["{tmp_path}/nothing-*.jsonl"]', "run_id=r"])
+        local.launch_local("collect", [f'collect.sources=["{tmp_path}/nothing-*.jsonl"]', "run_id=r"])
     assert "matches no files" in str(failed.value)
     assert failed.value.returncode == 2 and not failed.value.retryable
 
 
 def test_aws_env_from_connection_fields_leaves_out_what_is_not_set():
     extra = {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1", "aws_session_token": "token"}
-    assert steps.aws_env("key-id", "secret", extra) == {
+    assert local.aws_env("key-id", "secret", extra) == {
         "AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
     # A connection with only a region (keys from an instance role): the chain supplies the rest.
-    assert steps.aws_env(None, "", {"region_name": "eu-west-1"}) == {"AWS_DEFAULT_REGION": "eu-west-1"}
+    assert local.aws_env(None, "", {"region_name": "eu-west-1"}) == {"AWS_DEFAULT_REGION": "eu-west-1"}
 
 
 def test_extra_env_reaches_the_step_and_wins_over_this_process(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    env = steps.local_env({"AWS_DEFAULT_REGION": "eu-west-1"})
+    env = local.local_env({"AWS_DEFAULT_REGION": "eu-west-1"})
     assert env["AWS_DEFAULT_REGION"] == "eu-west-1" and env["PATH"]
-    assert steps.local_env()["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert local.local_env()["AWS_DEFAULT_REGION"] == "us-east-1"
 
 
 # --- what a trigger may set: the deployment's trigger_keys --------------------------------------
@@ -170,7 +170,7 @@ def test_a_hanging_step_is_killed_at_its_timeout_and_nothing_it_started_is_left(
     handles = []
     tail = collections.deque(maxlen=5)
     started = time.monotonic()
-    code = steps.run_step_process([sys.executable, "-c", HANGING_TREE, str(pids_file)], steps.local_env(),
+    code = local.run_step_process([sys.executable, "-c", HANGING_TREE, str(pids_file)], local.local_env(),
                                   timeout_s=3, grace_s=1, started=handles.append, tail=tail)
     elapsed = time.monotonic() - started
     assert code is None  # ran past its timeout
@@ -204,7 +204,7 @@ def test_torchrun_workers_are_stopped_when_airflow_interrupts_the_wait(tmp_path)
         signal.setitimer(signal.ITIMER_REAL, 20)  # the backstop, should the workers never start
         with pytest.raises(TimeoutError):
             # Waits for the workers first, so the alarm interrupts a tree that is fully up.
-            steps.run_step_process(command, steps.local_env(), grace_s=5, started=tree_is_up)
+            local.run_step_process(command, local.local_env(), grace_s=5, started=tree_is_up)
             pytest.fail("the alarm should have interrupted the wait")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -223,7 +223,7 @@ def test_launch_local_stops_a_step_hanging_on_a_silent_source_and_names_the_sett
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/data.jsonl"
         handles = []
         with pytest.raises(steps.StepFailed) as failed:
-            steps.launch_local("collect", [f'collect.sources=["{url}"]', "run_id=r"], timeout_s=4, grace_s=2,
+            local.launch_local("collect", [f'collect.sources=["{url}"]', "run_id=r"], timeout_s=4, grace_s=2,
                                started=handles.append)
     assert failed.value.returncode == steps.TIMEOUT_EXIT_CODE and failed.value.retryable
     assert "ran past its timeout of 4 s" in str(failed.value) and "timeouts.collect" in str(failed.value)

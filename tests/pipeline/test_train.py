@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline import steps, storage
+from pipeline import local, steps, storage
 from pipeline.config import load_config, safe_run_id
 from tests.helpers import build_tiny_lm, collect_snapshot, run_step_here, train_settings
 
@@ -15,7 +15,7 @@ BATCH = 8
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=2",
+    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=2",
                                                       f"train.batch_size={BATCH}", "train.logging_steps=2", *extra))
 
 
@@ -82,7 +82,7 @@ def chat_snapshot():
 
 
 def _train_lm(snapshot, model_dir, run_id, *extra):
-    return steps.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, "train.epochs=1", *extra))
+    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, *LM, "train.epochs=1", *extra))
 
 
 def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline import steps, storage
+from pipeline import local, steps, storage
 from pipeline.config import PIPELINE_TRAINER_ARGS, load_config, param_schema, trainer_argument_types
 from pipeline.errors import ConfigError
 from tests.helpers import collect_snapshot
@@ -135,7 +135,7 @@ def test_trainer_args_reach_the_trainer_with_zero3_lora_and_gradient_checkpointi
     snapshot = collect_snapshot([INSTRUCTIONS], "task=causal-lm")
     args = {"lr_scheduler_type": "constant", "max_grad_norm": 0.5, "gradient_checkpointing": True,
             "gradient_checkpointing_kwargs": {"use_reentrant": False}, "max_steps": 4}
-    result = steps.launch_local("train", [
+    result = local.launch_local("train", [
         "task=causal-lm", "run_id=targs", f"base_model={json.dumps(str(tiny_lm_dir))}", "train.max_seq_len=192",
         f"train.snapshot_uri={snapshot.snapshot_uri}", "train.batch_size=8", "train.learning_rate=1e-3",
         "train.zero_stage=3", "train.lora_r=8", "train.logging_steps=1", "train.warmup_ratio=0.0",
