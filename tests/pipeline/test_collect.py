@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 from pipeline import chat, cli, collect, storage
-from pipeline.config import DEFAULT_SOURCE, load_config
+from pipeline.config import load_config
+from pipeline.config.collect import DEFAULT_SOURCE
 from pipeline.errors import DataError
 from pipeline.snapshot import load_snapshot
 from pipeline.text import normalize_text

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import cli, k8s, local, steps
-from pipeline.config import check_image
+from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
 from tests.manifests import (RUN, InMemoryCustomObjects, images, manifests_in, pod_specs, restricted_violations,
                              validate_core)

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from pipeline import local, steps, storage
-from pipeline.config import PIPELINE_TRAINER_ARGS, load_config, param_schema, trainer_argument_types
+from pipeline.config import load_config, param_schema
+from pipeline.config.trainer_args import PIPELINE_TRAINER_ARGS, trainer_argument_types
 from pipeline.errors import ConfigError
 from tests.helpers import collect_snapshot
 

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from pipeline import cli, storage, validate
-from pipeline.config import CHAT_CHECKS, CLASSIFICATION_CHECKS, load_config
+from pipeline.config import load_config
+from pipeline.config.validate import CHAT_CHECKS, CLASSIFICATION_CHECKS
 from pipeline.errors import ConfigError, ValidationFailed
 from tests.helpers import collect_snapshot, shipped_rows, write_snapshot
 
