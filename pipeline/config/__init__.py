@@ -43,8 +43,16 @@ from typing import Any
 import yaml
 
 from pipeline.config.collect import READ_ROWS, CollectConfig
-from pipeline.config.deploy import (QUANTITY, STEP_NAMES, TRIGGER_KEYS, K8sConfig, TimeoutsConfig, check_trigger,
-                                    node_selector, tolerations)
+from pipeline.config.deploy import (
+    QUANTITY,
+    STEP_NAMES,
+    TRIGGER_KEYS,
+    K8sConfig,
+    TimeoutsConfig,
+    check_trigger,
+    node_selector,
+    tolerations,
+)
 from pipeline.config.evaluate import CHALLENGE, DEFAULT_CHALLENGE, EvaluateConfig, is_challenge, parse_threshold
 from pipeline.config.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, PromoteConfig, RegisterConfig
 from pipeline.config.train import TrainConfig
@@ -87,6 +95,9 @@ def safe_run_id(airflow_run_id: str) -> str:
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """The settings every step shares, and one section per step. Of ``TrainingArguments``, ``seed``
+    sets both ``seed`` and ``data_seed``; the fields train maps are listed in ``TrainConfig``."""
+
     task: str = option("sequence-classification", "Task family.", choices=TASKS)
     base_model: str = option(
         DEFAULT_BASE_MODEL,

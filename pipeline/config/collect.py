@@ -21,6 +21,9 @@ READ_ROWS = 10_000
 
 @dataclass(frozen=True)
 class CollectConfig:
+    """collect's settings (``collect.*``): the sources, the held-out share and the snapshot's row
+    groups. None of them is a ``TrainingArguments`` field."""
+
     sources: list[str] = option(
         [DEFAULT_SOURCE],
         "Data sources: paths, globs, file://, s3://bucket/key-or-prefix, https:// (JSONL, CSV, Parquet; .gz ok). "

@@ -64,6 +64,11 @@ def tolerations(items: Sequence[str]) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class K8sConfig:
+    """How steps are submitted to Kubernetes (``k8s.*``): images, names, node placement, pod sizes and
+    the training job's shape. None of them is a ``TrainingArguments`` field: torch.distributed.run
+    starts ``k8s.gpus_per_node`` processes per training pod (``k8s.num_nodes`` pods for a PyTorchJob
+    or TrainJob), and train checks that ``TrainingArguments.world_size`` counts the same."""
+
     namespace: str = option("finetune", "Namespace the step pods and PyTorchJobs run in.", pattern=DNS_LABEL)
     image: str = option("registry.example.com/finetune/step-cpu:0.1.0",
                         "Image of the CPU steps (docker/step-cpu.Dockerfile); a pinned tag or digest.")
@@ -169,6 +174,9 @@ def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:
 # DAG reads it from the deployment's config alone, so a trigger can never lift it.
 @dataclass(frozen=True)
 class TimeoutsConfig:
+    """Seconds one attempt of each step may run (``timeouts.*``). None of them is a
+    ``TrainingArguments`` field."""
+
     collect: int = option(1800, "Seconds one attempt of collect may run before it is killed.",
                           minimum=10, maximum=7 * 86400)
     validate: int = option(1800, "Seconds one attempt of validate may run before it is killed.",

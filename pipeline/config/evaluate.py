@@ -51,6 +51,12 @@ def is_challenge(slice_name: str) -> bool:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """evaluate's settings (``evaluate.*``): the promotion gate, the bars, the slices and the
+    challenge set. None of them is a ``TrainingArguments`` field: evaluate scores with its own loop,
+    so ``evaluate.batch_size`` is not ``per_device_eval_batch_size`` (the loss of ``train.eval_steps``
+    during training uses ``train.batch_size``), and causal-lm reads ``train.max_seq_len`` and
+    ``train.chat_template``, as training used them."""
+
     snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
     model_uri: str = option("", "Trained model directory (the train step's model_uri).")
     gate_metric: str = option("", "Metric compared with the champion's to decide promotion; empty: the task's "

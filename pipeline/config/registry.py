@@ -19,6 +19,9 @@ ALIAS_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]{0,254}"
 
 @dataclass(frozen=True)
 class RegisterConfig:
+    """register's settings (``register.*``): the result files of the run it registers. None of them
+    is a ``TrainingArguments`` field."""
+
     train_result_uri: str = option("", "The train step's result.json.")
     evaluate_result_uri: str = option("", "The evaluate step's result.json.")
     validate_result_uri: str = option("", "The validate step's result.json (lineage).")
@@ -30,6 +33,9 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
+    """promote's settings (``promote.*``): which version gets which alias, why, and the registry lock's
+    timing. None of them is a ``TrainingArguments`` field."""
+
     version: str = option("", "Version number, or an alias to resolve (challenger, previous_champion, ...).")
     target_alias: str = option(CHAMPION, "Alias to move to the version.", pattern=ALIAS_PATTERN)
     reason: str = option("", "Why; recorded in the audit trail; required with force.")

@@ -23,6 +23,45 @@ OVERLONG = ("truncate", "drop")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """train's settings (``train.*``). train runs Hugging Face ``Trainer``; these become its
+    ``TrainingArguments`` (transformers 5) as below, and each ``TrainingArguments`` field named here
+    is refused in ``train.trainer_args`` (``PIPELINE_TRAINER_ARGS`` names the setting to use).
+
+    Renamed, ``train.*`` -> ``TrainingArguments``:
+
+    - ``epochs`` -> ``num_train_epochs``
+    - ``batch_size`` -> ``per_device_train_batch_size``, and ``per_device_eval_batch_size`` for the
+      loss of ``eval_steps``
+    - ``warmup_ratio`` -> ``warmup_steps`` (transformers 5 reads a float below 1 as a share of the
+      optimizer steps; ``warmup_ratio`` is at most 0.5)
+    - ``precision`` -> ``bf16`` / ``fp16`` (auto: bf16 on a GPU that supports it, else neither, fp32)
+    - ``zero_stage``, ``deepspeed_config``, ``offload_optimizer``, ``offload_params`` -> ``deepspeed``
+      (the shipped ``zero<stage>.json`` or ``deepspeed_config``, with the offload entries, as a dict)
+    - ``collective_timeout_s`` -> ``ddp_timeout``
+    - ``eval_steps`` -> ``eval_strategy="steps"`` and ``eval_steps``; 0: ``eval_strategy="no"``
+    - ``checkpoint_steps`` -> ``save_strategy="steps"`` and ``save_steps``; 0: ``save_strategy="epoch"``
+    - ``early_stopping_patience`` -> ``load_best_model_at_end``, ``metric_for_best_model="eval_loss"``,
+      ``greater_is_better=False``, ``restore_callback_states_from_checkpoint`` and ``save_steps`` =
+      ``eval_steps`` (plus an ``EarlyStoppingCallback``)
+
+    Same name: ``learning_rate``, ``gradient_accumulation_steps``, ``weight_decay``,
+    ``logging_steps``. Defaults that differ from ``TrainingArguments``' (theirs in brackets):
+    ``epochs`` 6 (3), ``learning_rate`` 2e-4 (5e-5), ``batch_size`` 16 (8), ``weight_decay`` 0.01 (0),
+    ``warmup_ratio`` 0.1 (``warmup_steps`` 0), ``logging_steps`` 5 (500), ``checkpoint_steps`` 200
+    (``save_steps`` 500).
+
+    Set by train itself, with no setting: ``output_dir`` (a node-local folder), ``save_total_limit=1``,
+    ``report_to="none"``, ``use_cpu`` (when there is no GPU), ``disable_tqdm=True``,
+    ``remove_unused_columns=False``, ``label_names=["labels"]``, ``dataloader_drop_last=True``,
+    ``average_tokens_across_devices`` (true for causal-lm only). ``trainer_args`` passes any other
+    field by name, as given.
+
+    Not ``TrainingArguments`` fields: ``max_seq_len`` (how examples are tokenized), ``num_processes``
+    (torch.distributed.run), ``lora_*`` (PEFT), ``extend_vocab*`` (the new tokens and the frozen first
+    phase, whose embeddings and head step at ``extend_vocab_learning_rate``), ``model_kwargs``
+    (from_pretrained), ``chat_template``, ``overlong``, ``packing``, ``resume``, ``keep_checkpoints``,
+    ``term_grace_s``, ``snapshot_uri``."""
+
     snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
     epochs: int = option(6, "Passes over the training split (train.extend_vocab's frozen first phase included).",
                          minimum=1, maximum=100)

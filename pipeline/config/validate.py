@@ -25,6 +25,10 @@ SEVERITIES = ("warning", "error")
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    """validate's settings (``validate.*``): the data gate's bars and which checks only warn. None of
+    them is a ``TrainingArguments`` field; the gate also reads ``train.max_seq_len``,
+    ``train.chat_template`` and ``train.extend_vocab``, as training will use them."""
+
     snapshot_uri: str = option("", "Snapshot to validate (the collect step's snapshot_uri).")
     min_rows: int = option(10, "Fewest rows a snapshot may have.", minimum=1)
     max_text_chars: int = option(5000, "Longest text, in characters.", minimum=1)
