@@ -136,6 +136,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")
+        # The body trains for at least one epoch. A one-epoch run has no frozen phase, and the default
+        # extend_vocab_epochs=1 reads there as none (train's _fit); more is a setting that cannot hold.
+        if self.extend_vocab and self.extend_vocab_epochs >= max(self.epochs, 2):
+            raise ConfigError(f"train.extend_vocab_epochs={self.extend_vocab_epochs} with train.epochs={self.epochs}: "
+                              "the body trains for at least one epoch, so at most train.epochs - 1 are frozen (a "
+                              "one-epoch run has no frozen phase); lower train.extend_vocab_epochs, raise "
+                              "train.epochs or set train.extend_vocab=false")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:

@@ -128,3 +128,14 @@ def test_deepspeed_offload_and_precision_settings():
         assert mixed_precision(TrainConfig()) == {"bf16": False, "fp16": False}  # auto: fp32 on CPU
         with pytest.raises(ConfigError, match="train.precision=bf16: bf16 training needs a GPU"):
             mixed_precision(TrainConfig(precision="bf16"))
+
+
+def test_a_frozen_first_phase_as_long_as_the_run_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["train.epochs=3", "train.extend_vocab_epochs=3"])
+    assert str(refused.value).startswith("train.extend_vocab_epochs=3 with train.epochs=3: the body trains for at "
+                                         "least one epoch, so at most train.epochs - 1 are frozen")
+    with pytest.raises(ConfigError, match="train.extend_vocab_epochs=2 with train.epochs=1"):
+        load_config(None, ["train.epochs=1", "train.extend_vocab_epochs=2"])
+    assert load_config(None, ["train.epochs=1"]).train.extend_vocab_epochs == 1  # the default: no frozen phase
+    load_config(None, ["train.epochs=3", "train.extend_vocab_epochs=3", "train.extend_vocab=false"])
