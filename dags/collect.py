@@ -22,12 +22,11 @@ announced by this DAG (an outside producer's event on the same Asset does not co
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pendulum
 from airflow.sdk import chain, dag
-from finetune_alerts import ON_FAILURE, deadline_alert
-from finetune_tasks import ANNOUNCE_TIMEOUT, announce_task, run_deadline, step_params, step_task
+from finetune_alerts import deadline_alert
+from finetune_tasks import ANNOUNCE_TIMEOUT, DEFAULT_ARGS, announce_task, run_deadline, step_params, step_task
 from finetune_timetable import OnTimeCronTimetable
 
 from pipeline.steps import launcher_from_env
@@ -44,9 +43,7 @@ SCHEDULE = OnTimeCronTimetable(os.environ.get("FINETUNE_COLLECT_SCHEDULE", "@dai
     catchup=False,
     max_active_runs=1,  # two runs on the same data would both see it as new
     tags=["finetune", "mlops", "data"],
-    # Retried with back-off but for bad input, a failed gate and out of memory (pipeline/steps.py).
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
-                  "max_retry_delay": timedelta(minutes=30), "owner": "ml-platform", "on_failure_callback": ON_FAILURE},
+    default_args=DEFAULT_ARGS,  # retried with back-off but for bad input, a failed gate, out of memory
     deadline=deadline_alert(run_deadline(["collect"], ANNOUNCE_TIMEOUT)),
     params=step_params("finetune", ["source", "model_name"]),
     doc_md=__doc__,

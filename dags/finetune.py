@@ -51,12 +51,12 @@ each task runs, supplies the step's `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, chain, dag
-from finetune_alerts import ON_FAILURE, deadline_alert
-from finetune_tasks import default_model_name, env_flag, run_deadline, snapshot_asset, step_params, step_task
+from finetune_alerts import deadline_alert
+from finetune_tasks import (DEFAULT_ARGS, default_model_name, env_flag, run_deadline, snapshot_asset, step_params,
+                            step_task)
 from finetune_timetable import OnTimeCronTimetable
 
 from pipeline.steps import PIPELINE, launcher_from_env
@@ -80,10 +80,7 @@ else:
     catchup=False,
     max_active_runs=1,
     tags=["finetune", "mlops", "training"],
-    # Retried: transient faults (exit 75), crashes, timeouts, with back-off; bad input (2), a failed
-    # gate (3) and out of memory (137) fail at once (pipeline/steps.py, the retry table).
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
-                  "max_retry_delay": timedelta(minutes=30), "owner": "ml-platform", "on_failure_callback": ON_FAILURE},
+    default_args=DEFAULT_ARGS,  # retried with back-off but for bad input, a failed gate, out of memory
     deadline=deadline_alert(run_deadline(PIPELINE)),  # FINETUNE_DEADLINE_ALERTS: a run later than its steps' timeouts
     params=step_params("finetune"),
     doc_md=__doc__,

@@ -4,6 +4,7 @@ for bad input (2), a failed gate (3) and out of memory (137, naming k8s.memory),
 transient fault (75) or a crash be retried. The local launcher's path is tested in
 tests/pipeline/test_retries.py and test_steps.py."""
 
+import importlib
 import json
 
 import pytest
@@ -16,14 +17,12 @@ from tests.helpers import DAGS
 from tests.manifests import RUN, InMemoryCustomObjects
 
 
-def load_tasks():
+def load_dag_module(name: str = "finetune_tasks"):
     from airflow.dag_processing.dagbag import BundleDagBag
 
     bag = BundleDagBag(dag_folder=str(DAGS / "finetune.py"), bundle_path=DAGS)
     assert bag.import_errors == {}
-    import finetune_tasks  # on sys.path once a DAG file is parsed
-
-    return finetune_tasks
+    return importlib.import_module(name)  # on sys.path once a DAG file is parsed
 
 
 def failed_pod(exit_code: int, reason: str = "Error") -> V1Pod:
@@ -52,12 +51,12 @@ def write_error(run_id: str, step: str, code: int) -> None:
 def test_a_failed_pod_with_the_steps_own_verdict(code, retried):
     from airflow.sdk.exceptions import AirflowFailException
 
-    tasks = load_tasks()
+    operators = load_dag_module("finetune_k8s_operators")
     run_id = f"pod-{code}"
     write_error(run_id, "train", code)
     cfg = load_config(None, [f"run_id={run_id}"])
-    exit_code, oom = tasks.pod_exit(failed_pod(1))
-    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod returned a failure", oom=oom)
+    exit_code, oom = operators.pod_exit(failed_pod(1))
+    outcome = operators.task_exception("train", "kubernetes", cfg, exit_code, "Pod returned a failure", oom=oom)
     assert isinstance(outcome, steps.StepFailed if retried else AirflowFailException)
     assert ("matches no files" if code == 2 else f"exit {code} happened") in str(outcome)
 
@@ -65,36 +64,36 @@ def test_a_failed_pod_with_the_steps_own_verdict(code, retried):
 def test_an_oom_killed_pod_says_out_of_memory_names_k8s_memory_and_is_not_retried():
     from airflow.sdk.exceptions import AirflowFailException
 
-    tasks = load_tasks()
+    operators = load_dag_module("finetune_k8s_operators")
     cfg = load_config(None, ["run_id=pod-oom", 'k8s.memory=["train=12Gi"]'])
-    exit_code, oom = tasks.pod_exit(failed_pod(137, "OOMKilled"))
+    exit_code, oom = operators.pod_exit(failed_pod(137, "OOMKilled"))
     assert (exit_code, oom) == (137, True)
-    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "", oom=oom)
+    outcome = operators.task_exception("train", "kubernetes", cfg, exit_code, "", oom=oom)
     assert isinstance(outcome, AirflowFailException)
     assert "ran out of memory" in str(outcome) and "k8s.memory" in str(outcome) and "12Gi" in str(outcome)
 
 
 def test_a_crashed_pod_without_an_error_file_is_retried():
-    tasks = load_tasks()
+    operators = load_dag_module("finetune_k8s_operators")
     cfg = load_config(None, ["run_id=pod-crash"])
-    exit_code, oom = tasks.pod_exit(failed_pod(139))
-    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
+    exit_code, oom = operators.pod_exit(failed_pod(139))
+    outcome = operators.task_exception("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
     assert isinstance(outcome, steps.StepFailed) and outcome.retryable and "exited with code 139" in str(outcome)
-    assert tasks.pod_exit(V1Pod(status=V1PodStatus(phase="Failed"))) == (None, False)  # evicted before it ran
+    assert operators.pod_exit(V1Pod(status=V1PodStatus(phase="Failed"))) == (None, False)  # evicted before it ran
     # Killed but not for memory (preempted, stopped): a SIGKILL is not taken for the OOM killer.
-    exit_code, oom = tasks.pod_exit(failed_pod(137, "Error"))
-    outcome = tasks.step_failed("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
+    exit_code, oom = operators.pod_exit(failed_pod(137, "Error"))
+    outcome = operators.task_exception("train", "kubernetes", cfg, exit_code, "Pod failed", oom=oom)
     assert isinstance(outcome, steps.StepFailed) and outcome.retryable and "not for memory" in str(outcome)
 
 
 def test_a_pod_past_its_active_deadline_is_a_timeout_and_is_retried():
-    tasks = load_tasks()
+    operators = load_dag_module("finetune_k8s_operators")
     pod = failed_pod(137, "Error")
     pod.status.reason = "DeadlineExceeded"
-    assert tasks.pod_exit(pod) == (steps.TIMEOUT_EXIT_CODE, False)
-    exit_code, oom = tasks.pod_exit(pod)
-    outcome = tasks.step_failed("train", "kubernetes", load_config(None, ["run_id=pod-deadline"]), exit_code,
-                                "Pod failed", oom=oom)
+    assert operators.pod_exit(pod) == (steps.TIMEOUT_EXIT_CODE, False)
+    exit_code, oom = operators.pod_exit(pod)
+    outcome = operators.task_exception("train", "kubernetes", load_config(None, ["run_id=pod-deadline"]), exit_code,
+                                       "Pod failed", oom=oom)
     assert isinstance(outcome, steps.StepFailed) and outcome.retryable and outcome.returncode == 124
     assert "ran past its timeout" in str(outcome) and "timeouts.train" in str(outcome)
 
@@ -114,8 +113,8 @@ def test_the_pytorchjob_task_reads_the_verdict_of_a_failed_job(monkeypatch, tmp_
     from airflow.sdk.exceptions import AirflowFailException
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", "pytorchjob")
-    tasks = load_tasks()
-    operator = tasks.pytorchjob_task("train", "pytorchjob")
+    tasks = load_dag_module()
+    operator = tasks.step_task("train", "pytorchjob")
     run_id = f"job-{code}"
     if code is not None:
         write_error(run_id, "train", code)
@@ -140,8 +139,8 @@ def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_re
 
     from tests.faults import always_503
 
-    tasks = load_tasks()
-    operator = tasks.LocalStepOperator(task_id="collect", step="collect")
+    operators = load_dag_module("finetune_operators")
+    operator = operators.LocalStepOperator(task_id="collect", step="collect")
     with always_503() as url:
         source = "/nonexistent/*.jsonl" if fault == "missing file" else f"{url}/data.jsonl"
         context = {"ti": FakeTI({}), "params": {"source": [source]}, "run_id": f"local-{retried}", "dag_run": None}
@@ -160,8 +159,8 @@ def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     monkeypatch.setenv("FINETUNE_LAUNCHER", "kubernetes")
-    tasks = load_tasks()
-    operator = tasks.pod_task("collect", "kubernetes")
+    tasks = load_dag_module()
+    operator = tasks.step_task("collect", "kubernetes")
     run_id = f"pod-task-{pod_exit}"
     if error_code is not None:
         write_error(run_id, "collect", error_code)

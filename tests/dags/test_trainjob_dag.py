@@ -73,7 +73,7 @@ def test_training_is_a_trainjob_and_every_other_step_a_pod(monkeypatch):
 def operator_on(monkeypatch, tmp_path, api, core=None):
     """The train task as the DAG builds it, its cluster APIs the in-memory ones."""
     monkeypatch.setenv("FINETUNE_LAUNCHER", "trainjob")
-    operator = load_tasks().job_task("train", "trainjob")
+    operator = load_tasks().step_task("train", "trainjob")
     monkeypatch.setattr(type(operator), "api", lambda self: api)
     if core is None:
         def no_cluster(self):

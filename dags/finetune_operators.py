@@ -1,0 +1,129 @@
+"""The operator that runs a step on the Airflow worker (``LocalStepOperator``), and what every
+step's operator reads when its task runs: the deployment's config, the run's overrides, the AWS
+connection. The cluster launchers' operators are in ``finetune_k8s_operators``.
+
+Not a DAG file: ``.airflowignore`` keeps the DAG processor from parsing it, and Airflow puts the
+DAG bundle's folder on ``sys.path``, so the task factory (``finetune_tasks``) imports it as
+``finetune_operators``. Imported when a DAG file is parsed: nothing heavy, no network.
+
+    python -c "import sys; sys.path.insert(0, 'dags'); import finetune_operators as o; print(o.step_timeout_s('train'))"
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from airflow.sdk import BaseOperator, Connection
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+from pipeline import local, steps
+from pipeline.config import PipelineConfig, load_config, safe_run_id
+from pipeline.errors import PipelineError
+from pipeline.steps import STEPS
+
+AWS_CONN_ID = "aws_default"
+
+
+def deployment_config() -> PipelineConfig:
+    """The deployment's effective config (its config files over the defaults): what the trigger
+    form shows as defaults. Read when a DAG file is parsed: local files, no network.
+
+    Built once per distinct input: a DAG file asks for it for every task's timeout and for the
+    Params (22 times for finetune.py), and each build checks every field (4 ms; BENCHMARKS.md,
+    DAG parse). The key is all a build reads: the config files' overrides, the environment
+    (FINETUNE_HOME, FINETUNE_ARTIFACT_ROOT, ...) and the working directory (the default home)."""
+    return _deployment_config(tuple(steps.deployment_overrides()), tuple(sorted(os.environ.items())), os.getcwd())
+
+
+@functools.lru_cache(maxsize=4)
+def _deployment_config(overrides: tuple[str, ...], environ: tuple[tuple[str, str], ...], cwd: str) -> PipelineConfig:
+    return load_config(None, overrides)
+
+
+def step_timeout_s(step: str) -> int:
+    """``timeouts.<step>`` of the deployment's config (its file, FINETUNE_CONFIG), never a run's:
+    a trigger cannot lift it."""
+    return steps.step_timeout(step, deployment_config())
+
+
+def triggered_snapshot(context) -> str | None:
+    """The ``snapshot_uri`` of the latest asset event that triggered this run; None for a run
+    started by the clock or by hand, or when that event names no snapshot (then the run's
+    ``source`` Param is collected)."""
+    triggering = context.get("triggering_asset_events") or {}
+    events = [event for key in triggering for event in triggering[key]]
+    if not events:
+        return None
+    latest = max(events, key=lambda event: event.timestamp)
+    snapshot_uri = (latest.extra or {}).get("snapshot_uri")
+    if not snapshot_uri:
+        print(f"collect: triggering event on {latest.asset.name} names no snapshot_uri; collecting the source Param")
+    return snapshot_uri
+
+
+def run_overrides(step: str, context) -> list[str]:
+    """The step's overrides in this run: the deployment's config files, what the trigger sent
+    (checked against the deployment's trigger_keys), who triggered it, upstream results, and for
+    ``collect`` in an asset-triggered run the announced snapshot as its only source."""
+    upstream = {source: context["ti"].xcom_pull(task_ids=source) for source, _ in STEPS[step].inputs.values()}
+    dag_run = context.get("dag_run")
+    user = getattr(dag_run, "triggering_user_name", None) or "unknown"
+    run_after = getattr(dag_run, "run_after", None)  # a cleared task of an old run keeps its old date
+    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user,
+                                deployment=steps.deployment_overrides(),
+                                run_date=run_after.isoformat() if run_after else "")
+    if step == "collect" and (snapshot_uri := triggered_snapshot(context)):
+        sets.append(f"collect.sources={json.dumps([snapshot_uri])}")
+    return sets
+
+
+def aws_connection_env() -> dict[str, str]:
+    """AWS settings for a local step from the Airflow connection ``aws_default``, read when the
+    task runs (never at parse time). No such connection: nothing, and boto3 in the step uses the
+    standard AWS chain (environment, profile, instance or IRSA role)."""
+    try:
+        connection = Connection.get(AWS_CONN_ID)
+    except AirflowNotFoundException:
+        return {}
+    return local.aws_env(connection.login, connection.password, connection.extra_dejson)
+
+
+class LocalStepOperator(BaseOperator):
+    """Run one step as a local subprocess of the Airflow worker (``pipeline.local.launch``), in a
+    process group of its own, and return its result JSON (the task's XCom).
+
+    The step's timeout (``timeouts.<step>`` of the deployment's config), Airflow's
+    ``execution_timeout`` and a kill of the task (``on_kill``) all stop every process it started,
+    torchrun's workers included. Bad input, a failed gate and out of memory fail the task without
+    retries; a transient fault or a crash is raised as a retryable ``StepFailed``
+    (``pipeline.steps``, the retry table).
+
+    :param step: the row of ``pipeline.steps.STEPS`` to run; its overrides come from the run's
+        Params, its upstream tasks' results (XCom) and the deployment's config files.
+    :param kwargs: ``BaseOperator``'s (``task_id``, ``execution_timeout``, callbacks, ...).
+    """
+
+    def __init__(self, *, step: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.process: local.StepProcess | None = None
+
+    def execute(self, context):
+        def started(process: local.StepProcess) -> None:
+            self.process = process
+
+        try:
+            overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
+            return local.launch(self.step, overrides, env=aws_connection_env(), timeout_s=step_timeout_s(self.step),
+                                grace_s=deployment_config().timeouts.kill_grace_s, started=started)
+        except PipelineError as exc:
+            if getattr(exc, "retryable", False):
+                raise
+            raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
+
+    def on_kill(self):
+        if self.process is not None:
+            self.process.stop(deployment_config().timeouts.kill_grace_s)
