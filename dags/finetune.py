@@ -55,8 +55,15 @@ import os
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, chain, dag
 from finetune_alerts import deadline_alert
-from finetune_tasks import (DEFAULT_ARGS, default_model_name, env_flag, run_deadline, snapshot_asset, step_params,
-                            step_task)
+from finetune_tasks import (
+    DEFAULT_ARGS,
+    default_model_name,
+    env_flag,
+    run_deadline,
+    snapshot_asset,
+    step_params,
+    step_task,
+)
 from finetune_timetable import OnTimeCronTimetable
 
 from pipeline.steps import PIPELINE, launcher_from_env
