@@ -155,7 +155,7 @@ def token_length(tokenizer: Any, messages: list[dict[str, str]], template: str) 
 
 
 def prepare(tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, max_seq_len: int,
-            overlong: str) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+            overlong: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Encode conversations for training; longer than ``max_seq_len`` -> truncated or dropped.
 
     Returns the examples (``input_ids``, ``labels``, ``example_id``: the conversation's index)
@@ -165,7 +165,7 @@ def prepare(tokenizer: Any, conversations: list[list[dict[str, str]]], template:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the tokenizer is not a fast (Rust) tokenizer; the loss mask needs its offset mapping")
     counts = {"examples": len(conversations), "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0}
-    examples = []
+    examples: list[dict[str, Any]] = []
     for index, messages in enumerate(conversations):
         ids, labels = encode(tokenizer, messages, template)
         if len(ids) > max_seq_len:

@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def test_dag(dag_id: str, conf: dict[str, Any], env_extra: dict[str, str] | None
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     if _airflow(["db", "migrate"], env, capture=True).returncode != 0:
         raise PipelineError("`airflow db migrate` failed; run it by hand to see why")
-    logical_date = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    logical_date = datetime.now(UTC).replace(microsecond=0).isoformat()
     print(f"finetune run: airflow dags test {dag_id} {logical_date} -c '{json.dumps(conf)}'", file=sys.stderr)
     _airflow(["dags", "test", dag_id, logical_date, "-c", json.dumps(conf)], env)
     airflow_run_id = find_run_id(env, dag_id, logical_date)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import html
 import io
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.config import DRIFT_CHECKS
 from pipeline.text import CJK, compiled, normalize_text
@@ -86,7 +86,7 @@ def vocabulary(texts: pd.Series) -> set[str]:
 
 def oov(reference_words: set[str], current: pd.Series) -> dict[str, Any]:
     """Share of current words missing from the reference, the commonest of them, and the rows holding any."""
-    total, missing = 0, Counter()
+    total, missing = 0, Counter[str]()
     rows = []
     for row, text in current.dropna().items():
         found = words(text)
@@ -94,7 +94,7 @@ def oov(reference_words: set[str], current: pd.Series) -> dict[str, Any]:
         new = [w for w in found if w not in reference_words]
         if new:
             missing.update(new)
-            rows.append(int(row))
+            rows.append(int(cast(int, row)))  # the frame's row number (pandas types an index label as Hashable)
     return {"rate": sum(missing.values()) / total if total else 0.0, "words": total,
             "top_words": missing.most_common(TOP_OOV_WORDS), "rows": rows}
 

@@ -42,8 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import chat, storage, tracking
-from pipeline.config import (CHALLENGE, CHAMPION, DEFAULT_CHALLENGE, EvaluateConfig, PipelineConfig, is_challenge,
-                             parse_threshold)
+from pipeline.config import (
+    CHALLENGE,
+    CHAMPION,
+    DEFAULT_CHALLENGE,
+    EvaluateConfig,
+    PipelineConfig,
+    is_challenge,
+    parse_threshold,
+)
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import extend_like, load_causal_lm, load_trained_lm, resolve_model
 from pipeline.snapshot import load_snapshot
@@ -93,7 +100,7 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_s
     import torch
 
     model.eval()
-    labels = []
+    labels: list[str] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_seq_len,
@@ -209,9 +216,9 @@ def perplexity_png(metrics: dict[str, float], base_metrics: dict[str, float],
     when there is one, the champion; and the values drawn, by bar name. A log scale when they
     differ by more than 20 times (a random base model's is near its vocabulary size)."""
     plt = _pyplot()
-    drawn = {"base model": base_metrics.get("perplexity"), "fine-tuned": metrics.get("perplexity"),
-             f"champion v{champion_version}": champion_metrics.get("perplexity")}
-    drawn = {k: float(v) for k, v in drawn.items() if v is not None}
+    candidates = {"base model": base_metrics.get("perplexity"), "fine-tuned": metrics.get("perplexity"),
+                  f"champion v{champion_version}": champion_metrics.get("perplexity")}
+    drawn = {k: float(v) for k, v in candidates.items() if v is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = {"base model": "#9aa", "fine-tuned": "#36c"}
     bars = ax.bar(list(drawn), list(drawn.values()), color=[colors.get(k, "#c60") for k in drawn])
@@ -597,7 +604,9 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
-    champion_version, champion_metrics, champion_slices = "", {}, {}
+    champion_version = ""
+    champion_metrics: dict[str, float] = {}
+    champion_slices: dict[str, dict[str, float]] = {}
     champion = _champion(cfg)
     if champion is not None:  # scored on the same rows, by the same code, in this step
         champion_version, champion_model, champion_tokenizer = champion
@@ -627,6 +636,7 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
 def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float], promote: bool, reason: str) -> None:
     import mlflow
     import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas  # what mlflow.data.from_pandas is, set there at import
 
     run_id = tracking.pipeline_run_id(cfg)
     tracker = tracking.client()
@@ -653,11 +663,11 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
             tracker.log_table(run_id, data=pd.DataFrame(samples), artifact_file="evaluate/samples.json")
     targets = "label" if "label" in scored.rows.columns else None
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(mlflow.data.from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval",
-                                                 targets=targets), context="eval")
+        mlflow.log_input(from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval", targets=targets),
+                         context="eval")
         if scored.challenge_rows is not None:  # MLflow resolves file:// and s3://, not pkg:// or a bare path
-            path = storage.local_path(cfg.evaluate.challenge_uri)
-            mlflow.log_input(mlflow.data.from_pandas(scored.challenge_rows, name=CHALLENGE, targets="label",
-                                                     source=path.as_uri() if path else cfg.evaluate.challenge_uri),
+            challenge_path = storage.local_path(cfg.evaluate.challenge_uri)
+            source = challenge_path.as_uri() if challenge_path else cfg.evaluate.challenge_uri
+            mlflow.log_input(from_pandas(scored.challenge_rows, name=CHALLENGE, targets="label", source=source),
                              context=CHALLENGE)
 

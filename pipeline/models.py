@@ -118,8 +118,8 @@ def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any
 
 
 # A Llama-shaped causal LM small enough to fine-tune on a laptop CPU in minutes: `make demo-llm`.
-DEMO_LM_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "max_position_embeddings": 1024}
+DEMO_LM_SHAPE: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
 DEMO_LM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 
 

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import CHAMPION, PREVIOUS_CHAMPION
@@ -351,7 +351,7 @@ def attempt(tracker: Any, model_name: str, ref: str, alias: str, *, requested_by
             outcome, why = "promoting", reason or "passed the gate"
         record = {"model": model_name, "version": version, "alias": alias, "outcome": outcome, "why": why,
                   "reason": reason, "forced": force, "requested_by": requested_by or "unknown",
-                  "previous_version": current_version or "", "at": datetime.now(timezone.utc).isoformat()}
+                  "previous_version": current_version or "", "at": datetime.now(UTC).isoformat()}
         audit_run_id = _audit(tracker, model_name, record)
         if outcome == "promoting":
             _move(tracker, lease, model_name, alias, version, current_version)

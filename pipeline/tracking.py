@@ -44,8 +44,9 @@ def unreachable(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     if type(exc).__name__ == "RestException":  # the server answered with a JSON error
-        return exc.get_http_status_code() >= 500 or exc.error_code in ("TEMPORARILY_UNAVAILABLE",
-                                                                       "REQUEST_LIMIT_EXCEEDED")
+        rest: Any = exc  # mlflow's RestException, known by its name: this module imports mlflow only in client()
+        return rest.get_http_status_code() >= 500 or rest.error_code in ("TEMPORARILY_UNAVAILABLE",
+                                                                         "REQUEST_LIMIT_EXCEEDED")
     status = re.search(r"failed with error code (\d{3})", str(exc))  # a non-JSON error page
     return status is not None and (int(status.group(1)) >= 500 or int(status.group(1)) == 429)
 

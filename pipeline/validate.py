@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError, DataError, ValidationFailed
 from pipeline.models import extend_vocabulary, load_tokenizer, unreadable
 from pipeline.snapshot import load_snapshot
 from pipeline.text import language_of, normalize_text
+
 
 @dataclass(frozen=True)
 class ValidateResult:
@@ -147,7 +148,7 @@ def tokenizer_coverage(tokenizer: Any, texts: list[str], encoded: list[list[int]
         if missing:
             entry["worst"].append((missing / max(len(ids), 1), row))
             entry["chars"].update(c for c in text if not c.isspace())
-    for name, entry in scripts.items():
+    for entry in scripts.values():
         lacking = list(unreadable(tokenizer, sorted(entry.pop("chars"))[:5000]))
         worst = sorted(entry.pop("worst"), reverse=True)
         entry.update(rate=round(entry["unknown"] / entry["tokens"], 6) if entry["tokens"] else 0.0,
@@ -170,7 +171,8 @@ def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig,
     out = frame.copy()
     if "messages" not in out:
         return out, {}, [None] * len(out)
-    parsed, errors = [], []
+    parsed: list[list[dict[str, str]] | None] = []
+    errors: list[str | None] = []
     for value in out["messages"]:
         try:
             parsed.append(chat.parse_messages(value))
@@ -200,7 +202,9 @@ def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig,
     positions = [int(i) for i in rows_to_count(upper, max_seq_len, own.token_sample_rows, seed) if parsed[i]]
     tokens = np.full(len(out), np.nan)
     for i in positions:
-        tokens[i] = chat.token_length(tokenizer, parsed[i], template)
+        messages = parsed[i]
+        assert messages is not None  # positions holds rows whose messages parsed
+        tokens[i] = chat.token_length(tokenizer, messages, template)
     out["conversation_tokens"] = tokens
     return out, _token_note(positions, len(out), own.token_sample_rows, max_seq_len,
                             "tokens of the conversation rendered with the chat template"), parsed
@@ -457,7 +461,7 @@ def record_accepted(cfg: PipelineConfig, rows: int, labels: list[str], summary_u
     storage.write_json(uri, {
         "snapshot_uri": cfg.validate.snapshot_uri, "sha256": _snapshot_sha256(cfg.validate.snapshot_uri),
         "labels": labels, "rows": rows, "task": cfg.task, "run_id": cfg.run_id, "summary_uri": summary_uri,
-        "run_date": ours.isoformat(), "accepted_at": datetime.now(timezone.utc).isoformat()})
+        "run_date": ours.isoformat(), "accepted_at": datetime.now(UTC).isoformat()})
     return uri
 
 
