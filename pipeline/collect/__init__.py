@@ -119,6 +119,7 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     """Parse one source file chunk by chunk into snapshot rows and hand them to ``writer`` (the
     snapshot's, or a sampled source's staging file)."""
     own = cfg.collect
+    fields: tuple[str, ...]
     if cfg.task == "causal-lm":
         to_rows, fields = _chat_rows, CHAT_FIELDS
     else:

@@ -66,7 +66,7 @@ class CheckedStream(io.RawIOBase):
 
     def __init__(self, path: Path, uri: str, compressed: bool) -> None:
         self._file = path.open("rb")
-        self._raw: BinaryIO = gzip.GzipFile(fileobj=self._file) if compressed else self._file
+        self._raw: BinaryIO | gzip.GzipFile = gzip.GzipFile(fileobj=self._file) if compressed else self._file
         self._uri = uri
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._offset = 0

@@ -130,12 +130,13 @@ def plan_mix(entries: list[MixEntry]) -> None:
     sources can fill without repeating a row (a source short of its share sets the total)."""
     import numpy as np
 
-    weighted = [e for e in entries if e.weight is not None]
-    total_weight = sum(e.weight for e in weighted)
+    weights = {id(e): e.weight for e in entries if e.weight is not None}
+    weighted = [e for e in entries if id(e) in weights]
+    total_weight = sum(weights.values())
     if weighted:
-        fill = min(len(e.keys) / (e.weight / total_weight) for e in weighted)
+        fill = min(len(e.keys) / (weights[id(e)] / total_weight) for e in weighted)
         for entry in weighted:
-            entry.keep = min(len(entry.keys), int(round(fill * entry.weight / total_weight)))
+            entry.keep = min(len(entry.keys), int(round(fill * weights[id(entry)] / total_weight)))
     for entry in entries:
         if entry.rows is not None:
             entry.keep = min(len(entry.keys), entry.rows)

@@ -151,7 +151,7 @@ class PipelineConfig:
 
 # Section name -> its dataclass, read off PipelineConfig: the sections are its dataclass fields.
 SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(PipelineConfig).items()
-                             if dataclasses.is_dataclass(hint)}
+                             if isinstance(hint, type) and dataclasses.is_dataclass(hint)}
 
 
 # --- loading: defaults < YAML < --set ---------------------------------------------------------

@@ -81,7 +81,7 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
 
 
-def _error_text(exc: Exception) -> str:
+def _error_text(exc: BaseException) -> str:
     """A botocore ClientError as a person reads it, e.g. 'access denied: Forbidden (403)'."""
     response = getattr(exc, "response", None) or {}
     error = response.get("Error", {})
@@ -103,7 +103,7 @@ TRANSIENT_S3_CODES = frozenset({
 
 def _botocore_cause(exc: BaseException) -> BaseException:
     """The botocore error behind a boto3 transfer error (S3UploadFailedError wraps a ClientError)."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if type(seen).__module__.startswith("botocore"):
             return seen

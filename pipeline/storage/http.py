@@ -146,7 +146,7 @@ def _check_public(refused: str, target: str, host: str, port: int) -> None:
     """Refuse a redirect to a host any of whose addresses is not public (loopback, link-local,
     private), as a source must not reach the cluster's own services through a redirect."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except OSError as exc:
         raise DataError(f"{refused} {target}: cannot resolve {host} ({exc})") from exc
     for text in sorted(addresses):
