@@ -26,8 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import QUANTITY, PipelineConfig, node_selector, tolerations
-from pipeline.errors import ConfigError
+from pipeline.config import PipelineConfig, node_selector, tolerations
 
 GPU_RESOURCE = "nvidia.com/gpu"
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # KubernetesPodOperator reads it through its sidecar
@@ -55,23 +54,15 @@ def object_name(prefix: str, run_id: str) -> str:
 
 
 def step_memory(cfg: PipelineConfig, step: Any) -> str:
-    """The memory of ``step``'s pods: its entry in ``k8s.memory`` (``step=quantity``), else the
-    step table's."""
-    memory = step.memory
-    for item in cfg.k8s.memory:
-        name, sep, quantity = item.partition("=")
-        if not sep or not re.fullmatch(QUANTITY, quantity.strip()):
-            raise ConfigError(f"k8s.memory: {item!r} is not step=quantity, e.g. 'train=16Gi'")
-        if name.strip() == step.name:
-            memory = quantity.strip()
-    return memory
+    """The memory of ``step``'s pods: ``k8s.resources.<step>.memory``, else the step table's."""
+    return str(cfg.k8s.resources.get(step.name, {}).get("memory", step.memory))
 
 
 def step_resources(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
-    """``step``'s pod resources: its entry in ``k8s.resources`` (and ``k8s.memory``) over the step
-    table's; training's GPUs are ``k8s.gpus_per_node``. Checked when the config was built."""
+    """``step``'s pod resources: its entry in ``k8s.resources`` over the step table's; training's
+    GPUs are ``k8s.gpus_per_node``. Checked when the config was built."""
     own = cfg.k8s.resources.get(step.name, {})
-    return {"cpu": str(own.get("cpu", step.cpu)), "memory": str(own.get("memory", step_memory(cfg, step))),
+    return {"cpu": str(own.get("cpu", step.cpu)), "memory": step_memory(cfg, step),
             "gpus": cfg.k8s.gpus_per_node if step.gpus else int(own.get("gpus", 0)),
             "node_selector": list(own.get("node_selector", [])), "tolerations": list(own.get("tolerations", []))}
 

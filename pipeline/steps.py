@@ -201,9 +201,9 @@ def classify_failure(step: str, launcher: str, exit_code: int | None, error: Map
             where = ("give the Airflow worker more memory, or lower train.batch_size or train.num_processes "
                      "(fewer processes share the machine)")
         else:
-            where = (f"raise k8s.memory for it (its pods have {memory or STEPS[step].memory}), e.g. "
-                     f"k8s.memory=['{step}=<more>'] in the deployment's config (FINETUNE_K8S_CONFIG or FINETUNE_CONFIG), "
-                     "then clear the task")
+            where = (f"raise k8s.resources.{step}.memory (its pods have {memory or STEPS[step].memory}), e.g. "
+                     f"k8s.resources: {{{step}: {{memory: <more>}}}} in the deployment's config (FINETUNE_K8S_CONFIG or "
+                     "FINETUNE_CONFIG), then clear the task")
         return StepFailed(f"step '{step}' ran out of memory (killed, exit code {OOM_EXIT_CODE}): {where}", OOM_EXIT_CODE)
     if exit_code == TIMEOUT_EXIT_CODE:
         return StepFailed(f"step '{step}' ran past its timeout and was stopped ({detail}); if it needs longer, raise "

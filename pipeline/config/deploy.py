@@ -10,6 +10,7 @@ Foundation layer (the ``config`` package): imports nothing of ours but ``fields`
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,9 +112,8 @@ class K8sConfig:
                                   "(a preempted or evicted node: exit code 128 and up); a step's own verdict "
                                   "(exit 1-127) is never restarted there, Airflow's retries decide.",
                                minimum=0, maximum=100)
-    memory: list[str] = option([], "Memory (request and limit) of a step's pods as step=quantity, e.g. "
-                                   "['train=16Gi']; a step not listed gets the step table's (train 8Gi). Raise it "
-                                   "when a step is OOMKilled.")
+    memory: list[str] = option([], "Deprecated and refused when set: a step's memory is "
+                                   "k8s.resources.<step>.memory, e.g. {train: {memory: 16Gi}}.")
     resources: dict[str, Any] = option({}, "Per step: cpu, memory, gpus, node_selector (['key=value']) and "
                                            "tolerations (['key:Effect']) of its pods, e.g. {evaluate: {gpus: 1, "
                                            "memory: 16Gi}}; a step not listed gets the step table's. train's GPUs "
@@ -132,11 +132,28 @@ class K8sConfig:
                               f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
         node_selector(self.gpu_node_selector)
         tolerations(self.gpu_tolerations)
+        refuse_memory_list(self.memory)
         check_step_resources(self.resources, self.max_gpus_per_node)
 
 
 STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
 RESOURCE_KEYS = ("cpu", "memory", "gpus", "node_selector", "tolerations")
+
+
+def refuse_memory_list(memory: Sequence[str]) -> None:
+    """``k8s.memory`` (``['train=16Gi']``) was a second knob for ``k8s.resources.<step>.memory``:
+    refused, naming the keys to set instead and the ``k8s.resources`` value that sets them."""
+    if not memory:
+        return
+    wanted = {}
+    for item in memory:
+        step, sep, quantity = str(item).partition("=")
+        if sep and step.strip() and quantity.strip():
+            wanted[step.strip()] = {"memory": quantity.strip()}
+    wanted = wanted or {"train": {"memory": "16Gi"}}
+    keys = ", ".join(f"k8s.resources.{step}.memory" for step in wanted)
+    raise ConfigError(f"k8s.memory is replaced by k8s.resources: set {keys} instead, e.g. "
+                      f"k8s.resources={json.dumps(wanted)} (with any other steps' k8s.resources entries)")
 
 
 def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:

@@ -1,6 +1,6 @@
 """Retries by cause on the cluster launchers: after a failed pod or PyTorchJob the task reads the
 step's error.json (written by a real failing step here) and the pod's exit code, and fails at once
-for bad input (2), a failed gate (3) and out of memory (137, naming k8s.memory), but lets a
+for bad input (2), a failed gate (3) and out of memory (137, naming k8s.resources.<step>.memory), but lets a
 transient fault (75) or a crash be retried. The local launcher's path is tested in
 tests/pipeline/test_retries.py and test_steps.py."""
 
@@ -61,16 +61,17 @@ def test_a_failed_pod_with_the_steps_own_verdict(code, retried):
     assert ("matches no files" if code == 2 else f"exit {code} happened") in str(outcome)
 
 
-def test_an_oom_killed_pod_says_out_of_memory_names_k8s_memory_and_is_not_retried():
+def test_an_oom_killed_pod_says_out_of_memory_names_the_steps_memory_key_and_is_not_retried():
     from airflow.sdk.exceptions import AirflowFailException
 
     operators = load_dag_module("finetune_k8s_operators")
-    cfg = load_config(None, ["run_id=pod-oom", 'k8s.memory=["train=12Gi"]'])
+    cfg = load_config(None, ["run_id=pod-oom", 'k8s.resources={"train": {"memory": "12Gi"}}'])
     exit_code, oom = operators.pod_exit(failed_pod(137, "OOMKilled"))
     assert (exit_code, oom) == (137, True)
     outcome = operators.task_exception("train", "kubernetes", cfg, exit_code, "", oom=oom)
     assert isinstance(outcome, AirflowFailException)
-    assert "ran out of memory" in str(outcome) and "k8s.memory" in str(outcome) and "12Gi" in str(outcome)
+    assert "ran out of memory" in str(outcome) and "k8s.resources.train.memory" in str(outcome)
+    assert "its pods have 12Gi" in str(outcome)
 
 
 def test_a_crashed_pod_without_an_error_file_is_retried():
@@ -175,4 +176,4 @@ def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod
         operator.execute(context)
     assert says in str(failed.value)
     if pod_exit == 137:
-        assert "k8s.memory" in str(failed.value) and steps.STEPS["collect"].memory in str(failed.value)
+        assert "k8s.resources.collect.memory" in str(failed.value) and steps.STEPS["collect"].memory in str(failed.value)

@@ -300,12 +300,22 @@ def test_a_pytorchjob_runs_at_most_the_train_timeout_or_the_job_timeout():
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 3600
 
 
-def test_k8s_memory_raises_a_steps_pod_memory_and_a_bad_entry_names_the_setting():
-    pod = steps.render("train", [*RUN, 'k8s.memory=["train=16Gi", "evaluate=6Gi"]'], "kubernetes")
+def test_k8s_resources_memory_raises_a_steps_pod_memory_and_k8s_memory_is_refused_naming_it():
+    pod = steps.render("train", [*RUN, 'k8s.resources={"train": {"memory": "16Gi"}, "evaluate": {"memory": "6Gi"}}'],
+                       "kubernetes")
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
     assert pod["spec"]["containers"][0]["resources"]["requests"]["memory"] == "16Gi"
     validate_core(pod)
     assert steps.render("collect", RUN[:1], "kubernetes")["spec"]["containers"][0]["resources"]["limits"][
         "memory"] == steps.STEPS["collect"].memory
-    with pytest.raises(ConfigError, match="k8s.memory: 'train:16Gi' is not step=quantity"):
+    with pytest.raises(ConfigError) as refused:
+        steps.render("train", [*RUN, 'k8s.memory=["train=16Gi", "evaluate=6Gi"]'], "kubernetes")
+    assert str(refused.value) == (
+        'k8s.memory is replaced by k8s.resources: set k8s.resources.train.memory, k8s.resources.evaluate.memory '
+        'instead, e.g. k8s.resources={"train": {"memory": "16Gi"}, "evaluate": {"memory": "6Gi"}} (with any other '
+        "steps' k8s.resources entries)")
+    suggested = str(refused.value).split("e.g. ", 1)[1].split(" (", 1)[0]  # the value it names, as --set takes it
+    pod = steps.render("train", [*RUN, suggested], "kubernetes")
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
+    with pytest.raises(ConfigError, match="set k8s.resources.train.memory instead"):
         steps.render("train", [*RUN, 'k8s.memory=["train:16Gi"]'], "kubernetes")

@@ -111,8 +111,10 @@ def test_the_step_s_own_exit_code_decides_the_retry_on_every_launcher(launcher, 
     assert (failure.returncode, failure.retryable) == (code, retried) and says in str(failure)
 
 
-@pytest.mark.parametrize("launcher, setting", [("local", "train.batch_size"), ("kubernetes", "k8s.memory"),
-                                               ("pytorchjob", "k8s.memory")])
+@pytest.mark.parametrize("launcher, setting", [("local", "train.batch_size"),
+                                               ("kubernetes", "k8s.resources.train.memory"),
+                                               ("pytorchjob", "k8s.resources.train.memory"),
+                                               ("trainjob", "k8s.resources.train.memory")])
 def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retried(launcher, setting):
     for exit_code in (137, -9):
         failure = steps.classify_failure("train", launcher, exit_code, None, memory="8Gi")
@@ -120,6 +122,14 @@ def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retr
         assert "ran out of memory" in str(failure) and setting in str(failure)
     if launcher != "local":
         assert "its pods have 8Gi" in str(failure)
+
+
+@pytest.mark.parametrize("step", ["collect", "validate", "evaluate", "register", "promote"])
+def test_the_oom_hint_names_the_memory_key_of_the_step_that_ran_out(step):
+    failure = steps.classify_failure(step, "kubernetes", 137, None, memory="6Gi")
+    assert f"raise k8s.resources.{step}.memory (its pods have 6Gi), e.g. k8s.resources: {{{step}: {{memory: " \
+           "<more>}}" in str(failure)
+    assert "k8s.memory" not in str(failure)
 
 
 def test_a_crash_without_an_error_file_is_retried():

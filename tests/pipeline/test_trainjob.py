@@ -109,7 +109,7 @@ def node_patch(job: dict) -> dict:
 
 def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorchjobs_do():
     overrides = ["k8s.num_nodes=3", "k8s.gpus_per_node=4", "k8s.aws_secret=team-s3", "k8s.mlflow_secret=team-mlflow",
-                 'k8s.memory=["train=16Gi"]', 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]',
+                 'k8s.resources={"train": {"memory": "16Gi"}}', 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]',
                  "k8s.trainjob_runtime=team-torch", "timeouts.train=7200"]
     job, pytorchjob = train(overrides), steps.render("train", [*RUN, *overrides], "pytorchjob")
     validate_crd(job)
