@@ -43,11 +43,12 @@ def child_gx(snapshot: Path, home: Path, with_reference: bool) -> dict:
     os.environ["FINETUNE_HOME"] = str(home)
     from pipeline import storage, validate
     from pipeline.config import load_config
+    from pipeline.validate.accepted import accepted_uri
 
     cfg = load_config(None, [f"validate.snapshot_uri={snapshot.as_uri()}", "run_id=bench"])
     if with_reference:  # the snapshot accepted before: drift is then measured against 1M rows
-        storage.write_json(validate.accepted_uri(cfg), {"snapshot_uri": snapshot.as_uri(), "labels": [],
-                                                        "task": cfg.task})
+        storage.write_json(accepted_uri(cfg), {"snapshot_uri": snapshot.as_uri(), "labels": [],
+                                               "task": cfg.task})
     result = validate.run(cfg)
     summary = storage.read_json(result.summary_uri)
     return {"passed": result.passed, "failed": result.failed, "phases_s": summary["timings_s"],
@@ -63,7 +64,7 @@ def child_pandas(snapshot: Path) -> dict:
     from pipeline.models import load_tokenizer
     from pipeline.snapshot import load_snapshot
     from pipeline.text import normalize_text
-    from pipeline.validate import rows_to_count, utf8_bytes
+    from pipeline.validate.columns import rows_to_count, utf8_bytes
 
     phases = {}
     clock = time.perf_counter()

@@ -6,6 +6,8 @@ from pipeline import cli, storage, validate
 from pipeline.config import load_config
 from pipeline.config.validate import CHAT_CHECKS, CLASSIFICATION_CHECKS
 from pipeline.errors import ConfigError, ValidationFailed
+from pipeline.validate.accepted import accepted_uri
+from pipeline.validate.columns import rows_to_count
 from tests.helpers import collect_snapshot, shipped_rows, write_snapshot
 
 
@@ -63,7 +65,7 @@ def test_failing_suite_names_checks_counts_and_rows(tmp_path):
     assert storage.exists(cfg.step_uri("validate") + "/data_docs/index.html")
     assert not storage.read_json(cfg.step_uri("validate") + "/summary.json")["passed"]
     assert not storage.exists(cfg.step_uri("validate") + "/result.json")
-    assert not storage.exists(validate.accepted_uri(cfg))
+    assert not storage.exists(accepted_uri(cfg))
 
 
 def test_missing_column_and_too_few_rows(tmp_path):
@@ -150,10 +152,10 @@ def test_rows_to_count_is_seeded_and_keeps_long_rows():
     import numpy as np
 
     lengths = np.array([3] * 1000 + [500])
-    first = validate.rows_to_count(lengths, bar=100, sample_rows=20, seed=7)
-    assert list(first) == list(validate.rows_to_count(lengths, bar=100, sample_rows=20, seed=7))
+    first = rows_to_count(lengths, bar=100, sample_rows=20, seed=7)
+    assert list(first) == list(rows_to_count(lengths, bar=100, sample_rows=20, seed=7))
     assert 1000 in first and len(first) == 21
-    assert list(validate.rows_to_count(lengths, bar=100, sample_rows=0, seed=7)) == list(range(1001))
+    assert list(rows_to_count(lengths, bar=100, sample_rows=0, seed=7)) == list(range(1001))
 
 
 # --- the last accepted snapshot: allowed labels, drift, MLflow --------------------------------
@@ -397,7 +399,7 @@ def test_bad_chat_input_exits_3_names_the_check_and_records_nothing(tmp_path, ti
     step = load_config(None, ["run_id=bad"]).step_uri("validate")
     assert expected in storage.read_json(step + "/error.json")["error"]
     assert not storage.exists(step + "/result.json")
-    assert storage.read_bytes(validate.accepted_uri(cfg)) == record
+    assert storage.read_bytes(accepted_uri(cfg)) == record
 
 
 def test_a_few_overlong_conversations_are_left_to_the_train_steps_policy(tmp_path, tiny_model_dir):
@@ -420,7 +422,7 @@ def test_the_accepted_snapshot_pointer_only_moves_forward_in_run_order(tmp_path)
     older = _snapshot(tmp_path, _support_rows(3, 20), "older")
     newer = _snapshot(tmp_path, _support_rows(3, 20, suffix=" again"), "newer")
     validate.run(_cfg(newer, "run_id=tuesday", "run_date=2026-11-03T00:00:00+00:00"))
-    record_uri = validate.accepted_uri(_cfg(newer))
+    record_uri = accepted_uri(_cfg(newer))
     # Monday's run cleared and re-run after Tuesday's: it passes, but must not rewind the pointer.
     assert validate.run(_cfg(older, "run_id=monday", "run_date=2026-11-02T00:00:00+00:00")).passed
     assert storage.read_json(record_uri)["snapshot_uri"] == newer

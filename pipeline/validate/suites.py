@@ -1,0 +1,114 @@
+"""The suites: for each task family, the named Great Expectations expectations and the frame with
+the derived columns they read, ready for :func:`pipeline.validate.checks.run_suite`.
+
+``great_expectations`` is handed in by the step, which imports it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import chat
+from pipeline.config import PipelineConfig, ValidateConfig
+from pipeline.errors import ConfigError
+from pipeline.models import extend_vocabulary
+from pipeline.validate.columns import classification_columns
+from pipeline.validate.conversations import chat_columns
+
+
+@dataclass
+class Suite:
+    """One task family's suite, ready to run: the frame with its derived columns, the named
+    expectations, the parsed conversations (chat; drift reuses them) and summary entries."""
+
+    name: str
+    frame: Any
+    expectations: list[tuple[str, Any]]
+    parsed: list[Any] | None
+    summary: dict[str, Any]
+
+
+def classification_expectations(gx: Any, own: ValidateConfig, allowed: list[str]) -> list[tuple[str, Any]]:
+    e = gx.expectations
+    checks = [
+        *(("columns", e.ExpectColumnToExist(column=c)) for c in ("text", "label", "split")),
+        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
+        ("text_present", e.ExpectColumnValuesToNotBeNull(column="text")),
+        ("text_not_blank", e.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$")),
+        ("text_length", e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1,
+                                                              max_value=own.max_text_chars)),
+        ("text_tokens", e.ExpectColumnValuesToBeBetween(column="text_tokens", min_value=1,
+                                                        max_value=own.max_text_tokens)),
+        ("label_present", e.ExpectColumnValuesToNotBeNull(column="label")),
+        ("label_cardinality", e.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2)),
+        ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
+        ("examples_per_class", e.ExpectColumnValuesToBeBetween(column="label_count",
+                                                              min_value=own.min_examples_per_class)),
+        # 'mostly': the share of rows that must be unique; a duplicate rate above the bar fails.
+        ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
+                                                          mostly=1.0 - own.max_duplicate_rate)),
+        ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
+    ]
+    if allowed:
+        checks.append(("label_allowed", e.ExpectColumnValuesToBeInSet(column="label", value_set=list(allowed))))
+    return checks
+
+
+def chat_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tuple[str, Any]]:
+    e = gx.expectations
+    return [
+        *(("columns", e.ExpectColumnToExist(column=c)) for c in ("messages", "split")),
+        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
+        # The null-expectations report the problem text of each failing row as its value.
+        ("messages_valid", e.ExpectColumnValuesToBeNull(column="messages_error")),
+        ("role_order", e.ExpectColumnValuesToBeNull(column="role_problem")),
+        ("assistant_present", e.ExpectColumnValuesToBeBetween(column="assistant_turns", min_value=1)),
+        ("assistant_not_empty", e.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)),
+        ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
+        ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
+                                                          mostly=1.0 - own.max_duplicate_rate)),
+        ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
+        ("conversation_tokens", e.ExpectColumnValuesToBeBetween(column="conversation_tokens", max_value=max_seq_len,
+                                                                mostly=1.0 - own.max_overlong_rate)),
+    ]
+
+
+def classification_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None,
+                         gx: Any) -> Suite:
+    own = cfg.validate
+    allowed, source = allowed_labels(own, accepted)
+    # Tokens as training will count them: with train.extend_vocab, the training split's characters
+    # the vocabulary lacks are tokens of their own, and only what is left is unknown.
+    added = {}
+    if cfg.train.extend_vocab and {"text", "split"} <= set(frame.columns):
+        added = extend_vocabulary(tokenizer, frame.loc[frame["split"] == "train", "text"],
+                                  cfg.train.extend_vocab_min_count)
+    derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed)
+    return Suite("sequence_classification", derived, classification_expectations(gx, own, allowed), None,
+                 {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note,
+                  "tokenizer_coverage": coverage, "extended_vocab": {"added_tokens": len(added),
+                                                                     "tokens": "".join(added)}})
+
+
+def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any) -> Suite:
+    try:
+        template = chat.chat_template(tokenizer, cfg.train.chat_template)
+    except ValueError as exc:
+        raise ConfigError(f"train.chat_template: {exc}") from exc
+    derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train.max_seq_len,
+                                               cfg.seed)
+    return Suite("chat", derived, chat_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed,
+                 {"token_count": token_note})
+
+
+SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}
+
+
+def allowed_labels(own: ValidateConfig, accepted: dict[str, Any] | None) -> tuple[list[str], str]:
+    if own.allowed_labels:
+        return list(own.allowed_labels), "validate.allowed_labels"
+    if accepted and accepted.get("labels"):
+        return list(accepted["labels"]), f"the last accepted snapshot {accepted['snapshot_uri']}"
+    return [], "none: any label (validate.allowed_labels is empty and no snapshot was accepted yet)"
