@@ -21,10 +21,10 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
-from finetune_operators import run_overrides, step_timeout_s
+from finetune_operators import run_overrides
 
 from pipeline import k8s, steps, storage
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.steps import JOB_LAUNCHERS, STEPS
 
@@ -88,8 +88,9 @@ class StepPodOperator(KubernetesPodOperator):
     def execute(self, context):
         try:
             overrides = run_overrides(self.step, context)
-            manifest = steps.render(self.step, overrides, self.launcher, deadline_s=step_timeout_s(self.step))
-            cfg = load_config(None, overrides)
+            manifest = steps.render(self.step, overrides, self.launcher,
+                                  deadline_s=steps.step_timeout(self.step, overrides.trusted))
+            cfg = steps.config_of(overrides)
         except PipelineError as exc:
             raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
         self.full_pod_spec = PodGenerator.deserialize_model_dict(manifest)
@@ -152,8 +153,9 @@ class KubeflowJobOperator(BaseOperator):
     def execute(self, context):
         try:
             overrides = run_overrides(self.step, context)
-            self.manifest = steps.render(self.step, overrides, self.launcher, deadline_s=step_timeout_s(self.step))
-            cfg = load_config(None, overrides)
+            self.manifest = steps.render(self.step, overrides, self.launcher,
+                                  deadline_s=steps.step_timeout(self.step, overrides.trusted))
+            cfg = steps.config_of(overrides)
         except PipelineError as exc:
             raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Connection
@@ -27,15 +28,17 @@ from pipeline.steps import STEPS
 AWS_CONN_ID = "aws_default"
 
 
-def deployment_config() -> PipelineConfig:
+def deployment_config(deployment: Sequence[str] | None = None) -> PipelineConfig:
     """The deployment's effective config (its config files over the defaults): what the trigger
-    form shows as defaults. Read when a DAG file is parsed: local files, no network.
+    form shows as defaults. Read when a DAG file is parsed: local files, no network. ``deployment``:
+    its files' overrides (``steps.deployment_overrides()``), when the caller has read them already.
 
     Built once per distinct input: a DAG file asks for it for every task's timeout and for the
     Params (22 times for finetune.py), and each build checks every field (4 ms; BENCHMARKS.md,
     DAG parse). The key is all a build reads: the config files' overrides, the environment
     (FINETUNE_HOME, FINETUNE_ARTIFACT_ROOT, ...) and the working directory (the default home)."""
-    return _deployment_config(tuple(steps.deployment_overrides()), tuple(sorted(os.environ.items())), os.getcwd())
+    deployment = steps.deployment_overrides() if deployment is None else deployment
+    return _deployment_config(tuple(deployment), tuple(sorted(os.environ.items())), os.getcwd())
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,34 +52,46 @@ def step_timeout_s(step: str) -> int:
     return steps.step_timeout(step, deployment_config())
 
 
+def latest_triggering_event(context):
+    """The latest asset event that triggered this run; None for a run started by the clock or by hand."""
+    triggering = context.get("triggering_asset_events") or {}
+    events = [event for key in triggering for event in triggering[key]]
+    return max(events, key=lambda event: event.timestamp) if events else None
+
+
 def triggered_snapshot(context) -> str | None:
     """The ``snapshot_uri`` of the latest asset event that triggered this run; None for a run
     started by the clock or by hand, or when that event names no snapshot (then the run's
     ``source`` Param is collected)."""
-    triggering = context.get("triggering_asset_events") or {}
-    events = [event for key in triggering for event in triggering[key]]
-    if not events:
-        return None
-    latest = max(events, key=lambda event: event.timestamp)
-    snapshot_uri = (latest.extra or {}).get("snapshot_uri")
-    if not snapshot_uri:
-        print(f"collect: triggering event on {latest.asset.name} names no snapshot_uri; collecting the source Param")
+    latest = latest_triggering_event(context)
+    snapshot_uri = None if latest is None else (latest.extra or {}).get("snapshot_uri")
+    if latest is not None and not snapshot_uri:
+        _no_snapshot(latest)
     return snapshot_uri
 
 
-def run_overrides(step: str, context) -> list[str]:
-    """The step's overrides in this run: the deployment's config files, what the trigger sent
-    (checked against the deployment's trigger_keys), who triggered it, upstream results, and for
-    ``collect`` in an asset-triggered run the announced snapshot as its only source."""
+def _no_snapshot(event) -> None:
+    print(f"collect: triggering event on {event.asset.name} names no snapshot_uri; collecting the source Param")
+
+
+def run_overrides(step: str, context) -> steps.StepOverrides:
+    """The step's overrides in this run, with their config (built and checked once): the
+    deployment's config files, what the trigger sent (checked against the deployment's
+    trigger_keys), who triggered it, upstream results, and for ``collect`` in an asset-triggered
+    run the announced snapshot as its only source."""
     upstream = {source: context["ti"].xcom_pull(task_ids=source) for source, _ in STEPS[step].inputs.values()}
     dag_run = context.get("dag_run")
     user = getattr(dag_run, "triggering_user_name", None) or "unknown"
     run_after = getattr(dag_run, "run_after", None)  # a cleared task of an old run keeps its old date
+    latest = latest_triggering_event(context) if step == "collect" else None
+    snapshot_uri = None if latest is None else (latest.extra or {}).get("snapshot_uri")
+    deployment = steps.deployment_overrides()
     sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user,
-                                deployment=steps.deployment_overrides(),
-                                run_date=run_after.isoformat() if run_after else "")
-    if step == "collect" and (snapshot_uri := triggered_snapshot(context)):
-        sets.append(f"collect.sources={json.dumps([snapshot_uri])}")
+                                deployment=deployment, run_date=run_after.isoformat() if run_after else "",
+                                trusted=deployment_config(deployment),
+                                extra=[f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else [])
+    if latest is not None and not snapshot_uri:
+        _no_snapshot(latest)  # said once the overrides stand, as before
     return sets
 
 
@@ -117,8 +132,9 @@ class LocalStepOperator(BaseOperator):
 
         try:
             overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
-            return local.launch(self.step, overrides, env=aws_connection_env(), timeout_s=step_timeout_s(self.step),
-                                grace_s=deployment_config().timeouts.kill_grace_s, started=started)
+            return local.launch(self.step, overrides, env=aws_connection_env(),
+                                timeout_s=steps.step_timeout(self.step, overrides.trusted),
+                                grace_s=overrides.trusted.timeouts.kill_grace_s, started=started)
         except PipelineError as exc:
             if getattr(exc, "retryable", False):
                 raise

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import steps, storage
-from pipeline.config import check_trigger, finetune_home, load_config, safe_run_id
+from pipeline.config import finetune_home, safe_run_id
 from pipeline.errors import PipelineError
 from pipeline.steps import PIPELINE, RESULT_FILE, step_error
 
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     trigger = args.overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else [])
     try:
         deployment = steps.deployment_overrides({**os.environ, **env_extra})  # as the DAG's tasks will read it
-        cfg = load_config(None, deployment + trigger)  # an unknown key or a bad value first, named as such
-        check_trigger(trigger, load_config(None, deployment).trigger_keys, "run --set")
+        cfg = steps.trigger_config(deployment, trigger, origin="run --set")  # as the DAG's tasks will check it
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)
         return exc.exit_code

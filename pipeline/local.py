@@ -33,7 +33,6 @@ from typing import Any
 import psutil
 
 from pipeline import steps
-from pipeline.config import load_config
 from pipeline.errors import ConfigError
 
 # Every process a local step starts carries this variable (value: the launch's id), so a stop finds
@@ -80,14 +79,14 @@ def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | N
         if returncode != 0:
             # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
             # workers said, so the exit code is read back from error.json too.
-            error = steps.step_error(load_config(None, overrides).step_uri(step))
+            error = steps.step_error(steps.config_of(overrides).step_uri(step))
             raise steps.classify_failure(step, "local", returncode, error, detail="\n".join(list(tail)[-10:]), oom=oom)
         return json.loads(Path(result_file).read_text())
 
 
 def local_command(step: str, overrides: Sequence[str], result_file: str) -> list[str]:
     """The subprocess command of the local launcher for the same argv a container gets."""
-    cfg = load_config(None, overrides)  # fail here, before any process starts, on a bad override
+    cfg = steps.config_of(overrides)  # fail here, before any process starts, on a bad override
     args = [*steps.step_argv(step, overrides)[1:], "--result-file", result_file]
     if steps.STEPS[step].distributed:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",

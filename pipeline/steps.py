@@ -19,9 +19,11 @@ imported at DAG parse time, so everything it imports keeps heavy libraries insid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +74,30 @@ STEPS: dict[str, Step] = {step.name: step for step in (
 )}
 
 
+def result_type(step: str) -> type:
+    """The result dataclass ``step``'s ``run`` returns (its return annotation; the ``None`` of ranks > 0 left out)."""
+    hint = typing.get_type_hints(STEPS[step].run)["return"]
+    return next(kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None))
+
+
+def result_fields(step: str) -> frozenset[str]:
+    """The fields of ``step``'s result JSON: its result dataclass's own field names."""
+    return frozenset(item.name for item in dataclasses.fields(result_type(step)))
+
+
+def check_inputs(table: Mapping[str, Step]) -> None:
+    """Every ``inputs`` entry of ``table`` names a step of it and a field of that step's result
+    dataclass: a renamed result field fails the import, not a run."""
+    for row in table.values():
+        for key, (source, result_field) in row.inputs.items():
+            if source not in table or result_field not in result_fields(source):
+                raise TypeError(f"steps.STEPS[{row.name!r}].inputs[{key!r}]: {source}.{result_field} is no field of "
+                                f"the result of step {source!r}")
+
+
+check_inputs(STEPS)
+
+
 def dag_steps(dag_id: str) -> tuple[str, ...]:
     """The steps ``dag_id`` runs, in the table's order: one task each, chained."""
     return tuple(name for name, step in STEPS.items() if step.dag == dag_id)
@@ -115,30 +141,94 @@ def deployment_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
     return [item for name in DEPLOYMENT_CONFIG_VARIABLES if environ.get(name) for item in file_overrides(environ[name])]
 
 
+class StepOverrides(list[str]):
+    """A step's ``key=value`` overrides (the list ``step_argv`` and the launchers take) with the
+    ``PipelineConfig`` they build, built and checked once by ``step_overrides``, and ``trusted``, the
+    deployment's config the trigger was held to (its ``timeouts``, which no trigger can lift). Each
+    later hop in this process (a launcher, ``render``, the failure verdict) asks ``config_of`` for
+    the config instead of building it again; a list changed since builds its own."""
+
+    def __init__(self, items: Sequence[str], cfg: PipelineConfig | None, trusted: PipelineConfig) -> None:
+        super().__init__(items)
+        self.trusted = trusted
+        self._cfg, self._built_from = cfg, tuple(items)
+
+    def config(self) -> PipelineConfig:
+        if self._cfg is None or tuple(self) != self._built_from:
+            return load_config(None, self)
+        return self._cfg
+
+
+def config_of(overrides: Sequence[str]) -> PipelineConfig:
+    """The config of ``overrides``: the one ``step_overrides`` built with them, else built now."""
+    return overrides.config() if isinstance(overrides, StepOverrides) else load_config(None, overrides)
+
+
+def _key(item: str) -> str:
+    return item.partition("=")[0].strip()
+
+
+def trigger_config(deployment: Sequence[str], trigger: Sequence[str], trusted: PipelineConfig | None = None,
+                   origin: str = "DAG run conf") -> PipelineConfig:
+    """The config of the deployment's overrides then what a trigger sent: an unknown key or a bad
+    value first, named as such, then a key the deployment's ``trigger_keys`` (of ``trusted``, its
+    config, built here when not given) does not allow. The one place that policy is applied."""
+    if trusted is not None and not trigger:
+        cfg = trusted  # the deployment's overrides alone: its own config
+    else:
+        cfg = load_config(None, [*deployment, *trigger])
+    if trusted is None:
+        trusted = cfg if not trigger else load_config(None, deployment)
+    check_trigger(trigger, trusted.trigger_keys, origin)
+    return cfg
+
+
 def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]],
-                   run_id: str, requested_by: str = "", deployment: Sequence[str] = (), run_date: str = "") -> list[str]:
-    """``key=value`` overrides for one step, later ones winning: the deployment's (trusted), then
-    what the trigger sent -- its DAG's Params that differ from the deployment's values, then the
-    free-form ``overrides`` Param -- refused unless the deployment's ``trigger_keys`` allow each
-    key, then the pipeline's own: who asked, the run id and date and the upstream result URIs."""
+                   run_id: str, requested_by: str = "", deployment: Sequence[str] = (), run_date: str = "",
+                   trusted: PipelineConfig | None = None, extra: Sequence[str] = ()) -> StepOverrides:
+    """``key=value`` overrides for one step, later ones winning: the deployment's (trusted; its
+    config ``trusted``, built here when not given), then what the trigger sent -- its DAG's Params
+    that differ from the deployment's values, then the free-form ``overrides`` Param -- refused
+    unless the deployment's ``trigger_keys`` allow each key, then the pipeline's own: who asked,
+    the run id and date, the upstream result URIs and ``extra``. They come with their config."""
     row = STEPS[step]
-    trusted = load_config(None, deployment)
+    trusted = load_config(None, deployment) if trusted is None else trusted
     trigger = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items()
                if name in params and params[name] != value_of(trusted, key)]
     trigger += list(params.get("overrides") or [])
-    load_config(None, [*deployment, *trigger])  # an unknown key or a bad value first, named as such
-    check_trigger(trigger, trusted.trigger_keys)
-    sets = [*deployment, *trigger]
-    if row.requested_by_key:
-        sets.append(f"{row.requested_by_key}={json.dumps(requested_by or 'unknown')}")
-    sets.append(f"run_id={run_id}")
+    own = [f"{row.requested_by_key}={json.dumps(requested_by or 'unknown')}"] if row.requested_by_key else []
+    own.append(f"run_id={run_id}")
     if run_date:
-        sets.append(f"run_date={json.dumps(run_date)}")
-    for key, (source, result_field) in row.inputs.items():
-        if source not in upstream or result_field not in upstream[source]:
-            raise ConfigError(f"{step}: upstream result {source}.{result_field} is missing")
-        sets.append(f"{key}={json.dumps(upstream[source][result_field])}")
-    return sets
+        own.append(f"run_date={json.dumps(run_date)}")
+    missing = [(source, result_field) for source, result_field in row.inputs.values()
+               if source not in upstream or result_field not in upstream[source]]
+    if not missing:
+        own += [f"{key}={json.dumps(upstream[source][result_field])}"
+                for key, (source, result_field) in row.inputs.items()]
+    own += extra
+    sets = [*deployment, *trigger, *own]
+    cfg = _one_build(sets, trigger, own) if not missing else None
+    if cfg is None:
+        trigger_config(deployment, trigger, trusted)
+    else:
+        check_trigger(trigger, trusted.trigger_keys)
+    if missing:
+        source, result_field = missing[0]
+        raise ConfigError(f"{step}: upstream result {source}.{result_field} is missing")
+    return StepOverrides(sets, cfg, trusted)
+
+
+def _one_build(sets: Sequence[str], trigger: Sequence[str], own: Sequence[str]) -> PipelineConfig | None:
+    """The config of all of ``sets`` where it alone answers what the deployment's and the trigger's
+    overrides would (the pipeline's ``own`` keys set no key the trigger set; every check is of one
+    field), so one build serves; None where it cannot: then they are built as before."""
+    own_keys = {_key(item) for item in own}
+    if any(mine == key or mine.startswith(f"{key}.") for key in map(_key, trigger) for mine in own_keys):
+        return None
+    try:
+        return load_config(None, sets)
+    except ConfigError:
+        return None
 
 
 def step_error(step_uri: str) -> dict[str, Any] | None:
@@ -243,7 +333,7 @@ def render(step: str, overrides: Sequence[str], launcher: str, deadline_s: int |
         raise ConfigError("--launcher: 'local' runs a subprocess, not a manifest; "
                           f"choose one of {[name for name in LAUNCHERS if name != 'local']}")
     step_args = step_argv(step, overrides)[1:]
-    cfg = load_config(None, overrides)
+    cfg = config_of(overrides)
     kind = job_kind(step, launcher)
     if kind == "PyTorchJob":
         return k8s.pytorchjob_manifest(cfg, STEPS[step], step_args, deadline_s)

@@ -1,5 +1,7 @@
+import dataclasses
 import re
 import sys
+import typing
 
 import pytest
 
@@ -22,6 +24,28 @@ def test_overrides_carry_params_then_free_overrides_then_upstream_uris():
 def test_missing_upstream_result_is_an_error():
     with pytest.raises(ConfigError, match="upstream result collect.snapshot_uri is missing"):
         steps.step_overrides("evaluate", {}, {"train": {"model_uri": "x"}}, "r1")
+
+
+def test_every_input_in_the_table_is_a_field_of_the_producing_steps_result_dataclass():
+    for row in steps.STEPS.values():
+        for key, (source, result_field) in row.inputs.items():
+            hint = typing.get_type_hints(steps.STEPS[source].run)["return"]
+            (result,) = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+            assert dataclasses.is_dataclass(result), f"{source}.run returns no result dataclass"
+            assert result_field in {item.name for item in dataclasses.fields(result)}, \
+                f"{row.name}: inputs[{key!r}] reads {source}.{result_field}, no field of {result.__name__}"
+    renamed = {**steps.STEPS, "evaluate": dataclasses.replace(steps.STEPS["evaluate"],
+                                                              inputs={"evaluate.model_uri": ("train", "model_path")})}
+    with pytest.raises(TypeError, match="train.model_path is no field of the result of step 'train'"):
+        steps.check_inputs(renamed)
+
+
+def test_the_overrides_carry_the_config_they_built_once():
+    sets = steps.step_overrides("train", {"epochs": 3}, {"collect": {"snapshot_uri": "file:///s.parquet"}}, "r1")
+    assert steps.config_of(sets) is steps.config_of(sets) == load_config(None, sets)
+    assert steps.config_of(sets).train.epochs == 3 and sets.trusted.train.epochs != 3
+    sets.append("train.epochs=5")  # changed since: its own config
+    assert steps.config_of(sets).train.epochs == 5
 
 
 def test_argv_is_the_container_argv_and_training_is_distributed():
