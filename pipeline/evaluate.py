@@ -327,7 +327,8 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
             return None
         raise ModelError(f"cannot look up the champion of {cfg.model_name}: {exc}") from exc
     try:
-        parts = mlflow.transformers.load_model(f"models:/{cfg.model_name}@{CHAMPION}", return_type="components")
+        with tracking.module_api():  # a models:/ URI is read from the registry URI mlflow is set to
+            parts = mlflow.transformers.load_model(f"models:/{cfg.model_name}@{CHAMPION}", return_type="components")
     except Exception as exc:  # fail closed: never promote over a champion we could not score
         raise ModelError(f"champion {cfg.model_name} version {version.version} cannot be loaded, "
                          f"so the new model cannot be compared with it: {exc}") from exc
@@ -662,7 +663,7 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
         if samples:
             tracker.log_table(run_id, data=pd.DataFrame(samples), artifact_file="evaluate/samples.json")
     targets = "label" if "label" in scored.rows.columns else None
-    with mlflow.start_run(run_id=run_id):
+    with tracking.module_api(), mlflow.start_run(run_id=run_id):
         mlflow.log_input(from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval", targets=targets),
                          context="eval")
         if scored.challenge_rows is not None:  # MLflow resolves file:// and s3://, not pkg:// or a bare path

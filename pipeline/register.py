@@ -252,7 +252,7 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
             flavor = {"transformers_model": transformers.pipeline("text-classification", model=path, tokenizer=path),
                       "task": "text-classification", "input_example": INPUT_EXAMPLE,
                       "pip_requirements": pip_requirements()}
-        with mlflow.start_run(run_id=run_id):
+        with tracking.module_api(), mlflow.start_run(run_id=run_id):
             mlflow.log_text(card, "model_card.md")
             # The signature is inferred by running the model on the input example.
             return mlflow.transformers.log_model(name="model", **flavor)
@@ -325,9 +325,12 @@ def run(cfg: PipelineConfig) -> RegisterResult:
             "report_uri") else []
         card = model_card(cfg, inputs, pictures, pictures_run_id, samples)
         info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
-        version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
-                                                   tags=lineage_tags(cfg, inputs), description=card,
-                                                   model_id=info.model_id).version)
+        # The registry's store finds the logged model (models:/<model_id>) through the module-level
+        # tracking URI, not this client's (MLflow's own TODO in create_model_version).
+        with tracking.module_api():
+            version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
+                                                       tags=lineage_tags(cfg, inputs), description=card,
+                                                       model_id=info.model_id).version)
     _complete(tracker, cfg, version, evaluated)
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)

@@ -4,9 +4,11 @@ and a retried step does not start a second one.
 
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 finetune register ...
 
-mlflow is imported inside ``client``: the steps import this module at DAG-parse time. The client
-it returns turns "MLflow cannot be reached" (a refused or dropped connection, a timeout, a 5xx or
-429 answer, after MLflow's own retries) into a ``TransientError``: exit code 75, retried.
+The URI is passed to each client (``client``) and, for MLflow's module-level calls that take none,
+set for their with-block only (``module_api``): never exported process-wide. mlflow is imported
+inside them: the steps import this module at DAG-parse time. The client ``client`` returns turns
+"MLflow cannot be reached" (a refused or dropped connection, a timeout, a 5xx or 429 answer, after
+MLflow's own retries) into a ``TransientError``: exit code 75, retried.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -106,12 +110,41 @@ class Tracker:
 
 
 def client() -> Any:
-    import mlflow
+    """A ``Tracker`` on ``tracking_uri()`` (tracking and registry), passed to this client alone: the
+    process's MLflow settings and environment are left as they were."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
-    return Tracker(MlflowClient(), tracking_uri())
+    uri = tracking_uri()
+    return Tracker(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+
+
+@contextmanager
+def module_api() -> Iterator[str]:
+    """MLflow's module-level API pointed at ``tracking_uri()`` for the with-block only, for the calls
+    that take no URI (``mlflow.start_run`` and what logs to its active run: ``log_input``,
+    ``log_text``, ``<flavor>.log_model``; ``<flavor>.load_model`` of a ``models:/`` URI). Afterwards
+    the tracking and registry URIs, and ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` (which
+    ``mlflow.set_tracking_uri`` exports for subprocesses), are what they were."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_uris
+    from mlflow.tracking._tracking_service import utils as tracking_uris
+
+    uri = tracking_uri()
+    env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    # What mlflow.set_*_uri set, if anything: mlflow's getters would return the environment's.
+    before = tracking_uris._tracking_uri, registry_uris._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(before[0])  # None unsets MLFLOW_TRACKING_URI; put back below
+        registry_uris._registry_uri = before[1]  # set_registry_uri cannot go back to "not set"
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def experiment_id(cfg: PipelineConfig) -> str:

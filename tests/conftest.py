@@ -14,11 +14,6 @@ from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, w
 @pytest.fixture(autouse=True)
 def finetune_home(tmp_path, monkeypatch):
     """Every test gets its own artifact store, MLflow SQLite file and Airflow home."""
-    # mlflow.set_tracking_uri (pipeline.tracking.client) also exports MLFLOW_TRACKING_URI (and the
-    # registry's) to this process's environment. Left there, an earlier test's store would be the
-    # one the next module fixture writes to (a finished test's, whose directory may be gone), and
-    # monkeypatch would put it back after every test that deletes it.
-    _forget_exported_mlflow_uris()
     home = tmp_path / "home"
     monkeypatch.setenv("FINETUNE_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -27,13 +22,7 @@ def finetune_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    yield home
-    _forget_exported_mlflow_uris()
-
-
-def _forget_exported_mlflow_uris() -> None:
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(name, None)
+    return home
 
 
 @pytest.fixture(scope="session")

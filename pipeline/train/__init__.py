@@ -132,7 +132,7 @@ def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: 
     tracker.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     tracker.log_dict(run_id, ds_config, "train/deepspeed_config.json")
     columns = [c for c in train_rows.columns if c != "split"]
-    with mlflow.start_run(run_id=run_id):
+    with tracking.module_api(), mlflow.start_run(run_id=run_id):
         dataset = mlflow.data.from_pandas(train_rows[columns], source=cfg.train.snapshot_uri, name="train",
                                           targets="label" if "label" in columns else None)
         mlflow.log_input(dataset, context="training")

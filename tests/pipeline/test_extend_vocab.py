@@ -5,7 +5,7 @@ under each ZeRO stage; the extended tokenizer is published and registered with t
 
 import pytest
 
-from pipeline import local, register, steps, storage
+from pipeline import local, register, steps, storage, tracking
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import extend_embeddings, extend_vocabulary
@@ -110,7 +110,8 @@ def test_after_the_first_phase_the_body_trains_and_the_registered_model_reads_th
     register.run(load_config(None, ["run_id=two-phase", f"register.collect_result_uri={uris['collect']}",
                                     f"register.train_result_uri={result['result_uri']}",
                                     f"register.evaluate_result_uri={uris['evaluate']}"]))
-    served = mlflow.pyfunc.load_model("models:/support-intents@champion")
+    with tracking.module_api():
+        served = mlflow.pyfunc.load_model("models:/support-intents@champion")
     tokenizer = served._model_impl.pipeline.tokenizer
     assert len(tokenizer) == len(AutoTokenizer.from_pretrained(model_dir)) > len(AutoTokenizer.from_pretrained(
         classifier_dir))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import register, storage
+from pipeline import register, storage, tracking
 from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.tracking import client
@@ -49,12 +49,13 @@ def test_champion_loads_and_predicts_through_pyfunc(tmp_path, classifier_dir):
     import mlflow
 
     register.run(_inputs(tmp_path, classifier_dir, "p1", True, 0.8))
-    model = mlflow.pyfunc.load_model("models:/support-intents@champion")
+    with tracking.module_api():
+        model = mlflow.pyfunc.load_model("models:/support-intents@champion")
+        local = mlflow.artifacts.download_artifacts("models:/support-intents@champion", dst_path=str(tmp_path / "m"))
     predictions = model.predict(register.INPUT_EXAMPLE)
     assert len(predictions) == len(register.INPUT_EXAMPLE)
     assert set(predictions["label"]) <= {"order_status", "password_reset", "refund_request"}
     assert model.metadata.signature is not None
-    local = mlflow.artifacts.download_artifacts("models:/support-intents@champion", dst_path=str(tmp_path / "m"))
     requirements = (tmp_path / "m" / "requirements.txt").read_text() if local else ""
     assert "transformers==" in requirements and "torch==" in requirements and "torchvision" not in requirements
 
@@ -83,7 +84,8 @@ def test_lineage_model_card_and_idempotent_rerun(tmp_path, classifier_dir, monke
     assert tags["finetune.snapshot_sha256"] == "ab" * 32 and tags["finetune.config_sha256"] == "cd" * 32
     assert len(tags["finetune.git_commit"]) == 40  # this checkout's commit
     assert "## Intended use" in version.description and "| accuracy | 0.8000 | - |" in version.description
-    card = mlflow.artifacts.load_text(f"runs:/{first.mlflow_run_id}/model_card.md")
+    with tracking.module_api():
+        card = mlflow.artifacts.load_text(f"runs:/{first.mlflow_run_id}/model_card.md")
     assert card == version.description
 
     again = register.run(cfg)  # a retried task: same pipeline run, same version

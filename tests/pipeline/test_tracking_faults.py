@@ -19,7 +19,6 @@ def test_a_module_level_mlflow_call_that_cannot_reach_the_server_is_transient(mo
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    mlflow.set_tracking_uri(uri)
     with pytest.raises(Exception) as raised:
         mlflow.search_experiments()
     transient = tracking.transient_error(raised.value)
@@ -35,7 +34,6 @@ def test_the_cli_maps_an_unwrapped_mlflow_outage_to_exit_75(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
     def promote_that_calls_mlflow_directly(cfg):
-        mlflow.set_tracking_uri(uri)  # the registry URI may still be another test's: a tracking call
         return mlflow.search_experiments()
 
     monkeypatch.setitem(steps.STEPS, "promote", dataclasses.replace(steps.STEPS["promote"],

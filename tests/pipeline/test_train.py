@@ -129,7 +129,7 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     import mlflow
     from safetensors.torch import load_file
 
-    from pipeline.tracking import client
+    from pipeline import tracking
 
     run_id = f"lora-{merge}"
     result = _train_lm(chat_snapshot, tiny_lm_dir, run_id, "train.lora_r=8", "train.lora_alpha=16",
@@ -154,19 +154,19 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
         *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
         f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
     assert registered["aliases"] == ["challenger", "champion"]
-    client()  # points MLflow's tracking and registry URIs at this test's store
     uri = f"models:/chat-{merge}@champion"
-    local = mlflow.artifacts.download_artifacts(uri)
+    with tracking.module_api():  # this test's store, for MLflow's module-level calls
+        local = mlflow.artifacts.download_artifacts(uri)
+        answer = mlflow.pyfunc.load_model(uri).predict(
+            {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8})
+        components = mlflow.transformers.load_model(uri, return_type="components")
     from pathlib import Path
 
     files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
     assert any(f.endswith("peft/adapter_model.safetensors") for f in files) is not merge
     # An adapter is registered without a copy of the base weights.
     assert any(f.rsplit("/", 1)[-1] == "model.safetensors" for f in files) is merge
-    answer = mlflow.pyfunc.load_model(uri).predict(
-        {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8})
     assert answer[0]["choices"][0]["message"]["role"] == "assistant"
-    components = mlflow.transformers.load_model(uri, return_type="components")
     assert components["model"].config.vocab_size == 1000 and components["tokenizer"].chat_template
 
 
