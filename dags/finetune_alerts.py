@@ -83,6 +83,12 @@ def failure_text(context: Mapping[str, Any]) -> str:
             f"(try {ti.try_number})\nerror: {error}\nlog: {ti.log_url}")
 
 
+# The result fields a promotion message reads (checked against each step's result dataclass).
+REGISTER_KEYS = steps.result_keys("register", "promoted", "model_name", "version", "reason", "metrics")
+PROMOTE_KEYS = steps.result_keys("promote", "outcome", "target_alias", "previous_version", "model_name", "version",
+                                 "reason")
+
+
 def promotion_text(context: Mapping[str, Any]) -> str | None:
     """A message when the task's result says a new champion was promoted, else None."""
     ti = context["ti"]

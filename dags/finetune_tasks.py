@@ -24,7 +24,7 @@ from finetune_operators import LocalStepOperator, deployment_config, step_timeou
 
 from pipeline.config import param_schema
 from pipeline.errors import ConfigError
-from pipeline.steps import DAG_PARAMS, job_kind
+from pipeline.steps import DAG_PARAMS, job_kind, result_keys
 
 # Every snapshot announcement goes through this alias, so the asset can follow the run's
 # `model_name` Param (an Asset in `outlets` is fixed when the file is parsed).
@@ -128,6 +128,10 @@ def step_task(step: str, launcher: str) -> BaseOperator:
     return finetune_k8s_operators.StepPodOperator(launcher=launcher, **settings)
 
 
+# What an announcement carries of the collect task's result (fields of its result dataclass).
+ANNOUNCED = result_keys("collect", "snapshot_uri", "sha256", "rows")
+
+
 def announce_task():
     """Announce the collect task's snapshot on ``<model_name>-snapshot`` unless it is the one last
     announced there through ``SNAPSHOTS``: unchanged data emits no event, so nothing retrains."""
@@ -138,7 +142,7 @@ def announce_task():
         asset = snapshot_asset(context["params"]["model_name"])
         last = next((event for event in context["inlet_events"][SNAPSHOTS].ascending(False)
                      if event.asset.name == asset.name), None)
-        extra = {"snapshot_uri": collected["snapshot_uri"], "sha256": collected["sha256"], "rows": collected["rows"]}
+        extra = {key: collected[key] for key in ANNOUNCED}
         if last is not None and (last.extra or {}).get("sha256") == collected["sha256"]:
             print(f"announce: {asset.name} last announced this snapshot ({collected['sha256'][:12]}); no event")
             return {"asset": asset.name, "announced": False, **extra}

@@ -85,6 +85,15 @@ def result_fields(step: str) -> frozenset[str]:
     return frozenset(item.name for item in dataclasses.fields(result_type(step)))
 
 
+def result_keys(step: str, *names: str) -> tuple[str, ...]:
+    """``names``, each checked to be a field of ``step``'s result dataclass: the keys a reader of
+    its result JSON (a DAG's task or callback) uses, so a renamed field fails its import."""
+    unknown = [name for name in names if name not in result_fields(step)]
+    if unknown:
+        raise TypeError(f"{unknown} are no fields of the result of step {step!r}")
+    return names
+
+
 def check_inputs(table: Mapping[str, Step]) -> None:
     """Every ``inputs`` entry of ``table`` names a step of it and a field of that step's result
     dataclass: a renamed result field fails the import, not a run."""
