@@ -138,8 +138,11 @@ def module_api() -> Iterator[str]:
     try:
         yield uri
     finally:
-        mlflow.set_tracking_uri(before[0])  # None unsets MLFLOW_TRACKING_URI; put back below
-        registry_uris._registry_uri = before[1]  # set_registry_uri cannot go back to "not set"
+        if before[0] is None:  # set_tracking_uri cannot go back to "not set" (its type says so)
+            tracking_uris._tracking_uri = None
+        else:
+            mlflow.set_tracking_uri(before[0])
+        registry_uris._registry_uri = before[1]  # nor set_registry_uri
         for name, value in env.items():
             if value is None:
                 os.environ.pop(name, None)
