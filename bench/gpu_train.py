@@ -57,8 +57,7 @@ def build_model(path: Path, size: str) -> int:
     hidden, layers, heads, kv_heads, intermediate, vocab = SIZES[size]
     texts = [json.loads(line)["text"] for line in
              (ROOT / "pipeline" / "data" / "support_intents.jsonl").read_text(encoding="utf-8").splitlines()]
-    texts += [line for line in (ROOT / "pipeline" / "data" / "support_instructions.jsonl").read_text(
-        encoding="utf-8").splitlines()]
+    texts += (ROOT / "pipeline" / "data" / "support_instructions.jsonl").read_text(encoding="utf-8").splitlines()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import resource
-import statistics
 import sys
 import tempfile
 from pathlib import Path

@@ -198,7 +198,8 @@ def run_step_process(command: Sequence[str], env: Mapping[str, str], timeout_s: 
     finally:
         process.stop(grace_s)  # the step's stragglers too: a torchrun worker whose parent died
         reader.join(timeout=5)
-        process.popen.stdout.close()
+        if process.popen.stdout is not None:
+            process.popen.stdout.close()
     return code
 
 

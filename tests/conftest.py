@@ -56,7 +56,7 @@ def classifier_dir(tmp_path_factory, tiny_model_dir):
 
     labels = ["order_status", "password_reset", "refund_request"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        tiny_model_dir, num_labels=3, id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     path = tmp_path_factory.mktemp("classifier")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
@@ -125,7 +125,7 @@ def mlflow_server(tmp_path_factory, s3_server):
             break
         except OSError:
             if server.poll() is not None:
-                raise RuntimeError("mlflow server exited at start-up")
+                raise RuntimeError("mlflow server exited at start-up") from None
             time.sleep(0.5)
     else:
         raise RuntimeError("mlflow server did not become healthy in 120 s")

@@ -5,13 +5,13 @@ its rank-0 pod's log: pods with labels, each with a container log that grows as 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from kubernetes.client import V1ObjectMeta, V1Pod, V1PodList, V1PodStatus
 
 from tests.manifests import ApiError
 
-EPOCH = datetime(2026, 1, 5, tzinfo=timezone.utc)
+EPOCH = datetime(2026, 1, 5, tzinfo=UTC)
 
 
 class InMemoryCoreV1:

@@ -94,7 +94,6 @@ def test_each_part_of_the_orchestration_result_keeps_its_own_provenance(tmp_path
 def test_the_suite_report_sums_each_module_and_names_the_slowest_tests(tmp_path, monkeypatch):
     """bench/suite.py over a JUnit report as pytest writes it: seconds per module, outcomes, the
     slowest tests, and the verdict on the 7-minute target from the whole command's wall time."""
-    import sys
 
     monkeypatch.syspath_prepend(str(ROOT))
     from bench import harness, suite

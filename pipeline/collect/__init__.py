@@ -40,7 +40,7 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sour
             "sha256": sha, "task": cfg.task, "rows": writer.rows, "rows_eval": tally.rows_eval,
             "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
             "labels": sorted(tally.labels), "schema": {f.name: str(f.type) for f in writer.schema},
-            "eval_fraction": cfg.collect.eval_fraction, "created_at": datetime.now(timezone.utc).isoformat(),
+            "eval_fraction": cfg.collect.eval_fraction, "created_at": datetime.now(UTC).isoformat(),
             **({"mix": {"seed": cfg.seed, "sources": mix}} if mix else {}),
         })  # written last: a snapshot without its manifest is not published
     return snapshot_uri, manifest_uri
@@ -191,7 +191,7 @@ def _classification_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str
                             f"{_short(label)}, not a string or number")
         texts.append(text)
         labels.append(label)
-        splits.append("train" if text is None else _split(text, own, lambda: f"{uri}: {chunk.where(index)}: "
+        splits.append("train" if text is None else _split(text, own, lambda index=index: f"{uri}: {chunk.where(index)}: "
                                                                        f"'{own.text_column}'"))
     return {"text": texts, "label": labels, "split": splits}
 
@@ -207,7 +207,7 @@ def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any
         except ValueError as exc:
             raise DataError(f"{uri}: {chunk.where(index)}: {exc}") from exc
         conversations.append(messages)
-        splits.append(_split(messages, own, lambda: f"{uri}: {chunk.where(index)}: the messages"))
+        splits.append(_split(messages, own, lambda index=index: f"{uri}: {chunk.where(index)}: the messages"))
     return {"messages": conversations, "split": splits}
 
 

@@ -14,7 +14,7 @@ import glob
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
     for file in files:
         stat = file.stat()
         out.append(SourceFile(str(file), size=stat.st_size,
-                              last_modified=datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat()))
+                              last_modified=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat()))
     return out
 
 

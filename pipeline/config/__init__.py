@@ -36,7 +36,7 @@ import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +140,9 @@ class PipelineConfig:
     def run_time(self) -> datetime:
         """``run_date`` as an aware datetime (now, when it is empty)."""
         if not self.run_date:
-            return datetime.now(timezone.utc)
+            return datetime.now(UTC)
         moment = datetime.fromisoformat(self.run_date)
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
     def step_uri(self, step: str) -> str:
         """Where ``step`` writes for this run: ``<artifact_root>/runs/<run_id>/<step>``."""

@@ -38,13 +38,33 @@ from pipeline import chat, checkpoints, storage, tracking
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.distributed import barrier, gather, node_dir, ranks
 from pipeline.errors import ConfigError, DataError, ModelError, TransientError
-from pipeline.models import (extend_embeddings, extend_like, extend_vocabulary, lm_tokenizer, load_causal_lm,
-                             resolve_model)
+from pipeline.models import (
+    extend_embeddings,
+    extend_like,
+    extend_vocabulary,
+    lm_tokenizer,
+    load_causal_lm,
+    resolve_model,
+)
 from pipeline.snapshot import load_snapshot
-from pipeline.train.checkpointing import (_checkpointing, _newest_step, _resume_point, _Termination, checkpoint_meta,
-                                          checkpoint_root, weights_only_deepspeed_loads)
-from pipeline.train.trainer import (_Audit, _audited_trainer, _callbacks, _deepspeed_summary, _peak_memory, _WarmStart,
-                                    sharding_report)
+from pipeline.train.checkpointing import (
+    _checkpointing,
+    _newest_step,
+    _resume_point,
+    _Termination,
+    checkpoint_meta,
+    checkpoint_root,
+    weights_only_deepspeed_loads,
+)
+from pipeline.train.trainer import (
+    _Audit,
+    _audited_trainer,
+    _callbacks,
+    _deepspeed_summary,
+    _peak_memory,
+    _WarmStart,
+    sharding_report,
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,7 @@ def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
 
 def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: Any) -> str:
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     run_id = tracking.pipeline_run_id(cfg)
     tracker = tracking.client()
@@ -133,8 +154,8 @@ def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: 
     tracker.log_dict(run_id, ds_config, "train/deepspeed_config.json")
     columns = [c for c in train_rows.columns if c != "split"]
     with tracking.module_api(), mlflow.start_run(run_id=run_id):
-        dataset = mlflow.data.from_pandas(train_rows[columns], source=cfg.train.snapshot_uri, name="train",
-                                          targets="label" if "label" in columns else None)
+        dataset = from_pandas(train_rows[columns], source=cfg.train.snapshot_uri, name="train",
+                              targets="label" if "label" in columns else None)
         mlflow.log_input(dataset, context="training")
     return run_id
 
@@ -316,7 +337,7 @@ def _schedule(own: TrainConfig) -> dict[str, Any]:
             "save_steps": own.checkpoint_steps or None}
 
 
-def mixed_precision(cfg: TrainConfig) -> dict[str, bool]:
+def mixed_precision(cfg: TrainConfig) -> dict[str, Any]:
     """TrainingArguments' bf16/fp16 flags; the DeepSpeed JSON's "auto" entries follow them."""
     import torch
 
@@ -375,7 +396,6 @@ class Parts:
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
-    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     rows = frame[frame["split"] == "train"].reset_index(drop=True)
@@ -419,7 +439,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
 
 # The Arrow types Dataset.from_dict infers for a tokenizer's columns, given up front: inferring them
 # took longer than anything else train does around the tokenizer (0.3 s of 0.5 s per 100,000 rows).
-TOKEN_COLUMN_TYPES = {"input_ids": "int32", "token_type_ids": "int8", "attention_mask": "int8"}
+TOKEN_COLUMN_TYPES: dict[str, Any] = {"input_ids": "int32", "token_type_ids": "int8", "attention_mask": "int8"}
 
 
 def _token_dataset(columns: dict[str, list[Any]]) -> Any:

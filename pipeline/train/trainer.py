@@ -153,6 +153,8 @@ def _audited_trainer(trainer_class: Any) -> Any:
     class AuditedTrainer(trainer_class):
         """Records the example ids of each micro-batch it trains on (see ``_Audit``)."""
 
+        lr_scheduler: Any  # Trainer's; declared for mypy, which cannot see into a base class chosen at run time
+
         def __init__(self, audit: _Audit, warm_start: _WarmStart | None, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.audit = audit

@@ -6,7 +6,6 @@ import pytest
 
 from tests.helpers import DAGS
 
-
 # Airflow reads its settings when first imported: point it at a private home and SQLite DB (the
 # DAG-run tests reset that DB, so never a developer's own) and at this project's dags/ first.
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-home-"))

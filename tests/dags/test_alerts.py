@@ -33,7 +33,7 @@ def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(dag, 
     assert set(message) == {"text"}  # Slack-compatible
     assert "task `collect` of DAG `collect` failed" in text and f"run `{run.run_id}`" in text
     assert f"source {tmp_path}/nothing-*.jsonl matches no files (exit code 2)" in text  # from error.json
-    assert f"log: http://localhost:8080/dags/collect/runs/" in text and "/tasks/collect" in text
+    assert "log: http://localhost:8080/dags/collect/runs/" in text and "/tasks/collect" in text
 
 
 def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(dag, airflow_db, monkeypatch, tmp_path):

@@ -7,8 +7,7 @@ The run is stopped after collect and validate: training is the train step's busi
 import json
 import uuid
 
-from tests.helpers import task_result
-from tests.helpers import shipped_rows, write_jsonl
+from tests.helpers import shipped_rows, task_result, write_jsonl
 
 ASSET = "support-intents-snapshot"  # the finetune DAG's: its default model_name's snapshots
 

@@ -4,7 +4,6 @@ retries, and Airflow itself rejects bad Params from the trigger form."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

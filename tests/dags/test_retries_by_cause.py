@@ -8,8 +8,14 @@ import importlib
 import json
 
 import pytest
-from kubernetes.client import (V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta, V1Pod,
-                               V1PodStatus)
+from kubernetes.client import (
+    V1ContainerState,
+    V1ContainerStateTerminated,
+    V1ContainerStatus,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodStatus,
+)
 
 from pipeline import cli, steps, storage
 from pipeline.config import load_config

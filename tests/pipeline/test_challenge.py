@@ -43,7 +43,7 @@ def test_the_shipped_challenge_set_is_big_bilingual_known_and_apart_from_the_tra
 def snapshot(tmp_path):
     rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
             ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(t, l, "eval") for t, l in rows], ["text", "label", "split"])
+    return write_snapshot(tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"])
 
 
 @pytest.fixture

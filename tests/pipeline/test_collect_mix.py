@@ -43,7 +43,7 @@ def test_a_row_count_is_seeded_and_reproducible(two_sources):
     again, _ = _collect([str(small), f"{large}#rows=50"])
     other, manifest = _collect([str(small), f"{large}#rows=50"], "seed=7")
     assert first.rows == 150 and first.sha256 == again.sha256 and other.sha256 != first.sha256
-    kept = set(load_snapshot(first.snapshot_uri)["text"]) - {json.loads(l)["text"] for l in small.read_text().splitlines()}
+    kept = set(load_snapshot(first.snapshot_uri)["text"]) - {json.loads(line)["text"] for line in small.read_text().splitlines()}
     assert len(kept) == 50
     assert [e["rows_kept"] for e in manifest["mix"]["sources"]] == [100, 50]
     everything, _ = _collect([str(small), f"{large}#rows=10000"])  # more than there is: all of it

@@ -11,7 +11,7 @@ from tests.helpers import write_snapshot
 def _snapshot(tmp_path, split="eval"):
     rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
             ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(t, l, split) for t, l in rows], ["text", "label", "split"])
+    return write_snapshot(tmp_path / "snap.parquet", [(text, label, split) for text, label in rows], ["text", "label", "split"])
 
 
 def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, classifier_dir):
@@ -125,8 +125,8 @@ def _answering(classifier_dir, path, label):
 
 def _bilingual_snapshot(tmp_path):
     """8 English password resets and 4 Chinese order-status questions from the shipped data."""
-    from tests.helpers import SHIPPED_DATA
     from pipeline.text import language_of
+    from tests.helpers import SHIPPED_DATA
 
     rows = [json.loads(line) for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
     english = [r["text"] for r in rows if r["label"] == "password_reset" and language_of(r["text"]) == "latin"][:8]

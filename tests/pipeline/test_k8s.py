@@ -21,8 +21,15 @@ import yaml
 from pipeline import cli, k8s, local, steps
 from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
-from tests.manifests import (RUN, InMemoryCustomObjects, images, manifests_in, pod_specs, restricted_violations,
-                             validate_core)
+from tests.manifests import (
+    RUN,
+    InMemoryCustomObjects,
+    images,
+    manifests_in,
+    pod_specs,
+    restricted_violations,
+    validate_core,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"

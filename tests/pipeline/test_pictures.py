@@ -62,7 +62,7 @@ def _log_training_history(cfg, with_eval: bool = True) -> str:
 def _classification_snapshot(tmp_path):
     rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
             ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(t, l, "eval") for t, l in rows], ["text", "label", "split"])
+    return write_snapshot(tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"])
 
 
 def _validate_result_with_drift(tmp_path) -> str:

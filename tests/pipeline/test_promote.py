@@ -15,7 +15,6 @@ from pipeline.tracking import client
 from tests.helpers import MODEL_NAME, aliases, lock_is_free, promotion_audit, register_version
 
 
-
 def _promote(*sets):
     return promote.run(load_config(None, ["run_id=p", *sets]))
 
