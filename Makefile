@@ -5,8 +5,9 @@
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
 #   make down   stop what `make up` started
 #   make bench  the benchmarks behind BENCHMARKS.md (writes bench/results/*.json, then the tables)
-#   make lint   the import layers (pyproject.toml [tool.importlinter]; make test runs it too)
-#   make lint-style  lint, then ruff (lint + format check) and mypy ([tool.ruff], [tool.mypy])
+#   make lint   the import layers ([tool.importlinter]), ruff (lint + format check) and mypy over
+#               pipeline/ ([tool.ruff], [tool.mypy] in pyproject.toml); make test runs it first
+#   make format ruff's formatter and its safe lint fixes, in place
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -23,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo demo-llm test test-fast up down bench bench-memory lock lint lint-style clean
+.PHONY: install demo demo-llm test test-fast up down bench bench-memory lock lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,16 +89,16 @@ bench-memory: install
 	$(BIN)/python bench/collect_memory.py --sizes-mb 50 500 --out bench/results/collect.md
 	$(BIN)/python bench/validate_1m.py --rows 1000000 --repeats 3  # prints the figures bench/results/validate.md records
 
+LINT_PATHS := pipeline dags plugins tests bench
 lint: install
 	$(BIN)/lint-imports --no-cache
-
-# What `lint` becomes once the tree passes it (issue 22): a target of its own until then, so that
-# `make test` stays green while the code is being moved.
-LINT_PATHS := pipeline dags plugins tests bench
-lint-style: lint
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy pipeline
+
+format: install
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
 
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet --upgrade pip

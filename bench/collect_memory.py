@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 LABELS = ["order_status", "refund_request", "password_reset", "billing", "shipping", "cancel", "complaint", "other"]
-WORDS = ("where is my parcel please refund the order password reset account billing invoice cancel "
-         "subscription delivery late broken item 我的 订单 在 哪里 请 退款 密码 重置 账户 发票 取消 配送").split()
+WORDS = (
+    "where is my parcel please refund the order password reset account billing invoice cancel "
+    "subscription delivery late broken item 我的 订单 在 哪里 请 退款 密码 重置 账户 发票 取消 配送"
+).split()
 
 
 def generate(path: Path, target_bytes: int, seed: int = 0) -> int:
@@ -38,8 +40,9 @@ def generate(path: Path, target_bytes: int, seed: int = 0) -> int:
             block = []
             for _ in range(10_000):
                 text = " ".join(rng.choices(WORDS, k=rng.randint(8, 60)))
-                block.append(json.dumps({"text": f"{text} #{rows}", "label": rng.choice(LABELS)},
-                                        ensure_ascii=False) + "\n")
+                block.append(
+                    json.dumps({"text": f"{text} #{rows}", "label": rng.choice(LABELS)}, ensure_ascii=False) + "\n"
+                )
                 rows += 1
             out.write("".join(block))
     return rows
@@ -47,14 +50,27 @@ def generate(path: Path, target_bytes: int, seed: int = 0) -> int:
 
 def measure(source: Path, home: Path) -> dict:
     """Run `finetune collect` on ``source``; its peak RSS (KiB), wall seconds and result."""
-    command = [sys.executable, "-m", "pipeline", "collect", "--set", f"collect.sources={json.dumps([str(source)])}",
-               "--set", "run_id=bench"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "collect",
+        "--set",
+        f"collect.sources={json.dumps([str(source)])}",
+        "--set",
+        "run_id=bench",
+    ]
     timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     env = {**os.environ, "FINETUNE_HOME": str(home)}
     env.pop("FINETUNE_ARTIFACT_ROOT", None)
     started = time.perf_counter()
-    done = subprocess.run([timer, "-v", *command] if timer else command, capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [timer, "-v", *command] if timer else command,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"collect failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -91,8 +107,10 @@ def report(rows: list[dict], command: str) -> str:
     ]
     for row in rows:
         rss = row["peak_kib"] * 1024
-        lines.append(f"| {row['name']} | {row['bytes']:,} ({row['bytes'] / 2**20:.0f} MiB) | {row['rows']:,} "
-                     f"| {row['wall_s']:.1f} s | {rss / 2**20:.0f} MiB | {rss / row['bytes']:.2f} |")
+        lines.append(
+            f"| {row['name']} | {row['bytes']:,} ({row['bytes'] / 2**20:.0f} MiB) | {row['rows']:,} "
+            f"| {row['wall_s']:.1f} s | {rss / 2**20:.0f} MiB | {rss / row['bytes']:.2f} |"
+        )
     small, large = rows[0], rows[-1]
     lines += [
         "",

@@ -1,13 +1,13 @@
 """Data throughput next to the plain alternatives, interleaved, --repeats times:
 
-  collect   `collect.run` over JSONL objects on Moto's S3 API on loopback (list, download, parse,
-            normalise, deduplicate, split, write Parquet) vs a plain boto3 listing and
-            download_file of the same objects. Target (issue 14): >= 0.8x.
-  tokenize  train's tokenization (`train.classification_parts`: the fast tokenizer over the
-            train split plus the Dataset it builds) vs one batched fast-tokenizer call over the
-            same texts, after one untimed warm-up call of each. Target: >= 0.9x.
+collect   `collect.run` over JSONL objects on Moto's S3 API on loopback (list, download, parse,
+          normalise, deduplicate, split, write Parquet) vs a plain boto3 listing and
+          download_file of the same objects. Target (issue 14): >= 0.8x.
+tokenize  train's tokenization (`train.classification_parts`: the fast tokenizer over the
+          train split plus the Dataset it builds) vs one batched fast-tokenizer call over the
+          same texts, after one untimed warm-up call of each. Target: >= 0.9x.
 
-    .venv/bin/python bench/data_throughput.py --repeats 5 --mb 64      # ~5 min on 2 cores
+  .venv/bin/python bench/data_throughput.py --repeats 5 --mb 64      # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ BUCKET = "bench-data"
 
 
 def moto(port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
@@ -53,7 +56,9 @@ def objects(client, total_mb: int, files: int) -> int:
         block, length = [], 0
         while length < per_file:
             row = rng.choice(shipped)
-            block.append(json.dumps({"text": f"{row['text']} #{rows}", "label": row["label"]}, ensure_ascii=False) + "\n")
+            block.append(
+                json.dumps({"text": f"{row['text']} #{rows}", "label": row["label"]}, ensure_ascii=False) + "\n"
+            )
             length += len(block[-1])
             rows += 1
         body = "".join(block).encode()
@@ -75,8 +80,11 @@ def pipeline_collect(run: int) -> float:
     from pipeline.config import load_config
 
     started = time.perf_counter()
-    collect.run(load_config(None, [f'collect.sources=["s3://{BUCKET}/intents/"]', f"run_id=bench-{run}",
-                                   f"model_name=bench-{run}"]))
+    collect.run(
+        load_config(
+            None, [f'collect.sources=["s3://{BUCKET}/intents/"]', f"run_id=bench-{run}", f"model_name=bench-{run}"]
+        )
+    )
     return time.perf_counter() - started
 
 
@@ -89,8 +97,12 @@ def tokenization(rows: int) -> tuple[float, float]:
     from pipeline.config import DEFAULT_BASE_MODEL, load_config
 
     shipped = [json.loads(line) for line in (ROOT / "pipeline/data/support_intents.jsonl").read_text().splitlines()]
-    frame = pd.DataFrame([{**shipped[i % len(shipped)], "text": f"{shipped[i % len(shipped)]['text']} #{i}",
-                           "split": "train"} for i in range(rows)])
+    frame = pd.DataFrame(
+        [
+            {**shipped[i % len(shipped)], "text": f"{shipped[i % len(shipped)]['text']} #{i}", "split": "train"}
+            for i in range(rows)
+        ]
+    )
     model_dir = str(storage.local_path(DEFAULT_BASE_MODEL))
     cfg = load_config(None, ["train.snapshot_uri=bench"])
     started = time.perf_counter()
@@ -116,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", HF_HUB_OFFLINE="1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        HF_HUB_OFFLINE="1",
+    )
     collect_s, download_s, tokenize = [], [], []
     server = moto(port)
     try:
@@ -135,22 +152,34 @@ def main(argv: list[str] | None = None) -> int:
                 download_s.append(plain_download(client, dest))
                 collect_s.append(pipeline_collect(run))
                 tokenize.append(tokenization(args.token_rows))
-                print(f"data: run {run + 1}/{args.repeats}: download {download_s[-1]:.1f} s, collect "
-                      f"{collect_s[-1]:.1f} s, tokenize {tokenize[-1][0]:.2f}/{tokenize[-1][1]:.2f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"data: run {run + 1}/{args.repeats}: download {download_s[-1]:.1f} s, collect "
+                    f"{collect_s[-1]:.1f} s, tokenize {tokenize[-1][0]:.2f}/{tokenize[-1][1]:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(timeout=10)
     mib = size / 2**20
     report = {
-        "setup": {"s3": "moto server on loopback", "source_mib": round(mib, 1), "objects": args.files,
-                  "token_rows": args.token_rows, "repeats": args.repeats},
-        "collect": {"pipeline_mib_per_s": spread([mib / s for s in collect_s]),
-                    "plain_boto3_mib_per_s": spread([mib / s for s in download_s]),
-                    "ratio": spread([d / c for c, d in zip(collect_s, download_s)])},
-        "tokenize": {"pipeline_rows_per_s": spread([args.token_rows / p for p, _ in tokenize]),
-                     "one_batched_call_rows_per_s": spread([args.token_rows / b for _, b in tokenize]),
-                     "ratio": spread([b / p for p, b in tokenize])},
+        "setup": {
+            "s3": "moto server on loopback",
+            "source_mib": round(mib, 1),
+            "objects": args.files,
+            "token_rows": args.token_rows,
+            "repeats": args.repeats,
+        },
+        "collect": {
+            "pipeline_mib_per_s": spread([mib / s for s in collect_s]),
+            "plain_boto3_mib_per_s": spread([mib / s for s in download_s]),
+            "ratio": spread([d / c for c, d in zip(collect_s, download_s)]),
+        },
+        "tokenize": {
+            "pipeline_rows_per_s": spread([args.token_rows / p for p, _ in tokenize]),
+            "one_batched_call_rows_per_s": spread([args.token_rows / b for _, b in tokenize]),
+            "ratio": spread([b / p for p, b in tokenize]),
+        },
     }
     path = write_result("data_throughput", report, args.out)
     print(json.dumps({k: v["ratio"] for k, v in report.items() if "ratio" in v}, indent=2))

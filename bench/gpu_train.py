@@ -41,8 +41,12 @@ SIZES = {
 VARIANTS = {
     "zero2": ["train.zero_stage=2"],
     "zero3": ["train.zero_stage=3"],
-    "zero3-lora": ["train.zero_stage=3", "train.lora_r=16", "train.lora_alpha=32",
-                   'train.lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]'],
+    "zero3-lora": [
+        "train.zero_stage=3",
+        "train.lora_r=16",
+        "train.lora_alpha=32",
+        'train.lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]',
+    ],
 }
 INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
 
@@ -55,25 +59,40 @@ def build_model(path: Path, size: str) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     hidden, layers, heads, kv_heads, intermediate, vocab = SIZES[size]
-    texts = [json.loads(line)["text"] for line in
-             (ROOT / "pipeline" / "data" / "support_intents.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for line in (ROOT / "pipeline" / "data" / "support_intents.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     texts += (ROOT / "pipeline" / "data" / "support_instructions.jsonl").read_text(encoding="utf-8").splitlines()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|pad|>")
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
     tokenizer.chat_template = CHATML
     # The vocabulary is what the text yields (a small corpus stops BPE early); the embeddings
     # keep the configured size, as real models pad theirs.
-    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=max(vocab, len(tokenizer)),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -108,13 +127,24 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_variant(name: str, model_dir: Path, snapshot_uri: str, args: argparse.Namespace, world: int,
-                params: int) -> dict:
-    overrides = ["task=causal-lm", f"run_id=bench-{name}", f"base_model={json.dumps(str(model_dir))}",
-                 f"train.snapshot_uri={snapshot_uri}", "train.epochs=1", f"train.batch_size={args.batch_size}",
-                 f"train.max_seq_len={args.seq_len}", "train.packing=true", "train.learning_rate=1e-4",
-                 f"train.precision={args.precision}", f"train.num_processes={world}", "train.logging_steps=10",
-                 *VARIANTS[name]]
+def run_variant(
+    name: str, model_dir: Path, snapshot_uri: str, args: argparse.Namespace, world: int, params: int
+) -> dict:
+    overrides = [
+        "task=causal-lm",
+        f"run_id=bench-{name}",
+        f"base_model={json.dumps(str(model_dir))}",
+        f"train.snapshot_uri={snapshot_uri}",
+        "train.epochs=1",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_seq_len={args.seq_len}",
+        "train.packing=true",
+        "train.learning_rate=1e-4",
+        f"train.precision={args.precision}",
+        f"train.num_processes={world}",
+        "train.logging_steps=10",
+        *VARIANTS[name],
+    ]
     started = time.perf_counter()
     result = local.launch_local("train", overrides)
     wall = time.perf_counter() - started
@@ -124,11 +154,18 @@ def run_variant(name: str, model_dir: Path, snapshot_uri: str, args: argparse.Na
     hidden, layers = SIZES[args.size][0], SIZES[args.size][1]
     flops_per_token = 6 * params + 12 * layers * hidden * args.seq_len
     achieved = tokens * flops_per_token / seconds / 1e12
-    return {"variant": name, "global_step": summary["global_step"], "train_tokens": tokens,
-            "train_runtime_s": round(seconds, 2), "step_wall_s": round(wall, 1),
-            "tokens_per_s": round(tokens / seconds, 1), "tokens_per_s_per_gpu": round(tokens / seconds / world, 1),
-            "peak_memory_gib_rank0": round(summary["peak_memory_bytes"] / 2**30, 2),
-            "achieved_tflops": round(achieved, 2), "train_loss": round(summary["train_loss"], 4)}
+    return {
+        "variant": name,
+        "global_step": summary["global_step"],
+        "train_tokens": tokens,
+        "train_runtime_s": round(seconds, 2),
+        "step_wall_s": round(wall, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_s_per_gpu": round(tokens / seconds / world, 1),
+        "peak_memory_gib_rank0": round(summary["peak_memory_bytes"] / 2**30, 2),
+        "achieved_tflops": round(achieved, 2),
+        "train_loss": round(summary["train_loss"], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / "model"
         started = time.perf_counter()
         params = build_model(model_dir, args.size)
-        print(f"gpu bench: built a {params / 1e9:.3f}B-parameter model in {time.perf_counter() - started:.0f}s",
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu bench: built a {params / 1e9:.3f}B-parameter model in {time.perf_counter() - started:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
         snapshot = collect.run(load_config(None, ["task=causal-lm", f"collect.sources={json.dumps([INSTRUCTIONS])}"]))
         world = max(gpu_count(), 1) if args.precision == "bf16" else 2
         peak = matmul_peak_tflops()
@@ -158,12 +198,22 @@ def main(argv: list[str] | None = None) -> int:
         figure["mfu_vs_datasheet"] = round(figure["achieved_tflops"] / (args.peak_tflops * world), 4)
         if peak:
             figure["mfu_vs_measured_matmul"] = round(figure["achieved_tflops"] / (peak * world), 4)
-    report = {"name": "gpu", "command": " ".join([sys.executable, *sys.argv]), "size": args.size,
-              "parameters": params, "precision": args.precision, "processes": world, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "datasheet_peak_tflops_per_gpu": args.peak_tflops,
-              "measured_matmul_peak_tflops_per_gpu": round(peak, 1) if peak else None,
-              "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "variants": figures}
+    report = {
+        "name": "gpu",
+        "command": " ".join([sys.executable, *sys.argv]),
+        "size": args.size,
+        "parameters": params,
+        "precision": args.precision,
+        "processes": world,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "datasheet_peak_tflops_per_gpu": args.peak_tflops,
+        "measured_matmul_peak_tflops_per_gpu": round(peak, 1) if peak else None,
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "variants": figures,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -24,8 +24,14 @@ def machine() -> dict[str, Any]:
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_gib": round(memory_gib, 1),
-            "gpus": gpus, "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def commit() -> str:
@@ -33,13 +39,20 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def timed_lines(command: Sequence[str], env: Mapping[str, str] | None = None,
-                timeout_s: float = 1800) -> tuple[int, list[tuple[float, str]], float]:
+def timed_lines(
+    command: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float = 1800
+) -> tuple[int, list[tuple[float, str]], float]:
     """Run ``command``; its exit code, each output line (stdout and stderr) with the seconds since
     the start at which it arrived, and the wall time."""
     started = time.perf_counter()
-    process = subprocess.Popen(list(command), env=dict(env or os.environ), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    process = subprocess.Popen(
+        list(command),
+        env=dict(env or os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     lines = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -53,14 +66,22 @@ def timed_lines(command: Sequence[str], env: Mapping[str, str] | None = None,
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max, rounded for a table."""
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4), "n": len(values)}
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "n": len(values),
+    }
 
 
 def provenance() -> dict[str, Any]:
     """The exact command, the machine, the commit and the date of a measurement."""
-    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), "commit": commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def write_result(name: str, report: dict[str, Any], out: Path | None = None) -> Path:
@@ -71,8 +92,9 @@ def write_result(name: str, report: dict[str, Any], out: Path | None = None) -> 
     return path
 
 
-def update_result(name: str, sections: dict[str, dict[str, Any]], out: Path | None = None,
-                  drop: Sequence[str] = ()) -> Path:
+def update_result(
+    name: str, sections: dict[str, dict[str, Any]], out: Path | None = None, drop: Sequence[str] = ()
+) -> Path:
     """Replace ``sections`` of ``bench/results/<name>.json``, each with its own command, machine,
     commit and date, and keep the rest as it was measured: a benchmark measured in parts (one path
     at a time) keeps one result file. ``drop`` removes keys the new sections supersede."""

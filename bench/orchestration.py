@@ -87,8 +87,7 @@ def dag_run(epochs: int) -> dict:
             tasks.setdefault(m.group(1), {})["task_s"] = t - began[m.group(1)]
     for figures in tasks.values():
         figures["overhead_s"] = figures["task_s"] - figures.get("step_s", 0.0)
-    return {"wall_s": wall, "tasks": tasks,
-            "outside_tasks_s": wall - sum(f["task_s"] for f in tasks.values())}
+    return {"wall_s": wall, "tasks": tasks, "outside_tasks_s": wall - sum(f["task_s"] for f in tasks.values())}
 
 
 def help_wall() -> float:
@@ -98,6 +97,7 @@ def help_wall() -> float:
 
 
 # --- DAG parse ---------------------------------------------------------------------------------
+
 
 def source_tree(dest: Path, rev: str | None = None) -> Path:
     """A copy of what a DAG parse imports of this repository: the working tree's, or commit ``rev``'s."""
@@ -114,8 +114,11 @@ def source_tree(dest: Path, rev: str | None = None) -> Path:
 def dag_files(dags: Path) -> list[str]:
     """The DAG files of ``dags``: its .py files less the helpers ``.airflowignore`` names."""
     ignore = dags / ".airflowignore"
-    ignored = {line.strip() for line in (ignore.read_text().splitlines() if ignore.exists() else [])
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ignore.read_text().splitlines() if ignore.exists() else [])
+        if line.strip() and not line.startswith("#")
+    }
     return sorted(path.name for path in dags.glob("*.py") if path.name not in ignored)
 
 
@@ -125,8 +128,9 @@ def parse_file(tree: Path, name: str, airflow_home: str) -> float:
     sources, as in a deployment (this machine's PYTHONDONTWRITEBYTECODE would recompile them each time)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     env.update(AIRFLOW_HOME=airflow_home, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "plugins")]))
-    done = subprocess.run([sys.executable, "-c", PARSE, str(tree / "dags"), name], capture_output=True, text=True,
-                          env=env, cwd=tree)
+    done = subprocess.run(
+        [sys.executable, "-c", PARSE, str(tree / "dags"), name], capture_output=True, text=True, env=env, cwd=tree
+    )
     found = [line.split()[2] for line in done.stdout.splitlines() if line.startswith("parse: ")]
     if done.returncode != 0 or not found:
         raise SystemExit(f"parsing {tree / 'dags' / name} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
@@ -150,8 +154,9 @@ def parse_times(source: Path, scratch: Path) -> dict[str, dict[str, float]]:
 
 
 def short_commit(rev: str) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def parse_section(repeats: int, baseline: str | None, rev: str | None = None) -> dict[str, Any]:
@@ -171,8 +176,10 @@ def parse_section(repeats: int, baseline: str | None, rev: str | None = None) ->
         shutil.rmtree(scratch, ignore_errors=True)
 
     def figures(measured: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-        return {name: {kind: spread([m[kind][name] for m in measured]) for kind in ("warm", "cold")}
-                for name in measured[0]["warm"]}
+        return {
+            name: {kind: spread([m[kind][name] for m in measured]) for kind in ("warm", "cold")}
+            for name in measured[0]["warm"]
+        }
 
     section: dict[str, Any] = {"repeats": repeats, "files": figures(runs["current"])}
     if rev:  # not the working tree: say which sources were measured
@@ -184,6 +191,7 @@ def parse_section(repeats: int, baseline: str | None, rev: str | None = None) ->
 
 # --- through the scheduler -----------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -192,8 +200,9 @@ def free_port() -> int:
 
 def api(url: str, token: str | None = None, body: dict | None = None, method: str | None = None) -> Any:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(url, headers=headers, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        url, headers=headers, method=method, data=json.dumps(body).encode() if body is not None else None
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read() or b"null")
 
@@ -214,8 +223,15 @@ def _seconds(later: str, earlier: str) -> float:
 
 def task_log(home: Path, run_id: str, task_id: str, try_number: int) -> str:
     """The task's log as the scheduler's worker wrote it under $AIRFLOW_HOME/logs (Airflow's default layout)."""
-    path = (home / "airflow" / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
-            / f"attempt={try_number}.log")
+    path = (
+        home
+        / "airflow"
+        / "logs"
+        / f"dag_id={DAG_ID}"
+        / f"run_id={run_id}"
+        / f"task_id={task_id}"
+        / f"attempt={try_number}.log"
+    )
     if not path.exists():
         raise SystemExit(f"orchestration: no log for task {task_id} at {path}")
     return path.read_text(errors="replace")
@@ -229,9 +245,16 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
     # Not this process's Airflow settings; free ports for both UIs and both log servers, so the
     # run never meets a developer's own `make up`.
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
-    env.update({"FINETUNE_HOME": str(home), "FINETUNE_SCHEDULE": NO_TICK_DUE, "AIRFLOW_PORT": str(free_port()),
-                "MLFLOW_PORT": str(free_port()), "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port())})
+    env.update(
+        {
+            "FINETUNE_HOME": str(home),
+            "FINETUNE_SCHEDULE": NO_TICK_DUE,
+            "AIRFLOW_PORT": str(free_port()),
+            "MLFLOW_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        }
+    )
     url = f"http://{services.HOST}:{env['AIRFLOW_PORT']}"
     command = [sys.executable, "-m", "pipeline.services"]
     try:
@@ -241,8 +264,9 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
             raise SystemExit(f"orchestration: `make up` failed:\n{up.stderr[-4000:]}")
         up_s = time.perf_counter() - began
         password = json.loads((home / "airflow" / services.PASSWORD_FILE).read_text())[services.ADMIN_USER]
-        token = api(f"{url}/auth/token", body={"username": services.ADMIN_USER, "password": password},
-                    method="POST")["access_token"]
+        token = api(f"{url}/auth/token", body={"username": services.ADMIN_USER, "password": password}, method="POST")[
+            "access_token"
+        ]
 
         def parsed() -> bool:
             try:
@@ -255,11 +279,19 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
         poll(f"the DAG processor to parse {DAG_ID}", parsed, 300)
         api(f"{url}/api/v2/dags/{DAG_ID}", token, {"is_paused": False}, method="PATCH")
         triggered = time.perf_counter()
-        run = api(f"{url}/api/v2/dags/{DAG_ID}/dagRuns", token,
-                  {"logical_date": None, "conf": {"overrides": [f"train.epochs={epochs}"]}}, method="POST")
+        run = api(
+            f"{url}/api/v2/dags/{DAG_ID}/dagRuns",
+            token,
+            {"logical_date": None, "conf": {"overrides": [f"train.epochs={epochs}"]}},
+            method="POST",
+        )
         run_url = f"{url}/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
-        run = poll(f"run {run['dag_run_id']} to end",
-                   lambda: (r := api(run_url, token))["state"] in ("success", "failed") and r, RUN_TIMEOUT_S, 5.0)
+        run = poll(
+            f"run {run['dag_run_id']} to end",
+            lambda: (r := api(run_url, token))["state"] in ("success", "failed") and r,
+            RUN_TIMEOUT_S,
+            5.0,
+        )
         observed_s = time.perf_counter() - triggered
         instances = api(f"{run_url}/taskInstances", token)["task_instances"]
         if run["state"] != "success":
@@ -270,9 +302,11 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
             launched = STEP.findall(task_log(home, run["dag_run_id"], ti["task_id"], ti["try_number"]))
             if not launched:
                 raise SystemExit(f"orchestration: no `launch: step` line in the log of {ti['task_id']}")
-            figures = {"wait_s": _seconds(ti["start_date"], previous_end),
-                       "task_s": _seconds(ti["end_date"], ti["start_date"]),
-                       "step_s": float(launched[-1][2])}
+            figures = {
+                "wait_s": _seconds(ti["start_date"], previous_end),
+                "task_s": _seconds(ti["end_date"], ti["start_date"]),
+                "step_s": float(launched[-1][2]),
+            }
             figures["overhead_s"] = figures["wait_s"] + figures["task_s"] - figures["step_s"]
             tasks[ti["task_id"]] = figures
             previous_end = ti["end_date"]
@@ -283,32 +317,57 @@ def scheduler_run(epochs: int) -> dict[str, Any]:
     finally:
         subprocess.run([*command, "down"], env=env, capture_output=True, text=True)
     shutil.rmtree(home, ignore_errors=True)
-    return {"up_s": up_s, "wall_s": wall, "observed_s": observed_s, "tasks": tasks,
-            "outside_steps_s": wall - sum(f["step_s"] for f in tasks.values())}
+    return {
+        "up_s": up_s,
+        "wall_s": wall,
+        "observed_s": observed_s,
+        "tasks": tasks,
+        "outside_steps_s": wall - sum(f["step_s"] for f in tasks.values()),
+    }
 
 
 def scheduler_section(epochs: int, repeats: int) -> dict[str, Any]:
     runs = []
     for repetition in range(repeats):
         runs.append(scheduler_run(epochs))
-        print(f"orchestration: scheduler run {repetition + 1}/{repeats}: {runs[-1]['wall_s']:.0f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"orchestration: scheduler run {repetition + 1}/{repeats}: {runs[-1]['wall_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     names = list(runs[0]["tasks"])
-    return {"setup": {"dag": DAG_ID, "launcher": "local", "epochs": epochs, "repeats": repeats,
-                      "via": "make up (airflow standalone: LocalExecutor), triggered by POST /api/v2/dags/finetune/dagRuns"},
-            "up_s": spread([r["up_s"] for r in runs]), "wall_s": spread([r["wall_s"] for r in runs]),
-            "outside_steps_s": spread([r["outside_steps_s"] for r in runs]),
-            "tasks": {name: {key: spread([r["tasks"][name][key] for r in runs])
-                             for key in ("wait_s", "task_s", "step_s", "overhead_s")} for name in names}}
+    return {
+        "setup": {
+            "dag": DAG_ID,
+            "launcher": "local",
+            "epochs": epochs,
+            "repeats": repeats,
+            "via": "make up (airflow standalone: LocalExecutor), triggered by POST /api/v2/dags/finetune/dagRuns",
+        },
+        "up_s": spread([r["up_s"] for r in runs]),
+        "wall_s": spread([r["wall_s"] for r in runs]),
+        "outside_steps_s": spread([r["outside_steps_s"] for r in runs]),
+        "tasks": {
+            name: {
+                key: spread([r["tasks"][name][key] for r in runs])
+                for key in ("wait_s", "task_s", "step_s", "overhead_s")
+            }
+            for name in names
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--path", choices=["run", "scheduler"], default="run",
-                        help="run: `finetune run` (airflow dags test), plus --help and DAG parse; "
-                             "scheduler: make up's Airflow, triggered by the REST API")
+    parser.add_argument(
+        "--path",
+        choices=["run", "scheduler"],
+        default="run",
+        help="run: `finetune run` (airflow dags test), plus --help and DAG parse; "
+        "scheduler: make up's Airflow, triggered by the REST API",
+    )
     parser.add_argument("--only", choices=["parse"], help="measure only the DAG parse (no training)")
     parser.add_argument("--baseline", metavar="REV", help="with the DAG parse, also parse this commit's sources")
     parser.add_argument("--rev", metavar="REV", help="parse this commit's sources instead of the working tree's")
@@ -316,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or RESULTS / "orchestration.json"
     if args.only == "parse":
-        path = update_result("orchestration", {"dag_parse": parse_section(args.repeats, args.baseline, args.rev)}, out,
-                             drop=["dag_parse_s"])
+        path = update_result(
+            "orchestration",
+            {"dag_parse": parse_section(args.repeats, args.baseline, args.rev)},
+            out,
+            drop=["dag_parse_s"],
+        )
     elif args.path == "scheduler":
         path = update_result("orchestration", {"scheduler": scheduler_section(args.epochs, args.repeats)}, out)
     else:
@@ -326,16 +389,29 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.repeats):
             runs.append(dag_run(args.epochs))
             helps += [help_wall() for _ in range(2)]
-            print(f"orchestration: run {run + 1}/{args.repeats}: {runs[-1]['wall_s']:.0f} s", file=sys.stderr,
-                  flush=True)
+            print(
+                f"orchestration: run {run + 1}/{args.repeats}: {runs[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True
+            )
         names = list(runs[0]["tasks"])
         report = {
-            "setup": {"dag": DAG_ID, "launcher": "local", "via": "finetune run (airflow dags test)",
-                      "epochs": args.epochs, "repeats": args.repeats},
-            "dag_run": {"wall_s": spread([r["wall_s"] for r in runs]),
-                        "outside_tasks_s": spread([r["outside_tasks_s"] for r in runs]),
-                        "tasks": {name: {key: spread([r["tasks"][name][key] for r in runs if key in r["tasks"][name]])
-                                         for key in ("task_s", "step_s", "overhead_s")} for name in names}},
+            "setup": {
+                "dag": DAG_ID,
+                "launcher": "local",
+                "via": "finetune run (airflow dags test)",
+                "epochs": args.epochs,
+                "repeats": args.repeats,
+            },
+            "dag_run": {
+                "wall_s": spread([r["wall_s"] for r in runs]),
+                "outside_tasks_s": spread([r["outside_tasks_s"] for r in runs]),
+                "tasks": {
+                    name: {
+                        key: spread([r["tasks"][name][key] for r in runs if key in r["tasks"][name]])
+                        for key in ("task_s", "step_s", "overhead_s")
+                    }
+                    for name in names
+                },
+            },
             "finetune_help_s": spread(helps),
             **({"scheduler": kept} if kept else {}),
         }

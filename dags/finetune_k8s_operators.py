@@ -32,8 +32,9 @@ from pipeline.steps import JOB_LAUNCHERS, STEPS
 XCOM_SIDECAR_SECURITY = dict(k8s.RESTRICTED_CONTAINER, runAsUser=65534, runAsGroup=65534)
 
 
-def task_exception(step: str, launcher: str, cfg: PipelineConfig, exit_code: int | None, detail: str,
-                   oom: bool | None = None) -> Exception:
+def task_exception(
+    step: str, launcher: str, cfg: PipelineConfig, exit_code: int | None, detail: str, oom: bool | None = None
+) -> Exception:
     """What the task raises for a step whose pod, PyTorchJob or TrainJob failed: the step's own
     error.json when it wrote one, else the exit code, classified by the retry table
     (``steps.classify_failure``). An AirflowFailException when retrying cannot help (bad input 2,
@@ -42,8 +43,9 @@ def task_exception(step: str, launcher: str, cfg: PipelineConfig, exit_code: int
         error = steps.step_error(cfg.step_uri(step))
     except PipelineError as exc:  # the artifact store is failing too: say so, and let it retry
         error, detail = None, f"{detail}; its error.json could not be read: {exc}"
-    failure = steps.classify_failure(step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]),
-                                     detail=detail, oom=oom)
+    failure = steps.classify_failure(
+        step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]), detail=detail, oom=oom
+    )
     return failure if failure.retryable else AirflowFailException(str(failure))
 
 
@@ -79,17 +81,24 @@ class StepPodOperator(KubernetesPodOperator):
     """
 
     def __init__(self, *, step: str, launcher: str, **kwargs: Any) -> None:
-        super().__init__(**{"name": f"finetune-{step}", "do_xcom_push": True,
-                            "xcom_sidecar_container_security_context": XCOM_SIDECAR_SECURITY,
-                            "on_finish_action": "delete_pod", **kwargs})
+        super().__init__(
+            **{
+                "name": f"finetune-{step}",
+                "do_xcom_push": True,
+                "xcom_sidecar_container_security_context": XCOM_SIDECAR_SECURITY,
+                "on_finish_action": "delete_pod",
+                **kwargs,
+            }
+        )
         self.step = step
         self.launcher = launcher
 
     def execute(self, context):
         try:
             overrides = run_overrides(self.step, context)
-            manifest = steps.render(self.step, overrides, self.launcher,
-                                  deadline_s=steps.step_timeout(self.step, overrides.trusted))
+            manifest = steps.render(
+                self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
+            )
             cfg = steps.config_of(overrides)
         except PipelineError as exc:
             raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
@@ -153,8 +162,9 @@ class KubeflowJobOperator(BaseOperator):
     def execute(self, context):
         try:
             overrides = run_overrides(self.step, context)
-            self.manifest = steps.render(self.step, overrides, self.launcher,
-                                  deadline_s=steps.step_timeout(self.step, overrides.trusted))
+            self.manifest = steps.render(
+                self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
+            )
             cfg = steps.config_of(overrides)
         except PipelineError as exc:
             raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
@@ -163,13 +173,24 @@ class KubeflowJobOperator(BaseOperator):
         except Exception as exc:  # the job still runs and is judged; only its log is missing
             self.log.warning("the rank-0 pod's log will not be streamed: %s", exc)
             core = None
-        phase = k8s.run_job(self.api(), self.manifest, cfg.k8s.job_poll_seconds,
-                            k8s.job_deadline_seconds(self.manifest), log=self.log.info, core=core)
+        phase = k8s.run_job(
+            self.api(),
+            self.manifest,
+            cfg.k8s.job_poll_seconds,
+            k8s.job_deadline_seconds(self.manifest),
+            log=self.log.info,
+            core=core,
+        )
         if phase != "Succeeded":
             name = self.manifest["metadata"]["name"]
             if phase == "Timeout":
-                raise task_exception(self.step, self.launcher, cfg, steps.TIMEOUT_EXIT_CODE,
-                                     f"{self.kind} {name} ran past its deadline (timeouts.{self.step})")
+                raise task_exception(
+                    self.step,
+                    self.launcher,
+                    cfg,
+                    steps.TIMEOUT_EXIT_CODE,
+                    f"{self.kind} {name} ran past its deadline (timeouts.{self.step})",
+                )
             raise task_exception(self.step, self.launcher, cfg, None, f"{self.kind} {name} ended {phase}")
         return storage.read_json(storage.join(cfg.step_uri(self.step), steps.RESULT_FILE))
 

@@ -86,10 +86,17 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
     latest = latest_triggering_event(context) if step == "collect" else None
     snapshot_uri = None if latest is None else (latest.extra or {}).get("snapshot_uri")
     deployment = steps.deployment_overrides()
-    sets = steps.step_overrides(step, context["params"], upstream, safe_run_id(context["run_id"]), requested_by=user,
-                                deployment=deployment, run_date=run_after.isoformat() if run_after else "",
-                                trusted=deployment_config(deployment),
-                                extra=[f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else [])
+    sets = steps.step_overrides(
+        step,
+        context["params"],
+        upstream,
+        safe_run_id(context["run_id"]),
+        requested_by=user,
+        deployment=deployment,
+        run_date=run_after.isoformat() if run_after else "",
+        trusted=deployment_config(deployment),
+        extra=[f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else [],
+    )
     if latest is not None and not snapshot_uri:
         _no_snapshot(latest)  # said once the overrides stand, as before
     return sets
@@ -132,9 +139,14 @@ class LocalStepOperator(BaseOperator):
 
         try:
             overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
-            return local.launch(self.step, overrides, env=aws_connection_env(),
-                                timeout_s=steps.step_timeout(self.step, overrides.trusted),
-                                grace_s=overrides.trusted.timeouts.kill_grace_s, started=started)
+            return local.launch(
+                self.step,
+                overrides,
+                env=aws_connection_env(),
+                timeout_s=steps.step_timeout(self.step, overrides.trusted),
+                grace_s=overrides.trusted.timeouts.kill_grace_s,
+                started=started,
+            )
         except PipelineError as exc:
             if getattr(exc, "retryable", False):
                 raise

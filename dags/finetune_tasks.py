@@ -33,8 +33,14 @@ SNAPSHOTS = AssetAlias(name="finetune-snapshots")
 # What every task of the three DAGs gets unless its DAG says otherwise (promote waits less between
 # tries). Retried: transient faults (exit 75), crashes, timeouts, with back-off; bad input (2), a
 # failed gate (3) and out of memory (137) fail at once (pipeline/steps.py, the retry table).
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True,
-                "max_retry_delay": timedelta(minutes=30), "owner": "ml-platform", "on_failure_callback": ON_FAILURE}
+DEFAULT_ARGS = {
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+    "owner": "ml-platform",
+    "on_failure_callback": ON_FAILURE,
+}
 
 
 def snapshot_asset(model_name: str) -> Asset:
@@ -61,30 +67,46 @@ def env_flag(name: str, default: bool) -> bool:
 
 # What the trigger form calls each Param; the description under it is the config field's help.
 TITLES = {
-    "source": "Data sources", "model_name": "Registered model name", "task": "Task family",
-    "base_model": "Base model", "epochs": "Epochs", "learning_rate": "Learning rate",
-    "batch_size": "Batch size per process", "zero_stage": "DeepSpeed ZeRO stage",
-    "num_processes": "Training processes", "trainer_args": "More Trainer settings (TrainingArguments fields)",
+    "source": "Data sources",
+    "model_name": "Registered model name",
+    "task": "Task family",
+    "base_model": "Base model",
+    "epochs": "Epochs",
+    "learning_rate": "Learning rate",
+    "batch_size": "Batch size per process",
+    "zero_stage": "DeepSpeed ZeRO stage",
+    "num_processes": "Training processes",
+    "trainer_args": "More Trainer settings (TrainingArguments fields)",
     "version": "Version or alias to promote",
-    "target_alias": "Alias to move", "reason": "Reason (recorded; required with force)",
-    "force": "Force (override the gate)", "overrides": "More settings (one key=value per line)",
+    "target_alias": "Alias to move",
+    "reason": "Reason (recorded; required with force)",
+    "force": "Force (override the gate)",
+    "overrides": "More settings (one key=value per line)",
 }
 
 
-def step_params(dag_id: str, names: Iterable[str] | None = None, overrides: bool = True,
-                **form: Mapping[str, Any]) -> dict[str, Param]:
+def step_params(
+    dag_id: str, names: Iterable[str] | None = None, overrides: bool = True, **form: Mapping[str, Any]
+) -> dict[str, Param]:
     """The Params of ``dag_id`` (``pipeline.steps.DAG_PARAMS``), or the ``names`` among them, bound
     to config keys: type, bounds and help come from the config field, the default from the
     deployment's config; ``form`` changes a Param's schema where the trigger form needs another
     default (e.g. ``version={"default": ...}``). ``overrides`` adds the free-form ``overrides`` Param.
     A Param left at its default sends nothing: the deployment's value stands."""
     keys, defaults = DAG_PARAMS[dag_id], deployment_config()
-    params = {name: Param(**{**param_schema(keys[name], defaults), **form.get(name, {})}, title=TITLES[name])
-              for name in (names or keys)}
+    params = {
+        name: Param(**{**param_schema(keys[name], defaults), **form.get(name, {})}, title=TITLES[name])
+        for name in (names or keys)
+    }
     if overrides:
-        params["overrides"] = Param([], type="array", items={"type": "string"}, title=TITLES["overrides"],
-                                    description="More config overrides as step.key=value, e.g. train.max_seq_len=128; "
-                                                "only keys the deployment's trigger_keys allow.")
+        params["overrides"] = Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title=TITLES["overrides"],
+            description="More config overrides as step.key=value, e.g. train.max_seq_len=128; "
+            "only keys the deployment's trigger_keys allow.",
+        )
     return params
 
 
@@ -140,8 +162,10 @@ def announce_task():
     def announce(**context):  # no return annotation: a dict one would split the XCom per key
         collected = context["ti"].xcom_pull(task_ids="collect")
         asset = snapshot_asset(context["params"]["model_name"])
-        last = next((event for event in context["inlet_events"][SNAPSHOTS].ascending(False)
-                     if event.asset.name == asset.name), None)
+        last = next(
+            (event for event in context["inlet_events"][SNAPSHOTS].ascending(False) if event.asset.name == asset.name),
+            None,
+        )
         extra = {key: collected[key] for key in ANNOUNCED}
         if last is not None and (last.extra or {}).get("sha256") == collected["sha256"]:
             print(f"announce: {asset.name} last announced this snapshot ({collected['sha256'][:12]}); no event")

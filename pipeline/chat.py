@@ -94,8 +94,10 @@ def role_problem(messages: list[dict[str, str]]) -> str | None:
 
 
 # A configured template for tokenizers that ship none (train.chat_template: chatml).
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-          "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 TEMPLATES = {"chatml": CHATML}
 IGNORE = -100  # label of a token that takes no part in the loss (Hugging Face convention)
 
@@ -107,13 +109,16 @@ def chat_template(tokenizer: Any, configured: str) -> str:
         return TEMPLATES.get(configured, configured)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
-    raise ValueError("the tokenizer has no chat template and train.chat_template is not set "
-                     f"(a Jinja template, or one of {list(TEMPLATES)})")
+    raise ValueError(
+        "the tokenizer has no chat template and train.chat_template is not set "
+        f"(a Jinja template, or one of {list(TEMPLATES)})"
+    )
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], template: str, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: str) -> tuple[str, list[tuple[int, int]]]:
@@ -132,8 +137,10 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: st
         before = render(tokenizer, messages[:index], template, add_generation_prompt=True) if index else ""
         through = render(tokenizer, messages[: index + 1], template)
         if not (through.startswith(before) and full.startswith(through)):
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation, "
-                             "so assistant turns cannot be located for the loss mask")
+            raise ValueError(
+                "the chat template does not render a conversation as a prefix of its continuation, "
+                "so assistant turns cannot be located for the loss mask"
+            )
         spans.append((len(before), len(through)))
     return full, spans
 
@@ -154,8 +161,9 @@ def token_length(tokenizer: Any, messages: list[dict[str, str]], template: str) 
     return len(tokenizer(render(tokenizer, messages, template), add_special_tokens=False)["input_ids"])
 
 
-def prepare(tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, max_seq_len: int,
-            overlong: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def prepare(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, max_seq_len: int, overlong: str
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Encode conversations for training; longer than ``max_seq_len`` -> truncated or dropped.
 
     Returns the examples (``input_ids``, ``labels``, ``example_id``: the conversation's index)
@@ -196,8 +204,11 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[st
     packed: list[dict[str, list[int]]] = []
     for example in examples:
         n = len(example["input_ids"])
-        piece = {"input_ids": list(example["input_ids"]), "labels": [IGNORE, *example["labels"][1:]],
-                 "position_ids": list(range(n))}
+        piece = {
+            "input_ids": list(example["input_ids"]),
+            "labels": [IGNORE, *example["labels"][1:]],
+            "position_ids": list(range(n)),
+        }
         last = packed[-1] if packed else None
         if last is not None and len(last["input_ids"]) + n <= max_seq_len:
             for key in ("input_ids", "labels", "position_ids"):
@@ -245,9 +256,11 @@ def encode_split(cfg: PipelineConfig, tokenizer: Any, frame: Any, split: str) ->
     except ValueError as exc:
         raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
     if counts["examples"] and not examples:
-        raise DataError(f"{own.snapshot_uri}: none of the {counts['examples']} {split} conversations fits "
-                        f"train.max_seq_len={own.max_seq_len} with something left to learn "
-                        f"(overlong={own.overlong}: {counts})")
+        raise DataError(
+            f"{own.snapshot_uri}: none of the {counts['examples']} {split} conversations fits "
+            f"train.max_seq_len={own.max_seq_len} with something left to learn "
+            f"(overlong={own.overlong}: {counts})"
+        )
     return examples, counts, template
 
 
@@ -291,7 +304,7 @@ def token_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int, ba
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
+            batch = examples[start : start + batch_size]
             width = max(len(e["input_ids"]) for e in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -304,8 +317,13 @@ def token_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int, ba
             device = next(model.parameters()).device
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
-            total += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE,
-                reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)),
+                    shifted.reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+            )
             count += int((shifted != IGNORE).sum())
     return total, count

@@ -76,7 +76,7 @@ def _by_step(root: str) -> dict[int, list[str]]:
     base = root.rstrip("/") + "/"
     found: dict[int, list[str]] = {}
     for uri in storage.list_tree(root):
-        top, _, rest = uri[len(base):].partition("/")
+        top, _, rest = uri[len(base) :].partition("/")
         match = _NAME.fullmatch(top)
         if match and rest:
             found.setdefault(int(match.group(1)), []).append(uri)
@@ -109,9 +109,12 @@ def check_compatible(checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
     """Refuse a checkpoint saved by a different world size or different settings, naming each difference."""
     diffs = differences({k: checkpoint.marker.get(k) for k in meta}, meta)
     if diffs:
-        raise ConfigError(f"{checkpoint.uri} was saved by another configuration and cannot be resumed from: "
-                          + "; ".join(diffs) + ". Set train.resume=false to start this run's training over "
-                          "(its checkpoints are deleted), or train with the checkpoint's settings.")
+        raise ConfigError(
+            f"{checkpoint.uri} was saved by another configuration and cannot be resumed from: "
+            + "; ".join(diffs)
+            + ". Set train.resume=false to start this run's training over "
+            "(its checkpoints are deleted), or train with the checkpoint's settings."
+        )
 
 
 def fetch(checkpoint: Checkpoint, dest: Path) -> Path:
@@ -134,9 +137,11 @@ def fetch(checkpoint: Checkpoint, dest: Path) -> Path:
     for relative, expected in files.items():
         if found.get(relative) != expected:
             got = found.get(relative)
-            raise DataError(f"{checkpoint.uri}: {relative} does not match its marker (expected {expected['size']} "
-                            f"bytes, sha256 {expected['sha256'][:12]}; found "
-                            + (f"{got['size']} bytes, sha256 {got['sha256'][:12]})" if got else "no such file)"))
+            raise DataError(
+                f"{checkpoint.uri}: {relative} does not match its marker (expected {expected['size']} "
+                f"bytes, sha256 {expected['sha256'][:12]}; found "
+                + (f"{got['size']} bytes, sha256 {got['sha256'][:12]})" if got else "no such file)")
+            )
     return local
 
 
@@ -148,8 +153,11 @@ def newest_usable(root: str, meta: dict[str, Any], dest: Path) -> tuple[Checkpoi
         try:
             return checkpoint, fetch(checkpoint, dest)
         except DataError as exc:
-            print(f"train: checkpoint at step {checkpoint.step} is damaged, trying an older one: {exc}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"train: checkpoint at step {checkpoint.step} is damaged, trying an older one: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
     return None
 
 
@@ -160,8 +168,9 @@ def prune(root: str, keep: int, also_keep: int | None = None) -> list[int]:
     never used. Returns the deleted steps."""
     kept = {c.step for c in complete(root)[:keep]} | ({also_keep} if also_keep is not None else set())
     newest = max(kept, default=None)
-    doomed = {step: uris for step, uris in _by_step(root).items()
-              if newest is not None and step < newest and step not in kept}
+    doomed = {
+        step: uris for step, uris in _by_step(root).items() if newest is not None and step < newest and step not in kept
+    }
     for step, uris in sorted(doomed.items()):
         _delete(storage.join(root, name(step)), uris)
     return sorted(doomed)

@@ -59,13 +59,25 @@ def settings_help(section: str) -> str:
 
 
 def _step_parser(step: str) -> argparse.ArgumentParser:
-    epilog = (f"settings of {step} (--set {step}.KEY=VALUE, or the {step}: section of --config):\n"
-              f"{settings_help(step)}\n\nshared settings: finetune config --help")
-    parser = argparse.ArgumentParser(prog=f"finetune {step}", description=steps.STEPS[step].summary, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = (
+        f"settings of {step} (--set {step}.KEY=VALUE, or the {step}: section of --config):\n"
+        f"{settings_help(step)}\n\nshared settings: finetune config --help"
+    )
+    parser = argparse.ArgumentParser(
+        prog=f"finetune {step}",
+        description=steps.STEPS[step].summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config file (sections per step)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.epochs=2 (repeatable)",
+    )
     parser.add_argument("--result-file", help="also write the result JSON here")
     return parser
 
@@ -105,8 +117,10 @@ def step_main(step: str, argv: Sequence[str] | None) -> int:
         if cfg is not None:
             # Every rank writes it (the same verdict; an atomic replace): the first rank to fail
             # makes torch.distributed.run stop the others, rank 0 perhaps before it could write.
-            storage.write_json(storage.join(cfg.step_uri(step), steps.ERROR_FILE),
-                               {"step": step, "error": str(exc), "exit_code": exc.exit_code, "attempt": attempt})
+            storage.write_json(
+                storage.join(cfg.step_uri(step), steps.ERROR_FILE),
+                {"step": step, "error": str(exc), "exit_code": exc.exit_code, "attempt": attempt},
+            )
         return exc.exit_code
     if result is None:  # a non-zero rank of a distributed step: rank 0 reports
         return 0
@@ -125,8 +139,14 @@ def render_main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--step", required=True, choices=list(steps.STEPS))
     parser.add_argument("--launcher", required=True, help=f"one of {[n for n in steps.LAUNCHERS if n != 'local']}")
     parser.add_argument("--config", help="YAML config file (sections per step, and k8s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. k8s.num_nodes=4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. k8s.num_nodes=4 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = [*(file_overrides(args.config) if args.config else []), *args.overrides]
@@ -140,12 +160,21 @@ def render_main(argv: Sequence[str] | None) -> int:
 
 def config_main(argv: Sequence[str] | None) -> int:
     """``finetune config [--config F] [--set k=v ...]``: what a run with these settings will use."""
-    parser = argparse.ArgumentParser(prog="finetune config", description=COMMANDS["config"],
-                                     epilog=f"shared settings:\n{settings_help('')}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="finetune config",
+        description=COMMANDS["config"],
+        epilog=f"shared settings:\n{settings_help('')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config file (sections per step)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.epochs=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -163,11 +192,19 @@ def demo_model_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     out = args.out or finetune_home() / "models" / "demo-llm"
     if not (out / "config.json").is_file():
-        texts = [value for uri in DEMO_TEXTS for line in storage.read_bytes(uri).decode("utf-8").splitlines()
-                 for value in json.loads(line).values() if isinstance(value, str)]
+        texts = [
+            value
+            for uri in DEMO_TEXTS
+            for line in storage.read_bytes(uri).decode("utf-8").splitlines()
+            for value in json.loads(line).values()
+            if isinstance(value, str)
+        ]
         models.build_demo_lm(out, texts, chat.CHATML)
-        print(f"demo-model: built a {models.DEMO_LM_SHAPE['num_hidden_layers']}-layer Llama with a tokenizer trained on "
-              f"{len(texts)} shipped texts", file=sys.stderr)
+        print(
+            f"demo-model: built a {models.DEMO_LM_SHAPE['num_hidden_layers']}-layer Llama with a tokenizer trained on "
+            f"{len(texts)} shipped texts",
+            file=sys.stderr,
+        )
     print(out)
     return 0
 

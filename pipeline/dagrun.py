@@ -37,12 +37,14 @@ def dags_folder() -> Path:
 def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     home = finetune_home()
     env = {**os.environ, **(extra or {})}
-    env.update({
-        "FINETUNE_HOME": str(home),
-        "AIRFLOW_HOME": env.get("AIRFLOW_HOME", str(home / "airflow")),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    })
+    env.update(
+        {
+            "FINETUNE_HOME": str(home),
+            "AIRFLOW_HOME": env.get("AIRFLOW_HOME", str(home / "airflow")),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder()),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+    )
     return env
 
 
@@ -95,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
     parser.add_argument("--source", action="append", default=[], help="data source URI (repeatable)")
     parser.add_argument("--config", help="the deployment's YAML config file (FINETUNE_CONFIG for this run): any key")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a trigger's override: only keys the config's trigger_keys allow")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trigger's override: only keys the config's trigger_keys allow",
+    )
     args = parser.parse_args(argv)
     sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
     env_extra = {"FINETUNE_CONFIG": str(Path(args.config).resolve())} if args.config else {}
@@ -125,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
         summary["base_metrics"] = result["base_metrics"]
     if result.get("slices"):  # per language of the eval rows: one number can hide a language it cannot read
-        summary["slices"] = {name: {k: round(v, 4) for k, v in values.items()}
-                             for name, values in result["slices"].items()}
-    print(f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
-          f"sqlite:///{finetune_home() / 'mlflow.db'}`)", file=sys.stderr)
+        summary["slices"] = {
+            name: {k: round(v, 4) for k, v in values.items()} for name, values in result["slices"].items()
+        }
+    print(
+        f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
+        f"sqlite:///{finetune_home() / 'mlflow.db'}`)",
+        file=sys.stderr,
+    )
     print(json.dumps(summary, ensure_ascii=False))
     return 0

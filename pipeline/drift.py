@@ -95,13 +95,23 @@ def oov(reference_words: set[str], current: pd.Series) -> dict[str, Any]:
         if new:
             missing.update(new)
             rows.append(int(cast(int, row)))  # the frame's row number (pandas types an index label as Hashable)
-    return {"rate": sum(missing.values()) / total if total else 0.0, "words": total,
-            "top_words": missing.most_common(TOP_OOV_WORDS), "rows": rows}
+    return {
+        "rate": sum(missing.values()) / total if total else 0.0,
+        "words": total,
+        "top_words": missing.most_common(TOP_OOV_WORDS),
+        "rows": rows,
+    }
 
 
-def compare(reference_texts: pd.Series, current_texts: pd.Series, reference_labels: pd.Series | None,
-            current_labels: pd.Series | None, max_label_psi: float, max_length_ks: float,
-            max_oov_rate: float) -> dict[str, Any]:
+def compare(
+    reference_texts: pd.Series,
+    current_texts: pd.Series,
+    reference_labels: pd.Series | None,
+    current_labels: pd.Series | None,
+    max_label_psi: float,
+    max_length_ks: float,
+    max_oov_rate: float,
+) -> dict[str, Any]:
     """Every drift measure of ``current`` against ``reference`` with its bar, and the distributions.
 
     Labels are None for chat data: the label measure is then left out. ``checks`` holds one entry
@@ -121,8 +131,11 @@ def compare(reference_texts: pd.Series, current_texts: pd.Series, reference_labe
         test = ks_2samp(ref_len, cur_len)
         report["length_histogram"] = length_histogram(ref_len, cur_len)
         report["length_ks_pvalue"] = float(test.pvalue)
-        checks.append(_check("drift_length_ks", "kolmogorov_smirnov_statistic", "text length", float(test.statistic),
-                             max_length_ks))
+        checks.append(
+            _check(
+                "drift_length_ks", "kolmogorov_smirnov_statistic", "text length", float(test.statistic), max_length_ks
+            )
+        )
     found = oov(vocabulary(reference_texts), current_texts)
     report["top_oov_words"] = found["top_words"]
     report["oov_words"] = found["words"]
@@ -146,8 +159,10 @@ def render_html(report: dict[str, Any], title: str) -> str:
     if "length_histogram" in report:
         hist = report["length_histogram"]
         edges = hist["edges"]
-        bins = [(f"{edges[i]:.0f}-{edges[i + 1]:.0f}" + ("+" if i == len(edges) - 2 else ""), r, c)
-                for i, (r, c) in enumerate(zip(hist["reference"], hist["current"]))]
+        bins = [
+            (f"{edges[i]:.0f}-{edges[i + 1]:.0f}" + ("+" if i == len(edges) - 2 else ""), r, c)
+            for i, (r, c) in enumerate(zip(hist["reference"], hist["current"]))
+        ]
         parts += ["<h2>Text length (characters): share of rows per bin</h2>", _bars(bins)]
     parts.append("<h2>Commonest words the reference never has</h2>")
     if report["top_oov_words"]:
@@ -155,20 +170,27 @@ def render_html(report: dict[str, Any], title: str) -> str:
         parts.append(f"<table><tr><th>word</th><th>times in current</th></tr>{rows}</table>")
     else:
         parts.append("<p>None: every current word occurs in the reference.</p>")
-    style = ("body{font:14px sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.fail{color:#b00}.ok{color:#070}"
-             ".ref{fill:#9aa}.cur{fill:#36c}")
-    legend = ('<p><svg width="12" height="12"><rect class="ref" width="12" height="12"/></svg> reference '
-              '<svg width="12" height="12"><rect class="cur" width="12" height="12"/></svg> current</p>')
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{legend}{''.join(parts)}</body></html>")
+    style = (
+        "body{font:14px sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.fail{color:#b00}.ok{color:#070}"
+        ".ref{fill:#9aa}.cur{fill:#36c}"
+    )
+    legend = (
+        '<p><svg width="12" height="12"><rect class="ref" width="12" height="12"/></svg> reference '
+        '<svg width="12" height="12"><rect class="cur" width="12" height="12"/></svg> current</p>'
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{legend}{''.join(parts)}</body></html>"
+    )
 
 
 def _checks_table(checks: list[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{c['check']}</td><td>{c['measure']}({html.escape(c['of'])})</td><td>{c['value']:.4f}</td>"
         f"<td>{c['max']}</td><td class='{'ok' if c['passed'] else 'fail'}'>{'ok' if c['passed'] else 'over'}</td></tr>"
-        for c in checks)
+        for c in checks
+    )
     return f"<table><tr><th>check</th><th>measure</th><th>value</th><th>max</th><th></th></tr>{rows}</table>"
 
 
@@ -182,15 +204,20 @@ def _bars(items: list[tuple[str, float, float]]) -> str:
         svg.append(f"<text x='0' y='{y + 16}'>{html.escape(str(name))[:28]}</text>")
         for offset, share, css in ((2, ref, "ref"), (13, cur, "cur")):
             width = bar_width * share / top
-            svg.append(f"<rect class='{css}' x='{label_width}' y='{y + offset}' width='{width:.1f}' height='10'/>"
-                       f"<text x='{label_width + width + 4:.1f}' y='{y + offset + 9}' font-size='10'>{share:.1%}</text>")
+            svg.append(
+                f"<rect class='{css}' x='{label_width}' y='{y + offset}' width='{width:.1f}' height='10'/>"
+                f"<text x='{label_width + width + 4:.1f}' y='{y + offset + 9}' font-size='10'>{share:.1%}</text>"
+            )
     height = row * len(items) + 4
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_width + bar_width + 60}' height='{height}' "
-            f"font-size='12'>{''.join(svg)}</svg>")
+    return (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{label_width + bar_width + 60}' height='{height}' "
+        f"font-size='12'>{''.join(svg)}</svg>"
+    )
 
 
-def plot_png(report: dict[str, Any],
-             title: str = "Drift from the last accepted snapshot") -> tuple[bytes, dict[str, Any]]:
+def plot_png(
+    report: dict[str, Any], title: str = "Drift from the last accepted snapshot"
+) -> tuple[bytes, dict[str, Any]]:
     """The label shares (when there are labels) and the text-length histogram of a ``compare``
     report, reference beside current, as one PNG; and the values drawn: ``{"label_shares":
     {label: (reference, current)}, "length": {"bins": [...], "reference": [...], "current": [...]}}``.
@@ -209,12 +236,15 @@ def plot_png(report: dict[str, Any],
     if "length_histogram" in report:
         hist = report["length_histogram"]
         edges = hist["edges"]
-        bins = [f"{edges[i]:.0f}-{edges[i + 1]:.0f}" + ("+" if i == len(edges) - 2 else "")
-                for i in range(len(edges) - 1)]
+        bins = [
+            f"{edges[i]:.0f}-{edges[i + 1]:.0f}" + ("+" if i == len(edges) - 2 else "") for i in range(len(edges) - 1)
+        ]
         drawn["length"] = {"bins": bins, "reference": list(hist["reference"]), "current": list(hist["current"])}
         panels.append(("length", "drift_length_ks", "Text length (characters)"))
-    height = max([2.8] + [0.28 * (len(drawn[key]) if key == "label_shares" else len(drawn[key]["bins"])) + 1.2
-                          for key, _, _ in panels])
+    height = max(
+        [2.8]
+        + [0.28 * (len(drawn[key]) if key == "label_shares" else len(drawn[key]["bins"])) + 1.2 for key, _, _ in panels]
+    )
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), height), squeeze=False)
     for ax, (key, check, what) in zip(axes[0], panels):
         if key == "label_shares":

@@ -103,8 +103,13 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_s
     labels: list[str] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_seq_len,
-                              padding=True, return_tensors="pt")
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                truncation=True,
+                max_length=max_seq_len,
+                padding=True,
+                return_tensors="pt",
+            )
             logits = model(**batch).logits
             labels.extend(model.config.id2label[int(i)] for i in logits.argmax(dim=-1))
     return labels
@@ -113,8 +118,10 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_s
 def score(truth: list[str], predicted: list[str]) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
-    return {"accuracy": float(accuracy_score(truth, predicted)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+    }
 
 
 def _pyplot() -> Any:
@@ -142,8 +149,7 @@ def confusion_png(truth: list[str], predicted: list[str], labels: list[str], wha
 
     size = max(6.0, 0.6 * len(labels))
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, xticks_rotation=45,
-                                            colorbar=False)
+    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, ax=ax, xticks_rotation=45, colorbar=False)
     ax.set_title(f"Confusion matrix ({what})")
     return _png(fig)
 
@@ -210,14 +216,21 @@ def loss_curves_png(curves: dict[str, tuple[list[int], list[float]]]) -> bytes:
     return _png(fig)
 
 
-def perplexity_png(metrics: dict[str, float], base_metrics: dict[str, float],
-                   champion_metrics: dict[str, float], champion_version: str = "") -> tuple[bytes, dict[str, float]]:
+def perplexity_png(
+    metrics: dict[str, float],
+    base_metrics: dict[str, float],
+    champion_metrics: dict[str, float],
+    champion_version: str = "",
+) -> tuple[bytes, dict[str, float]]:
     """Bars of perplexity on the same held-out tokens: the base model, this fine-tuned model and,
     when there is one, the champion; and the values drawn, by bar name. A log scale when they
     differ by more than 20 times (a random base model's is near its vocabulary size)."""
     plt = _pyplot()
-    candidates = {"base model": base_metrics.get("perplexity"), "fine-tuned": metrics.get("perplexity"),
-                  f"champion v{champion_version}": champion_metrics.get("perplexity")}
+    candidates = {
+        "base model": base_metrics.get("perplexity"),
+        "fine-tuned": metrics.get("perplexity"),
+        f"champion v{champion_version}": champion_metrics.get("perplexity"),
+    }
     drawn = {k: float(v) for k, v in candidates.items() if v is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = {"base model": "#9aa", "fine-tuned": "#36c"}
@@ -231,8 +244,9 @@ def perplexity_png(metrics: dict[str, float], base_metrics: dict[str, float],
     return _png(fig), drawn
 
 
-def _pictures(run_id: str, scored: Scored, champion_version: str,
-              champion_metrics: dict[str, float]) -> dict[str, bytes]:
+def _pictures(
+    run_id: str, scored: Scored, champion_version: str, champion_metrics: dict[str, float]
+) -> dict[str, bytes]:
     """The pictures drawn once the champion is scored: loss curves (from the run's history, when
     train logged any) and, for a causal LM, the perplexity bars."""
     pictures = {}
@@ -240,8 +254,9 @@ def _pictures(run_id: str, scored: Scored, champion_version: str,
     if curves:
         pictures["loss_curves.png"] = loss_curves_png(curves)
     if "perplexity" in scored.metrics and "perplexity" in scored.base_metrics:
-        pictures["perplexity.png"] = perplexity_png(scored.metrics, scored.base_metrics, champion_metrics,
-                                                    champion_version)[0]
+        pictures["perplexity.png"] = perplexity_png(
+            scored.metrics, scored.base_metrics, champion_metrics, champion_version
+        )[0]
     return pictures
 
 
@@ -249,11 +264,12 @@ def picture_captions(names: list[str]) -> list[dict[str, str]]:
     """Each picture's MLflow artifact path (``evaluate/<name>``) and what it shows, for the model
     card: the ``PICTURES`` in their order, then the per-slice confusion matrices (the challenge
     set's last)."""
-    captions = [{"path": f"evaluate/{name}", "caption": caption} for name, caption in PICTURES.items()
-                if name in names]
+    captions = [{"path": f"evaluate/{name}", "caption": caption} for name, caption in PICTURES.items() if name in names]
     challenge = f"confusion_matrix_{CHALLENGE}"
-    for name in sorted((n for n in names if n.startswith("confusion_matrix_") and n.endswith(".png")),
-                       key=lambda n: (n.startswith(challenge), n)):
+    for name in sorted(
+        (n for n in names if n.startswith("confusion_matrix_") and n.endswith(".png")),
+        key=lambda n: (n.startswith(challenge), n),
+    ):
         part = name.removeprefix("confusion_matrix_").removesuffix(".png")
         if part == CHALLENGE:
             caption = "Confusion matrix of the challenge set (evaluate.challenge_uri, never trained on)"
@@ -265,9 +281,14 @@ def picture_captions(names: list[str]) -> list[dict[str, str]]:
     return captions
 
 
-def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig,
-           task: str = "sequence-classification", slices: dict[str, dict[str, float]] | None = None,
-           champion_slices: dict[str, dict[str, float]] | None = None) -> tuple[bool, str]:
+def decide(
+    metrics: dict[str, float],
+    champion: dict[str, float] | None,
+    cfg: EvaluateConfig,
+    task: str = "sequence-classification",
+    slices: dict[str, dict[str, float]] | None = None,
+    champion_slices: dict[str, dict[str, float]] | None = None,
+) -> tuple[bool, str]:
     """The promotion gate: every absolute threshold (overall or per slice), then no slice worse
     than the champion's by more than ``max_slice_regression``, then the margin over the champion.
 
@@ -283,9 +304,12 @@ def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: Ev
         if metric_name not in metrics:
             raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
         if slice_name and slice_name not in slices:
-            where = ("the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
-                     "skipped for a model that does not know its labels)" if is_challenge(slice_name)
-                     else f"the eval split has no rows of slice '{slice_name}'")
+            where = (
+                "the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
+                "skipped for a model that does not know its labels)"
+                if is_challenge(slice_name)
+                else f"the eval split has no rows of slice '{slice_name}'"
+            )
             return False, f"{name} cannot be checked: {where} (slices: {sorted(slices)})"
         value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
         if not (value >= bound if op == ">=" else value <= bound):
@@ -300,17 +324,22 @@ def decide(metrics: dict[str, float], champion: dict[str, float] | None, cfg: Ev
             continue
         loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
         if loss > cfg.max_slice_regression:
-            return False, (f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
-                           f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
-                           f"evaluate.max_slice_regression={cfg.max_slice_regression}")
+            return False, (
+                f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
+                f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
+                f"evaluate.max_slice_regression={cfg.max_slice_regression}"
+            )
     theirs = champion[metric]
     gain = ours - theirs if greater_is_better else theirs - ours
     better = "higher" if greater_is_better else "lower"
     if gain > cfg.promotion_margin:
-        return True, (f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} "
-                      f"({better} is better)")
-    return False, (f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
-                   f"({better} is better)")
+        return True, (
+            f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
+        )
+    return False, (
+        f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
+        f"({better} is better)"
+    )
 
 
 def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
@@ -330,8 +359,10 @@ def _champion(cfg: PipelineConfig) -> tuple[str, Any, Any] | None:
         with tracking.module_api():  # a models:/ URI is read from the registry URI mlflow is set to
             parts = mlflow.transformers.load_model(f"models:/{cfg.model_name}@{CHAMPION}", return_type="components")
     except Exception as exc:  # fail closed: never promote over a champion we could not score
-        raise ModelError(f"champion {cfg.model_name} version {version.version} cannot be loaded, "
-                         f"so the new model cannot be compared with it: {exc}") from exc
+        raise ModelError(
+            f"champion {cfg.model_name} version {version.version} cannot be loaded, "
+            f"so the new model cannot be compared with it: {exc}"
+        ) from exc
     return str(version.version), parts["model"], parts["tokenizer"]
 
 
@@ -380,25 +411,33 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         theirs = predict(other, other_tokenizer, texts, own.batch_size, own.max_seq_len)
         theirs_challenge = predict(other, other_tokenizer, challenge_texts, own.batch_size, own.max_seq_len)
-        return score(truth, theirs), {**score_slices(truth, theirs, groups),
-                                      **score_slices(challenge_truth, theirs_challenge, challenge_groups)}
+        return score(truth, theirs), {
+            **score_slices(truth, theirs, groups),
+            **score_slices(challenge_truth, theirs_challenge, challenge_groups),
+        }
 
     labels = sorted(set(truth) | set(predicted))
     report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
-    artifacts = {"classification_report.json": json.dumps(report, indent=2).encode(),
-                 "confusion_matrix.png": confusion_png(truth, predicted, labels),
-                 "per_class_f1.png": per_class_f1_png(report, labels)[0]}
+    artifacts = {
+        "classification_report.json": json.dumps(report, indent=2).encode(),
+        "confusion_matrix.png": confusion_png(truth, predicted, labels),
+        "per_class_f1.png": per_class_f1_png(report, labels)[0],
+    }
     for name, values in sorted(slices.items()):  # where the model fails, per language and column value
         if values["rows"] >= own.min_slice_rows and name in groups:
             chosen = groups[name]
             artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
-                [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows")
+                [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows"
+            )
     challenge_labels = sorted(set(challenge_truth) | set(challenge_predicted))
     for name, chosen in challenge_groups.items():
         if len(chosen) >= own.min_slice_rows:
             artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
-                [challenge_truth[i] for i in chosen], [challenge_predicted[i] for i in chosen], challenge_labels,
-                "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""))
+                [challenge_truth[i] for i in chosen],
+                [challenge_predicted[i] for i in chosen],
+                challenge_labels,
+                "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""),
+            )
     challenge_frame = None
     if challenge_texts:
         import pandas as pd
@@ -423,25 +462,34 @@ def challenge_rows(uri: str, known_labels: set[str]) -> tuple[list[str], list[st
             record = json.loads(line)
             text, label = record["text"], record["label"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"evaluate.challenge_uri {uri}: line {number} is not a JSON object with 'text' and "
-                            f"'label' ({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"evaluate.challenge_uri {uri}: line {number} is not a JSON object with 'text' and "
+                f"'label' ({type(exc).__name__}: {exc})"
+            ) from exc
         if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label:
-            raise DataError(f"evaluate.challenge_uri {uri}: line {number}: 'text' and 'label' must be non-empty "
-                            f"strings")
+            raise DataError(
+                f"evaluate.challenge_uri {uri}: line {number}: 'text' and 'label' must be non-empty strings"
+            )
         texts.append(text)
         labels.append(label)
     if not texts:
         raise DataError(f"evaluate.challenge_uri {uri} has no rows; set evaluate.challenge_uri='' for none")
     unknown = sorted(set(labels) - known_labels)
     if unknown and uri == DEFAULT_CHALLENGE:
-        print(f"evaluate: the shipped challenge set is skipped: its intents {unknown} are not this model's "
-              f"(it knows {sorted(known_labels)}); set evaluate.challenge_uri to a file of your own labels, or '' "
-              f"to say none", file=sys.stderr, flush=True)
+        print(
+            f"evaluate: the shipped challenge set is skipped: its intents {unknown} are not this model's "
+            f"(it knows {sorted(known_labels)}); set evaluate.challenge_uri to a file of your own labels, or '' "
+            f"to say none",
+            file=sys.stderr,
+            flush=True,
+        )
         return [], []
     if unknown:
-        raise DataError(f"evaluate.challenge_uri {uri}: label(s) {unknown} "
-                        f"({sum(label in unknown for label in labels)} of {len(labels)} rows) are not labels the "
-                        f"model knows ({sorted(known_labels)}); relabel those rows or drop them")
+        raise DataError(
+            f"evaluate.challenge_uri {uri}: label(s) {unknown} "
+            f"({sum(label in unknown for label in labels)} of {len(labels)} rows) are not labels the "
+            f"model knows ({sorted(known_labels)}); relabel those rows or drop them"
+        )
     return texts, labels
 
 
@@ -464,9 +512,11 @@ def slice_groups(cfg: PipelineConfig, rows: Any, texts: list[str]) -> dict[str, 
         groups.setdefault(language_of(text), []).append(i)
     for column in cfg.evaluate.slice_columns:
         if column not in rows.columns:
-            raise DataError(f"{cfg.evaluate.snapshot_uri}: evaluate.slice_columns names '{column}', which the snapshot "
-                            f"lacks (columns {sorted(c for c in rows.columns if c != 'split')}); collect it with "
-                            f"collect.extra_columns=['{column}']")
+            raise DataError(
+                f"{cfg.evaluate.snapshot_uri}: evaluate.slice_columns names '{column}', which the snapshot "
+                f"lacks (columns {sorted(c for c in rows.columns if c != 'split')}); collect it with "
+                f"collect.extra_columns=['{column}']"
+            )
         for i, value in enumerate(rows[column]):
             groups.setdefault(f"{column}={'' if value is None else value}", []).append(i)
     return groups
@@ -474,16 +524,19 @@ def slice_groups(cfg: PipelineConfig, rows: Any, texts: list[str]) -> dict[str, 
 
 def score_slices(truth: list[str], predicted: list[str], groups: dict[str, list[int]]) -> dict[str, dict[str, float]]:
     """The classification metrics per slice of the rows, each with its row count."""
-    return {name: {"rows": float(len(chosen)), **score([truth[i] for i in chosen], [predicted[i] for i in chosen])}
-            for name, chosen in sorted(groups.items())}
+    return {
+        name: {"rows": float(len(chosen)), **score([truth[i] for i in chosen], [predicted[i] for i in chosen])}
+        for name, chosen in sorted(groups.items())
+    }
 
 
 def _file_safe(name: str) -> str:
     return re.sub(r"[^\w.=-]", "_", name)
 
 
-def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str,
-             cfg: PipelineConfig) -> list[dict[str, Any]]:
+def generate(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, cfg: PipelineConfig
+) -> list[dict[str, Any]]:
     """Greedy answers to the last user turn of each conversation, scored against the reference."""
     import torch
 
@@ -491,21 +544,33 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     stop = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     stop.discard(None)
     model.eval()
-    for messages in conversations[:cfg.evaluate.generate_rows]:
+    for messages in conversations[: cfg.evaluate.generate_rows]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = chat.render(tokenizer, messages[:last], template, add_generation_prompt=True)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -cfg.train.max_seq_len:]
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -cfg.train.max_seq_len :]
         ids = ids.to(next(model.parameters()).device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=cfg.evaluate.max_new_tokens, eos_token_id=sorted(stop),
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=cfg.evaluate.max_new_tokens,
+                eos_token_id=sorted(stop),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist()
         cut = next((i for i, token in enumerate(new) if token in stop), len(new))
         output = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
         reference = messages[last]["content"]
-        samples.append({"prompt": messages[last - 1]["content"], "reference": reference, "output": output,
-                        "exact_match": chat.exact_match(reference, output), "rouge_l": chat.rouge_l(reference, output)})
+        samples.append(
+            {
+                "prompt": messages[last - 1]["content"],
+                "reference": reference,
+                "output": output,
+                "exact_match": chat.exact_match(reference, output),
+                "rouge_l": chat.rouge_l(reference, output),
+            }
+        )
     return samples
 
 
@@ -513,8 +578,14 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def score_lm(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any, generate_samples: bool = True,
-             encoded: tuple[list[dict], dict[str, int], str] | None = None) -> tuple[dict[str, float], list[dict]]:
+def score_lm(
+    cfg: PipelineConfig,
+    model: Any,
+    tokenizer: Any,
+    frame: Any,
+    generate_samples: bool = True,
+    encoded: tuple[list[dict], dict[str, int], str] | None = None,
+) -> tuple[dict[str, float], list[dict]]:
     """Eval loss and perplexity over the assistant tokens of the eval split; exact match and
     ROUGE-L of generated answers. Loss per token, summed then divided: batching cannot move it.
     ``encoded``: the split as ``chat.encode_split`` gives it for ``tokenizer``, when already done."""
@@ -533,8 +604,9 @@ def _loss_metrics(total: float, tokens: int) -> dict[str, float]:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def lm_slices(cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any,
-              encoded: tuple[list[dict], dict[str, int], str]) -> dict[str, dict[str, float]]:
+def lm_slices(
+    cfg: PipelineConfig, model: Any, tokenizer: Any, frame: Any, encoded: tuple[list[dict], dict[str, int], str]
+) -> dict[str, dict[str, float]]:
     """Eval loss and perplexity per language of the held-out conversations (their message text)."""
     conversations = chat.conversations(frame, "eval")
     languages = [language_of(" ".join(m["content"] for m in c)) for c in conversations]
@@ -564,11 +636,11 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
         with model.disable_adapter():
             base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False, encoded=encoded)
     else:
-        base, base_tokenizer = load_causal_lm(resolve_model(cfg.base_model, scratch / "base"),
-                                              f"base_model '{cfg.base_model}'")
+        base, base_tokenizer = load_causal_lm(
+            resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'"
+        )
         extend_like(base, base_tokenizer, tokenizer)  # rows for train.extend_vocab's tokens, as training began
-        base_metrics, _ = score_lm(cfg, on_accelerator(base), tokenizer, frame, generate_samples=False,
-                                   encoded=encoded)
+        base_metrics, _ = score_lm(cfg, on_accelerator(base), tokenizer, frame, generate_samples=False, encoded=encoded)
     _print("base model", base_metrics)
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -576,11 +648,19 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
             other_tokenizer.pad_token = other_tokenizer.eos_token
         theirs = chat.encode_split(cfg, other_tokenizer, frame, "eval")
         other = on_accelerator(other)
-        return (score_lm(cfg, other, other_tokenizer, frame, encoded=theirs)[0],
-                lm_slices(cfg, other, other_tokenizer, frame, theirs))
+        return (
+            score_lm(cfg, other, other_tokenizer, frame, encoded=theirs)[0],
+            lm_slices(cfg, other, other_tokenizer, frame, theirs),
+        )
 
-    return Scored(rows[["messages"]], metrics, slices, base_metrics,
-                  {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()}, score_other)
+    return Scored(
+        rows[["messages"]],
+        metrics,
+        slices,
+        base_metrics,
+        {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()},
+        score_other,
+    )
 
 
 def on_accelerator(model: Any) -> Any:
@@ -600,8 +680,10 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
             raise ConfigError(f"evaluate.{key} is required")
     metric, greater_is_better = own.gate(cfg.task)
     if cfg.task != "sequence-classification" and own.challenge_uri not in ("", DEFAULT_CHALLENGE):
-        raise ConfigError(f"evaluate.challenge_uri: a challenge set is scored for sequence-classification only, "
-                          f"not {cfg.task}; set evaluate.challenge_uri=''")
+        raise ConfigError(
+            f"evaluate.challenge_uri: a challenge set is scored for sequence-classification only, "
+            f"not {cfg.task}; set evaluate.challenge_uri=''"
+        )
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
@@ -613,8 +695,9 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         champion_version, champion_model, champion_tokenizer = champion
         champion_metrics, champion_slices = scored.score_other(champion_model, champion_tokenizer)
         _print(f"champion v{champion_version}", champion_metrics)
-    promote, reason = decide(scored.metrics, champion_metrics if champion_version else None, own, cfg.task,
-                             scored.slices, champion_slices)
+    promote, reason = decide(
+        scored.metrics, champion_metrics if champion_version else None, own, cfg.task, scored.slices, champion_slices
+    )
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
     mlflow_run_id = tracking.pipeline_run_id(cfg)
     scored.artifacts.update(_pictures(mlflow_run_id, scored, champion_version, champion_metrics))
@@ -623,15 +706,25 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     for name, content in scored.artifacts.items():
         storage.write_bytes(uris[name], content)
     _log(cfg, scored, champion_metrics, promote, reason)
-    return EvaluateResult(result_uri=storage.join(out_uri, "result.json"), metrics=scored.metrics,
-                          report_uri=uris.get("classification_report.json") or uris["samples.json"],
-                          confusion_matrix_uri=uris.get("confusion_matrix.png", ""), rows=len(scored.rows),
-                          gate_metric=metric, promote=promote, reason=reason, champion_version=champion_version,
-                          champion_metrics=champion_metrics, base_metrics=scored.base_metrics,
-                          greater_is_better=greater_is_better, thresholds=list(own.thresholds),
-                          slices=scored.slices, champion_slices=champion_slices,
-                          pictures=picture_captions(list(scored.artifacts)),
-                          mlflow_run_id=mlflow_run_id)
+    return EvaluateResult(
+        result_uri=storage.join(out_uri, "result.json"),
+        metrics=scored.metrics,
+        report_uri=uris.get("classification_report.json") or uris["samples.json"],
+        confusion_matrix_uri=uris.get("confusion_matrix.png", ""),
+        rows=len(scored.rows),
+        gate_metric=metric,
+        promote=promote,
+        reason=reason,
+        champion_version=champion_version,
+        champion_metrics=champion_metrics,
+        base_metrics=scored.base_metrics,
+        greater_is_better=greater_is_better,
+        thresholds=list(own.thresholds),
+        slices=scored.slices,
+        champion_slices=champion_slices,
+        pictures=picture_captions(list(scored.artifacts)),
+        mlflow_run_id=mlflow_run_id,
+    )
 
 
 def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float], promote: bool, reason: str) -> None:
@@ -641,8 +734,11 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
 
     run_id = tracking.pipeline_run_id(cfg)
     tracker = tracking.client()
-    for prefix, metrics in (("eval_", scored.metrics), ("champion_eval_", champion_metrics),
-                            ("base_eval_", scored.base_metrics)):
+    for prefix, metrics in (
+        ("eval_", scored.metrics),
+        ("champion_eval_", champion_metrics),
+        ("base_eval_", scored.base_metrics),
+    ):
         for key, value in metrics.items():
             tracker.log_metric(run_id, prefix + key.removeprefix("eval_"), value)
     # e.g. eval_accuracy_zh, eval_rows_channel:email, eval_accuracy_challenge:zh
@@ -664,11 +760,12 @@ def _log(cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float]
             tracker.log_table(run_id, data=pd.DataFrame(samples), artifact_file="evaluate/samples.json")
     targets = "label" if "label" in scored.rows.columns else None
     with tracking.module_api(), mlflow.start_run(run_id=run_id):
-        mlflow.log_input(from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval", targets=targets),
-                         context="eval")
+        mlflow.log_input(
+            from_pandas(scored.rows, source=cfg.evaluate.snapshot_uri, name="eval", targets=targets), context="eval"
+        )
         if scored.challenge_rows is not None:  # MLflow resolves file:// and s3://, not pkg:// or a bare path
             challenge_path = storage.local_path(cfg.evaluate.challenge_uri)
             source = challenge_path.as_uri() if challenge_path else cfg.evaluate.challenge_uri
-            mlflow.log_input(from_pandas(scored.challenge_rows, name=CHALLENGE, targets="label", source=source),
-                             context=CHALLENGE)
-
+            mlflow.log_input(
+                from_pandas(scored.challenge_rows, name=CHALLENGE, targets="label", source=source), context=CHALLENGE
+            )

@@ -101,13 +101,18 @@ def default_of(f: dataclasses.Field) -> Any:
 def json_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """JSON-schema keywords for an Airflow ``Param`` bound to the field ``f`` of type ``hint``."""
     json_type = {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
-        hint, "object" if typing.get_origin(hint) is dict else "array")
+        hint, "object" if typing.get_origin(hint) is dict else "array"
+    )
     schema: dict[str, Any] = {"default": default_of(f), "type": json_type, "description": f.metadata["help"]}
     meta = f.metadata
     if "choices" in meta:
         schema["enum"] = list(meta["choices"])
-    for ours, theirs in (("minimum", "minimum"), ("maximum", "maximum"),
-                         ("exclusive_minimum", "exclusiveMinimum"), ("min_items", "minItems")):
+    for ours, theirs in (
+        ("minimum", "minimum"),
+        ("maximum", "maximum"),
+        ("exclusive_minimum", "exclusiveMinimum"),
+        ("min_items", "minItems"),
+    ):
         if ours in meta:
             schema[theirs] = meta[ours]
     if "pattern" in meta:  # JSON schema patterns match anywhere: anchor them as fullmatch does
@@ -120,7 +125,8 @@ def json_schema(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
 def describe(f: dataclasses.Field, hint: Any) -> tuple[str, str, str]:
     """A field as a person reads it in ``--help``: its type, its default and its bounds."""
     kind = {str: "text", int: "integer", float: "number", bool: "true|false"}.get(
-        hint, "mapping" if typing.get_origin(hint) is dict else "list")
+        hint, "mapping" if typing.get_origin(hint) is dict else "list"
+    )
     meta = f.metadata
     bounds = []
     if "choices" in meta:

@@ -62,9 +62,13 @@ def step_resources(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
     """``step``'s pod resources: its entry in ``k8s.resources`` over the step table's; training's
     GPUs are ``k8s.gpus_per_node``. Checked when the config was built."""
     own = cfg.k8s.resources.get(step.name, {})
-    return {"cpu": str(own.get("cpu", step.cpu)), "memory": step_memory(cfg, step),
-            "gpus": cfg.k8s.gpus_per_node if step.gpus else int(own.get("gpus", 0)),
-            "node_selector": list(own.get("node_selector", [])), "tolerations": list(own.get("tolerations", []))}
+    return {
+        "cpu": str(own.get("cpu", step.cpu)),
+        "memory": step_memory(cfg, step),
+        "gpus": cfg.k8s.gpus_per_node if step.gpus else int(own.get("gpus", 0)),
+        "node_selector": list(own.get("node_selector", [])),
+        "tolerations": list(own.get("tolerations", [])),
+    }
 
 
 def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], args: list[str]) -> dict[str, Any]:
@@ -72,8 +76,10 @@ def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], arg
     k = cfg.k8s
     wanted = step_resources(cfg, step)
     gpus, memory = wanted["gpus"], wanted["memory"]
-    resources: dict[str, Any] = {"requests": {"cpu": wanted["cpu"], "memory": memory},
-                                 "limits": {"cpu": wanted["cpu"], "memory": memory}}
+    resources: dict[str, Any] = {
+        "requests": {"cpu": wanted["cpu"], "memory": memory},
+        "limits": {"cpu": wanted["cpu"], "memory": memory},
+    }
     if gpus:
         resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE] = str(gpus)
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "hf-cache", "mountPath": HF_CACHE}]
@@ -87,9 +93,11 @@ def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], arg
         "args": args,
         "env": [{"name": "HF_HOME", "value": HF_CACHE}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
         # Settings and credentials by reference only: the manifest never holds a value.
-        "envFrom": [{"configMapRef": {"name": k.settings_configmap}},
-                    {"secretRef": {"name": k.aws_secret}},
-                    {"secretRef": {"name": k.mlflow_secret}}],
+        "envFrom": [
+            {"configMapRef": {"name": k.settings_configmap}},
+            {"secretRef": {"name": k.aws_secret}},
+            {"secretRef": {"name": k.mlflow_secret}},
+        ],
         "resources": resources,
         "securityContext": dict(RESTRICTED_CONTAINER, runAsUser=UID, runAsGroup=UID),
         "volumeMounts": mounts,
@@ -102,19 +110,27 @@ def deadline_seconds(cfg: PipelineConfig, step: Any, deadline_s: int | None = No
     return int(deadline_s if deadline_s is not None else getattr(cfg.timeouts, step.name))
 
 
-def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never",
-             deadline_s: int | None = None) -> dict[str, Any]:
+def pod_spec(
+    cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never", deadline_s: int | None = None
+) -> dict[str, Any]:
     k = cfg.k8s
-    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}},
-               {"name": "hf-cache", "emptyDir": {"sizeLimit": k.hf_cache_size}}]
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}},
+        {"name": "hf-cache", "emptyDir": {"sizeLimit": k.hf_cache_size}},
+    ]
     if step.distributed:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
     spec: dict[str, Any] = {
         "serviceAccountName": k.service_account,
         "automountServiceAccountToken": False,  # steps never talk to the Kubernetes API
         "restartPolicy": restart_policy,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [main],
         "volumes": volumes,
     }
@@ -136,12 +152,16 @@ def pod_spec(cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_polic
 
 
 def labels(step: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "finetune", "app.kubernetes.io/component": step,
-            "app.kubernetes.io/part-of": "finetune-pipeline"}
+    return {
+        "app.kubernetes.io/name": "finetune",
+        "app.kubernetes.io/component": step,
+        "app.kubernetes.io/part-of": "finetune-pipeline",
+    }
 
 
-def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
-                 ) -> dict[str, Any]:
+def pod_manifest(
+    cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+) -> dict[str, Any]:
     """One Pod running ``step``; ``step_args`` is ``steps.step_argv`` without the program name. It
     runs at most ``deadline_seconds`` (``activeDeadlineSeconds``).
 
@@ -158,8 +178,12 @@ def pod_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadl
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"finetune-{step.name}", "namespace": cfg.k8s.namespace, "labels": labels(step.name)},
-        "spec": pod_spec(cfg, step, container(cfg, step, "base", command, args),  # KPO's name for it
-                         deadline_s=deadline_seconds(cfg, step, deadline_s)),
+        "spec": pod_spec(
+            cfg,
+            step,
+            container(cfg, step, "base", command, args),  # KPO's name for it
+            deadline_s=deadline_seconds(cfg, step, deadline_s),
+        ),
     }
 
 
@@ -176,8 +200,9 @@ def job_deadline(cfg: PipelineConfig, step: Any, deadline_s: int | None = None) 
     return min(cfg.k8s.job_timeout_seconds, deadline_seconds(cfg, step, deadline_s))
 
 
-def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
-                        ) -> dict[str, Any]:
+def pytorchjob_manifest(
+    cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+) -> dict[str, Any]:
     """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``gpus_per_node`` each.
     The job runs at most the step's ``deadline_seconds`` and ``k8s.job_timeout_seconds``, the smaller.
 
@@ -191,9 +216,11 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
     def replica(count: int) -> dict[str, Any]:
         # ExitCode: the operator restarts a pod killed by a signal (exit 128+: preemption, eviction)
         # and leaves exit codes 1-127 -- the step's own verdicts -- to Airflow's retry table.
-        return {"replicas": count, "restartPolicy": "ExitCode",
-                "template": {"metadata": {"labels": labels(step.name)},
-                             "spec": pod_spec(cfg, step, copy.deepcopy(main))}}
+        return {
+            "replicas": count,
+            "restartPolicy": "ExitCode",
+            "template": {"metadata": {"labels": labels(step.name)}, "spec": pod_spec(cfg, step, copy.deepcopy(main))},
+        }
 
     replicas = {"Master": replica(1)}
     if k.num_nodes > 1:
@@ -201,15 +228,21 @@ def pytorchjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str]
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": object_name(f"finetune-{step.name}", cfg.run_id), "namespace": k.namespace,
-                     "labels": labels(step.name)},
+        "metadata": {
+            "name": object_name(f"finetune-{step.name}", cfg.run_id),
+            "namespace": k.namespace,
+            "labels": labels(step.name),
+        },
         "spec": {
             "nprocPerNode": str(k.gpus_per_node),
             # Restarts of killed pods are the operator's (k8s.job_restarts); every other retry is
             # Airflow's, which tells bad input from a crash.
-            "runPolicy": {"backoffLimit": k.job_restarts, "cleanPodPolicy": "Running",
-                          "activeDeadlineSeconds": job_deadline(cfg, step, deadline_s),
-                          "ttlSecondsAfterFinished": 86400},
+            "runPolicy": {
+                "backoffLimit": k.job_restarts,
+                "cleanPodPolicy": "Running",
+                "activeDeadlineSeconds": job_deadline(cfg, step, deadline_s),
+                "ttlSecondsAfterFinished": 86400,
+            },
             "pytorchReplicaSpecs": replicas,
         },
     }
@@ -228,16 +261,32 @@ PATCH_MANAGER = "finetune-pipeline"
 # The keys of the deployment's Secrets (k8s/README.md), each referenced on the TrainJob's
 # spec.trainer.env: Trainer forbids env (and has no envFrom) in a runtime patch of the 'node'
 # container, so a job cannot swap the runtime's envFrom for its deployment's Secret names.
-SECRET_KEYS = {"aws_secret": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False)),
-               "mlflow_secret": (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", True),
-                                 ("MLFLOW_TRACKING_PASSWORD", True))}  # key -> optional (a server without auth)
+SECRET_KEYS = {
+    "aws_secret": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False)),
+    "mlflow_secret": (
+        ("MLFLOW_TRACKING_URI", False),
+        ("MLFLOW_TRACKING_USERNAME", True),
+        ("MLFLOW_TRACKING_PASSWORD", True),
+    ),
+}  # key -> optional (a server without auth)
 
 
 def secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """The deployment's credentials as env by reference (``secretKeyRef``): never a value."""
-    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": getattr(cfg.k8s, setting), "key": key,
-                                                         **({"optional": True} if optional else {})}}}
-            for setting, keys in SECRET_KEYS.items() for key, optional in keys]
+    return [
+        {
+            "name": key,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": getattr(cfg.k8s, setting),
+                    "key": key,
+                    **({"optional": True} if optional else {}),
+                }
+            },
+        }
+        for setting, keys in SECRET_KEYS.items()
+        for key, optional in keys
+    ]
 
 
 def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
@@ -257,31 +306,51 @@ def training_runtime_manifest(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
         "completionMode": "Indexed",  # PET_NODE_RANK is the pod's completion index
         "backoffLimit": k.job_restarts,
         "activeDeadlineSeconds": k.job_timeout_seconds,
-        "podFailurePolicy": {"rules": [
-            {"action": "FailJob",
-             "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": list(range(1, 128))}},
-        ]},
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": list(range(1, 128)),
+                    },
+                },
+            ]
+        },
         "template": {"metadata": {"labels": labels(step.name)}, "spec": pod_spec(cfg, step, trainer)},
     }
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "ClusterTrainingRuntime",
-        "metadata": {"name": k.trainjob_runtime,
-                     "labels": {**labels(step.name), "trainer.kubeflow.org/framework": "torch"}},
+        "metadata": {
+            "name": k.trainjob_runtime,
+            "labels": {**labels(step.name), "trainer.kubeflow.org/framework": "torch"},
+        },
         "spec": {
             "mlPolicy": {"numNodes": k.num_nodes, "torch": {}},
-            "template": {"spec": {
-                "failurePolicy": {"maxRestarts": 0},  # restarts are the Job's (above), never the step's verdicts
-                "replicatedJobs": [{"name": TRAINER_NODE, "replicas": 1,
-                                    "template": {"metadata": {"labels": {**labels(step.name), **TRAINER_ANCESTOR}},
-                                                 "spec": node_job}}],
-            }},
+            "template": {
+                "spec": {
+                    "failurePolicy": {"maxRestarts": 0},  # restarts are the Job's (above), never the step's verdicts
+                    "replicatedJobs": [
+                        {
+                            "name": TRAINER_NODE,
+                            "replicas": 1,
+                            "template": {
+                                "metadata": {"labels": {**labels(step.name), **TRAINER_ANCESTOR}},
+                                "spec": node_job,
+                            },
+                        }
+                    ],
+                }
+            },
         },
     }
 
 
-def trainjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
-                      ) -> dict[str, Any]:
+def trainjob_manifest(
+    cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
+) -> dict[str, Any]:
     """A trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2.2+) on ``k8s.trainjob_runtime``:
     ``num_nodes`` nodes of ``gpus_per_node`` processes each, the step's image, argv, env (the
     deployment's Secrets by key) and resources per node; ``job_deadline`` as its
@@ -294,22 +363,36 @@ def trainjob_manifest(cfg: PipelineConfig, step: Any, step_args: Sequence[str], 
     if step.gpus:
         pod_patch.update(nodeSelector=pod["nodeSelector"], tolerations=pod["tolerations"])
     meta = {"labels": labels(step.name)}
-    node_patch = {"name": TRAINER_NODE,
-                  "template": {"metadata": meta, "spec": {"template": {"metadata": meta, "spec": pod_patch}}}}
+    node_patch = {
+        "name": TRAINER_NODE,
+        "template": {"metadata": meta, "spec": {"template": {"metadata": meta, "spec": pod_patch}}},
+    }
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": object_name(f"finetune-{step.name}", cfg.run_id), "namespace": k.namespace,
-                     "labels": labels(step.name)},
+        "metadata": {
+            "name": object_name(f"finetune-{step.name}", cfg.run_id),
+            "namespace": k.namespace,
+            "labels": labels(step.name),
+        },
         "spec": {
             "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": k.trainjob_runtime},
             "activeDeadlineSeconds": job_deadline(cfg, step, deadline_s),
-            "trainer": {"image": main["image"], "command": main["command"], "args": main["args"],
-                        "env": [*main["env"], *secret_env(cfg)],
-                        "numNodes": k.num_nodes, "numProcPerNode": k.gpus_per_node,
-                        "resourcesPerNode": main["resources"]},
-            "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {
-                "metadata": meta, "spec": {"replicatedJobs": [node_patch]}}}}],
+            "trainer": {
+                "image": main["image"],
+                "command": main["command"],
+                "args": main["args"],
+                "env": [*main["env"], *secret_env(cfg)],
+                "numNodes": k.num_nodes,
+                "numProcPerNode": k.gpus_per_node,
+                "resourcesPerNode": main["resources"],
+            },
+            "runtimePatches": [
+                {
+                    "manager": PATCH_MANAGER,
+                    "trainingRuntimeSpec": {"template": {"metadata": meta, "spec": {"replicatedJobs": [node_patch]}}},
+                }
+            ],
         },
     }
 
@@ -333,18 +416,33 @@ class JobApi:
 
 
 JOB_APIS = {
-    "PyTorchJob": JobApi("kubeflow.org", "v1", "pytorchjobs", {"Succeeded": "Succeeded", "Failed": "Failed"}, "pytorch",
-                         lambda name: {"training.kubeflow.org/job-name": name,
-                                       "training.kubeflow.org/replica-type": "master",
-                                       "training.kubeflow.org/replica-index": "0"}),
+    "PyTorchJob": JobApi(
+        "kubeflow.org",
+        "v1",
+        "pytorchjobs",
+        {"Succeeded": "Succeeded", "Failed": "Failed"},
+        "pytorch",
+        lambda name: {
+            "training.kubeflow.org/job-name": name,
+            "training.kubeflow.org/replica-type": "master",
+            "training.kubeflow.org/replica-index": "0",
+        },
+    ),
     # The JobSet the TrainJob owns has its name; the pod of completion index 0 of its (one) node Job
     # is rank 0 (Trainer points PET_MASTER_ADDR at it), found as Trainer's own SDK finds it: by the
     # labels JobSet and the Job controller give every pod.
-    "TrainJob": JobApi(TRAINER_GROUP, TRAINER_VERSION, "trainjobs", {"Complete": "Succeeded", "Failed": "Failed"},
-                       TRAINER_CONTAINER,
-                       lambda name: {"jobset.sigs.k8s.io/jobset-name": name,
-                                     "jobset.sigs.k8s.io/replicatedjob-name": TRAINER_NODE,
-                                     "batch.kubernetes.io/job-completion-index": "0"}),
+    "TrainJob": JobApi(
+        TRAINER_GROUP,
+        TRAINER_VERSION,
+        "trainjobs",
+        {"Complete": "Succeeded", "Failed": "Failed"},
+        TRAINER_CONTAINER,
+        lambda name: {
+            "jobset.sigs.k8s.io/jobset-name": name,
+            "jobset.sigs.k8s.io/replicatedjob-name": TRAINER_NODE,
+            "batch.kubernetes.io/job-completion-index": "0",
+        },
+    ),
 }
 
 
@@ -371,8 +469,14 @@ def job_phase(job: Mapping[str, Any]) -> str | None:
 def delete_job(api: Any, manifest: Mapping[str, Any]) -> None:
     meta, where = manifest["metadata"], job_api(manifest)
     try:
-        api.delete_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, meta["name"],
-                                            body={"propagationPolicy": "Foreground"})
+        api.delete_namespaced_custom_object(
+            where.group,
+            where.version,
+            meta["namespace"],
+            where.plural,
+            meta["name"],
+            body={"propagationPolicy": "Foreground"},
+        )
     except Exception as exc:  # already gone: nothing to clean up
         if getattr(exc, "status", None) != 404:
             raise
@@ -399,8 +503,13 @@ class MasterLog:
     Reading the log never fails the job's watch: a pod not started yet or an API error is said
     once and tried again at the next poll."""
 
-    def __init__(self, core: Any, manifest: Mapping[str, Any], log: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        core: Any,
+        manifest: Mapping[str, Any],
+        log: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         where = job_api(manifest)
         self.core, self.log, self.clock = core, log, clock
         self.namespace, self.container = manifest["metadata"]["namespace"], where.master_container
@@ -425,8 +534,9 @@ class MasterLog:
             if self.read_at is not None:
                 since["since_seconds"] = int(self.clock() - self.read_at) + LOG_OVERLAP_S
             started = self.clock()
-            text = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, container=self.container,
-                                                     timestamps=True, **since)
+            text = self.core.read_namespaced_pod_log(
+                pod.metadata.name, self.namespace, container=self.container, timestamps=True, **since
+            )
             self.read_at = started
         except Exception as exc:
             message = f"the rank-0 pod's log cannot be read yet: {api_message(exc)}"
@@ -469,9 +579,15 @@ def log_time(stamp: str) -> tuple[str, int] | None:
     return match.group(1), int((match.group(2) or "").ljust(9, "0"))
 
 
-def run_job(api: Any, manifest: Mapping[str, Any], poll_seconds: float, timeout_seconds: float,
-            sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print,
-            core: Any = None) -> str:
+def run_job(
+    api: Any,
+    manifest: Mapping[str, Any],
+    poll_seconds: float,
+    timeout_seconds: float,
+    sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = print,
+    core: Any = None,
+) -> str:
     """Create the PyTorchJob or TrainJob with a ``CustomObjectsApi``, poll until it ends and return
     its final phase ('Succeeded', 'Failed', 'Timeout'). With a ``CoreV1Api`` as ``core``, the
     rank-0 pod's log goes to ``log`` as the job runs (``MasterLog``).
@@ -501,8 +617,9 @@ def run_job(api: Any, manifest: Mapping[str, Any], poll_seconds: float, timeout_
     phase = None
     try:
         while True:
-            job = api.get_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural,
-                                                   meta["name"])
+            job = api.get_namespaced_custom_object(
+                where.group, where.version, meta["namespace"], where.plural, meta["name"]
+            )
             for condition in job.get("status", {}).get("conditions") or []:  # Created, Running, Restarting ...
                 said = (condition.get("type", ""), condition.get("status", ""), condition.get("reason", ""))
                 if said not in seen:

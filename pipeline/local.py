@@ -49,14 +49,21 @@ def launch(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = 
     if launcher != "local":
         # Pods and PyTorchJobs are submitted by the DAG's operators, which Airflow can watch,
         # log and kill; this process never talks to a cluster itself.
-        raise ConfigError(f"FINETUNE_LAUNCHER: '{launcher}' steps are submitted by the finetune DAG; "
-                          f"'finetune render --step {step} --launcher {launcher}' shows the manifest")
+        raise ConfigError(
+            f"FINETUNE_LAUNCHER: '{launcher}' steps are submitted by the finetune DAG; "
+            f"'finetune render --step {step} --launcher {launcher}' shows the manifest"
+        )
     return launch_local(step, overrides, env, **local)
 
 
-def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | None = None,
-                 timeout_s: float | None = None, grace_s: float = 30.0,
-                 started: Callable[[StepProcess], None] | None = None) -> dict[str, Any]:
+def launch_local(
+    step: str,
+    overrides: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+    grace_s: float = 30.0,
+    started: Callable[[StepProcess], None] | None = None,
+) -> dict[str, Any]:
     """Run ``step`` as a subprocess, stream its output to this log, return its result JSON.
 
     The step runs in a process group of its own; past ``timeout_s`` seconds, or when this call is
@@ -73,9 +80,12 @@ def launch_local(step: str, overrides: Sequence[str], env: Mapping[str, str] | N
         oom_after = oom_kills()
         oom = None if oom_before is None or oom_after is None else oom_after > oom_before
         if returncode is None:
-            raise steps.StepFailed(f"step '{step}' ran past its timeout of {timeout_s:g} s and was stopped, with every "
-                                   f"process it started; if it needs longer, raise timeouts.{step} in the deployment's "
-                                   "config (FINETUNE_CONFIG)", steps.TIMEOUT_EXIT_CODE)
+            raise steps.StepFailed(
+                f"step '{step}' ran past its timeout of {timeout_s:g} s and was stopped, with every "
+                f"process it started; if it needs longer, raise timeouts.{step} in the deployment's "
+                "config (FINETUNE_CONFIG)",
+                steps.TIMEOUT_EXIT_CODE,
+            )
         if returncode != 0:
             # The step's own verdict, when it gave one; torch.distributed.run exits 1 whatever its
             # workers said, so the exit code is read back from error.json too.
@@ -89,8 +99,16 @@ def local_command(step: str, overrides: Sequence[str], result_file: str) -> list
     cfg = steps.config_of(overrides)  # fail here, before any process starts, on a bad override
     args = [*steps.step_argv(step, overrides)[1:], "--result-file", result_file]
     if steps.STEPS[step].distributed:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={cfg.train.num_processes}", "-m", "pipeline", *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg.train.num_processes}",
+            "-m",
+            "pipeline",
+            *args,
+        ]
     return [sys.executable, "-m", "pipeline", *args]
 
 
@@ -107,9 +125,13 @@ def aws_env(login: str | None, password: str | None, extra: Mapping[str, Any]) -
     """boto3's environment variables from the fields of an AWS connection in Airflow's layout
     (login, password, extra ``aws_session_token``, ``endpoint_url``, ``region_name``); a field
     left empty is left out, so the standard AWS chain still supplies it."""
-    values = {"AWS_ACCESS_KEY_ID": login, "AWS_SECRET_ACCESS_KEY": password,
-              "AWS_SESSION_TOKEN": extra.get("aws_session_token"), "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
-              "AWS_DEFAULT_REGION": extra.get("region_name")}
+    values = {
+        "AWS_ACCESS_KEY_ID": login,
+        "AWS_SECRET_ACCESS_KEY": password,
+        "AWS_SESSION_TOKEN": extra.get("aws_session_token"),
+        "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
+        "AWS_DEFAULT_REGION": extra.get("region_name"),
+    }
     return {name: str(value) for name, value in values.items() if value}
 
 
@@ -118,8 +140,15 @@ class StepProcess:
 
     def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
         self.tag = uuid.uuid4().hex
-        self.popen = subprocess.Popen(list(command), env={**env, LAUNCH_TAG: self.tag}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.popen = subprocess.Popen(
+            list(command),
+            env={**env, LAUNCH_TAG: self.tag},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
 
     def members(self) -> list[psutil.Process]:
         """The live processes of this step: its process group (the leader's session) and every
@@ -172,9 +201,14 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def run_step_process(command: Sequence[str], env: Mapping[str, str], timeout_s: float | None = None,
-                     grace_s: float = 30.0, started: Callable[[StepProcess], None] | None = None,
-                     tail: collections.deque[str] | None = None) -> int | None:
+def run_step_process(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    timeout_s: float | None = None,
+    grace_s: float = 30.0,
+    started: Callable[[StepProcess], None] | None = None,
+    tail: collections.deque[str] | None = None,
+) -> int | None:
     """Run ``command`` as a local step, its output streamed to this log (and its last lines kept
     in ``tail``); return its exit code, or None when it ran past ``timeout_s``. Whatever ends
     the wait -- the step, its timeout, an exception here (Airflow's execution_timeout, a kill) --
@@ -228,4 +262,3 @@ def oom_kills() -> int | None:
         except (OSError, ValueError):
             continue
     return None
-

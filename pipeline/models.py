@@ -23,8 +23,9 @@ from pipeline.errors import ModelError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bool = True,
-                  published: bool = False) -> str:
+def resolve_model(
+    uri: str, scratch: Path, what: str = "base_model", weights: bool = True, published: bool = False
+) -> str:
     """A local directory (or hub name) that ``from_pretrained`` can load ``uri`` from.
 
     ``weights=False`` is for a tokenizer or config alone: an S3 model is then fetched without
@@ -34,8 +35,11 @@ def resolve_model(uri: str, scratch: Path, what: str = "base_model", weights: bo
     """
     kind = storage.scheme(uri)
     if kind == "s3":
-        return str(storage.fetch_dir(uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES,
-                                     published=published))
+        return str(
+            storage.fetch_dir(
+                uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES, published=published
+            )
+        )
     path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
     looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
     if path is None or (looks_like_hub_name and not path.exists()):
@@ -58,9 +62,11 @@ def _check_hub_reachable(name: str, what: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        raise ModelError(f"{what} '{name}' is a Hugging Face hub name, but HF_HUB_OFFLINE=1 and it is not in the "
-                         "local cache: set base_model to a local directory, file://, s3:// or pkg:// model, or run "
-                         "`make demo-llm`, which builds a small causal LM offline and fine-tunes it")
+        raise ModelError(
+            f"{what} '{name}' is a Hugging Face hub name, but HF_HUB_OFFLINE=1 and it is not in the "
+            "local cache: set base_model to a local directory, file://, s3:// or pkg:// model, or run "
+            "`make demo-llm`, which builds a small causal LM offline and fine-tunes it"
+        )
 
 
 def load_tokenizer(base_model: str, scratch: Path) -> Any:
@@ -85,8 +91,10 @@ def lm_tokenizer(path: str, what: str) -> Any:
         raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
-        raise ModelError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
-                         f"{vocab} rows: they do not belong together")
+        raise ModelError(
+            f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
+            f"{vocab} rows: they do not belong together"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
     return tokenizer
@@ -118,8 +126,14 @@ def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any
 
 
 # A Llama-shaped causal LM small enough to fine-tune on a laptop CPU in minutes: `make demo-llm`.
-DEMO_LM_SHAPE: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
-                                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+DEMO_LM_SHAPE: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
 DEMO_LM_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 
 
@@ -135,14 +149,26 @@ def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(DEMO_LM_SPECIALS),
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|pad|>")
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(DEMO_LM_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
     tokenizer.chat_template = chat_template
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True, **DEMO_LM_SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **DEMO_LM_SHAPE,
+    )
     torch.manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -151,6 +177,7 @@ def build_demo_lm(path: Path, texts: Any, chat_template: str, vocab_size: int = 
 
 
 # --- extending a vocabulary (train.extend_vocab) ----------------------------------------------
+
 
 def unreadable(tokenizer: Any, chars: list[str]) -> dict[str, list[int]]:
     """Those of ``chars`` the tokenizer cannot read, in their order, with the ids each reads as
@@ -173,8 +200,14 @@ def extend_vocabulary(tokenizer: Any, texts: Any, min_count: int = 1) -> dict[st
     from transformers import AddedToken
 
     counts = Counter("".join(text for text in texts if isinstance(text, str)))  # counted in C, a string at once
-    before = unreadable(tokenizer, [c for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-                                    if n >= min_count and not c.isspace()])
+    before = unreadable(
+        tokenizer,
+        [
+            c
+            for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+            if n >= min_count and not c.isspace()
+        ],
+    )
     # Matched in the raw text: the tokenizer's normalizer (BERT's pads CJK with spaces) would
     # otherwise become part of the token's spelling.
     tokenizer.add_tokens([AddedToken(c, normalized=False) for c in before])

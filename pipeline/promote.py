@@ -22,11 +22,21 @@ class PromotionRefused(PipelineError):
 
 def run(cfg: PipelineConfig) -> PromoteResult:
     own = cfg.promote
-    result = registry.attempt(tracking.client(), cfg.model_name, own.version, own.target_alias,
-                              requested_by=own.requested_by, reason=own.reason, force=own.force,
-                              ttl_s=own.lock_ttl_s, wait_s=own.lock_wait_s)
+    result = registry.attempt(
+        tracking.client(),
+        cfg.model_name,
+        own.version,
+        own.target_alias,
+        requested_by=own.requested_by,
+        reason=own.reason,
+        force=own.force,
+        ttl_s=own.lock_ttl_s,
+        wait_s=own.lock_wait_s,
+    )
     if result.outcome == "refused":
-        raise PromotionRefused(f"{cfg.model_name} version {result.version} not promoted to {own.target_alias}: "
-                               f"{result.reason} (audit run {result.audit_run_id}); to override the gate, trigger "
-                               f"promote again with force=true and a reason, which is recorded")
+        raise PromotionRefused(
+            f"{cfg.model_name} version {result.version} not promoted to {own.target_alias}: "
+            f"{result.reason} (audit run {result.audit_run_id}); to override the gate, trigger "
+            f"promote again with force=true and a reason, which is recorded"
+        )
     return result

@@ -65,8 +65,10 @@ def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
 
 
 def _inputs(own: RegisterConfig) -> dict[str, dict[str, Any]]:
-    inputs = {step: _read(getattr(own, f"{step}_result_uri"), f"{step}_result_uri", step in ("train", "evaluate"))
-              for step in ("collect", "validate", "train", "evaluate")}
+    inputs = {
+        step: _read(getattr(own, f"{step}_result_uri"), f"{step}_result_uri", step in ("train", "evaluate"))
+        for step in ("collect", "validate", "train", "evaluate")
+    }
     evaluated = inputs["evaluate"]
     gate = evaluated.get("gate_metric")
     if gate not in (evaluated.get("metrics") or {}):
@@ -86,8 +88,14 @@ def git_commit() -> str:
     if os.environ.get("FINETUNE_GIT_COMMIT"):
         return os.environ["FINETUNE_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                              capture_output=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            text=True,
+            capture_output=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -96,7 +104,9 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
     trained, evaluated = inputs["train"], inputs["evaluate"]
     validated, collected = inputs["validate"], inputs["collect"]
     tags = {
-        tracking.RUN_TAG: cfg.run_id, "finetune.task": cfg.task, "finetune.base_model": cfg.base_model,
+        tracking.RUN_TAG: cfg.run_id,
+        "finetune.task": cfg.task,
+        "finetune.base_model": cfg.base_model,
         # Airflow exports its context to the task's environment; the step subprocess inherits it.
         "airflow.dag_id": os.environ.get("AIRFLOW_CTX_DAG_ID", ""),
         "airflow.run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""),
@@ -109,9 +119,20 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
         "finetune.config_sha256": trained.get("config_sha256", ""),
         "finetune.git_commit": git_commit(),
         "finetune.image": os.environ.get("FINETUNE_IMAGE", ""),
-        "finetune.gate": json.dumps({key: evaluated.get(key) for key in (
-            "promote", "reason", "gate_metric", "greater_is_better", "thresholds", "champion_version",
-            "champion_metrics")}),
+        "finetune.gate": json.dumps(
+            {
+                key: evaluated.get(key)
+                for key in (
+                    "promote",
+                    "reason",
+                    "gate_metric",
+                    "greater_is_better",
+                    "thresholds",
+                    "champion_version",
+                    "champion_metrics",
+                )
+            }
+        ),
         "finetune.gate_passed": str(bool(evaluated["promote"])).lower(),
     }
     tags.update({f"metric.{k}": f"{float(v):.6f}" for k, v in evaluated["metrics"].items()})
@@ -136,24 +157,31 @@ def drift_picture(validated: dict[str, Any], run_id: str) -> dict[str, str]:
         path = Path(tmp) / DRIFT_PICTURE.rsplit("/", 1)[-1]
         path.write_bytes(png)
         tracking.client().log_artifact(run_id, str(path), DRIFT_PICTURE.rsplit("/", 1)[0])
-    return {DRIFT_PICTURE: "Drift of the training snapshot from the last accepted one: label shares and text "
-                           f"lengths (the full report: {page})"}
+    return {
+        DRIFT_PICTURE: "Drift of the training snapshot from the last accepted one: label shares and text "
+        f"lengths (the full report: {page})"
+    }
 
 
 def _cell(text: Any, limit: int = SAMPLE_CHARS) -> str:
     flat = " ".join(str(text).split()).replace("|", "\\|")
-    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def samples_table(samples: list[dict[str, Any]], rows: int = SAMPLE_ROWS) -> str:
     """The first generated answers of a causal LM beside their references, as a Markdown table."""
     if not samples:
         return ""
-    lines = [f"\n### Sample answers (the first {min(rows, len(samples))} of {len(samples)}; all in "
-             f"`evaluate/samples.json`)",
-             "| prompt | reference | fine-tuned answer | ROUGE-L |", "|---|---|---|---|"]
-    lines += [f"| {_cell(s.get('prompt', ''))} | {_cell(s.get('reference', ''))} | {_cell(s.get('output', ''))} | "
-              f"{float(s.get('rouge_l', 0.0)):.2f} |" for s in samples[:rows]]
+    lines = [
+        f"\n### Sample answers (the first {min(rows, len(samples))} of {len(samples)}; all in `evaluate/samples.json`)",
+        "| prompt | reference | fine-tuned answer | ROUGE-L |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {_cell(s.get('prompt', ''))} | {_cell(s.get('reference', ''))} | {_cell(s.get('output', ''))} | "
+        f"{float(s.get('rouge_l', 0.0)):.2f} |"
+        for s in samples[:rows]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -162,17 +190,25 @@ def pictures_section(pictures: dict[str, str], run_id: str) -> str:
     and the picture itself."""
     if not pictures:
         return ""
-    parts = ["## Pictures",
-             f"Artifacts of MLflow run `{run_id}`: open one from the run's Artifacts tab, or download it with "
-             f"`mlflow.artifacts.download_artifacts(\"runs:/{run_id}/<path>\")`.", ""]
+    parts = [
+        "## Pictures",
+        f"Artifacts of MLflow run `{run_id}`: open one from the run's Artifacts tab, or download it with "
+        f'`mlflow.artifacts.download_artifacts("runs:/{run_id}/<path>")`.',
+        "",
+    ]
     for path, caption in pictures.items():
         url = tracking.artifact_url(run_id, path)
         parts += [f"**{caption}** ([`{path}`]({url}))", "", f"![{path}]({url})", ""]
     return "\n".join(parts)
 
 
-def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], pictures: dict[str, str] | None = None,
-               pictures_run_id: str = "", samples: list[dict[str, Any]] | None = None) -> str:
+def model_card(
+    cfg: PipelineConfig,
+    inputs: dict[str, dict[str, Any]],
+    pictures: dict[str, str] | None = None,
+    pictures_run_id: str = "",
+    samples: list[dict[str, Any]] | None = None,
+) -> str:
     """The version's description: use, data, metrics beside the champion's, training, limitations;
     ``pictures`` (MLflow artifact path on ``pictures_run_id`` -> caption) and a causal LM's first
     sample answers when given."""
@@ -180,11 +216,15 @@ def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], pictures:
     champion = evaluated.get("champion_metrics") or {}
     rows = "\n".join(
         f"| {name} | {value:.4f} | {champion[name]:.4f} |" if name in champion else f"| {name} | {value:.4f} | - |"
-        for name, value in evaluated["metrics"].items())
+        for name, value in evaluated["metrics"].items()
+    )
     settings = {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}
     base = evaluated.get("base_metrics") or {}
-    base_line = ("\nBase model on the same held-out tokens: "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n") if base else ""
+    base_line = (
+        ("\nBase model on the same held-out tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n")
+        if base
+        else ""
+    )
     slices = evaluated.get("slices") or {}
     champion_slices = evaluated.get("champion_slices") or {}
     gate = evaluated.get("gate_metric", "")
@@ -193,20 +233,34 @@ def model_card(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], pictures:
         return "\n".join(
             f"| {name} | {int(values['rows'])} | {values[gate]:.4f} | "
             + (f"{champion_slices[name][gate]:.4f} |" if gate in champion_slices.get(name, {}) else "- |")
-            for name, values in sorted(slices.items()) if gate in values and is_challenge(name) == challenge)
+            for name, values in sorted(slices.items())
+            if gate in values and is_challenge(name) == challenge
+        )
 
     eval_rows, challenge_rows = slice_rows(False), slice_rows(True)
-    slice_table = (f"\n### By language of the eval rows ({gate})\n| language | rows | this model | champion |\n"
-                   f"|---|---|---|---|\n{eval_rows}\n") if eval_rows else ""
+    slice_table = (
+        (
+            f"\n### By language of the eval rows ({gate})\n| language | rows | this model | champion |\n"
+            f"|---|---|---|---|\n{eval_rows}\n"
+        )
+        if eval_rows
+        else ""
+    )
     if challenge_rows:  # a different question from the eval split's: say so beside the numbers
-        slice_table += (f"\n### Challenge set ({gate}): hand-written messages never trained on, reported beside the "
-                        f"eval split and gated only by a threshold that names them\n"
-                        f"| slice | rows | this model | champion |\n|---|---|---|---|\n{challenge_rows}\n")
-    limits = ("Trained on a small, synthetic or team-curated set of intents: messages outside them are "
-              "forced into the nearest known intent.")
+        slice_table += (
+            f"\n### Challenge set ({gate}): hand-written messages never trained on, reported beside the "
+            f"eval split and gated only by a threshold that names them\n"
+            f"| slice | rows | this model | champion |\n|---|---|---|---|\n{challenge_rows}\n"
+        )
+    limits = (
+        "Trained on a small, synthetic or team-curated set of intents: messages outside them are "
+        "forced into the nearest known intent."
+    )
     if cfg.task == "causal-lm":
-        limits = ("Learns the tone and patterns of its conversations, not facts: answers about a customer's order, "
-                  "account or refund are plausible text, not looked up.")
+        limits = (
+            "Learns the tone and patterns of its conversations, not facts: answers about a customer's order, "
+            "account or refund are plausible text, not looked up."
+        )
         use = """Answers customer-support conversations in the style of its instruction data, as a chat
 model (`mlflow.pyfunc` takes OpenAI-style `messages`). Drafts replies for a person to check."""
     else:
@@ -249,9 +303,12 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
         if cfg.task == "causal-lm":
             flavor = _chat_model(cfg, path, Path(tmp))
         else:
-            flavor = {"transformers_model": transformers.pipeline("text-classification", model=path, tokenizer=path),
-                      "task": "text-classification", "input_example": INPUT_EXAMPLE,
-                      "pip_requirements": pip_requirements()}
+            flavor = {
+                "transformers_model": transformers.pipeline("text-classification", model=path, tokenizer=path),
+                "task": "text-classification",
+                "input_example": INPUT_EXAMPLE,
+                "pip_requirements": pip_requirements(),
+            }
         with tracking.module_api(), mlflow.start_run(run_id=run_id):
             mlflow.log_text(card, "model_card.md")
             # The signature is inferred by running the model on the input example.
@@ -270,9 +327,13 @@ def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]
         model, tokenizer = load_trained_lm(path, cfg.base_model, scratch)
     else:
         model, tokenizer = load_causal_lm(path, "trained model")
-    return {"transformers_model": {"model": model, "tokenizer": tokenizer}, "task": "llm/v1/chat",
-            "input_example": CHAT_EXAMPLE, "pip_requirements": pip_requirements(adapter),
-            "base_model_path": base_model_path}
+    return {
+        "transformers_model": {"model": model, "tokenizer": tokenizer},
+        "task": "llm/v1/chat",
+        "input_example": CHAT_EXAMPLE,
+        "pip_requirements": pip_requirements(adapter),
+        "base_model_path": base_model_path,
+    }
 
 
 def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
@@ -293,10 +354,17 @@ def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[s
         tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
     if evaluated["promote"] and PROMOTION_DONE not in tracker.get_model_version(cfg.model_name, version).tags:
         # Under the registry lock, and only if the champion evaluate compared against still holds.
-        promotion = registry.attempt(tracker, cfg.model_name, version, CHAMPION, requested_by=f"register:{cfg.run_id}",
-                                     reason=evaluated["reason"],
-                                     expected_current=evaluated.get("champion_version") or "",
-                                     ttl_s=cfg.promote.lock_ttl_s, wait_s=cfg.promote.lock_wait_s)
+        promotion = registry.attempt(
+            tracker,
+            cfg.model_name,
+            version,
+            CHAMPION,
+            requested_by=f"register:{cfg.run_id}",
+            reason=evaluated["reason"],
+            expected_current=evaluated.get("champion_version") or "",
+            ttl_s=cfg.promote.lock_ttl_s,
+            wait_s=cfg.promote.lock_wait_s,
+        )
         tracker.set_model_version_tag(cfg.model_name, version, PROMOTION_DONE, promotion.outcome)
 
 
@@ -307,8 +375,9 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     trained, evaluated = inputs["train"], inputs["evaluate"]
     tracker = tracking.client()
     try:
-        tracker.create_registered_model(cfg.model_name,
-                                        description=f"{cfg.task} models fine-tuned by finetune-pipeline")
+        tracker.create_registered_model(
+            cfg.model_name, description=f"{cfg.task} models fine-tuned by finetune-pipeline"
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -321,30 +390,50 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         pictures_run_id = evaluated.get("mlflow_run_id") or mlflow_run_id  # where evaluate logged its PNGs
         pictures = {p["path"]: p["caption"] for p in evaluated.get("pictures") or []}
         pictures.update(drift_picture(inputs["validate"], pictures_run_id))
-        samples = storage.read_json(evaluated["report_uri"]) if cfg.task == "causal-lm" and evaluated.get(
-            "report_uri") else []
+        samples = (
+            storage.read_json(evaluated["report_uri"])
+            if cfg.task == "causal-lm" and evaluated.get("report_uri")
+            else []
+        )
         card = model_card(cfg, inputs, pictures, pictures_run_id, samples)
         info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
         # The registry's store finds the logged model (models:/<model_id>) through the module-level
         # tracking URI, not this client's (MLflow's own TODO in create_model_version).
         with tracking.module_api():
-            version = str(tracker.create_model_version(cfg.model_name, info.model_uri, run_id=mlflow_run_id,
-                                                       tags=lineage_tags(cfg, inputs), description=card,
-                                                       model_id=info.model_id).version)
+            version = str(
+                tracker.create_model_version(
+                    cfg.model_name,
+                    info.model_uri,
+                    run_id=mlflow_run_id,
+                    tags=lineage_tags(cfg, inputs),
+                    description=card,
+                    model_id=info.model_id,
+                ).version
+            )
     _complete(tracker, cfg, version, evaluated)
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
     if CHAMPION not in aliases:
-        print(f"register: the champion is unchanged; version {version} stays {CHALLENGER}. To promote it anyway, "
-              f"trigger the promote DAG with version={version}, force=true and a reason (recorded in "
-              f"{cfg.model_name}-promotions).", file=sys.stderr)
+        print(
+            f"register: the champion is unchanged; version {version} stays {CHALLENGER}. To promote it anyway, "
+            f"trigger the promote DAG with version={version}, force=true and a reason (recorded in "
+            f"{cfg.model_name}-promotions).",
+            file=sys.stderr,
+        )
     metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
-    return RegisterResult(result_uri=storage.join(cfg.step_uri("register"), "result.json"),
-                          model_name=cfg.model_name, version=version, aliases=aliases,
-                          promoted=CHAMPION in aliases, reason=evaluated["reason"], metrics=metrics,
-                          run_id=cfg.run_id, snapshot=trained["snapshot_uri"], mlflow_run_id=mlflow_run_id,
-                          model_uri=f"models:/{cfg.model_name}/{version}",
-                          base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()},
-                          slices=evaluated.get("slices") or {})
-
+    return RegisterResult(
+        result_uri=storage.join(cfg.step_uri("register"), "result.json"),
+        model_name=cfg.model_name,
+        version=version,
+        aliases=aliases,
+        promoted=CHAMPION in aliases,
+        reason=evaluated["reason"],
+        metrics=metrics,
+        run_id=cfg.run_id,
+        snapshot=trained["snapshot_uri"],
+        mlflow_run_id=mlflow_run_id,
+        model_uri=f"models:/{cfg.model_name}/{version}",
+        base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()},
+        slices=evaluated.get("slices") or {},
+    )

@@ -88,8 +88,9 @@ def _generations(tracker: Any, model_name: str) -> list[int]:
     prefix = _lock_prefix(model_name)
     # LIKE treats '_' as a wildcard: the names are filtered exactly below.
     found = tracker.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000)
-    return sorted(int(m.name[len(prefix):]) for m in found
-                  if m.name.startswith(prefix) and m.name[len(prefix):].isdigit())
+    return sorted(
+        int(m.name[len(prefix) :]) for m in found if m.name.startswith(prefix) and m.name[len(prefix) :].isdigit()
+    )
 
 
 def _lease_tags(tracker: Any, name: str) -> dict[str, str] | None:
@@ -128,8 +129,10 @@ class Lease:
         if not self.lost:
             self.lost = self._taken_over() or ""
         if self.lost:
-            raise LockLost(f"registry lock {self.name} is no longer held by {self.token}: {self.lost}; "
-                           f"nothing was written after that")
+            raise LockLost(
+                f"registry lock {self.name} is no longer held by {self.token}: {self.lost}; "
+                f"nothing was written after that"
+            )
 
     def _taken_over(self) -> str | None:
         newest = _generations(self.tracker, self.model_name)
@@ -190,14 +193,17 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float) -> tup
         if tags.get("released") != "true" and idle_s <= float(tags.get("ttl_s", ttl_s)):
             return None, holder
         if tags.get("released") != "true":
-            print(f"promote: taking over the registry lock from {holder}, not renewed for {idle_s:.0f}s",
-                  file=sys.stderr)
+            print(
+                f"promote: taking over the registry lock from {holder}, not renewed for {idle_s:.0f}s", file=sys.stderr
+            )
     generation = (generations[-1] if generations else 0) + 1
     name = f"{prefix}{generation}"
     try:
-        tracker.create_registered_model(name, tags={"holder": token, "renewed_at": str(_now_ms()), "ttl_s": str(ttl_s),
-                                                    "released": "false"},
-                                        description="A lease on moving this model's aliases (pipeline/registry.py).")
+        tracker.create_registered_model(
+            name,
+            tags={"holder": token, "renewed_at": str(_now_ms()), "ttl_s": str(ttl_s), "released": "false"},
+            description="A lease on moving this model's aliases (pipeline/registry.py).",
+        )
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_ALREADY_EXISTS":
             tags = _lease_tags(tracker, name)
@@ -206,15 +212,23 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float) -> tup
         elif exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None, "a contender"  # the server saw the name taken, then pruned, while creating: try again
         else:
-            raise PipelineError(f"cannot create the registry lock {name}: {exc.message} (the MLflow user needs "
-                                f"permission to create registered models)") from exc
+            raise PipelineError(
+                f"cannot create the registry lock {name}: {exc.message} (the MLflow user needs "
+                f"permission to create registered models)"
+            ) from exc
     lease = Lease(tracker, model_name, generation, token, ttl_s)
     lease.prune()
     return lease, token
 
 
-def acquire(tracker: Any, model_name: str, holder: str, ttl_s: float = LOCK_TTL_S, wait_s: float = LOCK_WAIT_S,
-            sleep: Callable[[float], None] = time.sleep) -> Lease:
+def acquire(
+    tracker: Any,
+    model_name: str,
+    holder: str,
+    ttl_s: float = LOCK_TTL_S,
+    wait_s: float = LOCK_WAIT_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Lease:
     """Wait for and take the registry lock of ``model_name``; ``RegistryBusy`` after ``wait_s``."""
     token = f"{holder}#{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + wait_s
@@ -225,16 +239,19 @@ def acquire(tracker: Any, model_name: str, holder: str, ttl_s: float = LOCK_TTL_
             return lease
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RegistryBusy(f"registry lock {_lock_prefix(model_name)}* still held by {held_by} after waiting "
-                               f"{wait_s:g}s (promote.lock_wait_s); a holder that stops renewing it loses it after "
-                               f"{ttl_s:g}s (promote.lock_ttl_s): retry later")
+            raise RegistryBusy(
+                f"registry lock {_lock_prefix(model_name)}* still held by {held_by} after waiting "
+                f"{wait_s:g}s (promote.lock_wait_s); a holder that stops renewing it loses it after "
+                f"{ttl_s:g}s (promote.lock_ttl_s): retry later"
+            )
         sleep(min(delay * (0.5 + random.random()), remaining))
         delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 @contextmanager
-def registry_lock(tracker: Any, model_name: str, holder: str, ttl_s: float = LOCK_TTL_S,
-                  wait_s: float = LOCK_WAIT_S) -> Iterator[Lease]:
+def registry_lock(
+    tracker: Any, model_name: str, holder: str, ttl_s: float = LOCK_TTL_S, wait_s: float = LOCK_WAIT_S
+) -> Iterator[Lease]:
     """Mutual exclusion for alias moves on ``model_name`` across processes and machines; the lease
     is renewed while the block runs, and ``lease.check()`` must precede every write."""
     lease = acquire(tracker, model_name, holder, ttl_s, wait_s)
@@ -294,8 +311,10 @@ def _verdict(candidate: Any, current: Any | None, alias: str, force: bool) -> st
     if ours is None or theirs is None:
         return f"{name} is not recorded on version {candidate.version if ours is None else current.version}"
     if not (ours > theirs if greater_is_better else ours < theirs):
-        return f"{name} {ours:.4f} of version {candidate.version} is not better than champion " \
-               f"version {current.version} ({theirs:.4f})"
+        return (
+            f"{name} {ours:.4f} of version {candidate.version} is not better than champion "
+            f"version {current.version} ({theirs:.4f})"
+        )
     return None
 
 
@@ -313,8 +332,9 @@ def _audit(tracker: Any, model_name: str, record: dict[str, Any]) -> str:
             experiment_id = tracker.get_experiment_by_name(name).experiment_id
     else:
         experiment_id = experiment.experiment_id
-    run = tracker.create_run(experiment_id, run_name=_audit_name(record),
-                             tags={f"promotion.{k}": str(v) for k, v in record.items()})
+    run = tracker.create_run(
+        experiment_id, run_name=_audit_name(record), tags={f"promotion.{k}": str(v) for k, v in record.items()}
+    )
     if record["outcome"] != "promoting":
         tracker.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -324,9 +344,19 @@ def _audit_name(record: dict[str, Any]) -> str:
     return f"{record['outcome']} v{record['version']} -> {record['alias']}"
 
 
-def attempt(tracker: Any, model_name: str, ref: str, alias: str, *, requested_by: str, reason: str,
-            force: bool = False, expected_current: str | None = None, ttl_s: float = LOCK_TTL_S,
-            wait_s: float = LOCK_WAIT_S) -> Promotion:
+def attempt(
+    tracker: Any,
+    model_name: str,
+    ref: str,
+    alias: str,
+    *,
+    requested_by: str,
+    reason: str,
+    force: bool = False,
+    expected_current: str | None = None,
+    ttl_s: float = LOCK_TTL_S,
+    wait_s: float = LOCK_WAIT_S,
+) -> Promotion:
     """Move ``alias`` to the version ``ref`` names, under the registry lock; audit every attempt.
 
     ``expected_current``: the version the caller compared against (register passes the champion
@@ -349,9 +379,18 @@ def attempt(tracker: Any, model_name: str, ref: str, alias: str, *, requested_by
             outcome, why = "refused", refusal
         else:
             outcome, why = "promoting", reason or "passed the gate"
-        record = {"model": model_name, "version": version, "alias": alias, "outcome": outcome, "why": why,
-                  "reason": reason, "forced": force, "requested_by": requested_by or "unknown",
-                  "previous_version": current_version or "", "at": datetime.now(UTC).isoformat()}
+        record = {
+            "model": model_name,
+            "version": version,
+            "alias": alias,
+            "outcome": outcome,
+            "why": why,
+            "reason": reason,
+            "forced": force,
+            "requested_by": requested_by or "unknown",
+            "previous_version": current_version or "",
+            "at": datetime.now(UTC).isoformat(),
+        }
         audit_run_id = _audit(tracker, model_name, record)
         if outcome == "promoting":
             _move(tracker, lease, model_name, alias, version, current_version)
@@ -363,5 +402,12 @@ def attempt(tracker: Any, model_name: str, ref: str, alias: str, *, requested_by
             lease.check()  # "unchanged" and untagged: an earlier attempt died after the move
             tracker.set_model_version_tag(model_name, version, tagged, json.dumps(record))
     print(f"promote: {model_name} v{version} -> {alias}: {outcome}: {why}", file=sys.stderr)
-    return Promotion(model_name=model_name, version=version, target_alias=alias, outcome=outcome, reason=why,
-                         previous_version=current_version or "", audit_run_id=audit_run_id)
+    return Promotion(
+        model_name=model_name,
+        version=version,
+        target_alias=alias,
+        outcome=outcome,
+        reason=why,
+        previous_version=current_version or "",
+        audit_run_id=audit_run_id,
+    )

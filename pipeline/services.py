@@ -77,8 +77,10 @@ def ports() -> dict[str, int]:
     for name, port in chosen.items():
         for log_name, log_port in reserved.items():
             if port == log_port:
-                raise ConfigError(f"{name}={port} is Airflow's log server port ({log_name}); choose another port, "
-                                  f"e.g. {name}={port + 1 if port + 1 not in reserved.values() else port + 2}")
+                raise ConfigError(
+                    f"{name}={port} is Airflow's log server port ({log_name}); choose another port, "
+                    f"e.g. {name}={port + 1 if port + 1 not in reserved.values() else port + 2}"
+                )
     if chosen["AIRFLOW_PORT"] == chosen["MLFLOW_PORT"]:
         raise ConfigError(f"AIRFLOW_PORT and MLFLOW_PORT are both {chosen['AIRFLOW_PORT']}; give them different ports")
     return chosen
@@ -87,18 +89,27 @@ def ports() -> dict[str, int]:
 def services(home: Path) -> list[Service]:
     chosen = ports()
     bin_dir = Path(sys.executable).parent  # the venv's: standalone runs `airflow` from PATH
-    base = {**os.environ, MARKER: str(home), "FINETUNE_HOME": str(home),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("GX_ANALYTICS_ENABLED", "false"),
-                        # MLflow's GenAI job runner: seven idle workers this project never uses
-                        ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")):
+    base = {
+        **os.environ,
+        MARKER: str(home),
+        "FINETUNE_HOME": str(home),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("GX_ANALYTICS_ENABLED", "false"),
+        # MLflow's GenAI job runner: seven idle workers this project never uses
+        ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+    ):
         base.setdefault(name, value)
     airflow_port, mlflow_port = chosen["AIRFLOW_PORT"], chosen["MLFLOW_PORT"]
     airflow_env = {
         **base,
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": os.environ.get(
-            "FINETUNE_DAGS_FOLDER", str(Path(__file__).resolve().parent.parent / "dags")),
+            "FINETUNE_DAGS_FOLDER", str(Path(__file__).resolve().parent.parent / "dags")
+        ),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         # LocalExecutor forks this many workers at start (Airflow's default, 32, on a laptop);
         # a finetune run is a chain and the promote DAG runs one task.
@@ -109,16 +120,30 @@ def services(home: Path) -> list[Service]:
         # Task workers report to the API server; its default assumes port 8080.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{HOST}:{airflow_port}/execution/",
     }
-    mlflow_command = [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
-                      "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-                      "--default-artifact-root", (home / "mlartifacts").as_uri(), "--workers", "1"]
+    mlflow_command = [
+        str(bin_dir / "mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(mlflow_port),
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--default-artifact-root",
+        (home / "mlartifacts").as_uri(),
+        "--workers",
+        "1",
+    ]
     return [
-        Service("airflow", airflow_port, [str(bin_dir / "airflow"), "standalone"], airflow_env, "/api/v2/monitor/health"),
+        Service(
+            "airflow", airflow_port, [str(bin_dir / "airflow"), "standalone"], airflow_env, "/api/v2/monitor/health"
+        ),
         Service("mlflow", mlflow_port, mlflow_command, base, "/health"),
     ]
 
 
 # --- processes --------------------------------------------------------------------------------
+
 
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (guards against a reused pid); None if it is gone or a zombie."""
@@ -195,15 +220,24 @@ def _port_taken(port: int) -> bool:
 def start(home: Path, service: Service) -> dict:
     if _port_taken(service.port):
         setting = "AIRFLOW_PORT" if service.name == "airflow" else "MLFLOW_PORT"
-        raise PipelineError(f"{service.name}: port {service.port} on {HOST} is in use by another program; "
-                            f"stop it or set {setting} to a free port")
+        raise PipelineError(
+            f"{service.name}: port {service.port} on {HOST} is in use by another program; "
+            f"stop it or set {setting} to a free port"
+        )
     log = log_file(home, service.name)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(service.command)}\n".encode())
         out.flush()
-        process = subprocess.Popen(service.command, env=service.env, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+        process = subprocess.Popen(
+            service.command,
+            env=service.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=home,
+        )
     record = {"pid": process.pid, "start_time": _start_time(process.pid), "url": service.url}
     if record["start_time"] is None:
         raise PipelineError(f"{service.name} exited at once; the end of {log}:\n{log_tail(home, service.name)}")
@@ -225,8 +259,10 @@ def healthy(service: Service) -> bool:
         report = json.loads(body)
     except ValueError:
         return False
-    return all((report.get(part) or {}).get("status") == "healthy"
-               for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+    return all(
+        (report.get(part) or {}).get("status") == "healthy"
+        for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+    )
 
 
 def wait_healthy(home: Path, service: Service, record: dict, timeout_s: float) -> None:
@@ -234,12 +270,16 @@ def wait_healthy(home: Path, service: Service, record: dict, timeout_s: float) -
     delay = 0.2
     while not healthy(service):
         if _start_time(record["pid"]) != record["start_time"]:
-            raise PipelineError(f"{service.name} exited during start-up; the end of {log_file(home, service.name)}:\n"
-                                f"{log_tail(home, service.name)}")
+            raise PipelineError(
+                f"{service.name} exited during start-up; the end of {log_file(home, service.name)}:\n"
+                f"{log_tail(home, service.name)}"
+            )
         if time.monotonic() > deadline:
-            raise PipelineError(f"{service.name} did not answer {service.url}{service.health_path} within "
-                                f"{timeout_s:.0f} s (FINETUNE_UP_TIMEOUT); the end of "
-                                f"{log_file(home, service.name)}:\n{log_tail(home, service.name)}")
+            raise PipelineError(
+                f"{service.name} did not answer {service.url}{service.health_path} within "
+                f"{timeout_s:.0f} s (FINETUNE_UP_TIMEOUT); the end of "
+                f"{log_file(home, service.name)}:\n{log_tail(home, service.name)}"
+            )
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
@@ -268,8 +308,10 @@ def up(home: Path) -> int:
             if record is None:
                 record = start(home, service)
                 started.append(service.name)
-                print(f"{service.name}: started (pid {record['pid']}); waiting for {service.url}{service.health_path}",
-                      file=sys.stderr)
+                print(
+                    f"{service.name}: started (pid {record['pid']}); waiting for {service.url}{service.health_path}",
+                    file=sys.stderr,
+                )
             else:  # a second `up`: the running copy, on the port it was started with
                 print(f"{service.name}: already running (pid {record['pid']}) at {record['url']}", file=sys.stderr)
                 service = replace(service, port=int(record["url"].rsplit(":", 1)[1]))
@@ -281,9 +323,11 @@ def up(home: Path) -> int:
             stop_service(home, name)
         raise
     (airflow, _), (mlflow, _) = waiting
-    print(f"Airflow UI  {airflow.url}  user {ADMIN_USER}, password in {home / 'airflow' / PASSWORD_FILE}\n"
-          f"MLflow UI   {mlflow.url}\n"
-          f"Logs        {home / 'logs'}; stop both with `make down` (python -m pipeline.services down)")
+    print(
+        f"Airflow UI  {airflow.url}  user {ADMIN_USER}, password in {home / 'airflow' / PASSWORD_FILE}\n"
+        f"MLflow UI   {mlflow.url}\n"
+        f"Logs        {home / 'logs'}; stop both with `make down` (python -m pipeline.services down)"
+    )
     return 0
 
 

@@ -55,23 +55,59 @@ class Step:
     gpus: int = 0
 
 
-STEPS: dict[str, Step] = {step.name: step for step in (
-    Step("collect", collect.run, "Read sources into a content-addressed Parquet snapshot.", "finetune"),
-    Step("validate", validate.run, "Gate the snapshot with a Great Expectations suite.", "finetune",
-         inputs={"validate.snapshot_uri": ("collect", "snapshot_uri")}),
-    Step("train", train.run, "Fine-tune the base model with Hugging Face Trainer + DeepSpeed.", "finetune",
-         inputs={"train.snapshot_uri": ("collect", "snapshot_uri")}, distributed=True, cpu="2", memory="8Gi", gpus=1),
-    Step("evaluate", evaluate.run, "Score the trained model and the champion on held-out data.", "finetune",
-         inputs={"evaluate.snapshot_uri": ("collect", "snapshot_uri"), "evaluate.model_uri": ("train", "model_uri")},
-         memory="4Gi"),
-    Step("register", register.run, "Log the model to MLflow, register it and move aliases.", "finetune",
-         inputs={"register.train_result_uri": ("train", "result_uri"),
-                 "register.evaluate_result_uri": ("evaluate", "result_uri"),
-                 "register.validate_result_uri": ("validate", "result_uri"),
-                 "register.collect_result_uri": ("collect", "result_uri")}, memory="4Gi"),
-    Step("promote", promote.run, "Move a registry alias (champion) to a version; roll back; audited.", "promote",
-         requested_by_key="promote.requested_by", memory="1Gi"),
-)}
+STEPS: dict[str, Step] = {
+    step.name: step
+    for step in (
+        Step("collect", collect.run, "Read sources into a content-addressed Parquet snapshot.", "finetune"),
+        Step(
+            "validate",
+            validate.run,
+            "Gate the snapshot with a Great Expectations suite.",
+            "finetune",
+            inputs={"validate.snapshot_uri": ("collect", "snapshot_uri")},
+        ),
+        Step(
+            "train",
+            train.run,
+            "Fine-tune the base model with Hugging Face Trainer + DeepSpeed.",
+            "finetune",
+            inputs={"train.snapshot_uri": ("collect", "snapshot_uri")},
+            distributed=True,
+            cpu="2",
+            memory="8Gi",
+            gpus=1,
+        ),
+        Step(
+            "evaluate",
+            evaluate.run,
+            "Score the trained model and the champion on held-out data.",
+            "finetune",
+            inputs={"evaluate.snapshot_uri": ("collect", "snapshot_uri"), "evaluate.model_uri": ("train", "model_uri")},
+            memory="4Gi",
+        ),
+        Step(
+            "register",
+            register.run,
+            "Log the model to MLflow, register it and move aliases.",
+            "finetune",
+            inputs={
+                "register.train_result_uri": ("train", "result_uri"),
+                "register.evaluate_result_uri": ("evaluate", "result_uri"),
+                "register.validate_result_uri": ("validate", "result_uri"),
+                "register.collect_result_uri": ("collect", "result_uri"),
+            },
+            memory="4Gi",
+        ),
+        Step(
+            "promote",
+            promote.run,
+            "Move a registry alias (champion) to a version; roll back; audited.",
+            "promote",
+            requested_by_key="promote.requested_by",
+            memory="1Gi",
+        ),
+    )
+}
 
 
 def result_type(step: str) -> type:
@@ -100,8 +136,10 @@ def check_inputs(table: Mapping[str, Step]) -> None:
     for row in table.values():
         for key, (source, result_field) in row.inputs.items():
             if source not in table or result_field not in result_fields(source):
-                raise TypeError(f"steps.STEPS[{row.name!r}].inputs[{key!r}]: {source}.{result_field} is no field of "
-                                f"the result of step {source!r}")
+                raise TypeError(
+                    f"steps.STEPS[{row.name!r}].inputs[{key!r}]: {source}.{result_field} is no field of "
+                    f"the result of step {source!r}"
+                )
 
 
 check_inputs(STEPS)
@@ -177,8 +215,12 @@ def _key(item: str) -> str:
     return item.partition("=")[0].strip()
 
 
-def trigger_config(deployment: Sequence[str], trigger: Sequence[str], trusted: PipelineConfig | None = None,
-                   origin: str = "DAG run conf") -> PipelineConfig:
+def trigger_config(
+    deployment: Sequence[str],
+    trigger: Sequence[str],
+    trusted: PipelineConfig | None = None,
+    origin: str = "DAG run conf",
+) -> PipelineConfig:
     """The config of the deployment's overrides then what a trigger sent: an unknown key or a bad
     value first, named as such, then a key the deployment's ``trigger_keys`` (of ``trusted``, its
     config, built here when not given) does not allow. The one place that policy is applied."""
@@ -192,9 +234,17 @@ def trigger_config(deployment: Sequence[str], trigger: Sequence[str], trusted: P
     return cfg
 
 
-def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]],
-                   run_id: str, requested_by: str = "", deployment: Sequence[str] = (), run_date: str = "",
-                   trusted: PipelineConfig | None = None, extra: Sequence[str] = ()) -> StepOverrides:
+def step_overrides(
+    step: str,
+    params: Mapping[str, Any],
+    upstream: Mapping[str, Mapping[str, Any]],
+    run_id: str,
+    requested_by: str = "",
+    deployment: Sequence[str] = (),
+    run_date: str = "",
+    trusted: PipelineConfig | None = None,
+    extra: Sequence[str] = (),
+) -> StepOverrides:
     """``key=value`` overrides for one step, later ones winning: the deployment's (trusted; its
     config ``trusted``, built here when not given), then what the trigger sent -- its DAG's Params
     that differ from the deployment's values, then the free-form ``overrides`` Param -- refused
@@ -202,18 +252,25 @@ def step_overrides(step: str, params: Mapping[str, Any], upstream: Mapping[str, 
     the run id and date, the upstream result URIs and ``extra``. They come with their config."""
     row = STEPS[step]
     trusted = load_config(None, deployment) if trusted is None else trusted
-    trigger = [f"{key}={json.dumps(params[name])}" for name, key in DAG_PARAMS[row.dag].items()
-               if name in params and params[name] != value_of(trusted, key)]
+    trigger = [
+        f"{key}={json.dumps(params[name])}"
+        for name, key in DAG_PARAMS[row.dag].items()
+        if name in params and params[name] != value_of(trusted, key)
+    ]
     trigger += list(params.get("overrides") or [])
     own = [f"{row.requested_by_key}={json.dumps(requested_by or 'unknown')}"] if row.requested_by_key else []
     own.append(f"run_id={run_id}")
     if run_date:
         own.append(f"run_date={json.dumps(run_date)}")
-    missing = [(source, result_field) for source, result_field in row.inputs.values()
-               if source not in upstream or result_field not in upstream[source]]
+    missing = [
+        (source, result_field)
+        for source, result_field in row.inputs.values()
+        if source not in upstream or result_field not in upstream[source]
+    ]
     if not missing:
-        own += [f"{key}={json.dumps(upstream[source][result_field])}"
-                for key, (source, result_field) in row.inputs.items()]
+        own += [
+            f"{key}={json.dumps(upstream[source][result_field])}" for key, (source, result_field) in row.inputs.items()
+        ]
     own += extra
     sets = [*deployment, *trigger, *own]
     cfg = _one_build(sets, trigger, own) if not missing else None
@@ -269,8 +326,11 @@ TIMEOUT_EXIT_CODE = 124  # as timeout(1): the step ran past its time and was kil
 #        the cgroup's OOM-kill count rose; any other SIGKILL,
 #        e.g. a preemption, is a crash and retried)
 #   any other (a crash, a lost node, a signal)                 yes
-NOT_RETRIED = {ConfigError.exit_code: "bad input", ValidationFailed.exit_code: "the data gate failed",
-               OOM_EXIT_CODE: "out of memory"}
+NOT_RETRIED = {
+    ConfigError.exit_code: "bad input",
+    ValidationFailed.exit_code: "the data gate failed",
+    OOM_EXIT_CODE: "out of memory",
+}
 
 
 class StepFailed(PipelineError):
@@ -284,8 +344,15 @@ class StepFailed(PipelineError):
         self.retryable = returncode not in NOT_RETRIED if retryable is None else retryable
 
 
-def classify_failure(step: str, launcher: str, exit_code: int | None, error: Mapping[str, Any] | None = None,
-                     memory: str = "", detail: str = "", oom: bool | None = None) -> StepFailed:
+def classify_failure(
+    step: str,
+    launcher: str,
+    exit_code: int | None,
+    error: Mapping[str, Any] | None = None,
+    memory: str = "",
+    detail: str = "",
+    oom: bool | None = None,
+) -> StepFailed:
     """The ``StepFailed`` a failed step is reported as on every launcher, classified by the table
     above: the step's own error.json (``step_error``) when it wrote one, else its exit code (None:
     unknown, a crash). ``memory`` is its pod's memory limit, named in an out-of-memory message. ``oom``: what
@@ -293,20 +360,32 @@ def classify_failure(step: str, launcher: str, exit_code: int | None, error: Map
     if error is not None:
         return StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
     if oom is False and exit_code in (OOM_EXIT_CODE, -signal.SIGKILL):  # evicted, preempted, stopped
-        return StepFailed(f"step '{step}' was killed (exit code {OOM_EXIT_CODE}, not for memory): {detail}",
-                          OOM_EXIT_CODE, retryable=True)
+        return StepFailed(
+            f"step '{step}' was killed (exit code {OOM_EXIT_CODE}, not for memory): {detail}",
+            OOM_EXIT_CODE,
+            retryable=True,
+        )
     if oom or exit_code in (OOM_EXIT_CODE, -signal.SIGKILL):
         if launcher == "local":
-            where = ("give the Airflow worker more memory, or lower train.batch_size or train.num_processes "
-                     "(fewer processes share the machine)")
+            where = (
+                "give the Airflow worker more memory, or lower train.batch_size or train.num_processes "
+                "(fewer processes share the machine)"
+            )
         else:
-            where = (f"raise k8s.resources.{step}.memory (its pods have {memory or STEPS[step].memory}), e.g. "
-                     f"k8s.resources: {{{step}: {{memory: <more>}}}} in the deployment's config (FINETUNE_K8S_CONFIG or "
-                     "FINETUNE_CONFIG), then clear the task")
-        return StepFailed(f"step '{step}' ran out of memory (killed, exit code {OOM_EXIT_CODE}): {where}", OOM_EXIT_CODE)
+            where = (
+                f"raise k8s.resources.{step}.memory (its pods have {memory or STEPS[step].memory}), e.g. "
+                f"k8s.resources: {{{step}: {{memory: <more>}}}} in the deployment's config (FINETUNE_K8S_CONFIG or "
+                "FINETUNE_CONFIG), then clear the task"
+            )
+        return StepFailed(
+            f"step '{step}' ran out of memory (killed, exit code {OOM_EXIT_CODE}): {where}", OOM_EXIT_CODE
+        )
     if exit_code == TIMEOUT_EXIT_CODE:
-        return StepFailed(f"step '{step}' ran past its timeout and was stopped ({detail}); if it needs longer, raise "
-                          f"timeouts.{step} in the deployment's config (FINETUNE_CONFIG)", TIMEOUT_EXIT_CODE)
+        return StepFailed(
+            f"step '{step}' ran past its timeout and was stopped ({detail}); if it needs longer, raise "
+            f"timeouts.{step} in the deployment's config (FINETUNE_CONFIG)",
+            TIMEOUT_EXIT_CODE,
+        )
     if exit_code is None:
         return StepFailed(f"step '{step}' failed without an exit code: {detail}", 1)
     how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
@@ -339,8 +418,10 @@ def render(step: str, overrides: Sequence[str], launcher: str, deadline_s: int |
     """
     check_launcher(launcher, "--launcher")
     if launcher == "local":
-        raise ConfigError("--launcher: 'local' runs a subprocess, not a manifest; "
-                          f"choose one of {[name for name in LAUNCHERS if name != 'local']}")
+        raise ConfigError(
+            "--launcher: 'local' runs a subprocess, not a manifest; "
+            f"choose one of {[name for name in LAUNCHERS if name != 'local']}"
+        )
     step_args = step_argv(step, overrides)[1:]
     cfg = config_of(overrides)
     kind = job_kind(step, launcher)
@@ -355,6 +436,7 @@ def step_timeout(step: str, cfg: PipelineConfig) -> int:
     """Seconds one attempt of ``step`` may run: ``timeouts.<step>``. The DAG passes the deployment's
     config here, never a run's, so what a trigger sends cannot lift it."""
     if step not in STEPS or not hasattr(cfg.timeouts, step):
-        raise ConfigError(f"no timeouts.{step} for step '{step}'; every row of steps.STEPS needs a field in "
-                          "config.TimeoutsConfig")
+        raise ConfigError(
+            f"no timeouts.{step} for step '{step}'; every row of steps.STEPS needs a field in config.TimeoutsConfig"
+        )
     return int(getattr(cfg.timeouts, step))

@@ -1,6 +1,6 @@
 """Text normalisation shared by splitting, duplicate detection, drift and answer scoring.
 
-    python -c "from pipeline.text import normalize_text; print(normalize_text('  Where IS   my order?'))"
+python -c "from pipeline.text import normalize_text; print(normalize_text('  Where IS   my order?'))"
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ def normalize_text(text: str) -> str:
 # Writing systems the evaluation slices by: a row is the first of these its text contains, in this
 # order (kana marks Japanese even beside kanji; Han alone reads as Chinese), else "latin" when it
 # has Latin letters, else "other".
-SCRIPTS = (("ja", "[\u3040-\u30ff]"), ("ko", "[\uac00-\ud7af\u1100-\u11ff]"),
-           ("zh", "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"), ("latin", "[A-Za-z\u00c0-\u024f]"))
+SCRIPTS = (
+    ("ja", "[\u3040-\u30ff]"),
+    ("ko", "[\uac00-\ud7af\u1100-\u11ff]"),
+    ("zh", "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
+    ("latin", "[A-Za-z\u00c0-\u024f]"),
+)
 LANGUAGES = ("ja", "ko", "zh", "latin", "other")
 
 

@@ -43,14 +43,18 @@ def unreachable(exc: BaseException) -> bool:
     requests' errors), or an HTTP 5xx / 429 answer."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__module__.split(".")[0] in ("requests",
-                                                                                                      "urllib3"):
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__module__.split(".")[0] in (
+            "requests",
+            "urllib3",
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     if type(exc).__name__ == "RestException":  # the server answered with a JSON error
         rest: Any = exc  # mlflow's RestException, known by its name: this module imports mlflow only in client()
-        return rest.get_http_status_code() >= 500 or rest.error_code in ("TEMPORARILY_UNAVAILABLE",
-                                                                         "REQUEST_LIMIT_EXCEEDED")
+        return rest.get_http_status_code() >= 500 or rest.error_code in (
+            "TEMPORARILY_UNAVAILABLE",
+            "REQUEST_LIMIT_EXCEEDED",
+        )
     status = re.search(r"failed with error code (\d{3})", str(exc))  # a non-JSON error page
     return status is not None and (int(status.group(1)) >= 500 or int(status.group(1)) == 429)
 
@@ -78,7 +82,8 @@ def transient_error(exc: BaseException, call: str = "") -> TransientError | None
     return TransientError(
         f"MLflow tracking server {uri} unreachable or failing ({call + ': ' if call else ''}{detail}) after MLflow's "
         "own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); check MLFLOW_TRACKING_URI and the server; the task is "
-        "retried with back-off")
+        "retried with back-off"
+    )
 
 
 def _redacted(text: str) -> str:

@@ -44,8 +44,9 @@ class OnTimeCronTimetable(CronTriggerTimetable):
     `start_date`, as a backfill would).
     """
 
-    def __init__(self, cron: str, *, timezone: str | Timezone | FixedTimezone,
-                 grace: timedelta = DEFAULT_GRACE) -> None:
+    def __init__(
+        self, cron: str, *, timezone: str | Timezone | FixedTimezone, grace: timedelta = DEFAULT_GRACE
+    ) -> None:
         super().__init__(cron, timezone=timezone)
         if grace < timedelta(0):
             raise ValueError(f"grace: expected a duration of zero or more, got {grace}")
@@ -62,11 +63,13 @@ class OnTimeCronTimetable(CronTriggerTimetable):
     def grace(self) -> timedelta:
         return self._grace
 
-    def next_dagrun_info(self, *, last_automated_data_interval: DataInterval | None,
-                         restriction: TimeRestriction) -> DagRunInfo | None:
+    def next_dagrun_info(
+        self, *, last_automated_data_interval: DataInterval | None, restriction: TimeRestriction
+    ) -> DagRunInfo | None:
         if restriction.catchup:
-            return super().next_dagrun_info(last_automated_data_interval=last_automated_data_interval,
-                                            restriction=restriction)
+            return super().next_dagrun_info(
+                last_automated_data_interval=last_automated_data_interval, restriction=restriction
+            )
         # The first tick at or after now - grace; CronTriggerTimetable takes the last tick at or
         # before now, however long ago it was.
         start = self._align_to_next(pendulum.now("UTC") - self._grace)
@@ -81,13 +84,17 @@ class OnTimeCronTimetable(CronTriggerTimetable):
     def serialize(self) -> dict[str, Any]:
         from airflow.serialization.encoders import encode_timezone
 
-        return {"expression": self._expression, "timezone": encode_timezone(self._timezone),
-                "grace": self._grace.total_seconds()}
+        return {
+            "expression": self._expression,
+            "timezone": encode_timezone(self._timezone),
+            "grace": self._grace.total_seconds(),
+        }
 
     @classmethod
     def deserialize(cls, data: dict[str, Any]) -> OnTimeCronTimetable:
-        return cls(data["expression"], timezone=pendulum.timezone(data["timezone"]),
-                   grace=timedelta(seconds=data["grace"]))
+        return cls(
+            data["expression"], timezone=pendulum.timezone(data["timezone"]), grace=timedelta(seconds=data["grace"])
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, OnTimeCronTimetable):

@@ -35,8 +35,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(str(storage.local_path(DEFAULT_BASE_MODEL)))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -47,8 +53,6 @@ def small_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "small.jsonl", shipped_rows(labels=3, per_label=40))
 
 
-
-
 @pytest.fixture(scope="session")
 def classifier_dir(tmp_path_factory, tiny_model_dir):
     """The tiny BERT with a (random) 3-way classification head, as train would publish it."""
@@ -56,7 +60,11 @@ def classifier_dir(tmp_path_factory, tiny_model_dir):
 
     labels = ["order_status", "password_reset", "refund_request"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=3, id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+        tiny_model_dir,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
     path = tmp_path_factory.mktemp("classifier")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
@@ -108,16 +116,42 @@ def mlflow_server(tmp_path_factory, s3_server):
     port = free_port()
     import boto3
 
-    s3_env = {"AWS_ENDPOINT_URL": s3_server, "MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
-              "AWS_ACCESS_KEY_ID": "moto-dummy", "AWS_SECRET_ACCESS_KEY": "moto-dummy"}
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="moto-dummy",
-                 aws_secret_access_key="moto-dummy").create_bucket(Bucket=database.replace("_", "-"))
+    s3_env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "moto-dummy",
+        "AWS_SECRET_ACCESS_KEY": "moto-dummy",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="moto-dummy",
+        aws_secret_access_key="moto-dummy",
+    ).create_bucket(Bucket=database.replace("_", "-"))
     server_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
-         "--artifacts-destination", f"s3://{database.replace('_', '-')}/mlflow", "--workers", "2"],
-        env={**server_env, **s3_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+            "--artifacts-destination",
+            f"s3://{database.replace('_', '-')}/mlflow",
+            "--workers",
+            "2",
+        ],
+        env={**server_env, **s3_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -143,10 +177,26 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 
 # The LLM path through the real DAG costs a ZeRO-3 training and an evaluation with generation;
 # one run serves both the end-to-end test (its registry) and the train test (its artifacts).
-CAUSAL_LM_RUN = ["--source", "pkg://pipeline/data/support_instructions.jsonl", "--set", "task=causal-lm",
-                 "--set", "model_name=support-chat", "--set", "train.zero_stage=3", "--set", "train.epochs=1",
-                 "--set", "train.batch_size=8", "--set", "train.learning_rate=1e-3", "--set", "train.max_seq_len=256",
-                 "--set", "evaluate.generate_rows=4"]
+CAUSAL_LM_RUN = [
+    "--source",
+    "pkg://pipeline/data/support_instructions.jsonl",
+    "--set",
+    "task=causal-lm",
+    "--set",
+    "model_name=support-chat",
+    "--set",
+    "train.zero_stage=3",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.learning_rate=1e-3",
+    "--set",
+    "train.max_seq_len=256",
+    "--set",
+    "evaluate.generate_rows=4",
+]
 
 
 @pytest.fixture(scope="session")
@@ -160,9 +210,19 @@ def causal_lm_run(tmp_path_factory, tiny_lm_dir):
     from types import SimpleNamespace
 
     home = tmp_path_factory.mktemp("causal-lm-run") / "home"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "FINETUNE_ARTIFACT_ROOT", "AIRFLOW_HOME")}
-    env.update(FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1", GX_ANALYTICS_ENABLED="false", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", *CAUSAL_LM_RUN, "--set", f"base_model={tiny_lm_dir}"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "FINETUNE_ARTIFACT_ROOT", "AIRFLOW_HOME")
+    }
+    env.update(
+        FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1", GX_ANALYTICS_ENABLED="false", TOKENIZERS_PARALLELISM="false"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", *CAUSAL_LM_RUN, "--set", f"base_model={tiny_lm_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return SimpleNamespace(done=done, home=home)

@@ -58,8 +58,13 @@ def collect_snapshot(sources: list[Any], *sets: str) -> collect.CollectResult:
 def train_settings(snapshot: collect.CollectResult, model_dir: Any, run_id: str, *settings: str) -> list[str]:
     """The train step's settings for ``snapshot`` and the base model at ``model_dir``, on 2
     processes, followed by ``settings`` (later ones win)."""
-    return [f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}", f"train.snapshot_uri={snapshot.snapshot_uri}",
-            "train.num_processes=2", *settings]
+    return [
+        f"run_id={run_id}",
+        f"base_model={json.dumps(str(model_dir))}",
+        f"train.snapshot_uri={snapshot.snapshot_uri}",
+        "train.num_processes=2",
+        *settings,
+    ]
 
 
 def run_step_here(step: str, overrides: list[str]) -> dict[str, Any]:
@@ -77,7 +82,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -92,8 +96,12 @@ def moto_server(env: dict[str, str] | None = None, probe_path: str = "") -> Iter
     it does not use up a server's INITIAL_NO_AUTH_ACTION_COUNT.
     """
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -120,16 +128,30 @@ def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                        pad_token="<|pad|>")
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
     if chat_template:
         tokenizer.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -143,13 +165,19 @@ def task_result(dag_run: Any, task_id: str) -> Any:
     from sqlalchemy import select
 
     with create_session() as session:
-        value = session.scalar(select(XComModel.value).where(
-            XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id,
-            XComModel.task_id == task_id, XComModel.key == "return_value"))
+        value = session.scalar(
+            select(XComModel.value).where(
+                XComModel.dag_id == dag_run.dag_id,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.task_id == task_id,
+                XComModel.key == "return_value",
+            )
+        )
     return json.loads(value) if isinstance(value, str) else value
 
 
 # --- the registry, as register leaves it and as promotion reads it -----------------------------
+
 
 def register_version(tracker: Any, accuracy: float, passed: bool = True, name: str = MODEL_NAME) -> str:
     """A registered version as register leaves it: gate verdict and metrics as tags. Never loaded:
@@ -158,8 +186,11 @@ def register_version(tracker: Any, accuracy: float, passed: bool = True, name: s
         tracker.create_registered_model(name)
     except Exception:  # already there
         pass
-    tags = {"finetune.gate_passed": str(passed).lower(), "metric.accuracy": f"{accuracy:.6f}",
-            "finetune.gate": json.dumps({"gate_metric": "accuracy", "greater_is_better": True})}
+    tags = {
+        "finetune.gate_passed": str(passed).lower(),
+        "metric.accuracy": f"{accuracy:.6f}",
+        "finetune.gate": json.dumps({"gate_metric": "accuracy", "greater_is_better": True}),
+    }
     return str(tracker.create_model_version(name, "s3://registry-test/model", tags=tags).version)
 
 

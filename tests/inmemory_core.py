@@ -26,9 +26,15 @@ class InMemoryCoreV1:
         self.reads: list[dict] = []
 
     def add_pod(self, name: str, labels: dict[str, str], container: str, started: bool = True) -> None:
-        self.pods[name] = V1Pod(metadata=V1ObjectMeta(name=name, uid=f"uid-{name}", labels=dict(labels),
-                                                      creation_timestamp=EPOCH + timedelta(seconds=self.now)),
-                                status=V1PodStatus(phase="Running" if started else "Pending"))
+        self.pods[name] = V1Pod(
+            metadata=V1ObjectMeta(
+                name=name,
+                uid=f"uid-{name}",
+                labels=dict(labels),
+                creation_timestamp=EPOCH + timedelta(seconds=self.now),
+            ),
+            status=V1PodStatus(phase="Running" if started else "Pending"),
+        )
         self.logs[(name, container)] = []
         if not started:
             self.not_started.add(name)
@@ -47,8 +53,9 @@ class InMemoryCoreV1:
 
     def list_namespaced_pod(self, namespace, label_selector=""):
         wanted = dict(pair.split("=", 1) for pair in label_selector.split(",") if pair)
-        return V1PodList(items=[pod for pod in self.pods.values()
-                                if all(pod.metadata.labels.get(k) == v for k, v in wanted.items())])
+        return V1PodList(
+            items=[pod for pod in self.pods.values() if all(pod.metadata.labels.get(k) == v for k, v in wanted.items())]
+        )
 
     def read_namespaced_pod_log(self, name, namespace, container=None, timestamps=False, since_seconds=None):
         self.reads.append({"pod": name, "container": container, "since_seconds": since_seconds})
@@ -58,8 +65,11 @@ class InMemoryCoreV1:
             raise ApiError(400, f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating')
         if (name, container) not in self.logs:
             raise ApiError(400, f"container {container} is not valid for pod {name}")
-        lines = [(at, line) for at, line in self.logs[(name, container)]
-                 if since_seconds is None or at >= self.now - since_seconds]
+        lines = [
+            (at, line)
+            for at, line in self.logs[(name, container)]
+            if since_seconds is None or at >= self.now - since_seconds
+        ]
         if not timestamps:
             return "".join(f"{line}\n" for _, line in lines)
         # The kubelet's RFC 3339 timestamps, nanoseconds with trailing zeros trimmed as Go prints them.

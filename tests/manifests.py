@@ -10,13 +10,26 @@ import yaml
 
 K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())  # oldest cluster we target, newest shipped
 RUN = ["run_id=scheduled__2026-01-05T00_00_00_00_00", 'train.snapshot_uri="s3://b/snap/data.parquet"']
-SAFE_VOLUME_KINDS = {"emptyDir", "secret", "configMap", "projected", "downwardAPI",
-                     "persistentVolumeClaim", "ephemeral", "csi"}
+SAFE_VOLUME_KINDS = {
+    "emptyDir",
+    "secret",
+    "configMap",
+    "projected",
+    "downwardAPI",
+    "persistentVolumeClaim",
+    "ephemeral",
+    "csi",
+}
 
 
 def manifests_in(directory: Path) -> list[dict]:
-    return [doc for path in sorted(directory.glob("*.yaml")) if path.name != "kustomization.yaml"
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc
+        for path in sorted(directory.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def validate_core(obj: dict) -> None:

@@ -29,9 +29,13 @@ def finetune(*argv: str) -> str:
 def dag_graphs() -> str:
     """Each DAG's tasks: id, type, edges, retries, trigger rule, timeout, pool, queue; its params and tags."""
     home = tempfile.mkdtemp(prefix="surface-airflow-")
-    env = {**os.environ, "AIRFLOW_HOME": home, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": home,
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    }
     probe = r"""
 import json, sys
 from airflow.dag_processing.dagbag import BundleDagBag
@@ -51,14 +55,21 @@ for dag_id in sorted(bag.dags):
 open(sys.argv[2], "w").write(json.dumps(out, indent=1, sort_keys=True, default=str))
 """
     graphs = Path(home) / "graphs.json"
-    done = subprocess.run([sys.executable, "-c", probe, str(ROOT / "dags"), str(graphs)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT / "dags"), str(graphs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     return graphs.read_text() if done.returncode == 0 else f"exit {done.returncode}\n{done.stderr}"
 
 
 def runtime() -> str:
-    probe = ("import yaml; from pipeline import k8s, steps; from pipeline.config import load_config; "
-             "print(yaml.safe_dump(k8s.training_runtime_manifest(load_config(), steps.STEPS['train']), sort_keys=False))")
+    probe = (
+        "import yaml; from pipeline import k8s, steps; from pipeline.config import load_config; "
+        "print(yaml.safe_dump(k8s.training_runtime_manifest(load_config(), steps.STEPS['train']), sort_keys=False))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     return done.stdout + done.stderr
 
@@ -70,8 +81,18 @@ def main(out: Path) -> None:
     for step in STEPS:
         for launcher in LAUNCHERS:
             pages[f"render-{step}-{launcher}"] = finetune("render", "--step", step, "--launcher", launcher, *sets)
-    pages["render-train-trainjob-2nodes"] = finetune("render", "--step", "train", "--launcher", "trainjob", *sets,
-                                                     "--set", "k8s.num_nodes=2", "--set", "k8s.gpus_per_node=4")
+    pages["render-train-trainjob-2nodes"] = finetune(
+        "render",
+        "--step",
+        "train",
+        "--launcher",
+        "trainjob",
+        *sets,
+        "--set",
+        "k8s.num_nodes=2",
+        "--set",
+        "k8s.gpus_per_node=4",
+    )
     pages["config"] = finetune("config")
     pages["trainingruntime"] = runtime()
     pages["dags"] = dag_graphs()

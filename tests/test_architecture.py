@@ -19,14 +19,37 @@ from tests.helpers import ROOT
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # Imported inside functions because each costs a noticeable share of a second or more and the
 # modules that use them are imported when Airflow parses a DAG file or `finetune --help` runs.
-HEAVY = {"torch", "transformers", "deepspeed", "mlflow", "great_expectations", "pandas", "numpy", "pyarrow",
-         "datasets", "peft", "sklearn", "scipy", "matplotlib", "safetensors", "tokenizers", "boto3", "botocore",
-         "urllib3", "huggingface_hub"}
+HEAVY = {
+    "torch",
+    "transformers",
+    "deepspeed",
+    "mlflow",
+    "great_expectations",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "datasets",
+    "peft",
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "safetensors",
+    "tokenizers",
+    "boto3",
+    "botocore",
+    "urllib3",
+    "huggingface_hub",
+}
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+    )
 
 
 def test_the_import_contract_holds():
@@ -35,12 +58,15 @@ def test_the_import_contract_holds():
     assert "2 kept, 0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("module, line, broken", [
-    ("validate", "from pipeline import train", "Imports go one way"),  # a step importing a step
-    ("chat", "from pipeline import collect", "Imports go one way"),  # a shared part importing a step
-    ("config", "from pipeline import steps", "Imports go one way"),  # the foundation importing launching
-    ("storage", "import airflow.sdk", "never imports Airflow"),
-])
+@pytest.mark.parametrize(
+    "module, line, broken",
+    [
+        ("validate", "from pipeline import train", "Imports go one way"),  # a step importing a step
+        ("chat", "from pipeline import collect", "Imports go one way"),  # a shared part importing a step
+        ("config", "from pipeline import steps", "Imports go one way"),  # the foundation importing launching
+        ("storage", "import airflow.sdk", "never imports Airflow"),
+    ],
+)
 def test_the_contract_catches_an_import_against_the_layers(tmp_path, module, line, broken):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "data"))
@@ -72,10 +98,13 @@ def test_imports_inside_functions_are_heavy_libraries_only():
     assert misplaced == [], "import these at the top of the module: " + json.dumps(misplaced)
 
 
-@pytest.mark.parametrize("code", [
-    "import pipeline.cli",  # `finetune --help`, and every step process before it knows its step
-    "import pipeline.steps, pipeline.local, pipeline.config",  # what the DAG files import at parse time
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import pipeline.cli",  # `finetune --help`, and every step process before it knows its step
+        "import pipeline.steps, pipeline.local, pipeline.config",  # what the DAG files import at parse time
+    ],
+)
 def test_the_light_paths_import_nothing_heavy(code):
     probe = f"import sys; {code}; print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -14,9 +14,26 @@ from tests.helpers import ROOT
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_the_train_step_and_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train.py"), "--size", "tiny", "--precision", "fp32",
-                           "--variants", "zero3-lora", "--seq-len", "128", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_train.py"),
+            "--size",
+            "tiny",
+            "--precision",
+            "fp32",
+            "--variants",
+            "zero3-lora",
+            "--seq-len",
+            "128",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["processes"] == 2 and report["parameters"] > 0 and report["commit"] and report["command"]

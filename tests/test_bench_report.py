@@ -27,11 +27,24 @@ def test_tables_come_from_the_result_files_and_a_stale_page_is_caught(tmp_path, 
     monkeypatch.setattr(report, "PAGE", page)
     machine = {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"}
     variant = {"samples_per_s": _spread(20.0), "peak_rss_bytes": _spread(2**30), "wall_s": _spread(60.0)}
-    result = {"command": "python bench/training_tax.py", "commit": "abc1234", "date": "today", "machine": machine,
-              "setup": {"model": "MiniLM", "zero_stage": 2, "processes": 2, "micro_batch": 16, "seq_len": 64,
-                        "steps": 30, "warmup_steps": 10, "repeats": 5},
-              "variants": {"a": variant, "b": variant, "c": variant},
-              "ratios": {"a/b": _spread(0.95), "a/c": _spread(0.93), "a_wall_minus_training_s": _spread(30.0)}}
+    result = {
+        "command": "python bench/training_tax.py",
+        "commit": "abc1234",
+        "date": "today",
+        "machine": machine,
+        "setup": {
+            "model": "MiniLM",
+            "zero_stage": 2,
+            "processes": 2,
+            "micro_batch": 16,
+            "seq_len": 64,
+            "steps": 30,
+            "warmup_steps": 10,
+            "repeats": 5,
+        },
+        "variants": {"a": variant, "b": variant, "c": variant},
+        "ratios": {"a/b": _spread(0.95), "a/c": _spread(0.93), "a_wall_minus_training_s": _spread(30.0)},
+    }
     (results / "training_tax.json").write_text(json.dumps(result))
     assert report.main(["--check"]) == 1  # the page lacks the table
     assert report.main([]) == 0
@@ -49,11 +62,15 @@ def test_tables_come_from_the_result_files_and_a_stale_page_is_caught(tmp_path, 
 
 def _orchestration_result():
     task = {key: _spread(1.0) for key in ("task_s", "step_s", "overhead_s")}
-    return {"command": "python bench/orchestration.py --repeats 3", "commit": "abc1234", "date": "today",
-            "machine": {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"},
-            "setup": {"epochs": 1, "via": "finetune run (airflow dags test)", "repeats": 3},
-            "dag_run": {"wall_s": _spread(300.0), "outside_tasks_s": _spread(40.0), "tasks": {"collect": task}},
-            "finetune_help_s": _spread(0.5)}
+    return {
+        "command": "python bench/orchestration.py --repeats 3",
+        "commit": "abc1234",
+        "date": "today",
+        "machine": {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"},
+        "setup": {"epochs": 1, "via": "finetune run (airflow dags test)", "repeats": 3},
+        "dag_run": {"wall_s": _spread(300.0), "outside_tasks_s": _spread(40.0), "tasks": {"collect": task}},
+        "finetune_help_s": _spread(0.5),
+    }
 
 
 def test_each_part_of_the_orchestration_result_keeps_its_own_provenance(tmp_path, monkeypatch):
@@ -71,13 +88,24 @@ def test_each_part_of_the_orchestration_result_keeps_its_own_provenance(tmp_path
     monkeypatch.setattr(harness, "commit", lambda: "def5678")
     monkeypatch.setattr(sys, "argv", ["bench/orchestration.py", "--only", "parse"])
     files = {name: {"warm": _spread(0.08), "cold": _spread(0.2)} for name in ("collect.py", "finetune.py")}
-    parse = {"repeats": 5, "files": files, "baseline": {"commit": "1111111", "files": {
-        name: {"warm": _spread(0.1), "cold": _spread(0.2)} for name in files}}}
+    parse = {
+        "repeats": 5,
+        "files": files,
+        "baseline": {
+            "commit": "1111111",
+            "files": {name: {"warm": _spread(0.1), "cold": _spread(0.2)} for name in files},
+        },
+    }
     harness.update_result("orchestration", {"dag_parse": parse}, out, drop=["dag_parse_s"])
     monkeypatch.setattr(sys, "argv", ["bench/orchestration.py", "--path", "scheduler"])
     wait = {key: _spread(1.5) for key in ("wait_s", "task_s", "step_s", "overhead_s")}
-    scheduler = {"setup": {"via": "make up", "epochs": 1, "repeats": 1}, "up_s": _spread(60.0), "wall_s": _spread(300.0),
-                 "outside_steps_s": _spread(20.0), "tasks": {"collect": wait}}
+    scheduler = {
+        "setup": {"via": "make up", "epochs": 1, "repeats": 1},
+        "up_s": _spread(60.0),
+        "wall_s": _spread(300.0),
+        "outside_steps_s": _spread(20.0),
+        "tasks": {"collect": wait},
+    }
     harness.update_result("orchestration", {"scheduler": scheduler}, out)
 
     result = json.loads(out.read_text())
@@ -108,7 +136,9 @@ def test_the_suite_report_sums_each_module_and_names_the_slowest_tests(tmp_path,
     monkeypatch.setattr(harness, "machine", lambda: {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"})
     monkeypatch.setattr(harness, "commit", lambda: "abc1234")
     out = tmp_path / "suite.json"
-    suite.main(["--junit", str(junit), "--tests-s", "190", "--wall-s", "400", "--how", "a clean clone", "--out", str(out)])
+    suite.main(
+        ["--junit", str(junit), "--tests-s", "190", "--wall-s", "400", "--how", "a clean clone", "--out", str(out)]
+    )
     result = json.loads(out.read_text())
     assert result["outcomes"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
     assert result["modules"][0] == {"module": "tests.pipeline.test_train", "tests": 2, "seconds": 120.5}

@@ -43,7 +43,9 @@ def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_m
     artifacts = {a.path for a in tracker.list_artifacts(run.info.run_id, "evaluate")}
     assert "evaluate/confusion_matrix.png" in artifacts
     assert [a.path for a in tracker.list_artifacts(run.info.run_id, "train")] == [
-        "train/deepspeed_config.json", "train/training_summary.json"]
+        "train/deepspeed_config.json",
+        "train/training_summary.json",
+    ]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train", "eval"}
 
     bad = write_jsonl(tmp_path / "bad.jsonl", shipped_rows(3, 10) + [{"text": "no label here", "label": None}])
@@ -64,14 +66,25 @@ def test_unknown_key_and_bad_value_fail_before_airflow_starts():
 
 
 @pytest.mark.slow
-def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_server, monkeypatch, tiny_model_dir,
-                                                                     small_data):
+def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(
+    mlflow_server, monkeypatch, tiny_model_dir, small_data
+):
     """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API); the
     champion then loads and predicts in a fresh process, from the server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = "remote-intents"
-    done = _finetune_run("--source", str(small_data), "--set", f"base_model={tiny_model_dir}",
-                         "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", f"model_name={name}")
+    done = _finetune_run(
+        "--source",
+        str(small_data),
+        "--set",
+        f"base_model={tiny_model_dir}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        f"model_name={name}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     from pipeline.tracking import client
@@ -79,10 +92,13 @@ def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(mlflow_ser
     version = client().get_model_version_by_alias(name, "champion")
     assert str(version.version) == summary["version"] and version.tags["finetune.run_id"] == summary["run_id"]
     assert client().get_experiment_by_name(name).artifact_location.startswith("mlflow-artifacts:")
-    probe = ("import json, mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-             "print(json.dumps(m.predict(['where is my parcel', '我要退款'])['label'].tolist()))")
-    loaded = subprocess.run([sys.executable, "-c", probe, f"models:/{name}@champion"], capture_output=True,
-                            text=True, timeout=300)
+    probe = (
+        "import json, mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "print(json.dumps(m.predict(['where is my parcel', '我要退款'])['label'].tolist()))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe, f"models:/{name}@champion"], capture_output=True, text=True, timeout=300
+    )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     labels = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert len(labels) == 2 and set(labels) <= {r["label"] for r in shipped_rows(3, 40)}  # small_data's intents
@@ -109,5 +125,7 @@ def test_causal_lm_run_registers_a_chat_model_better_than_its_base(causal_lm_run
     assert version.tags["finetune.task"] == "causal-lm"
     assert "evaluate/samples.json" in {a.path for a in client().list_artifacts(run.info.run_id, "evaluate")}
     trained = json.loads(open(client().download_artifacts(run.info.run_id, "train/training_summary.json")).read())
-    assert trained["conversations"]["kept"] + trained["conversations"]["dropped_overlong"] == \
-        trained["conversations"]["examples"]
+    assert (
+        trained["conversations"]["kept"] + trained["conversations"]["dropped_overlong"]
+        == trained["conversations"]["examples"]
+    )

@@ -30,8 +30,15 @@ from tests.helpers import MODEL_NAME, ROOT, aliases, free_port, register_version
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 # No cron tick is due when the test unpauses `finetune` (the next 29 February after the DAG's
 # start_date is in 2028), so the only run is the one the form triggers.
@@ -40,13 +47,19 @@ RUN_TIMEOUT_S = 900  # the UI-triggered run: about 2 min on 2 busy cores
 
 
 def _up(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.services", "up"], env=env, capture_output=True, text=True,
-                          timeout=services.START_TIMEOUT_S + 120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.services", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=services.START_TIMEOUT_S + 120,
+    )
 
 
 def _down(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.services", "down"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.services", "down"], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _scratch_env(home: Path, **extra: str) -> dict[str, str]:
@@ -55,9 +68,15 @@ def _scratch_env(home: Path, **extra: str) -> dict[str, str]:
     # Not this process's Airflow settings: in the whole suite, tests/dags/conftest.py has pointed
     # Airflow at its own test database and made every caller an admin (so no password is made).
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    return {**inherited, "FINETUNE_HOME": str(home), "AIRFLOW_PORT": str(free_port()),
-            "MLFLOW_PORT": str(free_port()), "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()), **extra}
+    return {
+        **inherited,
+        "FINETUNE_HOME": str(home),
+        "AIRFLOW_PORT": str(free_port()),
+        "MLFLOW_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        **extra,
+    }
 
 
 def _pids(home: Path) -> dict[str, int]:
@@ -81,16 +100,18 @@ def _service_logs(home: Path) -> str:
 
 def _get_json(url: str, token: str | None = None, data: dict | None = None, method: str | None = None) -> Any:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(url, headers=headers, method=method,
-                                     data=json.dumps(data).encode() if data is not None else None)
+    request = urllib.request.Request(
+        url, headers=headers, method=method, data=json.dumps(data).encode() if data is not None else None
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read() or b"null")
 
 
 def _airflow_token(airflow_url: str, home: Path) -> str:
     password = json.loads((home / "airflow" / services.PASSWORD_FILE).read_text())[services.ADMIN_USER]
-    return _get_json(f"{airflow_url}/auth/token", data={"username": services.ADMIN_USER, "password": password},
-                     method="POST")["access_token"]
+    return _get_json(
+        f"{airflow_url}/auth/token", data={"username": services.ADMIN_USER, "password": password}, method="POST"
+    )["access_token"]
 
 
 def _poll(what: str, probe: Callable[[], Any], timeout_s: float, on_timeout: Callable[[], str] = lambda: "") -> Any:
@@ -108,15 +129,32 @@ def _poll(what: str, probe: Callable[[], Any], timeout_s: float, on_timeout: Cal
 
 # --- make up / make down ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("setting, value, message", [
-    ("AIRFLOW_PORT", "8793", "AIRFLOW_PORT=8793 is Airflow's log server port (AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT)"),
-    ("MLFLOW_PORT", "8794", "MLFLOW_PORT=8794 is Airflow's log server port (AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT)"),
-    ("MLFLOW_PORT", "8080", "AIRFLOW_PORT and MLFLOW_PORT are both 8080"),
-    ("AIRFLOW_PORT", "http", "AIRFLOW_PORT: expected a port number, got 'http'"),
-])
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        (
+            "AIRFLOW_PORT",
+            "8793",
+            "AIRFLOW_PORT=8793 is Airflow's log server port (AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT)",
+        ),
+        (
+            "MLFLOW_PORT",
+            "8794",
+            "MLFLOW_PORT=8794 is Airflow's log server port (AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT)",
+        ),
+        ("MLFLOW_PORT", "8080", "AIRFLOW_PORT and MLFLOW_PORT are both 8080"),
+        ("AIRFLOW_PORT", "http", "AIRFLOW_PORT: expected a port number, got 'http'"),
+    ],
+)
 def test_a_port_setting_that_would_collide_is_refused_before_anything_starts(tmp_path, setting, value, message):
-    env = {**os.environ, "FINETUNE_HOME": str(tmp_path / "home"), "AIRFLOW_PORT": "8080", "MLFLOW_PORT": "5000",
-           setting: value}
+    env = {
+        **os.environ,
+        "FINETUNE_HOME": str(tmp_path / "home"),
+        "AIRFLOW_PORT": "8080",
+        "MLFLOW_PORT": "5000",
+        setting: value,
+    }
     for name in ("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"):
         env.pop(name, None)
     refused = _up(env)
@@ -133,12 +171,15 @@ def test_up_twice_starts_one_copy_down_stops_all_of_it_and_state_survives_a_rest
     try:
         started = _up(env)
         assert started.returncode == 0, started.stderr + _service_logs(home)
-        assert f"Airflow UI  {airflow_url}  user admin, password in {home / 'airflow' / services.PASSWORD_FILE}" \
+        assert (
+            f"Airflow UI  {airflow_url}  user admin, password in {home / 'airflow' / services.PASSWORD_FILE}"
             in started.stdout
+        )
         assert f"MLflow UI   {mlflow_url}" in started.stdout
         health = _get_json(f"{airflow_url}/api/v2/monitor/health")
-        assert {part: health[part]["status"] for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")} \
-            == dict.fromkeys(("metadatabase", "scheduler", "triggerer", "dag_processor"), "healthy")
+        assert {
+            part: health[part]["status"] for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        } == dict.fromkeys(("metadatabase", "scheduler", "triggerer", "dag_processor"), "healthy")
         first_pids = _pids(home)
 
         again = _up(env)
@@ -146,13 +187,16 @@ def test_up_twice_starts_one_copy_down_stops_all_of_it_and_state_survives_a_rest
         assert "airflow: already running" in again.stderr and "mlflow: already running" in again.stderr
         assert _pids(home) == first_pids
         commands = _commands(services.marked_processes(home))
-        assert sum("airflow standalone" in c for c in commands) == 1 and sum("mlflow server" in c for c in commands) == 1
+        assert (
+            sum("airflow standalone" in c for c in commands) == 1 and sum("mlflow server" in c for c in commands) == 1
+        )
 
         # State to find again: an Airflow Variable and an MLflow experiment, through their APIs.
         token = _airflow_token(airflow_url, home)
         _get_json(f"{airflow_url}/api/v2/variables", token, {"key": "survives", "value": "restart"}, "POST")
-        experiment_id = _get_json(f"{mlflow_url}/api/2.0/mlflow/experiments/create", data={"name": "survives"},
-                                  method="POST")["experiment_id"]
+        experiment_id = _get_json(
+            f"{mlflow_url}/api/2.0/mlflow/experiments/create", data={"name": "survives"}, method="POST"
+        )["experiment_id"]
 
         stopped = _down(env)
         assert stopped.returncode == 0, stopped.stderr
@@ -175,6 +219,7 @@ def test_up_twice_starts_one_copy_down_stops_all_of_it_and_state_survives_a_rest
 
 
 # --- the browser --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
@@ -206,10 +251,14 @@ class Stages:
 
 
 def _task_log_tail(home: Path, dag_id: str, run_id: str) -> str:
-    logs = sorted((home / "airflow" / "logs" / f"dag_id={dag_id}").glob(f"run_id={run_id}/task_id=*/attempt=*.log"),
-                  key=lambda p: p.stat().st_mtime)
-    return "\n".join(f"--- {log.relative_to(home)}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-                     for log in logs[-2:])
+    logs = sorted(
+        (home / "airflow" / "logs" / f"dag_id={dag_id}").glob(f"run_id={run_id}/task_id=*/attempt=*.log"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return "\n".join(
+        f"--- {log.relative_to(home)}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        for log in logs[-2:]
+    )
 
 
 def _param_input(dialog: Any, name: str) -> Any:
@@ -238,8 +287,12 @@ def _submit_and_wait(page: Any, dialog: Any, airflow_url: str, home: Path, dag_i
     token = _airflow_token(airflow_url, home)
     before = {run["dag_run_id"] for run in _runs(airflow_url, token, dag_id)}
     dialog.get_by_test_id("trigger-dag-submit").click()
-    created = _poll(f"the {dag_id} run the form triggers", lambda: [
-        run for run in _runs(airflow_url, token, dag_id) if run["dag_run_id"] not in before], 60, lambda: _service_logs(home))
+    created = _poll(
+        f"the {dag_id} run the form triggers",
+        lambda: [run for run in _runs(airflow_url, token, dag_id) if run["dag_run_id"] not in before],
+        60,
+        lambda: _service_logs(home),
+    )
     assert len(created) == 1 and created[0]["run_type"] == "manual", created
     run_id = created[0]["dag_run_id"]
     url = f"{airflow_url}/api/v2/dags/{dag_id}/dagRuns/{urllib.request.quote(run_id, safe='')}"
@@ -248,8 +301,12 @@ def _submit_and_wait(page: Any, dialog: Any, airflow_url: str, home: Path, dag_i
         run = _get_json(url, _airflow_token(airflow_url, home))  # a token outlives no long run: fetch one each time
         return run if run["state"] in ("success", "failed") else None
 
-    run = _poll(f"{dag_id} run {run_id} to finish", finished, timeout_s,
-                lambda: _task_log_tail(home, dag_id, run_id) + "\n" + _service_logs(home))
+    run = _poll(
+        f"{dag_id} run {run_id} to finish",
+        finished,
+        timeout_s,
+        lambda: _task_log_tail(home, dag_id, run_id) + "\n" + _service_logs(home),
+    )
     assert run["state"] == "success", f"{dag_id} run {run_id} failed:\n{_task_log_tail(home, dag_id, run_id)}"
     return run
 
@@ -276,14 +333,19 @@ def _alias_chip(page: Any, version: str, alias: str) -> Any:
 def _main_panel(page: Any) -> dict[str, float]:
     """The MLflow page's main panel within the viewport (not its assistant side panel)."""
     box = page.get_by_role("main").bounding_box()
-    return {"x": box["x"], "y": box["y"], "width": box["width"],
-            "height": min(box["height"], page.viewport_size["height"] - box["y"])}
+    return {
+        "x": box["x"],
+        "y": box["y"],
+        "width": box["width"],
+        "height": min(box["height"], page.viewport_size["height"] - box["y"]),
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
-        tmp_path, chromium, tiny_model_dir, small_data, monkeypatch):
+    tmp_path, chromium, tiny_model_dir, small_data, monkeypatch
+):
     from playwright.sync_api import expect, sync_playwright
 
     home = tmp_path / "home"
@@ -339,7 +401,9 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
             assert run["conf"]["epochs"] == 1 and run["conf"]["batch_size"] == 8
             token = _airflow_token(airflow_url, home)
             assert _get_json(f"{airflow_url}/api/v2/dags/finetune", token)["is_paused"] is False  # the form unpaused it
-            assert [r["run_type"] for r in _runs(airflow_url, token, "finetune")] == ["manual"]  # and started nothing else
+            assert [r["run_type"] for r in _runs(airflow_url, token, "finetune")] == [
+                "manual"
+            ]  # and started nothing else
 
             # The finished run's graph: five green tasks.
             page.goto(f"{airflow_url}/dags/finetune/runs/{urllib.request.quote(run['dag_run_id'], safe='')}")
@@ -381,9 +445,11 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
             timings["promote_run_s"] = _seconds(rollback)
             # champion is back on 1; the version that lost it gets previous_champion
             assert aliases(tracker) == {"challenger": "1", "champion": "1", "previous_champion": second}
-            audit = [r for r in tracker.search_runs(
-                [tracker.get_experiment_by_name(f"{MODEL_NAME}-promotions").experiment_id])
-                     if r.data.tags.get("promotion.reason") == "roll back: version 2 misroutes refunds"]
+            audit = [
+                r
+                for r in tracker.search_runs([tracker.get_experiment_by_name(f"{MODEL_NAME}-promotions").experiment_id])
+                if r.data.tags.get("promotion.reason") == "roll back: version 2 misroutes refunds"
+            ]
             assert len(audit) == 1 and audit[0].data.tags["promotion.requested_by"] == services.ADMIN_USER
 
             page.set_viewport_size({"width": 1600, "height": 860})
@@ -402,6 +468,12 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
     assert services.marked_processes(home) == []
     if os.environ.get("FINETUNE_UPDATE_SCREENSHOTS") == "1":  # refresh the pictures docs/ui.md shows
         DOCS_SCREENSHOTS.mkdir(exist_ok=True)
-        for shot in ("trigger-form", "run-graph", "mlflow-model-aliases", "promote-form", "mlflow-after-rollback",
-                     "invalid-value-refused"):
+        for shot in (
+            "trigger-form",
+            "run-graph",
+            "mlflow-model-aliases",
+            "promote-form",
+            "mlflow-after-rollback",
+            "invalid-value-refused",
+        ):
             shutil.copy(next(stages.folder.glob(f"*-{shot}.png")), DOCS_SCREENSHOTS / f"{shot}.png")

@@ -95,8 +95,9 @@ def run(cfg: PipelineConfig) -> CollectResult:
         try:
             mixed = [entry for entry in entries if entry.samples]
             for entry in mixed:  # first pass: every row of a sampled source, with its sampling key
-                entry.stage(lambda source, staging: read_source(cfg, source, staging, None, tmp), columns,
-                            cfg.seed, tmp)
+                entry.stage(
+                    lambda source, staging: read_source(cfg, source, staging, None, tmp), columns, cfg.seed, tmp
+                )
             plan_mix(mixed)
             for entry in entries:
                 if entry.samples:
@@ -107,12 +108,19 @@ def run(cfg: PipelineConfig) -> CollectResult:
             sha = writer.finish()
         finally:
             writer.close()
-        snapshot_uri, manifest_uri = publish_snapshot(cfg, writer, sha, sources, tally,
-                                                      [e.manifest_entry() for e in entries] if mixed else None)
-    return CollectResult(result_uri=storage.join(cfg.step_uri("collect"), "result.json"), snapshot_uri=snapshot_uri,
-                         manifest_uri=manifest_uri, sha256=sha, rows=writer.rows,
-                         rows_train=writer.rows - tally.rows_eval, rows_eval=tally.rows_eval,
-                         labels=sorted(tally.labels))
+        snapshot_uri, manifest_uri = publish_snapshot(
+            cfg, writer, sha, sources, tally, [e.manifest_entry() for e in entries] if mixed else None
+        )
+    return CollectResult(
+        result_uri=storage.join(cfg.step_uri("collect"), "result.json"),
+        snapshot_uri=snapshot_uri,
+        manifest_uri=manifest_uri,
+        sha256=sha,
+        rows=writer.rows,
+        rows_train=writer.rows - tally.rows_eval,
+        rows_eval=tally.rows_eval,
+        labels=sorted(tally.labels),
+    )
 
 
 def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tally | None, tmp: Path) -> None:
@@ -125,8 +133,10 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     else:
         to_rows, fields = _classification_rows, (own.text_column, own.label_column)
     fields = tuple(dict.fromkeys((*fields, *own.extra_columns)))
-    with local_copy(source, tmp, own.allowed_hosts) as path, \
-            open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed:
+    with (
+        local_copy(source, tmp, own.allowed_hosts) as path,
+        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed,
+    ):
         if parsed.columns_complete:  # fail before reading rows when the header says so
             _check_columns(cfg.task, source.uri, parsed.columns, own)
         for chunk in parsed.chunks:
@@ -134,8 +144,10 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
             try:
                 writer.add(values)
             except UnencodableRow as exc:
-                raise DataError(f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
-                                "(an unpaired surrogate such as \\ud800)") from None
+                raise DataError(
+                    f"{source.uri}: {chunk.where(exc.index)}: a value is not valid Unicode "
+                    "(an unpaired surrogate such as \\ud800)"
+                ) from None
             source.rows += len(chunk)
             if tally is not None:
                 tally.add(values)
@@ -145,8 +157,14 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     print(f"collect: {source.uri}: {source.rows} rows", file=sys.stderr)
 
 
-def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sources: list[SourceFile],
-                     tally: Tally, mix: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+def publish_snapshot(
+    cfg: PipelineConfig,
+    writer: SnapshotWriter,
+    sha: str,
+    sources: list[SourceFile],
+    tally: Tally,
+    mix: list[dict[str, Any]] | None = None,
+) -> tuple[str, str]:
     """Publish the finished file at ``<artifact_root>/snapshots/<sha256>/``, the manifest last;
     content-addressed, so unchanged data is not rewritten. The snapshot's and manifest's URIs."""
     snapshot_dir = storage.join(cfg.artifact_root, "snapshots", sha)
@@ -154,13 +172,22 @@ def publish_snapshot(cfg: PipelineConfig, writer: SnapshotWriter, sha: str, sour
     manifest_uri = storage.join(snapshot_dir, "manifest.json")
     if not storage.exists(manifest_uri):
         storage.put_file(writer.path, snapshot_uri)
-        storage.write_json(manifest_uri, {
-            "sha256": sha, "task": cfg.task, "rows": writer.rows, "rows_eval": tally.rows_eval,
-            "row_groups": writer.row_groups, "sources": [s.manifest_entry() for s in sources],
-            "labels": sorted(tally.labels), "schema": {f.name: str(f.type) for f in writer.schema},
-            "eval_fraction": cfg.collect.eval_fraction, "created_at": datetime.now(UTC).isoformat(),
-            **({"mix": {"seed": cfg.seed, "sources": mix}} if mix else {}),
-        })  # written last: a snapshot without its manifest is not published
+        storage.write_json(
+            manifest_uri,
+            {
+                "sha256": sha,
+                "task": cfg.task,
+                "rows": writer.rows,
+                "rows_eval": tally.rows_eval,
+                "row_groups": writer.row_groups,
+                "sources": [s.manifest_entry() for s in sources],
+                "labels": sorted(tally.labels),
+                "schema": {f.name: str(f.type) for f in writer.schema},
+                "eval_fraction": cfg.collect.eval_fraction,
+                "created_at": datetime.now(UTC).isoformat(),
+                **({"mix": {"seed": cfg.seed, "sources": mix}} if mix else {}),
+            },
+        )  # written last: a snapshot without its manifest is not published
     return snapshot_uri, manifest_uri
 
 
@@ -180,19 +207,26 @@ def _classification_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str
         if _is_null(text):
             text = None
         elif not isinstance(text, str):
-            raise DataError(f"{uri}: {chunk.where(index)}: '{own.text_column}' is {type(text).__name__} "
-                            f"{_short(text)}, not a string")
+            raise DataError(
+                f"{uri}: {chunk.where(index)}: '{own.text_column}' is {type(text).__name__} "
+                f"{_short(text)}, not a string"
+            )
         if _is_null(label):
             label = None
         elif isinstance(label, (int, float)):  # bool too: 0/1 and True/False classes
             label = str(label)
         elif not isinstance(label, str):
-            raise DataError(f"{uri}: {chunk.where(index)}: '{own.label_column}' is {type(label).__name__} "
-                            f"{_short(label)}, not a string or number")
+            raise DataError(
+                f"{uri}: {chunk.where(index)}: '{own.label_column}' is {type(label).__name__} "
+                f"{_short(label)}, not a string or number"
+            )
         texts.append(text)
         labels.append(label)
-        splits.append("train" if text is None else _split(text, own, lambda index=index: f"{uri}: {chunk.where(index)}: "
-                                                                       f"'{own.text_column}'"))
+        splits.append(
+            "train"
+            if text is None
+            else _split(text, own, lambda index=index: f"{uri}: {chunk.where(index)}: '{own.text_column}'")
+        )
     return {"text": texts, "label": labels, "split": splits}
 
 
@@ -213,8 +247,13 @@ def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any
 
 def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, list[Any]]:
     """The columns collect.extra_columns carries (e.g. channel, product), as text; nulls stay null."""
-    return {column: [None if _is_null(v) else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                     for v in chunk.values[column]] for column in own.extra_columns}
+    return {
+        column: [
+            None if _is_null(v) else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            for v in chunk.values[column]
+        ]
+        for column in own.extra_columns
+    }
 
 
 def _split(text: str, own: CollectConfig, where: Any) -> str:
@@ -232,12 +271,15 @@ def _short(value: Any) -> str:
 def _check_columns(task: str, uri: str, found: set[str], own: CollectConfig) -> None:
     extra = [c for c in own.extra_columns if c not in found]
     if extra:
-        raise DataError(f"{uri}: missing column(s) {extra} that collect.extra_columns carries into the snapshot; "
-                        f"found {sorted(found)}")
+        raise DataError(
+            f"{uri}: missing column(s) {extra} that collect.extra_columns carries into the snapshot; "
+            f"found {sorted(found)}"
+        )
     if task == "causal-lm":
         if "messages" not in found and not {"prompt", "response"} <= found:
-            raise DataError(f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response'; "
-                            f"found {sorted(found)}")
+            raise DataError(
+                f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response'; found {sorted(found)}"
+            )
         return
     missing = [c for c in (own.text_column, own.label_column) if c not in found]
     if missing:

@@ -27,7 +27,6 @@ READ_BYTES = 1 << 20  # bytes per read from a source stream
 GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # truncated, corrupt, not gzip at all
 
 
-
 def format_of(uri: str) -> tuple[str, bool]:
     name = uri.lower().split("?")[0]
     compressed = name.endswith(".gz")
@@ -85,12 +84,13 @@ class CheckedStream(io.RawIOBase):
             self._decoder.decode(data, final=not data)
         except UnicodeDecodeError as exc:
             seen = pending + data
-            line = self._newlines + seen[:exc.start].count(b"\n") + 1
-            raise DataError(f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} "
-                            f"(line {line})") from exc
+            line = self._newlines + seen[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} (line {line})"
+            ) from exc
         self._offset += len(data)
         self._newlines += data.count(b"\n")
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -126,8 +126,9 @@ def open_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, 
             yield Parsed(found, False, _jsonl_chunks(stream, uri, fields, chunk_rows, found))
 
 
-def _jsonl_chunks(stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_rows: int,
-                  found: set[str]) -> Iterator[Chunk]:
+def _jsonl_chunks(
+    stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str]
+) -> Iterator[Chunk]:
     """Records in batches of lines, each remembering its line number for errors."""
     records: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -156,16 +157,20 @@ def _jsonl_chunks(stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_row
         raise DataError(f"{uri}: file is empty (no JSON lines)")
 
 
-def _csv_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, compressed: bool,
-                stack: contextlib.ExitStack) -> Parsed:
+def _csv_source(
+    path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, compressed: bool, stack: contextlib.ExitStack
+) -> Parsed:
     import pandas as pd
 
     stream = stack.enter_context(io.BufferedReader(CheckedStream(path, uri, compressed), READ_BYTES))
     try:
         # Every value as text (a label '007' stays '007'); an empty cell is null, for validate.
         # The C parser handles BOM, CRLF and quoted newlines, reading the stream a block at a time.
-        reader = stack.enter_context(pd.read_csv(stream, dtype=str, keep_default_na=False, na_values=[""],
-                                                 chunksize=chunk_rows, encoding="utf-8-sig"))
+        reader = stack.enter_context(
+            pd.read_csv(
+                stream, dtype=str, keep_default_na=False, na_values=[""], chunksize=chunk_rows, encoding="utf-8-sig"
+            )
+        )
         first = next(reader)
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{uri}: file is empty") from exc
@@ -184,15 +189,27 @@ def _csv_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, 
         for frame in frames():
             if frame.empty:
                 continue
-            yield Chunk({f: [v if isinstance(v, str) else None for v in frame[f]] if f in frame
-                         else [None] * len(frame) for f in fields}, rows)
+            yield Chunk(
+                {
+                    f: [v if isinstance(v, str) else None for v in frame[f]] if f in frame else [None] * len(frame)
+                    for f in fields
+                },
+                rows,
+            )
             rows += len(frame)
 
     return Parsed(set(first.columns), True, chunks())
 
 
-def _parquet_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, compressed: bool, tmp: Path,
-                    stack: contextlib.ExitStack) -> Parsed:
+def _parquet_source(
+    path: Path,
+    uri: str,
+    fields: tuple[str, ...],
+    chunk_rows: int,
+    compressed: bool,
+    tmp: Path,
+    stack: contextlib.ExitStack,
+) -> Parsed:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -215,8 +232,9 @@ def _parquet_source(path: Path, uri: str, fields: tuple[str, ...], chunk_rows: i
         rows = 0
         try:
             for batch in parquet.iter_batches(batch_size=chunk_rows, columns=[f for f in fields if f in columns]):
-                yield Chunk({f: batch.column(f).to_pylist() if f in columns else [None] * batch.num_rows
-                             for f in fields}, rows)
+                yield Chunk(
+                    {f: batch.column(f).to_pylist() if f in columns else [None] * batch.num_rows for f in fields}, rows
+                )
                 rows += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{uri}: cannot read Parquet data after row {rows} ({exc})") from exc

@@ -53,8 +53,10 @@ class MixEntry:
         for part in fragment.split("&"):
             key, _, value = part.partition("=")
             if key not in MIX_KEYS:
-                raise ConfigError(f"{where}: unknown '#{key}'; a source may end in #rows=N (keep N rows) or "
-                                  "#weight=W (its share among the weighted sources)")
+                raise ConfigError(
+                    f"{where}: unknown '#{key}'; a source may end in #rows=N (keep N rows) or "
+                    "#weight=W (its share among the weighted sources)"
+                )
             try:
                 number = int(value) if key == "rows" else float(value)
             except ValueError:
@@ -66,8 +68,9 @@ class MixEntry:
             raise ConfigError(f"{where}: give #rows or #weight, not both")
         return entry
 
-    def stage(self, read: Callable[[SourceFile, _Staging], None], columns: tuple[str, ...], seed: int,
-              tmp: Path) -> None:
+    def stage(
+        self, read: Callable[[SourceFile, _Staging], None], columns: tuple[str, ...], seed: int, tmp: Path
+    ) -> None:
         """Read every file of the source into staging files, noting each row's sampling key;
         ``read`` parses one file into the staging file it is given."""
         import numpy as np
@@ -91,7 +94,7 @@ class MixEntry:
         offset = 0
         for path in self.staged:
             table = pq.read_table(path)
-            keys = self.keys[offset:offset + len(table)]
+            keys = self.keys[offset : offset + len(table)]
             mask = [True] * len(table) if self.cut is None else (keys < np.uint64(self.cut)).tolist()
             offset += len(table)
             values = {c: [v for v, k in zip(table.column(c).to_pylist(), mask) if k] for c in writer.columns}
@@ -101,9 +104,13 @@ class MixEntry:
             path.unlink()
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {"source": self.spec, "rows_read": sum(f.rows for f in self.files),
-                "rows_kept": self.keep if self.samples else sum(f.rows for f in self.files),
-                "rows": self.rows, "weight": self.weight}
+        return {
+            "source": self.spec,
+            "rows_read": sum(f.rows for f in self.files),
+            "rows_kept": self.keep if self.samples else sum(f.rows for f in self.files),
+            "rows": self.rows,
+            "weight": self.weight,
+        }
 
 
 class _Staging:

@@ -38,8 +38,14 @@ class SourceFile:
     final_uri: str | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
-        entry = {"uri": self.uri, "bytes": self.size, "sha256": self.sha256, "rows": self.rows,
-                 "etag": self.etag, "last_modified": self.last_modified}
+        entry = {
+            "uri": self.uri,
+            "bytes": self.size,
+            "sha256": self.sha256,
+            "rows": self.rows,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+        }
         if self.final_uri is not None:
             entry["final_uri"] = self.final_uri
         return entry
@@ -49,8 +55,10 @@ def check_allowed(source: str, allowed_hosts: Sequence[str]) -> None:
     """Refuse a source collect may not read: with collect.allowed_hosts, an http(s) source must
     name a listed host. The one place a policy on which sources are read belongs."""
     if storage.scheme(source) in ("http", "https") and allowed_hosts and not http.listed(source, allowed_hosts):
-        raise ConfigError(f"source {source}: {http.host_port(source)} is not in collect.allowed_hosts "
-                          f"{list(allowed_hosts)}; add it there to download from it")
+        raise ConfigError(
+            f"source {source}: {http.host_port(source)} is not in collect.allowed_hosts "
+            f"{list(allowed_hosts)}; add it there to download from it"
+        )
 
 
 def expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
@@ -64,8 +72,7 @@ def expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
         objects = [info] if info is not None else storage.list_object_info(source)
         if not objects:
             raise DataError(f"source {source} matches no objects (no such key, and no keys under that prefix)")
-        return [SourceFile(o["uri"], size=o["size"], etag=o["etag"], last_modified=o["last_modified"])
-                for o in objects]
+        return [SourceFile(o["uri"], size=o["size"], etag=o["etag"], last_modified=o["last_modified"]) for o in objects]
     path = storage.local_path(source)
     if path is None:
         raise DataError(f"source {source}: unsupported URI scheme '{kind}' (use a path, file://, s3:// or https://)")
@@ -79,8 +86,11 @@ def expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
     out = []
     for file in files:
         stat = file.stat()
-        out.append(SourceFile(str(file), size=stat.st_size,
-                              last_modified=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat()))
+        out.append(
+            SourceFile(
+                str(file), size=stat.st_size, last_modified=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat()
+            )
+        )
     return out
 
 

@@ -90,8 +90,9 @@ class SnapshotWriter:
         table = pa.concat_tables(self._pending)
         whole = len(table) if final else len(table) - len(table) % self.row_group_rows
         for start in range(0, whole, self.row_group_rows):
-            self._file.write(table.slice(start, min(self.row_group_rows, whole - start)),
-                             row_group_size=self.row_group_rows)
+            self._file.write(
+                table.slice(start, min(self.row_group_rows, whole - start)), row_group_size=self.row_group_rows
+            )
             self.row_groups += 1
         self._pending = [table.slice(whole)] if whole < len(table) else []
         self._pending_rows = len(table) - whole

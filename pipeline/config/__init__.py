@@ -62,15 +62,44 @@ from pipeline.fields import check_fields, json_schema, option
 
 __all__ = [
     # this module
-    "DEFAULT_BASE_MODEL", "SECTIONS", "TASK_DEFAULTS", "TASKS", "PipelineConfig", "build_config",
-    "default_artifact_root", "file_overrides", "finetune_home", "known_keys", "load_config", "param_schema",
-    "safe_run_id", "value_of",
+    "DEFAULT_BASE_MODEL",
+    "SECTIONS",
+    "TASK_DEFAULTS",
+    "TASKS",
+    "PipelineConfig",
+    "build_config",
+    "default_artifact_root",
+    "file_overrides",
+    "finetune_home",
+    "known_keys",
+    "load_config",
+    "param_schema",
+    "safe_run_id",
+    "value_of",
     # the sections, and what steps, the launcher and the DAG files import with them
-    "CollectConfig", "ValidateConfig", "TrainConfig", "EvaluateConfig", "RegisterConfig", "PromoteConfig",
-    "K8sConfig", "TimeoutsConfig",
-    "READ_ROWS", "DRIFT_CHECKS", "CHALLENGE", "DEFAULT_CHALLENGE", "is_challenge", "parse_threshold",
-    "CHAMPION", "CHALLENGER", "PREVIOUS_CHAMPION", "QUANTITY", "STEP_NAMES", "TRIGGER_KEYS", "check_trigger",
-    "node_selector", "tolerations",
+    "CollectConfig",
+    "ValidateConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "RegisterConfig",
+    "PromoteConfig",
+    "K8sConfig",
+    "TimeoutsConfig",
+    "READ_ROWS",
+    "DRIFT_CHECKS",
+    "CHALLENGE",
+    "DEFAULT_CHALLENGE",
+    "is_challenge",
+    "parse_threshold",
+    "CHAMPION",
+    "CHALLENGER",
+    "PREVIOUS_CHAMPION",
+    "QUANTITY",
+    "STEP_NAMES",
+    "TRIGGER_KEYS",
+    "check_trigger",
+    "node_selector",
+    "tolerations",
 ]
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -93,6 +122,7 @@ def safe_run_id(airflow_run_id: str) -> str:
 
 # --- the whole configuration ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The settings every step shares, and one section per step. Of ``TrainingArguments``, ``seed``
@@ -108,16 +138,22 @@ class PipelineConfig:
         "support-intents", "Registered model name in MLflow.", pattern=r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
     )
     run_id: str = option(
-        "manual", "Pipeline run id; artifacts go to <artifact_root>/runs/<run_id>/<step>/.",
+        "manual",
+        "Pipeline run id; artifacts go to <artifact_root>/runs/<run_id>/<step>/.",
         pattern=r"[A-Za-z0-9][A-Za-z0-9_.\-]*",
     )
     artifact_root: str = option("", "Artifact store URI (file:// or s3://); default file://$FINETUNE_HOME/artifacts.")
-    run_date: str = option("", "When this pipeline run was due (ISO 8601; the Airflow run's run_after, set by the "
-                               "DAG): it orders runs, so a re-run of an old one never rewinds what a newer one "
-                               "recorded. Empty: now.")
+    run_date: str = option(
+        "",
+        "When this pipeline run was due (ISO 8601; the Airflow run's run_after, set by the "
+        "DAG): it orders runs, so a re-run of an old one never rewinds what a newer one "
+        "recorded. Empty: now.",
+    )
     seed: int = option(42, "Random seed for splitting, initialisation and data order.", minimum=0)
-    trigger_keys: list[str] = option(list(TRIGGER_KEYS), "Config keys (glob patterns) a trigger may set; "
-                                     "the deployment's setting, never a trigger's.")
+    trigger_keys: list[str] = option(
+        list(TRIGGER_KEYS),
+        "Config keys (glob patterns) a trigger may set; the deployment's setting, never a trigger's.",
+    )
     collect: CollectConfig = field(default_factory=CollectConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -150,11 +186,15 @@ class PipelineConfig:
 
 
 # Section name -> its dataclass, read off PipelineConfig: the sections are its dataclass fields.
-SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(PipelineConfig).items()
-                             if isinstance(hint, type) and dataclasses.is_dataclass(hint)}
+SECTIONS: dict[str, type] = {
+    name: hint
+    for name, hint in typing.get_type_hints(PipelineConfig).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
+}
 
 
 # --- loading: defaults < YAML < --set ---------------------------------------------------------
+
 
 def _schema() -> dict[str, dict[str, dataclasses.Field]]:
     """Field table: section name ('' for top level) -> field name -> Field."""

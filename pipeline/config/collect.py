@@ -33,30 +33,43 @@ class CollectConfig:
     )
     text_column: str = option("text", "Column holding the input text in the sources (sequence-classification).")
     label_column: str = option("label", "Column holding the label in the sources (sequence-classification).")
-    eval_fraction: float = option(0.2, "Share of rows held out for evaluation, by text hash.",
-                                  exclusive_minimum=0.0, maximum=0.5)
+    eval_fraction: float = option(
+        0.2, "Share of rows held out for evaluation, by text hash.", exclusive_minimum=0.0, maximum=0.5
+    )
     row_group_rows: int = option(
-        100_000, f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
-                 "this many if fewer); with the row size, it bounds collect's memory.",
-        minimum=1, maximum=1_000_000)  # pyarrow caps a row group at 1Mi rows by default
+        100_000,
+        f"Rows per Parquet row group of the snapshot (sources are read {READ_ROWS} rows at a time, or "
+        "this many if fewer); with the row size, it bounds collect's memory.",
+        minimum=1,
+        maximum=1_000_000,
+    )  # pyarrow caps a row group at 1Mi rows by default
     # A redirect must not turn a public source into a request to the cloud metadata service or
     # an internal host; this list is how a deployment vouches for the hosts it does mean.
     allowed_hosts: list[str] = option(
-        [], "http(s) sources: hosts a download may reach, as 'host' (any port) or 'host:port' (IPv6: '[::1]:8080'). "
-            "Empty: any host for a URL in collect.sources, and redirects only to public addresses or back to the "
-            "source's own host:port; not empty: the source URL and every redirect must name a listed host, which "
-            "may then be loopback, link-local or private. A redirect never changes the scheme.")
+        [],
+        "http(s) sources: hosts a download may reach, as 'host' (any port) or 'host:port' (IPv6: '[::1]:8080'). "
+        "Empty: any host for a URL in collect.sources, and redirects only to public addresses or back to the "
+        "source's own host:port; not empty: the source URL and every redirect must name a listed host, which "
+        "may then be loopback, link-local or private. A redirect never changes the scheme.",
+    )
 
-    extra_columns: list[str] = option([], "Source columns carried into the snapshot as text (e.g. channel, product), "
-                                          "for evaluate.slice_columns; every source must have them.")
+    extra_columns: list[str] = option(
+        [],
+        "Source columns carried into the snapshot as text (e.g. channel, product), "
+        "for evaluate.slice_columns; every source must have them.",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "collect.")
         reserved = [c for c in self.extra_columns if c in ("text", "label", "messages", "split")]
         if reserved:
-            raise ConfigError(f"collect.extra_columns: {reserved} are the snapshot's own columns; name source "
-                              "columns to carry besides them (collect.text_column and collect.label_column map those)")
+            raise ConfigError(
+                f"collect.extra_columns: {reserved} are the snapshot's own columns; name source "
+                "columns to carry besides them (collect.text_column and collect.label_column map those)"
+            )
         for host in self.allowed_hosts:
             if not re.fullmatch(r"[^\s/?#@]+", host):  # a URL here would silently never match
-                raise ConfigError(f"collect.allowed_hosts: {host!r} is not a host or host:port "
-                                  "(e.g. 'data.example.com' or '10.0.0.5:8080')")
+                raise ConfigError(
+                    f"collect.allowed_hosts: {host!r} is not a host or host:port "
+                    "(e.g. 'data.example.com' or '10.0.0.5:8080')"
+                )

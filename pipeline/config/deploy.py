@@ -54,8 +54,9 @@ def tolerations(items: Sequence[str]) -> list[dict[str, str]]:
         taint, _, effect = item.rpartition(":")
         key, sep, value = taint.partition("=")
         if not key or effect not in TAINT_EFFECTS:
-            raise ConfigError(f"k8s.gpu_tolerations: {item!r} is not key[=value]:Effect "
-                              f"with Effect one of {list(TAINT_EFFECTS)}")
+            raise ConfigError(
+                f"k8s.gpu_tolerations: {item!r} is not key[=value]:Effect with Effect one of {list(TAINT_EFFECTS)}"
+            )
         toleration = {"key": key, "operator": "Equal" if sep else "Exists", "effect": effect}
         if sep:
             toleration["value"] = value
@@ -71,53 +72,93 @@ class K8sConfig:
     or TrainJob), and train checks that ``TrainingArguments.world_size`` counts the same."""
 
     namespace: str = option("finetune", "Namespace the step pods and PyTorchJobs run in.", pattern=DNS_LABEL)
-    image: str = option("registry.example.com/finetune/step-cpu:0.1.0",
-                        "Image of the CPU steps (docker/step-cpu.Dockerfile); a pinned tag or digest.")
-    gpu_image: str = option("registry.example.com/finetune/step-cuda:0.1.0",
-                            "Image of the GPU steps (docker/step-cuda.Dockerfile); a pinned tag or digest.")
-    image_pull_policy: str = option("IfNotPresent", "Image pull policy of every step container.",
-                                    choices=PULL_POLICIES)
-    service_account: str = option("finetune-step", "Service account of the step pods (k8s/rbac.yaml); "
-                                  "it has no API permissions.", pattern=DNS_SUBDOMAIN)
-    settings_configmap: str = option("finetune-settings", "ConfigMap with non-secret settings as env vars "
-                                     "(FINETUNE_ARTIFACT_ROOT, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).",
-                                     pattern=DNS_SUBDOMAIN)
-    aws_secret: str = option("finetune-aws", "Secret with the S3 credentials as env vars "
-                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).", pattern=DNS_SUBDOMAIN)
-    mlflow_secret: str = option("finetune-mlflow", "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME "
-                                "and MLFLOW_TRACKING_PASSWORD.", pattern=DNS_SUBDOMAIN)
-    gpu_node_selector: list[str] = option(["nvidia.com/gpu.present=true"],
-                                          "Node labels (key=value) a GPU pod must land on.")
-    gpu_tolerations: list[str] = option(["nvidia.com/gpu:NoSchedule"],
-                                        "Taints GPU pods tolerate: key:Effect or key=value:Effect.")
-    gpus_per_node: int = option(1, "GPUs each training pod requests; torchrun starts one process per GPU.",
-                                minimum=1, maximum=16)
-    max_gpus_per_node: int = option(8, "GPUs on one node of the GPU pool: more per pod can never schedule.",
-                                    minimum=1, maximum=16)
-    num_nodes: int = option(2, "Training pods of a PyTorchJob (1 Master + num_nodes-1 Workers).",
-                            minimum=1, maximum=64)
-    training_priority_class: str = option("finetune-training", "PriorityClass of training pods (k8s/).",
-                                          pattern=DNS_SUBDOMAIN)
-    scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).",
-                               pattern=QUANTITY)
+    image: str = option(
+        "registry.example.com/finetune/step-cpu:0.1.0",
+        "Image of the CPU steps (docker/step-cpu.Dockerfile); a pinned tag or digest.",
+    )
+    gpu_image: str = option(
+        "registry.example.com/finetune/step-cuda:0.1.0",
+        "Image of the GPU steps (docker/step-cuda.Dockerfile); a pinned tag or digest.",
+    )
+    image_pull_policy: str = option("IfNotPresent", "Image pull policy of every step container.", choices=PULL_POLICIES)
+    service_account: str = option(
+        "finetune-step",
+        "Service account of the step pods (k8s/rbac.yaml); it has no API permissions.",
+        pattern=DNS_SUBDOMAIN,
+    )
+    settings_configmap: str = option(
+        "finetune-settings",
+        "ConfigMap with non-secret settings as env vars "
+        "(FINETUNE_ARTIFACT_ROOT, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).",
+        pattern=DNS_SUBDOMAIN,
+    )
+    aws_secret: str = option(
+        "finetune-aws",
+        "Secret with the S3 credentials as env vars (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).",
+        pattern=DNS_SUBDOMAIN,
+    )
+    mlflow_secret: str = option(
+        "finetune-mlflow",
+        "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.",
+        pattern=DNS_SUBDOMAIN,
+    )
+    gpu_node_selector: list[str] = option(
+        ["nvidia.com/gpu.present=true"], "Node labels (key=value) a GPU pod must land on."
+    )
+    gpu_tolerations: list[str] = option(
+        ["nvidia.com/gpu:NoSchedule"], "Taints GPU pods tolerate: key:Effect or key=value:Effect."
+    )
+    gpus_per_node: int = option(
+        1, "GPUs each training pod requests; torchrun starts one process per GPU.", minimum=1, maximum=16
+    )
+    max_gpus_per_node: int = option(
+        8, "GPUs on one node of the GPU pool: more per pod can never schedule.", minimum=1, maximum=16
+    )
+    num_nodes: int = option(2, "Training pods of a PyTorchJob (1 Master + num_nodes-1 Workers).", minimum=1, maximum=64)
+    training_priority_class: str = option(
+        "finetune-training", "PriorityClass of training pods (k8s/).", pattern=DNS_SUBDOMAIN
+    )
+    scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).", pattern=QUANTITY)
     hf_cache_size: str = option("20Gi", "Size limit of the Hugging Face cache emptyDir.", pattern=QUANTITY)
-    job_poll_seconds: int = option(30, "How often the DAG task polls a PyTorchJob's or TrainJob's status and "
-                                       "passes on its rank-0 pod's new log lines.", minimum=1, maximum=600)
-    job_timeout_seconds: int = option(86400, "A PyTorchJob or TrainJob still running after this is deleted and "
-                                             "failed (a TrainJob's runtime stops its pods then too).",
-                                      minimum=60, maximum=7 * 86400)
-    trainjob_runtime: str = option("finetune-torch-distributed", "ClusterTrainingRuntime a TrainJob runs on "
-                                   "(k8s/trainingruntime.yaml; launcher trainjob).", pattern=DNS_SUBDOMAIN)
-    job_restarts: int = option(3, "Times a PyTorchJob's or TrainJob's pods that were killed are restarted "
-                                  "(a preempted or evicted node: exit code 128 and up); a step's own verdict "
-                                  "(exit 1-127) is never restarted there, Airflow's retries decide.",
-                               minimum=0, maximum=100)
-    memory: list[str] = option([], "Deprecated and refused when set: a step's memory is "
-                                   "k8s.resources.<step>.memory, e.g. {train: {memory: 16Gi}}.")
-    resources: dict[str, Any] = option({}, "Per step: cpu, memory, gpus, node_selector (['key=value']) and "
-                                           "tolerations (['key:Effect']) of its pods, e.g. {evaluate: {gpus: 1, "
-                                           "memory: 16Gi}}; a step not listed gets the step table's. train's GPUs "
-                                           "per pod are k8s.gpus_per_node.")
+    job_poll_seconds: int = option(
+        30,
+        "How often the DAG task polls a PyTorchJob's or TrainJob's status and "
+        "passes on its rank-0 pod's new log lines.",
+        minimum=1,
+        maximum=600,
+    )
+    job_timeout_seconds: int = option(
+        86400,
+        "A PyTorchJob or TrainJob still running after this is deleted and "
+        "failed (a TrainJob's runtime stops its pods then too).",
+        minimum=60,
+        maximum=7 * 86400,
+    )
+    trainjob_runtime: str = option(
+        "finetune-torch-distributed",
+        "ClusterTrainingRuntime a TrainJob runs on (k8s/trainingruntime.yaml; launcher trainjob).",
+        pattern=DNS_SUBDOMAIN,
+    )
+    job_restarts: int = option(
+        3,
+        "Times a PyTorchJob's or TrainJob's pods that were killed are restarted "
+        "(a preempted or evicted node: exit code 128 and up); a step's own verdict "
+        "(exit 1-127) is never restarted there, Airflow's retries decide.",
+        minimum=0,
+        maximum=100,
+    )
+    memory: list[str] = option(
+        [],
+        "Deprecated and refused when set: a step's memory is "
+        "k8s.resources.<step>.memory, e.g. {train: {memory: 16Gi}}.",
+    )
+    resources: dict[str, Any] = option(
+        {},
+        "Per step: cpu, memory, gpus, node_selector (['key=value']) and "
+        "tolerations (['key:Effect']) of its pods, e.g. {evaluate: {gpus: 1, "
+        "memory: 16Gi}}; a step not listed gets the step table's. train's GPUs "
+        "per pod are k8s.gpus_per_node.",
+    )
 
     def __post_init__(self) -> None:
         # Before check_fields: an empty name would otherwise fail with a bare regex message.
@@ -128,8 +169,10 @@ class K8sConfig:
         for name in ("image", "gpu_image"):
             check_image(f"k8s.{name}", getattr(self, name))
         if self.gpus_per_node > self.max_gpus_per_node:
-            raise ConfigError(f"k8s.gpus_per_node: {self.gpus_per_node} GPUs per pod cannot be scheduled on a "
-                              f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)")
+            raise ConfigError(
+                f"k8s.gpus_per_node: {self.gpus_per_node} GPUs per pod cannot be scheduled on a "
+                f"node pool of {self.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)"
+            )
         node_selector(self.gpu_node_selector)
         tolerations(self.gpu_tolerations)
         refuse_memory_list(self.memory)
@@ -152,8 +195,10 @@ def refuse_memory_list(memory: Sequence[str]) -> None:
             wanted[step.strip()] = {"memory": quantity.strip()}
     wanted = wanted or {"train": {"memory": "16Gi"}}
     keys = ", ".join(f"k8s.resources.{step}.memory" for step in wanted)
-    raise ConfigError(f"k8s.memory is replaced by k8s.resources: set {keys} instead, e.g. "
-                      f"k8s.resources={json.dumps(wanted)} (with any other steps' k8s.resources entries)")
+    raise ConfigError(
+        f"k8s.memory is replaced by k8s.resources: set {keys} instead, e.g. "
+        f"k8s.resources={json.dumps(wanted)} (with any other steps' k8s.resources entries)"
+    )
 
 
 def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:
@@ -168,22 +213,29 @@ def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:
             if key not in RESOURCE_KEYS:
                 raise ConfigError(f"{where}.{key}: unknown; a step's resources are {list(RESOURCE_KEYS)}")
             if key in ("cpu", "memory") and not re.fullmatch(CPU if key == "cpu" else QUANTITY, str(value)):
-                raise ConfigError(f"{where}.{key}: {value!r} is not a Kubernetes quantity (e.g. "
-                                  f"{'2 or 500m' if key == 'cpu' else '16Gi'})")
+                raise ConfigError(
+                    f"{where}.{key}: {value!r} is not a Kubernetes quantity (e.g. "
+                    f"{'2 or 500m' if key == 'cpu' else '16Gi'})"
+                )
         gpus = own.get("gpus", 0)
         if step == "train" and "gpus" in own:
-            raise ConfigError(f"{where}.gpus: train's GPUs per pod are k8s.gpus_per_node (torchrun starts one "
-                              "process per GPU); set that instead")
+            raise ConfigError(
+                f"{where}.gpus: train's GPUs per pod are k8s.gpus_per_node (torchrun starts one "
+                "process per GPU); set that instead"
+            )
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
             raise ConfigError(f"{where}.gpus: {gpus!r} is not a whole number of GPUs")
         if gpus > max_gpus:
-            raise ConfigError(f"{where}.gpus: {gpus} GPUs per pod cannot be scheduled on a node pool of {max_gpus} "
-                              "GPUs per node (k8s.max_gpus_per_node)")
+            raise ConfigError(
+                f"{where}.gpus: {gpus} GPUs per pod cannot be scheduled on a node pool of {max_gpus} "
+                "GPUs per node (k8s.max_gpus_per_node)"
+            )
         node_selector(own.get("node_selector", []))
         tolerations(own.get("tolerations", []))
 
 
 # --- timeouts ---------------------------------------------------------------------------------
+
 
 # How long one attempt of each step may run, the deployment's setting (its config file,
 # FINETUNE_CONFIG): the Airflow task's execution_timeout, the local launcher's kill of the step's
@@ -194,20 +246,38 @@ class TimeoutsConfig:
     """Seconds one attempt of each step may run (``timeouts.*``). None of them is a
     ``TrainingArguments`` field."""
 
-    collect: int = option(1800, "Seconds one attempt of collect may run before it is killed.",
-                          minimum=10, maximum=7 * 86400)
-    validate: int = option(1800, "Seconds one attempt of validate may run before it is killed.",
-                           minimum=10, maximum=7 * 86400)
-    train: int = option(6 * 3600, "Seconds one attempt of train may run before it is killed (all its processes).",
-                        minimum=10, maximum=7 * 86400)
-    evaluate: int = option(3600, "Seconds one attempt of evaluate may run before it is killed.",
-                           minimum=10, maximum=7 * 86400)
-    register: int = option(1800, "Seconds one attempt of register may run before it is killed.",
-                           minimum=10, maximum=7 * 86400)
-    promote: int = option(900, "Seconds one attempt of promote may run before it is killed (it waits up to "
-                               "promote.lock_wait_s for the registry lock).", minimum=10, maximum=7 * 86400)
-    kill_grace_s: int = option(30, "Seconds a step killed for its timeout or by Airflow gets between SIGTERM and "
-                                   "SIGKILL of its whole process group.", minimum=1, maximum=600)
+    collect: int = option(
+        1800, "Seconds one attempt of collect may run before it is killed.", minimum=10, maximum=7 * 86400
+    )
+    validate: int = option(
+        1800, "Seconds one attempt of validate may run before it is killed.", minimum=10, maximum=7 * 86400
+    )
+    train: int = option(
+        6 * 3600,
+        "Seconds one attempt of train may run before it is killed (all its processes).",
+        minimum=10,
+        maximum=7 * 86400,
+    )
+    evaluate: int = option(
+        3600, "Seconds one attempt of evaluate may run before it is killed.", minimum=10, maximum=7 * 86400
+    )
+    register: int = option(
+        1800, "Seconds one attempt of register may run before it is killed.", minimum=10, maximum=7 * 86400
+    )
+    promote: int = option(
+        900,
+        "Seconds one attempt of promote may run before it is killed (it waits up to "
+        "promote.lock_wait_s for the registry lock).",
+        minimum=10,
+        maximum=7 * 86400,
+    )
+    kill_grace_s: int = option(
+        30,
+        "Seconds a step killed for its timeout or by Airflow gets between SIGTERM and "
+        "SIGKILL of its whole process group.",
+        minimum=1,
+        maximum=600,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "timeouts.")
@@ -223,15 +293,43 @@ class TimeoutsConfig:
 # evaluate.gate_metric / metric_direction / thresholds / promotion_margin), nor the data gate's
 # settings (validate.*): those belong to whoever runs the deployment.
 TRIGGER_KEYS = (
-    "task", "model_name", "base_model", "seed",
-    "collect.sources", "collect.text_column", "collect.label_column",
-    "train.epochs", "train.learning_rate", "train.batch_size", "train.gradient_accumulation_steps",
-    "train.max_seq_len", "train.weight_decay", "train.warmup_ratio", "train.zero_stage", "train.num_processes",
-    "train.logging_steps", "train.precision", "train.offload_optimizer", "train.offload_params",
-    "train.chat_template", "train.overlong", "train.packing", "train.lora_*", "train.eval_steps",
-    "train.early_stopping_patience", "train.trainer_args", "train.model_kwargs", "train.extend_vocab*",
-    "evaluate.batch_size", "evaluate.max_seq_len", "evaluate.generate_rows", "evaluate.max_new_tokens",
-    "promote.version", "promote.target_alias", "promote.reason", "promote.force",
+    "task",
+    "model_name",
+    "base_model",
+    "seed",
+    "collect.sources",
+    "collect.text_column",
+    "collect.label_column",
+    "train.epochs",
+    "train.learning_rate",
+    "train.batch_size",
+    "train.gradient_accumulation_steps",
+    "train.max_seq_len",
+    "train.weight_decay",
+    "train.warmup_ratio",
+    "train.zero_stage",
+    "train.num_processes",
+    "train.logging_steps",
+    "train.precision",
+    "train.offload_optimizer",
+    "train.offload_params",
+    "train.chat_template",
+    "train.overlong",
+    "train.packing",
+    "train.lora_*",
+    "train.eval_steps",
+    "train.early_stopping_patience",
+    "train.trainer_args",
+    "train.model_kwargs",
+    "train.extend_vocab*",
+    "evaluate.batch_size",
+    "evaluate.max_seq_len",
+    "evaluate.generate_rows",
+    "evaluate.max_new_tokens",
+    "promote.version",
+    "promote.target_alias",
+    "promote.reason",
+    "promote.force",
 )
 # Set by the deployment alone, even where its trigger_keys would match them.
 NEVER_FROM_A_TRIGGER = ("trigger_keys",)
@@ -246,4 +344,5 @@ def check_trigger(overrides: Sequence[str], allowed: Sequence[str], origin: str 
             raise ConfigError(
                 f"{origin}: '{key}' may not be set by a trigger (the trigger form, the REST API, the overrides Param "
                 f"or `finetune run --set`); the deployment allows it by adding it to trigger_keys in its config "
-                f"file (FINETUNE_CONFIG, or `finetune run --config FILE`)")
+                f"file (FINETUNE_CONFIG, or `finetune run --config FILE`)"
+            )

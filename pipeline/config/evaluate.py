@@ -15,8 +15,10 @@ from pipeline.errors import ConfigError
 from pipeline.fields import check_fields, option
 
 # Each task family's metrics, the first its default gate metric, and each metric's direction.
-TASK_METRICS = {"sequence-classification": ("accuracy", "macro_f1"),
-                "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l")}
+TASK_METRICS = {
+    "sequence-classification": ("accuracy", "macro_f1"),
+    "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l"),
+}
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
 LOWER_IS_BETTER = ("perplexity", "eval_loss")
 DIRECTIONS = ("auto", "higher", "lower")
@@ -28,9 +30,11 @@ def parse_threshold(rule: str) -> tuple[str, str, float]:
     ``'accuracy[challenge:zh]>=0.85'``); a ConfigError quoting the rule otherwise."""
     match = re.fullmatch(r"\s*(\w+)(\[[\w=.:\-]+\])?\s*(>=|<=)\s*([-+0-9.eE]+)\s*", rule)
     if not match or match.group(1) not in METRICS:
-        raise ConfigError(f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
-                          f"(or '<metric>[<slice>] >= <number>', e.g. accuracy[zh]>=0.85) with a metric in "
-                          f"{list(METRICS)}")
+        raise ConfigError(
+            f"evaluate.thresholds: {rule!r} is not '<metric> >= <number>' or '<metric> <= <number>' "
+            f"(or '<metric>[<slice>] >= <number>', e.g. accuracy[zh]>=0.85) with a metric in "
+            f"{list(METRICS)}"
+        )
     try:
         return match.group(1) + (match.group(2) or ""), match.group(3), float(match.group(4))
     except ValueError as exc:
@@ -59,33 +63,61 @@ class EvaluateConfig:
 
     snapshot_uri: str = option("", "Snapshot whose eval split is scored (the collect step's snapshot_uri).")
     model_uri: str = option("", "Trained model directory (the train step's model_uri).")
-    gate_metric: str = option("", "Metric compared with the champion's to decide promotion; empty: the task's "
-                                  "first (accuracy, perplexity).", choices=("", *METRICS))
-    metric_direction: str = option("auto", "Whether a higher or lower gate_metric is better; auto: lower for "
-                                           "eval_loss and perplexity, higher otherwise.", choices=DIRECTIONS)
-    promotion_margin: float = option(0.0, "Promote only when the new model beats the champion by more than this.",
-                                     minimum=0.0)
-    thresholds: list[str] = option([], "Absolute bars every new model must clear, overall or on one slice of "
-                                       "the eval split, e.g. ['accuracy>=0.85', 'accuracy[zh]>=0.85'].")
-    max_slice_regression: float = option(0.05, "Refuse a new model that is worse than the champion on any slice "
-                                               "(a language of the eval split) by more than this on the gate metric, "
-                                               "however much better it is overall.", minimum=0.0)
-    min_slice_rows: int = option(20, "Slices with fewer eval rows are reported but not gated on (too few to "
-                                     "tell a regression from noise).", minimum=1)
-    slice_columns: list[str] = option([], "Snapshot columns to slice the eval split on besides the language, each "
-                                          "value a slice named column=value (e.g. channel=email, gated as "
-                                          "accuracy[channel=email]>=0.8); collect.extra_columns carries them.")
+    gate_metric: str = option(
+        "",
+        "Metric compared with the champion's to decide promotion; empty: the task's first (accuracy, perplexity).",
+        choices=("", *METRICS),
+    )
+    metric_direction: str = option(
+        "auto",
+        "Whether a higher or lower gate_metric is better; auto: lower for eval_loss and perplexity, higher otherwise.",
+        choices=DIRECTIONS,
+    )
+    promotion_margin: float = option(
+        0.0, "Promote only when the new model beats the champion by more than this.", minimum=0.0
+    )
+    thresholds: list[str] = option(
+        [],
+        "Absolute bars every new model must clear, overall or on one slice of "
+        "the eval split, e.g. ['accuracy>=0.85', 'accuracy[zh]>=0.85'].",
+    )
+    max_slice_regression: float = option(
+        0.05,
+        "Refuse a new model that is worse than the champion on any slice "
+        "(a language of the eval split) by more than this on the gate metric, "
+        "however much better it is overall.",
+        minimum=0.0,
+    )
+    min_slice_rows: int = option(
+        20,
+        "Slices with fewer eval rows are reported but not gated on (too few to tell a regression from noise).",
+        minimum=1,
+    )
+    slice_columns: list[str] = option(
+        [],
+        "Snapshot columns to slice the eval split on besides the language, each "
+        "value a slice named column=value (e.g. channel=email, gated as "
+        "accuracy[channel=email]>=0.8); collect.extra_columns carries them.",
+    )
     challenge_uri: str = option(
         DEFAULT_CHALLENGE,
         "sequence-classification: a JSONL file of {text, label} rows never trained on, scored by the new model and "
         "the champion as the slices challenge, challenge:zh, challenge:latin (reported, gated only by a threshold "
         "such as accuracy[challenge:zh]>=0.85). Its labels must be ones the model knows; the shipped default is "
-        "skipped for a model that does not know all of its labels (your own intents). Empty: none.")
+        "skipped for a model that does not know all of its labels (your own intents). Empty: none.",
+    )
     batch_size: int = option(64, "Examples per inference batch.", minimum=1, maximum=4096)
-    max_seq_len: int = option(64, "Tokens per example after truncation (classification; causal-lm uses "
-                                  "train.max_seq_len, as training did).", minimum=8, maximum=8192)
-    generate_rows: int = option(32, "causal-lm: held-out conversations answered by greedy generation for exact "
-                                    "match and ROUGE-L; 0: none.", minimum=0)
+    max_seq_len: int = option(
+        64,
+        "Tokens per example after truncation (classification; causal-lm uses train.max_seq_len, as training did).",
+        minimum=8,
+        maximum=8192,
+    )
+    generate_rows: int = option(
+        32,
+        "causal-lm: held-out conversations answered by greedy generation for exact match and ROUGE-L; 0: none.",
+        minimum=0,
+    )
     max_new_tokens: int = option(64, "causal-lm: longest generated answer, in tokens.", minimum=1, maximum=4096)
 
     def __post_init__(self) -> None:
@@ -97,8 +129,9 @@ class EvaluateConfig:
         """(metric, greater_is_better) of the promotion gate for ``task``."""
         metric = self.gate_metric or TASK_METRICS[task][0]
         if metric not in TASK_METRICS[task]:
-            raise ConfigError(f"evaluate.gate_metric: {metric!r} is not a {task} metric; choose one of "
-                              f"{list(TASK_METRICS[task])}")
+            raise ConfigError(
+                f"evaluate.gate_metric: {metric!r} is not a {task} metric; choose one of {list(TASK_METRICS[task])}"
+            )
         if self.metric_direction == "auto":
             return metric, metric not in LOWER_IS_BETTER
         return metric, self.metric_direction == "higher"

@@ -42,10 +42,19 @@ class PromoteConfig:
     force: bool = option(False, "Promote even if the version failed its gate or is worse than the champion.")
     requested_by: str = option("", "Who asked (the Airflow user who triggered the run).")
     # The lock every alias move (promote, and register's own promotion) takes: pipeline/registry.py.
-    lock_ttl_s: float = option(60.0, "Seconds after which the registry lock of a holder that stopped renewing it "
-                                     "(it renews every quarter of this) may be taken over.", minimum=1.0, maximum=3600.0)
-    lock_wait_s: float = option(300.0, "Seconds an alias move waits for the registry lock before it fails with a "
-                                       "retryable error.", minimum=0.0, maximum=86400.0)
+    lock_ttl_s: float = option(
+        60.0,
+        "Seconds after which the registry lock of a holder that stopped renewing it "
+        "(it renews every quarter of this) may be taken over.",
+        minimum=1.0,
+        maximum=3600.0,
+    )
+    lock_wait_s: float = option(
+        300.0,
+        "Seconds an alias move waits for the registry lock before it fails with a retryable error.",
+        minimum=0.0,
+        maximum=86400.0,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "promote.")

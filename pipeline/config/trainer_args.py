@@ -44,7 +44,7 @@ PIPELINE_TRAINER_ARGS = {
     "resume_from_checkpoint": "a new attempt resumes from the run's newest checkpoint; use train.resume",
     "ignore_data_skip": "a resumed run must skip the examples it trained on (the sharding audit); use train.resume",
     "restore_callback_states_from_checkpoint": "set with train.early_stopping_patience, so a resumed run keeps "
-                                               "its patience count",
+    "its patience count",
     "eval_strategy": "use train.eval_steps",
     "eval_steps": "use train.eval_steps",
     "load_best_model_at_end": "use train.early_stopping_patience (the best evaluation's weights are published)",
@@ -66,7 +66,7 @@ PIPELINE_TRAINER_ARGS = {
     "remove_unused_columns": "the collator needs the example ids of the sharding audit",
     "dataloader_drop_last": "a partial last batch would be padded with repeats on other ranks (the sharding audit)",
     "average_tokens_across_devices": "follows the task family (per-token loss for causal-lm, per-example for "
-                                     "classification)",
+    "classification)",
     "label_names": "the pipeline's collators put the targets in `labels`",
     "push_to_hub": "the register step publishes to the MLflow registry",
     "hub_token": "the register step publishes to the MLflow registry",
@@ -80,15 +80,24 @@ PIPELINE_TRAINER_ARGS = {
 # base_model, placement and precision are DeepSpeed's and train.precision's, labels the snapshot's.
 PIPELINE_MODEL_KWARGS = {
     "trust_remote_code": "it runs code shipped with the model; not allowed from a config",
-    "revision": "the model is base_model", "code_revision": "the model is base_model",
-    "subfolder": "the model is base_model", "variant": "the model is base_model", "token": "the model is base_model",
-    "cache_dir": "the model is base_model", "local_files_only": "the model is base_model",
-    "force_download": "the model is base_model", "proxies": "the model is base_model",
-    "config": "the model is base_model", "state_dict": "the model is base_model",
-    "device_map": "DeepSpeed places the weights", "tp_plan": "DeepSpeed places the weights",
-    "torch_dtype": "use train.precision", "dtype": "use train.precision",
+    "revision": "the model is base_model",
+    "code_revision": "the model is base_model",
+    "subfolder": "the model is base_model",
+    "variant": "the model is base_model",
+    "token": "the model is base_model",
+    "cache_dir": "the model is base_model",
+    "local_files_only": "the model is base_model",
+    "force_download": "the model is base_model",
+    "proxies": "the model is base_model",
+    "config": "the model is base_model",
+    "state_dict": "the model is base_model",
+    "device_map": "DeepSpeed places the weights",
+    "tp_plan": "DeepSpeed places the weights",
+    "torch_dtype": "use train.precision",
+    "dtype": "use train.precision",
     "quantization_config": "quantized training is not supported",
-    "num_labels": "labels come from the snapshot", "id2label": "labels come from the snapshot",
+    "num_labels": "labels come from the snapshot",
+    "id2label": "labels come from the snapshot",
     "label2id": "labels come from the snapshot",
 }
 
@@ -103,8 +112,11 @@ def _annotation_types(node: ast.expr, enums: dict[str, list[str]]) -> list[Any]:
     if isinstance(node, ast.Name):
         if node.id in enums:
             return [("enum", enums[node.id])]
-        return [{"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list,
-                 "Any": object}.get(node.id, ("unsettable", node.id))]
+        return [
+            {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "Any": object}.get(
+                node.id, ("unsettable", node.id)
+            )
+        ]
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
         if node.value.id == "Literal":
             values = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
@@ -121,8 +133,13 @@ def _enum_values(tree: ast.Module) -> dict[str, list[str]]:
     enums = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any("Enum" in ast.unparse(base) for base in node.bases):
-            values = [item.value.value for item in node.body if isinstance(item, ast.Assign)
-                      and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str)]
+            values = [
+                item.value.value
+                for item in node.body
+                if isinstance(item, ast.Assign)
+                and isinstance(item.value, ast.Constant)
+                and isinstance(item.value.value, str)
+            ]
             if values:
                 enums[node.name] = values
     return enums
@@ -142,15 +159,20 @@ def trainer_argument_types() -> dict[str, list[Any]] | None:
     package = Path(next(iter(spec.submodule_search_locations)))
     try:
         source = ast.parse((package / "training_args.py").read_text(encoding="utf-8"))
-        enums = {**_enum_values(ast.parse((package / "trainer_utils.py").read_text(encoding="utf-8"))),
-                 **_enum_values(source)}
+        enums = {
+            **_enum_values(ast.parse((package / "trainer_utils.py").read_text(encoding="utf-8"))),
+            **_enum_values(source),
+        }
     except (OSError, SyntaxError):
         return None
     found = [node for node in source.body if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments"]
     if not found:
         return None
-    return {node.target.id: _annotation_types(node.annotation, enums) for node in found[0].body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    return {
+        node.target.id: _annotation_types(node.annotation, enums)
+        for node in found[0].body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
 
 
 def _accepts(kind: Any, value: Any) -> bool:
@@ -176,8 +198,16 @@ def _accepts(kind: Any, value: Any) -> bool:
 
 def _describe_kind(kind: Any) -> str:
     if isinstance(kind, type):
-        return {type(None): "null", object: "anything", dict: "a mapping", bool: "true or false", int: "an integer",
-                float: "a number", str: "a string", list: "a list"}.get(kind, kind.__name__)
+        return {
+            type(None): "null",
+            object: "anything",
+            dict: "a mapping",
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            list: "a list",
+        }.get(kind, kind.__name__)
     tag, detail = kind
     if tag == "enum":
         return "one of " + ", ".join(detail)
@@ -193,19 +223,25 @@ def check_trainer_args(trainer_args: dict[str, Any]) -> None:
         return
     for name in trainer_args:
         if name in PIPELINE_TRAINER_ARGS:
-            raise ConfigError(f"train.trainer_args.{name}: set by the pipeline, not here: {PIPELINE_TRAINER_ARGS[name]}")
+            raise ConfigError(
+                f"train.trainer_args.{name}: set by the pipeline, not here: {PIPELINE_TRAINER_ARGS[name]}"
+            )
     fields_ = trainer_argument_types()
     if fields_ is None:
         return
     for name, value in trainer_args.items():
         if name not in fields_:
             hint = difflib.get_close_matches(name, list(fields_), n=1)
-            raise ConfigError(f"train.trainer_args.{name}: the installed transformers' TrainingArguments has no "
-                              f"field '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            raise ConfigError(
+                f"train.trainer_args.{name}: the installed transformers' TrainingArguments has no "
+                f"field '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
         kinds = fields_[name]
         # A string field with named values (SchedulerType | str) takes those values only.
         if any(isinstance(k, tuple) and k[0] == "enum" for k in kinds):
             kinds = [k for k in kinds if k is not str]
         if not any(_accepts(kind, value) for kind in kinds):
-            raise ConfigError(f"train.trainer_args.{name}: {value!r} is not "
-                              + " or ".join(dict.fromkeys(_describe_kind(k) for k in kinds)))
+            raise ConfigError(
+                f"train.trainer_args.{name}: {value!r} is not "
+                + " or ".join(dict.fromkeys(_describe_kind(k) for k in kinds))
+            )

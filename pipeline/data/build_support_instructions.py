@@ -288,8 +288,7 @@ REPLIES = {
 THANKS = {
     "en": {
         "users": ["thanks", "Thank you!", "ok thanks", "Great, thanks a lot."],
-        "replies": ["You're welcome! Is there anything else I can help you with?",
-                    "Happy to help! Have a great day."],
+        "replies": ["You're welcome! Is there anything else I can help you with?", "Happy to help! Have a great day."],
     },
     "zh": {
         "users": ["谢谢", "好的，谢谢", "谢谢你！", "明白了，多谢"],
@@ -300,39 +299,78 @@ THANKS = {
 FOLLOW_UPS = {
     "en": {
         "order_status": [
-            ("And how long will it take?", "Usually 3-5 business days from dispatch. You'll get an email when it's out for delivery."),
-            ("Can I get the tracking number?", "Yes, the tracking number is in your shipping email and under My Orders."),
+            (
+                "And how long will it take?",
+                "Usually 3-5 business days from dispatch. You'll get an email when it's out for delivery.",
+            ),
+            (
+                "Can I get the tracking number?",
+                "Yes, the tracking number is in your shipping email and under My Orders.",
+            ),
         ],
         "cancel_order": [
-            ("Will I get my money back?", "Yes, the full amount goes back to your original payment method within 5-7 business days."),
-            ("How will I know it's cancelled?", "You'll get a confirmation email as soon as the cancellation goes through."),
+            (
+                "Will I get my money back?",
+                "Yes, the full amount goes back to your original payment method within 5-7 business days.",
+            ),
+            (
+                "How will I know it's cancelled?",
+                "You'll get a confirmation email as soon as the cancellation goes through.",
+            ),
         ],
         "refund_request": [
             ("And how long will it take?", "Refunds usually appear within 5-7 business days, depending on your bank."),
             ("Will I get an email?", "Yes, we'll email you as soon as the refund is issued."),
         ],
         "change_shipping_address": [
-            ("Will it delay the delivery?", "It may add 1-2 days at most. You'll get the updated delivery date by email."),
+            (
+                "Will it delay the delivery?",
+                "It may add 1-2 days at most. You'll get the updated delivery date by email.",
+            ),
             ("Is there a fee for that?", "No, changing the address before the order ships is free."),
         ],
         "payment_issue": [
-            ("When will the extra charge be gone?", "Your bank usually releases it within 3-5 business days. If it's still there after that, let us know."),
-            ("Can I pay another way?", "Yes, we accept cards, PayPal, Apple Pay and Google Pay. Just choose another method at checkout."),
+            (
+                "When will the extra charge be gone?",
+                "Your bank usually releases it within 3-5 business days. If it's still there after that, let us know.",
+            ),
+            (
+                "Can I pay another way?",
+                "Yes, we accept cards, PayPal, Apple Pay and Google Pay. Just choose another method at checkout.",
+            ),
         ],
         "account_login": [
-            ("It still doesn't work.", "Sorry! Tell me the email on your account and I'll send you a secure login link."),
-            ("Do I need to reinstall the app?", "Usually not. Updating to the latest version and logging in again is enough."),
+            (
+                "It still doesn't work.",
+                "Sorry! Tell me the email on your account and I'll send you a secure login link.",
+            ),
+            (
+                "Do I need to reinstall the app?",
+                "Usually not. Updating to the latest version and logging in again is enough.",
+            ),
         ],
         "password_reset": [
-            ("I didn't get the email.", "Please check your spam folder. It can take up to 10 minutes; request a new link if it still doesn't arrive."),
+            (
+                "I didn't get the email.",
+                "Please check your spam folder. It can take up to 10 minutes; request a new link if it still doesn't arrive.",
+            ),
             ("How long is the link valid?", "Reset links are valid for 30 minutes, and only the newest one works."),
         ],
         "product_availability": [
-            ("Can you let me know when it's back?", "Sure! Tap 'Notify me' on the product page and we'll email you as soon as it's back in stock."),
-            ("And how long will it take?", "Restocks usually take 1-2 weeks. 'Notify me' on the product page will email you when it's back."),
+            (
+                "Can you let me know when it's back?",
+                "Sure! Tap 'Notify me' on the product page and we'll email you as soon as it's back in stock.",
+            ),
+            (
+                "And how long will it take?",
+                "Restocks usually take 1-2 weeks. 'Notify me' on the product page will email you when it's back.",
+            ),
         ],
         "delivery_complaint": [
-            ("What happens next?", "Our delivery team will contact the carrier and email you within 24 hours with a fix."),
+            (
+                "What happens next?",
+                "Our delivery team will contact the carrier and email you within 24 hours with a fix.",
+            ),
             ("Can I get a replacement?", "Yes, we can send a replacement at no cost, or refund you if you prefer."),
         ],
         "talk_to_human": [
@@ -483,15 +521,24 @@ def generate(seed: int = SEED) -> list[dict]:
             if number < CHATS_PER_GROUP:
                 question, answer = follow_up(intent, lang, rng, picker)
                 turns = [{"role": "system", "content": SYSTEM[lang]}] if number < SYSTEM_CHATS_PER_GROUP else []
-                turns += [{"role": "user", "content": message}, {"role": "assistant", "content": reply},
-                          {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                turns += [
+                    {"role": "user", "content": message},
+                    {"role": "assistant", "content": reply},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer},
+                ]
                 records.append({"messages": turns})
             elif number < CHATS_PER_GROUP + SYSTEM_INSTRUCTIONS_PER_GROUP:
                 records.append({"system": SYSTEM[lang], "prompt": message, "response": reply})
             else:
                 records.append({"prompt": message, "response": reply})
-    every_template = [t for by_lang in REPLIES.values() for by_intent in by_lang.values()
-                      for templates in by_intent.values() for t in templates]
+    every_template = [
+        t
+        for by_lang in REPLIES.values()
+        for by_intent in by_lang.values()
+        for templates in by_intent.values()
+        for t in templates
+    ]
     unused = [t for t in every_template if not picker.used[t]]
     if unused:
         raise RuntimeError(f"reply templates never used (change SEED or the templates): {unused}")

@@ -94,11 +94,24 @@ def _error_text(exc: BaseException) -> str:
 
 # Error codes of S3 (and S3-compatible stores) that say "not now", not "no": throttling, a busy or
 # failing server, a request that timed out. Any 5xx counts too. botocore has already retried them.
-TRANSIENT_S3_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
-    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
-})
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
 
 
 def _botocore_cause(exc: BaseException) -> BaseException:
@@ -132,8 +145,10 @@ def s3_error(action: str, uri: str, exc: BaseException) -> PipelineError:
     detail = _error_text(cause) if hasattr(cause, "response") else str(cause)
     if is_transient(exc):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-        return TransientError(f"cannot {action} {uri}: S3 ({endpoint}) still failing after botocore's retries: "
-                              f"{detail}; it may clear by itself, so the task is retried with back-off")
+        return TransientError(
+            f"cannot {action} {uri}: S3 ({endpoint}) still failing after botocore's retries: "
+            f"{detail}; it may clear by itself, so the task is retried with back-off"
+        )
     return DataError(f"cannot {action} {uri}: {detail}")
 
 
@@ -192,8 +207,12 @@ def object_info(uri: str) -> dict[str, Any] | None:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None  # perhaps a prefix; a missing bucket is reported by the listing
             raise
-    return {"uri": uri, "size": head["ContentLength"], "etag": head.get("ETag", "").strip('"') or None,
-            "last_modified": head["LastModified"].isoformat() if head.get("LastModified") else None}
+    return {
+        "uri": uri,
+        "size": head["ContentLength"],
+        "etag": head.get("ETag", "").strip('"') or None,
+        "last_modified": head["LastModified"].isoformat() if head.get("LastModified") else None,
+    }
 
 
 def read_bytes(uri: str) -> bytes:
@@ -298,8 +317,10 @@ def publish_dir(src: Path, uri: str) -> str:
     bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
     files = {file.relative_to(src).as_posix(): file for file in sorted(p for p in src.rglob("*") if p.is_file())}
     if PUBLISHED_MANIFEST in files:
-        raise DataError(f"cannot publish {src} to {uri}: it holds a file named {PUBLISHED_MANIFEST}, the name "
-                        "kept for the manifest of a published directory")
+        raise DataError(
+            f"cannot publish {src} to {uri}: it holds a file named {PUBLISHED_MANIFEST}, the name "
+            "kept for the manifest of a published directory"
+        )
     client = _s3()
     # The old manifest goes first: while files are replaced, readers find none and refuse the
     # directory rather than fetch a mix of two publishes.
@@ -308,16 +329,26 @@ def publish_dir(src: Path, uri: str) -> str:
     for relative, file in files.items():
         with _s3_call("write", f"s3://{bucket}/{prefix}{relative}"):
             client.upload_file(str(file), bucket, prefix + relative, Config=_transfer_config())
-    write_json(f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
-               {"files": [{"path": relative, "size": file.stat().st_size} for relative, file in files.items()]})
+    write_json(
+        f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
+        {"files": [{"path": relative, "size": file.stat().st_size} for relative, file in files.items()]},
+    )
     # Files of an older publish that this one lacks: readers of the manifest skip them, and
     # removing them keeps the prefix what a local publish leaves (the new files alone).
-    stale = [info["uri"] for info in list_object_info(f"s3://{bucket}/{prefix}")
-             if info["uri"][len(f"s3://{bucket}/{prefix}"):] not in (*files, PUBLISHED_MANIFEST)]
+    stale = [
+        info["uri"]
+        for info in list_object_info(f"s3://{bucket}/{prefix}")
+        if info["uri"][len(f"s3://{bucket}/{prefix}") :] not in (*files, PUBLISHED_MANIFEST)
+    ]
     with _s3_call("delete", uri):
         for start in range(0, len(stale), 1000):  # DeleteObjects takes at most 1000 keys
-            client.delete_objects(Bucket=bucket, Delete={"Quiet": True, "Objects": [
-                {"Key": _bucket_key(stale_uri)[1]} for stale_uri in stale[start:start + 1000]]})
+            client.delete_objects(
+                Bucket=bucket,
+                Delete={
+                    "Quiet": True,
+                    "Objects": [{"Key": _bucket_key(stale_uri)[1]} for stale_uri in stale[start : start + 1000]],
+                },
+            )
     return uri
 
 
@@ -335,8 +366,11 @@ def list_tree(uri: str) -> list[str]:
     if not path.is_dir():
         return []
     base = uri.rstrip("/")
-    return [join(base, file.relative_to(path).as_posix()) for file in sorted(path.rglob("*"))
-            if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)]
+    return [
+        join(base, file.relative_to(path).as_posix())
+        for file in sorted(path.rglob("*"))
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
+    ]
 
 
 def list_object_info(uri: str) -> list[dict[str, Any]]:
@@ -347,9 +381,15 @@ def list_object_info(uri: str) -> list[dict[str, Any]]:
     with _s3_call("list", uri):
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         objects = [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
-    return [{"uri": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj.get("ETag", "").strip('"') or None,
-             "last_modified": obj["LastModified"].isoformat() if obj.get("LastModified") else None}
-            for obj in sorted(objects, key=lambda o: o["Key"])]
+    return [
+        {
+            "uri": f"s3://{bucket}/{obj['Key']}",
+            "size": obj["Size"],
+            "etag": obj.get("ETag", "").strip('"') or None,
+            "last_modified": obj["LastModified"].isoformat() if obj.get("LastModified") else None,
+        }
+        for obj in sorted(objects, key=lambda o: o["Key"])
+    ]
 
 
 def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), published: bool = False) -> Path:
@@ -372,7 +412,7 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
         objects = list_object_info(prefix)
         if not objects:
             raise DataError(f"{uri}: no objects under this prefix")
-        sizes = {o["uri"][len(prefix):]: o["size"] for o in objects if o["uri"] != prefix + PUBLISHED_MANIFEST}
+        sizes = {o["uri"][len(prefix) :]: o["size"] for o in objects if o["uri"] != prefix + PUBLISHED_MANIFEST}
     # A key is a name someone else chose: '../' or a leading '/' in it must not place a file
     # outside dest. Every target is checked before the first byte is written.
     root = dest.resolve()
@@ -382,8 +422,10 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
             continue
         target = (root / relative).resolve()
         if target == root or not target.is_relative_to(root):
-            raise DataError(f"{uri}: the key '{_bucket_key(prefix + relative)[1]}' under the prefix {prefix} names a "
-                            f"path outside the directory it is fetched into ({dest}); nothing was downloaded")
+            raise DataError(
+                f"{uri}: the key '{_bucket_key(prefix + relative)[1]}' under the prefix {prefix} names a "
+                f"path outside the directory it is fetched into ({dest}); nothing was downloaded"
+            )
         targets[relative] = target
     bucket, key_prefix = _bucket_key(prefix)
     client = _s3()
@@ -392,9 +434,11 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
         with _s3_call("read", f"{prefix}{relative}"):
             client.download_file(bucket, key_prefix + relative, str(target), Config=_transfer_config())
         if published and target.stat().st_size != sizes[relative]:
-            raise DataError(f"{uri}: {relative} has {target.stat().st_size} bytes, its manifest says "
-                            f"{sizes[relative]}: it changed after it was published (a publish under way?); fetch it "
-                            "again once that is done")
+            raise DataError(
+                f"{uri}: {relative} has {target.stat().st_size} bytes, its manifest says "
+                f"{sizes[relative]}: it changed after it was published (a publish under way?); fetch it "
+                "again once that is done"
+            )
     return dest
 
 
@@ -402,11 +446,14 @@ def _published_files(prefix: str) -> dict[str, int]:
     """Relative path -> size of every file the manifest of the published S3 directory ``prefix`` lists."""
     manifest_uri = prefix + PUBLISHED_MANIFEST
     if not exists(manifest_uri):
-        raise DataError(f"{prefix}: not a (completely) published directory: it has no {PUBLISHED_MANIFEST} (a "
-                        "publish is under way or was cut short, or the files were not written by the pipeline)")
+        raise DataError(
+            f"{prefix}: not a (completely) published directory: it has no {PUBLISHED_MANIFEST} (a "
+            "publish is under way or was cut short, or the files were not written by the pipeline)"
+        )
     manifest = read_json(manifest_uri)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) for f in files):
-        raise DataError(f"{manifest_uri}: not a directory manifest (expected {{\"files\": [{{\"path\", \"size\"}}]}})")
+        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) for f in files
+    ):
+        raise DataError(f'{manifest_uri}: not a directory manifest (expected {{"files": [{{"path", "size"}}]}})')
     return {f["path"]: f["size"] for f in files}

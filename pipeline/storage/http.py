@@ -51,8 +51,13 @@ def download(uri: str, dest: Path, allowed_hosts: Sequence[str] = ()) -> Downloa
     each checked first (``allowed_hosts``: the hosts collect.allowed_hosts lists)."""
     import urllib3
 
-    retry = urllib3.Retry(total=RETRIES, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
-                          allowed_methods=("GET",), raise_on_status=False)
+    retry = urllib3.Retry(
+        total=RETRIES,
+        backoff_factor=0.5,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=("GET",),
+        raise_on_status=False,
+    )
     pool = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=30, read=60))
     url = uri
     try:
@@ -72,8 +77,10 @@ def download(uri: str, dest: Path, allowed_hosts: Sequence[str] = ()) -> Downloa
     except urllib3.exceptions.HTTPError as exc:  # refused, timed out, body cut short, retries spent
         where = "" if url == uri else f" (redirected to {url})"
         if _transient(exc):
-            raise TransientError(f"cannot download {uri}{where}: {exc!r} (after {RETRIES} retries); "
-                                 f"it may clear by itself, so the task is retried with back-off") from exc
+            raise TransientError(
+                f"cannot download {uri}{where}: {exc!r} (after {RETRIES} retries); "
+                f"it may clear by itself, so the task is retried with back-off"
+            ) from exc
         raise DataError(f"cannot download {uri}{where}: {exc!r}") from exc
     return Download(url, etag, last_modified)
 
@@ -87,8 +94,18 @@ def _transient(exc: Exception) -> bool:
     reason = exc.reason if isinstance(exc, errors.MaxRetryError) and exc.reason is not None else exc
     if isinstance(reason, (errors.SSLError, errors.LocationValueError, errors.ProxySchemeUnknown)):
         return False
-    return isinstance(reason, (errors.TimeoutError, errors.NewConnectionError, errors.ProtocolError,
-                               errors.ResponseError, errors.IncompleteRead, errors.DecodeError, ConnectionError))
+    return isinstance(
+        reason,
+        (
+            errors.TimeoutError,
+            errors.NewConnectionError,
+            errors.ProtocolError,
+            errors.ResponseError,
+            errors.IncompleteRead,
+            errors.DecodeError,
+            ConnectionError,
+        ),
+    )
 
 
 def _save_response(response: Any, uri: str, url: str, dest: Path) -> tuple[str | None, str | None]:
@@ -122,9 +139,11 @@ def _redirect_target(source_uri: str, url: str, location: str | None, allowed_ho
     target = urljoin(url, location)
     parts = urlsplit(target)
     if parts.scheme != urlsplit(source_uri).scheme:
-        raise DataError(f"{refused} {target}: it changes the scheme from {urlsplit(source_uri).scheme} to "
-                        f"{parts.scheme or 'none'}, which no setting allows (name that URL in collect.sources "
-                        "if it is the one meant)")
+        raise DataError(
+            f"{refused} {target}: it changes the scheme from {urlsplit(source_uri).scheme} to "
+            f"{parts.scheme or 'none'}, which no setting allows (name that URL in collect.sources "
+            "if it is the one meant)"
+        )
     try:
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:  # a port that is no number
@@ -133,8 +152,10 @@ def _redirect_target(source_uri: str, url: str, location: str | None, allowed_ho
         raise DataError(f"{refused} {target}: not a URL with a host")
     if allowed_hosts:
         if not listed(target, allowed_hosts):
-            raise DataError(f"{refused} {target}: {host_port(target)} is not in collect.allowed_hosts "
-                            f"{list(allowed_hosts)}; add it there to allow it")
+            raise DataError(
+                f"{refused} {target}: {host_port(target)} is not in collect.allowed_hosts "
+                f"{list(allowed_hosts)}; add it there to allow it"
+            )
         return target
     if host_port(target) == host_port(source_uri):
         return target  # back to the host the config names: it reaches nothing the source did not
@@ -154,10 +175,19 @@ def _check_public(refused: str, target: str, host: str, port: int) -> None:
         if address.version == 6 and address.ipv4_mapped:
             address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its spelling
         if not address.is_global:
-            kind = ("loopback" if address.is_loopback else "link-local" if address.is_link_local
-                    else "private" if address.is_private else "non-public")
-            raise DataError(f"{refused} {target}: {host} resolves to {address}, a {kind} address; add "
-                            f"'{host_port(target)}' to collect.allowed_hosts (with the source's host) to allow it")
+            kind = (
+                "loopback"
+                if address.is_loopback
+                else "link-local"
+                if address.is_link_local
+                else "private"
+                if address.is_private
+                else "non-public"
+            )
+            raise DataError(
+                f"{refused} {target}: {host} resolves to {address}, a {kind} address; add "
+                f"'{host_port(target)}' to collect.allowed_hosts (with the source's host) to allow it"
+            )
 
 
 def host_port(url: str) -> str:

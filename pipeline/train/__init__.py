@@ -87,9 +87,11 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     if not own.snapshot_uri:
         raise ConfigError("train.snapshot_uri is required (the collect step's snapshot_uri)")
     if cfg.task == "causal-lm" and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
-        raise ConfigError(f"train.lora_merge=false registers the adapter with a reference to base_model, but "
-                          f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
-                          f"local directory or a hub name, or train.lora_merge=true")
+        raise ConfigError(
+            f"train.lora_merge=false registers the adapter with a reference to base_model, but "
+            f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
+            f"local directory or a hub name, or train.lora_merge=true"
+        )
     rank, _, world = ranks()
     ds_config = deepspeed_config(own)
     with tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp:
@@ -103,8 +105,10 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         # Data and tokenizer first: bad input fails here, before any model is built or run tracked.
         parts = TASK_PARTS[cfg.task](cfg, model_dir, frame, model_kwargs(cfg, model_dir))
         if own.eval_steps and parts.eval_dataset is None:
-            raise DataError(f"{own.snapshot_uri}: train.eval_steps={own.eval_steps} needs held-out examples, but "
-                            "the eval split has none (collect.eval_fraction)")
+            raise DataError(
+                f"{own.snapshot_uri}: train.eval_steps={own.eval_steps} needs held-out examples, but "
+                "the eval split has none (collect.eval_fraction)"
+            )
         mlflow_run_id = _start_tracking(cfg, ds_config, train_rows) if rank == 0 else None
         outcome = _fit(cfg, parts, model_dir, ds_config, scratch, mlflow_run_id)
         if rank != 0:
@@ -119,11 +123,19 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
             tracking.client().log_dict(mlflow_run_id, outcome, "train/training_summary.json")
         # The model is published: the checkpoints were only for finishing this training.
         checkpoints.delete_all(checkpoint_root(cfg))
-    return TrainResult(result_uri=storage.join(out_uri, "result.json"), model_uri=model_uri, summary_uri=summary_uri,
-                       snapshot_uri=own.snapshot_uri, base_model=cfg.base_model, global_step=outcome["global_step"],
-                       train_loss=outcome["train_loss"], train_runtime_s=outcome["train_runtime_s"],
-                       world_size=world, mlflow_run_id=mlflow_run_id or "",
-                       config_sha256=config_hash(cfg, ds_config))
+    return TrainResult(
+        result_uri=storage.join(out_uri, "result.json"),
+        model_uri=model_uri,
+        summary_uri=summary_uri,
+        snapshot_uri=own.snapshot_uri,
+        base_model=cfg.base_model,
+        global_step=outcome["global_step"],
+        train_loss=outcome["train_loss"],
+        train_runtime_s=outcome["train_runtime_s"],
+        world_size=world,
+        mlflow_run_id=mlflow_run_id or "",
+        config_sha256=config_hash(cfg, ds_config),
+    )
 
 
 def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
@@ -131,14 +143,21 @@ def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
     needed = {"sequence-classification": ("text", "label"), "causal-lm": ("messages",)}[cfg.task]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise DataError(f"{cfg.train.snapshot_uri}: no column(s) {missing} for task {cfg.task}; found "
-                        f"{list(frame.columns)} (was it collected for another task?)")
+        raise DataError(
+            f"{cfg.train.snapshot_uri}: no column(s) {missing} for task {cfg.task}; found "
+            f"{list(frame.columns)} (was it collected for another task?)"
+        )
 
 
 def config_hash(cfg: PipelineConfig, ds_config: dict[str, Any]) -> str:
     """Everything that shapes the weights apart from the data: model, seed, train settings, DeepSpeed."""
-    settings = {"base_model": cfg.base_model, "seed": cfg.seed, "task": cfg.task,
-                "train": {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}, "deepspeed": ds_config}
+    settings = {
+        "base_model": cfg.base_model,
+        "seed": cfg.seed,
+        "task": cfg.task,
+        "train": {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"},
+        "deepspeed": ds_config,
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,14 +167,22 @@ def _start_tracking(cfg: PipelineConfig, ds_config: dict[str, Any], train_rows: 
 
     run_id = tracking.pipeline_run_id(cfg)
     tracker = tracking.client()
-    params = {"task": cfg.task, "base_model": cfg.base_model, "seed": cfg.seed,
-              **{f"train.{k}": v for k, v in vars(cfg.train).items()}}
+    params = {
+        "task": cfg.task,
+        "base_model": cfg.base_model,
+        "seed": cfg.seed,
+        **{f"train.{k}": v for k, v in vars(cfg.train).items()},
+    }
     tracker.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     tracker.log_dict(run_id, ds_config, "train/deepspeed_config.json")
     columns = [c for c in train_rows.columns if c != "split"]
     with tracking.module_api(), mlflow.start_run(run_id=run_id):
-        dataset = from_pandas(train_rows[columns], source=cfg.train.snapshot_uri, name="train",
-                              targets="label" if "label" in columns else None)
+        dataset = from_pandas(
+            train_rows[columns],
+            source=cfg.train.snapshot_uri,
+            name="train",
+            targets="label" if "label" in columns else None,
+        )
         mlflow.log_input(dataset, context="training")
     return run_id
 
@@ -173,15 +200,23 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         # must step where its states now live, which DeepSpeed's CPU Adam does. "auto" values are
         # the Trainer's (train.learning_rate, train.weight_decay, adam_* in train.trainer_args);
         # the learning-rate schedule stays the Trainer's.
-        config.setdefault("optimizer", {"type": "AdamW", "params": {
-            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}})
+        config.setdefault(
+            "optimizer",
+            {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        )
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return config
 
 
-def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str, Any], scratch: Path,
-         mlflow_run_id: str | None) -> dict[str, Any]:
+def _fit(
+    cfg: PipelineConfig,
+    parts: Parts,
+    model_dir: str,
+    ds_config: dict[str, Any],
+    scratch: Path,
+    mlflow_run_id: str | None,
+) -> dict[str, Any]:
     """The training, on every rank: the Trainer's arguments, the resume point, the Trainer with its
     callbacks, the training itself, then the model and the sharding audit saved."""
     import torch
@@ -208,26 +243,40 @@ def _fit(cfg: PipelineConfig, parts: Parts, model_dir: str, ds_config: dict[str,
     finally:
         term.close()
     if saver.stopped_at is not None:
-        raise TransientError(f"train: stopped by SIGTERM at step {saver.stopped_at} (an eviction or preemption "
-                             "notice); " + ("a checkpoint was saved there" if saver.stopped_at == _newest_step(cfg)
-                                            else f"no time to save within train.term_grace_s={cfg.train.term_grace_s}")
-                             + "; the next attempt resumes from the newest checkpoint")
+        raise TransientError(
+            f"train: stopped by SIGTERM at step {saver.stopped_at} (an eviction or preemption "
+            "notice); "
+            + (
+                "a checkpoint was saved there"
+                if saver.stopped_at == _newest_step(cfg)
+                else f"no time to save within train.term_grace_s={cfg.train.term_grace_s}"
+            )
+            + "; the next attempt resumes from the newest checkpoint"
+        )
     extra, report = _save(cfg, parts, trainer, audit, model_dir, scratch)
     barrier()
     if local_rank == 0:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return {"global_step": int(output.global_step), "train_loss": float(output.training_loss),
-            "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)), **parts.summary, **extra,
-            "sharding": report, "deepspeed": _deepspeed_summary(trainer, ds_config),
-            "trainer_world_size": args.world_size, "peak_memory_bytes": _peak_memory(torch)}
+    return {
+        "global_step": int(output.global_step),
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": float(output.metrics.get("train_runtime", 0.0)),
+        **parts.summary,
+        **extra,
+        "sharding": report,
+        "deepspeed": _deepspeed_summary(trainer, ds_config),
+        "trainer_world_size": args.world_size,
+        "peak_memory_bytes": _peak_memory(torch),
+    }
 
 
 def _warm_start(own: TrainConfig, parts: Parts, ds_config: dict[str, Any]) -> _WarmStart | None:
     """train.extend_vocab's frozen first phase, when the task family added tokens and the run has one."""
     # The body trains for at least one epoch: a one-epoch run has no frozen phase.
     frozen_epochs = min(own.extend_vocab_epochs, own.epochs - 1)
-    warm_start = _WarmStart(frozen_epochs, own.extend_vocab_learning_rate) if parts.warm_start and frozen_epochs \
-        else None
+    warm_start = (
+        _WarmStart(frozen_epochs, own.extend_vocab_learning_rate) if parts.warm_start and frozen_epochs else None
+    )
     if warm_start is not None and "optimizer" in ds_config:  # before any model, engine or op build
         raise ConfigError(_WarmStart.REFUSED)
     return warm_start
@@ -245,8 +294,9 @@ def _init_distributed(own: TrainConfig, use_cpu: bool) -> None:
     # deepspeed.comm, which would otherwise still say 1 on CPU and reject the batch sizes.
     # A bounded wait: one hung rank fails the collective after collective_timeout_s instead
     # of blocking every later run behind it.
-    deepspeed.init_distributed(dist_backend="gloo" if use_cpu else "nccl",
-                               timeout=timedelta(seconds=own.collective_timeout_s))
+    deepspeed.init_distributed(
+        dist_backend="gloo" if use_cpu else "nccl", timeout=timedelta(seconds=own.collective_timeout_s)
+    )
 
 
 def _training_arguments(cfg: PipelineConfig, output_dir: Path, ds_config: dict[str, Any], use_cpu: bool) -> Any:
@@ -258,22 +308,39 @@ def _training_arguments(cfg: PipelineConfig, output_dir: Path, ds_config: dict[s
     try:
         return TrainingArguments(
             **own.trainer_args,
-            output_dir=str(output_dir), num_train_epochs=own.epochs, learning_rate=own.learning_rate,
-            per_device_train_batch_size=own.batch_size, gradient_accumulation_steps=own.gradient_accumulation_steps,
-            weight_decay=own.weight_decay, warmup_steps=own.warmup_ratio, logging_steps=own.logging_steps,
+            output_dir=str(output_dir),
+            num_train_epochs=own.epochs,
+            learning_rate=own.learning_rate,
+            per_device_train_batch_size=own.batch_size,
+            gradient_accumulation_steps=own.gradient_accumulation_steps,
+            weight_decay=own.weight_decay,
+            warmup_steps=own.warmup_ratio,
+            logging_steps=own.logging_steps,
             # A classification loss is a per-example mean over equal batches on every rank: token
             # averaging would multiply it by the world size. A causal LM's loss is per token, and
             # batches hold different numbers of target tokens: there it is what makes the mean right.
             average_tokens_across_devices=cfg.task == "causal-lm",
             # Checkpoints: the Trainer's own (DeepSpeed state of every rank, RNG, data position) in a
             # node-local folder, copied to the artifact store by the Checkpointing callback.
-            **_schedule(own), save_total_limit=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-            use_cpu=use_cpu, ddp_timeout=own.collective_timeout_s, deepspeed=ds_config, disable_tqdm=True,
-            remove_unused_columns=False, label_names=["labels"], per_device_eval_batch_size=own.batch_size,
-            **mixed_precision(own), dataloader_drop_last=True)  # a partial last batch would be padded with repeats on the other ranks
+            **_schedule(own),
+            save_total_limit=1,
+            report_to="none",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            use_cpu=use_cpu,
+            ddp_timeout=own.collective_timeout_s,
+            deepspeed=ds_config,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            per_device_eval_batch_size=own.batch_size,
+            **mixed_precision(own),
+            dataloader_drop_last=True,
+        )  # a partial last batch would be padded with repeats on the other ranks
     except (TypeError, ValueError) as exc:  # what the config-time check cannot know, e.g. an optimizer's package
-        raise ConfigError(f"train.trainer_args {json.dumps(own.trainer_args)}: TrainingArguments refused them: "
-                          f"{exc}") from exc
+        raise ConfigError(
+            f"train.trainer_args {json.dumps(own.trainer_args)}: TrainingArguments refused them: {exc}"
+        ) from exc
 
 
 def _restore(cfg: PipelineConfig, resume: tuple[int, Path], audit: _Audit, rank: int) -> None:
@@ -282,30 +349,50 @@ def _restore(cfg: PipelineConfig, resume: tuple[int, Path], audit: _Audit, rank:
     step, path = resume
     audit.restore((path / f"audit-rank{rank}.json").read_text())
     if rank == 0:
-        print(f"train: resuming from step {step} ({storage.join(checkpoint_root(cfg), checkpoints.name(step))})",
-              file=sys.stderr, flush=True)
+        print(
+            f"train: resuming from step {step} ({storage.join(checkpoint_root(cfg), checkpoints.name(step))})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def _trainer(cfg: PipelineConfig, parts: Parts, args: Any, audit: _Audit, warm_start: _WarmStart | None, saver: Any,
-             mlflow_run_id: str | None, world: int) -> Any:
+def _trainer(
+    cfg: PipelineConfig,
+    parts: Parts,
+    args: Any,
+    audit: _Audit,
+    warm_start: _WarmStart | None,
+    saver: Any,
+    mlflow_run_id: str | None,
+    world: int,
+) -> Any:
     """The audited Trainer, its model loaded (after the TrainingArguments: ZeRO-3 partitions it)."""
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     own = cfg.train
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
-    trainer = _audited_trainer(Trainer)(audit, warm_start, model=parts.load_model(), args=args,
-                                        train_dataset=parts.dataset,
-                                        eval_dataset=parts.eval_dataset, data_collator=audit,
-                                        callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping])
+    trainer = _audited_trainer(Trainer)(
+        audit,
+        warm_start,
+        model=parts.load_model(),
+        args=args,
+        train_dataset=parts.dataset,
+        eval_dataset=parts.eval_dataset,
+        data_collator=audit,
+        callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping],
+    )
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != world:
-        raise RuntimeError(f"Trainer sees world size {args.world_size}, launcher started "
-                           f"{world} processes: the data would not be sharded")
+        raise RuntimeError(
+            f"Trainer sees world size {args.world_size}, launcher started "
+            f"{world} processes: the data would not be sharded"
+        )
     return trainer
 
 
-def _save(cfg: PipelineConfig, parts: Parts, trainer: Any, audit: _Audit, model_dir: str,
-          scratch: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _save(
+    cfg: PipelineConfig, parts: Parts, trainer: Any, audit: _Audit, model_dir: str, scratch: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """After training, on every rank: the held-out figures, the model (or adapter) with its tokenizer
     under ``scratch``, and the sharding report of the ids every rank trained on."""
     own = cfg.train
@@ -330,11 +417,20 @@ def _schedule(own: TrainConfig) -> dict[str, Any]:
     Checkpointing callback keeps, of those, only a new best, train.checkpoint_steps' and the epoch ends."""
     evaluation = {"eval_strategy": "steps", "eval_steps": own.eval_steps} if own.eval_steps else {"eval_strategy": "no"}
     if own.early_stopping_patience:
-        return {**evaluation, "save_strategy": "steps", "save_steps": own.eval_steps, "load_best_model_at_end": True,
-                "metric_for_best_model": "eval_loss", "greater_is_better": False,
-                "restore_callback_states_from_checkpoint": True}  # a resumed run keeps its patience count
-    return {**evaluation, "save_strategy": "steps" if own.checkpoint_steps else "epoch",
-            "save_steps": own.checkpoint_steps or None}
+        return {
+            **evaluation,
+            "save_strategy": "steps",
+            "save_steps": own.eval_steps,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            "restore_callback_states_from_checkpoint": True,
+        }  # a resumed run keeps its patience count
+    return {
+        **evaluation,
+        "save_strategy": "steps" if own.checkpoint_steps else "epoch",
+        "save_steps": own.checkpoint_steps or None,
+    }
 
 
 def mixed_precision(cfg: TrainConfig) -> dict[str, Any]:
@@ -357,8 +453,11 @@ def _evaluation_summary(trainer: Any, own: TrainConfig) -> dict[str, Any]:
     curve = [[entry["step"], entry["eval_loss"]] for entry in state.log_history if "eval_loss" in entry]
     summary: dict[str, Any] = {"eval_loss_curve": curve}
     if own.early_stopping_patience:
-        summary.update(best_step=state.best_global_step, best_eval_loss=state.best_metric,
-                       stopped_early=state.global_step < state.max_steps)
+        summary.update(
+            best_step=state.best_global_step,
+            best_eval_loss=state.best_metric,
+            stopped_early=state.global_step < state.max_steps,
+        )
     return summary
 
 
@@ -413,7 +512,8 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     def load_model() -> Any:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, **model_kwargs)
+                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, **model_kwargs
+            )
         except (OSError, ValueError) as exc:
             raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
         if added:
@@ -425,16 +525,30 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
         out of Arrow a row at a time, which took longer than the tokenizing)."""
         # .tolist(): Arrow-backed columns convert at once; iterating them boxes a value at a time.
         encoded = tokenizer(split_rows["text"].tolist(), truncation=True, max_length=cfg.train.max_seq_len)
-        return _token_dataset({**encoded, "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
-                               "example_id": list(range(len(split_rows)))}), sum(map(len, encoded["input_ids"]))
+        return _token_dataset(
+            {
+                **encoded,
+                "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
+                "example_id": list(range(len(split_rows))),
+            }
+        ), sum(map(len, encoded["input_ids"]))
 
     dataset, tokens = encode(rows)
     held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
-    return Parts(load_model, tokenizer, dataset, DataCollatorWithPadding(tokenizer),
-                 {"labels": labels, "examples": len(rows), "train_tokens": tokens,
-                  "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}},
-                 eval_dataset=encode(held_out)[0] if cfg.train.eval_steps and len(held_out) else None,
-                 warm_start=bool(added))
+    return Parts(
+        load_model,
+        tokenizer,
+        dataset,
+        DataCollatorWithPadding(tokenizer),
+        {
+            "labels": labels,
+            "examples": len(rows),
+            "train_tokens": tokens,
+            "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)},
+        },
+        eval_dataset=encode(held_out)[0] if cfg.train.eval_steps and len(held_out) else None,
+        warm_start=bool(added),
+    )
 
 
 # The Arrow types Dataset.from_dict infers for a tokenizer's columns, given up front: inferring them
@@ -447,9 +561,19 @@ def _token_dataset(columns: dict[str, list[Any]]) -> Any:
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    return Dataset(InMemoryTable(pa.table({
-        name: pa.array(values, pa.list_(pa.type_for_alias(TOKEN_COLUMN_TYPES[name])) if name in TOKEN_COLUMN_TYPES
-                       else None) for name, values in columns.items()})))
+    return Dataset(
+        InMemoryTable(
+            pa.table(
+                {
+                    name: pa.array(
+                        values,
+                        pa.list_(pa.type_for_alias(TOKEN_COLUMN_TYPES[name])) if name in TOKEN_COLUMN_TYPES else None,
+                    )
+                    for name, values in columns.items()
+                }
+            )
+        )
+    )
 
 
 def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -459,8 +583,9 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
     own = cfg.train
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
     # Before encoding: the conversations are tokenized with the new tokens.
-    added = _extend_vocab(own, tokenizer, (m["content"] for messages in chat.conversations(frame, "train")
-                                           for m in messages))
+    added = _extend_vocab(
+        own, tokenizer, (m["content"] for messages in chat.conversations(frame, "train") for m in messages)
+    )
     examples, counts, template = chat.encode_split(cfg, tokenizer, frame, "train")
     eval_examples, eval_counts, _ = chat.encode_split(cfg, tokenizer, frame, "eval")
     print(f"train: conversations {counts}", file=sys.stderr, flush=True)
@@ -480,13 +605,24 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
 
         # The new rows train beside the adapter (PEFT's trainable tokens; tied output embeddings too).
         new_ids = list(range(len(tokenizer) - len(added), len(tokenizer)))
-        return get_peft_model(model, LoraConfig(
-            task_type="CAUSAL_LM", r=own.lora_r, lora_alpha=own.lora_alpha, lora_dropout=own.lora_dropout,
-            target_modules=list(own.lora_target_modules) or None, trainable_token_indices=new_ids or None))
+        return get_peft_model(
+            model,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                r=own.lora_r,
+                lora_alpha=own.lora_alpha,
+                lora_dropout=own.lora_dropout,
+                target_modules=list(own.lora_target_modules) or None,
+                trainable_token_indices=new_ids or None,
+            ),
+        )
 
     dataset = Dataset.from_list(examples)
-    collator = (chat.PackedCollator(tokenizer.pad_token_id) if own.packing else
-                DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True))
+    collator = (
+        chat.PackedCollator(tokenizer.pad_token_id)
+        if own.packing
+        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True)
+    )
 
     def after_training(trainer: Any) -> dict[str, Any]:
         # The loss of the weights as they are in memory (sharded, under ZeRO-3), on the held-out
@@ -495,14 +631,25 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
         total, tokens = chat.token_loss(trainer.model, eval_examples, tokenizer.pad_token_id, own.batch_size)
         return {"eval_loss_in_memory": total / tokens if tokens else None, "eval_tokens": tokens}
 
-    return Parts(load_model, tokenizer, dataset, collator,
-                 {"conversations": counts, "eval_conversations": eval_counts, "packed_sequences": len(examples),
-                  "lora": bool(own.lora_r), "examples": counts["examples"],
-                  "train_tokens": sum(len(e["input_ids"]) for e in examples),
-                  "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)}}, after_training,
-                 # Never packed: the held-out loss is per conversation, as evaluate scores it.
-                 eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None,
-                 warm_start=bool(added))
+    return Parts(
+        load_model,
+        tokenizer,
+        dataset,
+        collator,
+        {
+            "conversations": counts,
+            "eval_conversations": eval_counts,
+            "packed_sequences": len(examples),
+            "lora": bool(own.lora_r),
+            "examples": counts["examples"],
+            "train_tokens": sum(len(e["input_ids"]) for e in examples),
+            "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)},
+        },
+        after_training,
+        # Never packed: the held-out loss is per conversation, as evaluate scores it.
+        eval_dataset=Dataset.from_list(eval_examples) if own.eval_steps and eval_examples else None,
+        warm_start=bool(added),
+    )
 
 
 def _extend_vocab(own: TrainConfig, tokenizer: Any, texts: Any) -> dict[str, list[int]]:
@@ -512,8 +659,12 @@ def _extend_vocab(own: TrainConfig, tokenizer: Any, texts: Any) -> dict[str, lis
         return {}
     added = extend_vocabulary(tokenizer, texts, own.extend_vocab_min_count)
     if added:
-        print(f"train: extend_vocab: {len(added)} characters the tokenizer could not read are new tokens: "
-              f"{''.join(list(added)[:40])}{'...' if len(added) > 40 else ''}", file=sys.stderr, flush=True)
+        print(
+            f"train: extend_vocab: {len(added)} characters the tokenizer could not read are new tokens: "
+            f"{''.join(list(added)[:40])}{'...' if len(added) > 40 else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     return added
 
 
@@ -533,8 +684,10 @@ def model_kwargs(cfg: PipelineConfig, model_dir: str) -> dict[str, Any]:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its config: {exc}") from exc
     for name in cfg.train.model_kwargs:
         if name != "attn_implementation" and not hasattr(config, name):
-            raise ConfigError(f"train.model_kwargs.{name}: neither attn_implementation nor an attribute of "
-                              f"{type(config).__name__}, the config of base_model '{cfg.base_model}'")
+            raise ConfigError(
+                f"train.model_kwargs.{name}: neither attn_implementation nor an attribute of "
+                f"{type(config).__name__}, the config of base_model '{cfg.base_model}'"
+            )
     return dict(cfg.train.model_kwargs)
 
 

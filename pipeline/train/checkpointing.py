@@ -24,15 +24,28 @@ from pipeline.train.trainer import _Audit
 
 # Settings a new attempt may change without making its checkpoints another run's: how often and how
 # many checkpoints, how long to wait. Everything else that shapes the weights must match to resume.
-RESUME_FREE = ("checkpoint_steps", "keep_checkpoints", "resume", "term_grace_s", "collective_timeout_s",
-               "logging_steps")
+RESUME_FREE = (
+    "checkpoint_steps",
+    "keep_checkpoints",
+    "resume",
+    "term_grace_s",
+    "collective_timeout_s",
+    "logging_steps",
+)
 
 
 def checkpoint_meta(cfg: PipelineConfig, ds_config: dict[str, Any], world: int) -> dict[str, Any]:
     """What a checkpoint records about the run that saved it and a resume must match."""
-    return {"world_size": world, "settings": {
-        "base_model": cfg.base_model, "seed": cfg.seed, "task": cfg.task, "deepspeed": ds_config,
-        "train": {k: v for k, v in vars(cfg.train).items() if k not in RESUME_FREE}}}
+    return {
+        "world_size": world,
+        "settings": {
+            "base_model": cfg.base_model,
+            "seed": cfg.seed,
+            "task": cfg.task,
+            "deepspeed": ds_config,
+            "train": {k: v for k, v in vars(cfg.train).items() if k not in RESUME_FREE},
+        },
+    }
 
 
 def checkpoint_root(cfg: PipelineConfig) -> str:
@@ -70,8 +83,10 @@ def _best_checkpoint(cfg: PipelineConfig, step: int, resume: tuple[int, Path] | 
     root = checkpoint_root(cfg)
     found = [c for c in checkpoints.complete(root) if c.step == step]
     if not found:
-        raise DataError(f"{root}: the best evaluation's checkpoint (step {step}) is gone, so early stopping cannot "
-                        "publish its weights; set train.resume=false to train this run over")
+        raise DataError(
+            f"{root}: the best evaluation's checkpoint (step {step}) is gone, so early stopping cannot "
+            "publish its weights; set train.resume=false to train this run over"
+        )
     dest = local / "best"
     if ranks()[1] == 0:
         checkpoints.fetch(found[0], dest)
@@ -114,15 +129,17 @@ class _Termination:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.at is None:
             self.at = time.monotonic()
-            print("train: SIGTERM: saving a checkpoint at the end of this step, then exiting", file=sys.stderr,
-                  flush=True)
+            print(
+                "train: SIGTERM: saving a checkpoint at the end of this step, then exiting", file=sys.stderr, flush=True
+            )
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, term: _Termination,
-                   resume: tuple[int, Path] | None) -> Any:
+def _checkpointing(
+    cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, term: _Termination, resume: tuple[int, Path] | None
+) -> Any:
     from transformers import TrainerCallback
 
     own = cfg.train
@@ -145,8 +162,9 @@ def _checkpointing(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, ter
         def on_train_begin(self, args, state, control, **kwargs):
             # A resumed run's state names its best checkpoint by the old attempt's local path.
             if args.load_best_model_at_end and state.best_global_step and state.best_model_checkpoint is None:
-                state.best_model_checkpoint = str(_best_checkpoint(cfg, state.best_global_step, resume,
-                                                                   Path(args.output_dir)))
+                state.best_model_checkpoint = str(
+                    _best_checkpoint(cfg, state.best_global_step, resume, Path(args.output_dir))
+                )
 
         def on_epoch_end(self, args, state, control, **kwargs):
             control.should_save = state.global_step != self.saved_step  # not twice for one step
@@ -188,15 +206,23 @@ def _termination_agreed(term: _Termination, save_s: float) -> Any:
     every rank decides alike, for a checkpoint is a collective and ranks get the signal apart."""
     import torch
 
-    asked = torch.tensor([1.0 if term.at is not None else 0.0,
-                          time.monotonic() - term.at if term.at is not None else 0.0, save_s])
+    asked = torch.tensor(
+        [1.0 if term.at is not None else 0.0, time.monotonic() - term.at if term.at is not None else 0.0, save_s]
+    )
     if (dist := collective()) is not None:
         dist.all_reduce(asked, op=dist.ReduceOp.MAX)
     return asked
 
 
-def _publish(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, output_dir: Path, step: int, epoch: float,
-             best: int | None) -> None:
+def _publish(
+    cfg: PipelineConfig,
+    meta: dict[str, Any],
+    audit: _Audit,
+    output_dir: Path,
+    step: int,
+    epoch: float,
+    best: int | None,
+) -> None:
     """The Trainer's checkpoint of ``step``, with this rank's audit, to the artifact store: each node
     uploads its own ranks' files, rank 0 writes the marker last and prunes; then the node's local
     copies go, but for early stopping's best (the Trainer loads it at the end)."""
@@ -213,9 +239,14 @@ def _publish(cfg: PipelineConfig, meta: dict[str, Any], audit: _Audit, output_di
         merged = {k: v for part in gathered for k, v in part.items()}
         checkpoints.write_marker(root, step, merged, {**meta, "epoch": epoch})
         pruned = checkpoints.prune(root, own.keep_checkpoints, also_keep=best)
-        print(f"train: checkpoint at step {step} saved to {storage.join(root, checkpoints.name(step))} "
-              f"({sum(f['size'] for f in merged.values()) / 2**20:.1f} MiB"
-              + (f"; deleted steps {pruned}" if pruned else "") + ")", file=sys.stderr, flush=True)
+        print(
+            f"train: checkpoint at step {step} saved to {storage.join(root, checkpoints.name(step))} "
+            f"({sum(f['size'] for f in merged.values()) / 2**20:.1f} MiB"
+            + (f"; deleted steps {pruned}" if pruned else "")
+            + ")",
+            file=sys.stderr,
+            flush=True,
+        )
     barrier()
     if local_rank == 0:
         for folder in output_dir.glob("checkpoint-*"):

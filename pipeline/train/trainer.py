@@ -60,11 +60,19 @@ def _callbacks(audit: _Audit, mlflow_run_id: str | None) -> list[Any]:
             if not state.is_world_process_zero or not logs:
                 return
             numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-            print(f"train: step {state.global_step}/{state.max_steps} "
-                  + " ".join(f"{k}={v:.4g}" for k, v in numbers.items()), flush=True)
+            print(
+                f"train: step {state.global_step}/{state.max_steps} "
+                + " ".join(f"{k}={v:.4g}" for k, v in numbers.items()),
+                flush=True,
+            )
             if mlflow_run_id:
-                tracking.client().log_batch(mlflow_run_id, metrics=[_metric(f"train_{k}" if not k.startswith("train_") else k,
-                                                                   v, state.global_step) for k, v in numbers.items()])
+                tracking.client().log_batch(
+                    mlflow_run_id,
+                    metrics=[
+                        _metric(f"train_{k}" if not k.startswith("train_") else k, v, state.global_step)
+                        for k, v in numbers.items()
+                    ],
+                )
 
     return [Progress()]
 
@@ -81,8 +89,14 @@ def sharding_report(per_rank: list[dict[int, list[int]]], examples: int) -> dict
     report = []
     for epoch in epochs:
         ids = [i for seen in per_rank for i in seen.get(epoch, [])]
-        report.append({"epoch": epoch, "seen_per_rank": [len(seen.get(epoch, [])) for seen in per_rank],
-                       "distinct": len(set(ids)), "seen_twice": len(ids) - len(set(ids))})
+        report.append(
+            {
+                "epoch": epoch,
+                "seen_per_rank": [len(seen.get(epoch, [])) for seen in per_rank],
+                "distinct": len(set(ids)),
+                "seen_twice": len(ids) - len(set(ids)),
+            }
+        )
     return {"world_size": len(per_rank), "examples": examples, "epochs": report}
 
 
@@ -98,7 +112,8 @@ class _WarmStart:
     learning_rate: float
     REFUSED: ClassVar[str] = (
         "train.extend_vocab_epochs: the frozen first phase needs the Trainer's optimizer, but DeepSpeed steps its "
-        "own (train.offload_optimizer, or an optimizer in train.deepspeed_config); set train.extend_vocab_epochs=0")
+        "own (train.offload_optimizer, or an optimizer in train.deepspeed_config); set train.extend_vocab_epochs=0"
+    )
 
     @staticmethod
     def parameters(model: Any) -> set[int]:
@@ -120,9 +135,14 @@ class _WarmStart:
             for is_warm in (True, False):
                 params = [p for p in group["params"] if (id(p) in warm) == is_warm]
                 if params:
-                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": params,
-                                               "warm_start": is_warm,
-                                               "lr": self.learning_rate if is_warm else group["lr"]})
+                    optimizer.add_param_group(
+                        {
+                            **{k: v for k, v in group.items() if k != "params"},
+                            "params": params,
+                            "warm_start": is_warm,
+                            "lr": self.learning_rate if is_warm else group["lr"],
+                        }
+                    )
 
     def scheduler(self, args: Any, optimizer: Any, total: int, per_epoch: int) -> Any:
         import torch
@@ -135,18 +155,28 @@ class _WarmStart:
 
         def shape(steps: int) -> Any:  # the Trainer's schedule over `steps`, as a function of the step
             probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            made = get_scheduler(args.lr_scheduler_type, optimizer=probe, num_training_steps=max(steps, 1),
-                                 num_warmup_steps=args.get_warmup_steps(max(steps, 1)),
-                                 scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+            made = get_scheduler(
+                args.lr_scheduler_type,
+                optimizer=probe,
+                num_training_steps=max(steps, 1),
+                num_warmup_steps=args.get_warmup_steps(max(steps, 1)),
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+            )
             if not isinstance(made, torch.optim.lr_scheduler.LambdaLR):
-                raise ConfigError(f"train.trainer_args.lr_scheduler_type={args.lr_scheduler_type}: train.extend_vocab's "
-                                  "two phases need a schedule that is a function of the step (linear, cosine, ...)")
+                raise ConfigError(
+                    f"train.trainer_args.lr_scheduler_type={args.lr_scheduler_type}: train.extend_vocab's "
+                    "two phases need a schedule that is a function of the step (linear, cosine, ...)"
+                )
             return made.lr_lambdas[0]
 
         warm, body = shape(total), shape(total - phase)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            warm if group["warm_start"] else (lambda step: 0.0 if step < phase else body(step - phase))
-            for group in groups])
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [
+                warm if group["warm_start"] else (lambda step: 0.0 if step < phase else body(step - phase))
+                for group in groups
+            ],
+        )
 
 
 def _audited_trainer(trainer_class: Any) -> Any:
@@ -173,8 +203,9 @@ def _audited_trainer(trainer_class: Any) -> Any:
             if self.warm_start is None or self.lr_scheduler is not None:
                 return super().create_scheduler(num_training_steps, optimizer)
             per_epoch = max(len(self.get_train_dataloader()) // self.args.gradient_accumulation_steps, 1)
-            self.lr_scheduler = self.warm_start.scheduler(self.args, optimizer or self.optimizer, num_training_steps,
-                                                          per_epoch)
+            self.lr_scheduler = self.warm_start.scheduler(
+                self.args, optimizer or self.optimizer, num_training_steps, per_epoch
+            )
             return self.lr_scheduler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -202,8 +233,12 @@ def _deepspeed_summary(trainer: Any, ds_config: dict[str, Any]) -> dict[str, Any
     """The ZeRO stage, what is offloaded, and the optimizer DeepSpeed actually steps with."""
     zero = ds_config.get("zero_optimization", {})
     optimizer = getattr(trainer.model_wrapped, "basic_optimizer", None) or trainer.optimizer
-    return {"zero_stage": zero.get("stage"), "offload_optimizer": "offload_optimizer" in zero,
-            "offload_params": "offload_param" in zero, "optimizer": type(optimizer).__name__}
+    return {
+        "zero_stage": zero.get("stage"),
+        "offload_optimizer": "offload_optimizer" in zero,
+        "offload_params": "offload_param" in zero,
+        "optimizer": type(optimizer).__name__,
+    }
 
 
 def _peak_memory(torch: Any) -> int:

@@ -77,8 +77,13 @@ def run(cfg: PipelineConfig) -> ValidateResult:
     frame = load_snapshot(own.snapshot_uri)
     accepted = read_accepted(cfg)
     lap("load")
-    summary: dict[str, Any] = {"snapshot_uri": own.snapshot_uri, "task": cfg.task, "rows": len(frame),
-                               "tokenizer": cfg.base_model, "timings_s": timings}
+    summary: dict[str, Any] = {
+        "snapshot_uri": own.snapshot_uri,
+        "task": cfg.task,
+        "rows": len(frame),
+        "tokenizer": cfg.base_model,
+        "timings_s": timings,
+    }
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
     import great_expectations as gx  # seconds to import: only a step that validates pays for it
 
@@ -89,9 +94,18 @@ def run(cfg: PipelineConfig) -> ValidateResult:
         summary.update(suite.summary)
         lap("derive")
         coverage = summary.get("tokenizer_coverage", {})
-        checks, docs = run_suite([(suite.name, suite.frame, suite.expectations),
-                                  *([("tokenizer_coverage", coverage_frame(coverage, own),
-                                      coverage_expectations(gx, own))] if coverage else [])], own, scratch)
+        checks, docs = run_suite(
+            [
+                (suite.name, suite.frame, suite.expectations),
+                *(
+                    [("tokenizer_coverage", coverage_frame(coverage, own), coverage_expectations(gx, own))]
+                    if coverage
+                    else []
+                ),
+            ],
+            own,
+            scratch,
+        )
         described = [c for c in checks if c["check"] == "tokenizer_coverage"]
         checks = [c for c in checks if c["check"] != "tokenizer_coverage"] + coverage_checks(described, coverage, own)
         parsed = suite.parsed
@@ -109,12 +123,21 @@ def run(cfg: PipelineConfig) -> ValidateResult:
     print_checks(checks, summary)
     if failed:
         explained = "; ".join(f"{explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
-        raise ValidationFailed(f"{len(failed)} check(s) failed on {own.snapshot_uri}: {explained} (Data Docs: "
-                               f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
-                               f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)")
+        raise ValidationFailed(
+            f"{len(failed)} check(s) failed on {own.snapshot_uri}: {explained} (Data Docs: "
+            f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
+            f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)"
+        )
     labels = sorted({str(v) for v in frame["label"].dropna()}) if "label" in frame else []
     record_uri = record_accepted(cfg, len(frame), labels, summary_uri)
-    return ValidateResult(result_uri=storage.join(cfg.step_uri("validate"), "result.json"), passed=True,
-                          summary_uri=summary_uri, data_docs_uri=summary["data_docs_uri"], failed=[], rows=len(frame),
-                          warnings=[explain(c) for c in warnings],
-                          drift_report_uri=summary["drift"].get("report_uri", ""), accepted_uri=record_uri)
+    return ValidateResult(
+        result_uri=storage.join(cfg.step_uri("validate"), "result.json"),
+        passed=True,
+        summary_uri=summary_uri,
+        data_docs_uri=summary["data_docs_uri"],
+        failed=[],
+        rows=len(frame),
+        warnings=[explain(c) for c in warnings],
+        drift_report_uri=summary["drift"].get("report_uri", ""),
+        accepted_uri=record_uri,
+    )

@@ -45,13 +45,26 @@ def record_accepted(cfg: PipelineConfig, rows: int, labels: list[str], summary_u
         current = storage.read_json(uri)
         theirs = datetime.fromisoformat(current.get("run_date") or current["accepted_at"])
         if theirs > ours:
-            print(f"validate: {uri} stays at the snapshot of run {current.get('run_id')} ({theirs.isoformat()}), "
-                  f"newer than this run ({ours.isoformat()})", file=sys.stderr)
+            print(
+                f"validate: {uri} stays at the snapshot of run {current.get('run_id')} ({theirs.isoformat()}), "
+                f"newer than this run ({ours.isoformat()})",
+                file=sys.stderr,
+            )
             return uri
-    storage.write_json(uri, {
-        "snapshot_uri": cfg.validate.snapshot_uri, "sha256": _snapshot_sha256(cfg.validate.snapshot_uri),
-        "labels": labels, "rows": rows, "task": cfg.task, "run_id": cfg.run_id, "summary_uri": summary_uri,
-        "run_date": ours.isoformat(), "accepted_at": datetime.now(UTC).isoformat()})
+    storage.write_json(
+        uri,
+        {
+            "snapshot_uri": cfg.validate.snapshot_uri,
+            "sha256": _snapshot_sha256(cfg.validate.snapshot_uri),
+            "labels": labels,
+            "rows": rows,
+            "task": cfg.task,
+            "run_id": cfg.run_id,
+            "summary_uri": summary_uri,
+            "run_date": ours.isoformat(),
+            "accepted_at": datetime.now(UTC).isoformat(),
+        },
+    )
     return uri
 
 
@@ -76,8 +89,9 @@ def _texts_and_labels(task: str, frame: Any, parsed: list[Any] | None = None) ->
     return pd.Series(["\n".join(x["content"] for x in m) if m else None for m in parsed], dtype=object), None
 
 
-def measure_drift(cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: Any,
-                  parsed: list[Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def measure_drift(
+    cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: Any, parsed: list[Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The summary's drift entry and the report (None when skipped)."""
     own = cfg.validate
     if accepted is None:
@@ -88,9 +102,15 @@ def measure_drift(cfg: PipelineConfig, accepted: dict[str, Any] | None, frame: A
         return {"status": "skipped", "reason": f"the last accepted snapshot cannot be read: {exc}"}, None
     ref_texts, ref_labels = _texts_and_labels(cfg.task, reference)
     cur_texts, cur_labels = _texts_and_labels(cfg.task, frame, parsed)
-    report = drift.compare(ref_texts, cur_texts, ref_labels, cur_labels, own.drift_max_label_psi,
-                           own.drift_max_length_ks, own.drift_max_oov_rate)
+    report = drift.compare(
+        ref_texts,
+        cur_texts,
+        ref_labels,
+        cur_labels,
+        own.drift_max_label_psi,
+        own.drift_max_length_ks,
+        own.drift_max_oov_rate,
+    )
     report["reference"] = {k: accepted.get(k) for k in ("snapshot_uri", "sha256", "accepted_at", "run_id")}
     report["current"] = {"snapshot_uri": own.snapshot_uri}
     return {"status": "compared", "reference": report["reference"]}, report
-

@@ -21,8 +21,9 @@ def severity(check: str, own: ValidateConfig) -> str:
     return own.drift_severity if check in drift.CHECKS else "error"
 
 
-def run_suite(suites: list[tuple[str, Any, list[tuple[str, Any]]]], own: ValidateConfig,
-              root: Path) -> tuple[list[dict[str, Any]], Path]:
+def run_suite(
+    suites: list[tuple[str, Any, list[tuple[str, Any]]]], own: ValidateConfig, root: Path
+) -> tuple[list[dict[str, Any]], Path]:
     """Run each (name, frame, expectations) in one file context under ``root``, so that one Data
     Docs site shows them all; the checks and the Data Docs folder."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline step
@@ -41,10 +42,14 @@ def run_suite(suites: list[tuple[str, Any, list[tuple[str, Any]]]], own: Validat
             suite.add_expectation(expectation)
         suite = context.suites.add(suite)
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=f"gate-{name}", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-            result_format={"result_format": "SUMMARY"}))
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"gate-{name}",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         checks += [_describe(r) for run_result in outcome.run_results.values() for r in run_result.results]
     return checks, root / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -75,8 +80,9 @@ def _describe(result: Any) -> dict[str, Any]:
         "column": config.kwargs.get("column"),
         "success": bool(result.success),
         "unexpected_count": details.get("unexpected_count"),
-        "example_rows": [_row_of(i, config.kwargs.get("column"))
-                         for i in (details.get("partial_unexpected_index_list") or [])[:5]],
+        "example_rows": [
+            _row_of(i, config.kwargs.get("column")) for i in (details.get("partial_unexpected_index_list") or [])[:5]
+        ],
         "example_values": values if any(v is not None for v in values) else [],
         "observed_value": _shorten(details.get("observed_value")),
     }
@@ -84,7 +90,15 @@ def _describe(result: Any) -> dict[str, Any]:
 
 def drift_check(measure: dict[str, Any], own: ValidateConfig) -> dict[str, Any]:
     """A drift measure in the shape of a suite check, so reports and the gate treat both alike."""
-    return {"check": measure["check"], "severity": severity(measure["check"], own), "expectation": measure["measure"],
-            "column": measure["of"], "success": measure["passed"], "unexpected_count": measure.get("rows"),
-            "example_rows": measure.get("example_rows", []), "example_values": [],
-            "observed_value": measure["value"], "max": measure["max"]}
+    return {
+        "check": measure["check"],
+        "severity": severity(measure["check"], own),
+        "expectation": measure["measure"],
+        "column": measure["of"],
+        "success": measure["passed"],
+        "unexpected_count": measure.get("rows"),
+        "example_rows": measure.get("example_rows", []),
+        "example_values": [],
+        "observed_value": measure["value"],
+        "max": measure["max"],
+    }

@@ -58,14 +58,18 @@ def rows_to_count(upper_bytes: Any, bar: int, sample_rows: int, seed: int) -> An
 
 
 def token_note(counted: Any, total: int, sample_rows: int, bar: int, what: str) -> dict[str, Any]:
-    policy = ("every row" if len(counted) == total else
-              f"a sample of {sample_rows} rows seeded by `seed`, plus every row of more than {bar // 2} UTF-8 "
-              f"bytes (only those can exceed {bar} tokens)")
+    policy = (
+        "every row"
+        if len(counted) == total
+        else f"a sample of {sample_rows} rows seeded by `seed`, plus every row of more than {bar // 2} UTF-8 "
+        f"bytes (only those can exceed {bar} tokens)"
+    )
     return {"counted": what, "rows_counted": int(len(counted)), "rows": total, "policy": policy}
 
 
-def classification_columns(frame: Any, tokenizer: Any, own: ValidateConfig,
-                           seed: int) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
+def classification_columns(
+    frame: Any, tokenizer: Any, own: ValidateConfig, seed: int
+) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
     """The classification suite's frame, how token counts were taken, and the tokenizer's
     coverage of each writing system on the same rows."""
     import numpy as np
@@ -78,10 +82,23 @@ def classification_columns(frame: Any, tokenizer: Any, own: ValidateConfig,
     tokens = np.full(len(out), np.nan)  # rows not counted stay null: the expectation skips them
     encoded: list[list[int]] = []
     if positions:
-        encoded = tokenizer([out["text"].iat[i] for i in positions], add_special_tokens=False,
-                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        encoded = tokenizer(
+            [out["text"].iat[i] for i in positions],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
         tokens[positions] = [len(ids) for ids in encoded]
     out["text_tokens"] = tokens
     coverage = tokenizer_coverage(tokenizer, [out["text"].iat[i] for i in positions], encoded, positions)
-    return out, token_note(positions, len(out), own.token_sample_rows, own.max_text_tokens,
-                           "tokens of the text, special tokens not counted"), coverage
+    return (
+        out,
+        token_note(
+            positions,
+            len(out),
+            own.token_sample_rows,
+            own.max_text_tokens,
+            "tokens of the text, special tokens not counted",
+        ),
+        coverage,
+    )

@@ -34,8 +34,9 @@ def parse_each(values: Any) -> tuple[list[list[dict[str, str]] | None], list[str
     return parsed, errors
 
 
-def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig, max_seq_len: int,
-                 seed: int) -> tuple[Any, dict[str, Any], list[Any]]:
+def chat_columns(
+    frame: Any, tokenizer: Any, template: str, own: ValidateConfig, max_seq_len: int, seed: int
+) -> tuple[Any, dict[str, Any], list[Any]]:
     """The chat suite's frame, how token counts were taken, and each row's parsed messages (None
     when they do not parse)."""
     import numpy as np
@@ -46,22 +47,45 @@ def chat_columns(frame: Any, tokenizer: Any, template: str, own: ValidateConfig,
     parsed, errors = parse_each(out["messages"])
     out["messages_error"] = errors
     out["assistant_turns"] = [np.nan if m is None else sum(x["role"] == "assistant" for x in m) for m in parsed]
-    out["empty_assistant_turns"] = [np.nan if m is None else sum(x["role"] == "assistant" and not x["content"].strip()
-                                                                 for x in m) for m in parsed]
+    out["empty_assistant_turns"] = [
+        np.nan if m is None else sum(x["role"] == "assistant" and not x["content"].strip() for x in m) for m in parsed
+    ]
     # Missing and empty assistant turns have checks of their own; role_order judges the order alone.
-    out["role_problem"] = [None if m is None or not any(x["role"] == "assistant" for x in m)
-                           else chat.role_problem([{**x, "content": x["content"] or "-"} for x in m]) for m in parsed]
+    out["role_problem"] = [
+        None
+        if m is None or not any(x["role"] == "assistant" for x in m)
+        else chat.role_problem([{**x, "content": x["content"] or "-"} for x in m])
+        for m in parsed
+    ]
     out["text_normalized"] = [
-        normalize_text("\n".join(f"{x['role']}: {x['content']}" for x in m)) if m is not None
-        else (normalize_text(v) if isinstance(v, str) else None) for m, v in zip(parsed, out["messages"])]
+        normalize_text("\n".join(f"{x['role']}: {x['content']}" for x in m))
+        if m is not None
+        else (normalize_text(v) if isinstance(v, str) else None)
+        for m, v in zip(parsed, out["messages"])
+    ]
     out = with_leakage(out)
     out["conversation_tokens"], positions = conversation_tokens(parsed, tokenizer, template, own, max_seq_len, seed)
-    return out, token_note(positions, len(out), own.token_sample_rows, max_seq_len,
-                           "tokens of the conversation rendered with the chat template"), parsed
+    return (
+        out,
+        token_note(
+            positions,
+            len(out),
+            own.token_sample_rows,
+            max_seq_len,
+            "tokens of the conversation rendered with the chat template",
+        ),
+        parsed,
+    )
 
 
-def conversation_tokens(parsed: list[list[dict[str, str]] | None], tokenizer: Any, template: str,
-                        own: ValidateConfig, max_seq_len: int, seed: int) -> tuple[Any, list[int]]:
+def conversation_tokens(
+    parsed: list[list[dict[str, str]] | None],
+    tokenizer: Any,
+    template: str,
+    own: ValidateConfig,
+    max_seq_len: int,
+    seed: int,
+) -> tuple[Any, list[int]]:
     """Each conversation's tokens once rendered (null where not counted or not parsed), and the
     rows counted: those that could exceed ``max_seq_len``, and a sample of the rest."""
     import numpy as np

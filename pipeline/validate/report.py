@@ -17,8 +17,15 @@ from pipeline import drift, storage, tracking
 from pipeline.config import PipelineConfig
 
 
-def publish(cfg: PipelineConfig, summary: dict[str, Any], checks: list[dict[str, Any]], docs: Path,
-            report: dict[str, Any] | None, scratch: Path, passed: bool) -> str:
+def publish(
+    cfg: PipelineConfig,
+    summary: dict[str, Any],
+    checks: list[dict[str, Any]],
+    docs: Path,
+    report: dict[str, Any] | None,
+    scratch: Path,
+    passed: bool,
+) -> str:
     """Data Docs, the drift report and ``summary.json`` under the step's prefix, then the same on
     the pipeline's MLflow run; published whether the gate passed or not. The summary's URI."""
     out_uri = cfg.step_uri("validate")
@@ -73,12 +80,16 @@ def _log(cfg: PipelineConfig, summary: dict[str, Any], docs: Path, drift_dir: Pa
         tracker.log_artifacts(run_id, str(drift_dir), "validate/drift")
     now = int(time.time() * 1000)
     checks = summary["checks"]
-    numbers = {"validate_rows": summary["rows"],
-               "validate_failed_checks": sum(not c["success"] and c["severity"] == "error" for c in checks),
-               "validate_warning_checks": sum(not c["success"] and c["severity"] == "warning" for c in checks),
-               **{c["check"]: c["observed_value"] for c in checks if c["check"] in drift.CHECKS},
-               **{f"tokenizer_unknown_rate_{name}": entry["rate"]
-                  for name, entry in summary.get("tokenizer_coverage", {}).items()}}
+    numbers = {
+        "validate_rows": summary["rows"],
+        "validate_failed_checks": sum(not c["success"] and c["severity"] == "error" for c in checks),
+        "validate_warning_checks": sum(not c["success"] and c["severity"] == "warning" for c in checks),
+        **{c["check"]: c["observed_value"] for c in checks if c["check"] in drift.CHECKS},
+        **{
+            f"tokenizer_unknown_rate_{name}": entry["rate"]
+            for name, entry in summary.get("tokenizer_coverage", {}).items()
+        },
+    }
     tracker.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
     tracker.set_tag(run_id, "validate.passed", str(summary["passed"]).lower())
 
@@ -87,12 +98,16 @@ def print_checks(checks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     for check in checks:
         verdict = "ok  " if check["success"] else ("WARN" if check["severity"] == "warning" else "FAIL")
         observed = f" = {check['observed_value']} (max {check['max']})" if "max" in check else ""
-        print(f"validate: {verdict} {check['check']}: {check['expectation']}({check['column'] or ''}){observed}",
-              file=sys.stderr)
+        print(
+            f"validate: {verdict} {check['check']}: {check['expectation']}({check['column'] or ''}){observed}",
+            file=sys.stderr,
+        )
     tokens = summary.get("token_count")
     if tokens:
-        print(f"validate: token counts on {tokens['rows_counted']} of {tokens['rows']} rows: {tokens['policy']}",
-              file=sys.stderr)
+        print(
+            f"validate: token counts on {tokens['rows_counted']} of {tokens['rows']} rows: {tokens['policy']}",
+            file=sys.stderr,
+        )
     if summary["drift"]["status"] == "skipped":
         print(f"validate: drift skipped: {summary['drift']['reason']}", file=sys.stderr)
 
@@ -100,14 +115,22 @@ def print_checks(checks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
 def explain(check: dict[str, Any]) -> str:
     head = f"{check['check']}: {check['expectation']}(column={check['column']}): "
     if "max" in check:  # a drift measure
-        rows = (f", {check['unexpected_count']} rows, example rows {check['example_rows']}"
-                if check["unexpected_count"] else "")
-        lacking = (f", {check['missing_characters']} characters its vocabulary lacks"
-                   if check.get("missing_characters") else "")
+        rows = (
+            f", {check['unexpected_count']} rows, example rows {check['example_rows']}"
+            if check["unexpected_count"]
+            else ""
+        )
+        lacking = (
+            f", {check['missing_characters']} characters its vocabulary lacks"
+            if check.get("missing_characters")
+            else ""
+        )
         return head + f"observed {check['observed_value']} > max {check['max']}{rows}{lacking}"
     values = f", values {check['example_values']}" if check.get("example_values") else ""
-    return (head + f"{check['unexpected_count']} unexpected, example rows {check['example_rows']}, "
-                   f"observed {check['observed_value']}{values}")
+    return (
+        head + f"{check['unexpected_count']} unexpected, example rows {check['example_rows']}, "
+        f"observed {check['observed_value']}{values}"
+    )
 
 
 def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
@@ -115,44 +138,51 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
     action that resolves it."""
     own = cfg.validate
     allowed = summary.get("label_allowed", {})
-    drift = ("the data moved away from the last accepted snapshot: check it is the data you meant; drift checks "
-             "fail the gate only with validate.drift_severity=error")
+    drift = (
+        "the data moved away from the last accepted snapshot: check it is the data you meant; drift checks "
+        "fail the gate only with validate.drift_severity=error"
+    )
     chat_source = "fix the conversations in the source (the format: pipeline/data/README.md)"
     return {
         "columns": "the snapshot lacks a column training reads: collect.text_column and collect.label_column name "
-                   "the source's columns (causal-lm: messages, or prompt and response)",
+        "the source's columns (causal-lm: messages, or prompt and response)",
         "row_count": f"fewer than validate.min_rows={own.min_rows} rows: add data, or lower validate.min_rows",
         "text_present": "rows without text: fix or drop them in the source",
         "text_not_blank": "rows whose text is only whitespace: fix or drop them in the source",
         "text_length": f"texts longer than validate.max_text_chars={own.max_text_chars}: shorten them or raise the bar",
         "text_tokens": f"texts with no tokens, or more than validate.max_text_tokens={own.max_text_tokens} of "
-                       f"base_model's tokenizer: drop the empty ones; shorten the long ones or raise the bar",
+        f"base_model's tokenizer: drop the empty ones; shorten the long ones or raise the bar",
         "label_present": "rows without a label: label them or drop them in the source",
         "label_allowed": f"labels outside the allowed set, which is {allowed.get('source', 'validate.allowed_labels')}; "
-                         f"if this is data for another model, set model_name to a new name (e.g. --set "
-                         f"model_name=my-intents), which starts its own label set; if the labels changed on purpose, "
-                         f"list the new set in validate.allowed_labels (or add label_allowed to validate.warn_only)",
+        f"if this is data for another model, set model_name to a new name (e.g. --set "
+        f"model_name=my-intents), which starts its own label set; if the labels changed on purpose, "
+        f"list the new set in validate.allowed_labels (or add label_allowed to validate.warn_only)",
         "label_cardinality": "a classifier needs at least two labels",
         "examples_per_class": f"a label has fewer than validate.min_examples_per_class={own.min_examples_per_class} "
-                              f"rows: add examples or drop that label",
+        f"rows: add examples or drop that label",
         "split_valid": "split must be train or eval: give collect the source, not a hand-made snapshot",
         "duplicate_rate": f"more than validate.max_duplicate_rate={own.max_duplicate_rate} of the rows repeat "
-                          f"another's text once normalised: deduplicate the source",
+        f"another's text once normalised: deduplicate the source",
         "split_leakage": "the same text in train and eval: give collect the source, which splits by text",
-        "messages_valid": chat_source, "role_order": chat_source, "assistant_present": chat_source,
+        "messages_valid": chat_source,
+        "role_order": chat_source,
+        "assistant_present": chat_source,
         "assistant_not_empty": chat_source,
         "conversation_tokens": f"more than validate.max_overlong_rate={own.max_overlong_rate} of the conversations "
-                               f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
-                               f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
-        "drift_label_psi": drift, "drift_length_ks": drift, "drift_oov_rate": drift,
+        f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
+        f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
+        "drift_label_psi": drift,
+        "drift_length_ks": drift,
+        "drift_oov_rate": drift,
         "tokenizer_coverage": (
             f"even with the training split's characters seen at least train.extend_vocab_min_count="
             f"{cfg.train.extend_vocab_min_count} times added to the vocabulary (train.extend_vocab), too much of this "
             "writing system is unknown: the rest are rarer or only in the eval split; add training rows that use "
             "them, lower train.extend_vocab_min_count, or choose a base_model whose tokenizer covers the script"
-            if cfg.train.extend_vocab else
-            "base_model's tokenizer maps too much of this writing system to its unknown token, so the model cannot "
+            if cfg.train.extend_vocab
+            else "base_model's tokenizer maps too much of this writing system to its unknown token, so the model cannot "
             "read it: set train.extend_vocab=true (the training split's missing characters become tokens), or "
             "choose a base_model whose tokenizer covers the script (a multilingual one), or raise "
-            "validate.max_unknown_token_rate knowingly"),
+            "validate.max_unknown_token_rate knowingly"
+        ),
     }.get(check, "see the Data Docs")

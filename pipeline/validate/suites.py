@@ -37,18 +37,26 @@ def classification_expectations(gx: Any, own: ValidateConfig, allowed: list[str]
         ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
         ("text_present", e.ExpectColumnValuesToNotBeNull(column="text")),
         ("text_not_blank", e.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$")),
-        ("text_length", e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1,
-                                                              max_value=own.max_text_chars)),
-        ("text_tokens", e.ExpectColumnValuesToBeBetween(column="text_tokens", min_value=1,
-                                                        max_value=own.max_text_tokens)),
+        (
+            "text_length",
+            e.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1, max_value=own.max_text_chars),
+        ),
+        (
+            "text_tokens",
+            e.ExpectColumnValuesToBeBetween(column="text_tokens", min_value=1, max_value=own.max_text_tokens),
+        ),
         ("label_present", e.ExpectColumnValuesToNotBeNull(column="label")),
         ("label_cardinality", e.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2)),
         ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
-        ("examples_per_class", e.ExpectColumnValuesToBeBetween(column="label_count",
-                                                              min_value=own.min_examples_per_class)),
+        (
+            "examples_per_class",
+            e.ExpectColumnValuesToBeBetween(column="label_count", min_value=own.min_examples_per_class),
+        ),
         # 'mostly': the share of rows that must be unique; a duplicate rate above the bar fails.
-        ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
-                                                          mostly=1.0 - own.max_duplicate_rate)),
+        (
+            "duplicate_rate",
+            e.ExpectColumnValuesToBeUnique(column="text_normalized", mostly=1.0 - own.max_duplicate_rate),
+        ),
         ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
     ]
     if allowed:
@@ -67,29 +75,45 @@ def chat_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tu
         ("assistant_present", e.ExpectColumnValuesToBeBetween(column="assistant_turns", min_value=1)),
         ("assistant_not_empty", e.ExpectColumnValuesToBeBetween(column="empty_assistant_turns", max_value=0)),
         ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
-        ("duplicate_rate", e.ExpectColumnValuesToBeUnique(column="text_normalized",
-                                                          mostly=1.0 - own.max_duplicate_rate)),
+        (
+            "duplicate_rate",
+            e.ExpectColumnValuesToBeUnique(column="text_normalized", mostly=1.0 - own.max_duplicate_rate),
+        ),
         ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
-        ("conversation_tokens", e.ExpectColumnValuesToBeBetween(column="conversation_tokens", max_value=max_seq_len,
-                                                                mostly=1.0 - own.max_overlong_rate)),
+        (
+            "conversation_tokens",
+            e.ExpectColumnValuesToBeBetween(
+                column="conversation_tokens", max_value=max_seq_len, mostly=1.0 - own.max_overlong_rate
+            ),
+        ),
     ]
 
 
-def classification_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None,
-                         gx: Any) -> Suite:
+def classification_suite(
+    cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any
+) -> Suite:
     own = cfg.validate
     allowed, source = allowed_labels(own, accepted)
     # Tokens as training will count them: with train.extend_vocab, the training split's characters
     # the vocabulary lacks are tokens of their own, and only what is left is unknown.
     added = {}
     if cfg.train.extend_vocab and {"text", "split"} <= set(frame.columns):
-        added = extend_vocabulary(tokenizer, frame.loc[frame["split"] == "train", "text"],
-                                  cfg.train.extend_vocab_min_count)
+        added = extend_vocabulary(
+            tokenizer, frame.loc[frame["split"] == "train", "text"], cfg.train.extend_vocab_min_count
+        )
     derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed)
-    return Suite("sequence_classification", derived, classification_expectations(gx, own, allowed), None,
-                 {"label_allowed": {"labels": allowed, "source": source}, "token_count": token_note,
-                  "tokenizer_coverage": coverage, "extended_vocab": {"added_tokens": len(added),
-                                                                     "tokens": "".join(added)}})
+    return Suite(
+        "sequence_classification",
+        derived,
+        classification_expectations(gx, own, allowed),
+        None,
+        {
+            "label_allowed": {"labels": allowed, "source": source},
+            "token_count": token_note,
+            "tokenizer_coverage": coverage,
+            "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)},
+        },
+    )
 
 
 def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any) -> Suite:
@@ -97,10 +121,12 @@ def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[s
         template = chat.chat_template(tokenizer, cfg.train.chat_template)
     except ValueError as exc:
         raise ConfigError(f"train.chat_template: {exc}") from exc
-    derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train.max_seq_len,
-                                               cfg.seed)
-    return Suite("chat", derived, chat_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed,
-                 {"token_count": token_note})
+    derived, token_note, parsed = chat_columns(
+        frame, tokenizer, template, cfg.validate, cfg.train.max_seq_len, cfg.seed
+    )
+    return Suite(
+        "chat", derived, chat_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed, {"token_count": token_note}
+    )
 
 
 SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}

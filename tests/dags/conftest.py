@@ -57,6 +57,9 @@ def finetune_unpaused(airflow_db, dagbag):
     yield
     with create_session() as session:
         session.execute(delete(AssetDagRunQueue).where(AssetDagRunQueue.target_dag_id == "finetune"))
-        session.execute(update(DagRun).where(DagRun.dag_id == "finetune", DagRun.state.in_(["queued", "running"]))
-                        .values(state="failed"))
+        session.execute(
+            update(DagRun)
+            .where(DagRun.dag_id == "finetune", DagRun.state.in_(["queued", "running"]))
+            .values(state="failed")
+        )
         session.execute(update(DagModel).where(DagModel.dag_id == "finetune").values(is_paused=True))

@@ -25,8 +25,9 @@ def connection(url: str) -> str:
 def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(dag, airflow_db, monkeypatch, tmp_path):
     with webhook_receiver() as receiver:
         monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(receiver.url))
-        run = dag.test(run_conf={"source": [str(tmp_path / "nothing-*.jsonl")],
-                                 "model_name": f"alerts-{uuid.uuid4().hex[:8]}"})
+        run = dag.test(
+            run_conf={"source": [str(tmp_path / "nothing-*.jsonl")], "model_name": f"alerts-{uuid.uuid4().hex[:8]}"}
+        )
     assert run.state == "failed"
     [message] = receiver.messages  # one, from the task that failed (announce never ran)
     text = message["text"]
@@ -39,8 +40,9 @@ def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(dag, 
 def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(dag, airflow_db, monkeypatch, tmp_path):
     monkeypatch.delenv("AIRFLOW_CONN_FINETUNE_ALERTS", raising=False)
     with webhook_receiver() as receiver:
-        run = dag.test(run_conf={"source": [str(tmp_path / "nothing-*.jsonl")],
-                                 "model_name": f"alerts-{uuid.uuid4().hex[:8]}"})
+        run = dag.test(
+            run_conf={"source": [str(tmp_path / "nothing-*.jsonl")], "model_name": f"alerts-{uuid.uuid4().hex[:8]}"}
+        )
     assert run.state == "failed" and receiver.messages == []
     [collect] = [ti for ti in run.get_task_instances() if ti.task_id == "collect"]
     assert collect.state == "failed" and collect.try_number == 1  # bad input: not retried, as with alerts
@@ -48,8 +50,9 @@ def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(dag, 
 
 def test_an_unreachable_webhook_does_not_change_the_outcome(dag, airflow_db, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(f"http://127.0.0.1:{closed_port()}/hook"))
-    run = dag.test(run_conf={"source": [str(tmp_path / "nothing-*.jsonl")],
-                             "model_name": f"alerts-{uuid.uuid4().hex[:8]}"})
+    run = dag.test(
+        run_conf={"source": [str(tmp_path / "nothing-*.jsonl")], "model_name": f"alerts-{uuid.uuid4().hex[:8]}"}
+    )
     assert run.state == "failed"
 
 
@@ -66,14 +69,37 @@ class FinishedTask:
         return self.result
 
 
-@pytest.mark.parametrize("task_id, result, announced", [
-    ("register", {"model_name": "m", "version": "4", "promoted": True, "reason": "beats v3", "metrics": {}}, True),
-    ("register", {"model_name": "m", "version": "4", "promoted": False, "reason": "worse", "metrics": {}}, False),
-    ("promote", {"model_name": "m", "version": "2", "outcome": "promoted", "target_alias": "champion",
-                 "previous_version": "4", "reason": "roll back"}, True),
-    ("promote", {"model_name": "m", "version": "2", "outcome": "unchanged", "target_alias": "champion",
-                 "previous_version": "2", "reason": ""}, False),
-])
+@pytest.mark.parametrize(
+    "task_id, result, announced",
+    [
+        ("register", {"model_name": "m", "version": "4", "promoted": True, "reason": "beats v3", "metrics": {}}, True),
+        ("register", {"model_name": "m", "version": "4", "promoted": False, "reason": "worse", "metrics": {}}, False),
+        (
+            "promote",
+            {
+                "model_name": "m",
+                "version": "2",
+                "outcome": "promoted",
+                "target_alias": "champion",
+                "previous_version": "4",
+                "reason": "roll back",
+            },
+            True,
+        ),
+        (
+            "promote",
+            {
+                "model_name": "m",
+                "version": "2",
+                "outcome": "unchanged",
+                "target_alias": "champion",
+                "previous_version": "2",
+                "reason": "",
+            },
+            False,
+        ),
+    ],
+)
 def test_a_new_champion_is_announced_and_nothing_else(dagbag, monkeypatch, task_id, result, announced):
     import finetune_alerts
 
@@ -110,21 +136,32 @@ def test_a_run_past_its_deadline_sends_a_message_through_airflows_callback_runne
     assert bag.import_errors == {}
     import finetune_tasks
 
-    for dag_id, steps_ in (("finetune", ["collect", "validate", "train", "evaluate", "register"]),
-                           ("promote", ["promote"])):
+    for dag_id, steps_ in (
+        ("finetune", ["collect", "validate", "train", "evaluate", "register"]),
+        ("promote", ["promote"]),
+    ):
         [alert] = bag.dags[dag_id].deadline
         assert alert.interval == sum((finetune_tasks.execution_timeout(s) for s in steps_), timedelta(0))
     [alert] = bag.dags["finetune"].deadline
-    context = {"dag_run": {"dag_id": "finetune", "run_id": "scheduled__2026-01-04", "state": "running"},
-               "deadline": {"id": "d1", "deadline_time": "2026-01-04T08:00:00+00:00"}}
+    context = {
+        "dag_run": {"dag_id": "finetune", "run_id": "scheduled__2026-01-04", "state": "running"},
+        "deadline": {"id": "d1", "deadline_time": "2026-01-04T08:00:00+00:00"},
+    }
     with webhook_receiver() as receiver:
         monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(receiver.url))
-        ok, error = execute_callback(alert.callback.path, {**alert.callback.kwargs, "context": context},
-                                     dag_rel_path=None, bundle_path=None, log=structlog.get_logger("test"))
+        ok, error = execute_callback(
+            alert.callback.path,
+            {**alert.callback.kwargs, "context": context},
+            dag_rel_path=None,
+            bundle_path=None,
+            log=structlog.get_logger("test"),
+        )
     assert (ok, error) == (True, None)
     [message] = receiver.messages
-    assert "run `scheduled__2026-01-04` of DAG `finetune` is past its deadline (2026-01-04T08:00:00+00:00)" in \
-        message["text"]
+    assert (
+        "run `scheduled__2026-01-04` of DAG `finetune` is past its deadline (2026-01-04T08:00:00+00:00)"
+        in message["text"]
+    )
 
 
 def test_deadline_alerts_are_off_by_default_and_a_bad_switch_fails_the_import(dagbag, monkeypatch):
@@ -141,5 +178,7 @@ def test_a_notifier_needs_no_airflow_task_to_build_its_text():
 
     ti = SimpleNamespace(task_id="announce", dag_id="collect", run_id="r", try_number=3, log_url="http://l")
     text = finetune_alerts.failure_text({"ti": ti, "exception": RuntimeError("asset store down")})
-    assert "task `announce` of DAG `collect` failed in run `r` (try 3)\nerror: asset store down\nlog: http://l" == \
-        text.removeprefix("finetune-pipeline: ")
+    assert (
+        "task `announce` of DAG `collect` failed in run `r` (try 3)\nerror: asset store down\nlog: http://l"
+        == text.removeprefix("finetune-pipeline: ")
+    )

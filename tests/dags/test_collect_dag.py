@@ -36,11 +36,17 @@ def snapshot_events(asset_name: str) -> list:
     from sqlalchemy import select
 
     with create_session() as session:
-        query = (select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                 .where(AssetModel.name == asset_name).order_by(AssetEvent.id))
+        query = (
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == asset_name)
+            .order_by(AssetEvent.id)
+        )
         events = session.scalars(query).all()
-        return [{"extra": event.extra, "source_dag_id": event.source_dag_id, "source_task_id": event.source_task_id}
-                for event in events]
+        return [
+            {"extra": event.extra, "source_dag_id": event.source_dag_id, "source_task_id": event.source_task_id}
+            for event in events
+        ]
 
 
 def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tmp_path):
@@ -69,8 +75,7 @@ def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tm
     assert events[-1]["extra"]["sha256"] != event["extra"]["sha256"]
 
 
-def test_s3_source_with_credentials_from_the_aws_default_connection(dag, airflow_db, s3_server, tmp_path,
-                                                                   monkeypatch):
+def test_s3_source_with_credentials_from_the_aws_default_connection(dag, airflow_db, s3_server, tmp_path, monkeypatch):
     import os
 
     import boto3
@@ -85,9 +90,17 @@ def test_s3_source_with_credentials_from_the_aws_default_connection(dag, airflow
         monkeypatch.delenv(name)  # nothing from the standard chain: only the connection can work
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": dummy["aws_access_key_id"], "password": dummy["aws_secret_access_key"],
-        "extra": {"endpoint_url": s3_server, "region_name": "us-east-1"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": dummy["aws_access_key_id"],
+                "password": dummy["aws_secret_access_key"],
+                "extra": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+            }
+        ),
+    )
 
     run = dag.test(run_conf={"source": [f"s3://{bucket}/intents/"], "model_name": f"s3-{uuid.uuid4().hex[:8]}"})
     assert run.state == "success"

@@ -18,9 +18,13 @@ def queued_for_finetune() -> list[str]:
     from sqlalchemy import select
 
     with create_session() as session:
-        return list(session.scalars(select(AssetModel.name).join(
-            AssetDagRunQueue, AssetDagRunQueue.asset_id == AssetModel.id).where(
-            AssetDagRunQueue.target_dag_id == "finetune")))
+        return list(
+            session.scalars(
+                select(AssetModel.name)
+                .join(AssetDagRunQueue, AssetDagRunQueue.asset_id == AssetModel.id)
+                .where(AssetDagRunQueue.target_dag_id == "finetune")
+            )
+        )
 
 
 def scheduler_creates_asset_triggered_run():
@@ -40,9 +44,11 @@ def scheduler_creates_asset_triggered_run():
         dag_models = [model for model in query.all() if model.dag_id == "finetune"]
         SchedulerJobRunner(job=Job())._create_dag_runs_asset_triggered(dag_models=dag_models, session=session)
     with create_session() as session:
-        [dag_run] = session.scalars(select(DagRun).where(
-            DagRun.dag_id == "finetune", DagRun.run_type == DagRunType.ASSET_TRIGGERED,
-            DagRun.state == "queued"))
+        [dag_run] = session.scalars(
+            select(DagRun).where(
+                DagRun.dag_id == "finetune", DagRun.run_type == DagRunType.ASSET_TRIGGERED, DagRun.state == "queued"
+            )
+        )
         return dag_run, [event.extra for event in dag_run.consumed_asset_events]
 
 
@@ -71,7 +77,10 @@ def test_new_snapshot_from_the_collect_dag_retrains_on_that_snapshot(finetune_un
     collected = task_result(dag_run, "collect")
     # The shipped default source has 1,600 rows: these 30 are the announced snapshot's.
     assert (collected["snapshot_uri"], collected["sha256"], collected["rows"]) == (
-        announced["snapshot_uri"], announced["sha256"], 30)
+        announced["snapshot_uri"],
+        announced["sha256"],
+        30,
+    )
     airflow_tasks_test("validate", dag_run.run_id)
     validated = task_result(dag_run, "validate")
     assert validated["passed"] is True and validated["rows"] == 30
@@ -88,13 +97,23 @@ def test_outside_producer_through_the_rest_api_triggers_finetune(finetune_unpaus
 
     # A snapshot published outside Airflow, by the collect step's own command.
     data = write_jsonl(tmp_path / "more.jsonl", shipped_rows(labels=4, per_label=10))
-    published = local.launch_local("collect", [f"collect.sources={json.dumps([str(data)])}",
-                                               f"run_id=outside-{uuid.uuid4().hex[:8]}"])
+    published = local.launch_local(
+        "collect", [f"collect.sources={json.dumps([str(data)])}", f"run_id=outside-{uuid.uuid4().hex[:8]}"]
+    )
     with create_session() as session:
         asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == ASSET))
     api = TestClient(create_app(apps="core"))  # the real REST API, in this process
-    response = api.post("/api/v2/assets/events", json={"asset_id": asset_id, "extra": {
-        "snapshot_uri": published["snapshot_uri"], "sha256": published["sha256"], "rows": published["rows"]}})
+    response = api.post(
+        "/api/v2/assets/events",
+        json={
+            "asset_id": asset_id,
+            "extra": {
+                "snapshot_uri": published["snapshot_uri"],
+                "sha256": published["sha256"],
+                "rows": published["rows"],
+            },
+        },
+    )
     assert response.status_code == 200, response.text
     assert queued_for_finetune() == [ASSET]
 
@@ -115,7 +134,8 @@ def test_an_event_naming_no_snapshot_collects_the_source_param(finetune_unpaused
     with create_session() as session:
         asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == ASSET))
     response = TestClient(create_app(apps="core")).post(
-        "/api/v2/assets/events", json={"asset_id": asset_id, "extra": {"note": "new rows at the usual source"}})
+        "/api/v2/assets/events", json={"asset_id": asset_id, "extra": {"note": "new rows at the usual source"}}
+    )
     assert response.status_code == 200, response.text
 
     dag_run, _ = scheduler_creates_asset_triggered_run()

@@ -58,8 +58,19 @@ def test_asset_schedule_can_be_switched_off_and_a_bad_switch_fails_the_import(mo
 
 
 def test_params_have_type_bounds_default_and_description(dag):
-    expected = {"source", "model_name", "task", "base_model", "epochs", "learning_rate", "batch_size", "zero_stage",
-                "num_processes", "trainer_args", "overrides"}
+    expected = {
+        "source",
+        "model_name",
+        "task",
+        "base_model",
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "zero_stage",
+        "num_processes",
+        "trainer_args",
+        "overrides",
+    }
     assert set(dag.params) == expected
     for name in expected:
         param = dag.params.get_param(name)
@@ -69,8 +80,17 @@ def test_params_have_type_bounds_default_and_description(dag):
     assert dag.params["source"] == ["pkg://pipeline/data/support_intents.jsonl"]
 
 
-@pytest.mark.parametrize("name, value", [("learning_rate", "fast"), ("epochs", 0), ("zero_stage", 5),
-                                         ("task", "regression"), ("source", []), ("num_processes", 1.5)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("learning_rate", "fast"),
+        ("epochs", 0),
+        ("zero_stage", 5),
+        ("task", "regression"),
+        ("source", []),
+        ("num_processes", 1.5),
+    ],
+)
 def test_airflow_rejects_bad_params(dag, name, value):
     from airflow.sdk.definitions.param import ParamValidationError
 

@@ -19,8 +19,9 @@ def load_dag(monkeypatch, launcher):
     return bag.dags["finetune"]
 
 
-@pytest.mark.parametrize("launcher, train_type", [("kubernetes", "StepPodOperator"),
-                                                  ("pytorchjob", "PyTorchJobOperator")])
+@pytest.mark.parametrize(
+    "launcher, train_type", [("kubernetes", "StepPodOperator"), ("pytorchjob", "PyTorchJobOperator")]
+)
 def test_same_graph_with_cluster_operators(monkeypatch, launcher, train_type):
     dag = load_dag(monkeypatch, launcher)
     assert sorted(dag.task_ids) == sorted(ORDER)

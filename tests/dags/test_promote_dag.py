@@ -34,8 +34,15 @@ def test_roll_back_through_airflow_records_who_and_why(dag, airflow_db):
         """A run of the promote DAG as `airflow dags test` makes it (``dag.test()``: Airflow's task
         runner, the metadata DB, the step as a subprocess), in this process. Every Param is spelled
         out: the task runner merges a run's conf into the task's Params in place."""
-        return dag.test(run_conf={"model_name": MODEL_NAME, "version": version, "target_alias": "champion",
-                                  "force": force, "reason": reason})
+        return dag.test(
+            run_conf={
+                "model_name": MODEL_NAME,
+                "version": version,
+                "target_alias": "champion",
+                "force": force,
+                "reason": reason,
+            }
+        )
 
     tracker = client()
     v1, v2 = register_version(tracker, 0.8), register_version(tracker, 0.9)
@@ -54,4 +61,6 @@ def test_roll_back_through_airflow_records_who_and_why(dag, airflow_db):
     assert aliases(tracker)["champion"] == v2
     outcomes = sorted(r.data.tags["promotion.outcome"] for r in promotion_audit(tracker))
     assert outcomes == ["promoted", "promoted", "refused"]
-    assert json.loads(tracker.get_model_version(MODEL_NAME, v2).tags["finetune.promoted_to.champion"])["forced"] is False
+    assert (
+        json.loads(tracker.get_model_version(MODEL_NAME, v2).tags["finetune.promoted_to.champion"])["forced"] is False
+    )

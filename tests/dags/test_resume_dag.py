@@ -34,8 +34,9 @@ def _kill_train_after_first_checkpoint(killed: dict, stop: threading.Event) -> N
 
 
 @pytest.mark.slow
-def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(airflow_db, tiny_model_dir, small_data,
-                                                                    tmp_path, monkeypatch, capfd):
+def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(
+    airflow_db, tiny_model_dir, small_data, tmp_path, monkeypatch, capfd
+):
     deployment = tmp_path / "deployment.yaml"
     deployment.write_text("train:\n  checkpoint_steps: 2\n  logging_steps: 2\n")
     monkeypatch.setenv("FINETUNE_CONFIG", str(deployment))
@@ -54,8 +55,9 @@ def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(airflow_db, t
     watcher = threading.Thread(target=_kill_train_after_first_checkpoint, args=(killed, stop), daemon=True)
     watcher.start()
     try:
-        run = dag.test(run_conf={"source": [str(small_data)], "base_model": str(tiny_model_dir), "epochs": 2,
-                                 "batch_size": 8})
+        run = dag.test(
+            run_conf={"source": [str(small_data)], "base_model": str(tiny_model_dir), "epochs": 2, "batch_size": 8}
+        )
     finally:
         stop.set()
         watcher.join()

@@ -33,11 +33,30 @@ def load_dag_module(name: str = "finetune_tasks"):
 
 def failed_pod(exit_code: int, reason: str = "Error") -> V1Pod:
     terminated = V1ContainerStateTerminated(exit_code=exit_code, reason=reason)
-    return V1Pod(metadata=V1ObjectMeta(name="finetune-train"), status=V1PodStatus(phase="Failed", container_statuses=[
-        V1ContainerStatus(name="base", image="i", image_id="", ready=False, restart_count=0,
-                          state=V1ContainerState(terminated=terminated)),
-        V1ContainerStatus(name="airflow-xcom-sidecar", image="i", image_id="", ready=False, restart_count=0,
-                          state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=0)))]))
+    return V1Pod(
+        metadata=V1ObjectMeta(name="finetune-train"),
+        status=V1PodStatus(
+            phase="Failed",
+            container_statuses=[
+                V1ContainerStatus(
+                    name="base",
+                    image="i",
+                    image_id="",
+                    ready=False,
+                    restart_count=0,
+                    state=V1ContainerState(terminated=terminated),
+                ),
+                V1ContainerStatus(
+                    name="airflow-xcom-sidecar",
+                    image="i",
+                    image_id="",
+                    ready=False,
+                    restart_count=0,
+                    state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=0)),
+                ),
+            ],
+        ),
+    )
 
 
 def write_error(run_id: str, step: str, code: int) -> None:
@@ -45,8 +64,9 @@ def write_error(run_id: str, step: str, code: int) -> None:
     hand for the other codes (a step writes the same shape for each)."""
     cfg = load_config(None, [f"run_id={run_id}"])
     if code == 2:
-        assert cli.main(["collect", "--set", 'collect.sources=["/nonexistent/*.jsonl"]', "--set",
-                         f"run_id={run_id}"]) == 2
+        assert (
+            cli.main(["collect", "--set", 'collect.sources=["/nonexistent/*.jsonl"]', "--set", f"run_id={run_id}"]) == 2
+        )
         error = storage.read_json(storage.join(cfg.step_uri("collect"), steps.ERROR_FILE))
     else:
         error = {"step": step, "error": f"exit {code} happened", "exit_code": code}
@@ -99,8 +119,9 @@ def test_a_pod_past_its_active_deadline_is_a_timeout_and_is_retried():
     pod.status.reason = "DeadlineExceeded"
     assert operators.pod_exit(pod) == (steps.TIMEOUT_EXIT_CODE, False)
     exit_code, oom = operators.pod_exit(pod)
-    outcome = operators.task_exception("train", "kubernetes", load_config(None, ["run_id=pod-deadline"]), exit_code,
-                                       "Pod failed", oom=oom)
+    outcome = operators.task_exception(
+        "train", "kubernetes", load_config(None, ["run_id=pod-deadline"]), exit_code, "Pod failed", oom=oom
+    )
     assert isinstance(outcome, steps.StepFailed) and outcome.retryable and outcome.returncode == 124
     assert "ran past its timeout" in str(outcome) and "timeouts.train" in str(outcome)
 
@@ -127,8 +148,12 @@ def test_the_pytorchjob_task_reads_the_verdict_of_a_failed_job(monkeypatch, tmp_
         write_error(run_id, "train", code)
     api = InMemoryCustomObjects([[{"type": "Running", "status": "True"}], [{"type": "Failed", "status": "True"}]])
     monkeypatch.setattr(type(operator), "api", lambda self: api)  # the cluster, not the operator, is faked
-    context = {"ti": FakeTI({"collect": {"snapshot_uri": json.loads(RUN[1].partition("=")[2])}}),
-               "params": {}, "run_id": run_id, "dag_run": None}
+    context = {
+        "ti": FakeTI({"collect": {"snapshot_uri": json.loads(RUN[1].partition("=")[2])}}),
+        "params": {},
+        "run_id": run_id,
+        "dag_run": None,
+    }
     (tmp_path / "deploy.yaml").write_text("k8s:\n  job_poll_seconds: 1\n")
     monkeypatch.setenv("FINETUNE_CONFIG", str(tmp_path / "deploy.yaml"))
     with pytest.raises(steps.StepFailed if retried else AirflowFailException) as failed:
@@ -156,11 +181,14 @@ def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_re
     assert ("HTTP Error 503" if retried else "matches no files") in str(failed.value)
 
 
-@pytest.mark.parametrize("pod_exit, error_code, outcome, says", [
-    (2, 2, "fail", "matches no files"),
-    (137, None, "fail", "ran out of memory"),
-    (1, None, "retry", "exited with code 1"),
-])
+@pytest.mark.parametrize(
+    "pod_exit, error_code, outcome, says",
+    [
+        (2, 2, "fail", "matches no files"),
+        (137, None, "fail", "ran out of memory"),
+        (1, None, "retry", "exited with code 1"),
+    ],
+)
 def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod_exit, error_code, outcome, says):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -182,4 +210,6 @@ def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod
         operator.execute(context)
     assert says in str(failed.value)
     if pod_exit == 137:
-        assert "k8s.resources.collect.memory" in str(failed.value) and steps.STEPS["collect"].memory in str(failed.value)
+        assert "k8s.resources.collect.memory" in str(failed.value) and steps.STEPS["collect"].memory in str(
+            failed.value
+        )

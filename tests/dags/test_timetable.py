@@ -30,8 +30,9 @@ def next_run(timetable, last_tick=None, catchup=False, earliest=START, latest=No
     from airflow.timetables.base import DataInterval, TimeRestriction
 
     last = DataInterval(last_tick, last_tick) if last_tick else None
-    return timetable.next_dagrun_info(last_automated_data_interval=last,
-                                      restriction=TimeRestriction(earliest, latest, catchup))
+    return timetable.next_dagrun_info(
+        last_automated_data_interval=last, restriction=TimeRestriction(earliest, latest, catchup)
+    )
 
 
 def on_time(cron: str, **kwargs):
@@ -92,8 +93,9 @@ def test_the_next_tick_after_the_last_run_start_and_end_dates_and_catchup_as_air
     assert next_run(on_time(cron), latest=tick + WEEK - timedelta(minutes=1)) is None
     # catchup=True: every tick since the last run, exactly as Airflow's own timetable
     stock = CronTriggerTimetable(cron, timezone="UTC")
-    assert next_run(on_time(cron), last_tick=tick - 3 * WEEK, catchup=True) \
-        == next_run(stock, last_tick=tick - 3 * WEEK, catchup=True)
+    assert next_run(on_time(cron), last_tick=tick - 3 * WEEK, catchup=True) == next_run(
+        stock, last_tick=tick - 3 * WEEK, catchup=True
+    )
     assert next_run(on_time(cron), last_tick=tick - 3 * WEEK, catchup=True).run_after == tick - 2 * WEEK
 
 
@@ -112,8 +114,10 @@ def test_registered_as_a_plugin_and_serialized_with_its_grace():
 
 # Through Airflow: the DAG processor's sync, then the scheduler's run creation.
 
-DAG_SCHEDULES = {"finetune": ("finetune.py", "FINETUNE_SCHEDULE"),
-                 "collect": ("collect.py", "FINETUNE_COLLECT_SCHEDULE")}
+DAG_SCHEDULES = {
+    "finetune": ("finetune.py", "FINETUNE_SCHEDULE"),
+    "collect": ("collect.py", "FINETUNE_COLLECT_SCHEDULE"),
+}
 
 
 @pytest.fixture

@@ -47,8 +47,9 @@ def write_error(run_id: str, code: int) -> None:
     input), in the same shape by hand for the other codes."""
     cfg = load_config(None, [f"run_id={run_id}"])
     if code == 2:
-        assert cli.main(["collect", "--set", 'collect.sources=["/nonexistent/*.jsonl"]', "--set",
-                         f"run_id={run_id}"]) == 2
+        assert (
+            cli.main(["collect", "--set", 'collect.sources=["/nonexistent/*.jsonl"]', "--set", f"run_id={run_id}"]) == 2
+        )
         error = storage.read_json(storage.join(cfg.step_uri("collect"), steps.ERROR_FILE))
     else:
         error = {"step": "train", "error": f"exit {code} happened", "exit_code": code}
@@ -76,8 +77,10 @@ def operator_on(monkeypatch, tmp_path, api, core=None):
     operator = load_tasks().step_task("train", "trainjob")
     monkeypatch.setattr(type(operator), "api", lambda self: api)
     if core is None:
+
         def no_cluster(self):
             raise RuntimeError("no kubernetes_default connection")
+
         monkeypatch.setattr(type(operator), "core_api", no_cluster)
     else:
         monkeypatch.setattr(type(operator), "core_api", lambda self: core)
@@ -87,15 +90,20 @@ def operator_on(monkeypatch, tmp_path, api, core=None):
 
 
 def context(run_id: str) -> dict:
-    return {"ti": FakeTI({"collect": {"snapshot_uri": json.loads(RUN[1].partition("=")[2])}}),
-            "params": {}, "run_id": run_id, "dag_run": None}
+    return {
+        "ti": FakeTI({"collect": {"snapshot_uri": json.loads(RUN[1].partition("=")[2])}}),
+        "params": {},
+        "run_id": run_id,
+        "dag_run": None,
+    }
 
 
 def test_a_new_attempt_replaces_the_trainjob_an_earlier_attempt_left(monkeypatch, tmp_path):
     run_id = "trainjob-again"
     result = {"model_uri": "s3://b/runs/x/train/model", "final_loss": 0.5}
-    storage.write_json(storage.join(load_config(None, [f"run_id={run_id}"]).step_uri("train"), steps.RESULT_FILE),
-                       result)
+    storage.write_json(
+        storage.join(load_config(None, [f"run_id={run_id}"]).step_uri("train"), steps.RESULT_FILE), result
+    )
     api = InMemoryCustomObjects([COMPLETE, COMPLETE])
     operator = operator_on(monkeypatch, tmp_path, api)
     assert operator.execute(context(run_id)) == result
@@ -167,8 +175,9 @@ def test_the_rank0_pods_log_reaches_the_task_log_while_the_trainjob_runs(monkeyp
 
 def test_without_a_core_api_the_job_still_runs_and_says_its_log_is_not_streamed(monkeypatch, tmp_path):
     run_id = "trainjob-nolog"
-    storage.write_json(storage.join(load_config(None, [f"run_id={run_id}"]).step_uri("train"), steps.RESULT_FILE),
-                       {"ok": True})
+    storage.write_json(
+        storage.join(load_config(None, [f"run_id={run_id}"]).step_uri("train"), steps.RESULT_FILE), {"ok": True}
+    )
     operator = operator_on(monkeypatch, tmp_path, InMemoryCustomObjects([COMPLETE]))
     with structlog.testing.capture_logs() as logs:
         assert operator.execute(context(run_id)) == {"ok": True}

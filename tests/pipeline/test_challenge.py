@@ -41,9 +41,15 @@ def test_the_shipped_challenge_set_is_big_bilingual_known_and_apart_from_the_tra
 
 @pytest.fixture
 def snapshot(tmp_path):
-    rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
-            ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"])
+    rows = [
+        ("where is my order", "order_status"),
+        ("reset my password", "password_reset"),
+        ("I want my money back", "refund_request"),
+        ("我的订单在哪", "order_status"),
+    ] * 3
+    return write_snapshot(
+        tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"]
+    )
 
 
 @pytest.fixture
@@ -53,12 +59,17 @@ def challenge(tmp_path):
     return write_jsonl(tmp_path / "challenge.jsonl", rows)
 
 
-def test_the_challenge_slices_are_scored_logged_and_drawn_and_a_bar_on_one_gates(snapshot, challenge,
-                                                                                classifier_dir, tmp_path):
+def test_the_challenge_slices_are_scored_logged_and_drawn_and_a_bar_on_one_gates(
+    snapshot, challenge, classifier_dir, tmp_path
+):
     from pipeline.tracking import client, pipeline_run_id
 
-    common = [f"evaluate.snapshot_uri={snapshot}", f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
-              f"evaluate.challenge_uri={json.dumps(str(challenge))}", "evaluate.min_slice_rows=5"]
+    common = [
+        f"evaluate.snapshot_uri={snapshot}",
+        f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+        f"evaluate.challenge_uri={json.dumps(str(challenge))}",
+        "evaluate.min_slice_rows=5",
+    ]
     cfg = load_config(None, [*common, "run_id=challenge"])
     result = evaluate.run(cfg)
     rows = _shipped(challenge.as_uri())
@@ -75,30 +86,44 @@ def test_the_challenge_slices_are_scored_logged_and_drawn_and_a_bar_on_one_gates
     assert {d.dataset.name for d in logged.inputs.dataset_inputs} == {"eval", "challenge"}
     drawn = {a.path for a in client().list_artifacts(logged.info.run_id, "evaluate")}
     assert {"evaluate/confusion_matrix_challenge.png", "evaluate/confusion_matrix_challenge_zh.png"} <= drawn
-    assert {"path": "evaluate/confusion_matrix_challenge_zh.png",
-            "caption": "Confusion matrix of the challenge set's rows in zh"} in result.pictures
+    assert {
+        "path": "evaluate/confusion_matrix_challenge_zh.png",
+        "caption": "Confusion matrix of the challenge set's rows in zh",
+    } in result.pictures
 
     zh = result.slices["challenge:zh"]["accuracy"]
-    barred = evaluate.run(load_config(None, [*common, "run_id=barred",
-                                             f'evaluate.thresholds=["accuracy[challenge:zh]>={zh + 0.01:.4f}"]']))
+    barred = evaluate.run(
+        load_config(
+            None, [*common, "run_id=barred", f'evaluate.thresholds=["accuracy[challenge:zh]>={zh + 0.01:.4f}"]']
+        )
+    )
     assert not barred.promote and barred.reason.startswith("accuracy[challenge:zh]")
 
     _register_champion(tmp_path, classifier_dir)  # the same weights: scored on the same challenge rows
-    cleared = evaluate.run(load_config(None, [*common, "run_id=cleared",
-                                              f'evaluate.thresholds=["accuracy[challenge:zh]>={zh - 0.0001:.4f}"]']))
+    cleared = evaluate.run(
+        load_config(
+            None, [*common, "run_id=cleared", f'evaluate.thresholds=["accuracy[challenge:zh]>={zh - 0.0001:.4f}"]']
+        )
+    )
     assert cleared.champion_version == "1"
     assert {k: v for k, v in cleared.champion_slices.items() if k.startswith("challenge")} == {
-        k: v for k, v in result.slices.items() if k.startswith("challenge")}
+        k: v for k, v in result.slices.items() if k.startswith("challenge")
+    }
     assert not cleared.promote and "does not beat champion" in cleared.reason  # past the bar, then a tie
 
 
 def _register_champion(tmp_path, model_dir):
     train_uri, evaluate_uri = (tmp_path / "t.json").as_uri(), (tmp_path / "e.json").as_uri()
     storage.write_json(train_uri, {"model_uri": str(model_dir), "snapshot_uri": "file:///s.parquet"})
-    storage.write_json(evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True,
-                                      "reason": "first"})
-    register.run(load_config(None, ["run_id=champ", f"register.train_result_uri={train_uri}",
-                                    f"register.evaluate_result_uri={evaluate_uri}"]))
+    storage.write_json(
+        evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True, "reason": "first"}
+    )
+    register.run(
+        load_config(
+            None,
+            ["run_id=champ", f"register.train_result_uri={train_uri}", f"register.evaluate_result_uri={evaluate_uri}"],
+        )
+    )
 
 
 def test_the_shipped_set_is_skipped_for_other_intents_and_a_bar_on_it_says_why(snapshot, classifier_dir, capfd):
@@ -110,11 +135,15 @@ def test_the_shipped_set_is_skipped_for_other_intents_and_a_bar_on_it_says_why(s
     assert load_config(None, ["task=causal-lm"]).evaluate.challenge_uri == ""  # intents, not conversations
 
 
-def test_a_challenge_file_with_labels_the_model_does_not_know_is_refused_by_name(snapshot, classifier_dir,
-                                                                                 tmp_path):
-    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "wheres my stuff", "label": "order_status"},
-                                               {"text": "give me my money back", "label": "refund"},
-                                               {"text": "还有货吗", "label": "stock"}])
+def test_a_challenge_file_with_labels_the_model_does_not_know_is_refused_by_name(snapshot, classifier_dir, tmp_path):
+    odd = write_jsonl(
+        tmp_path / "odd.jsonl",
+        [
+            {"text": "wheres my stuff", "label": "order_status"},
+            {"text": "give me my money back", "label": "refund"},
+            {"text": "还有货吗", "label": "stock"},
+        ],
+    )
     common = [f"evaluate.snapshot_uri={snapshot}", f"evaluate.model_uri={json.dumps(str(classifier_dir))}"]
     with pytest.raises(DataError, match=r"odd.jsonl: label\(s\) \['refund', 'stock'\] \(2 of 3 rows\)"):
         evaluate.run(load_config(None, [*common, f"evaluate.challenge_uri={json.dumps(str(odd))}"]))
@@ -140,12 +169,23 @@ def test_the_regression_rule_leaves_the_challenge_slices_to_thresholds():
 
 
 def test_the_model_card_shows_the_challenge_set_apart_from_the_eval_split():
-    slices = {"latin": {"rows": 80.0, "accuracy": 1.0}, "zh": {"rows": 80.0, "accuracy": 0.9},
-              "challenge": {"rows": 220.0, "accuracy": 0.7}, "challenge:zh": {"rows": 110.0, "accuracy": 0.6}}
-    inputs = {"train": {"snapshot_uri": "file:///s.parquet", "labels": CLASSIFIER_LABELS},
-              "evaluate": {"metrics": {"accuracy": 0.95}, "slices": slices, "gate_metric": "accuracy",
-                           "reason": "no champion yet", "champion_slices": {"challenge:zh": {"accuracy": 0.5}}},
-              "collect": {}}
+    slices = {
+        "latin": {"rows": 80.0, "accuracy": 1.0},
+        "zh": {"rows": 80.0, "accuracy": 0.9},
+        "challenge": {"rows": 220.0, "accuracy": 0.7},
+        "challenge:zh": {"rows": 110.0, "accuracy": 0.6},
+    }
+    inputs = {
+        "train": {"snapshot_uri": "file:///s.parquet", "labels": CLASSIFIER_LABELS},
+        "evaluate": {
+            "metrics": {"accuracy": 0.95},
+            "slices": slices,
+            "gate_metric": "accuracy",
+            "reason": "no champion yet",
+            "champion_slices": {"challenge:zh": {"accuracy": 0.5}},
+        },
+        "collect": {},
+    }
     card = register.model_card(load_config(None, []), inputs)
     eval_table, _, challenge_table = card.partition("### Challenge set (accuracy)")
     assert "| zh | 80 | 0.9000 | - |" in eval_table and "challenge" not in eval_table.split("### By language")[1]

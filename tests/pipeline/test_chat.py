@@ -15,35 +15,43 @@ def tokenizer(tiny_lm_dir):
 
 def test_instruction_and_chat_records_become_messages():
     assert chat.to_messages({"system": "Be brief.", "prompt": "Hi", "response": "Hello"}) == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     assert chat.to_messages({"prompt": "Hi", "response": "Hello", "system": ""})[0]["role"] == "user"
     text = '[{"role": "user", "content": "你好 👋"}, {"role": "assistant", "content": "您好"}]'
     assert chat.parse_messages(text)[0]["content"] == "你好 👋"
     assert chat.parse_messages(chat.dumps(chat.parse_messages(text))) == chat.parse_messages(text)
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "Hi"}, "needs either 'messages' or both 'prompt' and 'response'"),
-    ({"prompt": "Hi", "response": 3}, "'response' is int 3, not a string"),
-    ({"messages": "not json"}, "'messages' is not valid JSON"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "message 1: role 'bot' is not one of"),
-    ({"messages": [{"role": "user", "content": None}]}, "message 1 (user): content is NoneType"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "Hi"}, "needs either 'messages' or both 'prompt' and 'response'"),
+        ({"prompt": "Hi", "response": 3}, "'response' is int 3, not a string"),
+        ({"messages": "not json"}, "'messages' is not valid JSON"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "message 1: role 'bot' is not one of"),
+        ({"messages": [{"role": "user", "content": None}]}, "message 1 (user): content is NoneType"),
+    ],
+)
 def test_malformed_records_say_what_is_wrong(record, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         chat.to_messages(record)
 
 
-@pytest.mark.parametrize("roles, problem", [
-    (["system", "user", "assistant"], None),
-    (["user", "assistant", "user", "assistant"], None),
-    (["user", "user", "assistant"], "message 2 is user, expected assistant (role order)"),
-    (["assistant", "user"], "message 1 is assistant, expected user (role order)"),
-    (["system", "user"], "no assistant turn"),
-    (["user", "assistant", "user"], "message 3 is user: a conversation must end with an assistant turn"),
-    (["user", "system", "assistant"], "message 2 is system, expected assistant (role order)"),
-])
+@pytest.mark.parametrize(
+    "roles, problem",
+    [
+        (["system", "user", "assistant"], None),
+        (["user", "assistant", "user", "assistant"], None),
+        (["user", "user", "assistant"], "message 2 is user, expected assistant (role order)"),
+        (["assistant", "user"], "message 1 is assistant, expected user (role order)"),
+        (["system", "user"], "no assistant turn"),
+        (["user", "assistant", "user"], "message 3 is user: a conversation must end with an assistant turn"),
+        (["user", "system", "assistant"], "message 2 is system, expected assistant (role order)"),
+    ],
+)
 def test_role_rules(roles, problem):
     assert chat.role_problem([{"role": r, "content": "x"} for r in roles]) == problem
 
@@ -54,9 +62,13 @@ def test_empty_assistant_turn_is_a_problem():
 
 
 def test_loss_mask_covers_exactly_the_assistant_turns(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"},
-                {"role": "assistant", "content": "It ships today."}, {"role": "user", "content": "Thanks"},
-                {"role": "assistant", "content": "You're welcome."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": "It ships today."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]
     template = chat.chat_template(tokenizer, "")
     ids, labels = chat.encode(tokenizer, messages, template)
     assert len(ids) == len(labels)
@@ -81,8 +93,10 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tokenizer):
 
 
 def test_packing_keeps_every_token_and_the_length_bound(tokenizer):
-    conversations = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
-                     for i in range(10)]
+    conversations = [
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(10)
+    ]
     examples, _ = chat.prepare(tokenizer, conversations, chat.chat_template(tokenizer, ""), 64, "truncate")
     packed = chat.pack(examples, 64)
     assert len(packed) < len(examples) and all(len(p["input_ids"]) <= 64 for p in packed)

@@ -45,7 +45,9 @@ def _parquet(path, columns: dict) -> str:
 def test_jsonl_csv_and_gzip_merge_into_one_snapshot_with_a_manifest(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "where is my parcel", "label": "order_status", "extra": 1}])
     (tmp_path / "b.csv").write_text('\ufefftext,label\r\n"line one\nline two",refund_request\r\n', encoding="utf-8")
-    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress('{"text": "我想退款 🙏", "label": "refund_request"}\n'.encode()))
+    (tmp_path / "c.jsonl.gz").write_bytes(
+        gzip.compress('{"text": "我想退款 🙏", "label": "refund_request"}\n'.encode())
+    )
     result = _run(tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.jsonl.gz")
     frame = load_snapshot(result.snapshot_uri)
     assert list(frame.columns) == ["text", "label", "split"]
@@ -95,15 +97,15 @@ def test_streaming_writes_row_groups_and_the_hash_ignores_chunking(tmp_path):
 
     rows = shipped_rows(labels=2, per_label=30)
     write_jsonl(tmp_path / "a.jsonl", rows[:22])
-    (tmp_path / "b.csv").write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows[22:40]),
-                                    encoding="utf-8")
+    (tmp_path / "b.csv").write_text(
+        "text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows[22:40]), encoding="utf-8"
+    )
     _parquet(tmp_path / "c.parquet", {"text": [r["text"] for r in rows[40:]], "label": [r["label"] for r in rows[40:]]})
     sources = [tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.parquet"]
     chunked = _run(*sources, **{"collect.row_group_rows": 7, "artifact_root": (tmp_path / "small").as_uri()})
     whole = _run(*sources, **{"artifact_root": (tmp_path / "big").as_uri()})
     assert chunked.sha256 == whole.sha256 and chunked.rows == whole.rows == 60
-    sizes = [pq.ParquetFile(storage.local_path(chunked.snapshot_uri)).metadata.row_group(i).num_rows
-             for i in range(9)]
+    sizes = [pq.ParquetFile(storage.local_path(chunked.snapshot_uri)).metadata.row_group(i).num_rows for i in range(9)]
     assert sizes == [7] * 8 + [4]  # exactly row_group_rows each, across file and chunk boundaries
     assert pq.ParquetFile(storage.local_path(whole.snapshot_uri)).metadata.num_row_groups == 1
     assert storage.read_json(chunked.manifest_uri)["row_groups"] == 9
@@ -114,7 +116,9 @@ def test_awkward_but_valid_input_is_collected(tmp_path):
     big = "我" * 700_000 + " 🙂"  # ~2.1 MB: a UTF-8 character straddles every 1 MiB read; validate judges length
     (tmp_path / "a.jsonl").write_bytes(
         b'\xef\xbb\xbf{"text": "emoji \\ud83d\\ude00 \xe2\x80\xa8 inside", "label": "x"}\r\n\r\n\n'
-        + json.dumps({"text": big, "label": "y"}, ensure_ascii=False).encode() + b"\n")
+        + json.dumps({"text": big, "label": "y"}, ensure_ascii=False).encode()
+        + b"\n"
+    )
     (tmp_path / "b.csv").write_bytes('\ufefftext,label\r\n"引号 ""内"" ,\r\n换行",z\r\nplain,\r\n'.encode())
     frame = load_snapshot(_run(tmp_path / "a.jsonl", tmp_path / "b.csv").snapshot_uri)
     assert list(frame["text"]) == ["emoji 😀 \u2028 inside", big, '引号 "内" ,\r\n换行', "plain"]
@@ -129,31 +133,65 @@ def test_parquet_and_gzipped_parquet_sources(tmp_path):
     assert result.rows == 4 and result.labels == ["0", "1"]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("empty.jsonl", b"", "empty.jsonl: file is empty"),
-    ("blank.jsonl", b"\n  \n", "blank.jsonl: file is empty"),
-    ("empty.csv.gz", gzip.compress(b""), "empty.csv.gz: file is empty"),
-    ("header.csv", b"text,label\r\n", "header.csv: has a header but no rows"),
-    ("nolabel.jsonl", b'{"text": "hi"}\n', "nolabel.jsonl: missing column(s) ['label']; found ['text']"),
-    ("notext.csv", b"body,label\nhi,x\n", "notext.csv: missing column(s) ['text']; found ['body', 'label']"),
-    ("broken.jsonl", b'{"text": "a", "label": "b"}\n{"text": oops}\n',
-     "broken.jsonl: line 2 is not valid JSON (Expecting value at column 10)"),
-    ("list.jsonl", b'{"text": "a", "label": "b"}\n["a", "b"]\n', "list.jsonl: line 2 is not a JSON object but list"),
-    ("latin1.csv", "text,label\ncaf\xe9,x\n".encode("latin-1"), "latin1.csv: not valid UTF-8 at byte 14 (line 2)"),
-    ("bad.jsonl", b'{"text": "a", "label": "b"}\n{"text": "\xff", "label": "b"}\n',
-     "bad.jsonl: not valid UTF-8 at byte 38 (line 2)"),
-    ("data.txt", b"hello", "data.txt: unknown format"),
-    ("cut.jsonl.gz", gzip.compress(b'{"text": "a", "label": "b"}\n' * 50)[:-12],
-     "cut.jsonl.gz: cannot decompress gzip data (Compressed file ended before the end-of-stream marker"),
-    ("cut.csv.gz", gzip.compress(b"text,label\n" + b"a,b\n" * 50)[:-12], "cut.csv.gz: cannot decompress gzip"),
-    ("fake.jsonl.gz", b'{"text": "a", "label": "b"}\n', "fake.jsonl.gz: cannot decompress gzip data (Not a gzipped"),
-    ("num.jsonl", b'{"text": "ok", "label": 1}\n\n{"text": 42, "label": 0}\n',
-     "num.jsonl: row 2 (line 3): 'text' is int 42, not a string"),
-    ("badlabel.jsonl", b'{"text": "ok", "label": "\\udc00"}\n', "badlabel.jsonl: row 1: a value is not valid Unicode"),
-    ("nested.jsonl", b'{"text": "ok", "label": ["a"]}\n', "nested.jsonl: row 1: 'label' is list ['a'], not a string"),
-    ("surrogate.jsonl", b'{"text": "ok", "label": "a"}\n{"text": "\\ud800", "label": "a"}\n',
-     "surrogate.jsonl: row 2: 'text' is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", "empty.jsonl: file is empty"),
+        ("blank.jsonl", b"\n  \n", "blank.jsonl: file is empty"),
+        ("empty.csv.gz", gzip.compress(b""), "empty.csv.gz: file is empty"),
+        ("header.csv", b"text,label\r\n", "header.csv: has a header but no rows"),
+        ("nolabel.jsonl", b'{"text": "hi"}\n', "nolabel.jsonl: missing column(s) ['label']; found ['text']"),
+        ("notext.csv", b"body,label\nhi,x\n", "notext.csv: missing column(s) ['text']; found ['body', 'label']"),
+        (
+            "broken.jsonl",
+            b'{"text": "a", "label": "b"}\n{"text": oops}\n',
+            "broken.jsonl: line 2 is not valid JSON (Expecting value at column 10)",
+        ),
+        (
+            "list.jsonl",
+            b'{"text": "a", "label": "b"}\n["a", "b"]\n',
+            "list.jsonl: line 2 is not a JSON object but list",
+        ),
+        ("latin1.csv", "text,label\ncaf\xe9,x\n".encode("latin-1"), "latin1.csv: not valid UTF-8 at byte 14 (line 2)"),
+        (
+            "bad.jsonl",
+            b'{"text": "a", "label": "b"}\n{"text": "\xff", "label": "b"}\n',
+            "bad.jsonl: not valid UTF-8 at byte 38 (line 2)",
+        ),
+        ("data.txt", b"hello", "data.txt: unknown format"),
+        (
+            "cut.jsonl.gz",
+            gzip.compress(b'{"text": "a", "label": "b"}\n' * 50)[:-12],
+            "cut.jsonl.gz: cannot decompress gzip data (Compressed file ended before the end-of-stream marker",
+        ),
+        ("cut.csv.gz", gzip.compress(b"text,label\n" + b"a,b\n" * 50)[:-12], "cut.csv.gz: cannot decompress gzip"),
+        (
+            "fake.jsonl.gz",
+            b'{"text": "a", "label": "b"}\n',
+            "fake.jsonl.gz: cannot decompress gzip data (Not a gzipped",
+        ),
+        (
+            "num.jsonl",
+            b'{"text": "ok", "label": 1}\n\n{"text": 42, "label": 0}\n',
+            "num.jsonl: row 2 (line 3): 'text' is int 42, not a string",
+        ),
+        (
+            "badlabel.jsonl",
+            b'{"text": "ok", "label": "\\udc00"}\n',
+            "badlabel.jsonl: row 1: a value is not valid Unicode",
+        ),
+        (
+            "nested.jsonl",
+            b'{"text": "ok", "label": ["a"]}\n',
+            "nested.jsonl: row 1: 'label' is list ['a'], not a string",
+        ),
+        (
+            "surrogate.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": "\\ud800", "label": "a"}\n',
+            "surrogate.jsonl: row 2: 'text' is not valid Unicode",
+        ),
+    ],
+)
 def test_bad_files_name_the_file_and_publish_nothing(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     assert message in _fails(tmp_path / name)
@@ -198,8 +236,13 @@ def test_a_rerun_that_fails_leaves_no_result_of_the_run_before(small_data, tmp_p
 
 def test_finetune_command_exits_2_and_publishes_nothing(tmp_path, finetune_home):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a", "label": "b"}\n{oops\n')
-    done = subprocess.run([PYTHON, "-m", "pipeline", "collect", "--set", f"collect.sources={tmp_path}/bad.jsonl"],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    done = subprocess.run(
+        [PYTHON, "-m", "pipeline", "collect", "--set", f"collect.sources={tmp_path}/bad.jsonl"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert f"error: collect: {tmp_path}/bad.jsonl: line 2 is not valid JSON" in done.stderr
     assert not (finetune_home / "artifacts" / "snapshots").exists()
@@ -218,13 +261,19 @@ def test_configured_column_names(tmp_path):
 
 def _chat_sources(tmp_path):
     conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello! 👋"}]
-    write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": conversation},
-        {"messages": json.dumps(conversation)},  # as JSON text, the way a snapshot holds it
-        {"system": "Be brief.", "prompt": "Reset my password", "response": "Use the link on the login page."},
-        {"prompt": "wrong order is validate's job", "response": "ok",
-         "messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "then"}]},
-    ])
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": conversation},
+            {"messages": json.dumps(conversation)},  # as JSON text, the way a snapshot holds it
+            {"system": "Be brief.", "prompt": "Reset my password", "response": "Use the link on the login page."},
+            {
+                "prompt": "wrong order is validate's job",
+                "response": "ok",
+                "messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "then"}],
+            },
+        ],
+    )
     (tmp_path / "pairs.csv").write_text('prompt,response\n"Where, exactly?","Here.\nThere."\n', encoding="utf-8")
     return [tmp_path / "chat.jsonl", tmp_path / "pairs.csv"]
 
@@ -234,8 +283,11 @@ def test_causal_lm_collects_messages_and_instructions(tmp_path):
     frame = load_snapshot(result.snapshot_uri)
     assert list(frame.columns) == ["messages", "split"] and result.rows == 5 and result.labels == []
     conversations = [json.loads(m) for m in frame["messages"]]
-    assert conversations[0] == conversations[1] == [{"role": "user", "content": "你好"},
-                                                    {"role": "assistant", "content": "Hello! 👋"}]
+    assert (
+        conversations[0]
+        == conversations[1]
+        == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello! 👋"}]
+    )
     assert [m["role"] for m in conversations[2]] == ["system", "user", "assistant"]
     assert conversations[3][0] == {"role": "assistant", "content": "first"}  # 'messages' wins; order not judged
     assert conversations[4][1]["content"] == "Here.\nThere."
@@ -258,14 +310,21 @@ def test_recollecting_a_snapshot_gives_the_same_sha_and_uri(tmp_path, small_data
     assert load_snapshot(elsewhere.snapshot_uri).equals(load_snapshot(first.snapshot_uri))
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a", "response": "b"}] * 6 + [{"messages": [{"role": "robot", "content": "beep"}]}],
-     "chat.jsonl: row 7: message 1: role 'robot' is not one of ['system', 'user', 'assistant']"),
-    ([{"prompt": "a", "response": "b"}, {"prompt": "only a prompt"}],
-     "chat.jsonl: row 2: needs either 'messages' or both 'prompt' and 'response'"),
-    ([{"prompt": "a", "response": 5}], "chat.jsonl: row 1: 'response' is int 5, not a string"),
-    ([{"messages": "[{not json"}], "chat.jsonl: row 1: 'messages' is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [{"prompt": "a", "response": "b"}] * 6 + [{"messages": [{"role": "robot", "content": "beep"}]}],
+            "chat.jsonl: row 7: message 1: role 'robot' is not one of ['system', 'user', 'assistant']",
+        ),
+        (
+            [{"prompt": "a", "response": "b"}, {"prompt": "only a prompt"}],
+            "chat.jsonl: row 2: needs either 'messages' or both 'prompt' and 'response'",
+        ),
+        ([{"prompt": "a", "response": 5}], "chat.jsonl: row 1: 'response' is int 5, not a string"),
+        ([{"messages": "[{not json"}], "chat.jsonl: row 1: 'messages' is not valid JSON"),
+    ],
+)
 def test_causal_lm_bad_records_name_the_file_and_row(tmp_path, rows, message):
     write_jsonl(tmp_path / "chat.jsonl", rows)
     assert message in _fails(tmp_path / "chat.jsonl", task="causal-lm")
@@ -273,5 +332,7 @@ def test_causal_lm_bad_records_name_the_file_and_row(tmp_path, rows, message):
 
 def test_causal_lm_file_without_chat_columns(tmp_path):
     (tmp_path / "plain.csv").write_text("text,label\nhi,x\n", encoding="utf-8")
-    assert ("plain.csv: missing column(s): needs 'messages', or 'prompt' and 'response'; found ['label', 'text']"
-            in _fails(tmp_path / "plain.csv", task="causal-lm"))
+    assert (
+        "plain.csv: missing column(s): needs 'messages', or 'prompt' and 'response'; found ['label', 'text']"
+        in _fails(tmp_path / "plain.csv", task="causal-lm")
+    )

@@ -43,7 +43,9 @@ def test_a_row_count_is_seeded_and_reproducible(two_sources):
     again, _ = _collect([str(small), f"{large}#rows=50"])
     other, manifest = _collect([str(small), f"{large}#rows=50"], "seed=7")
     assert first.rows == 150 and first.sha256 == again.sha256 and other.sha256 != first.sha256
-    kept = set(load_snapshot(first.snapshot_uri)["text"]) - {json.loads(line)["text"] for line in small.read_text().splitlines()}
+    kept = set(load_snapshot(first.snapshot_uri)["text"]) - {
+        json.loads(line)["text"] for line in small.read_text().splitlines()
+    }
     assert len(kept) == 50
     assert [e["rows_kept"] for e in manifest["mix"]["sources"]] == [100, 50]
     everything, _ = _collect([str(small), f"{large}#rows=10000"])  # more than there is: all of it
@@ -56,10 +58,15 @@ def test_unsampled_sources_give_the_snapshot_they_always_did(two_sources):
     assert plain.rows == 500 and "mix" not in manifest
 
 
-@pytest.mark.parametrize("fragment, says", [
-    ("#weight=-1", "#weight must be above 0"), ("#rows=abc", "#rows='abc' is not a number"),
-    ("#share=2", "unknown '#share'"), ("#rows=5&weight=1", "not both"),
-])
+@pytest.mark.parametrize(
+    "fragment, says",
+    [
+        ("#weight=-1", "#weight must be above 0"),
+        ("#rows=abc", "#rows='abc' is not a number"),
+        ("#share=2", "unknown '#share'"),
+        ("#rows=5&weight=1", "not both"),
+    ],
+)
 def test_a_bad_sampling_suffix_names_the_entry(two_sources, fragment, says):
     small, _ = two_sources
     with pytest.raises(ConfigError) as refused:

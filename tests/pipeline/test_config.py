@@ -24,19 +24,22 @@ def test_scientific_notation_override_is_a_number():
     assert load_config(None, ["train.learning_rate=5e-05"]).train.learning_rate == pytest.approx(5e-5)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.learning_rate=fast", "train.learning_rate: expected a number, got 'fast'"),
-    ("train.epochs=0", "train.epochs: 0 is below the minimum 1"),
-    ("train.zero_stage=4", "train.zero_stage: 4 is not one of [0, 1, 2, 3]"),
-    ("task=regression", "task: 'regression' is not one of"),
-    ("collect.eval_fraction=0", "collect.eval_fraction: 0.0 must be greater than 0.0"),
-    ("train.epoch=2", "unknown config key 'train.epoch' in --set train.epoch=2 (did you mean 'train.epochs'?)"),
-    ("model_name=has space", "model_name: 'has space' does not match"),
-    ("epochs", "--set expects key=value"),
-    ("train.offload_params=true", "train.offload_params needs train.zero_stage=3, got 2"),
-    ("train.overlong=keep", "train.overlong: 'keep' is not one of ['truncate', 'drop']"),
-    ("evaluate.metric_direction=up", "evaluate.metric_direction: 'up' is not one of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=fast", "train.learning_rate: expected a number, got 'fast'"),
+        ("train.epochs=0", "train.epochs: 0 is below the minimum 1"),
+        ("train.zero_stage=4", "train.zero_stage: 4 is not one of [0, 1, 2, 3]"),
+        ("task=regression", "task: 'regression' is not one of"),
+        ("collect.eval_fraction=0", "collect.eval_fraction: 0.0 must be greater than 0.0"),
+        ("train.epoch=2", "unknown config key 'train.epoch' in --set train.epoch=2 (did you mean 'train.epochs'?)"),
+        ("model_name=has space", "model_name: 'has space' does not match"),
+        ("epochs", "--set expects key=value"),
+        ("train.offload_params=true", "train.offload_params needs train.zero_stage=3, got 2"),
+        ("train.overlong=keep", "train.overlong: 'keep' is not one of ['truncate', 'drop']"),
+        ("evaluate.metric_direction=up", "evaluate.metric_direction: 'up' is not one of"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
@@ -63,8 +66,12 @@ def test_every_shipped_config_loads():
         from pipeline.train import deepspeed_config
 
         assert deepspeed_config(cfg.train) == ds
-    assert json.loads((CONFIGS / "zero3.json").read_text())["zero_optimization"][
-        "stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        json.loads((CONFIGS / "zero3.json").read_text())["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        is True
+    )
 
 
 def test_param_schema_follows_the_field():
@@ -133,8 +140,10 @@ def test_deepspeed_offload_and_precision_settings():
 def test_a_frozen_first_phase_as_long_as_the_run_is_refused_naming_both_keys():
     with pytest.raises(ConfigError) as refused:
         load_config(None, ["train.epochs=3", "train.extend_vocab_epochs=3"])
-    assert str(refused.value).startswith("train.extend_vocab_epochs=3 with train.epochs=3: the body trains for at "
-                                         "least one epoch, so at most train.epochs - 1 are frozen")
+    assert str(refused.value).startswith(
+        "train.extend_vocab_epochs=3 with train.epochs=3: the body trains for at "
+        "least one epoch, so at most train.epochs - 1 are frozen"
+    )
     with pytest.raises(ConfigError, match="train.extend_vocab_epochs=2 with train.epochs=1"):
         load_config(None, ["train.epochs=1", "train.extend_vocab_epochs=2"])
     assert load_config(None, ["train.epochs=1"]).train.extend_vocab_epochs == 1  # the default: no frozen phase

@@ -13,8 +13,17 @@ def _compare(ref_texts, cur_texts, ref_labels=None, cur_labels=None, bars=(0.2, 
 
 
 def test_words_are_letter_runs_and_single_cjk_characters_without_numbers():
-    assert drift.words("Where is ORDER #A12? 我的订单  ready") == ["where", "is", "order", "a", "我", "的", "订", "单",
-                                                               "ready"]
+    assert drift.words("Where is ORDER #A12? 我的订单  ready") == [
+        "where",
+        "is",
+        "order",
+        "a",
+        "我",
+        "的",
+        "订",
+        "单",
+        "ready",
+    ]
     assert drift.words("Ｆｕｌｌｗｉｄｔｈ") == ["fullwidth"]  # normalised like collect's duplicate detection
 
 
@@ -23,8 +32,11 @@ def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
     small, _ = drift.psi(pd.Series(list("ab") * 50), pd.Series(["a"] * 55 + ["b"] * 45))
     large, shares = drift.psi(pd.Series(list("ab") * 50), pd.Series(["a"] * 90 + ["c"] * 10))
     assert same == 0 and 0 < small < 0.1 < 0.25 < large
-    assert shares == {"a": {"reference": 0.5, "current": 0.9}, "b": {"reference": 0.5, "current": 0.0},
-                      "c": {"reference": 0.0, "current": 0.1}}
+    assert shares == {
+        "a": {"reference": 0.5, "current": 0.9},
+        "b": {"reference": 0.5, "current": 0.0},
+        "c": {"reference": 0.0, "current": 0.1},
+    }
     # By hand: (0.55-0.5)ln(0.55/0.5) + (0.45-0.5)ln(0.45/0.5)
     assert small == pytest.approx(0.05 * np.log(1.1) - 0.05 * np.log(0.9))
 
@@ -40,8 +52,13 @@ def test_compare_flags_each_measure_against_its_bar():
     assert checks["drift_length_ks"]["passed"] is False
     # 6 new words of 6 in each of 50 rows, against 5 known words in each of 150.
     assert checks["drift_oov_rate"]["value"] == pytest.approx(300 / (300 + 750))
-    assert checks["drift_oov_rate"]["rows"] == 50 and checks["drift_oov_rate"]["example_rows"] == [150, 151, 152,
-                                                                                                    153, 154]
+    assert checks["drift_oov_rate"]["rows"] == 50 and checks["drift_oov_rate"]["example_rows"] == [
+        150,
+        151,
+        152,
+        153,
+        154,
+    ]
     assert report["top_oov_words"][0] == ("the", 50)  # ties keep first-seen order
     assert report["rows"] == {"reference": 200, "current": 200}
 

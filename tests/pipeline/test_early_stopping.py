@@ -14,10 +14,21 @@ from tests.helpers import collect_snapshot, train_settings, write_jsonl
 
 INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
 # A constant learning rate: the run cut by max_steps then follows the same schedule.
-LM = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8", "train.learning_rate=0.1",
-      "train.zero_stage=3", "train.lora_r=8", 'train.lora_target_modules=["q_proj", "v_proj", "lm_head"]',
-      "train.lora_merge=false", "train.lora_dropout=0.0", "train.warmup_ratio=0.0", "train.epochs=3",
-      "train.logging_steps=1", "train.checkpoint_steps=0"]
+LM = [
+    "task=causal-lm",
+    "train.max_seq_len=192",
+    "train.batch_size=8",
+    "train.learning_rate=0.1",
+    "train.zero_stage=3",
+    "train.lora_r=8",
+    'train.lora_target_modules=["q_proj", "v_proj", "lm_head"]',
+    "train.lora_merge=false",
+    "train.lora_dropout=0.0",
+    "train.warmup_ratio=0.0",
+    "train.epochs=3",
+    "train.logging_steps=1",
+    "train.checkpoint_steps=0",
+]
 
 
 @pytest.fixture
@@ -47,8 +58,14 @@ def test_early_stopping_needs_evaluation():
 def test_early_stopping_publishes_the_best_evaluations_weights(small_chat, tiny_lm_dir):
     from pipeline.tracking import client
 
-    stopped = _train(small_chat, tiny_lm_dir, "early", "train.eval_steps=1", "train.early_stopping_patience=2",
-                     'train.trainer_args={"lr_scheduler_type": "constant"}')
+    stopped = _train(
+        small_chat,
+        tiny_lm_dir,
+        "early",
+        "train.eval_steps=1",
+        "train.early_stopping_patience=2",
+        'train.trainer_args={"lr_scheduler_type": "constant"}',
+    )
     summary = storage.read_json(stopped["summary_uri"])
     curve, best = summary["eval_loss_curve"], summary["best_step"]
     print(f"early-stopping figures: eval loss by step {curve}; best step {best}, stopped at {stopped['global_step']}")
@@ -60,7 +77,9 @@ def test_early_stopping_publishes_the_best_evaluations_weights(small_chat, tiny_
     # In memory, after the Trainer loaded the best checkpoint: its eval loss, not the last step's.
     assert summary["eval_loss_in_memory"] is not None
 
-    cut = _train(small_chat, tiny_lm_dir, "cut", f'train.trainer_args={{"lr_scheduler_type": "constant", "max_steps": {best}}}')
+    cut = _train(
+        small_chat, tiny_lm_dir, "cut", f'train.trainer_args={{"lr_scheduler_type": "constant", "max_steps": {best}}}'
+    )
     assert cut["global_step"] == best
     published, reference = _weights(stopped["model_uri"]), _weights(cut["model_uri"])
     diff = max(float((published[k] - reference[k]).abs().max()) for k in reference)
@@ -69,8 +88,9 @@ def test_early_stopping_publishes_the_best_evaluations_weights(small_chat, tiny_
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_best(small_chat, tiny_lm_dir,
-                                                                                     tmp_path, capfd):
+def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_best(
+    small_chat, tiny_lm_dir, tmp_path, capfd
+):
     """SIGKILL once the checkpoint of step 2 (train.checkpoint_steps) is in the store, past the best
     at step 1: the next attempt resumes from step 2 with the patience count it had, fetches the best
     checkpoint from the store, stops at step 4 (patience 3) and publishes step 1's adapter."""
@@ -80,9 +100,16 @@ def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_
 
     from pipeline import checkpoints
 
-    early = [*LM, "train.eval_steps=1", "train.early_stopping_patience=3", "train.checkpoint_steps=2",
-             'train.trainer_args={"lr_scheduler_type": "constant"}', "run_id=killed",
-             f"base_model={json.dumps(str(tiny_lm_dir))}", f"train.snapshot_uri={small_chat.snapshot_uri}"]
+    early = [
+        *LM,
+        "train.eval_steps=1",
+        "train.early_stopping_patience=3",
+        "train.checkpoint_steps=2",
+        'train.trainer_args={"lr_scheduler_type": "constant"}',
+        "run_id=killed",
+        f"base_model={json.dumps(str(tiny_lm_dir))}",
+        f"train.snapshot_uri={small_chat.snapshot_uri}",
+    ]
     root = storage.join(load_config(None, early).step_uri("train"), "checkpoints")
     process = local.StepProcess(local.local_command("train", early, str(tmp_path / "result.json")), local.local_env())
     threading.Thread(target=lambda: process.popen.stdout.read(), daemon=True).start()  # a full pipe would block it
@@ -101,7 +128,9 @@ def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_
     assert "resuming from step 2 " in capfd.readouterr().out
     summary = storage.read_json(resumed["summary_uri"])
     assert summary["best_step"] == 1 and resumed["global_step"] == 4 and summary["stopped_early"], summary
-    cut = _train(small_chat, tiny_lm_dir, "cut1", 'train.trainer_args={"lr_scheduler_type": "constant", "max_steps": 1}')
+    cut = _train(
+        small_chat, tiny_lm_dir, "cut1", 'train.trainer_args={"lr_scheduler_type": "constant", "max_steps": 1}'
+    )
     published, reference = _weights(resumed["model_uri"]), _weights(cut["model_uri"])
     assert max(float((published[k] - reference[k]).abs().max()) for k in reference) <= 1e-6
 
@@ -113,7 +142,8 @@ def test_classification_holds_out_the_eval_split_only_when_asked(small_data, tin
     snapshot = collect_snapshot([small_data])
     frame = load_snapshot(snapshot.snapshot_uri)
     base = [f"train.snapshot_uri={snapshot.snapshot_uri}", f"base_model={json.dumps(str(tiny_model_dir))}"]
-    held_out = train.classification_parts(load_config(None, [*base, "train.eval_steps=5"]), str(tiny_model_dir),
-                                          frame, {}).eval_dataset
+    held_out = train.classification_parts(
+        load_config(None, [*base, "train.eval_steps=5"]), str(tiny_model_dir), frame, {}
+    ).eval_dataset
     assert len(held_out) == snapshot.rows_eval and {"labels", "example_id", "input_ids"} <= set(held_out.column_names)
     assert train.classification_parts(load_config(None, base), str(tiny_model_dir), frame, {}).eval_dataset is None

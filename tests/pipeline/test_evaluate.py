@@ -9,14 +9,26 @@ from tests.helpers import write_snapshot
 
 
 def _snapshot(tmp_path, split="eval"):
-    rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
-            ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(text, label, split) for text, label in rows], ["text", "label", "split"])
+    rows = [
+        ("where is my order", "order_status"),
+        ("reset my password", "password_reset"),
+        ("I want my money back", "refund_request"),
+        ("我的订单在哪", "order_status"),
+    ] * 3
+    return write_snapshot(
+        tmp_path / "snap.parquet", [(text, label, split) for text, label in rows], ["text", "label", "split"]
+    )
 
 
 def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, classifier_dir):
-    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
-                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e"])
+    cfg = load_config(
+        None,
+        [
+            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+            "run_id=e",
+        ],
+    )
     result = evaluate.run(cfg)
     assert result.rows == 12 and set(result.metrics) == {"accuracy", "macro_f1"}
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
@@ -30,21 +42,27 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
     logged = client().get_run(pipeline_run_id(cfg))
     assert logged.data.metrics["eval_accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert {a.path for a in client().list_artifacts(logged.info.run_id, "evaluate")} == {
-        "evaluate/classification_report.json", "evaluate/confusion_matrix.png", "evaluate/per_class_f1.png"}
+        "evaluate/classification_report.json",
+        "evaluate/confusion_matrix.png",
+        "evaluate/per_class_f1.png",
+    }
 
 
-@pytest.mark.parametrize("ours, theirs, sets, promote", [
-    (0.9, None, [], True),
-    (0.91, 0.90, [], True),
-    (0.90, 0.90, [], False),  # a tie is not a win
-    (0.905, 0.90, ["evaluate.promotion_margin=0.01"], False),
-    (0.92, 0.90, ["evaluate.promotion_margin=0.01"], True),
-    (0.5, 0.9, [], False),
-    (0.9, None, ['evaluate.thresholds=["accuracy>=0.95"]'], False),  # first model, but below the bar
-    (0.96, 0.5, ['evaluate.thresholds=["accuracy>=0.95", "macro_f1>=0.5"]'], True),
-    (0.4, 0.5, ["evaluate.metric_direction=lower"], True),  # lower is better, e.g. a loss
-    (0.6, 0.5, ["evaluate.metric_direction=lower"], False),
-])
+@pytest.mark.parametrize(
+    "ours, theirs, sets, promote",
+    [
+        (0.9, None, [], True),
+        (0.91, 0.90, [], True),
+        (0.90, 0.90, [], False),  # a tie is not a win
+        (0.905, 0.90, ["evaluate.promotion_margin=0.01"], False),
+        (0.92, 0.90, ["evaluate.promotion_margin=0.01"], True),
+        (0.5, 0.9, [], False),
+        (0.9, None, ['evaluate.thresholds=["accuracy>=0.95"]'], False),  # first model, but below the bar
+        (0.96, 0.5, ['evaluate.thresholds=["accuracy>=0.95", "macro_f1>=0.5"]'], True),
+        (0.4, 0.5, ["evaluate.metric_direction=lower"], True),  # lower is better, e.g. a loss
+        (0.6, 0.5, ["evaluate.metric_direction=lower"], False),
+    ],
+)
 def test_gate(ours, theirs, sets, promote):
     cfg = load_config(None, sets).evaluate
     champion = None if theirs is None else {"accuracy": theirs, "macro_f1": theirs}
@@ -60,13 +78,24 @@ def test_bad_threshold_is_rejected_with_its_text(rule):
 
 def test_empty_eval_split_and_missing_inputs(tmp_path, classifier_dir):
     with pytest.raises(DataError, match="the eval split is empty"):
-        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path, 'train')}",
-                                        f"evaluate.model_uri={json.dumps(str(classifier_dir))}"]))
+        evaluate.run(
+            load_config(
+                None,
+                [
+                    f"evaluate.snapshot_uri={_snapshot(tmp_path, 'train')}",
+                    f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+                ],
+            )
+        )
     with pytest.raises(ConfigError, match="evaluate.model_uri is required"):
         evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}"]))
     with pytest.raises(ModelError, match="no config.json"):
-        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
-                                        f"evaluate.model_uri={json.dumps(str(tmp_path))}"]))
+        evaluate.run(
+            load_config(
+                None,
+                [f"evaluate.snapshot_uri={_snapshot(tmp_path)}", f"evaluate.model_uri={json.dumps(str(tmp_path))}"],
+            )
+        )
 
 
 def _register_champion(tmp_path, classifier_dir):
@@ -75,16 +104,27 @@ def _register_champion(tmp_path, classifier_dir):
     train_uri, evaluate_uri = (tmp_path / "t.json").as_uri(), (tmp_path / "e.json").as_uri()
     tmp_path.mkdir(parents=True, exist_ok=True)
     storage.write_json(train_uri, {"model_uri": str(classifier_dir), "snapshot_uri": "file:///s.parquet"})
-    storage.write_json(evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True,
-                                      "reason": "first"})
-    return register.run(load_config(None, ["run_id=champ", f"register.train_result_uri={train_uri}",
-                                           f"register.evaluate_result_uri={evaluate_uri}"]))
+    storage.write_json(
+        evaluate_uri, {"metrics": {"accuracy": 0.5}, "gate_metric": "accuracy", "promote": True, "reason": "first"}
+    )
+    return register.run(
+        load_config(
+            None,
+            ["run_id=champ", f"register.train_result_uri={train_uri}", f"register.evaluate_result_uri={evaluate_uri}"],
+        )
+    )
 
 
 def test_champion_is_scored_on_the_same_rows_and_a_tie_does_not_promote(tmp_path, classifier_dir):
     _register_champion(tmp_path, classifier_dir)
-    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
-                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e2"])
+    cfg = load_config(
+        None,
+        [
+            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+            "run_id=e2",
+        ],
+    )
     result = evaluate.run(cfg)
     assert result.champion_version == "1"
     assert result.champion_metrics == result.metrics  # the same weights on the same rows
@@ -100,14 +140,21 @@ def test_a_champion_that_cannot_be_loaded_fails_closed(tmp_path, classifier_dir)
     source = client().get_model_version("support-intents", registered.version).source
     artifacts = client().get_logged_model(source.rsplit("/", 1)[-1]).artifact_location
     shutil.rmtree(storage.local_path(artifacts))
-    cfg = load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
-                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}", "run_id=e3"])
+    cfg = load_config(
+        None,
+        [
+            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+            "run_id=e3",
+        ],
+    )
     with pytest.raises(ModelError, match="champion support-intents version 1 cannot be loaded"):
         evaluate.run(cfg)
     assert not storage.exists(cfg.step_uri("evaluate") + "/result.json")
 
 
 # --- slices: per language of the eval rows, in the metrics and in the gate ----------------------
+
 
 def _answering(classifier_dir, path, label):
     """The tiny classifier with its head biased to answer ``label`` whatever the text."""
@@ -140,8 +187,11 @@ def test_a_challenger_better_overall_but_worse_on_one_language_is_refused(tmp_pa
     challenger = _answering(classifier_dir, tmp_path / "challenger", "password_reset")  # right on the English ones
     _register_champion(tmp_path / "registered", champion)
     snapshot = _bilingual_snapshot(tmp_path)
-    sets = [f"evaluate.snapshot_uri={snapshot}", f"evaluate.model_uri={json.dumps(str(challenger))}",
-            "evaluate.min_slice_rows=4"]
+    sets = [
+        f"evaluate.snapshot_uri={snapshot}",
+        f"evaluate.model_uri={json.dumps(str(challenger))}",
+        "evaluate.min_slice_rows=4",
+    ]
     result = evaluate.run(load_config(None, [*sets, "run_id=s1"]))
     assert result.metrics["accuracy"] == pytest.approx(8 / 12)
     assert result.champion_metrics["accuracy"] == pytest.approx(4 / 12)
@@ -163,14 +213,24 @@ def test_a_challenger_better_overall_but_worse_on_one_language_is_refused(tmp_pa
     assert few.promote and few.slices["zh"]["rows"] == 4
 
 
-@pytest.mark.parametrize("rule, promote, reason", [
-    ("accuracy[latin]>=0.9", True, "no champion yet"),
-    ("accuracy[zh]>=0.5", False, "accuracy[zh] 0.0000 fails the threshold accuracy[zh] >= 0.5"),
-    ("accuracy[ko]>=0.5", False, "accuracy[ko] cannot be checked: the eval split has no rows of slice 'ko'"),
-])
+@pytest.mark.parametrize(
+    "rule, promote, reason",
+    [
+        ("accuracy[latin]>=0.9", True, "no champion yet"),
+        ("accuracy[zh]>=0.5", False, "accuracy[zh] 0.0000 fails the threshold accuracy[zh] >= 0.5"),
+        ("accuracy[ko]>=0.5", False, "accuracy[ko] cannot be checked: the eval split has no rows of slice 'ko'"),
+    ],
+)
 def test_a_bar_on_one_language(tmp_path, classifier_dir, rule, promote, reason):
     challenger = _answering(classifier_dir, tmp_path / "challenger", "password_reset")
-    result = evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_bilingual_snapshot(tmp_path)}",
-                                             f"evaluate.model_uri={json.dumps(str(challenger))}",
-                                             f"evaluate.thresholds={json.dumps([rule])}"]))
+    result = evaluate.run(
+        load_config(
+            None,
+            [
+                f"evaluate.snapshot_uri={_bilingual_snapshot(tmp_path)}",
+                f"evaluate.model_uri={json.dumps(str(challenger))}",
+                f"evaluate.thresholds={json.dumps([rule])}",
+            ],
+        )
+    )
     assert result.promote is promote and result.reason.startswith(reason)

@@ -36,8 +36,11 @@ CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 
 
 def all_rendered() -> list[tuple[str, str, dict]]:
-    return [(step, launcher, steps.render(step, RUN if step == "train" else RUN[:1], launcher))
-            for launcher in ("kubernetes", "pytorchjob") for step in steps.STEPS]
+    return [
+        (step, launcher, steps.render(step, RUN if step == "train" else RUN[:1], launcher))
+        for launcher in ("kubernetes", "pytorchjob")
+        for step in steps.STEPS
+    ]
 
 
 def crd_schema() -> dict:
@@ -69,18 +72,28 @@ def test_pod_argv_is_the_local_argv_and_returns_through_xcom():
     pod = steps.render("collect", RUN[:1], "kubernetes")
     (base,) = pod["spec"]["containers"]
     assert base["name"] == "base"  # KubernetesPodOperator merges its settings into 'base'
-    assert [*base["command"], *base["args"]] == [*steps.step_argv("collect", RUN[:1]),
-                                                 "--result-file", "/airflow/xcom/return.json"]
+    assert [*base["command"], *base["args"]] == [
+        *steps.step_argv("collect", RUN[:1]),
+        "--result-file",
+        "/airflow/xcom/return.json",
+    ]
     train = steps.render("train", [*RUN, "k8s.gpus_per_node=4"], "kubernetes")["spec"]["containers"][0]
     assert train["command"] == ["python", "-m", "torch.distributed.run"]
-    assert train["args"] == ["--standalone", "--nproc_per_node=4", "-m", "pipeline",
-                             *steps.step_argv("train", [*RUN, "k8s.gpus_per_node=4"])[1:],
-                             "--result-file", "/airflow/xcom/return.json"]
+    assert train["args"] == [
+        "--standalone",
+        "--nproc_per_node=4",
+        "-m",
+        "pipeline",
+        *steps.step_argv("train", [*RUN, "k8s.gpus_per_node=4"])[1:],
+        "--result-file",
+        "/airflow/xcom/return.json",
+    ]
 
 
 def test_training_gets_gpus_gpu_nodes_and_priority_and_other_steps_do_not():
-    spec = steps.render("train", [*RUN, "k8s.gpus_per_node=2", 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]'],
-                        "kubernetes")["spec"]
+    spec = steps.render(
+        "train", [*RUN, "k8s.gpus_per_node=2", 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]'], "kubernetes"
+    )["spec"]
     resources = spec["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "2"
     assert resources["requests"]["memory"] == steps.STEPS["train"].memory
@@ -112,9 +125,14 @@ def test_pytorchjob_has_master_and_workers_with_one_process_per_gpu():
     for spec in pod_specs(job):
         (c,) = spec["containers"]
         assert c["name"] == "pytorch"
-        assert [*c["command"], *c["args"]] == ["python", "-m", "torch.distributed.run", "-m", "pipeline",
-                                                *steps.step_argv("train", [*RUN, "k8s.num_nodes=3",
-                                                                           "k8s.gpus_per_node=4"])[1:]]
+        assert [*c["command"], *c["args"]] == [
+            "python",
+            "-m",
+            "torch.distributed.run",
+            "-m",
+            "pipeline",
+            *steps.step_argv("train", [*RUN, "k8s.num_nodes=3", "k8s.gpus_per_node=4"])[1:],
+        ]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # A name a DNS label accepts, unique per run.
     assert job["metadata"]["name"].startswith("finetune-train-scheduled-2026-01-05t00-00-00")
@@ -125,27 +143,36 @@ def test_pytorchjob_has_master_and_workers_with_one_process_per_gpu():
 
 
 def test_cli_render_prints_exactly_the_manifest(capsys):
-    assert cli.main(["render", "--step", "train", "--launcher", "pytorchjob", *sum((["--set", s] for s in RUN), [])]) == 0
+    assert (
+        cli.main(["render", "--step", "train", "--launcher", "pytorchjob", *sum((["--set", s] for s in RUN), [])]) == 0
+    )
     assert yaml.safe_load(capsys.readouterr().out) == steps.render("train", RUN, "pytorchjob")
 
 
 # --- bad input: a clear error at render time, naming the setting; nothing is built ---
 
 
-@pytest.mark.parametrize("overrides, launcher, message", [
-    (["k8s.gpus_per_node=12"], "kubernetes", r"k8s.gpus_per_node: 12 GPUs per pod cannot be scheduled .* 8 GPUs per node \(k8s.max_gpus_per_node\)"),
-    (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], "pytorchjob", r"k8s.gpus_per_node: 4 GPUs"),
-    ([], "slurm", r"--launcher: unknown launcher 'slurm'"),
-    ([], "local", r"--launcher: 'local' runs a subprocess"),
-    (["k8s.aws_secret="], "kubernetes", r"k8s.aws_secret: a name is required"),
-    (['k8s.mlflow_secret=""'], "pytorchjob", r"k8s.mlflow_secret: a name is required"),
-    (["k8s.num_nodes=0"], "pytorchjob", r"k8s.num_nodes: 0 is below the minimum 1"),
-    (["k8s.image=registry.example.com/finetune/step-cpu"], "kubernetes", r"k8s.image: .* has no tag"),
-    (["k8s.gpu_image=localhost:5000/step-cuda"], "pytorchjob", r"k8s.gpu_image: .* has no tag"),
-    (["k8s.image=registry.example.com/step-cpu:latest"], "kubernetes", r"k8s.image: .* tagged ':latest'"),
-    (['k8s.gpu_tolerations=["nvidia.com/gpu:Sometimes"]'], "kubernetes", r"k8s.gpu_tolerations: .*Effect"),
-    (['k8s.gpu_node_selector=["gpu"]'], "kubernetes", r"k8s.gpu_node_selector: 'gpu' is not key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, launcher, message",
+    [
+        (
+            ["k8s.gpus_per_node=12"],
+            "kubernetes",
+            r"k8s.gpus_per_node: 12 GPUs per pod cannot be scheduled .* 8 GPUs per node \(k8s.max_gpus_per_node\)",
+        ),
+        (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], "pytorchjob", r"k8s.gpus_per_node: 4 GPUs"),
+        ([], "slurm", r"--launcher: unknown launcher 'slurm'"),
+        ([], "local", r"--launcher: 'local' runs a subprocess"),
+        (["k8s.aws_secret="], "kubernetes", r"k8s.aws_secret: a name is required"),
+        (['k8s.mlflow_secret=""'], "pytorchjob", r"k8s.mlflow_secret: a name is required"),
+        (["k8s.num_nodes=0"], "pytorchjob", r"k8s.num_nodes: 0 is below the minimum 1"),
+        (["k8s.image=registry.example.com/finetune/step-cpu"], "kubernetes", r"k8s.image: .* has no tag"),
+        (["k8s.gpu_image=localhost:5000/step-cuda"], "pytorchjob", r"k8s.gpu_image: .* has no tag"),
+        (["k8s.image=registry.example.com/step-cpu:latest"], "kubernetes", r"k8s.image: .* tagged ':latest'"),
+        (['k8s.gpu_tolerations=["nvidia.com/gpu:Sometimes"]'], "kubernetes", r"k8s.gpu_tolerations: .*Effect"),
+        (['k8s.gpu_node_selector=["gpu"]'], "kubernetes", r"k8s.gpu_node_selector: 'gpu' is not key=value"),
+    ],
+)
 def test_bad_settings_fail_at_render_naming_the_setting(overrides, launcher, message):
     with pytest.raises(ConfigError, match=message):
         steps.render("train", [*RUN, *overrides], launcher)
@@ -185,7 +212,6 @@ def test_run_pytorchjob_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_
     assert api.deleted == [job["metadata"]["name"]]
 
 
-
 def test_a_new_attempt_replaces_the_job_an_earlier_attempt_left_instead_of_failing_on_its_name():
     job = steps.render("train", RUN, "pytorchjob")
     running, done = [{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]
@@ -203,6 +229,7 @@ def test_killed_pytorchjob_pods_restart_and_a_steps_verdict_does_not():
     assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     jsonschema.validate(job, crd_schema())
 
+
 # --- k8s/ manifests and docker/ images ---
 
 
@@ -210,8 +237,19 @@ def test_kustomization_lists_every_manifest_and_each_validates():
     listed = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(p.name for p in (ROOT / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
     docs = manifests_in(ROOT / "k8s")
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service", "NetworkPolicy",
-            "ResourceQuota", "LimitRange", "PriorityClass", "ConfigMap"} <= {d["kind"] for d in docs}
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+        "ResourceQuota",
+        "LimitRange",
+        "PriorityClass",
+        "ConfigMap",
+    } <= {d["kind"] for d in docs}
     for doc in docs:
         if doc["kind"] != "ClusterTrainingRuntime":  # Trainer's CRD kind: tests/pipeline/test_trainjob.py
             validate_core(doc)
@@ -224,11 +262,21 @@ def test_rbac_is_namespaced_and_least_privilege():
     docs = manifests_in(ROOT / "k8s")
     assert not {"ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in docs}
     (role,) = [d for d in docs if d["kind"] == "Role"]
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
     assert not any("*" in grant for grant in granted)
-    assert {("", "pods", "create"), ("", "pods", "delete"), ("kubeflow.org", "pytorchjobs", "create"),
-            ("kubeflow.org", "pytorchjobs", "watch"), ("kubeflow.org", "pytorchjobs", "delete")} <= granted
+    assert {
+        ("", "pods", "create"),
+        ("", "pods", "delete"),
+        ("kubeflow.org", "pytorchjobs", "create"),
+        ("kubeflow.org", "pytorchjobs", "watch"),
+        ("kubeflow.org", "pytorchjobs", "delete"),
+    } <= granted
     assert not any(resource == "secrets" for _, resource, _ in granted)
     step_sa = [d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "finetune-step"]
     assert step_sa and step_sa[0]["automountServiceAccountToken"] is False
@@ -239,7 +287,9 @@ def test_mlflow_server_has_auth_on_and_takes_its_stores_from_secrets():
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     assert "--app-name=basic-auth" in c["args"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
-    assert refs["MLFLOW_BACKEND_STORE_URI"] == "mlflow-server" and refs["MLFLOW_ARTIFACTS_DESTINATION"] == "mlflow-server"
+    assert (
+        refs["MLFLOW_BACKEND_STORE_URI"] == "mlflow-server" and refs["MLFLOW_ARTIFACTS_DESTINATION"] == "mlflow-server"
+    )
 
 
 def test_no_image_is_latest_or_unpinned_anywhere():
@@ -249,7 +299,10 @@ def test_no_image_is_latest_or_unpinned_anywhere():
         for base in bases:
             check_image(f"{dockerfile.name} FROM", base)
         assert "\nUSER root" not in dockerfile.read_text() and "\nUSER " in dockerfile.read_text()
-        assert "-c constraints.txt" in dockerfile.read_text() or "-c /opt/finetune/constraints.txt" in dockerfile.read_text()
+        assert (
+            "-c constraints.txt" in dockerfile.read_text()
+            or "-c /opt/finetune/constraints.txt" in dockerfile.read_text()
+        )
 
 
 def tool(name: str) -> str:
@@ -270,9 +323,12 @@ def test_hadolint_is_clean(dockerfile):
 
 @pytest.mark.parametrize("directory, framework", [("k8s", "kubernetes"), ("docker", "dockerfile")])
 def test_checkov_finds_nothing_but_documented_skips(directory, framework):
-    out = subprocess.run([tool("checkov"), "-d", str(ROOT / directory), "--framework", framework,
-                          "--skip-download", "--output", "json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [tool("checkov"), "-d", str(ROOT / directory), "--framework", framework, "--skip-download", "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads(out.stdout)
     reports = report if isinstance(report, list) else [report]
     failed = [(c["check_id"], c["resource"]) for r in reports for c in r["results"]["failed_checks"]]
@@ -308,19 +364,23 @@ def test_a_pytorchjob_runs_at_most_the_train_timeout_or_the_job_timeout():
 
 
 def test_k8s_resources_memory_raises_a_steps_pod_memory_and_k8s_memory_is_refused_naming_it():
-    pod = steps.render("train", [*RUN, 'k8s.resources={"train": {"memory": "16Gi"}, "evaluate": {"memory": "6Gi"}}'],
-                       "kubernetes")
+    pod = steps.render(
+        "train", [*RUN, 'k8s.resources={"train": {"memory": "16Gi"}, "evaluate": {"memory": "6Gi"}}'], "kubernetes"
+    )
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
     assert pod["spec"]["containers"][0]["resources"]["requests"]["memory"] == "16Gi"
     validate_core(pod)
-    assert steps.render("collect", RUN[:1], "kubernetes")["spec"]["containers"][0]["resources"]["limits"][
-        "memory"] == steps.STEPS["collect"].memory
+    assert (
+        steps.render("collect", RUN[:1], "kubernetes")["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        == steps.STEPS["collect"].memory
+    )
     with pytest.raises(ConfigError) as refused:
         steps.render("train", [*RUN, 'k8s.memory=["train=16Gi", "evaluate=6Gi"]'], "kubernetes")
     assert str(refused.value) == (
-        'k8s.memory is replaced by k8s.resources: set k8s.resources.train.memory, k8s.resources.evaluate.memory '
+        "k8s.memory is replaced by k8s.resources: set k8s.resources.train.memory, k8s.resources.evaluate.memory "
         'instead, e.g. k8s.resources={"train": {"memory": "16Gi"}, "evaluate": {"memory": "6Gi"}} (with any other '
-        "steps' k8s.resources entries)")
+        "steps' k8s.resources entries)"
+    )
     suggested = str(refused.value).split("e.g. ", 1)[1].split(" (", 1)[0]  # the value it names, as --set takes it
     pod = steps.render("train", [*RUN, suggested], "kubernetes")
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"

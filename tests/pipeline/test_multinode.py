@@ -74,8 +74,11 @@ def two_hosts() -> Iterator[Hosts]:
     everything made is removed afterwards, whatever the test did."""
     tag = uuid.uuid4().hex[:6]
     used = _ip("-4", "-o", "addr").stdout
-    subnet = next(f"10.{a}.{b}" for a, b in ((random.randint(100, 250), random.randint(0, 250)) for _ in range(50))
-                  if f" 10.{a}.{b}." not in used)
+    subnet = next(
+        f"10.{a}.{b}"
+        for a, b in ((random.randint(100, 250), random.randint(0, 250)) for _ in range(50))
+        if f" 10.{a}.{b}." not in used
+    )
     bridge, names = f"ftbr{tag}", [f"fth{i}{tag}" for i in range(2)]
     hosts = Hosts(names, [f"{subnet}.{10 + i}" for i in range(2)], f"{subnet}.1")
     try:
@@ -110,8 +113,11 @@ def two_hosts() -> Iterator[Hosts]:
 def s3_on(address: str) -> Iterator[str]:
     """Moto's S3 API on ``address`` (the bridge): both hosts reach it, as pods reach an object store."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", address, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", address, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://{address}:{port}"
     try:
         for _ in range(100):
@@ -130,15 +136,34 @@ def _start_host(hosts: Hosts, rank: int, settings: list[str], disk: Path, endpoi
     """``finetune train`` under torch.distributed.run on host ``rank``, configured as a TrainJob's
     node is: the launcher reads PET_* from the environment, the argv is the container's."""
     disk.mkdir(parents=True, exist_ok=True)
-    env = local.local_env({
-        "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
-        "PET_MASTER_ADDR": hosts.addresses[0], "PET_MASTER_PORT": str(MASTER_PORT),
-        "GLOO_SOCKET_IFNAME": "eth0", "TMPDIR": str(disk), "AWS_ENDPOINT_URL": endpoint,
-        "OMP_NUM_THREADS": "1"})
-    command = ["ip", "netns", "exec", hosts.namespaces[rank], sys.executable, "-m", "torch.distributed.run",
-               "-m", "pipeline", *steps.step_argv("train", settings)[1:]]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    env = local.local_env(
+        {
+            "PET_NNODES": "2",
+            "PET_NODE_RANK": str(rank),
+            "PET_NPROC_PER_NODE": "1",
+            "PET_MASTER_ADDR": hosts.addresses[0],
+            "PET_MASTER_PORT": str(MASTER_PORT),
+            "GLOO_SOCKET_IFNAME": "eth0",
+            "TMPDIR": str(disk),
+            "AWS_ENDPOINT_URL": endpoint,
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    command = [
+        "ip",
+        "netns",
+        "exec",
+        hosts.namespaces[rank],
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "-m",
+        "pipeline",
+        *steps.step_argv("train", settings)[1:],
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     hosts.processes.append(process)
     return process
 
@@ -166,9 +191,18 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _settings(snapshot, model_dir, run_id, zero: int, bucket: str) -> list[str]:
-    return train_settings(snapshot, model_dir, run_id, f"artifact_root=s3://{bucket}/pipeline", "train.epochs=2",
-                          f"train.batch_size={BATCH}", "train.logging_steps=2", "train.checkpoint_steps=2",
-                          f"train.zero_stage={zero}", f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}")
+    return train_settings(
+        snapshot,
+        model_dir,
+        run_id,
+        f"artifact_root=s3://{bucket}/pipeline",
+        "train.epochs=2",
+        f"train.batch_size={BATCH}",
+        "train.logging_steps=2",
+        "train.checkpoint_steps=2",
+        f"train.zero_stage={zero}",
+        f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +216,18 @@ def hosts():
 
 # ZeRO-3's one-host run is test_resume's; here only its two-host runs (each launch costs ~20 s).
 @pytest.mark.parametrize("zero, against_one_host", [(2, True), (3, False)])
-def test_two_hosts_train_one_model_survive_a_lost_host_and_resume_from_s3(hosts, zero, against_one_host, small_data,
-                                                                          tiny_model_dir, tmp_path, monkeypatch,
-                                                                          capfd):
+def test_two_hosts_train_one_model_survive_a_lost_host_and_resume_from_s3(
+    hosts, zero, against_one_host, small_data, tiny_model_dir, tmp_path, monkeypatch, capfd
+):
     import boto3
 
     with s3_on(hosts.bridge_address) as endpoint:
-        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "moto-dummy",
-                           "AWS_SECRET_ACCESS_KEY": "moto-dummy", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "moto-dummy",
+            "AWS_SECRET_ACCESS_KEY": "moto-dummy",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(key, value)
         bucket = f"multinode-{uuid.uuid4().hex[:8]}"
         boto3.client("s3").create_bucket(Bucket=bucket)
@@ -252,6 +290,8 @@ def test_two_hosts_train_one_model_survive_a_lost_host_and_resume_from_s3(hosts,
         diff = _max_diff(_weights(resumed["model_uri"], tmp_path), reference)
         assert diff <= 1e-6, f"resumed vs uninterrupted two-host run: max abs weight difference {diff}"
         capfd.readouterr()
-        print(f"two hosts ZeRO-{zero}: vs one host {across_hosts}; killed after the checkpoint of step {killed_at} of "
-              f"{total_steps}; survivor exited {gave_up_s:.1f} s after the kill; resumed run {resume_s:.0f} s "
-              f"(the survivor's last logged step {reached}); resumed vs uninterrupted {diff:.2g}")
+        print(
+            f"two hosts ZeRO-{zero}: vs one host {across_hosts}; killed after the checkpoint of step {killed_at} of "
+            f"{total_steps}; survivor exited {gave_up_s:.1f} s after the kill; resumed run {resume_s:.0f} s "
+            f"(the survivor's last logged step {reached}); resumed vs uninterrupted {diff:.2g}"
+        )

@@ -16,9 +16,19 @@ BATCH = 8
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=1",
-                                                      f"train.batch_size={BATCH}", "train.logging_steps=1",
-                                                      "train.learning_rate=1e-3", *extra))
+    return local.launch_local(
+        "train",
+        train_settings(
+            snapshot,
+            model_dir,
+            run_id,
+            "train.epochs=1",
+            f"train.batch_size={BATCH}",
+            "train.logging_steps=1",
+            "train.learning_rate=1e-3",
+            *extra,
+        ),
+    )
 
 
 def _max_weight_diff(a_uri, b_uri):
@@ -33,21 +43,32 @@ def _max_weight_diff(a_uri, b_uri):
 def test_offload_config_uses_deepspeeds_cpu_adam_and_the_trainers_schedule():
     plain = deepspeed_config(load_config(None, ["train.zero_stage=2"]).train)
     assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"]
-    offloaded = deepspeed_config(load_config(None, ["train.zero_stage=3", "train.offload_optimizer=true",
-                                                    "train.offload_params=true"]).train)
+    offloaded = deepspeed_config(
+        load_config(None, ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]).train
+    )
     assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert offloaded["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert offloaded["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                                  "weight_decay": "auto"}}
+    assert offloaded["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+    }
     assert "scheduler" not in offloaded  # the Trainer's schedule (warm-up, decay) drives CPU Adam too
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["train.offload_params=true"], "train.offload_params needs train.zero_stage=3, got 2"),
-    (["train.zero_stage=0", "train.offload_optimizer=true"], "train.offload_optimizer needs train.zero_stage 1, 2 or 3"),
-    (["train.offload_optimizer=true", 'train.trainer_args={"optim": "adafactor"}'],
-     "train.trainer_args.optim: with train.offload_optimizer the optimizer is DeepSpeed's CPU Adam"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["train.offload_params=true"], "train.offload_params needs train.zero_stage=3, got 2"),
+        (
+            ["train.zero_stage=0", "train.offload_optimizer=true"],
+            "train.offload_optimizer needs train.zero_stage 1, 2 or 3",
+        ),
+        (
+            ["train.offload_optimizer=true", 'train.trainer_args={"optim": "adafactor"}'],
+            "train.trainer_args.optim: with train.offload_optimizer the optimizer is DeepSpeed's CPU Adam",
+        ),
+    ],
+)
 def test_offload_settings_that_cannot_run_are_refused_at_config_time(settings, message):
     with pytest.raises(ConfigError) as refused:
         load_config(None, settings)
@@ -55,10 +76,13 @@ def test_offload_settings_that_cannot_run_are_refused_at_config_time(settings, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, offload", [
-    (2, ["train.offload_optimizer=true"]),
-    (3, ["train.offload_optimizer=true", "train.offload_params=true"]),
-])
+@pytest.mark.parametrize(
+    "stage, offload",
+    [
+        (2, ["train.offload_optimizer=true"]),
+        (3, ["train.offload_optimizer=true", "train.offload_params=true"]),
+    ],
+)
 def test_offload_reaches_the_loss_of_the_same_run_without_it(snapshot, tiny_model_dir, stage, offload):
     plain = _train(snapshot, tiny_model_dir, f"plain-{stage}", f"train.zero_stage={stage}")
     offloaded = _train(snapshot, tiny_model_dir, f"offload-{stage}", f"train.zero_stage={stage}", *offload)
@@ -68,7 +92,9 @@ def test_offload_reaches_the_loss_of_the_same_run_without_it(snapshot, tiny_mode
     assert ran["offload_params"] is (stage == 3)
     assert storage.read_json(plain["summary_uri"])["deepspeed"]["optimizer"] == "AdamW"
     diff = _max_weight_diff(plain["model_uri"], offloaded["model_uri"])
-    print(f"offload figures: ZeRO-{stage} {offload}: train_loss {offloaded['train_loss']:.6f} vs "
-          f"{plain['train_loss']:.6f} without offload; max abs weight diff {diff:g}")
+    print(
+        f"offload figures: ZeRO-{stage} {offload}: train_loss {offloaded['train_loss']:.6f} vs "
+        f"{plain['train_loss']:.6f} without offload; max abs weight diff {diff:g}"
+    )
     assert offloaded["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
     assert diff <= 1e-4

@@ -14,8 +14,13 @@ def lm(tiny_lm_dir):
 
 
 def _conversations(n):
-    return [[{"role": "user", "content": f"where is my parcel number {i}? it is late " * (1 + i % 3)},
-             {"role": "assistant", "content": f"let me check order {i} for you " * (1 + i % 2)}] for i in range(n)]
+    return [
+        [
+            {"role": "user", "content": f"where is my parcel number {i}? it is late " * (1 + i % 3)},
+            {"role": "assistant", "content": f"let me check order {i} for you " * (1 + i % 2)},
+        ]
+        for i in range(n)
+    ]
 
 
 def _token_losses(model, batch):
@@ -39,7 +44,7 @@ def test_each_packed_conversation_has_the_loss_it_has_alone(lm):
     for example in examples:  # every conversation alone, then its slice of the packed row
         alone, alone_mask = _token_losses(model, collate([example]))
         n = len(example["input_ids"])
-        here, here_mask = losses[0, start:start + n - 1], mask[0, start:start + n - 1]
+        here, here_mask = losses[0, start : start + n - 1], mask[0, start : start + n - 1]
         assert here_mask.tolist() == alone_mask[0].tolist()
         worst = max(worst, abs(float(here[here_mask].sum() - alone[0][alone_mask[0]].sum())))
         start += n
@@ -58,9 +63,12 @@ def test_without_position_ids_the_conversations_would_attend_to_each_other(lm):
 
 def test_padding_is_a_block_of_its_own_and_never_a_target(lm):
     _, tokenizer = lm
-    batch = chat.PackedCollator(tokenizer.pad_token_id)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7],
-                                                          "position_ids": [0, 1, 2]},
-                                                         {"input_ids": [8], "labels": [-100]}])
+    batch = chat.PackedCollator(tokenizer.pad_token_id)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 2]},
+            {"input_ids": [8], "labels": [-100]},
+        ]
+    )
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]] and "attention_mask" not in batch
     assert batch["use_cache"] is False  # with a cache transformers would not build the packed mask
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]

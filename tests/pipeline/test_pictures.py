@@ -60,19 +60,30 @@ def _log_training_history(cfg, with_eval: bool = True) -> str:
 
 
 def _classification_snapshot(tmp_path):
-    rows = [("where is my order", "order_status"), ("reset my password", "password_reset"),
-            ("I want my money back", "refund_request"), ("我的订单在哪", "order_status")] * 3
-    return write_snapshot(tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"])
+    rows = [
+        ("where is my order", "order_status"),
+        ("reset my password", "password_reset"),
+        ("I want my money back", "refund_request"),
+        ("我的订单在哪", "order_status"),
+    ] * 3
+    return write_snapshot(
+        tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"]
+    )
 
 
 def _validate_result_with_drift(tmp_path) -> str:
     """A validate result whose drift report compares two label sets, written as validate writes it."""
     import pandas as pd
 
-    report = drift.compare(pd.Series(["where is my order"] * 6 + ["reset my password"] * 6),
-                           pd.Series(["where is my order #12"] * 3 + ["我的订单在哪"] * 9),
-                           pd.Series(["order_status"] * 6 + ["password_reset"] * 6),
-                           pd.Series(["order_status"] * 9 + ["password_reset"] * 3), 0.1, 0.2, 0.1)
+    report = drift.compare(
+        pd.Series(["where is my order"] * 6 + ["reset my password"] * 6),
+        pd.Series(["where is my order #12"] * 3 + ["我的订单在哪"] * 9),
+        pd.Series(["order_status"] * 6 + ["password_reset"] * 6),
+        pd.Series(["order_status"] * 9 + ["password_reset"] * 3),
+        0.1,
+        0.2,
+        0.1,
+    )
     report["reference"] = {"snapshot_uri": "file:///data/earlier.parquet"}
     folder = tmp_path / "validate"
     folder.mkdir()
@@ -88,10 +99,14 @@ def _register(tmp_path, cfg_sets, evaluated, model_uri, validate_uri=""):
     storage.write_json(evaluated.result_uri, dataclasses.asdict(evaluated))
     uris = {step: (tmp_path / f"{step}-result.json").as_uri() for step in ("collect", "train")}
     storage.write_json(uris["collect"], {"sha256": "ab" * 32, "rows": 12, "rows_train": 0, "rows_eval": 12})
-    storage.write_json(uris["train"], {"model_uri": str(model_uri), "mlflow_run_id": "",
-                                       "snapshot_uri": "file:///data/snap.parquet"})
-    sets = [*cfg_sets, f"register.evaluate_result_uri={evaluated.result_uri}",
-            *(f"register.{step}_result_uri={uri}" for step, uri in uris.items())]
+    storage.write_json(
+        uris["train"], {"model_uri": str(model_uri), "mlflow_run_id": "", "snapshot_uri": "file:///data/snap.parquet"}
+    )
+    sets = [
+        *cfg_sets,
+        f"register.evaluate_result_uri={evaluated.result_uri}",
+        *(f"register.{step}_result_uri={uri}" for step, uri in uris.items()),
+    ]
     if validate_uri:
         sets.append(f"register.validate_result_uri={validate_uri}")
     cfg = load_config(None, sets)
@@ -125,8 +140,14 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
     from sklearn.metrics import f1_score
 
     sets = ["run_id=pics"]
-    cfg = load_config(None, [*sets, f"evaluate.snapshot_uri={_classification_snapshot(tmp_path)}",
-                             f"evaluate.model_uri={json.dumps(str(classifier_dir))}"])
+    cfg = load_config(
+        None,
+        [
+            *sets,
+            f"evaluate.snapshot_uri={_classification_snapshot(tmp_path)}",
+            f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+        ],
+    )
     run_id = _log_training_history(cfg)
     evaluated = evaluate.run(cfg)
     assert evaluated.mlflow_run_id == run_id
@@ -145,9 +166,13 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
 
     rows = pd.read_parquet(frame)
     texts, truth = list(rows["text"]), list(rows["label"])
-    predicted = evaluate.predict(AutoModelForSequenceClassification.from_pretrained(classifier_dir),
-                                 AutoTokenizer.from_pretrained(classifier_dir), texts, cfg.evaluate.batch_size,
-                                 cfg.evaluate.max_seq_len)
+    predicted = evaluate.predict(
+        AutoModelForSequenceClassification.from_pretrained(classifier_dir),
+        AutoTokenizer.from_pretrained(classifier_dir),
+        texts,
+        cfg.evaluate.batch_size,
+        cfg.evaluate.max_seq_len,
+    )
     labels = sorted(set(truth) | set(predicted))
     _, drawn = evaluate.per_class_f1_png(storage.read_json(evaluated.report_uri), labels)
     expected = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
@@ -160,7 +185,8 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
         assert f"([`{path}`]({artifact_url(run_id, path)}))" in card and f"![{path}]" in card
     # In the order a person reads a run: how training went, then the eval split, then the data.
     assert [card.index(f"![{path}]") for path in [*pictures, register.DRIFT_PICTURE]] == sorted(
-        card.index(f"![{path}]") for path in [*pictures, register.DRIFT_PICTURE])
+        card.index(f"![{path}]") for path in [*pictures, register.DRIFT_PICTURE]
+    )
     assert "get-artifact?path=evaluate%2Floss_curves.png&run_uuid=" + run_id in card
     width, height = _png_size(_logged_png(run_id, register.DRIFT_PICTURE, tmp_path / "drift"))
     assert width >= 1000 and height >= 300  # two panels side by side: label shares, lengths
@@ -168,8 +194,9 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
 
 
 def test_drift_plot_draws_the_reports_shares_and_without_a_report_there_is_no_picture(tmp_path):
-    report = json.loads((storage.local_path(_validate_result_with_drift(tmp_path)).parent
-                         / "validate" / "drift.json").read_text())
+    report = json.loads(
+        (storage.local_path(_validate_result_with_drift(tmp_path)).parent / "validate" / "drift.json").read_text()
+    )
     png, drawn = drift.plot_png(report)
     assert drawn["label_shares"] == {k: (v["reference"], v["current"]) for k, v in report["label_shares"].items()}
     assert drawn["label_shares"]["order_status"] == (0.5, 0.75)
@@ -188,8 +215,15 @@ def test_drift_plot_draws_the_reports_shares_and_without_a_report_there_is_no_pi
 def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_path, tiny_lm_dir):
     snapshot = collect_snapshot([INSTRUCTIONS], "task=causal-lm")
     sets = [*LM, "run_id=lm-pics", "model_name=chat-pics", f"base_model={json.dumps(str(tiny_lm_dir))}"]
-    cfg = load_config(None, [*sets, f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
-                             f"evaluate.model_uri={json.dumps(str(tiny_lm_dir))}", "evaluate.generate_rows=3"])
+    cfg = load_config(
+        None,
+        [
+            *sets,
+            f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+            f"evaluate.model_uri={json.dumps(str(tiny_lm_dir))}",
+            "evaluate.generate_rows=3",
+        ],
+    )
     run_id = _log_training_history(cfg, with_eval=False)
     evaluated = evaluate.run(cfg)
     assert [p["path"] for p in evaluated.pictures] == ["evaluate/loss_curves.png", "evaluate/perplexity.png"]
@@ -197,10 +231,12 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
     assert (width, height) == (715, 495)
     # The bars are the perplexities evaluate measured: base and fine-tuned, no champion yet.
     _, drawn = evaluate.perplexity_png(evaluated.metrics, evaluated.base_metrics, evaluated.champion_metrics)
-    assert drawn == {"base model": evaluated.base_metrics["perplexity"],
-                     "fine-tuned": evaluated.metrics["perplexity"]}
+    assert drawn == {"base model": evaluated.base_metrics["perplexity"], "fine-tuned": evaluated.metrics["perplexity"]}
     assert {a.path for a in client().list_artifacts(run_id, "evaluate")} >= {
-        "evaluate/loss_curves.png", "evaluate/perplexity.png", "evaluate/samples.json"}
+        "evaluate/loss_curves.png",
+        "evaluate/perplexity.png",
+        "evaluate/samples.json",
+    }
 
     _, version = _register(tmp_path, sets, evaluated, tiny_lm_dir)
     card = version.description
@@ -215,12 +251,26 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
 @pytest.mark.slow
 def test_the_loss_curve_of_a_real_training_run_has_one_point_per_logged_step(tmp_path, small_data, tiny_model_dir):
     snapshot = collect_snapshot([small_data])
-    trained = local.launch_local("train", [
-        "run_id=real-curve", f"base_model={json.dumps(str(tiny_model_dir))}",
-        f"train.snapshot_uri={snapshot.snapshot_uri}", "train.epochs=1", "train.batch_size=8", "train.num_processes=1",
-        "train.logging_steps=2"])
-    cfg = load_config(None, ["run_id=real-curve", f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
-                             f"evaluate.model_uri={trained['model_uri']}"])
+    trained = local.launch_local(
+        "train",
+        [
+            "run_id=real-curve",
+            f"base_model={json.dumps(str(tiny_model_dir))}",
+            f"train.snapshot_uri={snapshot.snapshot_uri}",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.num_processes=1",
+            "train.logging_steps=2",
+        ],
+    )
+    cfg = load_config(
+        None,
+        [
+            "run_id=real-curve",
+            f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+            f"evaluate.model_uri={trained['model_uri']}",
+        ],
+    )
     evaluated = evaluate.run(cfg)
     run_id = pipeline_run_id(cfg)
     assert client().get_run(run_id).data.tags[RUN_TAG] == "real-curve" and evaluated.mlflow_run_id == run_id

@@ -28,14 +28,23 @@ def test_promote_refuse_and_roll_back_with_an_audit_per_attempt():
     with pytest.raises(promote.PromotionRefused, match="0.8500 of version 3 is not better than champion version 2"):
         _promote(f"promote.version={v3}")
     assert _promote(f"promote.version={v2}").outcome == "unchanged"
-    rollback = _promote("promote.version=previous_champion", "promote.force=true",
-                        "promote.reason=v2 misroutes refunds", "promote.requested_by=ana")
+    rollback = _promote(
+        "promote.version=previous_champion",
+        "promote.force=true",
+        "promote.reason=v2 misroutes refunds",
+        "promote.requested_by=ana",
+    )
     assert rollback.outcome == "promoted" and rollback.previous_version == v2
     assert aliases(tracker) == {"champion": v1, "previous_champion": v2}
     records = promotion_audit(tracker)
     assert len(records) == 5
     assert sorted(r.data.tags["promotion.outcome"] for r in records) == [
-        "promoted", "promoted", "promoted", "refused", "unchanged"]
+        "promoted",
+        "promoted",
+        "promoted",
+        "refused",
+        "unchanged",
+    ]
     forced = [r for r in records if r.data.tags["promotion.forced"] == "True"][0]
     assert forced.data.tags["promotion.reason"] == "v2 misroutes refunds"
     assert forced.data.tags["promotion.requested_by"] == "ana" and forced.data.tags["promotion.at"]
@@ -51,14 +60,17 @@ def test_a_version_that_failed_its_gate_needs_force():
     assert "champion" not in aliases(tracker)
 
 
-@pytest.mark.parametrize("sets, error, message", [
-    (["promote.version=42"], ModelError, "version '42' does not exist"),
-    (["promote.version=challenger"], ModelError, "alias 'challenger' does not exist"),
-    (["promote.version=1", "promote.target_alias=champ ion"], ConfigError, "promote.target_alias: 'champ ion'"),
-    (["promote.version=1", "promote.target_alias=latest"], ConfigError, "reserved by MLflow"),
-    (["promote.version=1", "promote.force=true"], ConfigError, "promote.force requires promote.reason"),
-    ([], ConfigError, "promote.version is required"),
-])
+@pytest.mark.parametrize(
+    "sets, error, message",
+    [
+        (["promote.version=42"], ModelError, "version '42' does not exist"),
+        (["promote.version=challenger"], ModelError, "alias 'challenger' does not exist"),
+        (["promote.version=1", "promote.target_alias=champ ion"], ConfigError, "promote.target_alias: 'champ ion'"),
+        (["promote.version=1", "promote.target_alias=latest"], ConfigError, "reserved by MLflow"),
+        (["promote.version=1", "promote.force=true"], ConfigError, "promote.force requires promote.reason"),
+        ([], ConfigError, "promote.version is required"),
+    ],
+)
 def test_bad_requests_change_nothing(sets, error, message):
     tracker = client()
     _promote(f"promote.version={register_version(tracker, 0.8)}")
@@ -75,10 +87,27 @@ def test_ten_concurrent_promotions_leave_exactly_the_best_champion(mlflow_server
     accuracies = [0.71, 0.93, 0.65, 0.88, 0.97, 0.74, 0.90, 0.69, 0.95, 0.80]
     versions = [register_version(tracker, a) for a in accuracies]
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
-    attempts = [subprocess.Popen([sys.executable, "-m", "pipeline", "promote", "--set", f"promote.version={v}",
-                                  "--set", f"promote.requested_by=attempt-{v}", "--set", f"run_id=c{v}"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for v in versions]
+    attempts = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "promote",
+                "--set",
+                f"promote.version={v}",
+                "--set",
+                f"promote.requested_by=attempt-{v}",
+                "--set",
+                f"run_id=c{v}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions
+    ]
     outcomes = [(a.wait(timeout=300), a.stderr.read()) for a in attempts]
     crashed = [err[-6000:] for code, err in outcomes if code not in (0, 2)]  # 2: a refusal, which is fine
     assert not crashed, crashed
@@ -95,9 +124,16 @@ def test_a_lower_is_better_gate_metric_promotes_the_lower_perplexity():
     name = "support-chat"
     tracker.create_registered_model(name)
     gate = json.dumps({"gate_metric": "perplexity", "greater_is_better": False})
-    v1, v2, v3 = (str(tracker.create_model_version(name, "s3://registry-test/chat", tags={
-        "finetune.gate_passed": "true", "metric.perplexity": f"{ppl:.6f}", "finetune.gate": gate}).version)
-        for ppl in (120.0, 95.0, 130.0))
+    v1, v2, v3 = (
+        str(
+            tracker.create_model_version(
+                name,
+                "s3://registry-test/chat",
+                tags={"finetune.gate_passed": "true", "metric.perplexity": f"{ppl:.6f}", "finetune.gate": gate},
+            ).version
+        )
+        for ppl in (120.0, 95.0, 130.0)
+    )
     sets = [f"model_name={name}"]
     assert _promote(*sets, f"promote.version={v1}").outcome == "promoted"
     assert _promote(*sets, f"promote.version={v2}").outcome == "promoted"  # 95 < 120

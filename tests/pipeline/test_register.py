@@ -14,11 +14,25 @@ from tests.helpers import aliases
 def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion=""):
     uris = {step: (tmp_path / f"{name}-{step}.json").as_uri() for step in ("collect", "train", "evaluate")}
     storage.write_json(uris["collect"], {"sha256": "ab" * 32, "rows": 100, "rows_train": 80, "rows_eval": 20})
-    storage.write_json(uris["train"], {"model_uri": str(classifier_dir), "mlflow_run_id": "",
-                                       "snapshot_uri": "file:///data/snap.parquet", "config_sha256": "cd" * 32})
-    storage.write_json(uris["evaluate"], {"metrics": metrics or {"accuracy": accuracy, "macro_f1": accuracy},
-                                          "gate_metric": "accuracy", "promote": promote, "reason": f"test {name}",
-                                          "champion_version": champion})
+    storage.write_json(
+        uris["train"],
+        {
+            "model_uri": str(classifier_dir),
+            "mlflow_run_id": "",
+            "snapshot_uri": "file:///data/snap.parquet",
+            "config_sha256": "cd" * 32,
+        },
+    )
+    storage.write_json(
+        uris["evaluate"],
+        {
+            "metrics": metrics or {"accuracy": accuracy, "macro_f1": accuracy},
+            "gate_metric": "accuracy",
+            "promote": promote,
+            "reason": f"test {name}",
+            "champion_version": champion,
+        },
+    )
     return load_config(None, [f"run_id={name}"] + [f"register.{step}_result_uri={uri}" for step, uri in uris.items()])
 
 
@@ -27,8 +41,10 @@ def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsy
     assert first.version == "1" and first.aliases == ["challenger", "champion"]
     second = register.run(_inputs(tmp_path, classifier_dir, "r2", False, 0.7))
     assert second.aliases == ["challenger"] and not second.promoted
-    assert "To promote it anyway, trigger the promote DAG with version=2, force=true and a reason" in \
-        capsys.readouterr().err
+    assert (
+        "To promote it anyway, trigger the promote DAG with version=2, force=true and a reason"
+        in capsys.readouterr().err
+    )
     assert aliases(client()) == {"champion": "1", "challenger": "2"}
     third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1"))
     assert aliases(client()) == {"champion": "3", "challenger": "3", "previous_champion": "1"}
@@ -123,16 +139,21 @@ def _alias_is(alias):
     return lambda name, set_alias, version: set_alias == alias
 
 
-@pytest.mark.parametrize("method, when, attempts", [
-    ("create_model_version", lambda *a, **k: True, 1),  # the version exists, nothing else
-    ("set_registered_model_alias", _alias_is("challenger"), 1),  # challenger set, no promotion yet
-    # Inside the promotion: its audit record written, no alias moved yet.
-    ("create_run", lambda *a, **k: k.get("run_name", "").startswith("promoting"), 2),
-    ("set_registered_model_alias", _alias_is("previous_champion"), 2),  # half moved
-    ("set_registered_model_alias", _alias_is("champion"), 2),  # moved, the attempt not recorded as done
-], ids=["after-version", "after-challenger", "after-audit", "after-previous-champion", "after-champion"])
-def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(tmp_path, classifier_dir, monkeypatch, method,
-                                                                   when, attempts):
+@pytest.mark.parametrize(
+    "method, when, attempts",
+    [
+        ("create_model_version", lambda *a, **k: True, 1),  # the version exists, nothing else
+        ("set_registered_model_alias", _alias_is("challenger"), 1),  # challenger set, no promotion yet
+        # Inside the promotion: its audit record written, no alias moved yet.
+        ("create_run", lambda *a, **k: k.get("run_name", "").startswith("promoting"), 2),
+        ("set_registered_model_alias", _alias_is("previous_champion"), 2),  # half moved
+        ("set_registered_model_alias", _alias_is("champion"), 2),  # moved, the attempt not recorded as done
+    ],
+    ids=["after-version", "after-challenger", "after-audit", "after-previous-champion", "after-champion"],
+)
+def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(
+    tmp_path, classifier_dir, monkeypatch, method, when, attempts
+):
     from pipeline import tracking
     from tests.helpers import promotion_audit
 
@@ -162,11 +183,17 @@ def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(tmp_path, cl
 
 def test_the_model_card_shows_the_gate_metric_per_language_beside_the_champion():
     cfg = load_config(None, ["run_id=card"])
-    evaluated = {"metrics": {"accuracy": 0.9}, "gate_metric": "accuracy", "reason": "beats", "champion_version": "1",
-                 "champion_metrics": {"accuracy": 0.85},
-                 "slices": {"latin": {"rows": 171.0, "accuracy": 1.0}, "zh": {"rows": 171.0, "accuracy": 0.8}},
-                 "champion_slices": {"zh": {"rows": 171.0, "accuracy": 0.76}}}
-    card = register.model_card(cfg, {"train": {"snapshot_uri": "file:///s.parquet"}, "evaluate": evaluated,
-                                     "collect": {}, "validate": {}})
+    evaluated = {
+        "metrics": {"accuracy": 0.9},
+        "gate_metric": "accuracy",
+        "reason": "beats",
+        "champion_version": "1",
+        "champion_metrics": {"accuracy": 0.85},
+        "slices": {"latin": {"rows": 171.0, "accuracy": 1.0}, "zh": {"rows": 171.0, "accuracy": 0.8}},
+        "champion_slices": {"zh": {"rows": 171.0, "accuracy": 0.76}},
+    }
+    card = register.model_card(
+        cfg, {"train": {"snapshot_uri": "file:///s.parquet"}, "evaluate": evaluated, "collect": {}, "validate": {}}
+    )
     assert "### By language of the eval rows (accuracy)" in card
     assert "| zh | 171 | 0.8000 | 0.7600 |" in card and "| latin | 171 | 1.0000 | - |" in card

@@ -45,8 +45,10 @@ class Recorder:
 
 
 def _stale_lease(tracker, generation=1, idle_s=3600, holder="dead-holder#0"):
-    tracker.create_registered_model(f"{LOCK}{generation}", tags={
-        "holder": holder, "renewed_at": str(int((time.time() - idle_s) * 1000)), "released": "false"})
+    tracker.create_registered_model(
+        f"{LOCK}{generation}",
+        tags={"holder": holder, "renewed_at": str(int((time.time() - idle_s) * 1000)), "released": "false"},
+    )
 
 
 def test_two_waiters_racing_for_a_stale_lock_never_both_hold_it():
@@ -95,8 +97,14 @@ with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=float(s
 
 
 def _holder(ttl_s, name=MODEL_NAME):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, name, str(ttl_s)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, name, str(ttl_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     line = holder.stdout.readline()
     assert line.startswith("held"), line + holder.stderr.read()
     return holder
@@ -173,11 +181,31 @@ def test_ten_concurrent_promotions_proceed_past_a_holder_killed_inside_the_lock(
     holder.kill()  # SIGKILL inside the lock: no release, no renewal, ever again
     holder.wait(timeout=10)
     started = time.monotonic()
-    attempts = [subprocess.Popen([sys.executable, "-m", "pipeline", "promote", "--set", f"model_name={name}",
-                                  "--set", f"promote.version={v}", "--set", f"promote.requested_by=attempt-{v}",
-                                  "--set", f"run_id=k{v}", "--set", "promote.lock_ttl_s=3"],
-                                 env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for v in versions]
+    attempts = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "promote",
+                "--set",
+                f"model_name={name}",
+                "--set",
+                f"promote.version={v}",
+                "--set",
+                f"promote.requested_by=attempt-{v}",
+                "--set",
+                f"run_id=k{v}",
+                "--set",
+                "promote.lock_ttl_s=3",
+            ],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions
+    ]
     outcomes = [(a.wait(timeout=300), a.stderr.read()) for a in attempts]
     crashed = [err[-6000:] for code, err in outcomes if code not in (0, 2)]  # 2: a refusal, which is fine
     assert not crashed, crashed

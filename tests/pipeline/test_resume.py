@@ -20,8 +20,16 @@ BATCH = 8
 
 
 def _settings(snapshot, model_dir, run_id, *extra):
-    return train_settings(snapshot, model_dir, run_id, "train.epochs=2", f"train.batch_size={BATCH}",
-                          "train.logging_steps=2", "train.checkpoint_steps=2", *extra)
+    return train_settings(
+        snapshot,
+        model_dir,
+        run_id,
+        "train.epochs=2",
+        f"train.batch_size={BATCH}",
+        "train.logging_steps=2",
+        "train.checkpoint_steps=2",
+        *extra,
+    )
 
 
 def _root(settings):
@@ -94,15 +102,15 @@ def _eval_logits(model_uri, snapshot):
     texts = list(frame[frame["split"] == "eval"]["text"])
     path = storage.local_path(model_uri)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    batch = AutoTokenizer.from_pretrained(path)(texts, padding=True, truncation=True, max_length=64,
-                                                 return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(path)(
+        texts, padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
     with torch.no_grad():
         return model(**batch).logits
 
 
 @pytest.mark.slow
-def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path,
-                                                                             capfd):
+def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path, capfd):
     reference = local.launch_local("train", _settings(snapshot, tiny_model_dir, "reference"))
     steps_per_epoch = snapshot.rows_train // (BATCH * 2)
     assert reference["global_step"] == 2 * steps_per_epoch >= 8
@@ -139,7 +147,9 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
     error = steps.step_error(load_config(None, settings).step_uri("train"))
     assert error["exit_code"] == 75, error  # retried, unlike bad input
     stopped = checkpoints.complete(root)[0].step
-    assert f"stopped by SIGTERM at step {stopped}" in error["error"] and "a checkpoint was saved there" in error["error"]
+    assert (
+        f"stopped by SIGTERM at step {stopped}" in error["error"] and "a checkpoint was saved there" in error["error"]
+    )
     assert second <= stopped < reference["global_step"]
     time.sleep(0.5)
     assert not process.members()
@@ -151,7 +161,9 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
     assert resumed["global_step"] == reference["global_step"]
     diff = _max_diff(reference["model_uri"], resumed["model_uri"])
     assert diff <= 1e-6, f"max abs weight difference {diff}"
-    assert (_eval_logits(reference["model_uri"], snapshot) - _eval_logits(resumed["model_uri"], snapshot)).abs().max() <= 1e-5
+    assert (
+        _eval_logits(reference["model_uri"], snapshot) - _eval_logits(resumed["model_uri"], snapshot)
+    ).abs().max() <= 1e-5
     audit = storage.read_json(resumed["summary_uri"])["sharding"]
     per_rank = steps_per_epoch * BATCH
     assert [e["epoch"] for e in audit["epochs"]] == [0, 1]
@@ -159,15 +171,18 @@ def test_sigkill_and_sigterm_mid_training_resume_to_the_uninterrupted_result(sna
         assert epoch["seen_per_rank"] == [per_rank, per_rank] and epoch["seen_twice"] == 0
         assert epoch["distinct"] == 2 * per_rank
     assert checkpoints.complete(root) == [], "the checkpoints outlived the published model"
-    print(f"resume figures: first checkpoint {first}, SIGKILL left step {killed_at}; SIGTERM stopped at step {stopped} "
-          f"(checkpoint {second} seen), exited {took:.1f} s after the signal; steps {reference['global_step']}; "
-          f"max abs weight diff {diff:g}")
+    print(
+        f"resume figures: first checkpoint {first}, SIGKILL left step {killed_at}; SIGTERM stopped at step {stopped} "
+        f"(checkpoint {second} seen), exited {took:.1f} s after the signal; steps {reference['global_step']}; "
+        f"max abs weight diff {diff:g}"
+    )
 
 
 @pytest.mark.slow
 def test_zero3_partitioned_states_resume_to_the_uninterrupted_result(snapshot, tiny_model_dir, tmp_path, capfd):
-    reference = local.launch_local("train", _settings(snapshot, tiny_model_dir, "z3-reference", "train.zero_stage=3",
-                                                      "train.epochs=1"))
+    reference = local.launch_local(
+        "train", _settings(snapshot, tiny_model_dir, "z3-reference", "train.zero_stage=3", "train.epochs=1")
+    )
     settings = _settings(snapshot, tiny_model_dir, "z3", "train.zero_stage=3", "train.epochs=1")
     _, killed_at = _kill_after_first_checkpoint(settings, tmp_path, reference["global_step"])
     capfd.readouterr()
@@ -262,9 +277,26 @@ def _mlflow_server(port, store):
     store.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
@@ -276,8 +308,9 @@ def _mlflow_server(port, store):
 
 
 @pytest.mark.slow
-def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_resumes(snapshot, tiny_model_dir,
-                                                                                      tmp_path, monkeypatch, capfd):
+def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_resumes(
+    snapshot, tiny_model_dir, tmp_path, monkeypatch, capfd
+):
     from tests.helpers import free_port
 
     port, store = free_port(), tmp_path / "mlflow"
@@ -305,8 +338,9 @@ def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_re
         assert "resuming from step " in capfd.readouterr().out
         from pipeline import tracking
 
-        runs = tracking.client().search_runs([tracking.experiment_id(cfg)],
-                                             filter_string=f"tags.`{tracking.RUN_TAG}` = 'outage'")
+        runs = tracking.client().search_runs(
+            [tracking.experiment_id(cfg)], filter_string=f"tags.`{tracking.RUN_TAG}` = 'outage'"
+        )
         assert len(runs) == 1 and runs[0].info.run_id == resumed["mlflow_run_id"]  # one MLflow run for both attempts
         logged = [m.step for m in tracking.client().get_metric_history(resumed["mlflow_run_id"], "train_loss")]
         assert logged and max(logged) == resumed["global_step"]
@@ -318,7 +352,10 @@ def test_mlflow_stopped_mid_training_exits_75_and_the_retry_after_its_restart_re
 @pytest.mark.parametrize("launcher", ["kubernetes", "pytorchjob"])
 def test_training_pods_outlast_train_and_torchruns_grace_after_sigterm(launcher):
     manifest = steps.render("train", ["run_id=r"], launcher)
-    pods = ([manifest["spec"]] if manifest["kind"] == "Pod" else
-            [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()])
+    pods = (
+        [manifest["spec"]]
+        if manifest["kind"] == "Pod"
+        else [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    )
     for pod in pods:  # Kubernetes' default, 30 s, would SIGKILL while torchrun still waits on the checkpoint
         assert pod["terminationGracePeriodSeconds"] > 30 >= load_config().train.term_grace_s

@@ -18,8 +18,9 @@ def s3_source(s3, tmp_path, monkeypatch):
     """An S3 prefix holding one JSONL part of 30 rows; boto3 as a fresh step process sees it."""
     import boto3
 
-    boto3.client("s3").put_object(Bucket=s3, Key="intents/part-0.jsonl",
-                                  Body=write_jsonl(tmp_path / "p.jsonl", shipped_rows(3, 10)).read_bytes())
+    boto3.client("s3").put_object(
+        Bucket=s3, Key="intents/part-0.jsonl", Body=write_jsonl(tmp_path / "p.jsonl", shipped_rows(3, 10)).read_bytes()
+    )
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     return f"s3://{s3}/intents/"
 
@@ -35,8 +36,11 @@ def test_s3_503s_that_clear_are_retried_by_botocore_and_the_step_succeeds(s3_sou
 def test_s3_that_keeps_failing_exits_75_and_the_launcher_retries_it(s3_source, s3_server):
     with failing_proxy(s3_server, fail_first=None) as proxy:
         with pytest.raises(steps.StepFailed) as failed:
-            local.launch_local("collect", [f"collect.sources={json.dumps([s3_source])}", "run_id=down-s3"],
-                               env={"AWS_ENDPOINT_URL": proxy.url})
+            local.launch_local(
+                "collect",
+                [f"collect.sources={json.dumps([s3_source])}", "run_id=down-s3"],
+                env={"AWS_ENDPOINT_URL": proxy.url},
+            )
     assert failed.value.returncode == 75 and failed.value.retryable
     message = str(failed.value)
     assert f"cannot read {s3_source.rstrip('/')}" in message or f"cannot list {s3_source}" in message
@@ -49,7 +53,9 @@ def test_s3_verdicts_stay_bad_input_and_5xx_or_a_refused_connection_is_transient
         storage.read_bytes(f"s3://{s3}/missing.json")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the verdict is the point here, not botocore's back-off
-    with pytest.raises(TransientError, match=r"cannot read s3://.*/any.json: S3 \(http://127.0.0.1:\d+\) still failing"):
+    with pytest.raises(
+        TransientError, match=r"cannot read s3://.*/any.json: S3 \(http://127.0.0.1:\d+\) still failing"
+    ):
         storage.read_bytes(f"s3://{s3}/any.json")
     with always_503() as url:
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
@@ -100,21 +106,33 @@ def test_the_tracker_passes_mlflows_own_verdicts_through(monkeypatch):
 
 # --- the one retry table, as every launcher applies it -----------------------------------------
 
+
 @pytest.mark.parametrize("launcher", steps.LAUNCHERS)
-@pytest.mark.parametrize("code, retried, says", [
-    (2, False, "bad input"), (3, False, "the data gate failed"), (75, True, "S3 still failing"),
-    (124, True, "ran past"), (1, True, "Traceback"),
-])
+@pytest.mark.parametrize(
+    "code, retried, says",
+    [
+        (2, False, "bad input"),
+        (3, False, "the data gate failed"),
+        (75, True, "S3 still failing"),
+        (124, True, "ran past"),
+        (1, True, "Traceback"),
+    ],
+)
 def test_the_step_s_own_exit_code_decides_the_retry_on_every_launcher(launcher, code, retried, says):
     error = {"step": "train", "error": says, "exit_code": code}
     failure = steps.classify_failure("train", launcher, 1, error)  # torchrun itself exits 1 whatever its ranks said
     assert (failure.returncode, failure.retryable) == (code, retried) and says in str(failure)
 
 
-@pytest.mark.parametrize("launcher, setting", [("local", "train.batch_size"),
-                                               ("kubernetes", "k8s.resources.train.memory"),
-                                               ("pytorchjob", "k8s.resources.train.memory"),
-                                               ("trainjob", "k8s.resources.train.memory")])
+@pytest.mark.parametrize(
+    "launcher, setting",
+    [
+        ("local", "train.batch_size"),
+        ("kubernetes", "k8s.resources.train.memory"),
+        ("pytorchjob", "k8s.resources.train.memory"),
+        ("trainjob", "k8s.resources.train.memory"),
+    ],
+)
 def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retried(launcher, setting):
     for exit_code in (137, -9):
         failure = steps.classify_failure("train", launcher, exit_code, None, memory="8Gi")
@@ -127,8 +145,10 @@ def test_an_oom_kill_says_out_of_memory_and_the_setting_to_raise_and_is_not_retr
 @pytest.mark.parametrize("step", ["collect", "validate", "evaluate", "register", "promote"])
 def test_the_oom_hint_names_the_memory_key_of_the_step_that_ran_out(step):
     failure = steps.classify_failure(step, "kubernetes", 137, None, memory="6Gi")
-    assert f"raise k8s.resources.{step}.memory (its pods have 6Gi), e.g. k8s.resources: {{{step}: {{memory: " \
-           "<more>}}" in str(failure)
+    assert (
+        f"raise k8s.resources.{step}.memory (its pods have 6Gi), e.g. k8s.resources: {{{step}: {{memory: "
+        "<more>}}" in str(failure)
+    )
     assert "k8s.memory" not in str(failure)
 
 

@@ -16,8 +16,10 @@ from tests.helpers import shipped_rows, write_jsonl
 @pytest.fixture
 def with_channel(tmp_path):
     rows = shipped_rows(labels=3, per_label=40)
-    return write_jsonl(tmp_path / "chan.jsonl", [{**row, "channel": ["email", "chat"][i % 2], "ticket": i}
-                                                 for i, row in enumerate(rows)])
+    return write_jsonl(
+        tmp_path / "chan.jsonl",
+        [{**row, "channel": ["email", "chat"][i % 2], "ticket": i} for i, row in enumerate(rows)],
+    )
 
 
 def _collect(source, *sets):
@@ -39,8 +41,12 @@ def test_collect_carries_the_named_columns_and_names_one_a_source_lacks(with_cha
 
 def test_evaluate_scores_each_value_as_a_slice_and_the_gate_can_bar_one(with_channel, classifier_dir):
     snapshot = _collect(with_channel, 'collect.extra_columns=["channel"]').snapshot_uri
-    common = [f"evaluate.snapshot_uri={snapshot}", f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
-              'evaluate.slice_columns=["channel"]', "evaluate.min_slice_rows=5"]
+    common = [
+        f"evaluate.snapshot_uri={snapshot}",
+        f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
+        'evaluate.slice_columns=["channel"]',
+        "evaluate.min_slice_rows=5",
+    ]
     result = evaluate.run(load_config(None, [*common, "run_id=slices"]))
     frame = load_snapshot(snapshot)
     eval_rows = frame[frame["split"] == "eval"]
@@ -48,8 +54,11 @@ def test_evaluate_scores_each_value_as_a_slice_and_the_gate_can_bar_one(with_cha
         assert result.slices[f"channel={value}"]["rows"] == (eval_rows["channel"] == value).sum()
     assert {"latin", "zh"} <= set(result.slices)  # languages still sliced
     email = result.slices["channel=email"]["accuracy"]
-    barred = evaluate.run(load_config(None, [*common, "run_id=barred",
-                                             f'evaluate.thresholds=["accuracy[channel=email]>={email + 0.01:.4f}"]']))
+    barred = evaluate.run(
+        load_config(
+            None, [*common, "run_id=barred", f'evaluate.thresholds=["accuracy[channel=email]>={email + 0.01:.4f}"]']
+        )
+    )
     assert not barred.promote and "accuracy[channel=email]" in barred.reason
     run_dir = storage.local_path(load_config(None, ["run_id=slices"]).step_uri("evaluate"))
     assert (run_dir / "confusion_matrix_channel=email.png").is_file()

@@ -30,26 +30,56 @@ def test_a_causal_lms_evaluate_gets_a_gpu_and_a_classifiers_does_not():
 
 
 def test_each_step_can_have_its_own_cpu_memory_gpus_node_selector_and_tolerations():
-    resources = {"validate": {"cpu": "4", "memory": "32Gi", "node_selector": ["pool=highmem"],
-                              "tolerations": ["highmem=true:NoSchedule"]}, "register": {"cpu": "500m"}}
+    resources = {
+        "validate": {
+            "cpu": "4",
+            "memory": "32Gi",
+            "node_selector": ["pool=highmem"],
+            "tolerations": ["highmem=true:NoSchedule"],
+        },
+        "register": {"cpu": "500m"},
+    }
     spec = _pod("validate", f"k8s.resources={json.dumps(resources)}")
     assert spec["containers"][0]["resources"]["requests"] == {"cpu": "4", "memory": "32Gi"}
     assert spec["nodeSelector"] == {"pool": "highmem"}
     assert spec["tolerations"] == [{"key": "highmem", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
-    assert _pod("register", f"k8s.resources={json.dumps(resources)}")["containers"][0]["resources"]["limits"]["cpu"] == "500m"
-    assert _pod("collect", f"k8s.resources={json.dumps(resources)}")["containers"][0]["resources"]["limits"]["cpu"] == "1"
+    assert (
+        _pod("register", f"k8s.resources={json.dumps(resources)}")["containers"][0]["resources"]["limits"]["cpu"]
+        == "500m"
+    )
+    assert (
+        _pod("collect", f"k8s.resources={json.dumps(resources)}")["containers"][0]["resources"]["limits"]["cpu"] == "1"
+    )
 
 
-@pytest.mark.parametrize("resources, says", [
-    ({"evaluate": {"gpus": 16}}, "k8s.resources.evaluate.gpus: 16 GPUs per pod cannot be scheduled on a node pool of 8"),
-    ({"train": {"gpus": 2}}, "k8s.resources.train.gpus: train's GPUs per pod are k8s.gpus_per_node"),
-    ({"evalute": {"cpu": "2"}}, "k8s.resources.evalute: no step 'evalute'"),
-    ({"validate": {"ram": "8Gi"}}, "k8s.resources.validate.ram: unknown"),
-    ({"validate": {"memory": "lots"}}, "k8s.resources.validate.memory: 'lots' is not a Kubernetes quantity"),
-])
+@pytest.mark.parametrize(
+    "resources, says",
+    [
+        (
+            {"evaluate": {"gpus": 16}},
+            "k8s.resources.evaluate.gpus: 16 GPUs per pod cannot be scheduled on a node pool of 8",
+        ),
+        ({"train": {"gpus": 2}}, "k8s.resources.train.gpus: train's GPUs per pod are k8s.gpus_per_node"),
+        ({"evalute": {"cpu": "2"}}, "k8s.resources.evalute: no step 'evalute'"),
+        ({"validate": {"ram": "8Gi"}}, "k8s.resources.validate.ram: unknown"),
+        ({"validate": {"memory": "lots"}}, "k8s.resources.validate.memory: 'lots' is not a Kubernetes quantity"),
+    ],
+)
 def test_what_a_node_pool_cannot_hold_is_refused_naming_the_setting(resources, says, capsys):
     with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [f"k8s.resources={json.dumps(resources)}"])
-    assert cli.main(["render", "--step", "evaluate", "--launcher", "kubernetes", "--set",
-                     f"k8s.resources={json.dumps(resources)}"]) == 2
+    assert (
+        cli.main(
+            [
+                "render",
+                "--step",
+                "evaluate",
+                "--launcher",
+                "kubernetes",
+                "--set",
+                f"k8s.resources={json.dumps(resources)}",
+            ]
+        )
+        == 2
+    )
     assert says in capsys.readouterr().err

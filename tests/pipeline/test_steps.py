@@ -32,10 +32,15 @@ def test_every_input_in_the_table_is_a_field_of_the_producing_steps_result_datac
             hint = typing.get_type_hints(steps.STEPS[source].run)["return"]
             (result,) = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
             assert dataclasses.is_dataclass(result), f"{source}.run returns no result dataclass"
-            assert result_field in {item.name for item in dataclasses.fields(result)}, \
+            assert result_field in {item.name for item in dataclasses.fields(result)}, (
                 f"{row.name}: inputs[{key!r}] reads {source}.{result_field}, no field of {result.__name__}"
-    renamed = {**steps.STEPS, "evaluate": dataclasses.replace(steps.STEPS["evaluate"],
-                                                              inputs={"evaluate.model_uri": ("train", "model_path")})}
+            )
+    renamed = {
+        **steps.STEPS,
+        "evaluate": dataclasses.replace(
+            steps.STEPS["evaluate"], inputs={"evaluate.model_uri": ("train", "model_path")}
+        ),
+    }
     with pytest.raises(TypeError, match="train.model_path is no field of the result of step 'train'"):
         steps.check_inputs(renamed)
 
@@ -79,8 +84,12 @@ def test_failed_step_reports_its_error_and_is_not_retryable(tmp_path):
 def test_aws_env_from_connection_fields_leaves_out_what_is_not_set():
     extra = {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1", "aws_session_token": "token"}
     assert local.aws_env("key-id", "secret", extra) == {
-        "AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+        "AWS_ACCESS_KEY_ID": "key-id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     # A connection with only a region (keys from an instance role): the chain supplies the rest.
     assert local.aws_env(None, "", {"region_name": "eu-west-1"}) == {"AWS_DEFAULT_REGION": "eu-west-1"}
 
@@ -94,16 +103,20 @@ def test_extra_env_reaches_the_step_and_wins_over_this_process(monkeypatch):
 
 # --- what a trigger may set: the deployment's trigger_keys --------------------------------------
 
-@pytest.mark.parametrize("override", [
-    "evaluate.metric_direction=lower",  # would turn the accuracy gate upside down
-    'evaluate.thresholds=["accuracy>=0.0"]',
-    "evaluate.promotion_margin=0",
-    "k8s.image=any/image:1",  # any image, with the S3 and MLflow secrets mounted
-    "artifact_root=s3://elsewhere/",
-    'validate.warn_only=["label_allowed"]',
-    "run_id=another-run",  # would overwrite another run's artifacts
-    'trigger_keys=["*"]',  # a trigger can never widen its own allow-list
-])
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "evaluate.metric_direction=lower",  # would turn the accuracy gate upside down
+        'evaluate.thresholds=["accuracy>=0.0"]',
+        "evaluate.promotion_margin=0",
+        "k8s.image=any/image:1",  # any image, with the S3 and MLflow secrets mounted
+        "artifact_root=s3://elsewhere/",
+        'validate.warn_only=["label_allowed"]',
+        "run_id=another-run",  # would overwrite another run's artifacts
+        'trigger_keys=["*"]',  # a trigger can never widen its own allow-list
+    ],
+)
 def test_a_trigger_may_not_set_a_key_outside_the_deployments_allow_list(override):
     key = override.partition("=")[0]
     with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' may not be set by a trigger .* trigger_keys"):
@@ -112,20 +125,35 @@ def test_a_trigger_may_not_set_a_key_outside_the_deployments_allow_list(override
 
 def test_the_deployment_config_is_trusted_and_can_widen_the_allow_list(tmp_path):
     deployment = tmp_path / "deploy.yaml"
-    deployment.write_text("evaluate:\n  metric_direction: lower\ntrain:\n  epochs: 3\n"
-                          "trigger_keys: [collect.sources, 'train.*', evaluate.promotion_margin]\n")
+    deployment.write_text(
+        "evaluate:\n  metric_direction: lower\ntrain:\n  epochs: 3\n"
+        "trigger_keys: [collect.sources, 'train.*', evaluate.promotion_margin]\n"
+    )
     overrides = steps.deployment_overrides({"FINETUNE_CONFIG": str(deployment)})
     # The deployment's own keys are never checked; its allow-list then governs the trigger.
-    sets = steps.step_overrides("train", {"epochs": 3, "overrides": ["evaluate.promotion_margin=0.01"]},
-                                {"collect": {"snapshot_uri": "file:///s.parquet"}}, "r1", deployment=overrides)
+    sets = steps.step_overrides(
+        "train",
+        {"epochs": 3, "overrides": ["evaluate.promotion_margin=0.01"]},
+        {"collect": {"snapshot_uri": "file:///s.parquet"}},
+        "r1",
+        deployment=overrides,
+    )
     cfg = load_config(None, sets)
     assert cfg.evaluate.metric_direction == "lower" and cfg.evaluate.promotion_margin == 0.01
-    assert cfg.train.epochs == 3 and "train.epochs=3" not in sets[len(overrides):]  # a Param at its default sends nothing
-    assert load_config(None, steps.step_overrides("train", {"epochs": 7}, {"collect": {"snapshot_uri": "x"}}, "r",
-                                                  deployment=overrides)).train.epochs == 7
+    assert (
+        cfg.train.epochs == 3 and "train.epochs=3" not in sets[len(overrides) :]
+    )  # a Param at its default sends nothing
+    assert (
+        load_config(
+            None,
+            steps.step_overrides("train", {"epochs": 7}, {"collect": {"snapshot_uri": "x"}}, "r", deployment=overrides),
+        ).train.epochs
+        == 7
+    )
     with pytest.raises(ConfigError, match="'model_name' may not be set by a trigger"):  # not in this allow-list
-        steps.step_overrides("train", {"model_name": "other"}, {"collect": {"snapshot_uri": "x"}}, "r",
-                             deployment=overrides)
+        steps.step_overrides(
+            "train", {"model_name": "other"}, {"collect": {"snapshot_uri": "x"}}, "r", deployment=overrides
+        )
 
 
 def test_a_shipped_recipe_that_moves_the_gate_works_as_the_deployments_config():
@@ -194,8 +222,14 @@ def test_a_hanging_step_is_killed_at_its_timeout_and_nothing_it_started_is_left(
     handles = []
     tail = collections.deque(maxlen=5)
     started = time.monotonic()
-    code = local.run_step_process([sys.executable, "-c", HANGING_TREE, str(pids_file)], local.local_env(),
-                                  timeout_s=3, grace_s=1, started=handles.append, tail=tail)
+    code = local.run_step_process(
+        [sys.executable, "-c", HANGING_TREE, str(pids_file)],
+        local.local_env(),
+        timeout_s=3,
+        grace_s=1,
+        started=handles.append,
+        tail=tail,
+    )
     elapsed = time.monotonic() - started
     assert code is None  # ran past its timeout
     pids = wait_for_pids(pids_file, 3, seconds=1)
@@ -211,8 +245,17 @@ def test_torchrun_workers_are_stopped_when_airflow_interrupts_the_wait(tmp_path)
 
     pids_file = tmp_path / "pids"
     worker = f"echo $BASHPID >> {pids_file}; exec sleep 600"  # torchrun's macros would eat "$$"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-               "bash", "-c", worker]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+        "bash",
+        "-c",
+        worker,
+    ]
     handles = []
 
     def execution_timeout(signum, frame):
@@ -247,8 +290,9 @@ def test_launch_local_stops_a_step_hanging_on_a_silent_source_and_names_the_sett
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/data.jsonl"
         handles = []
         with pytest.raises(steps.StepFailed) as failed:
-            local.launch_local("collect", [f'collect.sources=["{url}"]', "run_id=r"], timeout_s=4, grace_s=2,
-                               started=handles.append)
+            local.launch_local(
+                "collect", [f'collect.sources=["{url}"]', "run_id=r"], timeout_s=4, grace_s=2, started=handles.append
+            )
     assert failed.value.returncode == steps.TIMEOUT_EXIT_CODE and failed.value.retryable
     assert "ran past its timeout of 4 s" in str(failed.value) and "timeouts.collect" in str(failed.value)
     assert handles[0].members() == [] and running([handles[0].popen.pid]) == []
@@ -256,13 +300,16 @@ def test_launch_local_stops_a_step_hanging_on_a_silent_source_and_names_the_sett
 
 def test_step_timeouts_come_from_the_deployment_and_a_trigger_cannot_lift_them(tmp_path):
     defaults = load_config()
-    assert [steps.step_timeout(step, defaults) for step in ("collect", "validate", "evaluate", "register", "promote")] \
-        == [1800, 1800, 3600, 1800, 900]  # minutes
+    assert [
+        steps.step_timeout(step, defaults) for step in ("collect", "validate", "evaluate", "register", "promote")
+    ] == [1800, 1800, 3600, 1800, 900]  # minutes
     assert steps.step_timeout("train", defaults) == 6 * 3600  # hours
     deployment = tmp_path / "deploy.yaml"
     deployment.write_text("timeouts:\n  train: 7200\n")
-    assert steps.step_timeout("train", load_config(None, steps.deployment_overrides(
-        {"FINETUNE_CONFIG": str(deployment)}))) == 7200
+    assert (
+        steps.step_timeout("train", load_config(None, steps.deployment_overrides({"FINETUNE_CONFIG": str(deployment)})))
+        == 7200
+    )
     with pytest.raises(ConfigError, match="'timeouts.train' may not be set by a trigger"):
         steps.step_overrides("train", {"overrides": ["timeouts.train=86400"]}, {"collect": {"snapshot_uri": "x"}}, "r")
     with pytest.raises(ConfigError, match="timeouts.train: 1 is below the minimum 10"):

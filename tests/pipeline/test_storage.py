@@ -67,10 +67,13 @@ def test_put_file_publishes_whole_files_locally_and_to_s3(s3, tmp_path):
 def test_collect_from_s3_prefix_into_an_s3_artifact_root(s3, tmp_path):
     rows = shipped_rows(2, 20)
     for i, chunk in enumerate((rows[:15], rows[15:])):
-        storage.write_bytes(f"s3://{s3}/incoming/part-{i}.jsonl",
-                            write_jsonl(tmp_path / f"p{i}.jsonl", chunk).read_bytes())
-    cfg = load_config(None, [f"collect.sources={json.dumps([f's3://{s3}/incoming/'])}",
-                             f"artifact_root=s3://{s3}/artifacts", "run_id=s"])
+        storage.write_bytes(
+            f"s3://{s3}/incoming/part-{i}.jsonl", write_jsonl(tmp_path / f"p{i}.jsonl", chunk).read_bytes()
+        )
+    cfg = load_config(
+        None,
+        [f"collect.sources={json.dumps([f's3://{s3}/incoming/'])}", f"artifact_root=s3://{s3}/artifacts", "run_id=s"],
+    )
     result = collect.run(cfg)
     assert result.snapshot_uri.startswith(f"s3://{s3}/artifacts/snapshots/") and result.rows == 40
     assert len(load_snapshot(result.snapshot_uri)) == 40
@@ -83,8 +86,12 @@ def test_collect_from_s3_prefix_into_an_s3_artifact_root(s3, tmp_path):
         assert entry["etag"] == hashlib.md5(raw).hexdigest()  # a single-part upload's ETag is its MD5
         assert entry["last_modified"].startswith("20")
     # The finetune DAG re-collects a snapshot an asset event announced: same bytes, same URI.
-    again = collect.run(load_config(None, [f"collect.sources={json.dumps([result.snapshot_uri])}",
-                                           f"artifact_root=s3://{s3}/artifacts", "run_id=s2"]))
+    again = collect.run(
+        load_config(
+            None,
+            [f"collect.sources={json.dumps([result.snapshot_uri])}", f"artifact_root=s3://{s3}/artifacts", "run_id=s2"],
+        )
+    )
     assert (again.sha256, again.snapshot_uri) == (result.sha256, result.snapshot_uri)
     keys = storage.list_objects(f"s3://{s3}/artifacts/snapshots/")
     assert keys == [result.snapshot_uri, result.manifest_uri]
@@ -123,8 +130,9 @@ def test_fetch_dir_refuses_a_key_that_leads_outside_its_directory(s3, tmp_path, 
     assert f"the key '{key}' under the prefix s3://{s3}/model/ names a path outside" in str(refused.value)
     assert not outside.exists() and not dest.exists()  # checked before anything was downloaded
     # A manifest is a name someone else chose too.
-    storage.write_json(f"s3://{s3}/model/{storage.PUBLISHED_MANIFEST}",
-                       {"files": [{"path": key.removeprefix("model/"), "size": 7}]})
+    storage.write_json(
+        f"s3://{s3}/model/{storage.PUBLISHED_MANIFEST}", {"files": [{"path": key.removeprefix("model/"), "size": 7}]}
+    )
     with pytest.raises(DataError, match="names a path outside"):
         storage.fetch_dir(f"s3://{s3}/model", dest, published=True)
     assert not outside.exists() and not dest.exists()
@@ -141,7 +149,8 @@ def test_s3_publish_dir_writes_a_manifest_and_fetches_back_what_it_lists(s3, tmp
     uri = f"s3://{s3}/runs/r/train/model"
     assert storage.publish_dir(tmp_path / "v1", uri) == uri
     assert storage.read_json(f"{uri}/{storage.PUBLISHED_MANIFEST}") == {
-        "files": [{"path": "config.json", "size": 2}, {"path": "sub/weights.bin", "size": 1000}]}
+        "files": [{"path": "config.json", "size": 2}, {"path": "sub/weights.bin", "size": 1000}]
+    }
     assert _tree(storage.fetch_dir(uri, tmp_path / "back", published=True)) == _tree(tmp_path / "v1")
     # Read as a plain prefix (a base model), the manifest is bookkeeping, not a file of the model.
     assert _tree(storage.fetch_dir(uri, tmp_path / "plain")) == _tree(tmp_path / "v1")
@@ -151,8 +160,11 @@ def test_a_prefix_without_a_manifest_is_not_a_published_directory(s3, tmp_path):
     # What a reader finds while a publish is under way, after one was cut short, or where a person
     # uploaded a model by hand: files, no manifest.
     storage.write_bytes(f"s3://{s3}/half/config.json", b"{}")
-    with pytest.raises(DataError, match=rf"^s3://{s3}/half/: not a \(completely\) published directory: it has "
-                                        rf"no _MANIFEST.json"):
+    with pytest.raises(
+        DataError,
+        match=rf"^s3://{s3}/half/: not a \(completely\) published directory: it has "
+        rf"no _MANIFEST.json",
+    ):
         storage.fetch_dir(f"s3://{s3}/half", tmp_path / "x", published=True)
     with pytest.raises(DataError, match="not a \\(completely\\) published directory"):
         resolve_model(f"s3://{s3}/half", tmp_path, what="evaluate.model_uri", published=True)
@@ -163,16 +175,21 @@ def test_a_prefix_without_a_manifest_is_not_a_published_directory(s3, tmp_path):
 
 def test_s3_republish_with_fewer_files_fetches_only_the_new_set(s3, tmp_path):
     uri = f"s3://{s3}/runs/r/train/model"
-    for version, files in (("v1", {"config.json": b"{1}", "model-00001-of-00002.safetensors": b"a",
-                                   "model-00002-of-00002.safetensors": b"b"}),
-                           ("v2", {"config.json": b"{22}", "model.safetensors": b"ab"})):
+    for version, files in (
+        (
+            "v1",
+            {"config.json": b"{1}", "model-00001-of-00002.safetensors": b"a", "model-00002-of-00002.safetensors": b"b"},
+        ),
+        ("v2", {"config.json": b"{22}", "model.safetensors": b"ab"}),
+    ):
         (tmp_path / version).mkdir()
         for name, data in files.items():
             (tmp_path / version / name).write_bytes(data)
         storage.publish_dir(tmp_path / version, uri)
     assert _tree(storage.fetch_dir(uri, tmp_path / "back", published=True)) == _tree(tmp_path / "v2")
-    assert storage.list_objects(uri + "/") == [f"{uri}/{name}" for name in (
-        storage.PUBLISHED_MANIFEST, "config.json", "model.safetensors")]  # v1's shards are gone
+    assert storage.list_objects(uri + "/") == [
+        f"{uri}/{name}" for name in (storage.PUBLISHED_MANIFEST, "config.json", "model.safetensors")
+    ]  # v1's shards are gone
     # A file under the prefix that no manifest lists (a stray upload, a cut-short publish's) is not fetched.
     storage.write_bytes(f"{uri}/model-00001-of-00002.safetensors", b"stale")
     assert _tree(storage.fetch_dir(uri, tmp_path / "again", published=True)) == _tree(tmp_path / "v2")
@@ -184,7 +201,8 @@ def test_s3_republish_with_fewer_files_fetches_only_the_new_set(s3, tmp_path):
 
 def test_s3_missing_bucket_key_and_prefix_name_the_source(s3):
     assert "cannot list s3://no-such-bucket-here/data/: The specified bucket does not exist" in _fails(
-        "s3://no-such-bucket-here/data/")
+        "s3://no-such-bucket-here/data/"
+    )
     assert f"source s3://{s3}/nothing/ matches no objects" in _fails(f"s3://{s3}/nothing/")
     storage.write_bytes(f"s3://{s3}/data/a.jsonl", b'{"text": "a", "label": "b"}\n')
     assert f"source s3://{s3}/data/b.jsonl matches no objects (no such key" in _fails(f"s3://{s3}/data/b.jsonl")
@@ -211,13 +229,19 @@ def test_s3_access_denied_names_the_object(iam_s3_server, monkeypatch):
 
     region = {"endpoint_url": iam_s3_server, "region_name": "us-east-1"}
     unsigned = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}  # the 3 free calls
-    admin = _keys_of(boto3.client("iam", **region, **unsigned), "admin",
-                     {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+    admin = _keys_of(
+        boto3.client("iam", **region, **unsigned),
+        "admin",
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]},
+    )
     as_admin = boto3.client("s3", **region, **admin)
     as_admin.create_bucket(Bucket="locked")
     as_admin.put_object(Bucket="locked", Key="d/a.jsonl", Body=b'{"text": "a", "label": "b"}\n')
-    reader = _keys_of(boto3.client("iam", **region, **admin), "lister", {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]})  # may list, may not read
+    reader = _keys_of(
+        boto3.client("iam", **region, **admin),
+        "lister",
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]},
+    )  # may list, may not read
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # as in a fresh step process: no cached keys
     monkeypatch.setenv("AWS_ENDPOINT_URL", iam_s3_server)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -250,7 +274,7 @@ def http_server(tmp_path):
                 if len(flaky_requests) <= 2:
                     self.send_error(503, "busy")
                 else:
-                    self.path = self.path[len("/flaky"):]
+                    self.path = self.path[len("/flaky") :]
                     super().do_GET()
             else:
                 super().do_GET()
@@ -318,13 +342,17 @@ def _via(redirector_url: str, target: str) -> str:
 def test_http_redirect_to_another_loopback_port_needs_allowed_hosts(http_server, redirector, tmp_path):
     source, target = _via(redirector[0], f"{http_server}/data.jsonl"), f"{http_server}/data.jsonl"
     here, there = redirector[0].removeprefix("http://"), http_server.removeprefix("http://")
-    assert (f"cannot download {source}: refused the redirect from {source} to {target}: 127.0.0.1 resolves to "
-            f"127.0.0.1, a loopback address; add '{there}' to collect.allowed_hosts") in _fails(source)
+    assert (
+        f"cannot download {source}: refused the redirect from {source} to {target}: 127.0.0.1 resolves to "
+        f"127.0.0.1, a loopback address; add '{there}' to collect.allowed_hosts"
+    ) in _fails(source)
     # A list names every host a download may reach, the source's too.
-    assert (f"refused the redirect from {source} to {target}: {there} is not in collect.allowed_hosts "
-            f"['{here}']") in _fails(source, f"collect.allowed_hosts={json.dumps([here])}")
+    assert (
+        f"refused the redirect from {source} to {target}: {there} is not in collect.allowed_hosts ['{here}']"
+    ) in _fails(source, f"collect.allowed_hosts={json.dumps([here])}")
     assert f"source {source}: {here} is not in collect.allowed_hosts ['{there}']" in _fails(
-        source, f"collect.allowed_hosts={json.dumps([there])}")
+        source, f"collect.allowed_hosts={json.dumps([there])}"
+    )
     # Listed as host:port each, or as the host alone (any port), the redirect is followed. The
     # manifest keeps the URL the config names (collecting it again works) and where the bytes came from.
     for allowed in ([here, there], ["127.0.0.1"]):
@@ -351,8 +379,10 @@ def test_http_redirect_to_the_metadata_address_is_refused_before_connecting(redi
     finally:
         recording.clear()  # hooks cannot be removed; this one stops recording
     assert time.monotonic() - started < 5  # no 30 s connect timeout to a black-holed address either
-    assert (f"cannot download {source}: refused the redirect from {source} to {target}: 169.254.169.254 resolves "
-            "to 169.254.169.254, a link-local address; add '169.254.169.254:80' to collect.allowed_hosts") in error
+    assert (
+        f"cannot download {source}: refused the redirect from {source} to {target}: 169.254.169.254 resolves "
+        "to 169.254.169.254, a link-local address; add '169.254.169.254:80' to collect.allowed_hosts"
+    ) in error
     assert redirector[1] == [source.removeprefix(redirector[0])]
     assert ("127.0.0.1", int(redirector[0].rpartition(":")[2])) in connects
     assert not [address for address in connects if address[0] == "169.254.169.254"]
@@ -360,8 +390,10 @@ def test_http_redirect_to_the_metadata_address_is_refused_before_connecting(redi
 
 def test_http_redirects_keep_the_scheme_and_stop_after_five(redirector):
     source = _via(redirector[0], "https://127.0.0.1:9/data.jsonl")
-    assert (f"refused the redirect from {source} to https://127.0.0.1:9/data.jsonl: it changes the scheme from "
-            "http to https, which no setting allows") in _fails(source, 'collect.allowed_hosts=["127.0.0.1"]')
+    assert (
+        f"refused the redirect from {source} to https://127.0.0.1:9/data.jsonl: it changes the scheme from "
+        "http to https, which no setting allows"
+    ) in _fails(source, 'collect.allowed_hosts=["127.0.0.1"]')
     # Back to the source's own host and port needs no list; a loop ends after five hops.
     loop = f"{redirector[0]}/loop.jsonl"
     assert f"cannot download {loop}: more than 5 redirects (the last to {loop})" in _fails(loop)

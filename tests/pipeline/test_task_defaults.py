@@ -40,7 +40,10 @@ def test_the_demo_model_is_a_chat_model_whose_tokenizer_covers_the_shipped_text(
     path = capsys.readouterr().out.strip().splitlines()[-1]  # the last line (DeepSpeed may log to stdout)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert model.config.model_type == "llama" and model.config.num_hidden_layers == models.DEMO_LM_SHAPE["num_hidden_layers"]
+    assert (
+        model.config.model_type == "llama"
+        and model.config.num_hidden_layers == models.DEMO_LM_SHAPE["num_hidden_layers"]
+    )
     assert tokenizer.chat_template == chat.CHATML
     text = "我想取消订单 where is my order #A123?"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: nothing unknown

@@ -36,8 +36,9 @@ def test_the_cli_maps_an_unwrapped_mlflow_outage_to_exit_75(monkeypatch):
     def promote_that_calls_mlflow_directly(cfg):
         return mlflow.search_experiments()
 
-    monkeypatch.setitem(steps.STEPS, "promote", dataclasses.replace(steps.STEPS["promote"],
-                                                                    run=promote_that_calls_mlflow_directly))
+    monkeypatch.setitem(
+        steps.STEPS, "promote", dataclasses.replace(steps.STEPS["promote"], run=promote_that_calls_mlflow_directly)
+    )
     assert cli.main(["promote", "--set", "promote.version=1", "--set", "run_id=outage"]) == 75
     error = storage.read_json(storage.join(load_config(None, ["run_id=outage"]).step_uri("promote"), steps.ERROR_FILE))
     assert error["exit_code"] == 75 and "unreachable or failing" in error["error"]

@@ -15,8 +15,12 @@ BATCH = 8
 
 
 def _train(snapshot, model_dir, run_id, *extra):
-    return local.launch_local("train", train_settings(snapshot, model_dir, run_id, "train.epochs=2",
-                                                      f"train.batch_size={BATCH}", "train.logging_steps=2", *extra))
+    return local.launch_local(
+        "train",
+        train_settings(
+            snapshot, model_dir, run_id, "train.epochs=2", f"train.batch_size={BATCH}", "train.logging_steps=2", *extra
+        ),
+    )
 
 
 def _weights(model_uri):
@@ -86,9 +90,18 @@ def _train_lm(snapshot, model_dir, run_id, *extra):
 
 
 def _evaluate_lm(snapshot, model_uri, run_id, model_dir, *extra):
-    return run_step_here("evaluate", [*LM, f"run_id={run_id}", f"base_model={json.dumps(str(model_dir))}",
-                                      f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
-                                      f"evaluate.model_uri={model_uri}", "evaluate.generate_rows=4", *extra])
+    return run_step_here(
+        "evaluate",
+        [
+            *LM,
+            f"run_id={run_id}",
+            f"base_model={json.dumps(str(model_dir))}",
+            f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
+            f"evaluate.model_uri={model_uri}",
+            "evaluate.generate_rows=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -100,8 +113,9 @@ def test_zero3_causal_lm_saved_weights_reload_to_the_in_memory_eval_loss(causal_
     assert causal_lm_run.done.returncode == 0, causal_lm_run.done.stderr[-3000:]
     run_id = safe_run_id(json.loads(causal_lm_run.done.stdout.strip().splitlines()[-1])["run_id"])
     run = load_config(None, [f"run_id={run_id}"])
-    collected, result, evaluated = (storage.read_json(run.step_uri(step) + "/result.json")
-                                    for step in ("collect", "train", "evaluate"))
+    collected, result, evaluated = (
+        storage.read_json(run.step_uri(step) + "/result.json") for step in ("collect", "train", "evaluate")
+    )
     summary = storage.read_json(result["summary_uri"])
     assert summary["deepspeed"]["zero_stage"] == 3 and summary["trainer_world_size"] == 2
     assert summary["conversations"]["kept"] == collected["rows_train"]
@@ -132,9 +146,16 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     from pipeline import tracking
 
     run_id = f"lora-{merge}"
-    result = _train_lm(chat_snapshot, tiny_lm_dir, run_id, "train.lora_r=8", "train.lora_alpha=16",
-                       f"train.lora_merge={json.dumps(merge)}", 'train.lora_target_modules=["q_proj", "v_proj"]',
-                       f"train.packing={json.dumps(merge)}")  # packing rides along with one of the two
+    result = _train_lm(
+        chat_snapshot,
+        tiny_lm_dir,
+        run_id,
+        "train.lora_r=8",
+        "train.lora_alpha=16",
+        f"train.lora_merge={json.dumps(merge)}",
+        'train.lora_target_modules=["q_proj", "v_proj"]',
+        f"train.packing={json.dumps(merge)}",
+    )  # packing rides along with one of the two
     summary = storage.read_json(result["summary_uri"])
     assert summary["lora"] is True
     packed, kept = summary["packed_sequences"], summary["conversations"]["kept"]
@@ -150,15 +171,24 @@ def test_lora_publishes_adapter_and_registers_a_chat_model_that_loads(chat_snaps
     evaluated = _evaluate_lm(chat_snapshot, result["model_uri"], run_id, tiny_lm_dir)
     # Merged: the base is loaded on its own; adapter: scored with the adapter switched off.
     assert evaluated["metrics"]["perplexity"] < evaluated["base_metrics"]["perplexity"]
-    registered = run_step_here("register", [
-        *LM, f"run_id={run_id}", f"base_model={json.dumps(str(tiny_lm_dir))}", f"model_name=chat-{merge}",
-        f"register.train_result_uri={result['result_uri']}", f"register.evaluate_result_uri={evaluated['result_uri']}"])
+    registered = run_step_here(
+        "register",
+        [
+            *LM,
+            f"run_id={run_id}",
+            f"base_model={json.dumps(str(tiny_lm_dir))}",
+            f"model_name=chat-{merge}",
+            f"register.train_result_uri={result['result_uri']}",
+            f"register.evaluate_result_uri={evaluated['result_uri']}",
+        ],
+    )
     assert registered["aliases"] == ["challenger", "champion"]
     uri = f"models:/chat-{merge}@champion"
     with tracking.module_api():  # this test's store, for MLflow's module-level calls
         local = mlflow.artifacts.download_artifacts(uri)
         answer = mlflow.pyfunc.load_model(uri).predict(
-            {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8})
+            {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8}
+        )
         components = mlflow.transformers.load_model(uri, return_type="components")
     from pathlib import Path
 
@@ -175,8 +205,17 @@ def test_causal_lm_bad_input_fails_before_training(chat_snapshot, tiny_lm_dir, t
     from pipeline.errors import ConfigError, DataError, ModelError
 
     def run(model_dir, *extra):
-        train.run(load_config(None, [*LM, f"base_model={json.dumps(str(model_dir))}",
-                                     f"train.snapshot_uri={chat_snapshot.snapshot_uri}", *extra]))
+        train.run(
+            load_config(
+                None,
+                [
+                    *LM,
+                    f"base_model={json.dumps(str(model_dir))}",
+                    f"train.snapshot_uri={chat_snapshot.snapshot_uri}",
+                    *extra,
+                ],
+            )
+        )
 
     bare = build_tiny_lm(tmp_path / "no-template", chat_template=False)
     with pytest.raises(ConfigError, match="no chat template and train.chat_template is not set"):

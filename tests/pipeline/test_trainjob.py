@@ -25,9 +25,11 @@ from tests.manifests import RUN, InMemoryCustomObjects, images, restricted_viola
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT.parent / "shared" / "schemas"
-CRDS = {"TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
-        "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml",
-        "PyTorchJob": "kubeflow.org_pytorchjobs.yaml"}
+CRDS = {
+    "TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
+    "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
+}
 
 
 def crd_schema(kind: str) -> dict:
@@ -42,11 +44,17 @@ def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
     if isinstance(obj, dict):
         if schema.get("x-kubernetes-preserve-unknown-fields") or "properties" not in schema:
             extra = schema.get("additionalProperties")
-            return [p for k, v in obj.items() for p in unknown_fields(v, extra, f"{path}.{k}")] \
-                if isinstance(extra, dict) else []
+            return (
+                [p for k, v in obj.items() for p in unknown_fields(v, extra, f"{path}.{k}")]
+                if isinstance(extra, dict)
+                else []
+            )
         return [f"{path}.{k}" for k in obj if k not in schema["properties"]] + [
-            p for k, v in obj.items() if k in schema["properties"]
-            for p in unknown_fields(v, schema["properties"][k], f"{path}.{k}")]
+            p
+            for k, v in obj.items()
+            if k in schema["properties"]
+            for p in unknown_fields(v, schema["properties"][k], f"{path}.{k}")
+        ]
     if isinstance(obj, list) and isinstance(schema.get("items"), dict):
         return [p for i, v in enumerate(obj) for p in unknown_fields(v, schema["items"], f"{path}[{i}]")]
     return []
@@ -74,11 +82,20 @@ def test_the_trainjob_validates_against_trainers_crd_and_its_node_against_the_po
     job = train()
     validate_crd(job)
     assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
-    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                                         "name": "finetune-torch-distributed"}
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "finetune-torch-distributed",
+    }
     trainer = job["spec"]["trainer"]
-    node = {"name": k8s.TRAINER_CONTAINER, "image": trainer["image"], "command": trainer["command"],
-            "args": trainer["args"], "env": trainer["env"], "resources": trainer["resourcesPerNode"]}
+    node = {
+        "name": k8s.TRAINER_CONTAINER,
+        "image": trainer["image"],
+        "command": trainer["command"],
+        "args": trainer["args"],
+        "env": trainer["env"],
+        "resources": trainer["resourcesPerNode"],
+    }
     validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node"}, "spec": {"containers": [node]}})
     assert check_image("image", trainer["image"]) is None and trainer["image"].endswith("step-cuda:0.1.0")
     assert job["metadata"]["name"].startswith("finetune-train-scheduled-2026-01-05t00-00-00")
@@ -108,9 +125,16 @@ def node_patch(job: dict) -> dict:
 
 
 def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorchjobs_do():
-    overrides = ["k8s.num_nodes=3", "k8s.gpus_per_node=4", "k8s.aws_secret=team-s3", "k8s.mlflow_secret=team-mlflow",
-                 'k8s.resources={"train": {"memory": "16Gi"}}', 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]',
-                 "k8s.trainjob_runtime=team-torch", "timeouts.train=7200"]
+    overrides = [
+        "k8s.num_nodes=3",
+        "k8s.gpus_per_node=4",
+        "k8s.aws_secret=team-s3",
+        "k8s.mlflow_secret=team-mlflow",
+        'k8s.resources={"train": {"memory": "16Gi"}}',
+        'k8s.gpu_tolerations=["gpu=a100:NoExecute"]',
+        "k8s.trainjob_runtime=team-torch",
+        "timeouts.train=7200",
+    ]
     job, pytorchjob = train(overrides), steps.render("train", [*RUN, *overrides], "pytorchjob")
     validate_crd(job)
     (replica,) = [r["template"]["spec"] for r in pytorchjob["spec"]["pytorchReplicaSpecs"].values()][:1]
@@ -121,31 +145,55 @@ def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorch
     assert trainer["resourcesPerNode"] == master["resources"]
     assert trainer["resourcesPerNode"]["limits"] == {"cpu": "2", "memory": "16Gi", "nvidia.com/gpu": "4"}
     # The same argv as a PyTorchJob replica, the local launcher's under torch.distributed.run.
-    assert [*trainer["command"], *trainer["args"]] == [*master["command"], *master["args"]] == [
-        "python", "-m", "torch.distributed.run", "-m", "pipeline", *steps.step_argv("train", [*RUN, *overrides])[1:]]
+    assert (
+        [*trainer["command"], *trainer["args"]]
+        == [*master["command"], *master["args"]]
+        == [
+            "python",
+            "-m",
+            "torch.distributed.run",
+            "-m",
+            "pipeline",
+            *steps.step_argv("train", [*RUN, *overrides])[1:],
+        ]
+    )
     # Values as the replica's; the Secrets by name and key (Trainer allows no env in a patch of the
     # node container, and envFrom nowhere on a TrainJob), never a value.
     values = [e for e in trainer["env"] if "value" in e]
     assert values == master["env"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
-    assert len(values) + len(refs) == len(trainer["env"]) and all(set(e) <= {"name", "value", "valueFrom"}
-                                                                   for e in trainer["env"])
+    assert len(values) + len(refs) == len(trainer["env"]) and all(
+        set(e) <= {"name", "value", "valueFrom"} for e in trainer["env"]
+    )
     assert {name: ref["name"] for name, ref in refs.items()} == {
-        "AWS_ACCESS_KEY_ID": "team-s3", "AWS_SECRET_ACCESS_KEY": "team-s3", "MLFLOW_TRACKING_URI": "team-mlflow",
-        "MLFLOW_TRACKING_USERNAME": "team-mlflow", "MLFLOW_TRACKING_PASSWORD": "team-mlflow"}
+        "AWS_ACCESS_KEY_ID": "team-s3",
+        "AWS_SECRET_ACCESS_KEY": "team-s3",
+        "MLFLOW_TRACKING_URI": "team-mlflow",
+        "MLFLOW_TRACKING_USERNAME": "team-mlflow",
+        "MLFLOW_TRACKING_PASSWORD": "team-mlflow",
+    }
     assert all(ref["key"] == name for name, ref in refs.items())
-    assert [name for name, ref in refs.items() if ref.get("optional")] == ["MLFLOW_TRACKING_USERNAME",
-                                                                           "MLFLOW_TRACKING_PASSWORD"]
+    assert [name for name, ref in refs.items() if ref.get("optional")] == [
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ]
     # Every key the TrainJob references is one the k8s README says its Secret holds.
     readme = (ROOT / "k8s" / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in refs)
     assert "containers" not in pod  # no env patch on the node container: the webhook refuses it
     assert (pod["serviceAccountName"], pod["nodeSelector"], pod["tolerations"]) == (
-        replica["serviceAccountName"], replica["nodeSelector"], replica["tolerations"])
+        replica["serviceAccountName"],
+        replica["nodeSelector"],
+        replica["tolerations"],
+    )
     # Our labels on the JobSet, its node Job and their pods.
     (patch,) = job["spec"]["runtimePatches"]
-    assert patch["trainingRuntimeSpec"]["template"]["metadata"]["labels"] == job["metadata"]["labels"] == \
-        node["template"]["metadata"]["labels"] == node["template"]["spec"]["template"]["metadata"]["labels"]
+    assert (
+        patch["trainingRuntimeSpec"]["template"]["metadata"]["labels"]
+        == job["metadata"]["labels"]
+        == node["template"]["metadata"]["labels"]
+        == node["template"]["spec"]["template"]["metadata"]["labels"]
+    )
     assert job["spec"]["runtimeRef"]["name"] == "team-torch"
     # The deadline: the same number as the PyTorchJob's activeDeadlineSeconds, enforced by Trainer
     # (spec.activeDeadlineSeconds, v2.2+) and by the DAG task.
@@ -155,13 +203,16 @@ def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorch
     assert k8s.job_deadline_seconds(train(deadline_s=120)) == 120
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["k8s.num_nodes=0"], r"k8s.num_nodes: 0 is below the minimum 1"),
-    (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], r"k8s.gpus_per_node: 4 GPUs"),
-    (["k8s.trainjob_runtime=Torch_Runtime"], r"k8s.trainjob_runtime"),
-    (["k8s.aws_secret="], r"k8s.aws_secret: a name is required"),
-    (["k8s.gpu_image=localhost:5000/step-cuda"], r"k8s.gpu_image: .* has no tag"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["k8s.num_nodes=0"], r"k8s.num_nodes: 0 is below the minimum 1"),
+        (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], r"k8s.gpus_per_node: 4 GPUs"),
+        (["k8s.trainjob_runtime=Torch_Runtime"], r"k8s.trainjob_runtime"),
+        (["k8s.aws_secret="], r"k8s.aws_secret: a name is required"),
+        (["k8s.gpu_image=localhost:5000/step-cuda"], r"k8s.gpu_image: .* has no tag"),
+    ],
+)
 def test_bad_settings_fail_at_render_naming_the_setting(overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(overrides)
@@ -189,8 +240,9 @@ def test_the_runtime_in_k8s_is_the_one_the_code_builds_and_validates():
     assert runtime["spec"]["mlPolicy"]["torch"] == {}
     assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     # Its Job and pod template are valid Kubernetes objects (1.31 and newest, strict).
-    validate_core({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"},
-                   "spec": node["template"]["spec"]})
+    validate_core(
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"}, "spec": node["template"]["spec"]}
+    )
     assert "trainingruntime.yaml" in yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())["resources"]
 
 
@@ -201,8 +253,16 @@ def test_the_runtimes_pods_are_restricted_pinned_and_shaped_like_a_pytorchjob_re
     assert all(check_image("image", image) is None for image in images(spec))
     assert spec["automountServiceAccountToken"] is False
     replica = steps.render("train", RUN, "pytorchjob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    same = ("serviceAccountName", "securityContext", "volumes", "nodeSelector", "tolerations", "priorityClassName",
-            "terminationGracePeriodSeconds", "restartPolicy")
+    same = (
+        "serviceAccountName",
+        "securityContext",
+        "volumes",
+        "nodeSelector",
+        "tolerations",
+        "priorityClassName",
+        "terminationGracePeriodSeconds",
+        "restartPolicy",
+    )
     assert {key: spec[key] for key in same} == {key: replica[key] for key in same}
     ours, theirs = spec["containers"][0], replica["containers"][0]
     for key in ("securityContext", "volumeMounts", "envFrom", "env", "image"):
@@ -210,8 +270,9 @@ def test_the_runtimes_pods_are_restricted_pinned_and_shaped_like_a_pytorchjob_re
 
 
 def test_the_runtime_restarts_killed_pods_and_leaves_a_steps_verdict_to_airflow():
-    runtime = k8s.training_runtime_manifest(load_config(None, ["k8s.job_restarts=5", "k8s.job_timeout_seconds=7200"]),
-                                            steps.STEPS["train"])
+    runtime = k8s.training_runtime_manifest(
+        load_config(None, ["k8s.job_restarts=5", "k8s.job_timeout_seconds=7200"]), steps.STEPS["train"]
+    )
     validate_crd(runtime)
     (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     job = node["template"]["spec"]
@@ -301,17 +362,20 @@ def test_the_rank0_pods_log_reaches_the_task_log_each_line_once_while_the_job_ru
     logged = []
     assert k8s.run_job(cluster.api, job, 1, 600, sleep=cluster.sleep, log=logged.append, core=cluster.core) == "Failed"
     lines = [line for line in logged if line.startswith("[rank 0]")]
-    assert lines == ["[rank 0] loading the snapshot", "[rank 0] epoch 1 step 10 loss 0.9",
-                     "[rank 0] epoch 1 step 20 loss 0.7", "[rank 0] epoch 1 step 20 loss 0.7",
-                     "[rank 0] step 'train' failed: exit 75 happened"]  # read before the failed job was deleted
+    assert lines == [
+        "[rank 0] loading the snapshot",
+        "[rank 0] epoch 1 step 10 loss 0.9",
+        "[rank 0] epoch 1 step 20 loss 0.7",
+        "[rank 0] epoch 1 step 20 loss 0.7",
+        "[rank 0] step 'train' failed: exit 75 happened",
+    ]  # read before the failed job was deleted
     assert cluster.api.deleted == [job["metadata"]["name"]]
     # A pod still starting is said once, not at every poll; every read names the step's container.
     assert sum("cannot be read yet" in line and "ContainerCreating" in line for line in logged) == 1
     assert {read["container"] for read in cluster.core.reads} == {container}
     assert {read["pod"] for read in cluster.core.reads} == {"master"}
     # Reads after the first overlap the last one, so no line falls between two polls.
-    assert all(read["since_seconds"] and read["since_seconds"] >= k8s.LOG_OVERLAP_S
-               for read in cluster.core.reads[2:])
+    assert all(read["since_seconds"] and read["since_seconds"] >= k8s.LOG_OVERLAP_S for read in cluster.core.reads[2:])
 
 
 def test_a_replaced_rank0_pod_is_followed_from_its_first_line():
@@ -332,16 +396,25 @@ def test_a_replaced_rank0_pod_is_followed_from_its_first_line():
     phase = k8s.run_job(cluster.api, job, 1, 600, sleep=cluster.sleep, log=logged.append, core=cluster.core)
     assert phase == "Succeeded"
     assert [line for line in logged if line.startswith(("[rank 0]", "following"))] == [
-        "following the log of pod finetune/node-0-a (rank 0)", "[rank 0] starting", "[rank 0] step 10",
-        "following the log of pod finetune/node-0-b (rank 0)", "[rank 0] resuming from step 10", "[rank 0] step 20"]
+        "following the log of pod finetune/node-0-a (rank 0)",
+        "[rank 0] starting",
+        "[rank 0] step 10",
+        "following the log of pod finetune/node-0-b (rank 0)",
+        "[rank 0] resuming from step 10",
+        "[rank 0] step 20",
+    ]
 
 
-@pytest.mark.parametrize("stamp, key", [
-    ("2026-01-05T00:00:01Z", ("2026-01-05T00:00:01", 0)),
-    ("2026-01-05T00:00:01.5Z", ("2026-01-05T00:00:01", 500_000_000)),
-    ("2026-01-05T00:00:01.123456789Z", ("2026-01-05T00:00:01", 123_456_789)),
-    ("loss", None), ("2026-01-05", None),
-])
+@pytest.mark.parametrize(
+    "stamp, key",
+    [
+        ("2026-01-05T00:00:01Z", ("2026-01-05T00:00:01", 0)),
+        ("2026-01-05T00:00:01.5Z", ("2026-01-05T00:00:01", 500_000_000)),
+        ("2026-01-05T00:00:01.123456789Z", ("2026-01-05T00:00:01", 123_456_789)),
+        ("loss", None),
+        ("2026-01-05", None),
+    ],
+)
 def test_kubelet_timestamps_order_whatever_their_digits(stamp, key):
     assert k8s.log_time(stamp) == key
     assert k8s.log_time("2026-01-05T00:00:01.5Z") > k8s.log_time("2026-01-05T00:00:01.12Z")

@@ -37,7 +37,8 @@ def test_good_snapshot_passes_publishes_data_docs_and_is_recorded_as_accepted(sm
     summary = storage.read_json(result.summary_uri)
     assert summary["passed"] and {c["check"] for c in summary["checks"]} == set(CLASSIFICATION_CHECKS) - {
         "label_allowed",  # nothing to take allowed labels from yet
-        "tokenizer_coverage"}  # no writing system has validate.min_slice_rows rows here
+        "tokenizer_coverage",
+    }  # no writing system has validate.min_slice_rows rows here
     assert summary["drift"] == {"status": "skipped", "reason": "no accepted snapshot for model support-intents yet"}
     assert summary["token_count"]["rows_counted"] == snapshot.rows
     record = storage.read_json(result.accepted_uri)
@@ -54,12 +55,18 @@ def test_failing_suite_names_checks_counts_and_rows(tmp_path):
         validate.run(cfg)
     message = str(failed.value)
     assert "3 check(s) failed" in message
-    assert "text_not_blank: expect_column_values_to_not_match_regex(column=text): 1 unexpected, example rows [12]" \
+    assert (
+        "text_not_blank: expect_column_values_to_not_match_regex(column=text): 1 unexpected, example rows [12]"
         in message
-    assert "label_present: expect_column_values_to_not_be_null(column=label): 2 unexpected, example rows [13, 14]" \
+    )
+    assert (
+        "label_present: expect_column_values_to_not_be_null(column=label): 2 unexpected, example rows [13, 14]"
         in message
-    assert "text_tokens: expect_column_values_to_be_between(column=text_tokens): 1 unexpected, example rows [12]" \
-        in message  # blank text has no tokens
+    )
+    assert (
+        "text_tokens: expect_column_values_to_be_between(column=text_tokens): 1 unexpected, example rows [12]"
+        in message
+    )  # blank text has no tokens
     assert failed.value.exit_code == 3
     # The report is still published for a person to read; no result.json marks success.
     assert storage.exists(cfg.step_uri("validate") + "/data_docs/index.html")
@@ -81,29 +88,61 @@ def test_cli_exit_code_is_distinct(tmp_path):
     assert cli.main(["validate", "--set", f"validate.snapshot_uri={uri}", "--set", "run_id=v2"]) == 3
 
 
-@pytest.mark.parametrize("rows, sets, check, message", [
-    (_rows(12) + _rows(2, "b") + [("Text A 0", "a", "train")], ["validate.max_duplicate_rate=0.0"], "duplicate_rate",
-     "expect_column_values_to_be_unique(column=text_normalized): 2 unexpected"),
-    (_rows(12) + [("lonely", "b", "train")], [], "examples_per_class",
-     "expect_column_values_to_be_between(column=label_count): 1 unexpected, example rows [12]"),
-    (_rows(12) + _rows(2, "b") + [("text a 0", "a", "eval")], ["validate.max_duplicate_rate=0.5"], "split_leakage",
-     "expect_column_values_to_be_in_set(column=leaks_across_splits): 2 unexpected, example rows [0, 14]"),
-    (_rows(12) + _rows(3, "zz"), ['validate.allowed_labels=["a"]'], "label_allowed",
-     "expect_column_values_to_be_in_set(column=label): 3 unexpected, example rows [12, 13, 14], observed None, "
-     "values ['zz', 'zz', 'zz']"),
-    (_rows(12), [], "label_cardinality",
-     "expect_column_unique_value_count_to_be_between(column=label): None unexpected, example rows [], observed 1"),
-    (_rows(12) + _rows(2, "b") + [("one two three four five six", "a", "train")], ["validate.max_text_tokens=5"],
-     "text_tokens", "expect_column_values_to_be_between(column=text_tokens): 1 unexpected, example rows [14]"),
-])
+@pytest.mark.parametrize(
+    "rows, sets, check, message",
+    [
+        (
+            _rows(12) + _rows(2, "b") + [("Text A 0", "a", "train")],
+            ["validate.max_duplicate_rate=0.0"],
+            "duplicate_rate",
+            "expect_column_values_to_be_unique(column=text_normalized): 2 unexpected",
+        ),
+        (
+            _rows(12) + [("lonely", "b", "train")],
+            [],
+            "examples_per_class",
+            "expect_column_values_to_be_between(column=label_count): 1 unexpected, example rows [12]",
+        ),
+        (
+            _rows(12) + _rows(2, "b") + [("text a 0", "a", "eval")],
+            ["validate.max_duplicate_rate=0.5"],
+            "split_leakage",
+            "expect_column_values_to_be_in_set(column=leaks_across_splits): 2 unexpected, example rows [0, 14]",
+        ),
+        (
+            _rows(12) + _rows(3, "zz"),
+            ['validate.allowed_labels=["a"]'],
+            "label_allowed",
+            "expect_column_values_to_be_in_set(column=label): 3 unexpected, example rows [12, 13, 14], observed None, "
+            "values ['zz', 'zz', 'zz']",
+        ),
+        (
+            _rows(12),
+            [],
+            "label_cardinality",
+            "expect_column_unique_value_count_to_be_between(column=label): None unexpected, example rows [], observed 1",
+        ),
+        (
+            _rows(12) + _rows(2, "b") + [("one two three four five six", "a", "train")],
+            ["validate.max_text_tokens=5"],
+            "text_tokens",
+            "expect_column_values_to_be_between(column=text_tokens): 1 unexpected, example rows [14]",
+        ),
+    ],
+)
 def test_data_quality_checks_fail_the_gate_naming_rows(tmp_path, rows, sets, check, message):
     with pytest.raises(ValidationFailed) as failed:
         validate.run(_cfg(_snapshot(tmp_path, rows), *sets))
     assert f"{check}: {message}" in str(failed.value)
     # Each failure says what to do about it, naming the setting that governs the check.
     remedy = str(failed.value).split(f"{check}: {message}", 1)[1].split("[to fix: ", 1)[1].split("]", 1)[0]
-    assert remedy == validate.remedy(check, _cfg("file:///x.parquet", *sets), {"label_allowed": {
-        "source": "validate.allowed_labels"}}) or check == "label_allowed"
+    assert (
+        remedy
+        == validate.remedy(
+            check, _cfg("file:///x.parquet", *sets), {"label_allowed": {"source": "validate.allowed_labels"}}
+        )
+        or check == "label_allowed"
+    )
     assert any(word in remedy for word in ("validate.", "collect.", "source", "label", "classifier"))
 
 
@@ -123,12 +162,15 @@ def test_a_snapshot_without_text_fails_on_the_columns_check(tmp_path):
         validate.run(_cfg(uri))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("drift_severity", "fatal", "validate.drift_severity: 'fatal' is not one of ['warning', 'error']"),
-    ("drift_max_oov_rate", "1.5", "validate.drift_max_oov_rate: 1.5 is above the maximum 1.0"),
-    ("token_sample_rows", "-1", "validate.token_sample_rows: -1 is below the minimum 0"),
-    ("max_text_tokens", "0", "validate.max_text_tokens: 0 is below the minimum 1"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("drift_severity", "fatal", "validate.drift_severity: 'fatal' is not one of ['warning', 'error']"),
+        ("drift_max_oov_rate", "1.5", "validate.drift_max_oov_rate: 1.5 is above the maximum 1.0"),
+        ("token_sample_rows", "-1", "validate.token_sample_rows: -1 is below the minimum 0"),
+        ("max_text_tokens", "0", "validate.max_text_tokens: 0 is below the minimum 1"),
+    ],
+)
 def test_new_settings_reject_bad_values_naming_the_key(key, value, message):
     with pytest.raises(ConfigError) as error:
         _cfg("file:///x.parquet", f"validate.{key}={value}")
@@ -136,6 +178,7 @@ def test_new_settings_reject_bad_values_naming_the_key(key, value, message):
 
 
 # --- token counts on a sample ---------------------------------------------------------------
+
 
 def test_token_counts_sample_rows_but_always_count_rows_that_could_exceed_the_bar(tmp_path):
     rows = _rows(150) + _rows(150, "b") + [("word " * 40, "b", "train")]  # 40 tokens, 200 bytes, last row
@@ -160,6 +203,7 @@ def test_rows_to_count_is_seeded_and_keeps_long_rows():
 
 # --- the last accepted snapshot: allowed labels, drift, MLflow --------------------------------
 
+
 def _support_rows(labels, per_label, suffix=""):
     return [(r["text"] + suffix, r["label"], "train") for r in shipped_rows(labels=labels, per_label=per_label)]
 
@@ -172,8 +216,10 @@ def test_labels_of_the_last_accepted_snapshot_are_the_allowed_set(tmp_path):
     grown = _snapshot(tmp_path, _support_rows(4, 20), "grown")  # a fourth intent: rows 60..79
     with pytest.raises(ValidationFailed) as failed:
         validate.run(_cfg(grown, "run_id=r2"))
-    assert ("label_allowed: expect_column_values_to_be_in_set(column=label): 20 unexpected, example rows "
-            "[60, 61, 62, 63, 64]") in str(failed.value)
+    assert (
+        "label_allowed: expect_column_values_to_be_in_set(column=label): 20 unexpected, example rows "
+        "[60, 61, 62, 63, 64]"
+    ) in str(failed.value)
     # Why, and the two ways on: a new model, or a deliberate change of the label set.
     hint = str(failed.value).split("[to fix: ", 1)[1]
     assert f"the last accepted snapshot {record['snapshot_uri']}" in hint
@@ -202,8 +248,17 @@ def test_drift_from_the_accepted_snapshot_is_reported_with_both_distributions(tm
     rows = _support_rows(3, 30, suffix=" zebra quantum " * 6)
     shifted = [r for r in rows if r[1] == "account_login"] + [r for r in rows if r[1] != "account_login"][::10]
     uri = _snapshot(tmp_path, shifted, "shifted")
-    strict = cli.main(["validate", "--set", f"validate.snapshot_uri={uri}", "--set", "run_id=r2",
-                            "--set", "validate.drift_severity=error"])
+    strict = cli.main(
+        [
+            "validate",
+            "--set",
+            f"validate.snapshot_uri={uri}",
+            "--set",
+            "run_id=r2",
+            "--set",
+            "validate.drift_severity=error",
+        ]
+    )
     assert strict == 3
     error = storage.read_json(load_config(None, ["run_id=r2"]).step_uri("validate") + "/error.json")["error"]
     assert "drift_label_psi: population_stability_index(column=label): observed " in error and "> max 0.2" in error
@@ -217,8 +272,10 @@ def test_drift_from_the_accepted_snapshot_is_reported_with_both_distributions(tm
     assert {w.split(":")[0] for w in result.warnings} == {"drift_label_psi", "drift_length_ks", "drift_oov_rate"}
 
     report = storage.read_json(result.drift_report_uri.replace("drift.html", "drift.json"))
-    assert report["label_shares"]["account_login"] == {"reference": pytest.approx(1 / 3),
-                                                       "current": pytest.approx(30 / 36)}
+    assert report["label_shares"]["account_login"] == {
+        "reference": pytest.approx(1 / 3),
+        "current": pytest.approx(30 / 36),
+    }
     assert dict(report["top_oov_words"])["zebra"] == 6 * len(shifted)
     page = storage.read_bytes(result.drift_report_uri).decode()
     assert "account_login" in page and "zebra" in page and "<script" not in page and "<link" not in page
@@ -250,13 +307,17 @@ def test_summary_data_docs_and_drift_are_logged_to_mlflow_even_when_the_gate_fai
     logged = {f.path for f in tracker.list_artifacts(run.info.run_id, "validate")}
     assert logged == {"validate/summary.json", "validate/data_docs", "validate/drift"}
     assert {f.path for f in tracker.list_artifacts(run.info.run_id, "validate/drift")} == {
-        "validate/drift/drift.json", "validate/drift/drift.html"}
-    assert "validate/data_docs/index.html" in {f.path for f in tracker.list_artifacts(run.info.run_id,
-                                                                                       "validate/data_docs")}
+        "validate/drift/drift.json",
+        "validate/drift/drift.html",
+    }
+    assert "validate/data_docs/index.html" in {
+        f.path for f in tracker.list_artifacts(run.info.run_id, "validate/data_docs")
+    }
     assert tracker.get_run(pipeline_run_id(_cfg("x", "run_id=ok"))).data.tags["validate.passed"] == "true"
 
 
 # --- bad inputs through the CLI: exit 3, the check named, nothing recorded ------------------
+
 
 @pytest.fixture(scope="module")
 def accepted_root(tmp_path_factory):
@@ -267,8 +328,9 @@ def accepted_root(tmp_path_factory):
     # MLflow store) of its own, not the developer's ./.finetune nor one a finished test left.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("FINETUNE_HOME", str(root / "home"))
-        validate.run(load_config(None, [f"validate.snapshot_uri={uri}", "run_id=first",
-                                        f"artifact_root={root.as_uri()}"]))
+        validate.run(
+            load_config(None, [f"validate.snapshot_uri={uri}", "run_id=first", f"artifact_root={root.as_uri()}"])
+        )
     return root
 
 
@@ -302,27 +364,56 @@ def _huge_row(rows):
     rows[42][0] = "lorem ipsum " * (2 * 1024 * 1024 // 12)  # 2 MB of text
 
 
-@pytest.mark.parametrize("change, expected", [
-    (_null_labels, "label_present: expect_column_values_to_not_be_null(column=label): 3 unexpected, "
-                   "example rows [3, 40, 77]"),
-    (_unknown_labels, "label_allowed: expect_column_values_to_be_in_set(column=label): 2 unexpected, example rows "
-                      "[5, 6], observed None, values ['brand_new_intent', 'brand_new_intent']"),
-    (_all_duplicates, "duplicate_rate: expect_column_values_to_be_unique(column=text_normalized): 90 unexpected, "
-                      "example rows [0, 1, 2, 3, 4]"),
-    (_single_class, "label_cardinality: expect_column_unique_value_count_to_be_between(column=label): None "
-                    "unexpected, example rows [], observed 1"),
-    (_huge_row, ("text_length: expect_column_value_lengths_to_be_between(column=text): 1 unexpected, "
-                 "example rows [42], observed None, values ['lorem ipsum",
-                 "text_tokens: expect_column_values_to_be_between(column=text_tokens): 1 unexpected, "
-                 "example rows [42], observed None, values [699048.0]")),
-], ids=["null_labels", "unknown_labels", "all_duplicates", "single_class", "2mb_row"])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            _null_labels,
+            "label_present: expect_column_values_to_not_be_null(column=label): 3 unexpected, example rows [3, 40, 77]",
+        ),
+        (
+            _unknown_labels,
+            "label_allowed: expect_column_values_to_be_in_set(column=label): 2 unexpected, example rows "
+            "[5, 6], observed None, values ['brand_new_intent', 'brand_new_intent']",
+        ),
+        (
+            _all_duplicates,
+            "duplicate_rate: expect_column_values_to_be_unique(column=text_normalized): 90 unexpected, "
+            "example rows [0, 1, 2, 3, 4]",
+        ),
+        (
+            _single_class,
+            "label_cardinality: expect_column_unique_value_count_to_be_between(column=label): None "
+            "unexpected, example rows [], observed 1",
+        ),
+        (
+            _huge_row,
+            (
+                "text_length: expect_column_value_lengths_to_be_between(column=text): 1 unexpected, "
+                "example rows [42], observed None, values ['lorem ipsum",
+                "text_tokens: expect_column_values_to_be_between(column=text_tokens): 1 unexpected, "
+                "example rows [42], observed None, values [699048.0]",
+            ),
+        ),
+    ],
+    ids=["null_labels", "unknown_labels", "all_duplicates", "single_class", "2mb_row"],
+)
 def test_bad_input_exits_3_names_the_check_and_records_nothing(tmp_path, accepted_root, change, expected):
     record_uri = storage.join(accepted_root.as_uri(), "accepted", "support-intents", "latest.json")
     before = storage.read_bytes(record_uri)
     snapshot = _snapshot(tmp_path, _with(change), "bad")
     run_id = f"bad-{change.__name__.strip('_')}"
-    code = cli.main(["validate", "--set", f"validate.snapshot_uri={snapshot}", "--set", f"run_id={run_id}",
-                          "--set", f"artifact_root={accepted_root.as_uri()}"])
+    code = cli.main(
+        [
+            "validate",
+            "--set",
+            f"validate.snapshot_uri={snapshot}",
+            "--set",
+            f"run_id={run_id}",
+            "--set",
+            f"artifact_root={accepted_root.as_uri()}",
+        ]
+    )
     assert code == 3
     step = storage.join(accepted_root.as_uri(), "runs", run_id, "validate")
     error = storage.read_json(step + "/error.json")
@@ -335,6 +426,7 @@ def test_bad_input_exits_3_names_the_check_and_records_nothing(tmp_path, accepte
 
 
 # --- the chat suite (causal-lm) --------------------------------------------------------------
+
 
 def _conversation(text, label, system=False):
     turns = [{"role": "system", "content": "You route support messages."}] if system else []
@@ -351,8 +443,15 @@ def _good_chats():
 
 
 def _chat_cfg(uri, tiny_model_dir, *extra):
-    return _cfg(uri, "task=causal-lm", f"base_model={tiny_model_dir}", "model_name=chat-model",
-                "train.chat_template=chatml", "train.max_seq_len=256", *extra)
+    return _cfg(
+        uri,
+        "task=causal-lm",
+        f"base_model={tiny_model_dir}",
+        "model_name=chat-model",
+        "train.chat_template=chatml",
+        "train.max_seq_len=256",
+        *extra,
+    )
 
 
 def test_good_chat_snapshot_passes_with_the_chat_suite(tmp_path, tiny_model_dir):
@@ -364,37 +463,74 @@ def test_good_chat_snapshot_passes_with_the_chat_suite(tmp_path, tiny_model_dir)
 
     # Against itself: no label drift for chat, length and OOV over the message contents.
     again = validate.run(_chat_cfg(_chat_snapshot(tmp_path, _good_chats()), tiny_model_dir, "run_id=again"))
-    drift = {c["check"]: c["observed_value"] for c in storage.read_json(again.summary_uri)["checks"]
-             if c["check"].startswith("drift_")}
+    drift = {
+        c["check"]: c["observed_value"]
+        for c in storage.read_json(again.summary_uri)["checks"]
+        if c["check"].startswith("drift_")
+    }
     assert drift == {"drift_length_ks": 0, "drift_oov_rate": 0}
 
 
-@pytest.mark.parametrize("broken, expected", [
-    ([{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "hi"},
-      {"role": "assistant", "content": "ok"}],
-     "role_order: expect_column_values_to_be_null(column=role_problem): 1 unexpected, example rows [24], observed "
-     "None, values ['message 1 is assistant, expected user (role order)']"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
-     "assistant_not_empty: expect_column_values_to_be_between(column=empty_assistant_turns): 1 unexpected, "
-     "example rows [24]"),
-    ([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
-     "assistant_present: expect_column_values_to_be_between(column=assistant_turns): 1 unexpected, "
-     "example rows [24]"),
-    ("[{\"role\": \"user\", \"content\": \"hi\"}",
-     "messages_valid: expect_column_values_to_be_null(column=messages_error): 1 unexpected, example rows [24], "
-     "observed None, values [\"'messages' is not valid JSON"),
-    ([{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}],
-     "conversation_tokens: expect_column_values_to_be_between(column=conversation_tokens): 1 unexpected, "
-     "example rows [24]"),
-], ids=["role_order", "empty_assistant", "no_assistant", "not_json", "too_long"])
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        (
+            [
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"},
+            ],
+            "role_order: expect_column_values_to_be_null(column=role_problem): 1 unexpected, example rows [24], observed "
+            "None, values ['message 1 is assistant, expected user (role order)']",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}],
+            "assistant_not_empty: expect_column_values_to_be_between(column=empty_assistant_turns): 1 unexpected, "
+            "example rows [24]",
+        ),
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+            "assistant_present: expect_column_values_to_be_between(column=assistant_turns): 1 unexpected, "
+            "example rows [24]",
+        ),
+        (
+            '[{"role": "user", "content": "hi"}',
+            "messages_valid: expect_column_values_to_be_null(column=messages_error): 1 unexpected, example rows [24], "
+            "observed None, values [\"'messages' is not valid JSON",
+        ),
+        (
+            [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}],
+            "conversation_tokens: expect_column_values_to_be_between(column=conversation_tokens): 1 unexpected, "
+            "example rows [24]",
+        ),
+    ],
+    ids=["role_order", "empty_assistant", "no_assistant", "not_json", "too_long"],
+)
 def test_bad_chat_input_exits_3_names_the_check_and_records_nothing(tmp_path, tiny_model_dir, broken, expected):
     cfg = _chat_cfg(_chat_snapshot(tmp_path, _good_chats(), "good"), tiny_model_dir, "run_id=good")
     record = storage.read_bytes(validate.run(cfg).accepted_uri)
     bad = _chat_snapshot(tmp_path, [*_good_chats(), broken], "bad")
-    code = cli.main(["validate", "--set", f"validate.snapshot_uri={bad}", "--set", "run_id=bad", "--set", "task=causal-lm",
-                          "--set", f"base_model={tiny_model_dir}", "--set", "model_name=chat-model",
-                          "--set", "train.chat_template=chatml", "--set", "train.max_seq_len=256",
-                          "--set", "validate.max_overlong_rate=0"])
+    code = cli.main(
+        [
+            "validate",
+            "--set",
+            f"validate.snapshot_uri={bad}",
+            "--set",
+            "run_id=bad",
+            "--set",
+            "task=causal-lm",
+            "--set",
+            f"base_model={tiny_model_dir}",
+            "--set",
+            "model_name=chat-model",
+            "--set",
+            "train.chat_template=chatml",
+            "--set",
+            "train.max_seq_len=256",
+            "--set",
+            "validate.max_overlong_rate=0",
+        ]
+    )
     assert code == 3
     step = load_config(None, ["run_id=bad"]).step_uri("validate")
     assert expected in storage.read_json(step + "/error.json")["error"]
@@ -434,8 +570,9 @@ def test_the_accepted_snapshot_pointer_only_moves_forward_in_run_order(tmp_path)
 
 def test_tokenizer_coverage_per_writing_system_names_the_script_the_model_cannot_read(tmp_path):
     # The shipped intents with the default base model, MiniLM: an English WordPiece vocabulary.
-    rows = [(text, label, "eval" if i % 5 == 0 else "train") for i, (text, label, _) in
-            enumerate(_support_rows(10, 80))]
+    rows = [
+        (text, label, "eval" if i % 5 == 0 else "train") for i, (text, label, _) in enumerate(_support_rows(10, 80))
+    ]
     uri = _snapshot(tmp_path, rows, "coverage")
     with pytest.raises(ValidationFailed) as failed:  # the old default: no vocabulary extension
         validate.run(_cfg(uri, "run_id=plain", "train.extend_vocab=false"))
@@ -452,8 +589,9 @@ def test_tokenizer_coverage_per_writing_system_names_the_script_the_model_cannot
     assert "unknown_token_rate" in page.read_text() and "0.71" in page.read_text()  # zh's rate, failing
 
     # Reported, not gating, when the team says so.
-    assert validate.run(_cfg(uri, "run_id=warned", "train.extend_vocab=false",
-                             "validate.warn_only=[tokenizer_coverage]")).warnings
+    assert validate.run(
+        _cfg(uri, "run_id=warned", "train.extend_vocab=false", "validate.warn_only=[tokenizer_coverage]")
+    ).warnings
 
     # The default: the training split's missing characters become tokens (train.extend_vocab), and
     # validate counts tokens as training will. What is left unknown is the eval split's rarities.
