@@ -3,7 +3,7 @@
 collect   `collect.run` over JSONL objects on Moto's S3 API on loopback (list, download, parse,
           normalise, deduplicate, split, write Parquet) vs a plain boto3 listing and
           download_file of the same objects. Target (issue 14): >= 0.8x.
-tokenize  train's tokenization (`train.classification_parts`: the fast tokenizer over the
+tokenize  train's tokenization (`train.parts.classification_parts`: the fast tokenizer over the
           train split plus the Dataset it builds) vs one batched fast-tokenizer call over the
           same texts, after one untimed warm-up call of each. Target: >= 0.9x.
 
@@ -93,8 +93,9 @@ def tokenization(rows: int) -> tuple[float, float]:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from pipeline import storage, train
+    from pipeline import storage
     from pipeline.config import DEFAULT_BASE_MODEL, load_config
+    from pipeline.train import parts
 
     shipped = [json.loads(line) for line in (ROOT / "pipeline/data/support_intents.jsonl").read_text().splitlines()]
     frame = pd.DataFrame(
@@ -106,7 +107,7 @@ def tokenization(rows: int) -> tuple[float, float]:
     model_dir = str(storage.local_path(DEFAULT_BASE_MODEL))
     cfg = load_config(None, ["train.snapshot_uri=bench"])
     started = time.perf_counter()
-    train.classification_parts(cfg, model_dir, frame, {})
+    parts.classification_parts(cfg, model_dir, frame, {})
     pipeline_s = time.perf_counter() - started
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()

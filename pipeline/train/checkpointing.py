@@ -184,12 +184,8 @@ def _checkpointing(
                 self.save_started = time.monotonic()
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if not own.early_stopping_patience:
-                return
-            # The Trainer's own test for a new best (strictly lower), made before it records one.
-            loss = (metrics or {}).get("eval_loss")
-            best = loss is not None and (state.best_metric is None or loss < state.best_metric)
-            control.should_save = best or self.on_cadence
+            if own.early_stopping_patience:
+                control.should_save = _new_best(metrics, state) or self.on_cadence
 
         def on_save(self, args, state, control, **kwargs):
             started = time.monotonic()
@@ -199,6 +195,12 @@ def _checkpointing(
             self.save_s = time.monotonic() - (self.save_started or started)
 
     return Checkpointing()
+
+
+def _new_best(metrics: dict[str, float] | None, state: Any) -> bool:
+    """The Trainer's own test for a new best evaluation (strictly lower), made before it records one."""
+    loss = (metrics or {}).get("eval_loss")
+    return loss is not None and (state.best_metric is None or loss < state.best_metric)
 
 
 def _termination_agreed(term: _Termination, save_s: float) -> Any:

@@ -136,14 +136,14 @@ def test_a_run_killed_after_its_best_checkpoint_resumes_and_still_publishes_the_
 
 
 def test_classification_holds_out_the_eval_split_only_when_asked(small_data, tiny_model_dir):
-    from pipeline import train
     from pipeline.snapshot import load_snapshot
+    from pipeline.train import parts
 
     snapshot = collect_snapshot([small_data])
     frame = load_snapshot(snapshot.snapshot_uri)
     base = [f"train.snapshot_uri={snapshot.snapshot_uri}", f"base_model={json.dumps(str(tiny_model_dir))}"]
-    held_out = train.classification_parts(
+    held_out = parts.classification_parts(
         load_config(None, [*base, "train.eval_steps=5"]), str(tiny_model_dir), frame, {}
     ).eval_dataset
     assert len(held_out) == snapshot.rows_eval and {"labels", "example_id", "input_ids"} <= set(held_out.column_names)
-    assert train.classification_parts(load_config(None, base), str(tiny_model_dir), frame, {}).eval_dataset is None
+    assert parts.classification_parts(load_config(None, base), str(tiny_model_dir), frame, {}).eval_dataset is None
