@@ -11,6 +11,7 @@ import pytest
 from pipeline import evaluate, register, storage
 from pipeline.config import DEFAULT_CHALLENGE, load_config
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluate.challenge import challenge_rows
 from pipeline.text import language_of, normalize_text
 from tests.helpers import SHIPPED_DATA, write_jsonl, write_snapshot
 
@@ -26,7 +27,7 @@ def _shipped(uri):
 def test_the_shipped_challenge_set_is_big_bilingual_known_and_apart_from_the_training_data():
     training = [json.loads(line) for line in SHIPPED_DATA.read_text(encoding="utf-8").splitlines()]
     labels = {r["label"] for r in training}
-    texts, truth = evaluate.challenge_rows(DEFAULT_CHALLENGE, labels)
+    texts, truth = challenge_rows(DEFAULT_CHALLENGE, labels)
     assert len(texts) >= 200 and len(texts) == len(_shipped(DEFAULT_CHALLENGE))
     chinese = sum(language_of(t) == "zh" for t in texts)
     assert 0.45 <= chinese / len(texts) <= 0.55, chinese

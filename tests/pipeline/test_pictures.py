@@ -13,6 +13,8 @@ import pytest
 
 from pipeline import drift, evaluate, local, register, storage
 from pipeline.config import load_config
+from pipeline.evaluate.classifier import predict
+from pipeline.evaluate.pictures import PICTURES, loss_curves_png, loss_history, per_class_f1_png, perplexity_png
 from pipeline.tracking import RUN_TAG, artifact_url, client, pipeline_run_id
 from tests.helpers import collect_snapshot, write_snapshot
 
@@ -117,10 +119,10 @@ def _register(tmp_path, cfg_sets, evaluated, model_uri, validate_uri=""):
 def test_loss_curves_are_the_per_step_losses_not_the_end_of_training_mean(tmp_path):
     cfg = load_config(None, ["run_id=curves"])
     run_id = _log_training_history(cfg)
-    curves = evaluate.loss_history(run_id)
+    curves = loss_history(run_id)
     assert curves["train_loss"] == (list(PER_STEP), list(PER_STEP.values()))  # 4 points, not 5
     assert curves["eval_loss"] == (list(EVAL_DURING), list(EVAL_DURING.values()))
-    assert _png_size(evaluate.loss_curves_png(curves)) == (825, 495)  # 7.5 x 4.5 in at 110 dpi
+    assert _png_size(loss_curves_png(curves)) == (825, 495)  # 7.5 x 4.5 in at 110 dpi
 
 
 def test_a_step_logged_again_by_a_resumed_attempt_keeps_its_latest_loss(tmp_path):
@@ -131,9 +133,9 @@ def test_a_step_logged_again_by_a_resumed_attempt_keeps_its_latest_loss(tmp_path
     time.sleep(0.01)
     now = int(time.time() * 1000)  # the attempt resumed from step 4's checkpoint logs 6 again
     client().log_batch(run_id, metrics=[Metric("train_loss", 0.5, now, 6), Metric("train_learning_rate", 6e-4, now, 6)])
-    steps_, losses = evaluate.loss_history(run_id)["train_loss"]
+    steps_, losses = loss_history(run_id)["train_loss"]
     assert steps_ == [2, 4, 6, 8] and losses[2] == 0.5
-    assert "eval_loss" not in evaluate.loss_history(run_id)
+    assert "eval_loss" not in loss_history(run_id)
 
 
 def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tmp_path, classifier_dir):
@@ -166,7 +168,7 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
 
     rows = pd.read_parquet(frame)
     texts, truth = list(rows["text"]), list(rows["label"])
-    predicted = evaluate.predict(
+    predicted = predict(
         AutoModelForSequenceClassification.from_pretrained(classifier_dir),
         AutoTokenizer.from_pretrained(classifier_dir),
         texts,
@@ -174,7 +176,7 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
         cfg.evaluate.max_seq_len,
     )
     labels = sorted(set(truth) | set(predicted))
-    _, drawn = evaluate.per_class_f1_png(storage.read_json(evaluated.report_uri), labels)
+    _, drawn = per_class_f1_png(storage.read_json(evaluated.report_uri), labels)
     expected = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
     assert drawn == pytest.approx(dict(zip(labels, map(float, expected))))
 
@@ -230,7 +232,7 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
     width, height = _png_size(_logged_png(run_id, "evaluate/perplexity.png", tmp_path / "ppl"))
     assert (width, height) == (715, 495)
     # The bars are the perplexities evaluate measured: base and fine-tuned, no champion yet.
-    _, drawn = evaluate.perplexity_png(evaluated.metrics, evaluated.base_metrics, evaluated.champion_metrics)
+    _, drawn = perplexity_png(evaluated.metrics, evaluated.base_metrics, evaluated.champion_metrics)
     assert drawn == {"base model": evaluated.base_metrics["perplexity"], "fine-tuned": evaluated.metrics["perplexity"]}
     assert {a.path for a in client().list_artifacts(run_id, "evaluate")} >= {
         "evaluate/loss_curves.png",
@@ -274,10 +276,10 @@ def test_the_loss_curve_of_a_real_training_run_has_one_point_per_logged_step(tmp
     evaluated = evaluate.run(cfg)
     run_id = pipeline_run_id(cfg)
     assert client().get_run(run_id).data.tags[RUN_TAG] == "real-curve" and evaluated.mlflow_run_id == run_id
-    steps_, losses = evaluate.loss_history(run_id)["train_loss"]
+    steps_, losses = loss_history(run_id)["train_loss"]
     assert steps_ == list(range(2, trained["global_step"] + 1, 2))  # every logging step, once
     # The history also holds the run's mean loss at the last step, which is no step's loss.
     from pipeline.tracking import metric_history
 
     assert len(metric_history(run_id, "train_loss")) == len(steps_) + 1
-    assert {"path": "evaluate/loss_curves.png", "caption": evaluate.PICTURES["loss_curves.png"]} in evaluated.pictures
+    assert {"path": "evaluate/loss_curves.png", "caption": PICTURES["loss_curves.png"]} in evaluated.pictures

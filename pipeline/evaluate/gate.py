@@ -1,0 +1,68 @@
+"""The promotion gate: the absolute thresholds, the per-slice regression rule and the margin over
+the champion."""
+
+from __future__ import annotations
+
+from pipeline.config import EvaluateConfig, is_challenge, parse_threshold
+from pipeline.errors import ConfigError
+
+
+def decide(
+    metrics: dict[str, float],
+    champion: dict[str, float] | None,
+    cfg: EvaluateConfig,
+    task: str = "sequence-classification",
+    slices: dict[str, dict[str, float]] | None = None,
+    champion_slices: dict[str, dict[str, float]] | None = None,
+) -> tuple[bool, str]:
+    """The promotion gate: every absolute threshold (overall or per slice), then no slice worse
+    than the champion's by more than ``max_slice_regression``, then the margin over the champion.
+
+    The challenge slices meet only the thresholds that name them (``accuracy[challenge:zh]>=0.85``),
+    never the regression rule: the set is small (about 100 rows a language, so 0.05 is five
+    messages), fixed, and deliberately unlike the training data, so a model that fits a new
+    snapshot better can lose a few of its rows by chance. It is there to be read beside the eval
+    split, not to veto a model on its own; a bar on it is a choice the user makes explicitly."""
+    slices = slices or {}
+    for rule in cfg.thresholds:
+        name, op, bound = parse_threshold(rule)
+        metric_name, _, slice_name = name.rstrip("]").partition("[")
+        if metric_name not in metrics:
+            raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
+        if slice_name and slice_name not in slices:
+            where = (
+                "the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
+                "skipped for a model that does not know its labels)"
+                if is_challenge(slice_name)
+                else f"the eval split has no rows of slice '{slice_name}'"
+            )
+            return False, f"{name} cannot be checked: {where} (slices: {sorted(slices)})"
+        value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
+        if not (value >= bound if op == ">=" else value <= bound):
+            return False, f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
+    metric, greater_is_better = cfg.gate(task)
+    ours = metrics[metric]
+    if champion is None:
+        return True, f"no champion yet; {metric}={ours:.4f}"
+    for slice_name, values in sorted(slices.items()):
+        theirs_there = (champion_slices or {}).get(slice_name, {}).get(metric)
+        if values["rows"] < cfg.min_slice_rows or theirs_there is None or is_challenge(slice_name):
+            continue
+        loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
+        if loss > cfg.max_slice_regression:
+            return False, (
+                f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
+                f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
+                f"evaluate.max_slice_regression={cfg.max_slice_regression}"
+            )
+    theirs = champion[metric]
+    gain = ours - theirs if greater_is_better else theirs - ours
+    better = "higher" if greater_is_better else "lower"
+    if gain > cfg.promotion_margin:
+        return True, (
+            f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
+        )
+    return False, (
+        f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
+        f"({better} is better)"
+    )
