@@ -14,6 +14,7 @@ import structlog
 
 from pipeline import cli, k8s, steps, storage
 from pipeline.config import load_config
+from pipeline.k8s import jobs
 from tests.helpers import DAGS
 from tests.inmemory_core import InMemoryCoreV1
 from tests.manifests import RUN, InMemoryCustomObjects
@@ -154,7 +155,7 @@ def test_the_rank0_pods_log_reaches_the_task_log_while_the_trainjob_runs(monkeyp
     write_error(run_id, 2)
     job = steps.render("train", [f"run_id={run_id}", RUN[1]], "trainjob")
     core = InMemoryCoreV1()
-    labels = k8s.job_api(job).master_labels(job["metadata"]["name"])
+    labels = jobs.job_api(job).master_labels(job["metadata"]["name"])
     core.add_pod("finetune-train-node-0-0", labels, k8s.TRAINER_CONTAINER)
     core.write("finetune-train-node-0-0", k8s.TRAINER_CONTAINER, "loading snapshot s3://b/snap/data.parquet")
     api = InMemoryCustomObjects([[], [], FAILED])

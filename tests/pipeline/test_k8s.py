@@ -18,9 +18,10 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline import cli, k8s, local, steps
+from pipeline import cli, local, steps
 from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
+from pipeline.k8s import jobs, manifests
 from tests.manifests import (
     RUN,
     InMemoryCustomObjects,
@@ -65,7 +66,7 @@ def test_rendered_objects_validate_meet_restricted_and_pin_images(step, launcher
         assert all(check_image("image", image) is None for image in images(spec))
         assert spec["automountServiceAccountToken"] is False
         mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-        assert {"/tmp", k8s.HF_CACHE} <= mounts
+        assert {"/tmp", manifests.HF_CACHE} <= mounts
 
 
 def test_pod_argv_is_the_local_argv_and_returns_through_xcom():
@@ -202,13 +203,13 @@ def test_run_pytorchjob_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_
     job = steps.render("train", RUN, "pytorchjob")
     running = [{"type": "Running", "status": "True"}]
     api = InMemoryCustomObjects([running, running + [{"type": "Succeeded", "status": "True"}]])
-    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
+    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
     assert api.deleted == []
     api = InMemoryCustomObjects([running, [{"type": "Failed", "status": "True"}]])
-    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Failed"
+    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Failed"
     assert api.deleted == [job["metadata"]["name"]]
     api = InMemoryCustomObjects([])
-    assert k8s.run_pytorchjob(api, job, 0, -1, sleep=lambda s: None, log=lambda m: None) == "Timeout"
+    assert jobs.run_pytorchjob(api, job, 0, -1, sleep=lambda s: None, log=lambda m: None) == "Timeout"
     assert api.deleted == [job["metadata"]["name"]]
 
 
@@ -216,10 +217,10 @@ def test_a_new_attempt_replaces_the_job_an_earlier_attempt_left_instead_of_faili
     job = steps.render("train", RUN, "pytorchjob")
     running, done = [{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]
     api = InMemoryCustomObjects([done, running, done])
-    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
+    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
     logged = []
     # The task is cleared: the same run's job name is still taken by the succeeded job.
-    assert k8s.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=logged.append) == "Succeeded"
+    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=logged.append) == "Succeeded"
     assert api.deleted == [job["metadata"]["name"]] and "left by an earlier attempt" in logged[0]
 
 

@@ -20,6 +20,7 @@ from pipeline import cli, k8s, steps
 from pipeline.config import load_config
 from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
+from pipeline.k8s import jobs, manifests
 from tests.inmemory_core import InMemoryCoreV1
 from tests.manifests import RUN, InMemoryCustomObjects, images, restricted_violations, validate_core
 
@@ -118,7 +119,7 @@ def test_an_older_or_misspelt_api_field_is_caught_not_pruned(old_api):
 def node_patch(job: dict) -> dict:
     """Our one runtime patch's entry for the trainer's node Job (Trainer v2.2+ ``runtimePatches``)."""
     (patch,) = job["spec"]["runtimePatches"]
-    assert patch["manager"] == k8s.PATCH_MANAGER
+    assert patch["manager"] == manifests.PATCH_MANAGER
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     assert node["name"] == k8s.TRAINER_NODE
     return node
@@ -324,7 +325,7 @@ def test_a_new_attempt_replaces_the_trainjob_an_earlier_attempt_left():
 
 
 def master_labels(job: dict) -> dict:
-    return k8s.job_api(job).master_labels(job["metadata"]["name"])
+    return jobs.job_api(job).master_labels(job["metadata"]["name"])
 
 
 class Cluster:
@@ -342,7 +343,7 @@ class Cluster:
 @pytest.mark.parametrize("launcher", ["trainjob", "pytorchjob"])
 def test_the_rank0_pods_log_reaches_the_task_log_each_line_once_while_the_job_runs(launcher):
     job = steps.render("train", RUN, launcher)
-    container = k8s.job_api(job).master_container
+    container = jobs.job_api(job).master_container
     worker = {**master_labels(job)}
     worker[next(k for k in worker if k.endswith(("completion-index", "replica-index")))] = "1"
 
@@ -375,7 +376,7 @@ def test_the_rank0_pods_log_reaches_the_task_log_each_line_once_while_the_job_ru
     assert {read["container"] for read in cluster.core.reads} == {container}
     assert {read["pod"] for read in cluster.core.reads} == {"master"}
     # Reads after the first overlap the last one, so no line falls between two polls.
-    assert all(read["since_seconds"] and read["since_seconds"] >= k8s.LOG_OVERLAP_S for read in cluster.core.reads[2:])
+    assert all(read["since_seconds"] and read["since_seconds"] >= jobs.LOG_OVERLAP_S for read in cluster.core.reads[2:])
 
 
 def test_a_replaced_rank0_pod_is_followed_from_its_first_line():
@@ -416,5 +417,5 @@ def test_a_replaced_rank0_pod_is_followed_from_its_first_line():
     ],
 )
 def test_kubelet_timestamps_order_whatever_their_digits(stamp, key):
-    assert k8s.log_time(stamp) == key
-    assert k8s.log_time("2026-01-05T00:00:01.5Z") > k8s.log_time("2026-01-05T00:00:01.12Z")
+    assert jobs.log_time(stamp) == key
+    assert jobs.log_time("2026-01-05T00:00:01.5Z") > jobs.log_time("2026-01-05T00:00:01.12Z")
