@@ -344,6 +344,29 @@ def _audit_name(record: dict[str, Any]) -> str:
     return f"{record['outcome']} v{record['version']} -> {record['alias']}"
 
 
+def _outcome(
+    candidate: Any,
+    current: Any | None,
+    current_version: str | None,
+    alias: str,
+    reason: str,
+    force: bool,
+    expected_current: str | None,
+) -> tuple[str, str]:
+    """What an attempt does, decided from what it read under the lock: ``unchanged`` when the
+    version already holds ``alias``, ``refused`` (the verdict, or the alias moved since the caller
+    compared against it), else ``promoting``; and why."""
+    version = str(candidate.version)
+    refusal = _verdict(candidate, current, alias, force)
+    if refusal is None and expected_current is not None and (current_version or "") != expected_current:
+        refusal = f"{alias} moved to version {current_version} since version {version} was evaluated"
+    if current_version == version:
+        return "unchanged", f"version {version} already holds {alias}"
+    if refusal is not None:
+        return "refused", refusal
+    return "promoting", reason or "passed the gate"
+
+
 def attempt(
     tracker: Any,
     model_name: str,
@@ -370,15 +393,7 @@ def attempt(
         current_version = tracker.get_registered_model(model_name).aliases.get(alias)
         current_version = None if current_version is None else str(current_version)
         current = tracker.get_model_version(model_name, current_version) if current_version else None
-        refusal = _verdict(candidate, current, alias, force)
-        if refusal is None and expected_current is not None and (current_version or "") != expected_current:
-            refusal = f"{alias} moved to version {current_version} since version {version} was evaluated"
-        if current_version == version:
-            outcome, why = "unchanged", f"version {version} already holds {alias}"
-        elif refusal is not None:
-            outcome, why = "refused", refusal
-        else:
-            outcome, why = "promoting", reason or "passed the gate"
+        outcome, why = _outcome(candidate, current, current_version, alias, reason, force, expected_current)
         record = {
             "model": model_name,
             "version": version,
