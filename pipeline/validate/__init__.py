@@ -62,18 +62,59 @@ class ValidateResult:
     accepted_uri: str = ""
 
 
+class _Laps:
+    """The seconds each phase of the step took, into ``timings`` (the summary's ``timings_s``)."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.clock = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record the time since the previous lap (or the start) as ``phase``."""
+        self.timings[phase] = round(time.perf_counter() - self.clock, 3)
+        self.clock = time.perf_counter()
+
+
+def _run_suites(
+    cfg: PipelineConfig, suite: Any, coverage: dict[str, Any], gx: Any, scratch: Path
+) -> tuple[list[dict[str, Any]], Path]:
+    """Run the task's suite and, when the tokenizer's coverage was measured, the coverage suite
+    beside it in one Great Expectations run; the checks (the coverage ones described per writing
+    system) and the Data Docs."""
+    own = cfg.validate
+    checks, docs = run_suite(
+        [
+            (suite.name, suite.frame, suite.expectations),
+            *(
+                [("tokenizer_coverage", coverage_frame(coverage, own), coverage_expectations(gx, own))]
+                if coverage
+                else []
+            ),
+        ],
+        own,
+        scratch,
+    )
+    described = [c for c in checks if c["check"] == "tokenizer_coverage"]
+    checks = [c for c in checks if c["check"] != "tokenizer_coverage"] + coverage_checks(described, coverage, own)
+    return checks, docs
+
+
+def _failure(cfg: PipelineConfig, failed: list[dict[str, Any]], summary: dict[str, Any]) -> ValidationFailed:
+    """The failed gate's error: every failed check with its count, examples and the fix."""
+    explained = "; ".join(f"{explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
+    return ValidationFailed(
+        f"{len(failed)} check(s) failed on {cfg.validate.snapshot_uri}: {explained} (Data Docs: "
+        f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
+        f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)"
+    )
+
+
 def run(cfg: PipelineConfig) -> ValidateResult:
     own = cfg.validate
     if not own.snapshot_uri:
         raise ConfigError("validate.snapshot_uri is required (the collect step's snapshot_uri)")
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        timings[phase] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
-
+    lap = _Laps(timings).lap
     frame = load_snapshot(own.snapshot_uri)
     accepted = read_accepted(cfg)
     lap("load")
@@ -93,21 +134,7 @@ def run(cfg: PipelineConfig) -> ValidateResult:
         suite = SUITES[cfg.task](cfg, frame, load_tokenizer(cfg.base_model, scratch), accepted, gx)
         summary.update(suite.summary)
         lap("derive")
-        coverage = summary.get("tokenizer_coverage", {})
-        checks, docs = run_suite(
-            [
-                (suite.name, suite.frame, suite.expectations),
-                *(
-                    [("tokenizer_coverage", coverage_frame(coverage, own), coverage_expectations(gx, own))]
-                    if coverage
-                    else []
-                ),
-            ],
-            own,
-            scratch,
-        )
-        described = [c for c in checks if c["check"] == "tokenizer_coverage"]
-        checks = [c for c in checks if c["check"] != "tokenizer_coverage"] + coverage_checks(described, coverage, own)
+        checks, docs = _run_suites(cfg, suite, summary.get("tokenizer_coverage", {}), gx, scratch)
         parsed = suite.parsed
         del suite  # the derived frame: as large as the snapshot, and no longer needed
         lap("suite")
@@ -122,12 +149,7 @@ def run(cfg: PipelineConfig) -> ValidateResult:
 
     print_checks(checks, summary)
     if failed:
-        explained = "; ".join(f"{explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
-        raise ValidationFailed(
-            f"{len(failed)} check(s) failed on {own.snapshot_uri}: {explained} (Data Docs: "
-            f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
-            f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)"
-        )
+        raise _failure(cfg, failed, summary)
     labels = sorted({str(v) for v in frame["label"].dropna()}) if "label" in frame else []
     record_uri = record_accepted(cfg, len(frame), labels, summary_uri)
     return ValidateResult(
