@@ -15,8 +15,10 @@ urllib3 is imported inside the functions that download: DAG parsing never pays f
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -48,7 +50,9 @@ class Download:
 
 def download(uri: str, dest: Path, allowed_hosts: Sequence[str] = ()) -> Download:
     """Stream the http(s) URL ``uri`` to ``dest`` in chunks; at most ``MAX_REDIRECTS`` redirects,
-    each checked first (``allowed_hosts``: the hosts collect.allowed_hosts lists)."""
+    each checked first (``allowed_hosts``: the hosts collect.allowed_hosts lists). Each hop resolves
+    its host once and connects only to those addresses, retries included: what was checked is what
+    is reached, whatever the name answers later."""
     import urllib3
 
     retry = urllib3.Retry(
@@ -58,20 +62,23 @@ def download(uri: str, dest: Path, allowed_hosts: Sequence[str] = ()) -> Downloa
         allowed_methods=("GET",),
         raise_on_status=False,
     )
-    pool = urllib3.PoolManager(retries=retry, timeout=urllib3.Timeout(connect=30, read=60))
-    url = uri
+    timeout = urllib3.Timeout(connect=30, read=60)
+    url, addresses = uri, list[str]()  # the source is not checked: resolved on its first connect
     try:
         for _ in range(MAX_REDIRECTS + 1):
-            response = pool.request("GET", url, preload_content=False, redirect=False)
-            try:
-                location = response.get_redirect_location()  # False: not a redirect
-                if location is False:
-                    etag, last_modified = _save_response(response, uri, url, dest)
-                    break
-                response.close()  # a redirect's body is never wanted, and a hostile one may not end
-            finally:
-                response.release_conn()
-            url = _redirect_target(uri, url, location, allowed_hosts)
+            with _pool(url, addresses, retry, timeout) as pool:
+                response = pool.request(
+                    "GET", urllib3.util.parse_url(url).request_uri, preload_content=False, redirect=False
+                )
+                try:
+                    location = response.get_redirect_location()  # False: not a redirect
+                    if location is False:
+                        etag, last_modified = _save_response(response, uri, url, dest)
+                        break
+                    response.close()  # a redirect's body is never wanted, and a hostile one may not end
+                finally:
+                    response.release_conn()
+            url, addresses = _redirect_target(uri, url, location, allowed_hosts)
         else:
             raise DataError(f"cannot download {uri}: more than {MAX_REDIRECTS} redirects (the last to {url})")
     except urllib3.exceptions.HTTPError as exc:  # refused, timed out, body cut short, retries spent
@@ -83,6 +90,71 @@ def download(uri: str, dest: Path, allowed_hosts: Sequence[str] = ()) -> Downloa
             ) from exc
         raise DataError(f"cannot download {uri}{where}: {exc!r}") from exc
     return Download(url, etag, last_modified)
+
+
+def _pool(url: str, addresses: list[str], retry: Any, timeout: Any) -> Any:
+    """A urllib3 connection pool for ``url`` whose connections go only to ``addresses`` (the ones
+    checked; when empty, the host's addresses resolved on the first connect and kept for the
+    retries). The pool keeps the URL's host: the Host header, the TLS SNI and the certificate's
+    hostname check are the URL's, not the address's."""
+    import urllib3
+
+    pool = urllib3.connection_from_url(url, retries=retry, timeout=timeout, pinned=addresses)
+    pool.ConnectionCls = _pinned_connection(pool.ConnectionCls)
+    return pool
+
+
+@functools.cache
+def _pinned_connection(base: Any) -> Any:
+    """urllib3's connection class ``base`` (HTTP or HTTPS) connecting to its ``pinned`` addresses,
+    in order, instead of resolving its host again (a name that rebinds between the redirect check
+    and the connect must not reach what the check refused)."""
+    import urllib3
+    from urllib3.util.connection import create_connection
+
+    errors = urllib3.exceptions
+
+    class Pinned(base):
+        def __init__(self, *args: Any, pinned: list[str], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.pinned = pinned  # shared by the pool's connections: one resolution per hop
+
+        def _new_conn(self) -> socket.socket:  # as urllib3's, with the addresses fixed
+            try:
+                if not self.pinned:
+                    self.pinned.extend(_resolve(self.host.strip("[]"), self.port))
+                error: OSError = OSError(f"{self.host} resolves to no address")
+                for address in self.pinned:
+                    try:
+                        sock = create_connection(
+                            (address, self.port),
+                            self.timeout,
+                            source_address=self.source_address,
+                            socket_options=self.socket_options,
+                        )
+                        break
+                    except OSError as exc:
+                        error = exc
+                else:
+                    raise error
+            except socket.gaierror as exc:
+                raise errors.NameResolutionError(self.host, self, exc) from exc
+            except TimeoutError as exc:
+                raise errors.ConnectTimeoutError(
+                    self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+                ) from exc
+            except OSError as exc:
+                raise errors.NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+            sys.audit("http.client.connect", self, self.host, self.port)
+            return sock
+
+    return Pinned
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to, in the resolver's order, each once."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _transient(exc: Exception) -> bool:
@@ -129,10 +201,13 @@ def _save_response(response: Any, uri: str, url: str, dest: Path) -> tuple[str |
     return headers.get("ETag"), last_modified
 
 
-def _redirect_target(source_uri: str, url: str, location: str | None, allowed_hosts: Sequence[str]) -> str:
+def _redirect_target(
+    source_uri: str, url: str, location: str | None, allowed_hosts: Sequence[str]
+) -> tuple[str, list[str]]:
     """The absolute URL the redirect from ``url`` points to, once it is allowed: the same scheme
     as the source; with ``allowed_hosts``, a listed host; without, the source's own host and port
-    or a host whose every address is public. Nothing has connected to it yet."""
+    or a host whose every address is public. With it, the addresses checked (the connection goes
+    to those only), or none when nothing was resolved. Nothing has connected to it yet."""
     refused = f"cannot download {source_uri}: refused the redirect from {url} to"
     if not location:
         raise DataError(f"cannot download {source_uri}: {url} answered a redirect without a Location")
@@ -156,24 +231,27 @@ def _redirect_target(source_uri: str, url: str, location: str | None, allowed_ho
                 f"{refused} {target}: {host_port(target)} is not in collect.allowed_hosts "
                 f"{list(allowed_hosts)}; add it there to allow it"
             )
-        return target
+        return target, []
     if host_port(target) == host_port(source_uri):
-        return target  # back to the host the config names: it reaches nothing the source did not
-    _check_public(refused, target, host, port)
-    return target
+        return target, []  # back to the host the config names: it reaches nothing the source did not
+    return target, _check_public(refused, target, host, port)
 
 
-def _check_public(refused: str, target: str, host: str, port: int) -> None:
-    """Refuse a redirect to a host any of whose addresses is not public (loopback, link-local,
-    private), as a source must not reach the cluster's own services through a redirect."""
+def _check_public(refused: str, target: str, host: str, port: int) -> list[str]:
+    """The addresses of ``host``, once every one is public; refuse a redirect to a host any of
+    whose addresses is not (loopback, link-local, private), as a source must not reach the
+    cluster's own services through a redirect. An IPv6 address that carries an IPv4 one (mapped,
+    compatible, 6to4, NAT64) is judged by the IPv4 address it reaches."""
     try:
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        addresses = _resolve(host, port)
     except OSError as exc:
         raise DataError(f"{refused} {target}: cannot resolve {host} ({exc})") from exc
     for text in sorted(addresses):
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address
         address = ipaddress.ip_address(text.split("%")[0])  # an IPv6 zone ('fe80::1%eth0') is no part of it
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its spelling
+        shown = str(address)
+        if address.version == 6 and (embedded := _embedded_ipv4(address)):
+            address, shown = embedded, f"{address}, which reaches {embedded}"
         if not address.is_global:
             kind = (
                 "loopback"
@@ -185,9 +263,26 @@ def _check_public(refused: str, target: str, host: str, port: int) -> None:
                 else "non-public"
             )
             raise DataError(
-                f"{refused} {target}: {host} resolves to {address}, a {kind} address; add "
+                f"{refused} {target}: {host} resolves to {shown}, a {kind} address; add "
                 f"'{host_port(target)}' to collect.allowed_hosts (with the source's host) to allow it"
             )
+    return addresses
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a translator reaches: the well-known NAT64
+# prefix and the local-use one (RFC 6052, RFC 8215; the /96 layout, as DNS64 writes it).
+NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``address`` reaches, if it is one of the forms that carry one: IPv4-mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d, not :: or ::1), 6to4 (2002:aabb:ccdd::/48), NAT64."""
+    value = int(address)
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if any(address in prefix for prefix in NAT64) or (value >> 32 == 0 and value > 1):
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
 
 
 def host_port(url: str) -> str:

@@ -388,6 +388,74 @@ def test_http_redirect_to_the_metadata_address_is_refused_before_connecting(redi
     assert not [address for address in connects if address[0] == "169.254.169.254"]
 
 
+def _record_connects(refuse: str | None = None):
+    """The addresses every socket.connect of this process goes to, until the function returned
+    with them is called. A connect to ``refuse`` fails at once, as to a host that is down, and
+    never leaves the machine."""
+    import sys
+
+    connects, recording = [], [True]
+
+    def hook(event, args):
+        if event == "socket.connect" and recording:
+            connects.append(args[1])
+            if refuse and args[1][0] == refuse:
+                raise ConnectionRefusedError(f"test: no connection to {refuse}")
+
+    sys.addaudithook(hook)  # hooks cannot be removed; this one stops when recording is cleared
+    return connects, recording.clear
+
+
+def test_http_redirect_to_a_rebinding_name_connects_where_it_checked(http_server, redirector, monkeypatch):
+    import socket
+
+    # The resolver (not the component under test) answers a public address for the name the
+    # first time, when the guard checks it, and loopback afterwards, when a second look-up connects.
+    public, port = "93.184.216.34", int(http_server.rpartition(":")[2])
+    real, answers = socket.getaddrinfo, [public]
+
+    def rebinding(host, *args, **kwargs):
+        if host != "data.rebind.test":
+            return real(host, *args, **kwargs)
+        address = answers.pop() if answers else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(storage.http, "RETRIES", 0)  # one try is enough to see where it goes
+    source = _via(redirector[0], f"http://data.rebind.test:{port}/data.jsonl")
+    connects, stop = _record_connects(refuse=public)
+    try:
+        error = _fails(source, exit_code=75)  # the checked address is down: no fallback to loopback
+    finally:
+        stop()
+    assert f"cannot download {source} (redirected to http://data.rebind.test:{port}/data.jsonl)" in error
+    assert (public, port) in connects and ("127.0.0.1", port) not in connects
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "2002:7f00:1::1", "::ffff:7f00:1", "::127.0.0.1"],
+    ids=["nat64", "nat64-local", "6to4", "mapped", "compatible"],
+)
+def test_http_redirect_to_ipv6_that_embeds_loopback_is_refused_before_connecting(redirector, address):
+    import ipaddress
+
+    port = int(redirector[0].rpartition(":")[2])  # the redirector itself, reached another way
+    target = f"http://[{address}]:{port}/data.jsonl"
+    source = _via(redirector[0], target)
+    connects, stop = _record_connects()
+    try:
+        error = _fails(source)
+    finally:
+        stop()
+    written = ipaddress.ip_address(address)
+    assert (
+        f"cannot download {source}: refused the redirect from {source} to {target}: {address} resolves to "
+        f"{written}, which reaches 127.0.0.1, a loopback address; add '[{address}]:{port}' to collect.allowed_hosts"
+    ) in error
+    assert [where[:2] for where in connects] == [("127.0.0.1", port)] and len(redirector[1]) == 1
+
+
 def test_http_redirects_keep_the_scheme_and_stop_after_five(redirector):
     source = _via(redirector[0], "https://127.0.0.1:9/data.jsonl")
     assert (
