@@ -89,6 +89,7 @@ def is_main_process() -> bool:
 def step_main(step: str, argv: Sequence[str] | None) -> int:
     """``finetune <step>``: parse, run the step's ``run`` from the table, write the result JSON."""
     args = _step_parser(step).parse_args(argv)
+    tracking.quiet_credentialed_links()
     # One id for every rank of one launch of a distributed step (torch.distributed.run sets it;
     # a new launch gets a new one): which error.json belongs to this attempt.
     attempt = os.environ.get("TORCHELASTIC_RUN_ID", "")

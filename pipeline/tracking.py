@@ -123,6 +123,16 @@ def client() -> Any:
     return Tracker(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
 
 
+def quiet_credentialed_links() -> None:
+    """Keep MLflow from printing its "View run <name> at: <tracking host>/#/..." banner (when a run
+    starts or ends on a tracking server) if the tracking URI carries userinfo: the banner prints
+    the host with it, which in a task log is the password. A step process calls this once, at its
+    start; the pipeline's own messages are redacted (``_redacted``)."""
+    uri = tracking_uri()
+    if _redacted(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow's own switch, read per call
+
+
 @contextmanager
 def module_api() -> Iterator[str]:
     """MLflow's module-level API pointed at ``tracking_uri()`` for the with-block only, for the calls
