@@ -143,6 +143,7 @@ class StepProcess:
         self.popen = subprocess.Popen(
             list(command),
             env={**env, LAUNCH_TAG: self.tag},
+            stdin=subprocess.DEVNULL,  # nothing may answer a prompt (transformers' "run the custom code? [y/N]")
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

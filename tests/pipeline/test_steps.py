@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import re
 import sys
 import typing
@@ -315,3 +316,26 @@ def test_step_timeouts_come_from_the_deployment_and_a_trigger_cannot_lift_them(t
     with pytest.raises(ConfigError, match="timeouts.train: 1 is below the minimum 10"):
         load_config(None, ["timeouts.train=1"])
     assert all(steps.step_timeout(step, defaults) > 0 for step in steps.STEPS)  # every row has its timeout
+
+
+def test_a_local_step_reads_nothing_from_the_workers_stdin(tmp_path):
+    """Whatever the worker's stdin holds (here a 'y' waiting on it), a step reads end-of-file: no
+    prompt of a library it runs (transformers' "run the custom code? [y/N]") can be answered."""
+    import collections
+
+    read, write = os.pipe()
+    os.write(write, b"y\n")
+    os.close(write)
+    saved = os.dup(0)
+    os.dup2(read, 0)
+    tail = collections.deque(maxlen=5)
+    try:
+        code = local.run_step_process(
+            [sys.executable, "-c", "import sys; print('stdin:', repr(sys.stdin.read()))"], local.local_env(), tail=tail
+        )
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(read)
+    assert code == 0
+    assert "stdin: ''" in tail, list(tail)
