@@ -202,29 +202,26 @@ def pictures_section(pictures: dict[str, str], run_id: str) -> str:
     return "\n".join(parts)
 
 
-def model_card(
-    cfg: PipelineConfig,
-    inputs: dict[str, dict[str, Any]],
-    pictures: dict[str, str] | None = None,
-    pictures_run_id: str = "",
-    samples: list[dict[str, Any]] | None = None,
-) -> str:
-    """The version's description: use, data, metrics beside the champion's, training, limitations;
-    ``pictures`` (MLflow artifact path on ``pictures_run_id`` -> caption) and a causal LM's first
-    sample answers when given."""
-    trained, evaluated, collected = inputs["train"], inputs["evaluate"], inputs["collect"]
-    champion = evaluated.get("champion_metrics") or {}
-    rows = "\n".join(
+def _metric_rows(metrics: dict[str, Any], champion: dict[str, Any]) -> str:
+    """The model card's metrics table rows: each metric beside the champion's, ``-`` where it has none."""
+    return "\n".join(
         f"| {name} | {value:.4f} | {champion[name]:.4f} |" if name in champion else f"| {name} | {value:.4f} | - |"
-        for name, value in evaluated["metrics"].items()
+        for name, value in metrics.items()
     )
-    settings = {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}
-    base = evaluated.get("base_metrics") or {}
-    base_line = (
+
+
+def _base_line(base: dict[str, Any]) -> str:
+    """A causal LM's base model on the same held-out tokens, as a line below the metrics table."""
+    return (
         ("\nBase model on the same held-out tokens: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()) + "\n")
         if base
         else ""
     )
+
+
+def _slice_tables(evaluated: dict[str, Any]) -> str:
+    """The gate metric per language of the eval rows and, in a table of its own, on the challenge
+    set, each beside the champion's; empty when evaluate measured no slices."""
     slices = evaluated.get("slices") or {}
     champion_slices = evaluated.get("champion_slices") or {}
     gate = evaluated.get("gate_metric", "")
@@ -252,6 +249,11 @@ def model_card(
             f"eval split and gated only by a threshold that names them\n"
             f"| slice | rows | this model | champion |\n|---|---|---|---|\n{challenge_rows}\n"
         )
+    return slice_table
+
+
+def _use_and_limits(cfg: PipelineConfig, trained: dict[str, Any], collected: dict[str, Any]) -> tuple[str, str]:
+    """The model card's intended use and the start of its limitations, by task."""
     limits = (
         "Trained on a small, synthetic or team-curated set of intents: messages outside them are "
         "forced into the nearest known intent."
@@ -267,6 +269,26 @@ model (`mlflow.pyfunc` takes OpenAI-style `messages`). Drafts replies for a pers
         use = f"""Classifies short customer-support messages (English and Chinese) into the intents seen in
 training: {", ".join(trained.get("labels", []) or collected.get("labels", []))}. Route or
 pre-fill support tickets; keep a person in the loop for refunds and account actions."""
+    return use, limits
+
+
+def model_card(
+    cfg: PipelineConfig,
+    inputs: dict[str, dict[str, Any]],
+    pictures: dict[str, str] | None = None,
+    pictures_run_id: str = "",
+    samples: list[dict[str, Any]] | None = None,
+) -> str:
+    """The version's description: use, data, metrics beside the champion's, training, limitations;
+    ``pictures`` (MLflow artifact path on ``pictures_run_id`` -> caption) and a causal LM's first
+    sample answers when given."""
+    trained, evaluated, collected = inputs["train"], inputs["evaluate"], inputs["collect"]
+    champion = evaluated.get("champion_metrics") or {}
+    rows = _metric_rows(evaluated["metrics"], champion)
+    settings = {k: v for k, v in vars(cfg.train).items() if k != "snapshot_uri"}
+    base_line = _base_line(evaluated.get("base_metrics") or {})
+    slice_table = _slice_tables(evaluated)
+    use, limits = _use_and_limits(cfg, trained, collected)
     return f"""# {cfg.model_name}: {cfg.task}
 
 ## Intended use
@@ -368,12 +390,10 @@ def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[s
         tracker.set_model_version_tag(cfg.model_name, version, PROMOTION_DONE, promotion.outcome)
 
 
-def run(cfg: PipelineConfig) -> RegisterResult:
+def _ensure_registered_model(tracker: Any, cfg: PipelineConfig) -> None:
+    """Create the registered model ``cfg.model_name`` unless it exists."""
     from mlflow.exceptions import MlflowException
 
-    inputs = _inputs(cfg.register)
-    trained, evaluated = inputs["train"], inputs["evaluate"]
-    tracker = tracking.client()
     try:
         tracker.create_registered_model(
             cfg.model_name, description=f"{cfg.task} models fine-tuned by finetune-pipeline"
@@ -381,35 +401,48 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _new_version(tracker: Any, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Log the trained model with its model card (pictures, a causal LM's samples) and register it
+    as a new version with its lineage; the version and the MLflow run it was logged to."""
+    trained, evaluated = inputs["train"], inputs["evaluate"]
+    mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
+    pictures_run_id = evaluated.get("mlflow_run_id") or mlflow_run_id  # where evaluate logged its PNGs
+    pictures = {p["path"]: p["caption"] for p in evaluated.get("pictures") or []}
+    pictures.update(drift_picture(inputs["validate"], pictures_run_id))
+    samples = (
+        storage.read_json(evaluated["report_uri"]) if cfg.task == "causal-lm" and evaluated.get("report_uri") else []
+    )
+    card = model_card(cfg, inputs, pictures, pictures_run_id, samples)
+    info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
+    # The registry's store finds the logged model (models:/<model_id>) through the module-level
+    # tracking URI, not this client's (MLflow's own TODO in create_model_version).
+    with tracking.module_api():
+        version = str(
+            tracker.create_model_version(
+                cfg.model_name,
+                info.model_uri,
+                run_id=mlflow_run_id,
+                tags=lineage_tags(cfg, inputs),
+                description=card,
+                model_id=info.model_id,
+            ).version
+        )
+    return version, mlflow_run_id
+
+
+def run(cfg: PipelineConfig) -> RegisterResult:
+    inputs = _inputs(cfg.register)
+    trained, evaluated = inputs["train"], inputs["evaluate"]
+    tracker = tracking.client()
+    _ensure_registered_model(tracker, cfg)
     existing = _already_registered(tracker, cfg)
     if existing is not None:  # a retried or re-run register: same training run, same version
         version, mlflow_run_id = str(existing.version), existing.run_id
         print(f"register: pipeline run {cfg.run_id} is already version {version}; completing it", file=sys.stderr)
     else:
-        mlflow_run_id = trained.get("mlflow_run_id") or tracking.pipeline_run_id(cfg)
-        pictures_run_id = evaluated.get("mlflow_run_id") or mlflow_run_id  # where evaluate logged its PNGs
-        pictures = {p["path"]: p["caption"] for p in evaluated.get("pictures") or []}
-        pictures.update(drift_picture(inputs["validate"], pictures_run_id))
-        samples = (
-            storage.read_json(evaluated["report_uri"])
-            if cfg.task == "causal-lm" and evaluated.get("report_uri")
-            else []
-        )
-        card = model_card(cfg, inputs, pictures, pictures_run_id, samples)
-        info = _log_model(cfg, trained["model_uri"], mlflow_run_id, card)
-        # The registry's store finds the logged model (models:/<model_id>) through the module-level
-        # tracking URI, not this client's (MLflow's own TODO in create_model_version).
-        with tracking.module_api():
-            version = str(
-                tracker.create_model_version(
-                    cfg.model_name,
-                    info.model_uri,
-                    run_id=mlflow_run_id,
-                    tags=lineage_tags(cfg, inputs),
-                    description=card,
-                    model_id=info.model_id,
-                ).version
-            )
+        version, mlflow_run_id = _new_version(tracker, cfg, inputs)
     _complete(tracker, cfg, version, evaluated)
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
