@@ -15,6 +15,7 @@ this layout) is moved to a version name and the symlink put in its place on its 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -25,8 +26,15 @@ from pathlib import Path
 KEEP_REPLACED_S = 600.0
 
 
-def _version_glob(path: Path) -> str:
-    return f".{path.name}.published.*"
+_ID = re.compile(r"\d{20}-[0-9a-f]{8}")
+
+
+def _versions(path: Path) -> list[Path]:
+    """The versions of the published directory ``path``, oldest first (ids sort in publish order)."""
+    prefix = f".{path.name}.published."
+    return sorted(
+        p for p in path.parent.iterdir() if p.name.startswith(prefix) and _ID.fullmatch(p.name[len(prefix) :])
+    )
 
 
 def _new_version(path: Path) -> Path:
@@ -72,7 +80,7 @@ def publish(src: Path, path: Path) -> Path:
 
 def _prune(path: Path, keep: set[str]) -> None:
     cutoff = time.time() - KEEP_REPLACED_S
-    for version in path.parent.glob(_version_glob(path)):
+    for version in _versions(path):
         if version.name in keep:
             continue
         try:
@@ -85,5 +93,5 @@ def _prune(path: Path, keep: set[str]) -> None:
 def remove(path: Path) -> None:
     """Delete a published directory: its symlink first (readers then find nothing), then every version."""
     path.unlink()
-    for version in path.parent.glob(_version_glob(path)):
+    for version in _versions(path):
         shutil.rmtree(version, ignore_errors=True)
