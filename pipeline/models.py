@@ -11,6 +11,7 @@ DAG-parse and ``finetune --help`` path through the steps, which must not pay for
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from contextlib import nullcontext
@@ -21,6 +22,15 @@ from pipeline import storage
 from pipeline.errors import ModelError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# The files in which a model asks transformers to import its own Python code (``auto_map``). The
+# pipeline never loads such a model: every from_pretrained call passes trust_remote_code=False.
+CODE_REQUEST_FILES = (
+    "config.json",
+    "adapter_config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
 
 
 def resolve_model(
@@ -35,11 +45,11 @@ def resolve_model(
     """
     kind = storage.scheme(uri)
     if kind == "s3":
-        return str(
-            storage.fetch_dir(
-                uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES, published=published
-            )
+        fetched = storage.fetch_dir(
+            uri, scratch / "model", skip_suffixes=() if weights else WEIGHT_SUFFIXES, published=published
         )
+        refuse_remote_code(Path(fetched), f"{what} '{uri}'")
+        return str(fetched)
     path = storage.local_path(uri) if kind in ("", "file", "pkg") else None
     looks_like_hub_name = kind == "" and not uri.startswith((".", "/", "~")) and uri.count("/") == 1
     if path is None or (looks_like_hub_name and not path.exists()):
@@ -52,7 +62,26 @@ def resolve_model(
         raise ModelError(f"{what} '{uri}': {path} holds no config.json; not a Hugging Face model directory")
     if not os.access(config, os.R_OK):
         raise ModelError(f"{what} '{uri}': {config} is not readable")
+    refuse_remote_code(path, f"{what} '{uri}'")
     return str(path)
+
+
+def refuse_remote_code(path: Path, what: str) -> None:
+    """Refuse a model directory whose configs ask for its own code to run (``auto_map``), before
+    transformers reads any of them."""
+    for name in CODE_REQUEST_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            entries = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{what}: {file} cannot be read as JSON: {exc}") from exc
+        if isinstance(entries, dict) and entries.get("auto_map"):
+            raise ModelError(
+                f"{what}: {file} asks to run the model's own Python code (auto_map: {entries['auto_map']}); the "
+                "pipeline loads only architectures transformers implements and never sets trust_remote_code"
+            )
 
 
 def _check_hub_reachable(name: str, what: str) -> None:
@@ -75,7 +104,7 @@ def load_tokenizer(base_model: str, scratch: Path) -> Any:
 
     path = resolve_model(base_model, scratch, weights=False)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{base_model}': cannot load its tokenizer: {exc}") from exc
 
@@ -85,8 +114,8 @@ def lm_tokenizer(path: str, what: str) -> Any:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
     vocab = getattr(config.get_text_config(), "vocab_size", None)
@@ -106,7 +135,7 @@ def load_causal_lm(path: str, what: str) -> tuple[Any, Any]:
 
     tokenizer = lm_tokenizer(path, what)
     try:
-        return AutoModelForCausalLM.from_pretrained(path), tokenizer
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False), tokenizer
     except (OSError, ValueError) as exc:
         raise ModelError(f"{what}: cannot load a causal LM: {exc}") from exc
 
@@ -120,7 +149,7 @@ def load_trained_lm(model_uri: str, base_model: str, scratch: Path) -> tuple[Any
     from transformers import AutoTokenizer
 
     base, base_tokenizer = load_causal_lm(resolve_model(base_model, scratch / "base"), f"base_model '{base_model}'")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     extend_like(base, base_tokenizer, tokenizer)  # an adapter trained with train.extend_vocab
     return PeftModel.from_pretrained(base, path), tokenizer
 
