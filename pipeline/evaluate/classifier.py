@@ -59,7 +59,10 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
         raise DataError(f"{own.snapshot_uri}: the eval split is empty; raise collect.eval_fraction")
     texts, truth = [str(t) for t in rows["text"]], [str(v) for v in rows["label"]]
     path = resolve_model(own.model_uri, scratch, what="evaluate.model_uri", published=True)
-    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = (
+        AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False),
+        AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+    )
     challenge_texts, challenge_truth = challenge_rows(own.challenge_uri, set(model.config.id2label.values()))
     challenge_groups = challenge_slice_groups(challenge_texts)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)

@@ -469,7 +469,11 @@ def _publishable_model(cfg: PipelineConfig, model_dir: str, adapter: Path, out: 
     # the other ranks' collectives forever.
     unset_hf_deepspeed_config()
     base, base_tokenizer = load_causal_lm(model_dir, f"base_model '{cfg.base_model}'")
-    extend_like(base, base_tokenizer, AutoTokenizer.from_pretrained(str(adapter)))  # train.extend_vocab's rows
+    extend_like(
+        base, base_tokenizer, AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False)
+    )  # train.extend_vocab's rows
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(out))  # carries the chat template used
+    AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False).save_pretrained(
+        str(out)
+    )  # carries the chat template used

@@ -44,7 +44,7 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
         raise DataError(f"{cfg.train.snapshot_uri}: needs at least 2 labels to train a classifier, found {labels}")
     id2label, label2id = label_maps(labels)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its tokenizer: {exc}") from exc
 
@@ -53,7 +53,12 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
     def load_model() -> Any:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, **model_kwargs
+                model_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                trust_remote_code=False,
+                **model_kwargs,
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
@@ -167,7 +172,7 @@ def _causal_lm_model(
     """causal-lm's ``Parts.load_model``: the base model, its rows for ``added``, the LoRA adapter."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, **model_kwargs)
     if added:
         extend_embeddings(model, list(added.values()))
     if not own.lora_r:
@@ -225,7 +230,7 @@ def model_kwargs(cfg: PipelineConfig, model_dir: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"base_model '{cfg.base_model}': cannot load its config: {exc}") from exc
     for name in cfg.train.model_kwargs:
