@@ -28,6 +28,10 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.steps import JOB_LAUNCHERS, STEPS
 
+# The task_state_store key under which a job operator records the job it created (kind,
+# namespace, name, uid) for the next try of its task instance. Renaming it strands in-flight retries.
+JOB_STATE_KEY = "kubeflow_job"
+
 # KPO's XCom sidecar must meet the same "restricted" policy as the step container.
 XCOM_SIDECAR_SECURITY = dict(k8s.RESTRICTED_CONTAINER, runAsUser=65534, runAsGroup=65534)
 
@@ -87,6 +91,9 @@ class StepPodOperator(KubernetesPodOperator):
                 "do_xcom_push": True,
                 "xcom_sidecar_container_security_context": XCOM_SIDECAR_SECURITY,
                 "on_finish_action": "delete_pod",
+                # The provider's own reattach (Airflow 3.3+): the pod's identity goes to the try's
+                # task_state_store, and a next try follows that pod while it runs.
+                "durable": True,
                 **kwargs,
             }
         )
@@ -128,17 +135,28 @@ class KubeflowJobOperator(BaseOperator):
     error.json (``task_exception``); ``on_kill`` deletes the job ``execute`` created. A succeeded job
     is kept (its logs and status), until the next attempt of the same run replaces it.
 
+    Retries reattach (``durable``, as the provider's KubernetesPodOperator does): the job's kind,
+    namespace, name and uid go to the try's ``task_state_store`` before the watch, and a next try of
+    the task instance whose try died mid-watch follows that job while it runs (its rank-0 log into
+    the new try's log) or takes its result if it succeeded, instead of creating it again; one that
+    failed or is gone is replaced, and a job of that name with another uid (someone recreated it)
+    is not adopted: said in the log, and replaced. A try that saw its job to success drops the
+    record, so a cleared task runs its job again.
+
     A subclass names its launcher; the class name is the task's type in the Airflow UI.
 
     :param step: the row of ``pipeline.steps.STEPS`` to run: a distributed one (``train``).
+    :param durable: reattach a retry to the job an earlier try created (True), or always create
+        the job anew (False, the behaviour before Airflow 3.3's task_state_store).
     :param kwargs: ``BaseOperator``'s (``task_id``, ``execution_timeout``, callbacks, ...).
     """
 
     launcher: ClassVar[str]
 
-    def __init__(self, *, step: str, **kwargs: Any) -> None:
+    def __init__(self, *, step: str, durable: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step = step
+        self.durable = durable
         self.manifest: dict[str, Any] | None = None
 
     @property
@@ -173,6 +191,7 @@ class KubeflowJobOperator(BaseOperator):
         except Exception as exc:  # the job still runs and is judged; only its log is missing
             self.log.warning("the rank-0 pod's log will not be streamed: %s", exc)
             core = None
+        store = context.get("task_state_store")
         phase = k8s.run_job(
             self.api(),
             self.manifest,
@@ -180,6 +199,8 @@ class KubeflowJobOperator(BaseOperator):
             k8s.job_deadline_seconds(self.manifest),
             log=self.log.info,
             core=core,
+            adopt=self.stored_uid(store),
+            created=lambda uid: self.store_job(store, uid),
         )
         if phase != "Succeeded":
             name = self.manifest["metadata"]["name"]
@@ -192,7 +213,37 @@ class KubeflowJobOperator(BaseOperator):
                     f"{self.kind} {name} ran past its deadline (timeouts.{self.step})",
                 )
             raise task_exception(self.step, self.launcher, cfg, None, f"{self.kind} {name} ended {phase}")
-        return storage.read_json(storage.join(cfg.step_uri(self.step), steps.RESULT_FILE))
+        result = storage.read_json(storage.join(cfg.step_uri(self.step), steps.RESULT_FILE))
+        if store is not None and self.durable:
+            store.delete(JOB_STATE_KEY)  # seen to its end: a cleared task runs its job again
+        return result
+
+    def stored_uid(self, store: Any) -> str | None:
+        """The uid of this task's job that an earlier try of this task instance created and did
+        not see to its end, from the try's ``task_state_store``; None when there is none to adopt
+        (no store, ``durable=False``, nothing stored, or another job's identity)."""
+        if store is None or not self.durable:
+            return None
+        stored = store.get(JOB_STATE_KEY)
+        if stored is None:
+            return None
+        meta = self.manifest["metadata"] if self.manifest is not None else {}
+        wanted = {"kind": self.kind, "namespace": meta.get("namespace"), "name": meta.get("name")}
+        if not isinstance(stored, dict) or not isinstance(stored.get("uid"), str):
+            self.log.warning("not adopting the job stored by an earlier try: malformed %r", stored)
+            return None
+        if {key: stored.get(key) for key in wanted} != wanted:
+            self.log.warning("not adopting %r stored by an earlier try: this try's job is %r", stored, wanted)
+            return None
+        return stored["uid"]
+
+    def store_job(self, store: Any, uid: str) -> None:
+        """Record the job this try created (kind, namespace, name, uid) in the try's
+        ``task_state_store`` before the watch, so that a next try reattaches to it."""
+        if store is None or not self.durable or self.manifest is None:
+            return
+        meta = self.manifest["metadata"]
+        store.set(JOB_STATE_KEY, {"kind": self.kind, "namespace": meta["namespace"], "name": meta["name"], "uid": uid})
 
     def on_kill(self):
         if self.manifest is not None:

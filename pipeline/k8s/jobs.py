@@ -205,11 +205,14 @@ def _create(
     poll_seconds: float,
     sleep: Callable[[float], None],
     log: Callable[[str], None],
-) -> bool:
-    """Create the job, replacing one of its name; False when that one is still there at ``deadline``."""
+) -> tuple[bool, str | None]:
+    """Create the job, replacing one of its name: (False, None) when that one is still there at
+    ``deadline``, else (True, the created job's uid as the API server answered it; None if unsaid)."""
     meta, where, kind = manifest["metadata"], job_api(manifest), manifest["kind"]
     try:
-        api.create_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, dict(manifest))
+        created = api.create_namespaced_custom_object(
+            where.group, where.version, meta["namespace"], where.plural, dict(manifest)
+        )
     except Exception as exc:
         if getattr(exc, "status", None) != 409:
             raise
@@ -219,9 +222,41 @@ def _create(
         delete_job(api, manifest)
         while _exists(api, manifest):
             if time.monotonic() > deadline:
-                return False
+                return False, None
             sleep(poll_seconds)
-        api.create_namespaced_custom_object(where.group, where.version, meta["namespace"], where.plural, dict(manifest))
+        created = api.create_namespaced_custom_object(
+            where.group, where.version, meta["namespace"], where.plural, dict(manifest)
+        )
+    uid = (created or {}).get("metadata", {}).get("uid") if isinstance(created, Mapping) else None
+    return True, uid
+
+
+def _adoptable(api: Any, manifest: Mapping[str, Any], uid: str, log: Callable[[str], None]) -> bool:
+    """Whether the job of ``manifest``'s name that an earlier try created (``uid``) can be watched
+    instead of created again: it is still there, the same object (its uid), and has not failed."""
+    meta, where, kind = manifest["metadata"], job_api(manifest), manifest["kind"]
+    named = f"{kind} {meta['namespace']}/{meta['name']}"
+    try:
+        job = api.get_namespaced_custom_object(
+            where.group, where.version, meta["namespace"], where.plural, meta["name"]
+        )
+    except Exception as exc:
+        if getattr(exc, "status", None) != 404:
+            raise
+        log(f"{named}, created by an earlier try (uid {uid}), is gone: creating it again")
+        return False
+    found = (job.get("metadata") or {}).get("uid")
+    if found != uid:
+        log(
+            f"not adopting {named}: its uid is {found}, not {uid} as the earlier try created it "
+            "(someone recreated it); replacing it"
+        )
+        return False
+    phase = job_phase(job)
+    if phase == "Failed":
+        log(f"{named}, created by an earlier try (uid {uid}), failed: replacing it")
+        return False
+    log(f"reattaching to {named} (uid {uid}), created by an earlier try: {phase or 'still running'}")
     return True
 
 
@@ -233,19 +268,30 @@ def run_job(
     sleep: Callable[[float], None] = time.sleep,
     log: Callable[[str], None] = print,
     core: Any = None,
+    adopt: str | None = None,
+    created: Callable[[str], None] | None = None,
 ) -> str:
     """Create the PyTorchJob or TrainJob with a ``CustomObjectsApi``, poll until it ends and return
     its final phase ('Succeeded', 'Failed', 'Timeout'). With a ``CoreV1Api`` as ``core``, the
     rank-0 pod's log goes to ``log`` as the job runs (``MasterLog``).
+
+    ``adopt``: the uid of the job an earlier try of the task created (and could not see to its
+    end): that job is watched instead of created again while it runs or after it succeeded; one
+    that failed, is gone, or carries another uid (someone recreated it) is replaced, as a job
+    left without a uid is. ``created`` is told the uid of a job this call creates, before the watch.
 
     Anything but success (a Failed job, a timeout, an interruption) deletes the job, so no GPU
     stays reserved by a run Airflow has given up on.
     """
     meta, where, kind = manifest["metadata"], job_api(manifest), manifest["kind"]
     deadline = time.monotonic() + timeout_seconds
-    if not _create(api, manifest, deadline, poll_seconds, sleep, log):
-        return "Timeout"
-    log(f"created {kind} {meta['namespace']}/{meta['name']}")
+    if adopt is None or not _adoptable(api, manifest, adopt, log):
+        made, uid = _create(api, manifest, deadline, poll_seconds, sleep, log)
+        if not made:
+            return "Timeout"
+        log(f"created {kind} {meta['namespace']}/{meta['name']}" + (f" (uid {uid})" if uid else ""))
+        if uid and created is not None:
+            created(uid)
     master = MasterLog(core, manifest, log) if core is not None else None
     seen: set[tuple[str, str, str]] = set()
     phase = None
