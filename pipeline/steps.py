@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import collect, evaluate, k8s, promote, register, storage, train, validate
-from pipeline.config import PipelineConfig, check_trigger, file_overrides, load_config, value_of
+from pipeline.config import (
+    PipelineConfig,
+    check_model_name,
+    check_sources,
+    check_trigger,
+    file_overrides,
+    load_config,
+    value_of,
+)
 from pipeline.errors import ConfigError, PipelineError, ValidationFailed
 
 LAUNCHERS = ("local", "kubernetes", "pytorchjob", "trainjob")
@@ -220,17 +228,33 @@ def trigger_config(
     trigger: Sequence[str],
     trusted: PipelineConfig | None = None,
     origin: str = "DAG run conf",
+    built: PipelineConfig | None = None,
 ) -> PipelineConfig:
-    """The config of the deployment's overrides then what a trigger sent: an unknown key or a bad
-    value first, named as such, then a key the deployment's ``trigger_keys`` (of ``trusted``, its
-    config, built here when not given) does not allow. The one place that policy is applied."""
-    if trusted is not None and not trigger:
+    """The config of the deployment's overrides then what a trigger sent (``built``, where the
+    caller built it with them): an unknown key or a bad value first, named as such, then a key the
+    deployment's ``trigger_keys`` (of ``trusted``, its config, built here when not given) does not
+    allow, then a source outside its ``collect.allowed_sources`` or a model name outside its
+    ``allowed_model_names``, before anything is read. The one place that policy is applied."""
+    if built is not None:
+        cfg = built
+    elif trusted is not None and not trigger:
         cfg = trusted  # the deployment's overrides alone: its own config
     else:
         cfg = load_config(None, [*deployment, *trigger])
     if trusted is None:
         trusted = cfg if not trigger else load_config(None, deployment)
     check_trigger(trigger, trusted.trigger_keys, origin)
+    sent = {_key(item) for item in trigger}
+    if "collect.sources" in sent:
+        check_sources(cfg.collect.sources, trusted.collect.allowed_sources, origin)
+    if "model_name" in sent:
+        others = [item for item in trigger if _key(item) != "model_name"]
+        check_model_name(
+            cfg.model_name,
+            trusted.allowed_model_names,
+            lambda: load_config(None, [*deployment, *others]).model_name,
+            origin,
+        )
     return cfg
 
 
@@ -274,10 +298,7 @@ def step_overrides(
     own += extra
     sets = [*deployment, *trigger, *own]
     cfg = _one_build(sets, trigger, own) if not missing else None
-    if cfg is None:
-        trigger_config(deployment, trigger, trusted)
-    else:
-        check_trigger(trigger, trusted.trigger_keys)
+    trigger_config(deployment, trigger, trusted, built=cfg)
     if missing:
         source, result_field = missing[0]
         raise ConfigError(f"{step}: upstream result {source}.{result_field} is missing")

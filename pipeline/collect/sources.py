@@ -1,8 +1,9 @@
 """Sources: which files an entry of collect.sources names (a path, a glob, a directory, an S3 key
 or prefix, an http(s) URL), and a local copy of each to parse.
 
-Which sources collect may read is decided in ``check_allowed``, before any byte is read; where a
-redirect may lead, in ``pipeline.storage.http``, before anything connects to it.
+Which sources a trigger may pick is decided at the trigger check (``pipeline.config.scope``, against
+collect.allowed_sources); which hosts collect may download from in ``check_allowed``, before any byte
+is read; where a redirect may lead, in ``pipeline.storage.http``, before anything connects to it.
 
     python -c "from pipeline.collect import sources; print(sources.expand('pipeline/data/*.jsonl'))"
 """
@@ -10,7 +11,6 @@ redirect may lead, in ``pipeline.storage.http``, before anything connects to it.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
+from pipeline.config import local_files
 from pipeline.errors import ConfigError, DataError
 from pipeline.storage import http
 
@@ -76,11 +77,7 @@ def expand(source: str, allowed_hosts: Sequence[str] = ()) -> list[SourceFile]:
     path = storage.local_path(source)
     if path is None:
         raise DataError(f"source {source}: unsupported URI scheme '{kind}' (use a path, file://, s3:// or https://)")
-    matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)]
-    files: list[Path] = []
-    for match in map(Path, matches):
-        files.extend(sorted(match.rglob("*")) if match.is_dir() else [match])
-    files = [f for f in files if f.is_file() and not f.name.startswith(".")]
+    files = local_files(path)  # the very files a trigger's source was checked by (config.scope)
     if not files:
         raise DataError(f"source {source} matches no files")
     out = []

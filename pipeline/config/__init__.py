@@ -10,7 +10,8 @@ Every step validates the whole config, so a typo fails the first step, not the f
 
 Each section is a module of this package: ``collect``, ``validate``, ``train`` (with
 ``trainer_args``, the TrainingArguments fields it passes by name), ``evaluate``, ``registry``
-(register and promote) and ``deploy`` (k8s, timeouts, what a trigger may set). This module holds
+(register and promote), ``deploy`` (k8s, timeouts, what a trigger may set) and ``scope`` (which
+sources and model names a trigger may pick). This module holds
 ``PipelineConfig``, the task families' defaults and the loading, and re-exports the names the
 rest of the code imports from ``pipeline.config``.
 
@@ -55,6 +56,7 @@ from pipeline.config.deploy import (
 )
 from pipeline.config.evaluate import CHALLENGE, DEFAULT_CHALLENGE, EvaluateConfig, is_challenge, parse_threshold
 from pipeline.config.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, PromoteConfig, RegisterConfig
+from pipeline.config.scope import check_model_name, check_sources, local_files
 from pipeline.config.train import TrainConfig
 from pipeline.config.validate import DRIFT_CHECKS, ValidateConfig
 from pipeline.errors import ConfigError
@@ -98,6 +100,9 @@ __all__ = [
     "STEP_NAMES",
     "TRIGGER_KEYS",
     "check_trigger",
+    "check_sources",
+    "check_model_name",
+    "local_files",
     "node_selector",
     "tolerations",
 ]
@@ -152,7 +157,15 @@ class PipelineConfig:
     seed: int = option(42, "Random seed for splitting, initialisation and data order.", minimum=0)
     trigger_keys: list[str] = option(
         list(TRIGGER_KEYS),
-        "Config keys (glob patterns) a trigger may set; the deployment's setting, never a trigger's.",
+        "Config keys (glob patterns) a trigger may set; the deployment's setting, never a trigger's. "
+        "collect.sources and model_name a trigger may always set, to values collect.allowed_sources and "
+        "allowed_model_names allow.",
+    )
+    allowed_model_names: list[str] = option(
+        [],
+        "Registered model names (glob patterns) a trigger may set model_name to, besides the name the config "
+        "has without it (the deployment's, or the task family's default); the deployment's setting, never a "
+        "trigger's.",
     )
     collect: CollectConfig = field(default_factory=CollectConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)

@@ -1,6 +1,6 @@
 """The deployment's settings: how steps are submitted to Kubernetes (``k8s``, rendered by
 pipeline/k8s.py), how long each step may run (``timeouts``), and which keys a trigger may set
-(``TRIGGER_KEYS``, ``check_trigger``).
+(``TRIGGER_KEYS``, ``check_trigger``; the values of ``SCOPED_KEYS`` are checked in ``scope``).
 
     finetune render --step train --launcher pytorchjob --set k8s.num_nodes=2
 
@@ -291,13 +291,12 @@ class TimeoutsConfig:
 # which keys a trigger may set. The default: data and training choices. Never a key that moves
 # the promotion gate or where artifacts and images come from (k8s.*, artifact_root,
 # evaluate.gate_metric / metric_direction / thresholds / promotion_margin), nor the data gate's
-# settings (validate.*): those belong to whoever runs the deployment.
+# settings (validate.*): those belong to whoever runs the deployment. Which sources and which
+# registered model a trigger may name is scoped by value instead (SCOPED_KEYS below).
 TRIGGER_KEYS = (
     "task",
-    "model_name",
     "base_model",
     "seed",
-    "collect.sources",
     "collect.text_column",
     "collect.label_column",
     "train.epochs",
@@ -331,15 +330,29 @@ TRIGGER_KEYS = (
     "promote.reason",
     "promote.force",
 )
-# Set by the deployment alone, even where its trigger_keys would match them.
-NEVER_FROM_A_TRIGGER = ("trigger_keys",)
+# Keys a trigger may always set, but only to values the deployment's key beside them scopes
+# (pipeline/config/scope.py): the sources collect reads, the registered model a run aims at.
+SCOPED_KEYS = {"collect.sources": "collect.allowed_sources", "model_name": "allowed_model_names"}
+# Set by the deployment alone, even where its trigger_keys would match them (`collect.*`).
+NEVER_FROM_A_TRIGGER = (
+    "trigger_keys",
+    "allowed_model_names",
+    "collect.allowed_sources",
+    "collect.allowed_hosts",
+    "evaluate.reference_sets",  # the deployment's own rows, and its bars on them (pipeline/evaluate/reference.py)
+    "evaluate.reference_thresholds",
+    "evaluate.max_reference_regression",
+)
 
 
 def check_trigger(overrides: Sequence[str], allowed: Sequence[str], origin: str = "DAG run conf") -> None:
     """Refuse any ``key=value`` of ``overrides`` (what a trigger sent) whose key no pattern of
-    ``allowed`` (the deployment's ``trigger_keys``) matches, naming the key and the setting."""
+    ``allowed`` (the deployment's ``trigger_keys``) matches, naming the key and the setting. A key
+    of ``SCOPED_KEYS`` passes here: its value is checked against the deployment's scope."""
     for item in overrides:
         key = item.partition("=")[0].strip()
+        if key in SCOPED_KEYS:
+            continue
         if key in NEVER_FROM_A_TRIGGER or not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
             raise ConfigError(
                 f"{origin}: '{key}' may not be set by a trigger (the trigger form, the REST API, the overrides Param "

@@ -15,7 +15,9 @@ from tests.helpers import ROOT
 def test_overrides_carry_params_then_free_overrides_then_upstream_uris():
     params = {"epochs": 2, "learning_rate": 5e-5, "source": ["s3://bucket/data/"], "overrides": ["train.epochs=4"]}
     upstream = {"collect": {"snapshot_uri": "file:///a/data.parquet"}}
-    sets = steps.step_overrides("train", params, upstream, "r1")
+    sets = steps.step_overrides(
+        "train", params, upstream, "r1", deployment=['collect.allowed_sources=["s3://bucket/"]']
+    )
     assert sets.index("train.epochs=2") < sets.index("train.epochs=4")  # the free-form override wins
     assert sets[-2:] == ["run_id=r1", 'train.snapshot_uri="file:///a/data.parquet"']
     cfg = load_config(None, sets)
@@ -151,7 +153,7 @@ def test_the_deployment_config_is_trusted_and_can_widen_the_allow_list(tmp_path)
         ).train.epochs
         == 7
     )
-    with pytest.raises(ConfigError, match="'model_name' may not be set by a trigger"):  # not in this allow-list
+    with pytest.raises(ConfigError, match="model_name 'other' matches no pattern of allowed_model_names"):
         steps.step_overrides(
             "train", {"model_name": "other"}, {"collect": {"snapshot_uri": "x"}}, "r", deployment=overrides
         )
