@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import chat, storage
-from pipeline.collect.formats import Chunk, format_of, open_source
+from pipeline.collect.formats import Chunk, Limits, format_of, open_source
 from pipeline.collect.mixing import MixEntry, plan_mix
 from pipeline.collect.sources import SourceFile, expand, local_copy
 from pipeline.collect.writer import SnapshotWriter, Tally, UnencodableRow
@@ -133,9 +133,10 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     else:
         to_rows, fields = _classification_rows, (own.text_column, own.label_column)
     fields = tuple(dict.fromkeys((*fields, *own.extra_columns)))
+    limits = Limits(own.max_record_bytes, own.max_decompressed_bytes, own.max_compression_ratio)
     with (
         local_copy(source, tmp, own.allowed_hosts) as path,
-        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp) as parsed,
+        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp, limits) as parsed,
     ):
         if parsed.columns_complete:  # fail before reading rows when the header says so
             _check_columns(cfg.task, source.uri, parsed.columns, own)

@@ -76,7 +76,8 @@ class CollectConfig:
         "Largest record a source may hold, in bytes: a JSONL line, a CSV record (as read for a record on one "
         "line, on its values once parsed for one whose quoted fields span lines), a Parquet row's selected "
         "columns as Arrow bytes. A longer one is refused, naming the file and line or row. It bounds memory "
-        "(a 16 MiB record costs about 150 MB while parsed); validate.max_text_chars judges a text's length.",
+        "(a 16 MiB JSONL record peaks at about 190 MB over the process's own 75); validate.max_text_chars "
+        "judges a text's length.",
         minimum=1 << 10,
         maximum=1 << 30,
     )
