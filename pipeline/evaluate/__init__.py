@@ -22,13 +22,20 @@ The model is promoted when there is no champion, or when it beats the champion's
 by more than ``promotion_margin``, in the metric's direction (lower perplexity is better). A
 champion that can no longer be loaded fails the step (fail closed).
 
+A classifier is also scored, beside the champion, on each of ``evaluate.reference_sets``: rows the
+deployment owns and pins by sha256 (a trigger can set none of those keys). A file whose content
+changed fails the step, naming the set; a new model below ``evaluate.reference_thresholds`` or
+worse than the champion by more than ``evaluate.max_reference_regression`` on any set is not
+promoted, whatever the run's own eval split says (``reference``).
+
     finetune evaluate --set evaluate.snapshot_uri=... --set evaluate.model_uri=.../train/model
 
 The step is here; its parts beside it: ``classifier`` (a classifier's predictions, metrics and
 slices), ``challenge`` (the challenge set and its slices), ``causal_lm`` (loss, perplexity and
-generations of a causal LM), ``champion`` (loading the registered champion), ``gate`` (the
-promotion rule), ``pictures`` (the PNGs, the loss history, the captions), ``report`` (logging to
-MLflow) and ``scored`` (what a task family's evaluation hands the step).
+generations of a causal LM), ``champion`` (loading the registered champion), ``reference`` (the
+deployment's pinned reference sets), ``gate`` (the promotion rule), ``pictures`` (the PNGs, the
+loss history, the captions), ``report`` (logging to MLflow) and ``scored`` (what a task family's
+evaluation hands the step).
 
 torch, transformers, sklearn, matplotlib, pandas and mlflow are imported inside the functions
 that use them: the step table imports this package when Airflow parses the DAG files.
@@ -47,9 +54,10 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate.causal_lm import evaluate_lm
 from pipeline.evaluate.champion import load_champion
 from pipeline.evaluate.classifier import evaluate_classifier
-from pipeline.evaluate.gate import decide
+from pipeline.evaluate.gate import decide, hold_to_reference
 from pipeline.evaluate.pictures import draw_pictures, picture_captions
-from pipeline.evaluate.report import log_to_mlflow
+from pipeline.evaluate.reference import read_reference_sets, score_reference_sets
+from pipeline.evaluate.report import log_reference, log_to_mlflow
 from pipeline.evaluate.scored import print_metrics
 from pipeline.snapshot import load_snapshot
 
@@ -77,6 +85,9 @@ class EvaluateResult:
     # an MLflow artifact of mlflow_run_id. A list: result JSON is written with sorted keys.
     pictures: list[dict[str, str]] = field(default_factory=list)
     mlflow_run_id: str = ""
+    # Per set of evaluate.reference_sets, the same rows for both: {"support": {"rows": 220, "accuracy": ...}}
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    champion_reference: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evaluate_lm}
@@ -84,15 +95,9 @@ EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evalu
 
 def run(cfg: PipelineConfig) -> EvaluateResult:
     own = cfg.evaluate
-    for key in ("snapshot_uri", "model_uri"):
-        if not getattr(own, key):
-            raise ConfigError(f"evaluate.{key} is required")
+    check_inputs(cfg)
     metric, greater_is_better = own.gate(cfg.task)
-    if cfg.task != "sequence-classification" and own.challenge_uri not in ("", DEFAULT_CHALLENGE):
-        raise ConfigError(
-            f"evaluate.challenge_uri: a challenge set is scored for sequence-classification only, "
-            f"not {cfg.task}; set evaluate.challenge_uri=''"
-        )
+    references = read_reference_sets(own)  # before any model: changed reference data fails at once, by name
     frame = load_snapshot(own.snapshot_uri)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as tmp:
         scored = EVALUATORS[cfg.task](cfg, frame, Path(tmp))
@@ -104,9 +109,11 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         champion_version, champion_model, champion_tokenizer = champion
         champion_metrics, champion_slices = scored.score_other(champion_model, champion_tokenizer)
         print_metrics(f"champion v{champion_version}", champion_metrics)
-    promote, reason = decide(
+    reference, champion_reference = score_reference_sets(own, references, scored, champion)
+    verdict = decide(
         scored.metrics, champion_metrics if champion_version else None, own, cfg.task, scored.slices, champion_slices
     )
+    promote, reason = hold_to_reference(verdict, reference, champion_reference, own)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
     mlflow_run_id = tracking.pipeline_run_id(cfg)
     scored.artifacts.update(draw_pictures(mlflow_run_id, scored, champion_version, champion_metrics))
@@ -115,6 +122,7 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
     for name, content in scored.artifacts.items():
         storage.write_bytes(uris[name], content)
     log_to_mlflow(cfg, scored, champion_metrics, promote, reason)
+    log_reference(cfg, reference, champion_reference)
     return EvaluateResult(
         result_uri=storage.join(out_uri, "result.json"),
         metrics=scored.metrics,
@@ -131,6 +139,27 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         thresholds=list(own.thresholds),
         slices=scored.slices,
         champion_slices=champion_slices,
+        reference=reference,
+        champion_reference=champion_reference,
         pictures=picture_captions(list(scored.artifacts)),
         mlflow_run_id=mlflow_run_id,
     )
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """The inputs are given, and the challenge and reference sets are for a classifier."""
+    own = cfg.evaluate
+    for key in ("snapshot_uri", "model_uri"):
+        if not getattr(own, key):
+            raise ConfigError(f"evaluate.{key} is required")
+    if cfg.task != "sequence-classification" and own.challenge_uri not in ("", DEFAULT_CHALLENGE):
+        raise ConfigError(
+            f"evaluate.challenge_uri: a challenge set is scored for sequence-classification only, "
+            f"not {cfg.task}; set evaluate.challenge_uri=''"
+        )
+    if cfg.task != "sequence-classification" and own.reference_sets:
+        raise ConfigError(
+            f"evaluate.reference_sets: reference sets are {{text, label}} rows scored for sequence-classification "
+            f"only, not {cfg.task} (a causal LM's would be conversations scored by perplexity: not built); "
+            f"set evaluate.reference_sets={{}} for a {cfg.task} deployment"
+        )

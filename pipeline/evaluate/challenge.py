@@ -21,24 +21,7 @@ def challenge_rows(uri: str, known_labels: set[str]) -> tuple[list[str], list[st
     a model of other intents skips it with a note instead."""
     if not uri:
         return [], []
-    texts, labels = [], []
-    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            text, label = record["text"], record["label"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"evaluate.challenge_uri {uri}: line {number} is not a JSON object with 'text' and "
-                f"'label' ({type(exc).__name__}: {exc})"
-            ) from exc
-        if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label:
-            raise DataError(
-                f"evaluate.challenge_uri {uri}: line {number}: 'text' and 'label' must be non-empty strings"
-            )
-        texts.append(text)
-        labels.append(label)
+    texts, labels = parse_rows(storage.read_bytes(uri), f"evaluate.challenge_uri {uri}")
     if not texts:
         raise DataError(f"evaluate.challenge_uri {uri} has no rows; set evaluate.challenge_uri='' for none")
     unknown = sorted(set(labels) - known_labels)
@@ -57,6 +40,27 @@ def challenge_rows(uri: str, known_labels: set[str]) -> tuple[list[str], list[st
             f"({sum(label in unknown for label in labels)} of {len(labels)} rows) are not labels the "
             f"model knows ({sorted(known_labels)}); relabel those rows or drop them"
         )
+    return texts, labels
+
+
+def parse_rows(content: bytes, where: str) -> tuple[list[str], list[str]]:
+    """The texts and labels of a JSONL file of ``{"text", "label"}`` lines (the challenge set, a
+    reference set); a line that is not one is a DataError starting with ``where``."""
+    texts, labels = [], []
+    for number, line in enumerate(content.decode("utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text, label = record["text"], record["label"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{where}: line {number} is not a JSON object with 'text' and 'label' ({type(exc).__name__}: {exc})"
+            ) from exc
+        if not isinstance(text, str) or not text.strip() or not isinstance(label, str) or not label:
+            raise DataError(f"{where}: line {number}: 'text' and 'label' must be non-empty strings")
+        texts.append(text)
+        labels.append(label)
     return texts, labels
 
 

@@ -105,12 +105,19 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
                 challenge_labels,
                 "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""),
             )
-    challenge_frame = None
-    if challenge_texts:
-        import pandas as pd
+    challenge_frame = _frame(challenge_texts, challenge_truth)
+    return Scored(
+        rows[["text", "label"]], metrics, slices, {}, artifacts, score_other, challenge_frame, model, tokenizer
+    )
 
-        challenge_frame = pd.DataFrame({"text": challenge_texts, "label": challenge_truth})
-    return Scored(rows[["text", "label"]], metrics, slices, {}, artifacts, score_other, challenge_frame)
+
+def _frame(texts: list[str], labels: list[str]) -> Any:
+    """The rows as a ``{text, label}`` DataFrame, logged to MLflow; None when there are none."""
+    if not texts:
+        return None
+    import pandas as pd
+
+    return pd.DataFrame({"text": texts, "label": labels})
 
 
 def slice_groups(cfg: PipelineConfig, rows: Any, texts: list[str]) -> dict[str, list[int]]:

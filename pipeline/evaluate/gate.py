@@ -1,5 +1,5 @@
 """The promotion gate: the absolute thresholds, the per-slice regression rule and the margin over
-the champion."""
+the champion; and the deployment's reference sets, bars and no regression on each."""
 
 from __future__ import annotations
 
@@ -66,3 +66,48 @@ def decide(
         f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
         f"({better} is better)"
     )
+
+
+def reference_refusal(
+    ours: dict[str, dict[str, float]], champion: dict[str, dict[str, float]], cfg: EvaluateConfig
+) -> str:
+    """Why the new model may not be promoted on the deployment's reference sets, or '' when it holds
+    on every one: each ``reference_thresholds`` rule (on every set, or on the one it names), then no
+    metric worse than the champion's on the same rows by more than ``max_reference_regression``.
+    Both metrics (accuracy, macro-F1) are higher-is-better. Unlike the challenge slices, a
+    regression here vetoes: these rows are the deployment's statement of what the model must do,
+    and the one measure a trigger's data cannot move."""
+    for name, values in sorted(ours.items()):
+        for rule in cfg.reference_thresholds:
+            metric, op, bound = parse_threshold(rule, "evaluate.reference_thresholds")
+            metric, _, set_name = metric.rstrip("]").partition("[")
+            if set_name not in ("", name):
+                continue
+            if not (values[metric] >= bound if op == ">=" else values[metric] <= bound):
+                return (
+                    f"reference set '{name}': {metric} {values[metric]:.4f} fails evaluate.reference_thresholds "
+                    f"{rule!r}"
+                )
+        for metric, theirs in sorted(champion.get(name, {}).items()):
+            if metric != "rows" and theirs - values[metric] > cfg.max_reference_regression:
+                return (
+                    f"reference set '{name}': {metric} {values[metric]:.4f} is worse than the champion's "
+                    f"{theirs:.4f} on the same {int(values['rows'])} rows by more than "
+                    f"evaluate.max_reference_regression={cfg.max_reference_regression}"
+                )
+    return ""
+
+
+def hold_to_reference(
+    verdict: tuple[bool, str],
+    ours: dict[str, dict[str, float]],
+    champion: dict[str, dict[str, float]],
+    cfg: EvaluateConfig,
+) -> tuple[bool, str]:
+    """``decide``'s verdict on the run's own eval split, then the reference sets': a refusal there
+    wins, since the run's eval split comes from whatever data its trigger sent."""
+    refusal = reference_refusal(ours, champion, cfg)
+    if refusal:
+        return False, refusal
+    promote, reason = verdict
+    return promote, f"{reason}; holds on reference set(s) {sorted(ours)}" if promote and ours else reason

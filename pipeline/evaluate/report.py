@@ -15,6 +15,20 @@ from pipeline.config import CHALLENGE, PipelineConfig
 from pipeline.evaluate.scored import Scored
 
 
+def log_reference(
+    cfg: PipelineConfig, ours: dict[str, dict[str, float]], champion: dict[str, dict[str, float]]
+) -> None:
+    """Each reference set's figures on the pipeline's MLflow run: ``reference/<set>/accuracy`` and
+    ``reference/<set>/rows`` for the new model, ``reference/<set>/champion_accuracy`` for the champion."""
+    run_id = tracking.pipeline_run_id(cfg)
+    tracker = tracking.client()
+    for who, figures in (("", ours), ("champion_", champion)):
+        for name, values in figures.items():
+            for key, value in values.items():
+                if not (who and key == "rows"):
+                    tracker.log_metric(run_id, f"reference/{name}/{who}{key}", value)
+
+
 def log_to_mlflow(
     cfg: PipelineConfig, scored: Scored, champion_metrics: dict[str, float], promote: bool, reason: str
 ) -> None:

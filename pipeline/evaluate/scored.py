@@ -22,6 +22,8 @@ class Scored:
     # (model, tokenizer) -> the same metrics and slices, on the same rows
     score_other: Callable[[Any, Any], tuple[dict[str, float], dict[str, dict[str, float]]]]
     challenge_rows: Any = None  # the challenge set's rows when scored, logged to MLflow beside the eval rows
+    model: Any = None  # a classifier: the new model and its tokenizer, scored on the reference sets too
+    tokenizer: Any = None
 
 
 def print_metrics(what: str, metrics: dict[str, float]) -> None:
