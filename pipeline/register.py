@@ -100,6 +100,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def gate_record(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """evaluate's verdict as the version records it (``finetune.gate``), the one register promotes
+    on: both versions' metrics on the same snapshot (its sha256), the champion compared against,
+    the margin and the direction."""
+    evaluated = inputs["evaluate"]
+    keys = ("promote", "reason", "gate_metric", "greater_is_better", "thresholds", "champion_version")
+    return {key: evaluated.get(key) for key in keys} | {
+        "metrics": evaluated.get("metrics") or {},
+        "champion_metrics": evaluated.get("champion_metrics") or {},
+        # evaluate's result does not carry the margin: it ran with the same pipeline config.
+        "promotion_margin": evaluated.get("promotion_margin", cfg.evaluate.promotion_margin),
+        "snapshot_uri": inputs["train"].get("snapshot_uri", ""),
+        "snapshot_sha256": inputs["collect"].get("sha256", ""),
+    }
+
+
 def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
     trained, evaluated = inputs["train"], inputs["evaluate"]
     validated, collected = inputs["validate"], inputs["collect"]
@@ -119,20 +135,7 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
         "finetune.config_sha256": trained.get("config_sha256", ""),
         "finetune.git_commit": git_commit(),
         "finetune.image": os.environ.get("FINETUNE_IMAGE", ""),
-        "finetune.gate": json.dumps(
-            {
-                key: evaluated.get(key)
-                for key in (
-                    "promote",
-                    "reason",
-                    "gate_metric",
-                    "greater_is_better",
-                    "thresholds",
-                    "champion_version",
-                    "champion_metrics",
-                )
-            }
-        ),
+        "finetune.gate": json.dumps(gate_record(cfg, inputs)),
         "finetune.gate_passed": str(bool(evaluated["promote"])).lower(),
     }
     tags.update({f"metric.{k}": f"{float(v):.6f}" for k, v in evaluated["metrics"].items()})

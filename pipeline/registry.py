@@ -8,22 +8,31 @@ model (the name is unique). The lock is built on that alone -- a lease per gener
 1. A lease is the registered model ``<model>.promotion-lock.<n>``, tagged with its holder's unique
    token; only the newest generation counts. Creating generation n+1 is the only way to take
    the lock, so of any number of contenders exactly one succeeds (the name is unique).
-2. n+1 may be created only when generation n is released or was not renewed for its holder's
-   ``ttl_s`` (a tag of the lease); the holder renews every ``ttl_s / 4`` while it holds the lock.
+2. The holder renews its lease every ``ttl_s / 4`` by writing a new value to its ``renewal`` tag
+   (a counter). n+1 may be created only when generation n is released, or when the contender
+   itself has watched n's ``renewal`` stay the same for n's ``ttl_s`` on its own monotonic clock.
+   No client's wall clock decides anything (``renewal`` carries one for people only), so a
+   contender or holder whose clock is hours off neither takes a live lease nor keeps a dead one;
+   the cost is that a dead holder is taken over one TTL after a contender first looks at it.
    Nothing is ever deleted to take the lock, so a contender can never remove a newer holder's lease.
-3. Before every alias write the holder checks that its generation is still the newest, still
-   carries its token and was renewed less than ``3/4 ttl_s`` ago; otherwise it stops (``LockLost``).
+3. Before every alias write the holder reads the registry: its generation must still be the
+   newest and still carry its token; otherwise it stops (``LockLost``). A late renewal alone (its
+   renewal thread starved) loses nothing: only another holder's lease does.
 4. Release marks the holder's own generation released; it never touches another generation.
-   Older generations are pruned by the next holder. Every wait sleeps with jittered back-off
-   and ends at ``wait_s`` (default five TTLs) with ``RegistryBusy``, which launchers retry.
-What is left: a holder frozen for longer than ``ttl_s / 4`` exactly between its check and its
-write (milliseconds apart) could still write once; the alias is re-read after every move, and a
-write around the lock fails the attempt loudly.
+   Older generations are pruned by the next holder, a few at a time; however many are left, all
+   are found (every page of the search). Every wait sleeps with jittered back-off and ends at
+   ``wait_s`` (default five TTLs) with ``RegistryBusy``, which launchers retry.
+What is left: a holder frozen between its check and its write (milliseconds apart) until a
+contender saw its lease unrenewed for a TTL could still write once; the alias is re-read after
+every move, and a write around the lock fails the attempt loudly.
 
-Inside the lock an attempt re-reads the current champion, refuses a version that did not pass its
-gate or is not better than the champion on the gate metric (unless forced, which needs a
-reason), moves the alias, keeps the old champion as ``previous_champion`` and re-reads the alias
-to check the write. Roll-back = promote ``previous_champion`` with force.
+Inside the lock an attempt re-reads the champion and refuses a version that did not pass its gate
+(unless forced, with a reason). ``register`` promotes on evaluate's one verdict, recorded on the
+version (``finetune.gate``: both scored on the same snapshot, its sha256, the champion compared
+against, margin and direction), refused only when the champion is no longer that version. A manual
+promote compares the versions' recorded gate metrics. The old champion keeps ``previous_champion``;
+the alias is re-read after the write. An attempt that lost its lease ends its audit run FAILED with
+``promotion.outcome=lost``. Roll-back = promote ``previous_champion`` with force.
 
     python -c "from pipeline import registry, tracking; \\
         print(registry.resolve_version(tracking.client(), 'support-intents', 'champion'))"
@@ -49,9 +58,10 @@ from typing import Any
 from pipeline.config import CHAMPION, PREVIOUS_CHAMPION
 from pipeline.errors import ConfigError, ModelError, PipelineError, TransientError
 
-LOCK_TTL_S = 60.0  # a lease not renewed for this long is presumed dead (its holder renews every TTL/4)
+LOCK_TTL_S = 60.0  # a lease seen unrenewed for this long is presumed dead (its holder renews every TTL/4)
 LOCK_WAIT_S = 300.0  # how long an attempt waits for the lock: five TTLs
 MAX_BACKOFF_S = 2.0
+PRUNE_AT_MOST = 25  # older generations a new holder deletes: clutter shrinks without slowing one take
 
 
 class RegistryBusy(TransientError):
@@ -60,6 +70,21 @@ class RegistryBusy(TransientError):
 
 class LockLost(TransientError):
     """This holder's lease was taken over (it stalled past the TTL); it must not write."""
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where the lock takes time. ``monotonic`` times every decision (a contender's stopwatch on
+    a lease, the wait's deadline); ``wall`` only stamps tags and records for people to read."""
+
+    wall: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+
+    def stamp(self) -> str:
+        return datetime.fromtimestamp(self.wall(), UTC).isoformat(timespec="milliseconds")
+
+
+SYSTEM_CLOCK = Clock()
 
 
 @dataclass(frozen=True)
@@ -75,22 +100,22 @@ class Promotion:
     audit_run_id: str
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _lock_prefix(model_name: str) -> str:
     return f"{model_name}.promotion-lock."
 
 
 def _generations(tracker: Any, model_name: str) -> list[int]:
-    """The lock generations that exist for ``model_name``, oldest first."""
+    """The lock generations that exist for ``model_name``, oldest first: every page of the search."""
     prefix = _lock_prefix(model_name)
-    # LIKE treats '_' as a wildcard: the names are filtered exactly below.
-    found = tracker.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000)
-    return sorted(
-        int(m.name[len(prefix) :]) for m in found if m.name.startswith(prefix) and m.name[len(prefix) :].isdigit()
-    )
+    found, token = [], None
+    while True:
+        # LIKE treats '_' as a wildcard: the names are filtered exactly below.
+        page = tracker.search_registered_models(
+            filter_string=f"name LIKE '{prefix}%'", max_results=1000, page_token=token
+        )
+        found += [m.name[len(prefix) :] for m in page if m.name.startswith(prefix)]
+        if not (token := page.token):
+            return sorted(int(suffix) for suffix in found if suffix.isdigit())
 
 
 def _lease_tags(tracker: Any, name: str) -> dict[str, str] | None:
@@ -114,8 +139,9 @@ class Lease:
     generation: int
     token: str
     ttl_s: float
-    renewed: float = field(default_factory=time.monotonic)  # when this holder last renewed it
-    lost: str = ""  # why the lease is no longer ours, once the renewer has seen it
+    clock: Clock = SYSTEM_CLOCK
+    renewals: int = 0  # the value of this lease's ``renewal`` counter
+    lost: str = ""  # why the lease is no longer ours, once a check or the renewer has seen it
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -123,9 +149,8 @@ class Lease:
         return f"{_lock_prefix(self.model_name)}{self.generation}"
 
     def check(self) -> None:
-        """Raise ``LockLost`` unless this lease is certainly still the lock: call before each write."""
-        if not self.lost and time.monotonic() - self.renewed > 0.75 * self.ttl_s:
-            self.lost = f"not renewed for {time.monotonic() - self.renewed:.1f}s (the TTL is {self.ttl_s:g}s)"
+        """Raise ``LockLost`` unless the registry still shows this lease as the lock: call before
+        each write. A renewal that came late (a starved thread) is not a loss; a newer holder is."""
         if not self.lost:
             self.lost = self._taken_over() or ""
         if self.lost:
@@ -151,9 +176,9 @@ class Lease:
                 if taken:
                     self.lost = taken
                     return
-                self.tracker.set_registered_model_tag(self.name, "renewed_at", str(_now_ms()))
-                self.renewed = time.monotonic()
-            except Exception as exc:  # the server is briefly away: check() refuses once renewal is overdue
+                self.renewals += 1
+                self.tracker.set_registered_model_tag(self.name, "renewal", _renewal(self.renewals, self.clock))
+            except Exception as exc:  # the server is briefly away: contenders take over after a TTL
                 print(f"promote: could not renew {self.name}: {exc}", file=sys.stderr)
 
     def release(self) -> None:
@@ -165,9 +190,9 @@ class Lease:
         except Exception as exc:  # it then expires after the TTL; the next holder prunes it
             print(f"promote: could not release {self.name} (it expires in {self.ttl_s:g}s): {exc}", file=sys.stderr)
 
-    def prune(self) -> None:
-        """Delete the generations before this one (best effort: a refusal only leaves clutter)."""
-        for generation in _generations(self.tracker, self.model_name):
+    def prune(self, at_most: int = PRUNE_AT_MOST) -> None:
+        """Delete up to ``at_most`` older generations, oldest first (best effort: a refusal leaves clutter)."""
+        for generation in _generations(self.tracker, self.model_name)[:at_most]:
             if generation >= self.generation:
                 break
             try:
@@ -177,31 +202,59 @@ class Lease:
                 return
 
 
-def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float) -> tuple[Lease | None, str]:
+def _renewal(count: int, clock: Clock) -> str:
+    """The ``renewal`` tag: the counter contenders watch, and a wall-clock stamp for people."""
+    return f"{count} at {clock.stamp()}"
+
+
+@dataclass
+class Watch:
+    """A contender's view of the newest lease: its (generation, ``renewal``), first seen ``since``."""
+
+    clock: Clock = SYSTEM_CLOCK
+    seen: tuple[int, str] | None = None
+    since: float = 0.0
+
+    def unrenewed_for(self, generation: int, renewal: str) -> float:
+        """Seconds this contender has watched ``generation`` keep ``renewal``."""
+        now = self.clock.monotonic()
+        if self.seen != (generation, renewal):
+            self.seen, self.since = (generation, renewal), now
+        return now - self.since
+
+
+def _holder_of(tracker: Any, name: str, generation: int, watch: Watch, ttl_s: float) -> str | None:
+    """Who still holds generation ``name``, or None when it is free to take: released, or watched
+    unrenewed for its holder's own TTL (it promised to renew within it, whatever ours is)."""
+    tags = _lease_tags(tracker, name)
+    if tags is None:
+        return "a generation being pruned"
+    if tags.get("released") == "true":
+        return None
+    holder = tags.get("holder", "?")
+    idle_s = watch.unrenewed_for(generation, tags.get("renewal", ""))
+    if idle_s < float(tags.get("ttl_s", ttl_s)):
+        return holder
+    print(f"promote: taking over the registry lock from {holder}, seen unrenewed for {idle_s:.1f}s", file=sys.stderr)
+    return None
+
+
+def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float, watch: Watch) -> tuple[Lease | None, str]:
     """Take the lock if it is free: the lease, or None and who holds it."""
     from mlflow.exceptions import MlflowException
 
     prefix = _lock_prefix(model_name)
     generations = _generations(tracker, model_name)
     if generations:
-        tags = _lease_tags(tracker, f"{prefix}{generations[-1]}")
-        if tags is None:
-            return None, "a generation being pruned"
-        holder, renewed_at = tags.get("holder", "?"), int(tags.get("renewed_at", "0"))
-        idle_s = (_now_ms() - renewed_at) / 1000
-        # The holder's own TTL counts: it promised to renew within it, whatever ours is.
-        if tags.get("released") != "true" and idle_s <= float(tags.get("ttl_s", ttl_s)):
-            return None, holder
-        if tags.get("released") != "true":
-            print(
-                f"promote: taking over the registry lock from {holder}, not renewed for {idle_s:.0f}s", file=sys.stderr
-            )
+        held_by = _holder_of(tracker, f"{prefix}{generations[-1]}", generations[-1], watch, ttl_s)
+        if held_by is not None:
+            return None, held_by
     generation = (generations[-1] if generations else 0) + 1
     name = f"{prefix}{generation}"
     try:
         tracker.create_registered_model(
             name,
-            tags={"holder": token, "renewed_at": str(_now_ms()), "ttl_s": str(ttl_s), "released": "false"},
+            tags={"holder": token, "renewal": _renewal(0, watch.clock), "ttl_s": str(ttl_s), "released": "false"},
             description="A lease on moving this model's aliases (pipeline/registry.py).",
         )
     except MlflowException as exc:
@@ -216,9 +269,7 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float) -> tup
                 f"cannot create the registry lock {name}: {exc.message} (the MLflow user needs "
                 f"permission to create registered models)"
             ) from exc
-    lease = Lease(tracker, model_name, generation, token, ttl_s)
-    lease.prune()
-    return lease, token
+    return Lease(tracker, model_name, generation, token, ttl_s, watch.clock), token
 
 
 def acquire(
@@ -228,21 +279,23 @@ def acquire(
     ttl_s: float = LOCK_TTL_S,
     wait_s: float = LOCK_WAIT_S,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Lease:
     """Wait for and take the registry lock of ``model_name``; ``RegistryBusy`` after ``wait_s``."""
     token = f"{holder}#{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + wait_s
+    watch = Watch(clock)
+    deadline = clock.monotonic() + wait_s
     delay = 0.05
     while True:
-        lease, held_by = _try_acquire(tracker, model_name, token, ttl_s)
+        lease, held_by = _try_acquire(tracker, model_name, token, ttl_s, watch)
         if lease is not None:
             return lease
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         if remaining <= 0:
             raise RegistryBusy(
                 f"registry lock {_lock_prefix(model_name)}* still held by {held_by} after waiting "
-                f"{wait_s:g}s (promote.lock_wait_s); a holder that stops renewing it loses it after "
-                f"{ttl_s:g}s (promote.lock_ttl_s): retry later"
+                f"{wait_s:g}s (promote.lock_wait_s); a holder that stops renewing it loses it "
+                f"{ttl_s:g}s (promote.lock_ttl_s) after a contender first sees it: retry later"
             )
         sleep(min(delay * (0.5 + random.random()), remaining))
         delay = min(delay * 2, MAX_BACKOFF_S)
@@ -250,14 +303,20 @@ def acquire(
 
 @contextmanager
 def registry_lock(
-    tracker: Any, model_name: str, holder: str, ttl_s: float = LOCK_TTL_S, wait_s: float = LOCK_WAIT_S
+    tracker: Any,
+    model_name: str,
+    holder: str,
+    ttl_s: float = LOCK_TTL_S,
+    wait_s: float = LOCK_WAIT_S,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Iterator[Lease]:
     """Mutual exclusion for alias moves on ``model_name`` across processes and machines; the lease
     is renewed while the block runs, and ``lease.check()`` must precede every write."""
-    lease = acquire(tracker, model_name, holder, ttl_s, wait_s)
+    lease = acquire(tracker, model_name, holder, ttl_s, wait_s, clock=clock)
     renewer = threading.Thread(target=lease.keep_renewed, name=f"renew {lease.name}", daemon=True)
     renewer.start()
     try:
+        lease.prune()  # renewed meanwhile: a slow prune never costs the lease
         yield lease
     finally:
         lease.release()
@@ -291,21 +350,20 @@ def resolve_version(tracker: Any, model_name: str, ref: str) -> Any:
         raise ModelError(f"{model_name}: {kind} '{ref}' does not exist ({exc.message})") from exc
 
 
+def _gate(version: Any) -> dict[str, Any]:
+    """evaluate's verdict as register recorded it on ``version`` (``finetune.gate``)."""
+    return dict(json.loads(version.tags.get("finetune.gate", "{}")))
+
+
 def _metric(version: Any) -> tuple[str, bool, float | None]:
-    gate = json.loads(version.tags.get("finetune.gate", "{}"))
+    gate = _gate(version)
     name = gate.get("gate_metric") or "accuracy"
     value = version.tags.get(f"metric.{name}")
     return name, gate.get("greater_is_better", True) is not False, float(value) if value is not None else None
 
 
-def _verdict(candidate: Any, current: Any | None, alias: str, force: bool) -> str | None:
-    """Why ``candidate`` may not take ``alias`` from ``current``; None when it may."""
-    if force:
-        return None
-    if candidate.tags.get("finetune.gate_passed") != "true":
-        return f"version {candidate.version} did not pass its promotion gate"
-    if alias != CHAMPION or current is None:
-        return None
+def _compared(candidate: Any, current: Any) -> str | None:
+    """A manual promote's verdict from the versions' recorded gate metrics; None when better."""
     name, greater_is_better, ours = _metric(candidate)
     _, _, theirs = _metric(current)
     if ours is None or theirs is None:
@@ -316,6 +374,44 @@ def _verdict(candidate: Any, current: Any | None, alias: str, force: bool) -> st
             f"version {current.version} ({theirs:.4f})"
         )
     return None
+
+
+def _head_to_head(candidate: Any, current_version: str | None, alias: str, expected_current: str) -> str | None:
+    """register's verdict: evaluate's, which scored both versions on the same data; refused only
+    when ``alias`` is no longer the version evaluate compared against (not retryable: a retry
+    would promote on a comparison with a version that is not the champion; evaluate again)."""
+    version = str(candidate.version)
+    recorded = str(_gate(candidate).get("champion_version") or "")
+    if recorded != expected_current:
+        return (
+            f"version {version} records evaluate's comparison with version {recorded or '(none)'}, "
+            f"not {expected_current or '(none)'}"
+        )
+    if (current_version or "") != expected_current:
+        return (
+            f"{alias} is version {current_version or '(none)'} now, not version {expected_current or '(none)'} "
+            f"that evaluate compared version {version} against; not retried: evaluate version {version} "
+            f"against the new {alias} (a new pipeline run), or promote it with force and a reason"
+        )
+    return None
+
+
+def _verdict(
+    candidate: Any, current: Any | None, current_version: str | None, alias: str, force: bool, expected: str | None
+) -> str | None:
+    """Why ``candidate`` may not take ``alias`` from ``current``; None when it may. With
+    ``expected`` (register): evaluate's head-to-head stands, unless the alias moved since."""
+    if expected is not None:
+        refusal = _head_to_head(candidate, current_version, alias, expected)
+        if refusal is not None:
+            return refusal
+    if force:
+        return None
+    if candidate.tags.get("finetune.gate_passed") != "true":
+        return f"version {candidate.version} did not pass its promotion gate"
+    if alias != CHAMPION or current is None or expected is not None:
+        return None
+    return _compared(candidate, current)
 
 
 def _audit(tracker: Any, model_name: str, record: dict[str, Any]) -> str:
@@ -344,6 +440,17 @@ def _audit_name(record: dict[str, Any]) -> str:
     return f"{record['outcome']} v{record['version']} -> {record['alias']}"
 
 
+def _audit_lost(tracker: Any, run_id: str, record: dict[str, Any], lost: LockLost) -> None:
+    """End the audit run of an attempt that lost its lease: FAILED, ``promotion.outcome=lost``."""
+    record["outcome"] = "lost"
+    try:
+        tracker.set_tag(run_id, "promotion.outcome", "lost")
+        tracker.set_tag(run_id, "promotion.why", str(lost))
+        tracker.update_run(run_id, status="FAILED", name=_audit_name(record))
+    except Exception as exc:  # the server is away: the run then shows as begun, never finished
+        print(f"promote: could not record the lost attempt on audit run {run_id}: {exc}", file=sys.stderr)
+
+
 def _outcome(
     candidate: Any,
     current: Any | None,
@@ -357,14 +464,32 @@ def _outcome(
     version already holds ``alias``, ``refused`` (the verdict, or the alias moved since the caller
     compared against it), else ``promoting``; and why."""
     version = str(candidate.version)
-    refusal = _verdict(candidate, current, alias, force)
-    if refusal is None and expected_current is not None and (current_version or "") != expected_current:
-        refusal = f"{alias} moved to version {current_version} since version {version} was evaluated"
+    refusal = _verdict(candidate, current, current_version, alias, force, expected_current)
     if current_version == version:
         return "unchanged", f"version {version} already holds {alias}"
     if refusal is not None:
         return "refused", refusal
-    return "promoting", reason or "passed the gate"
+    why = reason or "passed the gate"
+    if expected_current is not None:
+        sha = str(_gate(candidate).get("snapshot_sha256") or "unknown")[:12]
+        why += f" (evaluate's head-to-head with version {expected_current or '(none)'} on snapshot {sha})"
+    return "promoting", why
+
+
+def _carry_out(tracker: Any, lease: Lease, candidate: Any, record: dict[str, Any], audit_run_id: str) -> str:
+    """Under the lease: move the alias when the outcome is "promoting" and complete the audit run;
+    tag the version with the record; the final outcome."""
+    model_name, alias, version = record["model"], record["alias"], record["version"]
+    if record["outcome"] == "promoting":
+        _move(tracker, lease, model_name, alias, version, record["previous_version"] or None)
+        record["outcome"] = "promoted"
+        tracker.set_tag(audit_run_id, "promotion.outcome", "promoted")
+        tracker.update_run(audit_run_id, status="FINISHED", name=_audit_name(record))
+    tagged = f"finetune.promoted_to.{alias}"
+    if record["outcome"] == "promoted" or (record["outcome"] == "unchanged" and tagged not in candidate.tags):
+        lease.check()  # "unchanged" and untagged: an earlier attempt died after the move
+        tracker.set_model_version_tag(model_name, version, tagged, json.dumps(record))
+    return str(record["outcome"])
 
 
 def attempt(
@@ -379,17 +504,18 @@ def attempt(
     expected_current: str | None = None,
     ttl_s: float = LOCK_TTL_S,
     wait_s: float = LOCK_WAIT_S,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Promotion:
     """Move ``alias`` to the version ``ref`` names, under the registry lock; audit every attempt.
 
     ``expected_current``: the version the caller compared against (register passes the champion
-    evaluate scored); if the alias has moved since, the attempt is refused rather than guessed.
-    The audit record is written before any alias moves (as "promoting") and completed after, so
-    an attempt that dies midway still left its record.
-    """
+    evaluate scored); evaluate's verdict then stands, and if the alias has moved since, the
+    attempt is refused rather than guessed. The audit record is written before any alias moves
+    (as "promoting") and completed after (lost, if it lost its lease), so an attempt that dies
+    midway still left its record."""
     candidate = resolve_version(tracker, model_name, ref)
     version = str(candidate.version)
-    with registry_lock(tracker, model_name, requested_by or "unknown", ttl_s, wait_s) as lease:
+    with registry_lock(tracker, model_name, requested_by or "unknown", ttl_s, wait_s, clock) as lease:
         current_version = tracker.get_registered_model(model_name).aliases.get(alias)
         current_version = None if current_version is None else str(current_version)
         current = tracker.get_model_version(model_name, current_version) if current_version else None
@@ -404,18 +530,14 @@ def attempt(
             "forced": force,
             "requested_by": requested_by or "unknown",
             "previous_version": current_version or "",
-            "at": datetime.now(UTC).isoformat(),
+            "at": clock.stamp(),
         }
         audit_run_id = _audit(tracker, model_name, record)
-        if outcome == "promoting":
-            _move(tracker, lease, model_name, alias, version, current_version)
-            outcome = record["outcome"] = "promoted"
-            tracker.set_tag(audit_run_id, "promotion.outcome", outcome)
-            tracker.update_run(audit_run_id, status="FINISHED", name=_audit_name(record))
-        tagged = f"finetune.promoted_to.{alias}"
-        if outcome == "promoted" or (outcome == "unchanged" and tagged not in candidate.tags):
-            lease.check()  # "unchanged" and untagged: an earlier attempt died after the move
-            tracker.set_model_version_tag(model_name, version, tagged, json.dumps(record))
+        try:
+            outcome = _carry_out(tracker, lease, candidate, record, audit_run_id)
+        except LockLost as lost:
+            _audit_lost(tracker, audit_run_id, record, lost)
+            raise
     print(f"promote: {model_name} v{version} -> {alias}: {outcome}: {why}", file=sys.stderr)
     return Promotion(
         model_name=model_name,

@@ -8,10 +8,10 @@ from pipeline import register, storage, tracking
 from pipeline.config import load_config
 from pipeline.errors import DataError
 from pipeline.tracking import client
-from tests.helpers import aliases
+from tests.helpers import aliases, promotion_audit
 
 
-def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion=""):
+def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion="", champion_accuracy=None):
     uris = {step: (tmp_path / f"{name}-{step}.json").as_uri() for step in ("collect", "train", "evaluate")}
     storage.write_json(uris["collect"], {"sha256": "ab" * 32, "rows": 100, "rows_train": 80, "rows_eval": 20})
     storage.write_json(
@@ -31,13 +31,16 @@ def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, cha
             "promote": promote,
             "reason": f"test {name}",
             "champion_version": champion,
+            "champion_metrics": {} if champion_accuracy is None else {"accuracy": champion_accuracy},
+            "greater_is_better": True,
         },
     )
     return load_config(None, [f"run_id={name}"] + [f"register.{step}_result_uri={uri}" for step, uri in uris.items()])
 
 
 def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsys):
-    first = register.run(_inputs(tmp_path, classifier_dir, "r1", True, 0.8))
+    # v1 once scored 1.0, on the easier split it was evaluated on then.
+    first = register.run(_inputs(tmp_path, classifier_dir, "r1", True, 1.0))
     assert first.version == "1" and first.aliases == ["challenger", "champion"]
     second = register.run(_inputs(tmp_path, classifier_dir, "r2", False, 0.7))
     assert second.aliases == ["challenger"] and not second.promoted
@@ -46,14 +49,26 @@ def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsy
         in capsys.readouterr().err
     )
     assert aliases(client()) == {"champion": "1", "challenger": "2"}
-    third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1"))
+    # v3 beat v1 head-to-head on today's data (0.9 against 0.85): evaluate's verdict stands, not
+    # a second one from v1's 1.0 on another split.
+    third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1", champion_accuracy=0.85))
     assert aliases(client()) == {"champion": "3", "challenger": "3", "previous_champion": "1"}
     # Evaluated against v1, but v3 is champion by now: register must not guess, v4 stays challenger.
-    fourth = register.run(_inputs(tmp_path, classifier_dir, "r4", True, 0.95, champion="1"))
+    fourth = register.run(_inputs(tmp_path, classifier_dir, "r4", True, 0.95, champion="1", champion_accuracy=0.8))
     assert not fourth.promoted and aliases(client()) == {"champion": "3", "challenger": "4", "previous_champion": "1"}
+    (refusal,) = [r for r in promotion_audit(client()) if r.data.tags["promotion.version"] == "4"]
+    assert refusal.data.tags["promotion.outcome"] == "refused"
+    assert (
+        "champion is version 3 now, not version 1 that evaluate compared version 4 against"
+        in (refusal.data.tags["promotion.why"])
+    )
+    assert client().get_model_version("support-intents", "4").tags[register.PROMOTION_DONE] == "refused"
     version = client().get_model_version("support-intents", third.version)
     assert version.tags["finetune.run_id"] == "r3" and version.tags["metric.accuracy"] == "0.900000"
-    assert json.loads(version.tags["finetune.gate"])["promote"] is True
+    gate = json.loads(version.tags["finetune.gate"])
+    assert gate["promote"] is True and gate["champion_version"] == "1" and gate["snapshot_sha256"] == "ab" * 32
+    assert gate["metrics"]["accuracy"] == 0.9 and gate["champion_metrics"] == {"accuracy": 0.85}
+    assert gate["greater_is_better"] is True and gate["promotion_margin"] == 0.0
     run = client().get_run(third.mlflow_run_id)
     assert run.data.tags["finetune.run_id"] == "r3"
     # Embedded default: artifacts stay beside the SQLite file under FINETUNE_HOME, not in ./mlruns.
@@ -155,7 +170,6 @@ def test_a_rerun_after_a_crash_ends_where_an_uninterrupted_run_does(
     tmp_path, classifier_dir, monkeypatch, method, when, attempts
 ):
     from pipeline import tracking
-    from tests.helpers import promotion_audit
 
     register.run(_inputs(tmp_path, classifier_dir, "r1", True, 0.8))  # version 1, champion
     real = client()

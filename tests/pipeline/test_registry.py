@@ -44,10 +44,10 @@ class Recorder:
         return call
 
 
-def _stale_lease(tracker, generation=1, idle_s=3600, holder="dead-holder#0"):
+def _stale_lease(tracker, generation=1, holder="dead-holder#0", ttl_s=1):
+    """A lease whose holder is gone: never renewed again, taken over once watched for its TTL."""
     tracker.create_registered_model(
-        f"{LOCK}{generation}",
-        tags={"holder": holder, "renewed_at": str(int((time.time() - idle_s) * 1000)), "released": "false"},
+        f"{LOCK}{generation}", tags={"holder": holder, "renewal": "7", "ttl_s": str(ttl_s), "released": "false"}
     )
 
 
@@ -81,10 +81,12 @@ def test_two_waiters_racing_for_a_stale_lock_never_both_hold_it():
 
 
 HOLDER = """
-import sys
+import sys, time
 from pipeline import registry, tracking
 tracker = tracking.client()
-with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=float(sys.argv[2]), wait_s=30) as lease:
+clock = registry.Clock(wall=lambda: time.time() + float(sys.argv[3]))  # this machine's clock, that far off
+ttl_s = float(sys.argv[2])
+with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=ttl_s, wait_s=30, clock=clock) as lease:
     print("held", lease.generation, flush=True)
     sys.stdin.readline()  # frozen here by the test
     try:
@@ -96,9 +98,9 @@ with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=float(s
 """
 
 
-def _holder(ttl_s, name=MODEL_NAME):
+def _holder(ttl_s, name=MODEL_NAME, clock_offset_s=0.0):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, name, str(ttl_s)],
+        [sys.executable, "-c", HOLDER, name, str(ttl_s), str(clock_offset_s)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -116,9 +118,8 @@ def test_a_holder_frozen_past_the_ttl_loses_the_lock_and_neither_writes_nor_remo
     holder = _holder(ttl_s=2)
     os.kill(holder.pid, signal.SIGSTOP)  # an eviction notice that never came, a GC pause, a stuck VM
     try:
-        time.sleep(2.5)
         with registry.registry_lock(tracker, MODEL_NAME, "successor", ttl_s=30, wait_s=10) as lease:
-            assert lease.generation == 2  # took over generation 1 once it went unrenewed for the TTL
+            assert lease.generation == 2  # took over generation 1 once it was seen unrenewed for the TTL
             tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)
             os.kill(holder.pid, signal.SIGCONT)
             out, err = holder.communicate("go\n", timeout=60)
@@ -177,7 +178,7 @@ def test_ten_concurrent_promotions_proceed_past_a_holder_killed_inside_the_lock(
     name = "killed-holder-intents"  # the server is shared with the other 10-way test
     accuracies = [0.71, 0.93, 0.65, 0.88, 0.97, 0.74, 0.90, 0.69, 0.95, 0.80]
     versions = [register_version(tracker, a, name=name) for a in accuracies]
-    holder = _holder(ttl_s=3, name=name)
+    holder = _holder(ttl_s=3, name=name, clock_offset_s=3600)  # its clock an hour ahead
     holder.kill()  # SIGKILL inside the lock: no release, no renewal, ever again
     holder.wait(timeout=10)
     started = time.monotonic()
@@ -217,3 +218,107 @@ def test_ten_concurrent_promotions_proceed_past_a_holder_killed_inside_the_lock(
     assert sorted(r.data.tags["promotion.requested_by"] for r in records) == sorted(f"attempt-{v}" for v in versions)
     assert "promoting" not in {r.data.tags["promotion.outcome"] for r in records}
     assert lock_is_free(tracker, name)
+
+
+@pytest.mark.parametrize("offset_s", [120, -120])
+def test_contenders_whose_wall_clocks_are_off_never_take_a_healthy_holders_lease(offset_s):
+    real = client()
+    skewed = registry.Clock(wall=lambda: time.time() + offset_s)
+    busy = []
+
+    def contender(i):
+        try:
+            registry.acquire(client(), MODEL_NAME, f"skewed-{i}", ttl_s=2, wait_s=3.5, clock=skewed)
+        except registry.RegistryBusy as exc:
+            busy.append(str(exc))
+
+    with registry.registry_lock(real, MODEL_NAME, "healthy-holder", ttl_s=2, wait_s=5) as lease:
+        threads = [threading.Thread(target=contender, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        lease.check()  # still the lock, after both waited past its TTL
+        assert len(busy) == 2 and all("healthy-holder" in message for message in busy), busy
+        assert list(lock_generations(real)) == [f"{LOCK}1"]
+
+
+def test_a_holder_an_hour_ahead_killed_inside_the_lock_is_taken_over_after_one_ttl():
+    tracker = client()
+    holder = _holder(ttl_s=1.5, clock_offset_s=3600)  # its renewal stamps an hour in the future
+    holder.kill()
+    holder.wait(timeout=10)
+    started = time.monotonic()
+    with registry.registry_lock(tracker, MODEL_NAME, "next", ttl_s=5, wait_s=20) as lease:
+        waited = time.monotonic() - started
+        assert lease.generation == 2
+    assert 1.5 <= waited < 8, waited  # one TTL of watching it unrenewed (and back-off), not an hour
+
+
+def test_a_holder_whose_renewal_was_late_loses_the_lock_only_to_another_holder():
+    """A renewal thread starved past the TTL (a loaded machine) is not a lost lease; a take-over is."""
+    tracker = client()
+    lease = registry.acquire(tracker, MODEL_NAME, "starved", ttl_s=1, wait_s=5)  # never renewed
+    time.sleep(1.5)
+    lease.check()  # late, but nobody took it: still ours
+    successor = registry.acquire(client(), MODEL_NAME, "successor", ttl_s=5, wait_s=10)
+    assert successor.generation == 2
+    with pytest.raises(registry.LockLost, match="generation 2 took over"):
+        lease.check()
+
+
+def _unpruned_generations(count):
+    """``count`` released lock generations written straight into the SQLite store (the client
+    would take minutes), as a lock whose old generations could never be pruned leaves them."""
+    import sqlite3
+
+    from pipeline.tracking import tracking_uri
+
+    client().search_registered_models()  # the store creates its tables
+    now = int(time.time() * 1000)
+    names = [f"{LOCK}{n}" for n in range(1, count + 1)]
+    with sqlite3.connect(tracking_uri().removeprefix("sqlite:///")) as db:
+        db.executemany(
+            "INSERT INTO registered_models (name, creation_time, last_updated_time) VALUES (?, ?, ?)",
+            [(name, now, now) for name in names],
+        )
+        tags = {"holder": "old#0", "renewal": "3", "ttl_s": "60", "released": "true"}
+        db.executemany(
+            "INSERT INTO registered_model_tags (key, value, name) VALUES (?, ?, ?)",
+            [(key, value, name) for name in names for key, value in tags.items()],
+        )
+
+
+def test_the_lock_works_with_two_thousand_unpruned_generations():
+    _unpruned_generations(2000)  # more than one page of the search, and 999 sorts after 2000 by name
+    tracker = client()
+    with registry.registry_lock(tracker, MODEL_NAME, "first", ttl_s=5, wait_s=10) as lease:
+        assert lease.generation == 2001
+        with pytest.raises(registry.RegistryBusy, match="still held by first"):
+            registry.acquire(client(), MODEL_NAME, "second", ttl_s=5, wait_s=1)
+    with registry.registry_lock(tracker, MODEL_NAME, "third", ttl_s=5, wait_s=10) as lease:
+        assert lease.generation == 2002
+    left = len(registry._generations(tracker, MODEL_NAME))
+    assert left == 2002 - 2 * registry.PRUNE_AT_MOST  # each holder pruned a few of the oldest
+
+
+class TakenOverAfterAudit(Recorder):
+    """The real client; right after the attempt's audit run is created, another holder takes
+    generation 2 (as a contender does once this holder stalls past its TTL)."""
+
+    def create_run(self, *args, **kwargs):
+        run = self.real.create_run(*args, **kwargs)
+        self.real.create_registered_model(f"{LOCK}2", tags={"holder": "usurper#1", "released": "false"})
+        return run
+
+
+def test_an_attempt_that_lost_its_lease_ends_its_audit_run_failed_as_lost():
+    real = client()
+    version = register_version(real, 0.9)
+    with pytest.raises(registry.LockLost, match="generation 2 took over"):
+        registry.attempt(TakenOverAfterAudit(real), MODEL_NAME, version, "champion", requested_by="a", reason="")
+    (record,) = promotion_audit(real)
+    assert record.info.status == "FAILED" and record.data.tags["promotion.outcome"] == "lost"
+    assert "no longer held" in record.data.tags["promotion.why"]
+    assert aliases(real) == {}
+    assert lock_generations(real)[f"{LOCK}2"]["holder"] == "usurper#1"  # the loser's release touched nothing
