@@ -6,7 +6,9 @@ stderr and prints a one-line JSON summary last. On failure it names the step and
 
 On your own machine you are the deployment: ``--config FILE`` is the deployment's config file
 (``FINETUNE_CONFIG`` for this run), trusted, any key; ``--set`` is what a trigger sends, held to
-the deployment's ``trigger_keys`` before Airflow starts.
+the deployment's ``trigger_keys`` before Airflow starts, and ``--source`` to its
+``collect.allowed_sources`` (the shipped data by default: a file of your own needs a config file
+with ``collect: {allowed_sources: [/its/dir/]}``, which the refusal spells out).
 
     finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1
 """
@@ -95,7 +97,12 @@ def test_dag(dag_id: str, conf: dict[str, Any], env_extra: dict[str, str] | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
-    parser.add_argument("--source", action="append", default=[], help="data source URI (repeatable)")
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        help="data source URI (repeatable): only under the config's collect.allowed_sources",
+    )
     parser.add_argument("--config", help="the deployment's YAML config file (FINETUNE_CONFIG for this run): any key")
     parser.add_argument(
         "--set",

@@ -25,6 +25,25 @@ def finetune_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture
+def deployment_allows(tmp_path, monkeypatch):
+    """As a real deployment would let its triggers pick its data and model names: ``allow(sources,
+    model_names, **settings)`` writes a config file (FINETUNE_CONFIG) whose collect.allowed_sources
+    add ``sources`` to the shipped data and whose allowed_model_names are ``model_names``."""
+    import yaml
+
+    def allow(sources=(), model_names=(), **settings):
+        tree = {**settings, "allowed_model_names": list(model_names)}
+        collect = tree.setdefault("collect", {})
+        collect["allowed_sources"] = ["pkg://pipeline/data/", *map(str, sources)]
+        path = tmp_path / "deployment-allows.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        monkeypatch.setenv("FINETUNE_CONFIG", str(path))
+        return path
+
+    return allow
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT (random weights) saved like a pretrained checkpoint, with MiniLM's tokenizer."""

@@ -17,11 +17,21 @@ def _finetune_run(*args):
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
+def _deployment(tmp_path, *sources, model_names=()) -> list[str]:
+    """`--config FILE` of a local user's deployment that lets `--source` pick ``sources`` and
+    `--set model_name` the ``model_names``, as the refusal without it says to write."""
+    path = tmp_path / "deployment.yaml"
+    allowed = json.dumps(["pkg://pipeline/data/", *map(str, sources)])
+    path.write_text(f"collect: {{allowed_sources: {allowed}}}\nallowed_model_names: {json.dumps(list(model_names))}\n")
+    return ["--config", str(path)]
+
+
 @pytest.mark.slow
 def test_run_registers_a_champion_then_bad_data_changes_nothing(tmp_path, tiny_model_dir, small_data):
     from pipeline.tracking import client
 
     common = ["--set", f"base_model={tiny_model_dir}", "--set", "train.epochs=1", "--set", "train.batch_size=8"]
+    common += _deployment(tmp_path, small_data.parent)
     done = _finetune_run("--source", str(small_data), *common)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -67,13 +77,14 @@ def test_unknown_key_and_bad_value_fail_before_airflow_starts():
 
 @pytest.mark.slow
 def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(
-    mlflow_server, monkeypatch, tiny_model_dir, small_data
+    mlflow_server, monkeypatch, tiny_model_dir, small_data, tmp_path
 ):
     """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API); the
     champion then loads and predicts in a fresh process, from the server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = "remote-intents"
     done = _finetune_run(
+        *_deployment(tmp_path, small_data, model_names=[name]),
         "--source",
         str(small_data),
         "--set",

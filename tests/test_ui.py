@@ -349,7 +349,9 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
     from playwright.sync_api import expect, sync_playwright
 
     home = tmp_path / "home"
-    env = _scratch_env(home, FINETUNE_SCHEDULE=NO_TICK_DUE)
+    deployment = tmp_path / "deployment.yaml"  # lets the form's source pick the small data, as a deployment would
+    deployment.write_text(f"collect:\n  allowed_sources: [pkg://pipeline/data/, {json.dumps(str(small_data))}]\n")
+    env = _scratch_env(home, FINETUNE_SCHEDULE=NO_TICK_DUE, FINETUNE_CONFIG=str(deployment))
     airflow_url, mlflow_url = f"http://127.0.0.1:{env['AIRFLOW_PORT']}", f"http://127.0.0.1:{env['MLFLOW_PORT']}"
     stages = Stages(tmp_path / "screenshots")
     timings: dict[str, float] = {}

@@ -22,7 +22,10 @@ def connection(url: str) -> str:
     return json.dumps({"conn_type": "http", "host": url})
 
 
-def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(dag, airflow_db, monkeypatch, tmp_path):
+def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(
+    dag, airflow_db, monkeypatch, tmp_path, deployment_allows
+):
+    deployment_allows(sources=[tmp_path], model_names=["alerts-*"])
     with webhook_receiver() as receiver:
         monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(receiver.url))
         run = dag.test(
@@ -37,7 +40,10 @@ def test_a_failed_task_sends_one_message_naming_dag_run_task_error_and_log(dag, 
     assert "log: http://localhost:8080/dags/collect/runs/" in text and "/tasks/collect" in text
 
 
-def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(dag, airflow_db, monkeypatch, tmp_path):
+def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(
+    dag, airflow_db, monkeypatch, tmp_path, deployment_allows
+):
+    deployment_allows(sources=[tmp_path], model_names=["alerts-*"])
     monkeypatch.delenv("AIRFLOW_CONN_FINETUNE_ALERTS", raising=False)
     with webhook_receiver() as receiver:
         run = dag.test(
@@ -48,7 +54,8 @@ def test_without_a_connection_nothing_is_sent_and_the_outcome_is_unchanged(dag, 
     assert collect.state == "failed" and collect.try_number == 1  # bad input: not retried, as with alerts
 
 
-def test_an_unreachable_webhook_does_not_change_the_outcome(dag, airflow_db, monkeypatch, tmp_path):
+def test_an_unreachable_webhook_does_not_change_the_outcome(dag, airflow_db, monkeypatch, tmp_path, deployment_allows):
+    deployment_allows(sources=[tmp_path], model_names=["alerts-*"])
     monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(f"http://127.0.0.1:{closed_port()}/hook"))
     run = dag.test(
         run_conf={"source": [str(tmp_path / "nothing-*.jsonl")], "model_name": f"alerts-{uuid.uuid4().hex[:8]}"}

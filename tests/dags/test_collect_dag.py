@@ -49,7 +49,8 @@ def snapshot_events(asset_name: str) -> list:
         ]
 
 
-def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tmp_path):
+def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tmp_path, deployment_allows):
+    deployment_allows(sources=[tmp_path], model_names=["intents-*"])
     from pipeline import storage
 
     model = f"intents-{uuid.uuid4().hex[:8]}"  # its own Asset: events from other tests do not count
@@ -75,12 +76,15 @@ def test_new_snapshot_is_announced_once_unchanged_data_never(dag, airflow_db, tm
     assert events[-1]["extra"]["sha256"] != event["extra"]["sha256"]
 
 
-def test_s3_source_with_credentials_from_the_aws_default_connection(dag, airflow_db, s3_server, tmp_path, monkeypatch):
+def test_s3_source_with_credentials_from_the_aws_default_connection(
+    dag, airflow_db, s3_server, tmp_path, monkeypatch, deployment_allows
+):
     import os
 
     import boto3
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
+    deployment_allows(sources=[f"s3://{bucket}/"], model_names=["s3-*"])
     dummy = {"aws_access_key_id": "moto-dummy", "aws_secret_access_key": "moto-dummy"}  # moto accepts any
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", **dummy)
     s3.create_bucket(Bucket=bucket)

@@ -60,7 +60,10 @@ def airflow_tasks_test(task_id: str, run_id: str) -> None:
     args.func(args)
 
 
-def test_new_snapshot_from_the_collect_dag_retrains_on_that_snapshot(finetune_unpaused, dagbag, tmp_path):
+def test_new_snapshot_from_the_collect_dag_retrains_on_that_snapshot(
+    finetune_unpaused, dagbag, tmp_path, deployment_allows
+):
+    deployment_allows(sources=[tmp_path])
     data = write_jsonl(tmp_path / "intents.jsonl", shipped_rows(labels=3, per_label=10))
     # model_name spelled out: dag.test() runs tasks in this process, and Airflow's task runner merges
     # a run's conf into the task's Params in place, so an earlier test's model_name would linger.

@@ -38,7 +38,8 @@ def test_airflow_retries_a_killed_train_task_and_the_retry_resumes(
     airflow_db, tiny_model_dir, small_data, tmp_path, monkeypatch, capfd
 ):
     deployment = tmp_path / "deployment.yaml"
-    deployment.write_text("train:\n  checkpoint_steps: 2\n  logging_steps: 2\n")
+    allowed = f"collect:\n  allowed_sources: [{json.dumps(str(small_data))}]\n"  # the run's source Param
+    deployment.write_text(f"train:\n  checkpoint_steps: 2\n  logging_steps: 2\n{allowed}")
     monkeypatch.setenv("FINETUNE_CONFIG", str(deployment))
     from airflow.dag_processing.dagbag import BundleDagBag
 
