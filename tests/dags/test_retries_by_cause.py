@@ -166,7 +166,7 @@ def test_the_pytorchjob_task_reads_the_verdict_of_a_failed_job(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("fault, retried", [("missing file", False), ("HTTP 503", True)])
-def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_retry(fault, retried):
+def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_retry(fault, retried, deployment_allows):
     from airflow.sdk.exceptions import AirflowFailException
 
     from tests.faults import always_503
@@ -175,6 +175,7 @@ def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_re
     operator = operators.LocalStepOperator(task_id="collect", step="collect")
     with always_503() as url:
         source = "/nonexistent/*.jsonl" if fault == "missing file" else f"{url}/data.jsonl"
+        deployment_allows(sources=["/nonexistent/", f"{url}/"])
         context = {"ti": FakeTI({}), "params": {"source": [source]}, "run_id": f"local-{retried}", "dag_run": None}
         with pytest.raises(steps.StepFailed if retried else AirflowFailException) as failed:
             operator.execute(context)
@@ -189,7 +190,9 @@ def test_the_local_task_fails_at_once_on_bad_input_and_lets_a_transient_fault_re
         (1, None, "retry", "exited with code 1"),
     ],
 )
-def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod_exit, error_code, outcome, says):
+def test_the_pod_task_reads_the_container_and_the_steps_verdict(
+    monkeypatch, pod_exit, error_code, outcome, says, deployment_allows
+):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -205,6 +208,7 @@ def test_the_pod_task_reads_the_container_and_the_steps_verdict(monkeypatch, pod
         raise AirflowException("Pod finetune-collect returned a failure.")
 
     monkeypatch.setattr(KubernetesPodOperator, "execute", pod_ran_and_failed)
+    deployment_allows(sources=["/nonexistent/"])
     context = {"ti": FakeTI({}), "params": {"source": ["/nonexistent/*.jsonl"]}, "run_id": run_id, "dag_run": None}
     with pytest.raises(AirflowFailException if outcome == "fail" else steps.StepFailed) as failed:
         operator.execute(context)
