@@ -20,7 +20,6 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 from finetune_operators import run_overrides
 
 from pipeline import k8s, steps, storage
@@ -38,11 +37,12 @@ XCOM_SIDECAR_SECURITY = dict(k8s.RESTRICTED_CONTAINER, runAsUser=65534, runAsGro
 
 def task_exception(
     step: str, launcher: str, cfg: PipelineConfig, exit_code: int | None, detail: str, oom: bool | None = None
-) -> Exception:
+) -> steps.StepFailed:
     """What the task raises for a step whose pod, PyTorchJob or TrainJob failed: the step's own
     error.json when it wrote one, else the exit code, classified by the retry table
-    (``steps.classify_failure``). An AirflowFailException when retrying cannot help (bad input 2,
-    failed gate 3, out of memory 137), else the retryable ``StepFailed``."""
+    (``steps.classify_failure``) into a ``StepFailed`` that the DAGs' retry policy
+    (``finetune_operators.RetryTable``) fails at once when retrying cannot help (bad input 2,
+    failed gate 3, out of memory 137) and retries otherwise."""
     try:
         error = steps.step_error(cfg.step_uri(step))
     except PipelineError as exc:  # the artifact store is failing too: say so, and let it retry
@@ -50,7 +50,7 @@ def task_exception(
     failure = steps.classify_failure(
         step, launcher, exit_code, error, memory=k8s.step_memory(cfg, STEPS[step]), detail=detail, oom=oom
     )
-    return failure if failure.retryable else AirflowFailException(str(failure))
+    return failure
 
 
 def pod_exit(pod: Any) -> tuple[int | None, bool]:
@@ -101,14 +101,12 @@ class StepPodOperator(KubernetesPodOperator):
         self.launcher = launcher
 
     def execute(self, context):
-        try:
-            overrides = run_overrides(self.step, context)
-            manifest = steps.render(
-                self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
-            )
-            cfg = steps.config_of(overrides)
-        except PipelineError as exc:
-            raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
+        # Bad input fails here, before anything is submitted, not retried (the retry table).
+        overrides = run_overrides(self.step, context)
+        manifest = steps.render(
+            self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
+        )
+        cfg = steps.config_of(overrides)
         self.full_pod_spec = PodGenerator.deserialize_model_dict(manifest)
         self.namespace = manifest["metadata"]["namespace"]
         try:
@@ -178,14 +176,12 @@ class KubeflowJobOperator(BaseOperator):
         return self.hook.core_v1_client
 
     def execute(self, context):
-        try:
-            overrides = run_overrides(self.step, context)
-            self.manifest = steps.render(
-                self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
-            )
-            cfg = steps.config_of(overrides)
-        except PipelineError as exc:
-            raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
+        # Bad input fails here, before anything is submitted, not retried (the retry table).
+        overrides = run_overrides(self.step, context)
+        self.manifest = steps.render(
+            self.step, overrides, self.launcher, deadline_s=steps.step_timeout(self.step, overrides.trusted)
+        )
+        cfg = steps.config_of(overrides)
         try:
             core = self.core_api()
         except Exception as exc:  # the job still runs and is judged; only its log is missing

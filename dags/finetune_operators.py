@@ -17,8 +17,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator, Connection
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from airflow.sdk import BaseOperator, Connection, RetryDecision, RetryPolicy
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pipeline import local, steps
 from pipeline.config import PipelineConfig, load_config, safe_run_id
@@ -102,6 +102,41 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
     return sets
 
 
+class RetryTable(RetryPolicy):
+    """Airflow's retry decision for a step's task by the one retry table (``pipeline.steps``,
+    ``NOT_RETRIED`` and ``StepFailed.retryable``): a step that failed on bad input (2), a failed
+    gate (3) or out of memory (137) fails at once; a transient fault (75), a timeout (124) or a
+    crash is retried, within the task's ``retries`` and with its back-off. The decision's reason,
+    the exit code and its cause, is in the task log and, for a retry, on the task instance (the
+    UI's retry reason). An error that is not a step's (Airflow's own, the cluster API's, the
+    task's ``execution_timeout``) gets the task's standard retries.
+
+    ``ExceptionRetryPolicy`` cannot express the table: it matches exception classes, and a failed
+    step is one class (``StepFailed``) whose exit code, read from its error.json or its
+    container, is the cause."""
+
+    def evaluate(self, exception, try_number, max_tries, context=None) -> RetryDecision:
+        if isinstance(exception, steps.StepFailed):
+            code, retried = exception.returncode, exception.retryable
+        elif isinstance(exception, PipelineError):  # raised by the task itself: bad input, before any work
+            code = exception.exit_code
+            retried = code not in steps.NOT_RETRIED
+        else:
+            return RetryDecision.default()
+        said = str(exception).splitlines()[0] if str(exception) else type(exception).__name__
+        if retried:
+            return RetryDecision.retry(reason=f"exit code {code}, retried: {said}")
+        return RetryDecision.fail(
+            reason=f"exit code {code}, {steps.NOT_RETRIED.get(code, 'not retryable')}: not retried: {said}"
+        )
+
+    def serialize(self) -> dict[str, Any]:
+        return {"__type": type(self).__name__}
+
+
+RETRY_TABLE = RetryTable()
+
+
 def aws_connection_env() -> dict[str, str]:
     """AWS settings for a local step from the Airflow connection ``aws_default``, read when the
     task runs (never at parse time). No such connection: nothing, and boto3 in the step uses the
@@ -119,9 +154,9 @@ class LocalStepOperator(BaseOperator):
 
     The step's timeout (``timeouts.<step>`` of the deployment's config), Airflow's
     ``execution_timeout`` and a kill of the task (``on_kill``) all stop every process it started,
-    torchrun's workers included. Bad input, a failed gate and out of memory fail the task without
-    retries; a transient fault or a crash is raised as a retryable ``StepFailed``
-    (``pipeline.steps``, the retry table).
+    torchrun's workers included. A failed step is raised as a ``StepFailed``, judged by the retry
+    table through the DAGs' ``retry_policy`` (``RetryTable``): bad input, a failed gate and out of
+    memory fail the task without retries; a transient fault or a crash is retried.
 
     :param step: the row of ``pipeline.steps.STEPS`` to run; its overrides come from the run's
         Params, its upstream tasks' results (XCom) and the deployment's config files.
@@ -137,20 +172,15 @@ class LocalStepOperator(BaseOperator):
         def started(process: local.StepProcess) -> None:
             self.process = process
 
-        try:
-            overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
-            return local.launch(
-                self.step,
-                overrides,
-                env=aws_connection_env(),
-                timeout_s=steps.step_timeout(self.step, overrides.trusted),
-                grace_s=overrides.trusted.timeouts.kill_grace_s,
-                started=started,
-            )
-        except PipelineError as exc:
-            if getattr(exc, "retryable", False):
-                raise
-            raise AirflowFailException(str(exc)) from exc  # bad input: retrying cannot help
+        overrides = run_overrides(self.step, context)  # a refused trigger key fails here, before any work
+        return local.launch(
+            self.step,
+            overrides,
+            env=aws_connection_env(),
+            timeout_s=steps.step_timeout(self.step, overrides.trusted),
+            grace_s=overrides.trusted.timeouts.kill_grace_s,
+            started=started,
+        )
 
     def on_kill(self):
         if self.process is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, BaseOperator, Param, task
 from finetune_alerts import ON_FAILURE, ON_PROMOTION
-from finetune_operators import LocalStepOperator, deployment_config, step_timeout_s
+from finetune_operators import RETRY_TABLE, LocalStepOperator, deployment_config, step_timeout_s
 
 from pipeline.config import param_schema
 from pipeline.errors import ConfigError
@@ -32,9 +32,11 @@ SNAPSHOTS = AssetAlias(name="finetune-snapshots")
 
 # What every task of the three DAGs gets unless its DAG says otherwise (promote waits less between
 # tries). Retried: transient faults (exit 75), crashes, timeouts, with back-off; bad input (2), a
-# failed gate (3) and out of memory (137) fail at once (pipeline/steps.py, the retry table).
+# failed gate (3) and out of memory (137) fail at once (pipeline/steps.py, the retry table, applied
+# by Airflow's retry_policy: the decision and its cause are in the task log and the UI).
 DEFAULT_ARGS = {
     "retries": 2,
+    "retry_policy": RETRY_TABLE,
     "retry_delay": timedelta(minutes=2),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),

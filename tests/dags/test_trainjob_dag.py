@@ -1,7 +1,8 @@
 """The finetune DAG under FINETUNE_LAUNCHER=trainjob: the same five tasks, training as a TrainJob
 (Kubeflow Trainer v2) and every other step as a pod. Its operator, against a cluster's APIs in
 memory: a new attempt replaces the TrainJob an earlier one left, a failed TrainJob is judged by the
-step's error.json and the retry table, and the rank-0 pod's log reaches the Airflow task log.
+step's error.json and the retry table (the DAGs' retry policy), and the rank-0 pod's log reaches
+the Airflow task log.
 
     .venv/bin/python -m pytest -q tests/dags/test_trainjob_dag.py
 """
@@ -119,15 +120,16 @@ def test_a_new_attempt_replaces_the_trainjob_an_earlier_attempt_left(monkeypatch
 
 @pytest.mark.parametrize("code, retried", [(None, True), (2, False), (3, False), (75, True)])
 def test_a_failed_trainjob_is_judged_by_the_steps_error_json(monkeypatch, tmp_path, code, retried):
-    from airflow.sdk.exceptions import AirflowFailException
-
     run_id = f"trainjob-{code}"
     if code is not None:
         write_error(run_id, code)
     api = InMemoryCustomObjects([[], FAILED])
     operator = operator_on(monkeypatch, tmp_path, api)
-    with pytest.raises(steps.StepFailed if retried else AirflowFailException) as failed:
+    with pytest.raises(steps.StepFailed) as failed:
         operator.execute(context(run_id))
+    # What Airflow's task runner does with it: the DAGs' retry policy, the one retry table.
+    decision = load_tasks().DEFAULT_ARGS["retry_policy"].evaluate(failed.value, 1, 3)
+    assert decision.action.value == ("retry" if retried else "fail")
     assert api.deleted  # a failed job is deleted either way
     if code == 2:
         assert "matches no files" in str(failed.value)
@@ -149,8 +151,6 @@ def test_a_trainjob_past_its_deadline_is_deleted_and_retried_as_a_timeout(monkey
 
 
 def test_the_rank0_pods_log_reaches_the_task_log_while_the_trainjob_runs(monkeypatch, tmp_path):
-    from airflow.sdk.exceptions import AirflowFailException
-
     run_id = "trainjob-logs"
     write_error(run_id, 2)
     job = steps.render("train", [f"run_id={run_id}", RUN[1]], "trainjob")
@@ -167,7 +167,7 @@ def test_the_rank0_pods_log_reaches_the_task_log_while_the_trainjob_runs(monkeyp
 
     monkeypatch.setattr(k8s, "run_job", functools.partial(k8s.run_job, sleep=cluster_moves))  # the cluster's clock
     operator = operator_on(monkeypatch, tmp_path, api, core)
-    with structlog.testing.capture_logs() as logs, pytest.raises(AirflowFailException):
+    with structlog.testing.capture_logs() as logs, pytest.raises(steps.StepFailed):
         operator.execute(context(run_id))
     lines = [entry["event"] for entry in logs if str(entry["event"]).startswith("[rank 0]")]
     assert lines == ["[rank 0] loading snapshot s3://b/snap/data.parquet", "[rank 0] step 0", "[rank 0] step 1"]
