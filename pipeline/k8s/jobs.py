@@ -260,6 +260,15 @@ def _adoptable(api: Any, manifest: Mapping[str, Any], uid: str, log: Callable[[s
     return True
 
 
+def _created(
+    manifest: Mapping[str, Any], uid: str | None, log: Callable[[str], None], created: Callable[[str], None] | None
+) -> None:
+    meta = manifest["metadata"]
+    log(f"created {manifest['kind']} {meta['namespace']}/{meta['name']}" + (f" (uid {uid})" if uid else ""))
+    if uid and created is not None:
+        created(uid)
+
+
 def run_job(
     api: Any,
     manifest: Mapping[str, Any],
@@ -289,9 +298,7 @@ def run_job(
         made, uid = _create(api, manifest, deadline, poll_seconds, sleep, log)
         if not made:
             return "Timeout"
-        log(f"created {kind} {meta['namespace']}/{meta['name']}" + (f" (uid {uid})" if uid else ""))
-        if uid and created is not None:
-            created(uid)
+        _created(manifest, uid, log, created)
     master = MasterLog(core, manifest, log) if core is not None else None
     seen: set[tuple[str, str, str]] = set()
     phase = None
