@@ -8,10 +8,10 @@ model (the name is unique). The lock is built on that alone -- a lease per gener
 1. A lease is the registered model ``<model>.promotion-lock.<n>``, tagged with its holder's unique
    token; only the newest generation counts. Creating generation n+1 is the only way to take
    the lock, so of any number of contenders exactly one succeeds (the name is unique).
-2. The holder renews its lease every ``ttl_s / 4`` by writing a new value to its ``renewal`` tag
-   (a counter). n+1 may be created only when generation n is released, or when the contender
-   itself has watched n's ``renewal`` stay the same for n's ``ttl_s`` on its own monotonic clock.
-   No client's wall clock decides anything (``renewal`` carries one for people only), so a
+2. The holder renews its lease every ``ttl_s / 4`` by writing a larger value to its
+   ``renewed_at`` tag. n+1 may be created only when generation n is released, or when the contender
+   itself has watched n's ``renewed_at`` stay the same for n's ``ttl_s`` on its own monotonic clock.
+   No client's wall clock decides anything (the value is wall-clock ms, for people), so a
    contender or holder whose clock is hours off neither takes a live lease nor keeps a dead one;
    the cost is that a dead holder is taken over one TTL after a contender first looks at it.
    Nothing is ever deleted to take the lock, so a contender can never remove a newer holder's lease.
@@ -140,7 +140,7 @@ class Lease:
     token: str
     ttl_s: float
     clock: Clock = SYSTEM_CLOCK
-    renewals: int = 0  # the value of this lease's ``renewal`` counter
+    renewed_at: int = 0  # the value of this lease's ``renewed_at`` tag: each renewal writes a larger one
     lost: str = ""  # why the lease is no longer ours, once a check or the renewer has seen it
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -176,8 +176,8 @@ class Lease:
                 if taken:
                     self.lost = taken
                     return
-                self.renewals += 1
-                self.tracker.set_registered_model_tag(self.name, "renewal", _renewal(self.renewals, self.clock))
+                self.renewed_at = _renewed_at(self.clock, self.renewed_at)
+                self.tracker.set_registered_model_tag(self.name, "renewed_at", str(self.renewed_at))
             except Exception as exc:  # the server is briefly away: contenders take over after a TTL
                 print(f"promote: could not renew {self.name}: {exc}", file=sys.stderr)
 
@@ -202,24 +202,24 @@ class Lease:
                 return
 
 
-def _renewal(count: int, clock: Clock) -> str:
-    """The ``renewal`` tag: the counter contenders watch, and a wall-clock stamp for people."""
-    return f"{count} at {clock.stamp()}"
+def _renewed_at(clock: Clock, before: int = 0) -> int:
+    """The next ``renewed_at``: wall-clock ms (for people and older code), always above ``before``."""
+    return max(int(clock.wall() * 1000), before + 1)
 
 
 @dataclass
 class Watch:
-    """A contender's view of the newest lease: its (generation, ``renewal``), first seen ``since``."""
+    """A contender's view of the newest lease: its (generation, ``renewed_at``), first seen ``since``."""
 
     clock: Clock = SYSTEM_CLOCK
     seen: tuple[int, str] | None = None
     since: float = 0.0
 
-    def unrenewed_for(self, generation: int, renewal: str) -> float:
-        """Seconds this contender has watched ``generation`` keep ``renewal``."""
+    def unrenewed_for(self, generation: int, renewed_at: str) -> float:
+        """Seconds this contender has watched ``generation`` keep ``renewed_at``."""
         now = self.clock.monotonic()
-        if self.seen != (generation, renewal):
-            self.seen, self.since = (generation, renewal), now
+        if self.seen != (generation, renewed_at):
+            self.seen, self.since = (generation, renewed_at), now
         return now - self.since
 
 
@@ -232,7 +232,7 @@ def _holder_of(tracker: Any, name: str, generation: int, watch: Watch, ttl_s: fl
     if tags.get("released") == "true":
         return None
     holder = tags.get("holder", "?")
-    idle_s = watch.unrenewed_for(generation, tags.get("renewal", ""))
+    idle_s = watch.unrenewed_for(generation, tags.get("renewed_at", ""))
     if idle_s < float(tags.get("ttl_s", ttl_s)):
         return holder
     print(f"promote: taking over the registry lock from {holder}, seen unrenewed for {idle_s:.1f}s", file=sys.stderr)
@@ -250,11 +250,11 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float, watch:
         if held_by is not None:
             return None, held_by
     generation = (generations[-1] if generations else 0) + 1
-    name = f"{prefix}{generation}"
+    name, renewed_at = f"{prefix}{generation}", _renewed_at(watch.clock)
     try:
         tracker.create_registered_model(
             name,
-            tags={"holder": token, "renewal": _renewal(0, watch.clock), "ttl_s": str(ttl_s), "released": "false"},
+            tags={"holder": token, "renewed_at": str(renewed_at), "ttl_s": str(ttl_s), "released": "false"},
             description="A lease on moving this model's aliases (pipeline/registry.py).",
         )
     except MlflowException as exc:
@@ -269,7 +269,7 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float, watch:
                 f"cannot create the registry lock {name}: {exc.message} (the MLflow user needs "
                 f"permission to create registered models)"
             ) from exc
-    return Lease(tracker, model_name, generation, token, ttl_s, watch.clock), token
+    return Lease(tracker, model_name, generation, token, ttl_s, watch.clock, renewed_at), token
 
 
 def acquire(

@@ -47,7 +47,7 @@ class Recorder:
 def _stale_lease(tracker, generation=1, holder="dead-holder#0", ttl_s=1):
     """A lease whose holder is gone: never renewed again, taken over once watched for its TTL."""
     tracker.create_registered_model(
-        f"{LOCK}{generation}", tags={"holder": holder, "renewal": "7", "ttl_s": str(ttl_s), "released": "false"}
+        f"{LOCK}{generation}", tags={"holder": holder, "renewed_at": "7", "ttl_s": str(ttl_s), "released": "false"}
     )
 
 
@@ -282,7 +282,7 @@ def _unpruned_generations(count):
             "INSERT INTO registered_models (name, creation_time, last_updated_time) VALUES (?, ?, ?)",
             [(name, now, now) for name in names],
         )
-        tags = {"holder": "old#0", "renewal": "3", "ttl_s": "60", "released": "true"}
+        tags = {"holder": "old#0", "renewed_at": "3", "ttl_s": "60", "released": "true"}
         db.executemany(
             "INSERT INTO registered_model_tags (key, value, name) VALUES (?, ?, ?)",
             [(key, value, name) for name in names for key, value in tags.items()],
