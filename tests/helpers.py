@@ -89,20 +89,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server(env: dict[str, str] | None = None, probe_path: str = "") -> Iterator[str]:
-    """Moto's S3 (and IAM) API in server mode on a free loopback port; yields its endpoint.
+def moto_server(env: dict[str, str] | None = None, probe_path: str = "", host: str = "127.0.0.1") -> Iterator[str]:
+    """Moto's S3 (and IAM) API in server mode on a free port of ``host`` (loopback unless a test's
+    own bridge); yields its endpoint.
 
     ``probe_path`` is what the start-up check requests: ``/moto-api/`` is not an AWS action, so
     it does not use up a server's INITIAL_NO_AUTH_ACTION_COUNT.
     """
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     try:
         for _ in range(100):
             try:

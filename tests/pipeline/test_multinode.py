@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import pytest
 
 from pipeline import checkpoints, local, steps, storage
 from pipeline.config import load_config
-from tests.helpers import collect_snapshot, free_port, train_settings
+from tests.helpers import collect_snapshot, moto_server, train_settings
 
 pytestmark = pytest.mark.slow
 
@@ -107,29 +106,6 @@ def two_hosts() -> Iterator[Hosts]:
         for i in range(2):
             _ip("link", "del", f"ftv{i}{tag}", check=False)
         _ip("link", "del", bridge, check=False)
-
-
-@contextlib.contextmanager
-def s3_on(address: str) -> Iterator[str]:
-    """Moto's S3 API on ``address`` (the bridge): both hosts reach it, as pods reach an object store."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", address, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://{address}:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def _start_host(hosts: Hosts, rank: int, settings: list[str], disk: Path, endpoint: str) -> subprocess.Popen:
@@ -221,7 +197,7 @@ def test_two_hosts_train_one_model_survive_a_lost_host_and_resume_from_s3(
 ):
     import boto3
 
-    with s3_on(hosts.bridge_address) as endpoint:
+    with moto_server(probe_path="/moto-api/", host=hosts.bridge_address) as endpoint:
         for key, value in {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "moto-dummy",
