@@ -49,6 +49,7 @@ def test_a_step_on_a_tracking_server_with_a_password_in_its_uri_prints_no_passwo
         f"evaluate.snapshot_uri={snapshot.snapshot_uri}",
         f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
         f"run_id={run_id}",
+        f"model_name={run_id}",  # a model of its own: the session's server holds other tests' champions
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "evaluate", *(a for s in sets for a in ("--set", s))],
