@@ -53,8 +53,9 @@ class SourceFile:
 
 
 def check_allowed(source: str, allowed_hosts: Sequence[str]) -> None:
-    """Refuse a source collect may not read: with collect.allowed_hosts, an http(s) source must
-    name a listed host. The one place a policy on which sources are read belongs."""
+    """Refuse a source collect may not download from: with collect.allowed_hosts, an http(s) source
+    must name a listed host. Which sources a trigger may pick is the trigger check's
+    (``pipeline.config.scope``, at ``steps.trigger_config``), before collect runs."""
     if storage.scheme(source) in ("http", "https") and allowed_hosts and not http.listed(source, allowed_hosts):
         raise ConfigError(
             f"source {source}: {http.host_port(source)} is not in collect.allowed_hosts "
