@@ -114,7 +114,16 @@ class EvaluateConfig:
         choices=DIRECTIONS,
     )
     promotion_margin: float = option(
-        0.0, "Promote only when the new model beats the champion by more than this.", minimum=0.0
+        0.0,
+        "Promote only when the new model beats the champion by more than this; with no champion yet, the trivial "
+        "baseline on the same rows (the majority class; a causal LM's base model).",
+        minimum=0.0,
+    )
+    promote: bool = option(
+        True,
+        "false: register the new version as challenger and never move champion, whatever the gate says (a smoke "
+        "run; finetune run --no-promote). A trigger may set it to false, never to true where the deployment's "
+        "config says false.",
     )
     thresholds: list[str] = option(
         [],

@@ -18,9 +18,12 @@ A classifier is also scored on ``evaluate.challenge_uri`` (by default the hand-w
 set shipped beside the demo data), rows it was never trained on, as the slices ``challenge``,
 ``challenge:zh`` and ``challenge:latin``, beside the eval split's own.
 
-The model is promoted when there is no champion, or when it beats the champion's ``gate_metric``
-by more than ``promotion_margin``, in the metric's direction (lower perplexity is better). A
-champion that can no longer be loaded fails the step (fail closed).
+The model is promoted when it beats the champion's ``gate_metric`` by more than
+``promotion_margin``, in the metric's direction (lower perplexity is better), or, with no champion
+yet, the trivial baseline's on the same rows by as much: the majority class (a classifier; the
+result's ``baseline``) or the base model (a causal LM; ``base_metrics``). ``evaluate.promote=false``
+(``finetune run --no-promote``) promotes nothing. A champion that can no longer be loaded fails the
+step (fail closed).
 
 A classifier is also scored, beside the champion, on each of ``evaluate.reference_sets``: rows the
 deployment owns and pins by sha256 (a trigger can set none of those keys). A file whose content
@@ -54,7 +57,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate.causal_lm import evaluate_lm
 from pipeline.evaluate.champion import load_champion
 from pipeline.evaluate.classifier import evaluate_classifier
-from pipeline.evaluate.gate import decide, hold_to_reference
+from pipeline.evaluate.gate import decide, hold_to_reference, switched_off
 from pipeline.evaluate.pictures import draw_pictures, picture_captions
 from pipeline.evaluate.reference import read_reference_sets, score_reference_sets
 from pipeline.evaluate.report import log_reference, log_to_mlflow
@@ -75,6 +78,9 @@ class EvaluateResult:
     champion_version: str = ""
     champion_metrics: dict[str, float] = field(default_factory=dict)
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same tokens
+    # What a first champion must beat, on the same rows: the majority class, or the base model.
+    baseline: dict[str, float] = field(default_factory=dict)
+    baseline_name: str = ""
     greater_is_better: bool = True
     thresholds: list[str] = field(default_factory=list)
     # Per language of the eval rows (text.language_of), per value of evaluate.slice_columns, and the
@@ -111,9 +117,16 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         print_metrics(f"champion v{champion_version}", champion_metrics)
     reference, champion_reference = score_reference_sets(own, references, scored, champion)
     verdict = decide(
-        scored.metrics, champion_metrics if champion_version else None, own, cfg.task, scored.slices, champion_slices
+        scored.metrics,
+        champion_metrics if champion_version else None,
+        own,
+        cfg.task,
+        scored.slices,
+        champion_slices,
+        scored.baseline,
+        scored.baseline_name,
     )
-    promote, reason = hold_to_reference(verdict, reference, champion_reference, own)
+    promote, reason = switched_off(hold_to_reference(verdict, reference, champion_reference, own), own)
     print(f"evaluate: promote={promote}: {reason}", file=sys.stderr)
     mlflow_run_id = tracking.pipeline_run_id(cfg)
     scored.artifacts.update(draw_pictures(mlflow_run_id, scored, champion_version, champion_metrics))
@@ -135,6 +148,8 @@ def run(cfg: PipelineConfig) -> EvaluateResult:
         champion_version=champion_version,
         champion_metrics=champion_metrics,
         base_metrics=scored.base_metrics,
+        baseline=scored.baseline,
+        baseline_name=scored.baseline_name,
         greater_is_better=greater_is_better,
         thresholds=list(own.thresholds),
         slices=scored.slices,

@@ -19,6 +19,8 @@ from pipeline.evaluate.scored import Scored, print_metrics
 from pipeline.models import extend_like, load_causal_lm, load_trained_lm, resolve_model
 from pipeline.text import language_of
 
+GENERATION_METRICS = ("exact_match", "rouge_l")  # of greedy answers; the others are of the loss
+
 
 def generate(
     model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, cfg: PipelineConfig
@@ -117,16 +119,21 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     slices = lm_slices(cfg, model, tokenizer, frame, encoded)
     print_metrics(f"{len(rows)} eval conversations", metrics)
     # The base model on the same tokens (the trained tokenizer: same vocabulary, and the template
-    # training used): what fine-tuning bought. A LoRA model holds its base: switch the adapter off.
+    # training used): what fine-tuning bought, and the bar a first champion must clear. Its answers
+    # are generated only when the gate is on them (exact_match, rouge_l). A LoRA model holds its
+    # base: switch the adapter off.
+    answers = own.gate(cfg.task)[0] in GENERATION_METRICS
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=False, encoded=encoded)
+            base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=answers, encoded=encoded)
     else:
         base, base_tokenizer = load_causal_lm(
             resolve_model(cfg.base_model, scratch / "base"), f"base_model '{cfg.base_model}'"
         )
         extend_like(base, base_tokenizer, tokenizer)  # rows for train.extend_vocab's tokens, as training began
-        base_metrics, _ = score_lm(cfg, on_accelerator(base), tokenizer, frame, generate_samples=False, encoded=encoded)
+        base_metrics, _ = score_lm(
+            cfg, on_accelerator(base), tokenizer, frame, generate_samples=answers, encoded=encoded
+        )
     print_metrics("base model", base_metrics)
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -146,6 +153,8 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
         base_metrics,
         {"samples.json": json.dumps(samples, ensure_ascii=False, indent=2).encode()},
         score_other,
+        baseline=base_metrics,
+        baseline_name="base model",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,14 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     challenge_groups = challenge_slice_groups(challenge_texts)
     predicted = predict(model, tokenizer, texts, own.batch_size, own.max_seq_len)
     metrics = score(truth, predicted)
+    majority = majority_label(truth)
+    baseline = score(truth, [majority] * len(truth))  # what a model that learnt nothing scores here
     groups = slice_groups(cfg, rows, texts)
     slices = score_slices(truth, predicted, groups)
     challenge_predicted = predict(model, tokenizer, challenge_texts, own.batch_size, own.max_seq_len)
     slices.update(score_slices(challenge_truth, challenge_predicted, challenge_groups))
     print_metrics(f"{len(rows)} eval rows", metrics)
+    print_metrics(f"majority-class baseline ('{majority}' for every row)", baseline)
     for name, values in slices.items():
         print_metrics(f"  slice {name} ({int(values['rows'])} rows)", {k: v for k, v in values.items() if k != "rows"})
 
@@ -107,8 +111,25 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
             )
     challenge_frame = _frame(challenge_texts, challenge_truth)
     return Scored(
-        rows[["text", "label"]], metrics, slices, {}, artifacts, score_other, challenge_frame, model, tokenizer
+        rows[["text", "label"]],
+        metrics,
+        slices,
+        {},
+        artifacts,
+        score_other,
+        challenge_frame,
+        model,
+        tokenizer,
+        baseline=baseline,
+        baseline_name="majority-class baseline",
     )
+
+
+def majority_label(truth: list[str]) -> str:
+    """The label most eval rows have (of a tie, the first in sorted order): the majority-class
+    predictor answers it for every row."""
+    counts = Counter(truth)
+    return min(counts, key=lambda label: (-counts[label], label))
 
 
 def _frame(texts: list[str], labels: list[str]) -> Any:

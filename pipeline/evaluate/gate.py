@@ -1,5 +1,6 @@
 """The promotion gate: the absolute thresholds, the per-slice regression rule and the margin over
-the champion; and the deployment's reference sets, bars and no regression on each."""
+the champion, or with no champion yet over the trivial baseline; the deployment's reference sets,
+bars and no regression on each; and ``evaluate.promote``, which turns promotion off."""
 
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ def decide(
     task: str = "sequence-classification",
     slices: dict[str, dict[str, float]] | None = None,
     champion_slices: dict[str, dict[str, float]] | None = None,
+    baseline: dict[str, float] | None = None,
+    baseline_name: str = "baseline",
 ) -> tuple[bool, str]:
     """The promotion gate: every absolute threshold (overall or per slice), then no slice worse
     than the champion's by more than ``max_slice_regression``, then the margin over the champion.
+    With no champion yet, the margin is over ``baseline``, the same metrics of a model that learnt
+    nothing on the same rows (the majority class; a causal LM's base model): a first champion
+    must beat it by more than ``promotion_margin``, so a tie (a fine-tune that changed nothing)
+    stays challenger. No baseline to compare with: not promoted (fail closed).
 
     The challenge slices meet only the thresholds that name them (``accuracy[challenge:zh]>=0.85``),
     never the regression rule: the set is small (about 100 rows a language, so 0.05 is five
@@ -42,8 +49,17 @@ def decide(
             return False, f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
     metric, greater_is_better = cfg.gate(task)
     ours = metrics[metric]
+    better = "higher" if greater_is_better else "lower"
     if champion is None:
-        return True, f"no champion yet; {metric}={ours:.4f}"
+        floor = (baseline or {}).get(metric)
+        if floor is None:
+            return False, f"no champion yet; {metric}={ours:.4f} and no {baseline_name} {metric} to beat"
+        gain = ours - floor if greater_is_better else floor - ours
+        beats = "beats" if gain > cfg.promotion_margin else "does not beat"
+        return gain > cfg.promotion_margin, (
+            f"no champion yet; {metric}={ours:.4f} {beats} the {baseline_name} {floor:.4f} by more than "
+            f"promotion_margin {cfg.promotion_margin} ({better} is better)"
+        )
     for slice_name, values in sorted(slices.items()):
         theirs_there = (champion_slices or {}).get(slice_name, {}).get(metric)
         if values["rows"] < cfg.min_slice_rows or theirs_there is None or is_challenge(slice_name):
@@ -57,7 +73,6 @@ def decide(
             )
     theirs = champion[metric]
     gain = ours - theirs if greater_is_better else theirs - ours
-    better = "higher" if greater_is_better else "lower"
     if gain > cfg.promotion_margin:
         return True, (
             f"{metric} {ours:.4f} beats champion {theirs:.4f} by more than {cfg.promotion_margin} ({better} is better)"
@@ -111,3 +126,15 @@ def hold_to_reference(
         return False, refusal
     promote, reason = verdict
     return promote, f"{reason}; holds on reference set(s) {sorted(ours)}" if promote and ours else reason
+
+
+def switched_off(verdict: tuple[bool, str], cfg: EvaluateConfig) -> tuple[bool, str]:
+    """The verdict, unless ``evaluate.promote`` is false (a smoke run): then never promoted, saying
+    so beside what the gate said. A trigger may turn promotion off, never on (config.deploy)."""
+    if cfg.promote:
+        return verdict
+    promote, reason = verdict
+    return False, (
+        f"promotion is off (evaluate.promote=false): registered as challenger, champion untouched; the gate "
+        f"{'would have promoted' if promote else 'refused too'}: {reason}"
+    )

@@ -1,11 +1,12 @@
 """What a task family's evaluation hands the step: the new model's metrics, slices and artifacts,
-and how it scores another model (the champion) on the same rows; and the metric lines on stderr."""
+its trivial baseline on the same rows, and how it scores another model (the champion) on the same
+rows; and the metric lines on stderr."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -24,6 +25,10 @@ class Scored:
     challenge_rows: Any = None  # the challenge set's rows when scored, logged to MLflow beside the eval rows
     model: Any = None  # a classifier: the new model and its tokenizer, scored on the reference sets too
     tokenizer: Any = None
+    # What a version must beat to become the first champion: the same metrics of a model that
+    # learnt nothing, on the same rows (the majority class; a causal LM's base model).
+    baseline: dict[str, float] = field(default_factory=dict)
+    baseline_name: str = ""
 
 
 def print_metrics(what: str, metrics: dict[str, float]) -> None:

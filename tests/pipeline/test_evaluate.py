@@ -20,7 +20,11 @@ def _snapshot(tmp_path, split="eval"):
     )
 
 
-def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, classifier_dir):
+def test_scores_writes_report_and_png_and_a_model_no_better_than_the_majority_class_stays_challenger(
+    tmp_path, classifier_dir
+):
+    """The tiny classifier's random head answers one intent whatever the text: a smoke-quality
+    model. With no champion it must still beat the majority class on the same rows."""
     cfg = load_config(
         None,
         [
@@ -32,7 +36,14 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
     result = evaluate.run(cfg)
     assert result.rows == 12 and set(result.metrics) == {"accuracy", "macro_f1"}
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
-    assert result.promote and "no champion" in result.reason and result.champion_version == ""
+    # 'order_status' for every row: right on 6 of 12; F1 2/3 on that intent, 0 on the other two.
+    assert result.baseline == {"accuracy": 0.5, "macro_f1": pytest.approx(2 / 9)}
+    assert result.baseline_name == "majority-class baseline"
+    assert result.metrics["accuracy"] <= result.baseline["accuracy"] and result.champion_version == ""
+    assert not result.promote and result.reason == (
+        f"no champion yet; accuracy={result.metrics['accuracy']:.4f} does not beat the majority-class baseline "
+        "0.5000 by more than promotion_margin 0.0 (higher is better)"
+    )
     png = storage.read_bytes(result.confusion_matrix_uri)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     report = storage.read_json(result.report_uri)
@@ -41,6 +52,7 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
 
     logged = client().get_run(pipeline_run_id(cfg))
     assert logged.data.metrics["eval_accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert logged.data.tags["gate.promote"] == "false" and logged.data.tags["gate.reason"] == result.reason
     assert {a.path for a in client().list_artifacts(logged.info.run_id, "evaluate")} == {
         "evaluate/classification_report.json",
         "evaluate/confusion_matrix.png",
@@ -61,13 +73,34 @@ def test_scores_writes_report_and_png_and_promotes_without_champion(tmp_path, cl
         (0.96, 0.5, ['evaluate.thresholds=["accuracy>=0.95", "macro_f1>=0.5"]'], True),
         (0.4, 0.5, ["evaluate.metric_direction=lower"], True),  # lower is better, e.g. a loss
         (0.6, 0.5, ["evaluate.metric_direction=lower"], False),
+        # No champion: the majority-class baseline (0.3 here) is the bar, by the same margin.
+        (0.3, None, [], False),  # a tie with a model that learnt nothing
+        (0.305, None, ["evaluate.promotion_margin=0.01"], False),
+        (0.2, None, ["evaluate.metric_direction=lower"], True),
+        (0.35, None, ["evaluate.metric_direction=lower"], False),
     ],
 )
 def test_gate(ours, theirs, sets, promote):
     cfg = load_config(None, sets).evaluate
     champion = None if theirs is None else {"accuracy": theirs, "macro_f1": theirs}
-    decision, reason = evaluate.decide({"accuracy": ours, "macro_f1": ours}, champion, cfg)
+    baseline = {"accuracy": 0.3, "macro_f1": 0.3}
+    decision, reason = evaluate.decide(
+        {"accuracy": ours, "macro_f1": ours}, champion, cfg, baseline=baseline, baseline_name="majority-class baseline"
+    )
     assert decision is promote, reason
+
+
+def test_with_no_champion_the_floor_is_named_in_the_reason_and_no_baseline_refuses():
+    cfg = load_config(None, ["evaluate.promotion_margin=0.01"]).evaluate
+    ours, floor = {"accuracy": 0.648, "macro_f1": 0.6}, {"accuracy": 0.648, "macro_f1": 0.1}
+    assert evaluate.decide(ours, None, cfg, baseline=floor, baseline_name="majority-class baseline") == (
+        False,
+        "no champion yet; accuracy=0.6480 does not beat the majority-class baseline 0.6480 by more than "
+        "promotion_margin 0.01 (higher is better)",
+    )
+    macro = load_config(None, ["evaluate.gate_metric=macro_f1"]).evaluate  # the baseline's value of that metric
+    assert evaluate.decide(ours, None, macro, baseline=floor, baseline_name="majority-class baseline")[0] is True
+    assert evaluate.decide(ours, None, cfg) == (False, "no champion yet; accuracy=0.6480 and no baseline accuracy to beat")
 
 
 @pytest.mark.parametrize("rule", ["accuracy > 0.9", "recall>=0.5", "accuracy>=high"])
@@ -208,6 +241,14 @@ def test_a_challenger_better_overall_but_worse_on_one_language_is_refused(tmp_pa
     # The same challenger, with the slice gate loosened by the deployment: it wins overall.
     loose = evaluate.run(load_config(None, [*sets, "run_id=s2", "evaluate.max_slice_regression=1.0"]))
     assert loose.promote and "beats champion" in loose.reason
+    # A smoke run (finetune run --no-promote): the same win, and still not promoted, saying so.
+    smoke = evaluate.run(
+        load_config(None, [*sets, "run_id=s2b", "evaluate.max_slice_regression=1.0", "evaluate.promote=false"])
+    )
+    assert not smoke.promote and smoke.reason == (
+        f"promotion is off (evaluate.promote=false): registered as challenger, champion untouched; the gate would "
+        f"have promoted: {loose.reason}"
+    )
     # Too few rows in a slice to judge: reported, not gated.
     few = evaluate.run(load_config(None, [*sets[:2], "run_id=s3", "evaluate.min_slice_rows=5"]))
     assert few.promote and few.slices["zh"]["rows"] == 4
@@ -216,7 +257,8 @@ def test_a_challenger_better_overall_but_worse_on_one_language_is_refused(tmp_pa
 @pytest.mark.parametrize(
     "rule, promote, reason",
     [
-        ("accuracy[latin]>=0.9", True, "no champion yet"),
+        # Past the bar, then the floor: the model answers the majority intent for every row.
+        ("accuracy[latin]>=0.9", False, "no champion yet; accuracy=0.6667 does not beat the majority-class baseline"),
         ("accuracy[zh]>=0.5", False, "accuracy[zh] 0.0000 fails the threshold accuracy[zh] >= 0.5"),
         ("accuracy[ko]>=0.5", False, "accuracy[ko] cannot be checked: the eval split has no rows of slice 'ko'"),
     ],
