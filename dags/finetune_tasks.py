@@ -79,6 +79,7 @@ TITLES = {
     "zero_stage": "DeepSpeed ZeRO stage",
     "num_processes": "Training processes",
     "trainer_args": "More Trainer settings (TrainingArguments fields)",
+    "promote": "Promote (off: register as challenger only, champion untouched)",
     "version": "Version or alias to promote",
     "target_alias": "Alias to move",
     "reason": "Reason (recorded; required with force)",

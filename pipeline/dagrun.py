@@ -10,7 +10,10 @@ the deployment's ``trigger_keys`` before Airflow starts, and ``--source`` to its
 ``collect.allowed_sources`` (the shipped data by default: a file of your own needs a config file
 with ``collect: {allowed_sources: [/its/dir/]}``, which the refusal spells out).
 
-    finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1
+``--no-promote`` makes a smoke run: the version is registered as challenger and champion never
+moves (the trigger's ``evaluate.promote=false``); the summary's ``reason`` says so.
+
+    finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1 --no-promote
 """
 
 from __future__ import annotations
@@ -112,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a trigger's override: only keys the config's trigger_keys allow",
     )
+    parser.add_argument(
+        "--no-promote",
+        action="store_true",
+        help="a smoke run: register the version as challenger and never move champion (evaluate.promote=false)",
+    )
     args = parser.parse_args(argv)
+    if args.no_promote:
+        args.overrides.append("evaluate.promote=false")
     sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
     env_extra = {"FINETUNE_CONFIG": str(Path(args.config).resolve())} if args.config else {}
     trigger = args.overrides + ([f"collect.sources={json.dumps(sources)}"] if sources else [])
@@ -136,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: run: {failure(run_uri)}", file=sys.stderr)
         return 1
     result = storage.read_json(result_uri)
-    summary = {key: result[key] for key in ("model_name", "version", "aliases", "metrics", "run_id", "snapshot")}
+    summary = {
+        key: result[key] for key in ("model_name", "version", "aliases", "reason", "metrics", "run_id", "snapshot")
+    }
     if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
         summary["base_metrics"] = result["base_metrics"]
     if result.get("slices"):  # per language of the eval rows: one number can hide a language it cannot read

@@ -174,6 +174,7 @@ DAG_PARAMS: dict[str, dict[str, str]] = {
         "zero_stage": "train.zero_stage",
         "num_processes": "train.num_processes",
         "trainer_args": "train.trainer_args",
+        "promote": "evaluate.promote",  # false: a smoke run, registered as challenger only
     },
     "promote": {
         "model_name": "model_name",
@@ -243,7 +244,7 @@ def trigger_config(
         cfg = load_config(None, [*deployment, *trigger])
     if trusted is None:
         trusted = cfg if not trigger else load_config(None, deployment)
-    check_trigger(trigger, trusted.trigger_keys, origin)
+    check_trigger(trigger, trusted.trigger_keys, origin, sent=cfg, deployment=trusted)
     sent = {_key(item) for item in trigger}
     if "collect.sources" in sent:
         check_sources(cfg.collect.sources, trusted.collect.allowed_sources, origin)

@@ -333,6 +333,11 @@ TRIGGER_KEYS = (
 # Keys a trigger may always set, but only to values the deployment's key beside them scopes
 # (pipeline/config/scope.py): the sources collect reads, the registered model a run aims at.
 SCOPED_KEYS = {"collect.sources": "collect.allowed_sources", "model_name": "allowed_model_names"}
+# Keys a trigger may always set, whatever trigger_keys say, but only to turn something off:
+# `evaluate.promote=false` (`finetune run --no-promote`, the finetune DAG's `promote` Param) makes
+# a smoke run that never moves champion. Turning one on where the deployment's config turned it
+# off is refused: a trigger can keep a version from champion, never push one there.
+OFF_ONLY_KEYS = ("evaluate.promote",)
 # Set by the deployment alone, even where its trigger_keys would match them (`collect.*`).
 NEVER_FROM_A_TRIGGER = (
     "trigger_keys",
@@ -345,13 +350,28 @@ NEVER_FROM_A_TRIGGER = (
 )
 
 
-def check_trigger(overrides: Sequence[str], allowed: Sequence[str], origin: str = "DAG run conf") -> None:
+def check_trigger(
+    overrides: Sequence[str],
+    allowed: Sequence[str],
+    origin: str = "DAG run conf",
+    sent: Any = None,
+    deployment: Any = None,
+) -> None:
     """Refuse any ``key=value`` of ``overrides`` (what a trigger sent) whose key no pattern of
     ``allowed`` (the deployment's ``trigger_keys``) matches, naming the key and the setting. A key
-    of ``SCOPED_KEYS`` passes here: its value is checked against the deployment's scope."""
+    of ``SCOPED_KEYS`` passes here: its value is checked against the deployment's scope. A key of
+    ``OFF_ONLY_KEYS`` passes unless the trigger turns on what the deployment's config (``deployment``)
+    turned off, judged by its value in the config built with the trigger's overrides (``sent``);
+    without those two configs it is held to ``allowed`` like any key."""
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key in SCOPED_KEYS:
+            continue
+        if key in OFF_ONLY_KEYS and sent is not None and deployment is not None:
+            if _value(sent, key) and not _value(deployment, key):
+                raise ConfigError(
+                    f"{origin}: '{key}' is false in the deployment's config; a trigger may turn it off, never on"
+                )
             continue
         if key in NEVER_FROM_A_TRIGGER or not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
             raise ConfigError(
@@ -359,3 +379,9 @@ def check_trigger(overrides: Sequence[str], allowed: Sequence[str], origin: str 
                 f"or `finetune run --set`); the deployment allows it by adding it to trigger_keys in its config "
                 f"file (FINETUNE_CONFIG, or `finetune run --config FILE`)"
             )
+
+
+def _value(cfg: Any, key: str) -> Any:
+    """The value of a dotted ``section.name`` key of a ``PipelineConfig``."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)

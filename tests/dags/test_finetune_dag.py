@@ -69,6 +69,7 @@ def test_params_have_type_bounds_default_and_description(dag):
         "zero_stage",
         "num_processes",
         "trainer_args",
+        "promote",
         "overrides",
     }
     assert set(dag.params) == expected
@@ -78,6 +79,9 @@ def test_params_have_type_bounds_default_and_description(dag):
     assert dag.params.get_param("epochs").schema["minimum"] == 1
     assert dag.params.get_param("zero_stage").schema["enum"] == [0, 1, 2, 3]
     assert dag.params["source"] == ["pkg://pipeline/data/support_intents.jsonl"]
+    # Off: a smoke run, registered as challenger only (evaluate.promote); on by default.
+    assert dag.params.get_param("promote").schema["type"] == "boolean" and dag.params["promote"] is True
+    assert dag.params.get_param("promote").resolve(False) is False
 
 
 @pytest.mark.parametrize(
@@ -89,6 +93,7 @@ def test_params_have_type_bounds_default_and_description(dag):
         ("task", "regression"),
         ("source", []),
         ("num_processes", 1.5),
+        ("promote", "sometimes"),
     ],
 )
 def test_airflow_rejects_bad_params(dag, name, value):

@@ -276,3 +276,34 @@ def test_a_bar_on_one_language(tmp_path, classifier_dir, rule, promote, reason):
         )
     )
     assert result.promote is promote and result.reason.startswith(reason)
+
+
+def test_a_causal_lm_no_better_than_its_base_model_stays_challenger(tiny_lm_dir, tmp_path):
+    """The tiny random-weights Llama evaluated as its own fine-tune (what a run that learnt nothing
+    publishes): its perplexity is the base model's on the same tokens, which it must beat."""
+    from pipeline import chat
+
+    shipped = storage.read_bytes("pkg://pipeline/data/support_instructions.jsonl").decode("utf-8").splitlines()
+    messages = [chat.dumps(chat.to_messages(json.loads(line))) for line in shipped[:12]]  # as collect writes them
+    snapshot = write_snapshot(tmp_path / "chat.parquet", {"messages": messages, "split": ["eval"] * len(messages)})
+    result = evaluate.run(
+        load_config(
+            None,
+            [
+                "task=causal-lm",
+                "model_name=chat-floor",
+                "train.max_seq_len=192",
+                f"base_model={json.dumps(str(tiny_lm_dir))}",
+                f"evaluate.snapshot_uri={snapshot}",
+                f"evaluate.model_uri={json.dumps(str(tiny_lm_dir))}",
+                "evaluate.generate_rows=0",
+                "run_id=lm-floor",
+            ],
+        )
+    )
+    perplexity = result.metrics["perplexity"]
+    assert perplexity == result.baseline["perplexity"] == result.base_metrics["perplexity"] > 100  # random: ~vocab
+    assert not result.promote and result.reason == (
+        f"no champion yet; perplexity={perplexity:.4f} does not beat the base model {perplexity:.4f} by more than "
+        "promotion_margin 0.0 (lower is better)"
+    )

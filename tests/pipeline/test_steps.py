@@ -173,6 +173,75 @@ def test_finetune_run_refuses_a_trigger_key_before_airflow_starts(capsys):
     assert "run --set: 'evaluate.metric_direction' may not be set by a trigger" in capsys.readouterr().err
 
 
+def test_a_trigger_may_turn_promotion_off_but_never_on(tmp_path):
+    upstream = {"collect": {"snapshot_uri": "file:///s.parquet"}}
+    # The finetune DAG's `promote` Param is evaluate.promote; off passes whatever trigger_keys say.
+    narrow = steps.deployment_overrides(_deployment_file(tmp_path, "narrow", "trigger_keys: ['train.*']\n"))
+    sets = steps.step_overrides("train", {"promote": False}, upstream, "r1", deployment=narrow)
+    assert "evaluate.promote=false" in sets and load_config(None, sets).evaluate.promote is False
+    assert "evaluate.promote=true" not in steps.step_overrides("train", {"promote": True}, upstream, "r1")  # default
+    # A deployment that turned promotion off: a trigger cannot turn it back on, by Param or override.
+    off = steps.deployment_overrides(_deployment_file(tmp_path, "off", "evaluate: {promote: false}\n"))
+    for params in ({"promote": True}, {"overrides": ["evaluate.promote=true"]}):
+        with pytest.raises(ConfigError, match="'evaluate.promote' is false in the deployment's config; a trigger may "):
+            steps.step_overrides("train", params, upstream, "r1", deployment=off)
+    assert load_config(None, steps.step_overrides("train", {}, upstream, "r1", deployment=off)).evaluate.promote is False
+
+
+def _deployment_file(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return {"FINETUNE_CONFIG": str(path)}
+
+
+def test_finetune_run_no_promote_registers_a_challenger_only_and_says_so(tmp_path, classifier_dir, monkeypatch, capsys):
+    """`finetune run --no-promote` sends evaluate.promote=false as the trigger's override; the
+    finetune DAG's evaluate and register, run here from that conf in place of `airflow dags
+    test`, register the version as challenger, and the summary says why champion did not move."""
+    import json
+
+    from pipeline import dagrun, storage
+    from pipeline.config import safe_run_id
+    from tests.helpers import run_step_here, write_snapshot
+
+    snapshot = write_snapshot(
+        tmp_path / "s.parquet",
+        [("where is my order", "order_status", "eval"), ("reset my password", "password_reset", "eval")] * 3,
+        ["text", "label", "split"],
+    )
+    results = {name: (tmp_path / f"{name}.json").as_uri() for name in ("collect", "validate", "train")}
+    storage.write_json(results["collect"], {"snapshot_uri": snapshot, "sha256": "ab" * 32, "rows": 6})
+    storage.write_json(results["validate"], {})
+    storage.write_json(results["train"], {"model_uri": str(classifier_dir), "snapshot_uri": snapshot})
+    upstream = {
+        "collect": {"snapshot_uri": snapshot, "result_uri": results["collect"]},
+        "validate": {"result_uri": results["validate"]},
+        "train": {"model_uri": str(classifier_dir), "result_uri": results["train"]},
+    }
+    sent = []
+
+    def dag_run_here(dag_id, conf, env_extra=None):
+        sent.append(conf)
+        run_id = "manual__smoke"
+        for step in ("evaluate", "register"):
+            upstream[step] = run_step_here(step, steps.step_overrides(step, conf, upstream, safe_run_id(run_id)))
+        return run_id
+
+    monkeypatch.setattr(dagrun, "test_dag", dag_run_here)
+    assert dagrun.main(["--no-promote"]) == 0
+    assert sent == [{"overrides": ["evaluate.promote=false"]}]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["aliases"] == ["challenger"]
+    assert summary["reason"].startswith(
+        "promotion is off (evaluate.promote=false): registered as challenger, champion untouched; the gate "
+    )
+    from pipeline.tracking import client
+
+    version = client().get_model_version("support-intents", summary["version"])
+    assert version.tags["finetune.gate_passed"] == "false" and "evaluate.promote=false" in version.tags["finetune.gate"]
+    assert "champion" not in client().get_registered_model("support-intents").aliases
+
+
 # --- timeouts: a step that hangs is stopped with every process it started --------------------
 
 # A step's process tree as torchrun makes it: the leader starts a worker in a session of its own
