@@ -95,7 +95,9 @@ class TrainConfig:
     lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
     lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)
     lora_target_modules: list[str] = option(
-        [], "causal-lm: module names LoRA adapts, e.g. [q_proj, v_proj]; empty: PEFT's default for the architecture."
+        [],
+        "causal-lm: module names LoRA adapts, e.g. [q_proj, v_proj], checked against base_model's modules; "
+        "all-linear: every linear layer but the output layer; empty: PEFT's default for the architecture.",
     )
     lora_merge: bool = option(
         True,
@@ -210,6 +212,11 @@ class TrainConfig:
             raise ConfigError(
                 "train.early_stopping_patience needs train.eval_steps (how often the eval loss is "
                 "computed), got train.eval_steps=0"
+            )
+        if "all-linear" in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            raise ConfigError(
+                f"train.lora_target_modules: 'all-linear' (every linear layer but the output layer) stands alone, "
+                f"got {self.lora_target_modules}; give it alone or list the module names"
             )
         check_trainer_args(self.trainer_args)
         if self.offload_optimizer and "optim" in self.trainer_args:

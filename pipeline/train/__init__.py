@@ -58,6 +58,7 @@ from pipeline.train.trainer import (
     _deepspeed_summary,
     _peak_memory,
     _WarmStart,
+    settings_refused,
     sharding_report,
 )
 
@@ -366,16 +367,25 @@ def _trainer(
 
     own = cfg.train
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
-    trainer = _audited_trainer(Trainer)(
-        audit,
-        warm_start,
-        model=parts.load_model(),
-        args=args,
-        train_dataset=parts.dataset,
-        eval_dataset=parts.eval_dataset,
-        data_collator=audit,
-        callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping],
+    model = parts.load_model()  # what from_pretrained or PEFT refuse is named by parts
+    settings = (
+        f"train.zero_stage={own.zero_stage}, train.deepspeed_config={own.deepspeed_config or '(the shipped one)'}, "
+        f"train.offload_optimizer={own.offload_optimizer}, train.offload_params={own.offload_params}, "
+        f"train.batch_size={own.batch_size}, train.gradient_accumulation_steps={own.gradient_accumulation_steps}, "
+        f"train.precision={own.precision}, train.trainer_args={json.dumps(own.trainer_args)}"
     )
+    with settings_refused(settings):
+        trainer = _audited_trainer(Trainer)(
+            audit,
+            warm_start,
+            settings,
+            model=model,
+            args=args,
+            train_dataset=parts.dataset,
+            eval_dataset=parts.eval_dataset,
+            data_collator=audit,
+            callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping],
+        )
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != world:
         raise RuntimeError(

@@ -10,6 +10,7 @@ packing and LoRA). Both may extend the vocabulary (``train.extend_vocab``) and c
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -60,8 +61,9 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
                 trust_remote_code=False,
                 **model_kwargs,
             )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"base_model '{cfg.base_model}': cannot load: {exc}") from exc
+        except (OSError, ValueError, TypeError) as exc:
+            with_kwargs = f" with train.model_kwargs {model_kwargs}" if model_kwargs else ""
+            raise ModelError(f"base_model '{cfg.base_model}'{with_kwargs}: cannot load: {exc}") from exc
         if added:
             extend_embeddings(model, list(added.values()))
         return model
@@ -146,7 +148,7 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE, padding=True)
     )
     return Parts(
-        partial(_causal_lm_model, own, model_dir, model_kwargs, tokenizer, added),
+        partial(_causal_lm_model, cfg, model_dir, model_kwargs, tokenizer, added),
         tokenizer,
         dataset,
         collator,
@@ -167,12 +169,18 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
 
 
 def _causal_lm_model(
-    own: TrainConfig, model_dir: str, model_kwargs: dict[str, Any], tokenizer: Any, added: dict[str, list[int]]
+    cfg: PipelineConfig, model_dir: str, model_kwargs: dict[str, Any], tokenizer: Any, added: dict[str, list[int]]
 ) -> Any:
-    """causal-lm's ``Parts.load_model``: the base model, its rows for ``added``, the LoRA adapter."""
+    """causal-lm's ``Parts.load_model``: the base model, its rows for ``added``, the LoRA adapter.
+    What from_pretrained or PEFT refuse of the settings is bad input, named by its setting."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, **model_kwargs)
+    own = cfg.train
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, **model_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        with_kwargs = f" with train.model_kwargs {model_kwargs}" if model_kwargs else ""
+        raise ModelError(f"base_model '{cfg.base_model}'{with_kwargs}: cannot load: {exc}") from exc
     if added:
         extend_embeddings(model, list(added.values()))
     if not own.lora_r:
@@ -181,17 +189,69 @@ def _causal_lm_model(
 
     # The new rows train beside the adapter (PEFT's trainable tokens; tied output embeddings too).
     new_ids = list(range(len(tokenizer) - len(added), len(tokenizer)))
-    return get_peft_model(
-        model,
-        LoraConfig(
-            task_type="CAUSAL_LM",
-            r=own.lora_r,
-            lora_alpha=own.lora_alpha,
-            lora_dropout=own.lora_dropout,
-            target_modules=list(own.lora_target_modules) or None,
-            trainable_token_indices=new_ids or None,
-        ),
+    try:
+        return get_peft_model(
+            model,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                r=own.lora_r,
+                lora_alpha=own.lora_alpha,
+                lora_dropout=own.lora_dropout,
+                target_modules=lora_target_modules(cfg, model),
+                trainable_token_indices=new_ids or None,
+            ),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            f"train.lora_r={own.lora_r}, train.lora_alpha={own.lora_alpha}, train.lora_dropout={own.lora_dropout}, "
+            f"train.lora_target_modules={own.lora_target_modules}: PEFT cannot build the adapter on base_model "
+            f"'{cfg.base_model}': {exc}"
+        ) from exc
+
+
+def lora_target_modules(cfg: PipelineConfig, model: Any) -> str | list[str] | None:
+    """``train.lora_target_modules`` as PEFT's ``LoraConfig`` takes it, each name checked against the
+    modules of ``model``: a name matches a module whose dotted name is it or ends with it, as PEFT
+    matches a list. ``all-linear`` (PEFT's shorthand, every linear layer but the output layer) goes
+    as the string PEFT expects; empty: None, PEFT's default for the architecture."""
+    targets = list(cfg.train.lora_target_modules)
+    if not targets:
+        return None
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    names = [name for name, _ in model.named_modules() if name]
+    for target in targets:
+        if any(name == target or name.endswith(f".{target}") for name in names):
+            continue
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+        close = difflib.get_close_matches(target, leaves, n=3, cutoff=0.5)
+        raise ConfigError(
+            f"train.lora_target_modules: base_model '{cfg.base_model}' has no module '{target}'"
+            + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
+            + f"; its linear layers are {_linear_layers(model)}, or '{ALL_LINEAR}' adapts all of them but the "
+            "output layer"
+        )
+    return targets
+
+
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def _linear_layers(model: Any, shown: int = 8) -> list[str]:
+    """The names LoRA can adapt in ``model`` (the last part of each linear layer's name), the output layer's left out."""
+    import torch
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name
+            and module is not output
+            and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+        }
     )
+    return found[:shown]
 
 
 def _in_memory_eval_loss(own: TrainConfig, tokenizer: Any, eval_examples: list[Any], trainer: Any) -> dict[str, Any]:

@@ -8,14 +8,16 @@ metrics of each log step, and what a finished training reports about its ranks a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pipeline import tracking
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 
 class _Audit:
@@ -179,16 +181,49 @@ class _WarmStart:
         )
 
 
+# What the Trainer, its optimizer and scheduler and the DeepSpeed engine raise while they are built
+# when the settings cannot work: bad input (exit 2, never retried). Not a RuntimeError: a lost rank,
+# a collective's timeout and running out of memory raise one, and a retry may succeed.
+REFUSALS = (TypeError, ValueError, AssertionError, ImportError, KeyError)
+
+
+@contextlib.contextmanager
+def settings_refused(settings: str) -> Iterator[None]:
+    """Building the Trainer and its DeepSpeed engine from ``settings`` (the train.* settings it reads,
+    as ``key=value, ...``): what it refuses becomes a ConfigError, the refusal first, the settings
+    after; a PipelineError (a TransientError too) and anything else pass as they are."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, REFUSALS) and type(exc).__name__ != "DeepSpeedConfigError":
+            raise
+        raise ConfigError(
+            f"the settings cannot build the Trainer and its DeepSpeed engine: {type(exc).__name__}: {exc}\n"
+            f"  the settings: {settings}"
+        ) from exc
+
+
 def _audited_trainer(trainer_class: Any) -> Any:
     class AuditedTrainer(trainer_class):
         """Records the example ids of each micro-batch it trains on (see ``_Audit``)."""
 
         lr_scheduler: Any  # Trainer's; declared for mypy, which cannot see into a base class chosen at run time
 
-        def __init__(self, audit: _Audit, warm_start: _WarmStart | None, **kwargs: Any) -> None:
+        def __init__(self, audit: _Audit, warm_start: _WarmStart | None, settings: str = "", **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.audit = audit
             self.warm_start = warm_start
+            self.settings = settings  # what builds the optimizer and the DeepSpeed engine, for a refusal
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            # The DeepSpeed engine, the optimizer and the scheduler (and a resumed run's checkpoint
+            # loaded into them), built at the start of train(): construction only, so that a crash
+            # while training stays a crash (retried).
+            resuming = f"; resuming from {resume_from_checkpoint}" if resume_from_checkpoint else ""
+            with settings_refused(self.settings + resuming):
+                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
         def create_optimizer(self, *args, **kwargs):
             # Called again after DeepSpeed took the optimizer over (and by then holds flat

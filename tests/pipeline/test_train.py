@@ -231,3 +231,74 @@ def test_causal_lm_bad_input_fails_before_training(chat_snapshot, tiny_lm_dir, t
     with pytest.raises(ModelError, match="the tokenizer has 1000 tokens but the model's embedding matrix has 500 rows"):
         run(mismatched)
     assert not storage.exists(load_config(None, []).step_uri("train") + "/result.json")
+
+
+def test_lora_target_modules_are_checked_against_the_base_models_modules(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.errors import ConfigError
+    from pipeline.train.parts import lora_target_modules
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+
+    def targets(*names):
+        cfg = load_config(None, [*LM, f"train.lora_target_modules={json.dumps(list(names))}"])
+        return lora_target_modules(cfg, model)
+
+    assert targets() is None  # PEFT's default for the architecture
+    assert targets("q_proj", "self_attn.v_proj", "lm_head") == ["q_proj", "self_attn.v_proj", "lm_head"]
+    assert targets("all-linear") == "all-linear"  # the string PEFT resolves itself, not a module name
+    with pytest.raises(ConfigError) as refused:
+        targets("q_proj", "q_prj")
+    message = str(refused.value)
+    assert message.startswith("train.lora_target_modules: ") and "has no module 'q_prj'" in message
+    assert "did you mean 'q_proj'" in message and "'k_proj', 'o_proj', 'q_proj'" in message
+    assert "lm_head" not in message  # the output layer is no candidate: all-linear leaves it out too
+    with pytest.raises(ConfigError, match="'all-linear' .* stands alone"):
+        load_config(None, ['train.lora_target_modules=["all-linear", "q_proj"]'])
+
+
+@pytest.mark.parametrize(
+    "settings, said",
+    [
+        (["train.lora_r=8", "train.lora_target_modules=q_prj"], ["train.lora_target_modules: base_model", "'q_prj'"]),
+        # DeepSpeed's engine, built when training starts: HF's check of the JSON against the Trainer's values
+        (
+            ["train.deepspeed_config=ZERO2_MICRO3"],
+            ["cannot build the Trainer and its DeepSpeed engine: ValueError", "micro_batch", "train.deepspeed_config="],
+        ),
+    ],
+    ids=["lora-module", "deepspeed-engine"],
+)
+def test_settings_that_cannot_work_fail_the_step_in_seconds_as_bad_input(
+    chat_snapshot, tiny_lm_dir, tmp_path, settings, said
+):
+    import time
+
+    ds_config = tmp_path / "zero2-micro3.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}))
+    settings = [s.replace("ZERO2_MICRO3", str(ds_config)) for s in settings]
+    began = time.monotonic()
+    with pytest.raises(steps.StepFailed) as failed:
+        _train_lm(chat_snapshot, tiny_lm_dir, "cannot-work", "train.num_processes=1", *settings)
+    assert failed.value.returncode == 2 and not failed.value.retryable  # the retry table: never retried
+    assert all(part in str(failed.value) for part in said), str(failed.value)
+    assert time.monotonic() - began < 120  # a process start and a model load, not a training
+    assert not storage.exists(load_config(None, ["run_id=cannot-work"]).step_uri("train") + "/model")
+
+
+def test_what_building_from_the_settings_refuses_is_bad_input_and_the_rest_passes():
+    from pipeline.errors import ConfigError, TransientError
+    from pipeline.train.trainer import settings_refused
+
+    with pytest.raises(ConfigError) as refused:
+        with settings_refused("train.trainer_args={}"):
+            raise ValueError("no such optimizer")
+    assert str(refused.value).splitlines() == [
+        "the settings cannot build the Trainer and its DeepSpeed engine: ValueError: no such optimizer",
+        "  the settings: train.trainer_args={}",
+    ]
+    for passing in (RuntimeError("gloo: connection closed by peer"), TransientError("busy")):
+        with pytest.raises(type(passing)):  # a lost rank or a transient fault stays retryable
+            with settings_refused("train.trainer_args={}"):
+                raise passing

@@ -184,8 +184,8 @@ def test_a_model_kwarg_the_base_model_does_not_know_fails_before_the_model_is_bu
 @pytest.mark.slow
 def test_trainer_args_reach_the_trainer_with_zero3_lora_and_gradient_checkpointing(tiny_lm_dir):
     """A constant learning rate (no warm-up, no decay), gradient clipping and gradient checkpointing
-    through trainer_args, the attention kernel through model_kwargs: the logged learning rate is
-    flat over max_steps."""
+    through trainer_args, the attention kernel through model_kwargs, LoRA on every linear layer
+    (all-linear): the logged learning rate is flat over max_steps."""
     from pipeline.tracking import client
 
     snapshot = collect_snapshot([INSTRUCTIONS], "task=causal-lm")
@@ -208,6 +208,7 @@ def test_trainer_args_reach_the_trainer_with_zero3_lora_and_gradient_checkpointi
             "train.learning_rate=1e-3",
             "train.zero_stage=3",
             "train.lora_r=8",
+            "train.lora_target_modules=all-linear",  # PEFT's shorthand, as a team writes it
             "train.logging_steps=1",
             "train.warmup_ratio=0.0",
             f"train.trainer_args={json.dumps(args)}",
@@ -218,6 +219,11 @@ def test_trainer_args_reach_the_trainer_with_zero3_lora_and_gradient_checkpointi
     rates = [m.value for m in client().get_metric_history(result["mlflow_run_id"], "train_learning_rate")]
     assert rates == [1e-3] * 4
     assert storage.read_json(result["summary_uri"])["lora"] is True
+    adapter = json.loads(
+        (storage.local_path(result["model_uri"]).parent / "adapter" / "adapter_config.json").read_text()
+    )
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}  # PEFT saves what all-linear found
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # no lm_head
 
 
 def test_the_trigger_forms_trainer_args_param_travels_to_the_step_and_is_checked():
