@@ -58,6 +58,7 @@ from pipeline.config.evaluate import CHALLENGE, DEFAULT_CHALLENGE, EvaluateConfi
 from pipeline.config.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, PromoteConfig, RegisterConfig
 from pipeline.config.scope import check_model_name, check_sources, local_files
 from pipeline.config.train import TrainConfig
+from pipeline.config.trainer_args import PIPELINE_TRAINER_ARGS, trainer_argument_types
 from pipeline.config.validate import DRIFT_CHECKS, ValidateConfig
 from pipeline.errors import ConfigError
 from pipeline.fields import check_fields, json_schema, option
@@ -237,10 +238,33 @@ def _set(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
     section, _, name = key.rpartition(".")
     schema = _schema()
     if section not in schema or name not in schema[section]:
-        hint = difflib.get_close_matches(key, known_keys(), n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"unknown config key '{key}' in {origin}{suggestion}")
+        raise ConfigError(f"unknown config key '{key}' in {origin}{_did_you_mean(key, value)}")
     (tree.setdefault(section, {}) if section else tree)[name] = value
+
+
+def _did_you_mean(key: str, value: Any) -> str:
+    """The nearest key to an unknown one, searched among the keys and the TrainingArguments fields
+    ``train.trainer_args`` passes (``train.trainer_args.<field>``): a field named by its own name
+    (``train.gradient_checkpointing``) is found at once, and the hint shows the mapping to set."""
+    fields_ = [f for f in (trainer_argument_types() or {}) if f not in PIPELINE_TRAINER_ARGS]
+    leaf = key.rpartition(".")[2]
+    if key.startswith("train.") and leaf in PIPELINE_TRAINER_ARGS and leaf not in _schema()["train"]:
+        return f" (TrainingArguments' {leaf} is set by the pipeline: {PIPELINE_TRAINER_ARGS[leaf]})"
+    if key.startswith("train.") and leaf not in _schema()["train"] and leaf in fields_:
+        hints = [f"train.trainer_args.{leaf}"]
+    else:
+        hints = difflib.get_close_matches(key, [*known_keys(), *(f"train.trainer_args.{f}" for f in fields_)], n=1)
+    if not hints:
+        return ""
+    field_ = hints[0].removeprefix("train.trainer_args.")
+    if field_ == hints[0]:
+        return f" (did you mean '{hints[0]}'?)"
+    mapping = json.dumps({field_: value}, default=str)
+    named = "" if key == hints[0] else f"did you mean '{hints[0]}'? "
+    return (
+        f" ({named}a TrainingArguments field goes in the mapping train.trainer_args: "
+        f"--set 'train.trainer_args={mapping}', or trainer_args: {mapping} under train: in a config file)"
+    )
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -46,6 +46,27 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        # A TrainingArguments field by its own name, or a near one: the trainer_args mapping, with the value
+        (
+            "train.gradient_checkpointing=true",
+            "(did you mean 'train.trainer_args.gradient_checkpointing'? a TrainingArguments field goes in the "
+            """mapping train.trainer_args: --set 'train.trainer_args={"gradient_checkpointing": true}', """,
+        ),
+        ("train.max_grad_nrm=0.5", """'train.trainer_args.max_grad_norm'? a TrainingArguments field goes in"""),
+        ("train.trainer_args.max_grad_norm=0.5", """(a TrainingArguments field goes in the mapping"""),
+        ("train.output_dir=/tmp/x", "(TrainingArguments' output_dir is set by the pipeline: checkpoints go to"),
+        ("train.keep_checkpoint=3", "(did you mean 'train.keep_checkpoints'?)"),
+    ],
+)
+def test_an_unknown_key_is_matched_against_the_trainer_args_fields_too(override, hint):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert hint in str(error.value)
+
+
 def test_bad_yaml_key_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epocs: 2\n")
