@@ -279,9 +279,16 @@ def _check_columns(task: str, uri: str, found: set[str], own: CollectConfig) -> 
     if task == "causal-lm":
         if "messages" not in found and not {"prompt", "response"} <= found:
             raise DataError(
-                f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response'; found {sorted(found)}"
+                f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response' (task=causal-lm reads "
+                f"these names; no setting maps another column to them); the file's columns are {sorted(found)}"
             )
         return
-    missing = [c for c in (own.text_column, own.label_column) if c not in found]
+    settings = {"collect.text_column": own.text_column, "collect.label_column": own.label_column}
+    missing = {setting: column for setting, column in settings.items() if column not in found}
     if missing:
-        raise DataError(f"{uri}: missing column(s) {missing}; found {sorted(found)}")
+        named = ", ".join(f"'{column}' ({setting})" for setting, column in missing.items())
+        fix = " and ".join(f"{setting}=<column>" for setting in missing)
+        raise DataError(
+            f"{uri}: missing column(s) {named}; the file's columns are {sorted(found)}: set {fix} to the "
+            "one(s) holding the text and the label"
+        )

@@ -122,6 +122,7 @@ def run(cfg: PipelineConfig) -> ValidateResult:
         "snapshot_uri": own.snapshot_uri,
         "task": cfg.task,
         "rows": len(frame),
+        "columns": [str(c) for c in frame.columns],
         "tokenizer": cfg.base_model,
         "timings_s": timings,
     }

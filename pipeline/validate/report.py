@@ -144,8 +144,10 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
     )
     chat_source = "fix the conversations in the source (the format: pipeline/data/README.md)"
     return {
-        "columns": "the snapshot lacks a column training reads: collect.text_column and collect.label_column name "
-        "the source's columns (causal-lm: messages, or prompt and response)",
+        "columns": f"the snapshot lacks a column training reads; its columns are {summary.get('columns', '?')}: "
+        "collect.text_column and collect.label_column name the source's columns that become text and label "
+        "(causal-lm: messages, or prompt and response, by those names); give collect the source, not a "
+        "hand-made snapshot",
         "row_count": f"fewer than validate.min_rows={own.min_rows} rows: add data, or lower validate.min_rows",
         "text_present": "rows without text: fix or drop them in the source",
         "text_not_blank": "rows whose text is only whitespace: fix or drop them in the source",

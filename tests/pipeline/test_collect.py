@@ -140,8 +140,18 @@ def test_parquet_and_gzipped_parquet_sources(tmp_path):
         ("blank.jsonl", b"\n  \n", "blank.jsonl: file is empty"),
         ("empty.csv.gz", gzip.compress(b""), "empty.csv.gz: file is empty"),
         ("header.csv", b"text,label\r\n", "header.csv: has a header but no rows"),
-        ("nolabel.jsonl", b'{"text": "hi"}\n', "nolabel.jsonl: missing column(s) ['label']; found ['text']"),
-        ("notext.csv", b"body,label\nhi,x\n", "notext.csv: missing column(s) ['text']; found ['body', 'label']"),
+        (
+            "nolabel.jsonl",
+            b'{"text": "hi"}\n',
+            "nolabel.jsonl: missing column(s) 'label' (collect.label_column); the file's columns are ['text']: "
+            "set collect.label_column=<column>",
+        ),
+        (
+            "notext.csv",
+            b"body,label\nhi,x\n",
+            "notext.csv: missing column(s) 'text' (collect.text_column); the file's columns are ['body', 'label']: "
+            "set collect.text_column=<column>",
+        ),
         (
             "broken.jsonl",
             b'{"text": "a", "label": "b"}\n{"text": oops}\n',
@@ -333,6 +343,7 @@ def test_causal_lm_bad_records_name_the_file_and_row(tmp_path, rows, message):
 def test_causal_lm_file_without_chat_columns(tmp_path):
     (tmp_path / "plain.csv").write_text("text,label\nhi,x\n", encoding="utf-8")
     assert (
-        "plain.csv: missing column(s): needs 'messages', or 'prompt' and 'response'; found ['label', 'text']"
+        "plain.csv: missing column(s): needs 'messages', or 'prompt' and 'response' (task=causal-lm reads these "
+        "names; no setting maps another column to them); the file's columns are ['label', 'text']"
         in _fails(tmp_path / "plain.csv", task="causal-lm")
     )

@@ -158,8 +158,9 @@ def test_a_check_downgraded_to_warning_is_reported_not_enforced(tmp_path):
 
 def test_a_snapshot_without_text_fails_on_the_columns_check(tmp_path):
     uri = write_snapshot(tmp_path / "notext.parquet", {"label": ["x", "y"] * 6, "split": ["train"] * 12})
-    with pytest.raises(ValidationFailed, match=r"columns: expect_column_to_exist\(column=text\)"):
+    with pytest.raises(ValidationFailed, match=r"columns: expect_column_to_exist\(column=text\)") as failed:
         validate.run(_cfg(uri))
+    assert "its columns are ['label', 'split']: collect.text_column and collect.label_column" in str(failed.value)
 
 
 @pytest.mark.parametrize(
