@@ -69,7 +69,10 @@ def step_error_text(dag_run_id: str, task_id: str) -> str | None:
         return None
     cfg = load_config(None, [*steps.deployment_overrides(), f"run_id={safe_run_id(dag_run_id)}"])
     error = steps.step_error(cfg.step_uri(task_id))
-    return None if error is None else f"{error['error']} (exit code {error['exit_code']})"
+    if error is None:
+        return None
+    summary = str(error["error"]).partition("\n")[0]  # the details are in the task log the alert links to
+    return f"{summary} (exit code {error['exit_code']})"
 
 
 def failure_text(context: Mapping[str, Any]) -> str:

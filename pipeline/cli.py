@@ -114,7 +114,11 @@ def step_main(step: str, argv: Sequence[str] | None) -> int:
                 raise
             raise transient from exc
     except PipelineError as exc:
-        print(f"error: {step}: {exc}", file=sys.stderr)
+        # Once per failure: rank 0 prints it in full (a summary line, then any details); the other
+        # ranks of a distributed step, which mostly fail the same way, their first line.
+        rank = distributed.ranks()[0]
+        said = str(exc) if rank == 0 else f"(rank {rank}) " + str(exc).partition("\n")[0]
+        print(f"error: {step}: {said}", file=sys.stderr)
         if cfg is not None:
             # Every rank writes it (the same verdict; an atomic replace): the first rank to fail
             # makes torch.distributed.run stop the others, rank 0 perhaps before it could write.

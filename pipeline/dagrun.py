@@ -77,7 +77,11 @@ def failure(artifact_run_uri: str) -> str:
     for step in PIPELINE:
         error = step_error(storage.join(artifact_run_uri, step))
         if error is not None:
-            return f"step '{step}' failed: {error['error']}"
+            summary, _, details = str(error["error"]).partition("\n")  # the rest is in the step's log above
+            where = storage.join(artifact_run_uri, step, steps.ERROR_FILE)
+            return f"step '{step}' failed: {summary}" + (
+                f" (in full in its log above and in {where})" if details else ""
+            )
         if not storage.exists(storage.join(artifact_run_uri, step, RESULT_FILE)):
             return f"step '{step}' failed (see the task log above)"
     return "the DAG run failed (see the log above)"

@@ -359,8 +359,9 @@ class StepFailed(PipelineError):
     """A launched step exited non-zero; the message carries its own error line, ``retryable`` the
     retry table's verdict (``classify_failure`` builds it from an exit code and error.json)."""
 
-    def __init__(self, message: str, returncode: int, retryable: bool | None = None) -> None:
+    def __init__(self, message: str, returncode: int, retryable: bool | None = None, details: str = "") -> None:
         super().__init__(message)
+        self.details = details  # the lines after the first of the step's own error, printed once in its log
         self.returncode = returncode
         self.exit_code = returncode if 0 < returncode < 256 else 1
         self.retryable = returncode not in NOT_RETRIED if retryable is None else retryable
@@ -380,7 +381,10 @@ def classify_failure(
     unknown, a crash). ``memory`` is its pod's memory limit, named in an out-of-memory message. ``oom``: what
     the cluster said (a pod's OOMKilled); None: a SIGKILL (137) is taken for the OOM killer."""
     if error is not None:
-        return StepFailed(f"step '{step}' failed: {error['error']}", int(error["exit_code"]))
+        # Its first line: the step printed the rest in its own log, and error.json holds it all.
+        summary, _, details = str(error["error"]).partition("\n")
+        more = " (in full in the step's log above and its error.json)" if details else ""
+        return StepFailed(f"step '{step}' failed: {summary}{more}", int(error["exit_code"]), details=details)
     if oom is False and exit_code in (OOM_EXIT_CODE, -signal.SIGKILL):  # evicted, preempted, stopped
         return StepFailed(
             f"step '{step}' was killed (exit code {OOM_EXIT_CODE}, not for memory): {detail}",

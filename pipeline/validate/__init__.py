@@ -100,12 +100,14 @@ def _run_suites(
 
 
 def _failure(cfg: PipelineConfig, failed: list[dict[str, Any]], summary: dict[str, Any]) -> ValidationFailed:
-    """The failed gate's error: every failed check with its count, examples and the fix."""
-    explained = "; ".join(f"{explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
+    """The failed gate's error: a line naming the failed checks, then the snapshot, every failed
+    check with its count, examples and the fix, one a line, and the Data Docs."""
+    explained = "".join(f"\n  {explain(c)} [to fix: {remedy(c['check'], cfg, summary)}]" for c in failed)
     return ValidationFailed(
-        f"{len(failed)} check(s) failed on {cfg.validate.snapshot_uri}: {explained} (Data Docs: "
-        f"{summary['data_docs_uri']}/index.html; validate.* settings belong in the "
-        f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`)"
+        f"{len(failed)} check(s) failed: {', '.join(c['check'] for c in failed)}\n"
+        f"  snapshot: {cfg.validate.snapshot_uri}{explained}\n"
+        f"  Data Docs: {summary['data_docs_uri']}/index.html; validate.* settings belong in the "
+        f"deployment's config: FINETUNE_CONFIG, or `finetune run --config FILE`"
     )
 
 

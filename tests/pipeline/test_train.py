@@ -282,7 +282,8 @@ def test_settings_that_cannot_work_fail_the_step_in_seconds_as_bad_input(
     with pytest.raises(steps.StepFailed) as failed:
         _train_lm(chat_snapshot, tiny_lm_dir, "cannot-work", "train.num_processes=1", *settings)
     assert failed.value.returncode == 2 and not failed.value.retryable  # the retry table: never retried
-    assert all(part in str(failed.value) for part in said), str(failed.value)
+    told = f"{failed.value}\n{failed.value.details}"  # the first line of the step's error, then the rest
+    assert all(part in told for part in said), told
     assert time.monotonic() - began < 120  # a process start and a model load, not a training
     assert not storage.exists(load_config(None, ["run_id=cannot-work"]).step_uri("train") + "/model")
 

@@ -54,7 +54,7 @@ def test_failing_suite_names_checks_counts_and_rows(tmp_path):
     with pytest.raises(ValidationFailed) as failed:
         validate.run(cfg)
     message = str(failed.value)
-    assert "3 check(s) failed" in message
+    assert message.splitlines()[0] == "3 check(s) failed: text_not_blank, label_present, text_tokens"  # a summary
     assert (
         "text_not_blank: expect_column_values_to_not_match_regex(column=text): 1 unexpected, example rows [12]"
         in message
@@ -601,3 +601,32 @@ def test_tokenizer_coverage_per_writing_system_names_the_script_the_model_cannot
     assert result.passed and not [w for w in result.warnings if w.startswith("tokenizer_coverage")]
     assert summary["extended_vocab"]["added_tokens"] > 100
     assert summary["tokenizer_coverage"]["zh"]["rate"] <= 0.05
+
+
+def test_a_failed_gate_is_printed_once_in_full_after_a_summary_line(tmp_path, capfd):
+    """The real step in a subprocess (the local launcher, as an Airflow task runs it): its own log
+    has the failure in full, a summary line first; the task's exception (whose first line is
+    Airflow's retry reason) and `finetune run`'s last line repeat the summary only."""
+    from pipeline import dagrun, local, steps
+    from tests.helpers import run_step_here, write_jsonl
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(24)])
+    bad.write_text(bad.read_text() + json.dumps({"text": "no label here", "label": None}) + "\n")
+    snapshot_uri = run_step_here("collect", [f"collect.sources={json.dumps([str(bad)])}", "run_id=once"])[
+        "snapshot_uri"
+    ]
+    with pytest.raises(steps.StepFailed) as failed:
+        local.launch_local("validate", [f"validate.snapshot_uri={snapshot_uri}", "run_id=once"])
+    log = capfd.readouterr().out
+    assert [line for line in log.splitlines() if line.startswith("error: ")] == [
+        "error: validate: 2 check(s) failed: label_present, examples_per_class"  # a null is a class of 1
+    ]
+    detail = "label_present: expect_column_values_to_not_be_null(column=label): 1 unexpected"
+    last_line = dagrun.failure(storage.join(load_config(None, []).artifact_root, "runs", "once"))
+    assert (log + str(failed.value) + last_line).count(detail) == 1 and detail in log
+    assert str(failed.value) == (
+        "step 'validate' failed: 2 check(s) failed: label_present, examples_per_class (in full in the step's log "
+        "above and its error.json)"
+    )
+    assert detail in failed.value.details and failed.value.returncode == 3
+    assert last_line.startswith("step 'validate' failed: 2 check(s) failed: label_present, examples_per_class (in")
