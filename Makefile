@@ -32,6 +32,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the CPU index when given: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt torch
 	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt -e '.[dev]'
+	# DeepSpeed's C++ ops (CPU collectives, CPU Adam) built here, once, into .venv/torch_extensions,
+	# not inside the first training, silently, for minutes (pipeline/train/ops.py)
+	$(BIN)/python -c "from pipeline.train import ops; ops.main()"
 	touch $@
 
 # checkov (manifest and Dockerfile checks, tests only) in a venv of its own: in .venv, under our

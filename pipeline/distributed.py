@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ def ranks() -> tuple[int, int, int]:
     """This process's rank, its rank on this node and the world size, as torch.distributed.run sets them."""
     env = os.environ
     return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
+def default_accelerator(env: Mapping[str, str]) -> dict[str, str]:
+    """``DS_ACCELERATOR=cpu`` (DeepSpeed's CPU accelerator, gloo for collectives) where ``env`` names
+    no accelerator and the machine has no GPU; else nothing to add."""
+    if "DS_ACCELERATOR" in env or Path("/dev/nvidia0").exists():
+        return {}
+    return {"DS_ACCELERATOR": "cpu"}
 
 
 def collective() -> Any:

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from pipeline import steps
+from pipeline.distributed import default_accelerator
 from pipeline.errors import ConfigError
 
 # Every process a local step starts carries this variable (value: the launch's id), so a stop finds
@@ -115,8 +116,7 @@ def local_command(step: str, overrides: Sequence[str], result_file: str) -> list
 def local_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The step subprocess's environment: this one, plus ``extra`` (e.g. ``aws_env``), which wins."""
     env = {**os.environ, **(extra or {})}
-    if "DS_ACCELERATOR" not in env and not Path("/dev/nvidia0").exists():
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; gloo for collectives
+    env.update(default_accelerator(env))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -214,3 +215,28 @@ def lock_generations(tracker: Any, name: str = MODEL_NAME) -> dict[str, dict[str
 def lock_is_free(tracker: Any, name: str = MODEL_NAME) -> bool:
     """No generation of the registry lock is held: every one left is released."""
     return all(tags.get("released") == "true" for tags in lock_generations(tracker, name).values())
+
+
+def built_ops_copy(into: Path, *names: str) -> Path:
+    """A TORCH_EXTENSIONS_DIR holding copies of the ops the venv has built (built first if not):
+    the same interpreter paths, so torch finds them up to date and builds nothing."""
+    env = subprocess_env(DS_ACCELERATOR="cpu")
+    source = Path(
+        subprocess.run(
+            [sys.executable, "-c", "from pipeline.train import ops; print(ops.extensions_dir())"],
+            env={k: v for k, v in env.items() if k != "TORCH_EXTENSIONS_DIR"},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    for name in names:
+        if not (source / name / f"{name}.so").exists():  # make install was skipped: build it once
+            subprocess.run(
+                [sys.executable, "-c", "from pipeline.train import ops; ops.main()"],
+                env={**env, "TORCH_EXTENSIONS_DIR": str(source)},
+                check=True,
+                timeout=900,
+            )
+        shutil.copytree(source / name, into / name, symlinks=True)
+    return into

@@ -60,7 +60,7 @@ class TrainConfig:
     (torch.distributed.run), ``lora_*`` (PEFT), ``extend_vocab*`` (the new tokens and the frozen first
     phase, whose embeddings and head step at ``extend_vocab_learning_rate``), ``model_kwargs``
     (from_pretrained), ``chat_template``, ``overlong``, ``packing``, ``resume``, ``keep_checkpoints``,
-    ``term_grace_s``, ``snapshot_uri``."""
+    ``term_grace_s``, ``startup_timeout_s``, ``snapshot_uri``."""
 
     snapshot_uri: str = option("", "Snapshot to train on (the collect step's snapshot_uri).")
     epochs: int = option(
@@ -132,6 +132,13 @@ class TrainConfig:
         "SIGKILLs its workers 30 s after its own SIGTERM.",
         minimum=1,
         maximum=30,
+    )
+    startup_timeout_s: int = option(
+        900,
+        "Seconds train may print nothing while starting (model load, DeepSpeed op build, "
+        "rendezvous, engine) before it fails, exit 75, naming where it waits; 0: no limit.",
+        minimum=0,
+        maximum=86400,
     )
     eval_steps: int = option(
         0,

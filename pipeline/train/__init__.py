@@ -41,6 +41,7 @@ from pipeline.distributed import barrier, gather, node_dir, ranks
 from pipeline.errors import ConfigError, DataError, TransientError
 from pipeline.models import extend_like, load_causal_lm, resolve_model
 from pipeline.snapshot import load_snapshot
+from pipeline.train import ops, startup
 from pipeline.train.checkpointing import (
     _checkpointing,
     _newest_step,
@@ -90,7 +91,10 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
         )
     rank, _, world = ranks()
     ds_config = deepspeed_config(own)
-    with tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp:
+    with (
+        startup.watchdog(own.startup_timeout_s) as started,
+        tempfile.TemporaryDirectory(prefix="finetune-train-") as tmp,
+    ):
         scratch = Path(tmp)
         model_dir = resolve_model(cfg.base_model, scratch)
         frame = load_snapshot(own.snapshot_uri)
@@ -106,7 +110,7 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
                 "the eval split has none (collect.eval_fraction)"
             )
         mlflow_run_id = _start_tracking(cfg, ds_config, train_rows) if rank == 0 else None
-        outcome = _fit(cfg, parts, model_dir, ds_config, scratch, mlflow_run_id)
+        outcome = _fit(cfg, parts, model_dir, ds_config, scratch, mlflow_run_id, started)
         if rank != 0:
             return None
         out_uri = cfg.step_uri("train")
@@ -212,6 +216,7 @@ def _fit(
     ds_config: dict[str, Any],
     scratch: Path,
     mlflow_run_id: str | None,
+    started: startup.Started,
 ) -> dict[str, Any]:
     """The training, on every rank: the Trainer's arguments, the resume point, the Trainer with its
     callbacks, the training itself, then the model and the sharding audit saved."""
@@ -222,6 +227,8 @@ def _fit(
     set_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
     rank, local_rank, world = ranks()
+    # Before DeepSpeed sets up torch.distributed or its optimizer: both may need a C++ op built.
+    ops.prepare(ops.needed(cfg.train.offload_optimizer))
     if world > 1:
         _init_distributed(cfg.train, use_cpu)
     checkpoint_dir = node_dir(scratch)
@@ -234,6 +241,7 @@ def _fit(
     term = _Termination()
     saver = _checkpointing(cfg, meta, audit, term, resume)
     trainer = _trainer(cfg, parts, args, audit, warm_start, saver, mlflow_run_id, world)
+    trainer.add_callback(started.callback())  # training began: the start-up is over
     try:
         output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finally:
