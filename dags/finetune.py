@@ -13,6 +13,10 @@ case: loss on assistant tokens, optional LoRA, perplexity gate).
 | `evaluate` | accuracy/macro-F1 or perplexity/ROUGE-L (and the base model's); compares with `champion` | `evaluate/` |
 | `register` | MLflow model version, alias `challenger`, `champion` if it wins | `register/` |
 
+With no champion yet, "wins" means beating a model that learnt nothing on the same rows (the
+majority class, or the base model for a causal LM). The `promote` Param off makes a smoke run:
+the version is registered as `challenger` and `champion` never moves.
+
 Each task runs `finetune <step> --set ...` — the same argv a container would run — through the
 launcher chosen by `FINETUNE_LAUNCHER` (default `local`; `kubernetes`: a pod per step;
 `pytorchjob` / `trainjob`: pods, and training as a multi-node Kubeflow PyTorchJob or Trainer v2 TrainJob).
