@@ -100,7 +100,10 @@ def test_with_no_champion_the_floor_is_named_in_the_reason_and_no_baseline_refus
     )
     macro = load_config(None, ["evaluate.gate_metric=macro_f1"]).evaluate  # the baseline's value of that metric
     assert evaluate.decide(ours, None, macro, baseline=floor, baseline_name="majority-class baseline")[0] is True
-    assert evaluate.decide(ours, None, cfg) == (False, "no champion yet; accuracy=0.6480 and no baseline accuracy to beat")
+    assert evaluate.decide(ours, None, cfg) == (
+        False,
+        "no champion yet; accuracy=0.6480 and no baseline accuracy to beat",
+    )
 
 
 @pytest.mark.parametrize("rule", ["accuracy > 0.9", "recall>=0.5", "accuracy>=high"])

@@ -185,7 +185,9 @@ def test_a_trigger_may_turn_promotion_off_but_never_on(tmp_path):
     for params in ({"promote": True}, {"overrides": ["evaluate.promote=true"]}):
         with pytest.raises(ConfigError, match="'evaluate.promote' is false in the deployment's config; a trigger may "):
             steps.step_overrides("train", params, upstream, "r1", deployment=off)
-    assert load_config(None, steps.step_overrides("train", {}, upstream, "r1", deployment=off)).evaluate.promote is False
+    assert (
+        load_config(None, steps.step_overrides("train", {}, upstream, "r1", deployment=off)).evaluate.promote is False
+    )
 
 
 def _deployment_file(tmp_path, name, text):
