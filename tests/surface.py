@@ -91,7 +91,7 @@ def main(out: Path) -> None:
         "--set",
         "k8s.num_nodes=2",
         "--set",
-        "k8s.gpus_per_node=4",
+        "train.num_processes=4",
     )
     pages["config"] = finetune("config")
     pages["trainingruntime"] = runtime()

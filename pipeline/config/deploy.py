@@ -68,8 +68,9 @@ def tolerations(items: Sequence[str]) -> list[dict[str, str]]:
 class K8sConfig:
     """How steps are submitted to Kubernetes (``k8s.*``): images, names, node placement, pod sizes and
     the training job's shape. None of them is a ``TrainingArguments`` field: torch.distributed.run
-    starts ``k8s.gpus_per_node`` processes per training pod (``k8s.num_nodes`` pods for a PyTorchJob
-    or TrainJob), and train checks that ``TrainingArguments.world_size`` counts the same."""
+    starts ``train.num_processes`` processes per training pod, one per GPU (``k8s.gpus_per_node``
+    may repeat that number, never contradict it; ``k8s.num_nodes`` pods for a PyTorchJob or
+    TrainJob), and train checks that ``TrainingArguments.world_size`` counts the same."""
 
     namespace: str = option("finetune", "Namespace the step pods and PyTorchJobs run in.", pattern=DNS_LABEL)
     image: str = option(
@@ -109,7 +110,11 @@ class K8sConfig:
         ["nvidia.com/gpu:NoSchedule"], "Taints GPU pods tolerate: key:Effect or key=value:Effect."
     )
     gpus_per_node: int = option(
-        1, "GPUs each training pod requests; torchrun starts one process per GPU.", minimum=1, maximum=16
+        0,
+        "GPUs each training pod requests, one process each: train.num_processes, which this may "
+        "repeat but not contradict (0: follow it).",
+        minimum=0,
+        maximum=16,
     )
     max_gpus_per_node: int = option(
         8, "GPUs on one node of the GPU pool: more per pod can never schedule.", minimum=1, maximum=16
@@ -157,7 +162,7 @@ class K8sConfig:
         "Per step: cpu, memory, gpus, node_selector (['key=value']) and "
         "tolerations (['key:Effect']) of its pods, e.g. {evaluate: {gpus: 1, "
         "memory: 16Gi}}; a step not listed gets the step table's. train's GPUs "
-        "per pod are k8s.gpus_per_node.",
+        "per pod are train.num_processes.",
     )
 
     def __post_init__(self) -> None:
@@ -220,7 +225,7 @@ def check_step_resources(resources: Mapping[str, Any], max_gpus: int) -> None:
         gpus = own.get("gpus", 0)
         if step == "train" and "gpus" in own:
             raise ConfigError(
-                f"{where}.gpus: train's GPUs per pod are k8s.gpus_per_node (torchrun starts one "
+                f"{where}.gpus: train's GPUs per pod are train.num_processes (torchrun starts one "
                 "process per GPU); set that instead"
             )
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:

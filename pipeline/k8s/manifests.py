@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import PipelineConfig, node_selector, tolerations
+from pipeline.errors import ConfigError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # KubernetesPodOperator reads it through its sidecar
@@ -51,14 +52,33 @@ def step_memory(cfg: PipelineConfig, step: Any) -> str:
     return str(cfg.k8s.resources.get(step.name, {}).get("memory", step.memory))
 
 
+def processes_per_node(cfg: PipelineConfig) -> int:
+    """Training processes in each training pod, one per GPU: ``train.num_processes``, as on the
+    local launcher (the trigger form's "Training processes"). ``k8s.gpus_per_node`` may repeat it,
+    never contradict it; a node of the GPU pool must hold that many GPUs."""
+    k, wanted = cfg.k8s, cfg.train.num_processes
+    if k.gpus_per_node and k.gpus_per_node != wanted:
+        raise ConfigError(
+            f"k8s.gpus_per_node={k.gpus_per_node} disagrees with train.num_processes={wanted}: a "
+            "training pod runs one process per GPU; set train.num_processes (k8s.gpus_per_node=0 "
+            "follows it)"
+        )
+    if wanted > k.max_gpus_per_node:
+        raise ConfigError(
+            f"train.num_processes={wanted}: {wanted} GPUs per training pod cannot be scheduled on a "
+            f"node pool of {k.max_gpus_per_node} GPUs per node (k8s.max_gpus_per_node)"
+        )
+    return wanted
+
+
 def step_resources(cfg: PipelineConfig, step: Any) -> dict[str, Any]:
     """``step``'s pod resources: its entry in ``k8s.resources`` over the step table's; training's
-    GPUs are ``k8s.gpus_per_node``. Checked when the config was built."""
+    GPUs are its processes per node (``processes_per_node``)."""
     own = cfg.k8s.resources.get(step.name, {})
     return {
         "cpu": str(own.get("cpu", step.cpu)),
         "memory": step_memory(cfg, step),
-        "gpus": cfg.k8s.gpus_per_node if step.gpus else int(own.get("gpus", 0)),
+        "gpus": processes_per_node(cfg) if step.gpus else int(own.get("gpus", 0)),
         "node_selector": list(own.get("node_selector", [])),
         "tolerations": list(own.get("tolerations", [])),
     }
@@ -164,7 +184,7 @@ def pod_manifest(
     args = [*step_args, "--result-file", XCOM_RESULT_FILE]
     if step.distributed:  # as the local launcher, one process per GPU, under torch.distributed.run
         command = ["python", "-m", "torch.distributed.run"]
-        args = ["--standalone", f"--nproc_per_node={cfg.k8s.gpus_per_node}", "-m", "pipeline", *args]
+        args = ["--standalone", f"--nproc_per_node={processes_per_node(cfg)}", "-m", "pipeline", *args]
     else:
         command = ["finetune"]
     return {
@@ -196,7 +216,7 @@ def job_deadline(cfg: PipelineConfig, step: Any, deadline_s: int | None = None) 
 def pytorchjob_manifest(
     cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
 ) -> dict[str, Any]:
-    """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``gpus_per_node`` each.
+    """A kubeflow.org/v1 PyTorchJob: 1 Master and ``num_nodes - 1`` Workers, ``processes_per_node`` GPUs each.
     The job runs at most the step's ``deadline_seconds`` and ``k8s.job_timeout_seconds``, the smaller.
 
     The Training Operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT and
@@ -227,7 +247,7 @@ def pytorchjob_manifest(
             "labels": labels(step.name),
         },
         "spec": {
-            "nprocPerNode": str(k.gpus_per_node),
+            "nprocPerNode": str(processes_per_node(cfg)),
             # Restarts of killed pods are the operator's (k8s.job_restarts); every other retry is
             # Airflow's, which tells bad input from a crash.
             "runPolicy": {
@@ -345,7 +365,7 @@ def trainjob_manifest(
     cfg: PipelineConfig, step: Any, step_args: Sequence[str], deadline_s: int | None = None
 ) -> dict[str, Any]:
     """A trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2.2+) on ``k8s.trainjob_runtime``:
-    ``num_nodes`` nodes of ``gpus_per_node`` processes each, the step's image, argv, env (the
+    ``num_nodes`` nodes of ``processes_per_node`` processes each, the step's image, argv, env (the
     deployment's Secrets by key) and resources per node; ``job_deadline`` as its
     ``activeDeadlineSeconds``; the Service account, GPU node labels and taints and our labels as
     one ``runtimePatches`` entry (manager ``PATCH_MANAGER``)."""
@@ -377,7 +397,7 @@ def trainjob_manifest(
                 "args": main["args"],
                 "env": [*main["env"], *secret_env(cfg)],
                 "numNodes": k.num_nodes,
-                "numProcPerNode": k.gpus_per_node,
+                "numProcPerNode": processes_per_node(cfg),
                 "resourcesPerNode": main["resources"],
             },
             "runtimePatches": [

@@ -78,14 +78,14 @@ def test_pod_argv_is_the_local_argv_and_returns_through_xcom():
         "--result-file",
         "/airflow/xcom/return.json",
     ]
-    train = steps.render("train", [*RUN, "k8s.gpus_per_node=4"], "kubernetes")["spec"]["containers"][0]
+    train = steps.render("train", [*RUN, "train.num_processes=4"], "kubernetes")["spec"]["containers"][0]
     assert train["command"] == ["python", "-m", "torch.distributed.run"]
     assert train["args"] == [
         "--standalone",
         "--nproc_per_node=4",
         "-m",
         "pipeline",
-        *steps.step_argv("train", [*RUN, "k8s.gpus_per_node=4"])[1:],
+        *steps.step_argv("train", [*RUN, "train.num_processes=4"])[1:],
         "--result-file",
         "/airflow/xcom/return.json",
     ]
@@ -93,7 +93,7 @@ def test_pod_argv_is_the_local_argv_and_returns_through_xcom():
 
 def test_training_gets_gpus_gpu_nodes_and_priority_and_other_steps_do_not():
     spec = steps.render(
-        "train", [*RUN, "k8s.gpus_per_node=2", 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]'], "kubernetes"
+        "train", [*RUN, "train.num_processes=2", 'k8s.gpu_tolerations=["gpu=a100:NoExecute"]'], "kubernetes"
     )["spec"]
     resources = spec["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "2"
@@ -119,7 +119,7 @@ def test_secrets_are_referenced_by_name_never_inlined():
 
 
 def test_pytorchjob_has_master_and_workers_with_one_process_per_gpu():
-    job = steps.render("train", [*RUN, "k8s.num_nodes=3", "k8s.gpus_per_node=4"], "pytorchjob")
+    job = steps.render("train", [*RUN, "k8s.num_nodes=3", "train.num_processes=4"], "pytorchjob")
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     assert job["spec"]["nprocPerNode"] == "4"
@@ -132,7 +132,7 @@ def test_pytorchjob_has_master_and_workers_with_one_process_per_gpu():
             "torch.distributed.run",
             "-m",
             "pipeline",
-            *steps.step_argv("train", [*RUN, "k8s.num_nodes=3", "k8s.gpus_per_node=4"])[1:],
+            *steps.step_argv("train", [*RUN, "k8s.num_nodes=3", "train.num_processes=4"])[1:],
         ]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # A name a DNS label accepts, unique per run.
@@ -150,6 +150,32 @@ def test_cli_render_prints_exactly_the_manifest(capsys):
     assert yaml.safe_load(capsys.readouterr().out) == steps.render("train", RUN, "pytorchjob")
 
 
+def _train_processes_and_gpus(manifest: dict) -> tuple[int, int]:
+    """(processes per node, GPUs per node) as each kind of manifest states them."""
+    gpu = manifests.GPU_RESOURCE
+    if manifest["kind"] == "Pod":
+        (main,) = manifest["spec"]["containers"]
+        (nproc,) = [int(a.split("=")[1]) for a in main["args"] if a.startswith("--nproc_per_node=")]
+        return nproc, int(main["resources"]["limits"][gpu])
+    if manifest["kind"] == "PyTorchJob":
+        (main,) = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+        return int(manifest["spec"]["nprocPerNode"]), int(main["resources"]["limits"][gpu])
+    trainer = manifest["spec"]["trainer"]
+    return trainer["numProcPerNode"], int(trainer["resourcesPerNode"]["limits"][gpu])
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "pipeline" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_starts_one_process_per_gpu_it_asks_for_on_every_launcher(recipe):
+    overrides = [*cli.file_overrides(str(recipe)), *RUN]
+    wanted = steps.config_of(overrides).train.num_processes
+    command = local.local_command("train", overrides, "result.json")
+    assert f"--nproc_per_node={wanted}" in command  # the local launcher
+    for launcher in ("kubernetes", "pytorchjob", "trainjob"):
+        assert _train_processes_and_gpus(steps.render("train", overrides, launcher)) == (wanted, wanted), launcher
+    if recipe.name == "support_chat_qwen.yaml":
+        assert wanted == 4  # what its header promises: 4 GPUs on one node
+
+
 # --- bad input: a clear error at render time, naming the setting; nothing is built ---
 
 
@@ -162,6 +188,16 @@ def test_cli_render_prints_exactly_the_manifest(capsys):
             r"k8s.gpus_per_node: 12 GPUs per pod cannot be scheduled .* 8 GPUs per node \(k8s.max_gpus_per_node\)",
         ),
         (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], "pytorchjob", r"k8s.gpus_per_node: 4 GPUs"),
+        (
+            ["train.num_processes=12"],
+            "kubernetes",
+            r"train.num_processes=12: 12 GPUs per training pod cannot be scheduled .* 8 GPUs per node",
+        ),
+        (
+            ["train.num_processes=4", "k8s.gpus_per_node=2"],
+            "pytorchjob",
+            r"k8s.gpus_per_node=2 disagrees with train.num_processes=4: a training pod runs one process per GPU",
+        ),
         ([], "slurm", r"--launcher: unknown launcher 'slurm'"),
         ([], "local", r"--launcher: 'local' runs a subprocess"),
         (["k8s.aws_secret="], "kubernetes", r"k8s.aws_secret: a name is required"),

@@ -59,7 +59,7 @@ def test_each_step_can_have_its_own_cpu_memory_gpus_node_selector_and_toleration
             {"evaluate": {"gpus": 16}},
             "k8s.resources.evaluate.gpus: 16 GPUs per pod cannot be scheduled on a node pool of 8",
         ),
-        ({"train": {"gpus": 2}}, "k8s.resources.train.gpus: train's GPUs per pod are k8s.gpus_per_node"),
+        ({"train": {"gpus": 2}}, "k8s.resources.train.gpus: train's GPUs per pod are train.num_processes"),
         ({"evalute": {"cpu": "2"}}, "k8s.resources.evalute: no step 'evalute'"),
         ({"validate": {"ram": "8Gi"}}, "k8s.resources.validate.ram: unknown"),
         ({"validate": {"memory": "lots"}}, "k8s.resources.validate.memory: 'lots' is not a Kubernetes quantity"),

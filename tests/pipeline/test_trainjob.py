@@ -128,7 +128,7 @@ def node_patch(job: dict) -> dict:
 def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorchjobs_do():
     overrides = [
         "k8s.num_nodes=3",
-        "k8s.gpus_per_node=4",
+        "train.num_processes=4",
         "k8s.aws_secret=team-s3",
         "k8s.mlflow_secret=team-mlflow",
         'k8s.resources={"train": {"memory": "16Gi"}}',
@@ -209,6 +209,7 @@ def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorch
     [
         (["k8s.num_nodes=0"], r"k8s.num_nodes: 0 is below the minimum 1"),
         (["k8s.gpus_per_node=4", "k8s.max_gpus_per_node=2"], r"k8s.gpus_per_node: 4 GPUs"),
+        (["train.num_processes=4", "k8s.gpus_per_node=8"], r"k8s.gpus_per_node=8 disagrees with train.num_processes=4"),
         (["k8s.trainjob_runtime=Torch_Runtime"], r"k8s.trainjob_runtime"),
         (["k8s.aws_secret="], r"k8s.aws_secret: a name is required"),
         (["k8s.gpu_image=localhost:5000/step-cuda"], r"k8s.gpu_image: .* has no tag"),
