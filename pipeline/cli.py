@@ -49,7 +49,7 @@ def settings_help(section: str) -> str:
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
-        if f.name in SECTIONS:
+        if not section and f.name in SECTIONS:  # the top level's sections, not a section's own key (evaluate.promote)
             continue
         kind, default, bounds = describe(f, hints[f.name])
         key = f"{section}.{f.name}" if section else f.name
