@@ -46,7 +46,9 @@ def deployment_allows(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT (random weights) saved like a pretrained checkpoint, with MiniLM's tokenizer."""
+    """A 2-layer BERT (random weights, the same in every session: tests that train it assert what
+    it learns) saved like a pretrained checkpoint, with MiniLM's tokenizer."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pipeline import storage
@@ -62,6 +64,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
+    torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
