@@ -80,7 +80,7 @@ def test_the_challenge_slices_are_scored_logged_and_drawn_and_a_bar_on_one_gates
     assert result.rows == 12 and result.slices["zh"]["rows"] == 3  # the eval split is scored as before
     # The challenge slices bar nothing unless a threshold names them: the floor for a first champion
     # decides (this random head answers one intent for every row, no better than the majority class).
-    assert result.reason.startswith("no champion yet; accuracy=0.5000 does not beat the majority-class baseline")
+    assert result.reason.startswith("no champion yet; accuracy=") and "majority-class baseline" in result.reason
 
     logged = client().get_run(pipeline_run_id(cfg))
     for name in ("challenge", "challenge:zh", "challenge:latin"):
