@@ -21,7 +21,7 @@ from airflow.sdk import BaseOperator, Connection, RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pipeline import local, steps
-from pipeline.config import PipelineConfig, load_config, safe_run_id
+from pipeline.config import PipelineConfig, load_config, safe_run_id, scope
 from pipeline.errors import PipelineError
 from pipeline.steps import STEPS
 
@@ -86,6 +86,11 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
     latest = latest_triggering_event(context) if step == "collect" else None
     snapshot_uri = None if latest is None else (latest.extra or {}).get("snapshot_uri")
     deployment = steps.deployment_overrides()
+    trusted = deployment_config(deployment)
+    if snapshot_uri:
+        scope.check_announced(
+            snapshot_uri, trusted.artifact_root, trusted.collect.allowed_sources, f"asset event on {latest.asset.name}"
+        )
     sets = steps.step_overrides(
         step,
         context["params"],
@@ -94,7 +99,7 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
         requested_by=user,
         deployment=deployment,
         run_date=run_after.isoformat() if run_after else "",
-        trusted=deployment_config(deployment),
+        trusted=trusted,
         extra=[f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else [],
     )
     if latest is not None and not snapshot_uri:

@@ -148,6 +148,20 @@ def source_allowed(source: str, prefixes: Sequence[str]) -> bool:
     return kind in LOCAL_KINDS and _local_allowed(uri, prefixes)
 
 
+def check_announced(snapshot_uri: str, artifact_root: str, prefixes: Sequence[str], origin: str) -> None:
+    """Refuse an asset event's ``snapshot_uri`` outside the deployment's snapshot store
+    (``<artifact_root>/snapshots/``, where collect publishes) and its ``collect.allowed_sources``:
+    whoever may post an asset event gets no wider reach than whoever may trigger a run."""
+    store = storage.join(artifact_root, "snapshots")
+    if source_allowed(snapshot_uri, [store, *prefixes]):
+        return
+    raise ConfigError(
+        f"{origin}: snapshot_uri {snapshot_uri} is neither in the deployment's snapshot store {store}/ nor under "
+        f"collect.allowed_sources {list(prefixes)}; an event may announce only a snapshot collect published there "
+        "(or a source a trigger could pick); nothing was read"
+    )
+
+
 def _suggestion(source: str) -> str:
     """A prefix that would allow ``source``: its directory (a glob's fixed part), bucket or URL."""
     uri = source.partition("#")[0]

@@ -144,3 +144,36 @@ def test_an_event_naming_no_snapshot_collects_the_source_param(finetune_unpaused
     dag_run, _ = scheduler_creates_asset_triggered_run()
     airflow_tasks_test("collect", dag_run.run_id)
     assert task_result(dag_run, "collect")["rows"] == 1600  # the `source` Param's default: the shipped data
+
+
+def test_an_event_naming_a_file_outside_the_snapshot_store_is_refused_unread(finetune_unpaused, tmp_path, capfd):
+    """Whoever may post an asset event reaches no further than whoever may trigger a run: an event
+    naming a local credentials file (outside the snapshot store and collect.allowed_sources) fails
+    collect before anything is read."""
+    from airflow.api_fastapi.app import create_app
+    from airflow.models.asset import AssetModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    creds = tmp_path / "creds.csv"
+    creds.write_text("user,password\nadmin,hunter2\n")
+    with create_session() as session:
+        asset_id = session.scalar(select(AssetModel.id).where(AssetModel.name == ASSET))
+    response = TestClient(create_app(apps="core")).post(
+        "/api/v2/assets/events", json={"asset_id": asset_id, "extra": {"snapshot_uri": str(creds)}}
+    )
+    assert response.status_code == 200, response.text
+
+    dag_run, _ = scheduler_creates_asset_triggered_run()
+    capfd.readouterr()
+    airflow_tasks_test("collect", dag_run.run_id)  # it logs the task's failure, as `airflow tasks test` does
+    out, err = capfd.readouterr()
+    assert f"ConfigError: asset event on {ASSET}: snapshot_uri {creds} is neither in the deployment's" in out + err
+    assert task_result(dag_run, "collect") is None
+    with create_session() as session:
+        state = session.scalar(
+            select(TaskInstance.state).where(TaskInstance.run_id == dag_run.run_id, TaskInstance.task_id == "collect")
+        )
+    assert state == "failed"
