@@ -4,6 +4,7 @@ real DeepSpeed over 2 processes and real MLflow; assertions are on the registry.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,18 +85,71 @@ def test_unknown_key_and_bad_value_fail_before_airflow_starts():
     assert bad.returncode == 2 and "train.learning_rate: expected a number, got 'fast'" in bad.stderr
 
 
+def _holding(secrets: dict[str, str], where: str, data: bytes) -> list[str]:
+    return [f"{name} in {where}" for name, secret in secrets.items() if secret.encode() in data]
+
+
+def _secrets_found(secrets: dict[str, str], done, home: Path, s3_endpoint: str) -> list[str]:
+    """Where any of ``secrets`` shows: the run's output (every task log: `airflow dags test` runs the
+    tasks in its process), every file under FINETUNE_HOME (Airflow's database and logs, snapshots,
+    published models, scratch), MLflow's PostgreSQL store (pg_dump) and every object on the S3 API
+    (the server's artifacts)."""
+    import boto3
+    import psycopg2
+
+    found = _holding(secrets, "the run's output", (done.stdout + done.stderr).encode())
+    for path in (p for p in home.rglob("*") if p.is_file()):
+        found += _holding(secrets, str(path), path.read_bytes())
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    with admin, admin.cursor() as cursor:
+        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE 'mlflow_test_%'")
+        databases = [row[0] for row in cursor.fetchall()]
+    admin.close()
+    assert databases  # the server's store is among them
+    for database in databases:
+        dump = subprocess.run(
+            ["pg_dump", "-h", "127.0.0.1", "-U", "postgres", database], capture_output=True, check=True, timeout=120
+        )
+        found += _holding(secrets, f"PostgreSQL database {database}", dump.stdout)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    objects = 0
+    for bucket in (b["Name"] for b in s3.list_buckets()["Buckets"]):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                objects += 1
+                body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                found += _holding(secrets, f"s3://{bucket}/{item['Key']}", body)
+    assert objects  # the model's artifacts, at least
+    return found
+
+
 @pytest.mark.slow
 def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(
-    mlflow_server, monkeypatch, tiny_model_dir, small_data, tmp_path
+    mlflow_server, s3_server, s3, monkeypatch, tiny_model_dir, small_data, tmp_path
 ):
-    """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API); the
-    champion then loads and predicts in a fresh process, from the server."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    """The same run against `mlflow server` (PostgreSQL, artifacts proxied to the S3 API), its data
+    read from S3, with a password in the tracking URI and secrets in the environment: none of them is
+    in any log, result, artifact or store afterwards. The champion then loads and predicts in a fresh
+    process, from the server."""
+    import os
+
+    import boto3
+
+    secrets = {name: f"{name.lower()}-{os.urandom(6).hex()}" for name in ("PASSWORD", "AWS", "HF_TOKEN", "MLFLOW")}
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://finetune:{secrets['PASSWORD']}@")
+    )
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets["AWS"])  # moto accepts any; collect signs with it
+    monkeypatch.setenv("HF_TOKEN", secrets["HF_TOKEN"])
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secrets["MLFLOW"])  # sent as a bearer token; the server ignores it
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    boto3.client("s3").upload_file(str(small_data), s3, "intents/small.jsonl")
+    source = f"s3://{s3}/intents/small.jsonl"
     name = "remote-intents"
     done = _finetune_run(
-        *_deployment(tmp_path, small_data, model_names=[name]),
+        *_deployment(tmp_path, f"s3://{s3}/intents/", model_names=[name]),
         "--source",
-        str(small_data),
+        source,
         "--set",
         f"base_model={tiny_model_dir}",
         *LEARNS,
@@ -109,6 +163,12 @@ def test_against_a_remote_mlflow_server_on_postgres_with_s3_artifacts(
     version = client().get_model_version_by_alias(name, "champion")
     assert str(version.version) == summary["version"] and version.tags["finetune.run_id"] == summary["run_id"]
     assert client().get_experiment_by_name(name).artifact_location.startswith("mlflow-artifacts:")
+    from pipeline import storage
+
+    manifest = storage.read_json(summary["snapshot"].rsplit("/", 1)[0] + "/manifest.json")
+    assert [entry["uri"] for entry in manifest["sources"]] == [source]  # collect read it, from S3
+    assert _secrets_found(secrets, done, Path(os.environ["FINETUNE_HOME"]), s3_server) == []
+
     probe = (
         "import json, mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
         "print(json.dumps(m.predict(['where is my parcel', '我要退款'])['label'].tolist()))"
