@@ -327,7 +327,3 @@ def run_job(
     finally:
         if phase != "Succeeded":
             delete_job(api, manifest)
-
-
-# The v1 launcher's names, as its tests and the DAG's PyTorchJob task call them.
-run_pytorchjob, delete_pytorchjob = run_job, delete_job

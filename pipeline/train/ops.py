@@ -50,18 +50,23 @@ def extensions_dir() -> Path:
     if configured:
         return Path(configured)
     beside = Path(sys.prefix) / "torch_extensions"
-    if os.access(sys.prefix, os.W_OK) or beside.is_dir():
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(beside)
-        return beside
-    from torch.utils.cpp_extension import _get_build_directory
+    if not (os.access(sys.prefix, os.W_OK) or beside.is_dir()):  # a read-only environment: the user's cache
+        from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(_get_build_directory("probe", verbose=False)).parent
+        beside = Path(get_default_build_root()) / f"finetune-py{sys.version_info.major}{sys.version_info.minor}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(beside)
+    return beside
 
 
 def needed(offload_optimizer: bool) -> tuple[str, ...]:
     """The ops a train step with these settings loads: the CPU accelerator's collectives on every
     launch (DeepSpeed builds that op when it sets up torch.distributed), CPU Adam with offload."""
-    return (SHM_COMM,) * (os.environ.get("DS_ACCELERATOR") == "cpu") + (CPU_ADAM,) * offload_optimizer
+    ops: list[str] = []
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        ops.append(SHM_COMM)
+    if offload_optimizer:
+        ops.append(CPU_ADAM)
+    return tuple(ops)
 
 
 def prepare(names: Sequence[str], log: Callable[[str], None] = print) -> list[str]:

@@ -235,17 +235,17 @@ def test_the_local_launcher_refuses_cluster_launchers_instead_of_running_locally
 # --- submitting a PyTorchJob: the create / watch / delete loop ---
 
 
-def test_run_pytorchjob_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_one():
+def test_run_job_keeps_a_succeeded_job_and_deletes_a_failed_or_timed_out_one():
     job = steps.render("train", RUN, "pytorchjob")
     running = [{"type": "Running", "status": "True"}]
     api = InMemoryCustomObjects([running, running + [{"type": "Succeeded", "status": "True"}]])
-    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
+    assert jobs.run_job(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
     assert api.deleted == []
     api = InMemoryCustomObjects([running, [{"type": "Failed", "status": "True"}]])
-    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Failed"
+    assert jobs.run_job(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Failed"
     assert api.deleted == [job["metadata"]["name"]]
     api = InMemoryCustomObjects([])
-    assert jobs.run_pytorchjob(api, job, 0, -1, sleep=lambda s: None, log=lambda m: None) == "Timeout"
+    assert jobs.run_job(api, job, 0, -1, sleep=lambda s: None, log=lambda m: None) == "Timeout"
     assert api.deleted == [job["metadata"]["name"]]
 
 
@@ -253,10 +253,10 @@ def test_a_new_attempt_replaces_the_job_an_earlier_attempt_left_instead_of_faili
     job = steps.render("train", RUN, "pytorchjob")
     running, done = [{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]
     api = InMemoryCustomObjects([done, running, done])
-    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
+    assert jobs.run_job(api, job, 0, 60, sleep=lambda s: None, log=lambda m: None) == "Succeeded"
     logged = []
     # The task is cleared: the same run's job name is still taken by the succeeded job.
-    assert jobs.run_pytorchjob(api, job, 0, 60, sleep=lambda s: None, log=logged.append) == "Succeeded"
+    assert jobs.run_job(api, job, 0, 60, sleep=lambda s: None, log=logged.append) == "Succeeded"
     assert api.deleted == [job["metadata"]["name"]] and "left by an earlier attempt" in logged[0]
 
 
