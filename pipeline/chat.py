@@ -145,10 +145,15 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: st
     return full, spans
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], template: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels: labels copy the ids on assistant tokens and are IGNORE elsewhere."""
+def encode(
+    tokenizer: Any, messages: list[dict[str, str]], template: str, train_on_inputs: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels: labels copy the ids on assistant tokens and are IGNORE elsewhere, or
+    copy every id with ``train_on_inputs`` (train.train_on_inputs)."""
     text, spans = assistant_spans(tokenizer, messages, template)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if train_on_inputs:
+        return list(encoded["input_ids"]), list(encoded["input_ids"])
     labels = []
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
         inside = any(begin <= start < stop for begin, stop in spans) and end > start
@@ -161,8 +166,18 @@ def token_length(tokenizer: Any, messages: list[dict[str, str]], template: str) 
     return len(tokenizer(render(tokenizer, messages, template), add_special_tokens=False)["input_ids"])
 
 
+def nothing_to_learn(labels: list[int]) -> bool:
+    """Whether a (truncated) example's labels leave no target: the first label is never predicted."""
+    return all(label == IGNORE for label in labels[1:])
+
+
 def prepare(
-    tokenizer: Any, conversations: list[list[dict[str, str]]], template: str, max_seq_len: int, overlong: str
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    template: str,
+    max_seq_len: int,
+    overlong: str,
+    train_on_inputs: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Encode conversations for training; longer than ``max_seq_len`` -> truncated or dropped.
 
@@ -175,14 +190,14 @@ def prepare(
     counts = {"examples": len(conversations), "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_target": 0}
     examples: list[dict[str, Any]] = []
     for index, messages in enumerate(conversations):
-        ids, labels = encode(tokenizer, messages, template)
+        ids, labels = encode(tokenizer, messages, template, train_on_inputs)
         if len(ids) > max_seq_len:
             if overlong == "drop":
                 counts["dropped_overlong"] += 1
                 continue
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             counts["truncated"] += 1
-        if all(label == IGNORE for label in labels[1:]):  # the first label is never predicted
+        if nothing_to_learn(labels):
             counts["dropped_no_target"] += 1
             continue
         counts["kept"] += 1
@@ -252,7 +267,15 @@ def encode_split(cfg: PipelineConfig, tokenizer: Any, frame: Any, split: str) ->
     own = cfg.train
     try:
         template = chat_template(tokenizer, own.chat_template)
-        examples, counts = prepare(tokenizer, conversations(frame, split), template, own.max_seq_len, own.overlong)
+        # The loss on the prompt too (train_on_inputs) for training only: evaluate's figures stay comparable.
+        examples, counts = prepare(
+            tokenizer,
+            conversations(frame, split),
+            template,
+            own.max_seq_len,
+            own.overlong,
+            train_on_inputs=own.train_on_inputs and split == "train",
+        )
     except ValueError as exc:
         raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
     if counts["examples"] and not examples:

@@ -91,6 +91,12 @@ class TrainConfig:
         "truncate", "causal-lm: conversations longer than max_seq_len are truncated or dropped.", choices=OVERLONG
     )
     packing: bool = option(False, "causal-lm: pack several conversations into each max_seq_len sequence.")
+    train_on_inputs: bool = option(
+        False,
+        "causal-lm: the loss covers the prompt (system and user turns, template tokens) too, not only the "
+        "assistant's turns (Axolotl's train_on_inputs; TRL's assistant_only_loss=False). Training split only: "
+        "evaluate scores the assistant's turns either way.",
+    )
     lora_r: int = option(0, "causal-lm: LoRA rank; 0 trains every weight.", minimum=0, maximum=1024)
     lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
     lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)

@@ -20,6 +20,7 @@ CLASSIFICATION_CHECKS = (
     "text_not_blank",
     "text_length",
     "text_tokens",
+    "training_drops",
     "label_present",
     "label_allowed",
     "label_cardinality",
@@ -39,7 +40,7 @@ CHAT_CHECKS = (
     "split_valid",
     "duplicate_rate",
     "split_leakage",
-    "conversation_tokens",
+    "training_drops",
 )
 DRIFT_CHECKS = ("drift_label_psi", "drift_length_ks", "drift_oov_rate")
 CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *DRIFT_CHECKS)))
@@ -76,11 +77,12 @@ class ValidateConfig:
     max_duplicate_rate: float = option(
         0.05, "Largest share of rows whose normalised text repeats another's.", minimum=0.0, maximum=1.0
     )
-    # A few long conversations are the train step's to truncate or drop (train.overlong, counted
-    # in its summary); many mean max_seq_len or the data is wrong.
-    max_overlong_rate: float = option(
-        0.05,
-        "causal-lm: largest share of conversations longer than train.max_seq_len tokens (check conversation_tokens).",
+    # A few long rows are the train step's to truncate or drop (train.max_seq_len, train.overlong;
+    # counted per split in both summaries); many mean max_seq_len or the data is wrong.
+    max_dropped_rate: float = option(
+        0.01,
+        "Largest share of rows training would truncate or drop: longer than train.max_seq_len tokens, or "
+        "(causal-lm) nothing left to learn once truncated (check training_drops).",
         minimum=0.0,
         maximum=1.0,
     )

@@ -68,21 +68,38 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
             extend_embeddings(model, list(added.values()))
         return model
 
-    def encode(split_rows: Any) -> tuple[Any, int]:
-        """The Dataset, and its tokens (counted here: read back from the Dataset, the column comes
-        out of Arrow a row at a time, which took longer than the tokenizing)."""
+    def encode(split_rows: Any) -> tuple[Any, int, int]:
+        """The Dataset, its tokens (counted here: read back from the Dataset, the column comes out
+        of Arrow a row at a time, which took longer than the tokenizing) and the rows truncated."""
         # .tolist(): Arrow-backed columns convert at once; iterating them boxes a value at a time.
-        encoded = tokenizer(split_rows["text"].tolist(), truncation=True, max_length=cfg.train.max_seq_len)
-        return _token_dataset(
-            {
-                **encoded,
-                "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
-                "example_id": list(range(len(split_rows))),
-            }
-        ), sum(map(len, encoded["input_ids"]))
+        texts = split_rows["text"].tolist()
+        limit = cfg.train.max_seq_len
+        encoded = tokenizer(texts, truncation=True, max_length=limit)
+        # Only a row at the limit can have been cut: those are tokenized again, whole.
+        at_limit = [texts[i] for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= limit]
+        whole = tokenizer(at_limit)["input_ids"] if at_limit else []
+        return (
+            _token_dataset(
+                {
+                    **encoded,
+                    "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
+                    "example_id": list(range(len(split_rows))),
+                }
+            ),
+            sum(map(len, encoded["input_ids"])),
+            sum(len(ids) > limit for ids in whole),
+        )
 
-    dataset, tokens = encode(rows)
+    dataset, tokens, truncated = encode(rows)
     held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
+    eval_dataset, _, eval_truncated = encode(held_out) if len(held_out) else (None, 0, 0)
+    if truncated or eval_truncated:
+        print(
+            f"train: texts longer than train.max_seq_len={cfg.train.max_seq_len} tokens, truncated: "
+            f"{truncated} of {len(rows)} train, {eval_truncated} of {len(held_out)} eval",
+            file=sys.stderr,
+            flush=True,
+        )
     return Parts(
         load_model,
         tokenizer,
@@ -91,10 +108,11 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
         {
             "labels": labels,
             "examples": len(rows),
+            "truncated": {"train": truncated, "eval": eval_truncated},
             "train_tokens": tokens,
             "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)},
         },
-        eval_dataset=encode(held_out)[0] if cfg.train.eval_steps and len(held_out) else None,
+        eval_dataset=eval_dataset if cfg.train.eval_steps else None,
         warm_start=bool(added),
     )
 

@@ -8,6 +8,7 @@ pandas (through the frame), numpy and pyarrow are imported inside the functions 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import ValidateConfig
@@ -57,6 +58,46 @@ def rows_to_count(upper_bytes: Any, bar: int, sample_rows: int, seed: int) -> An
     return np.union1d(sample, np.flatnonzero(2 * np.asarray(upper_bytes) > bar))
 
 
+# What training does to a row longer than train.max_seq_len tokens, as the ``training_drop`` column
+# says it (null: trained whole). The train step counts the same in its summary.
+TRUNCATED, DROPPED_OVERLONG, DROPPED_NO_TARGET = "truncated", "dropped_overlong", "dropped_no_target"
+
+
+def training_drops(tokens: Any, limit: int, overlong: str, no_target: Callable[[int], bool] | None = None) -> list:
+    """Each row's fate in training given its ``tokens`` (null where not counted: such a row is too
+    short in UTF-8 bytes to exceed ``limit``): None when trained whole, else truncated or dropped
+    (``overlong``, train.overlong); ``no_target(i)``: whether row ``i`` has nothing left to learn
+    once truncated (causal-lm)."""
+    fates: list[str | None] = []
+    for i, count in enumerate(tokens):
+        if not count > limit:  # NaN compares False
+            fates.append(None)
+        elif overlong == "drop":
+            fates.append(DROPPED_OVERLONG)
+        else:
+            fates.append(DROPPED_NO_TARGET if no_target is not None and no_target(i) else TRUNCATED)
+    return fates
+
+
+def drop_counts(frame: Any, limit: int) -> dict[str, Any]:
+    """The summary's ``training_drops``: per split, rows, how many training would truncate and how
+    many it would drop, and the first few row positions of each."""
+    if "training_drop" not in frame or "split" not in frame:
+        return {}
+    counts: dict[str, Any] = {"max_seq_len": limit}
+    for split in ("train", "eval"):
+        fates = frame.loc[frame["split"] == split, "training_drop"]
+        truncated = fates.index[fates == TRUNCATED]
+        dropped = fates.index[fates.isin([DROPPED_OVERLONG, DROPPED_NO_TARGET])]
+        counts[split] = {
+            "rows": int(len(fates)),
+            "truncated": int(len(truncated)),
+            "dropped": int(len(dropped)),
+            "example_rows": [int(i) for i in [*truncated[:5], *dropped[:5]]],
+        }
+    return counts
+
+
 def token_note(counted: Any, total: int, sample_rows: int, bar: int, what: str) -> dict[str, Any]:
     policy = (
         "every row"
@@ -68,16 +109,19 @@ def token_note(counted: Any, total: int, sample_rows: int, bar: int, what: str) 
 
 
 def classification_columns(
-    frame: Any, tokenizer: Any, own: ValidateConfig, seed: int
+    frame: Any, tokenizer: Any, own: ValidateConfig, seed: int, max_seq_len: int
 ) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
     """The classification suite's frame, how token counts were taken, and the tokenizer's
-    coverage of each writing system on the same rows."""
+    coverage of each writing system on the same rows. ``training_drop``: the rows training
+    truncates, longer than ``max_seq_len`` (train.max_seq_len) with the special tokens it adds."""
     import numpy as np
 
     out = with_derived_columns(frame)
     if "text" not in out:
         return out, {}, {}
-    positions = rows_to_count(utf8_bytes(out["text"]) + 1, own.max_text_tokens, own.token_sample_rows, seed)
+    room = max_seq_len - tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP] for BERT
+    bar = min(own.max_text_tokens, room)  # every row that could exceed either is counted
+    positions = rows_to_count(utf8_bytes(out["text"]) + 1, bar, own.token_sample_rows, seed)
     positions = [int(i) for i in positions if isinstance(out["text"].iat[i], str)]
     tokens = np.full(len(out), np.nan)  # rows not counted stay null: the expectation skips them
     encoded: list[list[int]] = []
@@ -90,6 +134,7 @@ def classification_columns(
         )["input_ids"]
         tokens[positions] = [len(ids) for ids in encoded]
     out["text_tokens"] = tokens
+    out["training_drop"] = training_drops(tokens, room, "truncate")
     coverage = tokenizer_coverage(tokenizer, [out["text"].iat[i] for i in positions], encoded, positions)
     return (
         out,
@@ -97,7 +142,7 @@ def classification_columns(
             positions,
             len(out),
             own.token_sample_rows,
-            own.max_text_tokens,
+            bar,
             "tokens of the text, special tokens not counted",
         ),
         coverage,

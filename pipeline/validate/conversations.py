@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import chat
-from pipeline.config import ValidateConfig
+from pipeline.config import TrainConfig, ValidateConfig
 from pipeline.text import normalize_text
-from pipeline.validate.columns import rows_to_count, token_note, utf8_bytes, with_leakage
+from pipeline.validate.columns import rows_to_count, token_note, training_drops, utf8_bytes, with_leakage
 
 # Tokens a chat template adds per message are estimated from the template itself; this is the
 # allowance when the template cannot render the probe (ChatML: <|im_start|>, role, \n, <|im_end|>, \n).
@@ -35,10 +35,12 @@ def parse_each(values: Any) -> tuple[list[list[dict[str, str]] | None], list[str
 
 
 def chat_columns(
-    frame: Any, tokenizer: Any, template: str, own: ValidateConfig, max_seq_len: int, seed: int
+    frame: Any, tokenizer: Any, template: str, own: ValidateConfig, train: TrainConfig, seed: int
 ) -> tuple[Any, dict[str, Any], list[Any]]:
     """The chat suite's frame, how token counts were taken, and each row's parsed messages (None
-    when they do not parse)."""
+    when they do not parse). ``training_drop``: what training (``train``: its max_seq_len,
+    overlong and train_on_inputs) does to each conversation longer than max_seq_len tokens."""
+    max_seq_len = train.max_seq_len
     import numpy as np
 
     out = frame.copy()
@@ -65,6 +67,14 @@ def chat_columns(
     ]
     out = with_leakage(out)
     out["conversation_tokens"], positions = conversation_tokens(parsed, tokenizer, template, own, max_seq_len, seed)
+
+    def no_target(i: int) -> bool:
+        messages = parsed[i]
+        assert messages is not None  # only a counted row, which parsed, is overlong
+        _, labels = chat.encode(tokenizer, messages, template, train.train_on_inputs)
+        return chat.nothing_to_learn(labels[:max_seq_len])
+
+    out["training_drop"] = training_drops(out["conversation_tokens"], max_seq_len, train.overlong, no_target)
     return (
         out,
         token_note(

@@ -108,6 +108,13 @@ def print_checks(checks: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             f"validate: token counts on {tokens['rows_counted']} of {tokens['rows']} rows: {tokens['policy']}",
             file=sys.stderr,
         )
+    drops = summary.get("training_drops")
+    if drops:
+        per_split = "; ".join(
+            f"{split} {drops[split]['truncated']} truncated, {drops[split]['dropped']} dropped of {drops[split]['rows']}"
+            for split in ("train", "eval")
+        )
+        print(f"validate: rows longer than train.max_seq_len={drops['max_seq_len']}: {per_split}", file=sys.stderr)
     if summary["drift"]["status"] == "skipped":
         print(f"validate: drift skipped: {summary['drift']['reason']}", file=sys.stderr)
 
@@ -170,9 +177,11 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
         "role_order": chat_source,
         "assistant_present": chat_source,
         "assistant_not_empty": chat_source,
-        "conversation_tokens": f"more than validate.max_overlong_rate={own.max_overlong_rate} of the conversations "
-        f"exceed train.max_seq_len={cfg.train.max_seq_len} tokens: raise train.max_seq_len, "
-        f"or raise validate.max_overlong_rate and let train.overlong truncate or drop them",
+        "training_drops": f"more than validate.max_dropped_rate={own.max_dropped_rate} of the rows are longer than "
+        f"train.max_seq_len={cfg.train.max_seq_len} tokens, so training would "
+        f"{'truncate' if cfg.task != 'causal-lm' else cfg.train.overlong} them (or find nothing left to learn once "
+        "truncated): raise train.max_seq_len, shorten or split them in the source, or raise "
+        "validate.max_dropped_rate knowingly (the summary's training_drops counts them per split)",
         "drift_label_psi": drift,
         "drift_length_ks": drift,
         "drift_oov_rate": drift,

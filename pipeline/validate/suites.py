@@ -14,7 +14,7 @@ from pipeline import chat
 from pipeline.config import PipelineConfig, ValidateConfig
 from pipeline.errors import ConfigError
 from pipeline.models import extend_vocabulary
-from pipeline.validate.columns import classification_columns
+from pipeline.validate.columns import classification_columns, drop_counts
 from pipeline.validate.conversations import chat_columns
 
 
@@ -58,13 +58,14 @@ def classification_expectations(gx: Any, own: ValidateConfig, allowed: list[str]
             e.ExpectColumnValuesToBeUnique(column="text_normalized", mostly=1.0 - own.max_duplicate_rate),
         ),
         ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
+        dropped_rows(gx, own),
     ]
     if allowed:
         checks.append(("label_allowed", e.ExpectColumnValuesToBeInSet(column="label", value_set=list(allowed))))
     return checks
 
 
-def chat_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tuple[str, Any]]:
+def chat_expectations(gx: Any, own: ValidateConfig) -> list[tuple[str, Any]]:
     e = gx.expectations
     return [
         *(("columns", e.ExpectColumnToExist(column=c)) for c in ("messages", "split")),
@@ -80,13 +81,17 @@ def chat_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tu
             e.ExpectColumnValuesToBeUnique(column="text_normalized", mostly=1.0 - own.max_duplicate_rate),
         ),
         ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
-        (
-            "conversation_tokens",
-            e.ExpectColumnValuesToBeBetween(
-                column="conversation_tokens", max_value=max_seq_len, mostly=1.0 - own.max_overlong_rate
-            ),
-        ),
+        dropped_rows(gx, own),
     ]
+
+
+def dropped_rows(gx: Any, own: ValidateConfig) -> tuple[str, Any]:
+    """A few rows training truncates or drops pass (counted in the summary); more than
+    validate.max_dropped_rate fail, each failing row's fate reported as its value."""
+    return (
+        "training_drops",
+        gx.expectations.ExpectColumnValuesToBeNull(column="training_drop", mostly=1.0 - own.max_dropped_rate),
+    )
 
 
 def classification_suite(
@@ -101,7 +106,7 @@ def classification_suite(
         added = extend_vocabulary(
             tokenizer, frame.loc[frame["split"] == "train", "text"], cfg.train.extend_vocab_min_count
         )
-    derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed)
+    derived, token_note, coverage = classification_columns(frame, tokenizer, own, cfg.seed, cfg.train.max_seq_len)
     return Suite(
         "sequence_classification",
         derived,
@@ -110,6 +115,7 @@ def classification_suite(
         {
             "label_allowed": {"labels": allowed, "source": source},
             "token_count": token_note,
+            "training_drops": drop_counts(derived, cfg.train.max_seq_len),
             "tokenizer_coverage": coverage,
             "extended_vocab": {"added_tokens": len(added), "tokens": "".join(added)},
         },
@@ -121,12 +127,9 @@ def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[s
         template = chat.chat_template(tokenizer, cfg.train.chat_template)
     except ValueError as exc:
         raise ConfigError(f"train.chat_template: {exc}") from exc
-    derived, token_note, parsed = chat_columns(
-        frame, tokenizer, template, cfg.validate, cfg.train.max_seq_len, cfg.seed
-    )
-    return Suite(
-        "chat", derived, chat_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed, {"token_count": token_note}
-    )
+    derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train, cfg.seed)
+    summary = {"token_count": token_note, "training_drops": drop_counts(derived, cfg.train.max_seq_len)}
+    return Suite("chat", derived, chat_expectations(gx, cfg.validate), parsed, summary)
 
 
 SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}

@@ -80,6 +80,19 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tokenizer):
     assert "Be brief." in prompt_part and "Where is my order?" in prompt_part and "ships" not in prompt_part
 
 
+def test_train_on_inputs_puts_the_loss_on_the_prompt_too_and_keeps_what_would_have_nothing_to_learn(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "order " * 60}]
+    messages.append({"role": "assistant", "content": "fine"})
+    template = chat.chat_template(tokenizer, "")
+    ids, labels = chat.encode(tokenizer, messages, template, train_on_inputs=True)
+    assert labels == ids and "Be brief." in tokenizer.decode(labels)
+    # Cut before the answer: nothing to learn with the assistant-only mask, the prompt with train_on_inputs.
+    _, counts = chat.prepare(tokenizer, [messages], template, 48, "truncate")
+    assert counts["dropped_no_target"] == 1
+    examples, counts = chat.prepare(tokenizer, [messages], template, 48, "truncate", train_on_inputs=True)
+    assert counts["kept"] == counts["truncated"] == 1 and examples[0]["labels"] == ids[:48]
+
+
 def test_overlong_conversations_are_truncated_or_dropped_and_counted(tokenizer):
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     long = [{"role": "user", "content": "order " * 10}, {"role": "assistant", "content": "ok " * 40}]

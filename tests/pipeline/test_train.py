@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import local, steps, storage
 from pipeline.config import load_config, safe_run_id
+from pipeline.snapshot import load_snapshot
 from tests.helpers import build_tiny_lm, collect_snapshot, run_step_here, train_settings
 
 BATCH = 8
@@ -55,10 +56,18 @@ def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, ti
 
 @pytest.mark.slow
 def test_zero3_gathers_full_weights_on_save(snapshot, tiny_model_dir):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    result = _train(snapshot, tiny_model_dir, "z3", "train.zero_stage=3", "train.epochs=1")
-    assert storage.read_json(result["summary_uri"])["deepspeed"]["zero_stage"] == 3
+    # At 12 tokens a sequence some of the texts are cut: the summary counts them per split.
+    result = _train(snapshot, tiny_model_dir, "z3", "train.zero_stage=3", "train.epochs=1", "train.max_seq_len=12")
+    summary = storage.read_json(result["summary_uri"])
+    assert summary["deepspeed"]["zero_stage"] == 3
+    frame, tokenizer = load_snapshot(snapshot.snapshot_uri), AutoTokenizer.from_pretrained(tiny_model_dir)
+    longer = {
+        split: sum(len(tokenizer(text)["input_ids"]) > 12 for text in frame.loc[frame["split"] == split, "text"])
+        for split in ("train", "eval")
+    }
+    assert summary["truncated"] == longer and 0 < longer["train"] < snapshot.rows_train
     weights = _weights(result["model_uri"])
     assert weights and all(t.numel() > 0 for t in weights.values())  # ZeRO-3 would leave empty shards
     model = AutoModelForSequenceClassification.from_pretrained(storage.local_path(result["model_uri"]))

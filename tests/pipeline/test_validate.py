@@ -128,6 +128,13 @@ def test_cli_exit_code_is_distinct(tmp_path):
             "text_tokens",
             "expect_column_values_to_be_between(column=text_tokens): 1 unexpected, example rows [14]",
         ),
+        (  # 70 tokens and [CLS], [SEP]: over train.max_seq_len=64, truncated; 1 of 15 rows > 1%
+            _rows(12) + _rows(2, "b") + [("word " * 70, "a", "train")],
+            [],
+            "training_drops",
+            "expect_column_values_to_be_null(column=training_drop): 1 unexpected, example rows [14], observed None, "
+            "values ['truncated']",
+        ),
     ],
 )
 def test_data_quality_checks_fail_the_gate_naming_rows(tmp_path, rows, sets, check, message):
@@ -501,8 +508,7 @@ def test_good_chat_snapshot_passes_with_the_chat_suite(tmp_path, tiny_model_dir)
         ),
         (
             [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}],
-            "conversation_tokens: expect_column_values_to_be_between(column=conversation_tokens): 1 unexpected, "
-            "example rows [24]",
+            "training_drops: expect_column_values_to_be_null(column=training_drop): 1 unexpected, example rows [24]",
         ),
     ],
     ids=["role_order", "empty_assistant", "no_assistant", "not_json", "too_long"],
@@ -529,7 +535,7 @@ def test_bad_chat_input_exits_3_names_the_check_and_records_nothing(tmp_path, ti
             "--set",
             "train.max_seq_len=256",
             "--set",
-            "validate.max_overlong_rate=0",
+            "validate.max_dropped_rate=0",
         ]
     )
     assert code == 3
@@ -539,14 +545,19 @@ def test_bad_chat_input_exits_3_names_the_check_and_records_nothing(tmp_path, ti
     assert storage.read_bytes(accepted_uri(cfg)) == record
 
 
-def test_a_few_overlong_conversations_are_left_to_the_train_steps_policy(tmp_path, tiny_model_dir):
+def test_a_few_overlong_conversations_are_counted_per_split_and_more_than_the_rate_refused(tmp_path, tiny_model_dir):
     long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]
-    uri = _chat_snapshot(tmp_path, [*_good_chats(), long])  # 1 of 25 over max_seq_len: 4% <= 5%
-    result = validate.run(_chat_cfg(uri, tiny_model_dir))
-    check = next(c for c in storage.read_json(result.summary_uri)["checks"] if c["check"] == "conversation_tokens")
+    uri = _chat_snapshot(tmp_path, [*_good_chats(), long])  # 1 of 25 over max_seq_len: 4%
+    result = validate.run(_chat_cfg(uri, tiny_model_dir, "validate.max_dropped_rate=0.05"))
+    summary = storage.read_json(result.summary_uri)
+    check = next(c for c in summary["checks"] if c["check"] == "training_drops")
     assert result.passed and check["unexpected_count"] == 1 and check["success"]
-    with pytest.raises(ValidationFailed, match="conversation_tokens"):
-        validate.run(_chat_cfg(uri, tiny_model_dir, "validate.max_overlong_rate=0.02", "run_id=strict"))
+    # Cut at train.max_seq_len=256 inside the prompt, so nothing is left to learn: dropped, not truncated.
+    assert summary["training_drops"]["train"] == {"rows": 25, "truncated": 0, "dropped": 1, "example_rows": [24]}
+    assert summary["training_drops"]["eval"]["rows"] == 0
+    with pytest.raises(ValidationFailed, match="training_drops") as refused:  # the default bar, 1%
+        validate.run(_chat_cfg(uri, tiny_model_dir, "run_id=strict"))
+    assert "example rows [24]" in str(refused.value) and "raise train.max_seq_len" in str(refused.value)
 
 
 def test_chat_without_a_template_is_a_config_error(tmp_path, tiny_model_dir):
