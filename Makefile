@@ -5,6 +5,7 @@
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
 #   make down   stop what `make up` started
 #   make bench  the benchmarks behind BENCHMARKS.md (writes bench/results/*.json, then the tables)
+#   make images the four images of docker/ (needs a Docker engine; docs/deploy.md)
 #   make lint   the import layers ([tool.importlinter]), ruff (lint + format check) and mypy over
 #               pipeline/ ([tool.ruff], [tool.mypy] in pyproject.toml); make test runs it first
 #   make format ruff's formatter and its safe lint fixes, in place
@@ -24,7 +25,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo demo-llm test test-fast up down bench bench-memory lock lint format clean
+.PHONY: install demo demo-llm test test-fast up down bench bench-memory lock lint format clean images
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +103,20 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 	$(BIN)/ruff format $(LINT_PATHS)
+
+# The four images of docker/, tagged as k8s/ and the deployment's config name them, where a Docker
+# engine runs (docs/deploy.md); here hadolint and checkov check the Dockerfiles (tests/pipeline/test_k8s.py).
+#   make images IMAGE_REGISTRY=registry.internal:5000   then docker push each one it names
+IMAGE_REGISTRY ?= registry.example.com
+IMAGE_TAG ?= 0.1.0
+MLFLOW_IMAGE_TAG ?= 3.17.2
+images:
+	@command -v docker >/dev/null || { echo "make images: no docker command here; run it where a Docker engine is (docs/deploy.md)" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make images: docker is installed but reaches no Docker engine (docker info fails); start one or build elsewhere (docs/deploy.md)" >&2; exit 1; }
+	docker build -f docker/step-cpu.Dockerfile -t $(IMAGE_REGISTRY)/finetune/step-cpu:$(IMAGE_TAG) .
+	docker build -f docker/step-cuda.Dockerfile -t $(IMAGE_REGISTRY)/finetune/step-cuda:$(IMAGE_TAG) .
+	docker build -f docker/airflow.Dockerfile -t $(IMAGE_REGISTRY)/finetune/airflow:$(IMAGE_TAG) .
+	docker build -f docker/mlflow.Dockerfile -t $(IMAGE_REGISTRY)/finetune/mlflow:$(MLFLOW_IMAGE_TAG) .
 
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet --upgrade pip

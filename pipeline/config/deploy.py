@@ -103,6 +103,11 @@ class K8sConfig:
         "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.",
         pattern=DNS_SUBDOMAIN,
     )
+    hf_secret: str = option(
+        "finetune-hf",
+        "Secret with HF_TOKEN (gated or private hub models); optional: pods start without it.",
+        pattern=DNS_SUBDOMAIN,
+    )
     gpu_node_selector: list[str] = option(
         ["nvidia.com/gpu.present=true"], "Node labels (key=value) a GPU pod must land on."
     )
@@ -124,7 +129,15 @@ class K8sConfig:
         "finetune-training", "PriorityClass of training pods (k8s/).", pattern=DNS_SUBDOMAIN
     )
     scratch_size: str = option("20Gi", "Size limit of the /tmp emptyDir (model downloads, staging).", pattern=QUANTITY)
-    hf_cache_size: str = option("20Gi", "Size limit of the Hugging Face cache emptyDir.", pattern=QUANTITY)
+    model_cache_claim: str = option(
+        "finetune-model-cache",
+        "PersistentVolumeClaim (ReadWriteMany, k8s/model-cache.yaml) every step pod mounts at HF_HOME, so "
+        "a hub model is downloaded once, not per pod; '' gives each pod an emptyDir (k8s.hf_cache_size).",
+        pattern=f"(?:{DNS_SUBDOMAIN})?",
+    )
+    hf_cache_size: str = option(
+        "20Gi", "Size limit of the Hugging Face cache emptyDir (k8s.model_cache_claim='').", pattern=QUANTITY
+    )
     job_poll_seconds: int = option(
         30,
         "How often the DAG task polls a PyTorchJob's or TrainJob's status and "
@@ -167,7 +180,7 @@ class K8sConfig:
 
     def __post_init__(self) -> None:
         # Before check_fields: an empty name would otherwise fail with a bare regex message.
-        for name in ("aws_secret", "mlflow_secret", "settings_configmap", "service_account"):
+        for name in ("aws_secret", "mlflow_secret", "hf_secret", "settings_configmap", "service_account"):
             if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
                 raise ConfigError(f"k8s.{name}: a name is required (the pods read their settings from it)")
         check_fields(self, "k8s.")

@@ -105,11 +105,13 @@ def container(cfg: PipelineConfig, step: Any, name: str, command: list[str], arg
         "command": command,
         "args": args,
         "env": [{"name": "HF_HOME", "value": HF_CACHE}, {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
-        # Settings and credentials by reference only: the manifest never holds a value.
+        # Settings and credentials by reference only: the manifest never holds a value. HF_TOKEN's
+        # Secret is optional: only gated or private hub models need it.
         "envFrom": [
             {"configMapRef": {"name": k.settings_configmap}},
             {"secretRef": {"name": k.aws_secret}},
             {"secretRef": {"name": k.mlflow_secret}},
+            {"secretRef": {"name": k.hf_secret, "optional": True}},
         ],
         "resources": resources,
         "securityContext": dict(RESTRICTED_CONTAINER, runAsUser=UID, runAsGroup=UID),
@@ -127,10 +129,14 @@ def pod_spec(
     cfg: PipelineConfig, step: Any, main: dict[str, Any], restart_policy: str = "Never", deadline_s: int | None = None
 ) -> dict[str, Any]:
     k = cfg.k8s
-    volumes = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}},
-        {"name": "hf-cache", "emptyDir": {"sizeLimit": k.hf_cache_size}},
-    ]
+    # HF_HOME on the shared model cache (a ReadWriteMany claim), so a hub model is downloaded once
+    # for every pod and run, not by each pod into its own emptyDir.
+    hf_cache = (
+        {"persistentVolumeClaim": {"claimName": k.model_cache_claim}}
+        if k.model_cache_claim
+        else {"emptyDir": {"sizeLimit": k.hf_cache_size}}
+    )
+    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": k.scratch_size}}, {"name": "hf-cache", **hf_cache}]
     if step.distributed:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
     spec: dict[str, Any] = {
@@ -281,7 +287,8 @@ SECRET_KEYS = {
         ("MLFLOW_TRACKING_USERNAME", True),
         ("MLFLOW_TRACKING_PASSWORD", True),
     ),
-}  # key -> optional (a server without auth)
+    "hf_secret": (("HF_TOKEN", True),),
+}  # key -> optional (a server without auth, a public base model)
 
 
 def secret_env(cfg: PipelineConfig) -> list[dict[str, Any]]:

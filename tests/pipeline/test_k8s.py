@@ -1,7 +1,9 @@
 """Kubernetes manifests, proven without a cluster: every rendered Pod/PyTorchJob and every file in
 k8s/ validates against the real schemas (kubernetes-validate, strict; the Kubeflow CRD), meets
 Pod Security "restricted", pins its images; hadolint and checkov pass over docker/ and k8s/;
-bad settings fail at render time naming the setting.
+bad settings fail at render time naming the setting. The deployment (docs/deploy.md) holds
+together: the Helm values, the deployment's config, RBAC across namespaces, the MLflow UI's way
+in, the model cache and the images `make images` builds name the same things.
 
     .venv/bin/python -m pytest -q tests/pipeline/test_k8s.py
 """
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from pipeline import cli, local, steps
+from pipeline.config import file_overrides, load_config
 from pipeline.config.deploy import check_image
 from pipeline.errors import ConfigError
 from pipeline.k8s import jobs, manifests
@@ -65,8 +68,11 @@ def test_rendered_objects_validate_meet_restricted_and_pin_images(step, launcher
         assert restricted_violations(spec) == []
         assert all(check_image("image", image) is None for image in images(spec))
         assert spec["automountServiceAccountToken"] is False
-        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-        assert {"/tmp", manifests.HF_CACHE} <= mounts
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert {"/tmp", manifests.HF_CACHE} <= set(mounts)
+        # HF_HOME is the shared model cache: the base model is downloaded once, not per pod.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes[mounts[manifests.HF_CACHE]]["persistentVolumeClaim"] == {"claimName": "finetune-model-cache"}
 
 
 def test_pod_argv_is_the_local_argv_and_returns_through_xcom():
@@ -109,13 +115,31 @@ def test_training_gets_gpus_gpu_nodes_and_priority_and_other_steps_do_not():
 
 
 def test_secrets_are_referenced_by_name_never_inlined():
-    overrides = [*RUN, "k8s.aws_secret=team-s3", "k8s.mlflow_secret=team-mlflow"]
+    overrides = [*RUN, "k8s.aws_secret=team-s3", "k8s.mlflow_secret=team-mlflow", "k8s.hf_secret=team-hf"]
     for launcher in ("kubernetes", "pytorchjob"):
         for spec in pod_specs(steps.render("train", overrides, launcher)):
             c = spec["containers"][0]
             assert {"secretRef": {"name": "team-s3"}} in c["envFrom"]
             assert {"secretRef": {"name": "team-mlflow"}} in c["envFrom"]
+            # HF_TOKEN for gated or private hub models; a pod starts without the Secret.
+            assert {"secretRef": {"name": "team-hf", "optional": True}} in c["envFrom"]
             assert {e["name"] for e in c["env"]} == {"HF_HOME", "TOKENIZERS_PARALLELISM"}
+    with pytest.raises(ConfigError, match="k8s.hf_secret: a name is required"):
+        steps.render("train", [*RUN, 'k8s.hf_secret=""'], "kubernetes")
+
+
+def test_hf_home_is_the_model_cache_k8s_ships_and_no_claim_gives_each_pod_its_own():
+    (claim,) = [d for d in manifests_in(ROOT / "k8s") if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == load_config().k8s.model_cache_claim == "finetune-model-cache"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # mounted by pods on many nodes at once
+    pod = steps.render("evaluate", [*RUN[:1], "k8s.model_cache_claim=team-cache"], "kubernetes")
+    assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "team-cache"}} in pod["spec"]["volumes"]
+    # No claim: an emptyDir per pod, as before (every pod downloads what it needs).
+    pod = steps.render("evaluate", [*RUN[:1], 'k8s.model_cache_claim=""', "k8s.hf_cache_size=50Gi"], "kubernetes")
+    assert {"name": "hf-cache", "emptyDir": {"sizeLimit": "50Gi"}} in pod["spec"]["volumes"]
+    validate_core(pod)
+    with pytest.raises(ConfigError, match="k8s.model_cache_claim: 'Team_Cache' does not match"):
+        steps.render("evaluate", [*RUN[:1], "k8s.model_cache_claim=Team_Cache"], "kubernetes")
 
 
 def test_pytorchjob_has_master_and_workers_with_one_process_per_gpu():
@@ -286,13 +310,123 @@ def test_kustomization_lists_every_manifest_and_each_validates():
         "LimitRange",
         "PriorityClass",
         "ConfigMap",
+        "PersistentVolumeClaim",
+        "Ingress",
     } <= {d["kind"] for d in docs}
-    for doc in docs:
+    # What is run by hand, not applied with the rest (k8s/jobs/: the model cache's seeding), and
+    # the ConfigMap kustomize generates from the deployment's config, as `kubectl kustomize` does.
+    jobs = manifests_in(ROOT / "k8s" / "jobs")
+    assert [d["kind"] for d in jobs] == ["Job"]
+    for doc in [*docs, *jobs, deployment_configmap()]:
         if doc["kind"] != "ClusterTrainingRuntime":  # Trainer's CRD kind: tests/pipeline/test_trainjob.py
             validate_core(doc)
         for spec in pod_specs(doc):
             assert restricted_violations(spec) == [], doc["metadata"]["name"]
             assert all(check_image("image", image) is None for image in images(spec))
+    (seed,) = pod_specs(jobs[0])
+    (container,) = seed["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in seed["volumes"]}
+    assert (
+        volumes[mounts[manifests.HF_CACHE]]["persistentVolumeClaim"]["claimName"] == load_config().k8s.model_cache_claim
+    )
+    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in container["env"]  # the one pod that downloads
+    assert volumes["hf-token"]["secret"] == {
+        "secretName": load_config().k8s.hf_secret,
+        "optional": True,
+        "items": [{"key": "HF_TOKEN", "path": "token"}],
+    }
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+
+
+def deployment_configmap() -> dict:
+    """The ConfigMap kustomization.yaml's configMapGenerator makes from the deployment's config."""
+    (generator,) = kustomization()["configMapGenerator"]
+    assert generator["options"]["disableNameSuffixHash"] is True  # the Helm values name it as it is
+    data = {}
+    for item in generator["files"]:
+        key, _, path = item.partition("=")
+        data[key] = (ROOT / "k8s" / path).read_text()
+    meta = {"name": generator["name"], "namespace": generator["namespace"], "labels": generator["options"]["labels"]}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
+
+
+def helm_values() -> dict:
+    return yaml.safe_load((ROOT / "k8s" / "helm" / "airflow-values.yaml").read_text())
+
+
+def deploy_doc() -> str:
+    return (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_airflow_helm_values_deliver_the_deployment_config_and_name_secrets_only():
+    values = helm_values()
+    assert values["executor"] == "KubernetesExecutor"
+    # Every Airflow container, task pods included, runs the image of docker/airflow.Dockerfile, on
+    # the Airflow version that image is built on; DAGs and plugin come in it, nothing syncs them.
+    base = (ROOT / "docker" / "airflow.Dockerfile").read_text().split("\nFROM apache/airflow:", 1)[1]
+    assert values["airflowVersion"] == base.split("-", 1)[0]
+    check_image("defaultAirflowRepository", f"{values['defaultAirflowRepository']}:{values['defaultAirflowTag']}")
+    assert values["dags"] == {"persistence": {"enabled": False}, "gitSync": {"enabled": False}}
+    # FINETUNE_CONFIG names the file the ConfigMap of the deployment's config is mounted as.
+    env = {e["name"]: e["value"] for e in values["env"]}
+    configmap = deployment_configmap()
+    (volume,) = [v for v in values["volumes"] if v.get("configMap", {}).get("name") == configmap["metadata"]["name"]]
+    (mount,) = [m for m in values["volumeMounts"] if m["name"] == volume["name"]]
+    (key,) = configmap["data"]
+    assert env["FINETUNE_CONFIG"] == f"{mount['mountPath']}/{key}" and mount["readOnly"] is True
+    assert env["FINETUNE_LAUNCHER"] in steps.LAUNCHERS and env["FINETUNE_LAUNCHER"] != "local"
+    assert json.loads(env["AIRFLOW_CONN_KUBERNETES_DEFAULT"]) == {
+        "conn_type": "kubernetes",
+        "extra": {"in_cluster": True},
+    }
+    # Credentials only as Secrets by name: no value of one, nor a key the chart would make a Secret of.
+    assert not any(word in name for name in env for word in ("PASSWORD", "SECRET", "TOKEN", "KEY_ID"))
+    assert {s["envName"]: s["secretName"] for s in values["secret"]} == {
+        "AWS_ACCESS_KEY_ID": "finetune-aws",
+        "AWS_SECRET_ACCESS_KEY": "finetune-aws",
+    }
+    assert all(s["secretKey"] == s["envName"] for s in values["secret"])
+    assert yaml.safe_load(values["extraEnvFrom"]) == [
+        {"secretRef": {"name": "finetune-airflow-connections", "optional": True}}
+    ]
+    assert not {"fernetKey", "webserverSecretKey", "apiSecretKey", "jwtSecret", "extraSecrets"} & set(values)
+    assert "metadataConnection" not in values["data"] and values["postgresql"] == {"enabled": False}
+    named = {
+        values["data"]["metadataSecretName"],
+        *(values[k] for k in ("fernetKeySecretName", "apiSecretKeySecretName", "jwtSecretName")),
+    }
+    doc = deploy_doc()
+    # Every Secret the values name is one docs/deploy.md says how to create, in Airflow's namespace.
+    for secret in {*named, "finetune-aws", "finetune-airflow-connections"}:
+        assert f"kubectl -n airflow create secret generic {secret}" in doc, secret
+    assert values["createUserJob"] == {"enabled": False}  # no account whose password everyone knows
+
+
+def test_the_deployment_config_renders_every_step_and_agrees_with_the_manifests():
+    configmap = deployment_configmap()
+    (name,) = [path.partition("=")[2] for path in kustomization()["configMapGenerator"][0]["files"]]
+    overrides = file_overrides(ROOT / "k8s" / name)  # what every Airflow process reads: FINETUNE_CONFIG
+    cfg = load_config(None, overrides)
+    docs = manifests_in(ROOT / "k8s")
+    (settings,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    # Airflow reads results and errors where the steps write them.
+    assert cfg.artifact_root == settings["data"]["FINETUNE_ARTIFACT_ROOT"]
+    k = cfg.k8s
+    assert settings["metadata"]["name"] == k.settings_configmap and settings["metadata"]["namespace"] == k.namespace
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == k.model_cache_claim and claim["metadata"]["namespace"] == k.namespace
+    (role_binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert role_binding["metadata"]["namespace"] == k.namespace
+    # The ConfigMap lives where Airflow runs: the namespace the RoleBinding's subject is in.
+    assert configmap["metadata"]["namespace"] == role_binding["subjects"][0]["namespace"]
+    for step in steps.STEPS:
+        for launcher in ("kubernetes", "trainjob"):
+            manifest = steps.render(step, [*overrides, *(RUN if step == "train" else RUN[:1])], launcher)
+            assert manifest["metadata"]["namespace"] == k.namespace
 
 
 def test_rbac_is_namespaced_and_least_privilege():
@@ -317,6 +451,17 @@ def test_rbac_is_namespaced_and_least_privilege():
     assert not any(resource == "secrets" for _, resource, _ in granted)
     step_sa = [d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "finetune-step"]
     assert step_sa and step_sa[0]["automountServiceAccountToken"] is False
+    # Granted in `finetune` to Airflow's task pods in their own namespace: the service account
+    # the Helm values give them, in the namespace docs/deploy.md installs the chart into.
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"] == "finetune"
+    (subject,) = binding["subjects"]
+    workers = helm_values()["workers"]["serviceAccount"]
+    assert (subject["kind"], subject["name"]) == ("ServiceAccount", workers["name"]) and workers["create"] is True
+    assert subject["namespace"] == "airflow" != binding["metadata"]["namespace"]
+    assert f"--namespace {subject['namespace']} -f k8s/helm/airflow-values.yaml" in deploy_doc()
+    namespaces = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
+    assert {subject["namespace"], binding["metadata"]["namespace"]} <= namespaces
 
 
 def test_mlflow_server_has_auth_on_and_takes_its_stores_from_secrets():
@@ -327,6 +472,83 @@ def test_mlflow_server_has_auth_on_and_takes_its_stores_from_secrets():
     assert (
         refs["MLFLOW_BACKEND_STORE_URI"] == "mlflow-server" and refs["MLFLOW_ARTIFACTS_DESTINATION"] == "mlflow-server"
     )
+    # The basic-auth app does not start without a static CSRF key, nor without Flask-WTF.
+    assert refs["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "mlflow-server"
+    assert "Flask-WTF==" in (ROOT / "docker" / "mlflow.Dockerfile").read_text()
+
+
+def test_people_reach_mlflows_ui_through_the_ingress_and_the_steps_through_the_service():
+    docs = manifests_in(ROOT / "k8s")
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow"]
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["backend"]["service"] == {"name": "mlflow", "port": {"name": "http"}}
+    assert ingress["spec"]["tls"] == [{"hosts": [rule["host"]], "secretName": "mlflow-tls"}]
+    assert "annotations" not in ingress["metadata"]  # the controller's own: an overlay adds them
+    # MLflow answers 403 to a Host it does not list (localhost and private IPs by default, matched
+    # exactly) and to a state-changing request from an origin it does not list: the Ingress's
+    # host, the UI's origin behind it, and the Service's names with its port must all be there.
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    (port,) = [p["port"] for p in service["spec"]["ports"]]
+    namespace = service["metadata"]["namespace"]
+    assert rule["host"] in hosts
+    for name in ("mlflow", f"mlflow.{namespace}", f"mlflow.{namespace}.svc", f"mlflow.{namespace}.svc.cluster.local"):
+        assert f"{name}:{port}" in hosts
+    assert env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"].split(",") == [f"https://{rule['host']}"]
+    # The network policies let the ingress controller and the pipeline's pods in, on MLflow's port.
+    allowed = [
+        (peer, port_rule["port"])
+        for policy in docs
+        if policy["kind"] == "NetworkPolicy"
+        and policy["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": "mlflow"}
+        for rule_in in policy["spec"]["ingress"]
+        for peer in rule_in["from"]
+        for port_rule in rule_in["ports"]
+    ]
+    assert ({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}, port) in allowed
+    assert ({"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "finetune-pipeline"}}}, port) in allowed
+    assert ingress["spec"]["ingressClassName"] == "nginx"  # the controller in that namespace
+
+
+def test_make_images_builds_every_dockerfile_as_the_manifests_and_the_config_name_it():
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", "images", "IMAGE_REGISTRY=registry.example.com"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    built = {}
+    for line in out.splitlines():
+        if line.startswith("docker build "):
+            words = line.split()
+            built[words[words.index("-f") + 1]] = words[words.index("-t") + 1]
+    assert sorted(built) == sorted(f"docker/{p.name}" for p in (ROOT / "docker").glob("*.Dockerfile"))
+    values, k = helm_values(), load_config().k8s
+    (deploy,) = [d for d in manifests_in(ROOT / "k8s") if d["kind"] == "Deployment"]
+    assert built["docker/step-cpu.Dockerfile"] == k.image
+    assert built["docker/step-cuda.Dockerfile"] == k.gpu_image
+    assert built["docker/airflow.Dockerfile"] == f"{values['defaultAirflowRepository']}:{values['defaultAirflowTag']}"
+    assert built["docker/mlflow.Dockerfile"] == deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+    # Without an engine it says so, in words, rather than failing inside docker.
+    assert "Docker engine" in (ROOT / "Makefile").read_text().split("\nimages:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_the_cuda_image_ships_deepspeeds_cpu_adam_built_for_its_accelerator():
+    """ZeRO-Offload steps the optimizer with DeepSpeed's CPU Adam, and the CUDA image has no compiler
+    to build it in a pod: it is compiled into the wheel in a build stage, for the cuda accelerator
+    (DeepSpeed loads a prebuilt op only on the accelerator it was built for), from the sdist."""
+    text = (ROOT / "docker" / "step-cuda.Dockerfile").read_text()
+    build, runtime = text.split("\nFROM ", 2)[1:]
+    assert " AS deepspeed-ops" in build.splitlines()[0]
+    assert "DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1" in build and "--no-binary deepspeed" in build
+    assert "g++" in build and "g++" not in runtime  # the compiler stays in the build stage
+    assert "COPY --from=deepspeed-ops /wheels /wheels" in runtime and "/wheels/deepspeed-*.whl" in runtime
+    assert "DS_ACCELERATOR=cuda" in runtime
 
 
 def test_no_image_is_latest_or_unpinned_anywhere():

@@ -172,11 +172,13 @@ def test_nodes_gpus_env_secrets_and_deadline_come_from_the_config_as_the_pytorch
         "MLFLOW_TRACKING_URI": "team-mlflow",
         "MLFLOW_TRACKING_USERNAME": "team-mlflow",
         "MLFLOW_TRACKING_PASSWORD": "team-mlflow",
+        "HF_TOKEN": "finetune-hf",
     }
     assert all(ref["key"] == name for name, ref in refs.items())
     assert [name for name, ref in refs.items() if ref.get("optional")] == [
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
+        "HF_TOKEN",
     ]
     # Every key the TrainJob references is one the k8s README says its Secret holds.
     readme = (ROOT / "k8s" / "README.md").read_text()
