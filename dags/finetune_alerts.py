@@ -90,7 +90,7 @@ def failure_text(context: Mapping[str, Any]) -> str:
 
 
 # The result fields a promotion message reads (checked against each step's result dataclass).
-REGISTER_KEYS = steps.result_keys("register", "promoted", "model_name", "version", "reason", "metrics")
+REGISTER_KEYS = steps.result_keys("register", "promoted", "model_name", "version", "reason", "metrics", "outside_moves")
 PROMOTE_KEYS = steps.result_keys(
     "promote", "outcome", "target_alias", "previous_version", "model_name", "version", "reason"
 )
@@ -100,11 +100,19 @@ def promotion_text(context: Mapping[str, Any]) -> str | None:
     """A message when the task's result says a new champion was promoted, else None."""
     ti = context["ti"]
     result = ti.xcom_pull(task_ids=ti.task_id) or {}
+    moved = "".join(
+        f"\nmoved outside the pipeline: {result['model_name']} {move}" for move in result.get("outside_moves") or []
+    )
     if ti.task_id == "register" and result.get("promoted"):
         return (
             f"finetune-pipeline: {result['model_name']} version {result['version']} is the new {CHAMPION} "
-            f"(DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}; metrics {result.get('metrics')}\n"
-            f"log: {ti.log_url}"
+            f"(DAG `{ti.dag_id}`, run `{ti.run_id}`): {result.get('reason', '')}; metrics {result.get('metrics')}"
+            f"{moved}\nlog: {ti.log_url}"
+        )
+    if ti.task_id == "register" and moved:
+        return (
+            f"finetune-pipeline: register of {result['model_name']} version {result['version']} (DAG `{ti.dag_id}`, "
+            f"run `{ti.run_id}`) found aliases not where the pipeline left them:{moved}\nlog: {ti.log_url}"
         )
     if ti.task_id == "promote" and result.get("outcome") == "promoted" and result.get("target_alias") == CHAMPION:
         previous = result.get("previous_version") or "none"

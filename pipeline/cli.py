@@ -62,6 +62,8 @@ def _step_parser(step: str) -> argparse.ArgumentParser:
     epilog = (
         f"settings of {step} (--set {step}.KEY=VALUE, or the {step}: section of --config):\n"
         f"{settings_help(step)}\n\nshared settings: finetune config --help"
+        if step in SECTIONS
+        else f"{step} has no settings of its own (it reads model_name); shared settings: finetune config --help"
     )
     parser = argparse.ArgumentParser(
         prog=f"finetune {step}",

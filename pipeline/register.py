@@ -54,6 +54,7 @@ class RegisterResult:
     model_uri: str
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same eval tokens
     slices: dict[str, dict[str, float]] = field(default_factory=dict)  # the metrics per language of the eval rows
+    outside_moves: list[str] = field(default_factory=list)  # aliases someone moved without the pipeline
 
 
 def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
@@ -446,6 +447,10 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         print(f"register: pipeline run {cfg.run_id} is already version {version}; completing it", file=sys.stderr)
     else:
         version, mlflow_run_id = _new_version(tracker, cfg, inputs)
+    # Before promoting: an alias moved outside the pipeline is reported (and alerted), not adopted in silence.
+    outside = [str(move) for move in registry.outside_moves(tracker, cfg.model_name)]
+    for move in outside:
+        print(f"register: WARNING {cfg.model_name}: {move}", file=sys.stderr)
     _complete(tracker, cfg, version, evaluated)
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
     aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
@@ -472,4 +477,5 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         model_uri=f"models:/{cfg.model_name}/{version}",
         base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()},
         slices=evaluated.get("slices") or {},
+        outside_moves=outside,
     )

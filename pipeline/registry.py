@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.config import CHAMPION, PREVIOUS_CHAMPION
+from pipeline.config import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
 from pipeline.errors import ConfigError, ModelError, PipelineError, TransientError
 
 LOCK_TTL_S = 60.0  # a lease seen unrenewed for this long is presumed dead (its holder renews every TTL/4)
@@ -548,3 +548,99 @@ def attempt(
         previous_version=current_version or "",
         audit_run_id=audit_run_id,
     )
+
+
+# --- alias moves made outside the pipeline ------------------------------------------------------
+
+CHECKED_TAG = "finetune.aliases.checked_at"  # registered-model tag: when the aliases last matched the audit
+
+
+@dataclass(frozen=True)
+class OutsideMove:
+    """An alias that is not where the pipeline's audit records left it: someone moved (or
+    deleted) it in MLflow's UI or API without the pipeline, between ``since`` and ``noticed``."""
+
+    alias: str
+    version: str  # where it points now; "" when deleted
+    expected: list[str]  # where the audit records leave it ("" for no alias)
+    record: str  # the audit record it was compared with
+    since: str
+    noticed: str
+
+    def __str__(self) -> str:
+        now = f"version {self.version}" if self.version else "deleted"
+        wanted = " or ".join(f"version {v}" if v else "absent" for v in self.expected)
+        return (
+            f"{self.alias} is {now}, but the pipeline's audit leaves it {wanted} ({self.record}): moved outside "
+            f"the pipeline (MLflow's UI or API) between {self.since} and {self.noticed}"
+        )
+
+
+def _audit_records(tracker: Any, model_name: str) -> list[dict[str, str]]:
+    """The promotion audit records of ``model_name`` that say where an alias is: promoted,
+    unchanged (found it there, under the lock: how a move made outside is adopted) or promoting
+    (in flight or died midway), newest first, with their audit run id."""
+    experiment = tracker.get_experiment_by_name(f"{model_name}-promotions")
+    if experiment is None:
+        return []
+    records, token = [], None
+    while True:  # every page: a registry promoted for years has many records
+        page = tracker.search_runs(
+            [experiment.experiment_id],
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            tags = {k.removeprefix("promotion."): v for k, v in run.data.tags.items() if k.startswith("promotion.")}
+            if tags.get("outcome") in ("promoted", "promoting", "unchanged"):
+                records.append({**tags, "run_id": run.info.run_id})
+        token = page.token
+        if not token:
+            return records
+
+
+def _expected(records: list[dict[str, str]], alias: str) -> tuple[list[str], dict[str, str] | None]:
+    """Where the newest record that moved ``alias`` leaves it (both ends while that record is
+    still promoting), and that record; ``previous_champion`` follows the champion's moves."""
+    if alias == PREVIOUS_CHAMPION:  # moved only with the champion: "unchanged" leaves it where it was
+        newest = next((r for r in records if r.get("alias") == CHAMPION and r.get("outcome") != "unchanged"), None)
+    else:
+        newest = next((r for r in records if r.get("alias") == alias), None)
+    if newest is None:
+        return [""], None
+    if alias == PREVIOUS_CHAMPION:
+        if newest.get("outcome") == "promoting":  # in flight: either, or whatever it was before
+            return [], newest
+        return [newest.get("previous_version", "")], newest
+    if newest.get("outcome") == "promoting":
+        return [newest.get("version", ""), newest.get("previous_version", "")], newest
+    return [newest.get("version", "")], newest
+
+
+def outside_moves(tracker: Any, model_name: str, clock: Clock = SYSTEM_CLOCK) -> list[OutsideMove]:
+    """Each alias of ``model_name`` (but ``challenger``, which register moves to each new version
+    unaudited) that is not where the pipeline's promotion audit leaves it. With none, the
+    registered model is tagged ``finetune.aliases.checked_at``, which bounds the next finding's window."""
+    model = tracker.get_registered_model(model_name)
+    current = {alias: str(version) for alias, version in model.aliases.items()}
+    records = _audit_records(tracker, model_name)
+    audited = {r.get("alias", "") for r in records} | ({PREVIOUS_CHAMPION} if records else set())
+    noticed = clock.stamp()
+    moves = []
+    for alias in sorted((set(current) | audited | {CHAMPION}) - {CHALLENGER, ""}):
+        expected, record = _expected(records, alias)
+        if not expected or current.get(alias, "") in expected:
+            continue
+        at = record.get("at", "") if record else ""
+        checked = model.tags.get(CHECKED_TAG, "")
+        since = max(at, checked) or "the registered model's creation"
+        described = (
+            f"{record.get('outcome')} by {record.get('requested_by', 'unknown')} at {at}, audit run {record['run_id']}"
+            if record
+            else "no audit record: the pipeline never moved it"
+        )
+        moves.append(OutsideMove(alias, current.get(alias, ""), expected, described, since, noticed))
+    if not moves:
+        tracker.set_registered_model_tag(model_name, CHECKED_TAG, noticed)
+    return moves

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import collect, evaluate, k8s, promote, register, storage, train, validate
+from pipeline import aliases, collect, evaluate, k8s, promote, register, storage, train, validate
 from pipeline.config import (
     PipelineConfig,
     check_model_name,
@@ -114,6 +114,13 @@ STEPS: dict[str, Step] = {
             requested_by_key="promote.requested_by",
             memory="1Gi",
         ),
+        Step(
+            "aliases",
+            aliases.run,
+            "Check each registry alias against the promotion audit; a move made outside the pipeline fails.",
+            "aliases",
+            memory="1Gi",
+        ),
     )
 }
 
@@ -183,6 +190,7 @@ DAG_PARAMS: dict[str, dict[str, str]] = {
         "reason": "promote.reason",
         "force": "promote.force",
     },
+    "aliases": {"model_name": "model_name"},
 }
 
 

@@ -197,7 +197,7 @@ class K8sConfig:
         check_step_resources(self.resources, self.max_gpus_per_node)
 
 
-STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote")
+STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote", "aliases")
 RESOURCE_KEYS = ("cpu", "memory", "gpus", "node_selector", "tolerations")
 
 
@@ -288,6 +288,9 @@ class TimeoutsConfig:
         "promote.lock_wait_s for the registry lock).",
         minimum=10,
         maximum=7 * 86400,
+    )
+    aliases: int = option(
+        300, "Seconds one attempt of aliases (the check of the registry's aliases) may run.", minimum=10, maximum=86400
     )
     kill_grace_s: int = option(
         30,

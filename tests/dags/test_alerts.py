@@ -63,6 +63,39 @@ def test_an_unreachable_webhook_does_not_change_the_outcome(dag, airflow_db, mon
     assert run.state == "failed"
 
 
+def test_an_alias_moved_outside_the_pipeline_fails_the_aliases_dag_and_its_alert_names_it(
+    dagbag, airflow_db, monkeypatch
+):
+    """The scheduled `aliases` DAG: champion moved in MLflow's API (as its UI does) without the
+    pipeline -> the task fails at once, its alert naming the alias, both versions and the window;
+    once the move is adopted through promote (audited) the check passes."""
+    from pipeline import promote
+    from pipeline.config import load_config
+    from pipeline.tracking import client
+    from tests.helpers import MODEL_NAME, register_version
+
+    tracker = client()
+    v1, v2 = register_version(tracker, 0.80), register_version(tracker, 0.90)
+    promote.run(load_config(None, ["run_id=p1", f"promote.version={v1}", "promote.requested_by=ana"]))
+    tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)  # what MLflow's UI does, unaudited
+    with webhook_receiver() as receiver:
+        monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(receiver.url))
+        run = dagbag.dags["aliases"].test(run_conf={"model_name": MODEL_NAME})
+    assert run.state == "failed"
+    [task] = run.get_task_instances()
+    assert task.try_number == 1  # a finding, not retried
+    [message] = receiver.messages
+    text = message["text"]
+    assert "task `aliases` of DAG `aliases` failed" in text
+    moved = f"{MODEL_NAME}: 1 alias(es) moved outside the pipeline: champion is version {v2}, but the pipeline's "
+    assert moved + f"audit leaves it version {v1} (promoted by ana at " in text
+    assert "moved outside the pipeline (MLflow's UI or API) between " in text and "(exit code 3)" in text
+    assert str(tracker.get_registered_model(MODEL_NAME).aliases["champion"]) == v2  # the check moves nothing
+    adopt = ["run_id=p2", f"promote.version={v2}", "promote.requested_by=ana", "promote.force=true"]
+    promote.run(load_config(None, [*adopt, "promote.reason=adopting the UI move"]))
+    assert dagbag.dags["aliases"].test(run_conf={"model_name": MODEL_NAME}).state == "success"
+
+
 class FinishedTask:
     """What the success callback reads of a finished task instance: ids, log link, its result."""
 
@@ -81,6 +114,18 @@ class FinishedTask:
     [
         ("register", {"model_name": "m", "version": "4", "promoted": True, "reason": "beats v3", "metrics": {}}, True),
         ("register", {"model_name": "m", "version": "4", "promoted": False, "reason": "worse", "metrics": {}}, False),
+        (
+            "register",
+            {
+                "model_name": "m",
+                "version": "4",
+                "promoted": False,
+                "reason": "worse",
+                "metrics": {},
+                "outside_moves": ["champion is version 3, but the pipeline's audit leaves it version 2 (...)"],
+            },
+            "moved outside the pipeline: m champion is version 3",
+        ),
         (
             "promote",
             {
@@ -113,7 +158,10 @@ def test_a_new_champion_is_announced_and_nothing_else(dagbag, monkeypatch, task_
     with webhook_receiver() as receiver:
         monkeypatch.setenv("AIRFLOW_CONN_FINETUNE_ALERTS", connection(receiver.url))
         finetune_alerts.ON_PROMOTION({"ti": FinishedTask(task_id, result)})
-    if announced:
+    if isinstance(announced, str):  # not promoted, but an alias moved outside the pipeline
+        [message] = receiver.messages
+        assert announced in message["text"] and "is the new champion" not in message["text"]
+    elif announced:
         [message] = receiver.messages
         assert f"m version {result['version']} is the new champion" in message["text"]
         assert f"/tasks/{task_id}" in message["text"]
@@ -124,7 +172,7 @@ def test_a_new_champion_is_announced_and_nothing_else(dagbag, monkeypatch, task_
 def test_register_and_promote_tasks_announce_promotions_and_every_task_alerts_on_failure(dagbag):
     import finetune_alerts
 
-    for dag_id in ("finetune", "collect", "promote"):
+    for dag_id in ("finetune", "collect", "promote", "aliases"):
         for task in dagbag.dags[dag_id].tasks:
             assert finetune_alerts.ON_FAILURE in task.on_failure_callback, (dag_id, task.task_id)
             promoting = task.task_id in ("register", "promote")

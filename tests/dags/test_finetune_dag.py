@@ -119,7 +119,7 @@ def test_parsing_imports_nothing_heavy(dag_file):
 
 
 def test_the_shared_task_module_is_not_parsed_as_a_dag_file(dagbag):
-    assert set(dagbag.dag_ids) == {"finetune", "collect", "promote"}
+    assert set(dagbag.dag_ids) == {"finetune", "collect", "promote", "aliases"}
     assert not any(path.endswith("finetune_tasks.py") for path in dagbag.file_last_changed)
 
 

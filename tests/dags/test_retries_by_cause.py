@@ -233,8 +233,8 @@ def test_bad_input_raised_by_the_task_itself_fails_at_once_and_airflows_own_erro
     assert decision.reason == "exit code 137, out of memory: not retried: step 'x' ran out"
 
 
-def test_every_task_of_the_three_dags_carries_the_retry_table(dagbag):
-    for dag_id in ("collect", "finetune", "promote"):
+def test_every_task_of_every_dag_carries_the_retry_table(dagbag):
+    for dag_id in ("collect", "finetune", "promote", "aliases"):
         for task in dagbag.dags[dag_id].tasks:
             assert task.retry_policy is load_dag_module().RETRY_TABLE, (dag_id, task.task_id)
             assert task.retries == 2  # the policy decides which failures use them, not how many

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pipeline import promote
+from pipeline import aliases as aliases_step
+from pipeline import promote, registry
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tracking import client
@@ -50,6 +51,27 @@ def test_promote_refuse_and_roll_back_with_an_audit_per_attempt():
     assert forced.data.tags["promotion.requested_by"] == "ana" and forced.data.tags["promotion.at"]
     assert json.loads(tracker.get_model_version(MODEL_NAME, v1).tags["finetune.promoted_to.champion"])["forced"]
     assert lock_is_free(tracker)
+
+    # Every move above went through the pipeline: the aliases match its audit.
+    assert registry.outside_moves(tracker, MODEL_NAME) == []
+    checked = tracker.get_registered_model(MODEL_NAME).tags[registry.CHECKED_TAG]
+    # MLflow's UI or API moves champion and deletes previous_champion, without the pipeline: both noticed.
+    tracker.set_registered_model_alias(MODEL_NAME, "champion", v3)
+    tracker.delete_registered_model_alias(MODEL_NAME, "previous_champion")
+    moves = {move.alias: move for move in registry.outside_moves(tracker, MODEL_NAME)}
+    assert set(moves) == {"champion", "previous_champion"}
+    assert (moves["champion"].version, moves["champion"].expected) == (v3, [v1])
+    assert str(moves["champion"]).startswith(
+        f"champion is version {v3}, but the pipeline's audit leaves it version {v1}"
+    )
+    assert f"promoted by ana at {forced.data.tags['promotion.at']}" in str(moves["champion"])
+    assert moves["champion"].since == checked and moves["champion"].noticed > checked  # the window it moved in
+    assert str(moves["previous_champion"]).startswith(
+        f"previous_champion is deleted, but the pipeline's audit leaves it version {v2}"
+    )
+    with pytest.raises(aliases_step.AliasesMovedOutside, match="2 alias") as found:
+        aliases_step.run(load_config(None, ["run_id=check"]))
+    assert found.value.exit_code == 3
 
 
 def test_a_version_that_failed_its_gate_needs_force():

@@ -53,9 +53,15 @@ def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsy
     # a second one from v1's 1.0 on another split.
     third = register.run(_inputs(tmp_path, classifier_dir, "r3", True, 0.9, champion="1", champion_accuracy=0.85))
     assert aliases(client()) == {"champion": "3", "challenger": "3", "previous_champion": "1"}
+    assert first.outside_moves == second.outside_moves == third.outside_moves == []
+    # Someone points previous_champion elsewhere in MLflow's UI: the next register reports it.
+    client().set_registered_model_alias("support-intents", "previous_champion", "2")
     # Evaluated against v1, but v3 is champion by now: register must not guess, v4 stays challenger.
     fourth = register.run(_inputs(tmp_path, classifier_dir, "r4", True, 0.95, champion="1", champion_accuracy=0.8))
-    assert not fourth.promoted and aliases(client()) == {"champion": "3", "challenger": "4", "previous_champion": "1"}
+    assert not fourth.promoted and aliases(client()) == {"champion": "3", "challenger": "4", "previous_champion": "2"}
+    [moved] = fourth.outside_moves
+    assert moved.startswith("previous_champion is version 2, but the pipeline's audit leaves it version 1 (promoted")
+    assert f"register: WARNING support-intents: {moved}" in capsys.readouterr().err
     (refusal,) = [r for r in promotion_audit(client()) if r.data.tags["promotion.version"] == "4"]
     assert refusal.data.tags["promotion.outcome"] == "refused"
     assert (
