@@ -4,7 +4,8 @@
 # mirroring). Installs from the same constraints.txt as `make install`; holds no credentials.
 
 # DeepSpeed with its CPU ops compiled into the package (shared-memory collectives, CPU Adam), so a
-# pod neither needs a compiler nor builds an op while it starts (pipeline/train/ops.py).
+# pod neither needs a compiler nor builds an op while it starts (pipeline/train/ops.py). --no-binary:
+# built from the sdist, never a prebuilt wheel without the ops; the check fails the build otherwise.
 FROM python:3.11.11-slim-bookworm AS deepspeed-ops
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
@@ -15,7 +16,9 @@ COPY constraints.txt ./
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install -c constraints.txt ninja packaging py-cpuinfo psutil numpy setuptools wheel \
  && DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
-    pip wheel --no-build-isolation --no-deps -c constraints.txt -w /wheels deepspeed
+    pip wheel --no-build-isolation --no-deps --no-binary deepspeed -c constraints.txt -w /wheels deepspeed \
+ && python -c "import glob, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/deepspeed-*.whl')[0]).namelist(); \
+assert any(n.startswith('deepspeed/ops/adam/cpu_adam_op') for n in names), 'no cpu_adam op in the wheel'"
 
 FROM python:3.11.11-slim-bookworm
 
