@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import chat, dagrun, distributed, models, steps, storage, tracking
-from pipeline.config import SECTIONS, PipelineConfig, file_overrides, finetune_home, load_config
+from pipeline.config import SECTIONS, PipelineConfig, add_settings_arguments, file_overrides, finetune_home, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fields import describe
 
@@ -39,6 +39,8 @@ COMMANDS = {
     "config": "Print the effective configuration (defaults < --config < --set) as YAML.",
     "demo-model": "Build the demo causal LM (no hub needed) that `make demo-llm` fine-tunes; print its directory.",
 }
+CONFIG_HELP = "YAML config file (sections per step)"
+SET_HELP = "override a config key, e.g. train.epochs=2 (repeatable)"
 DEMO_TEXTS = ("pkg://pipeline/data/support_instructions.jsonl", "pkg://pipeline/data/support_intents.jsonl")
 
 
@@ -71,15 +73,7 @@ def _step_parser(step: str) -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (sections per step)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.epochs=2 (repeatable)",
-    )
+    add_settings_arguments(parser, CONFIG_HELP, SET_HELP)
     parser.add_argument("--result-file", help="also write the result JSON here")
     return parser
 
@@ -145,14 +139,10 @@ def render_main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="finetune render", description=COMMANDS["render"])
     parser.add_argument("--step", required=True, choices=list(steps.STEPS))
     parser.add_argument("--launcher", required=True, help=f"one of {[n for n in steps.LAUNCHERS if n != 'local']}")
-    parser.add_argument("--config", help="YAML config file (sections per step, and k8s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. k8s.num_nodes=4 (repeatable)",
+    add_settings_arguments(
+        parser,
+        "YAML config file (sections per step, and k8s)",
+        "override a config key, e.g. k8s.num_nodes=4 (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
@@ -173,15 +163,7 @@ def config_main(argv: Sequence[str] | None) -> int:
         epilog=f"shared settings:\n{settings_help('')}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML config file (sections per step)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.epochs=2 (repeatable)",
-    )
+    add_settings_arguments(parser, CONFIG_HELP, SET_HELP)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

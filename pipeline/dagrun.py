@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import steps, storage
-from pipeline.config import finetune_home, safe_run_id
+from pipeline.config import add_settings_arguments, finetune_home, safe_run_id
 from pipeline.errors import PipelineError
 from pipeline.steps import PIPELINE, RESULT_FILE, step_error
 
@@ -110,14 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="data source URI (repeatable): only under the config's collect.allowed_sources",
     )
-    parser.add_argument("--config", help="the deployment's YAML config file (FINETUNE_CONFIG for this run): any key")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a trigger's override: only keys the config's trigger_keys allow",
+    add_settings_arguments(
+        parser,
+        "the deployment's YAML config file (FINETUNE_CONFIG for this run): any key",
+        "a trigger's override: only keys the config's trigger_keys allow",
     )
     parser.add_argument(
         "--no-promote",

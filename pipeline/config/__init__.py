@@ -70,6 +70,7 @@ __all__ = [
     "TASK_DEFAULTS",
     "TASKS",
     "PipelineConfig",
+    "add_settings_arguments",
     "build_config",
     "default_artifact_root",
     "file_overrides",
@@ -293,6 +294,13 @@ def file_overrides(path: str | os.PathLike) -> list[str]:
     """A YAML config file as ``key=value`` overrides, e.g. to travel as a DAG run's Params."""
     load_config(path)  # validates keys and values, naming the file
     return [f"{key}={json.dumps(value)}" for key, value in _read_yaml(path)]
+
+
+def add_settings_arguments(parser: Any, config_help: str, set_help: str) -> None:
+    """The ``--config FILE`` and repeatable ``--set KEY=VALUE`` (into ``overrides``) every
+    ``finetune`` command that takes settings has (an ``argparse.ArgumentParser``)."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
