@@ -281,3 +281,42 @@ def _gathered(weight: Any) -> Any:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+
+
+def check_weights(model_dir: Path, what: str = "trained model") -> None:
+    """Refuse (exit 2) a published model or LoRA adapter that would register as a broken model:
+    a tensor with no elements (what ZeRO-3 + LoRA saving writes from an ungathered partition:
+    TRL #4416, PEFT #2892), a NaN or infinite value (a diverged run), or an adapter whose every
+    ``lora_B @ lora_A`` is zero, so it changes no weight and no logit (an untrained adapter: PEFT
+    initialises B to zero). Each tensor of each ``*.safetensors`` file is read once, one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{what} {model_dir}: no *.safetensors weights to register")
+    lora: dict[str, Any] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_tensor(name)
+                where = f"{what}: tensor {name} of {file.name}"
+                if tensor.numel() == 0:
+                    raise ModelError(
+                        f"{where} is empty (shape {list(tensor.shape)}): saved from an ungathered ZeRO-3 partition "
+                        "(train.zero_stage=3 with LoRA); nothing registered"
+                    )
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ModelError(
+                        f"{where} has {bad} NaN or infinite values of {tensor.numel()}: training diverged (lower "
+                        "train.learning_rate, or use bf16/fp32 precision); nothing registered"
+                    )
+                if ".lora_A." in name or ".lora_B." in name:
+                    lora[name] = tensor
+    pairs = [(name, name.replace(".lora_B.", ".lora_A.")) for name in lora if ".lora_B." in name]
+    if pairs and not any(a in lora and bool((lora[b].float() @ lora[a].float()).abs().max() > 0) for b, a in pairs):
+        raise ModelError(
+            f"{what}: the LoRA adapter changes nothing: lora_B @ lora_A is zero in all {len(pairs)} adapted modules "
+            "(an untrained adapter: no optimizer step reached it, or its updates were lost); nothing registered"
+        )

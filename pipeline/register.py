@@ -31,7 +31,7 @@ from typing import Any
 from pipeline import drift, registry, storage, tracking
 from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig, is_challenge
 from pipeline.errors import ConfigError, DataError
-from pipeline.models import load_causal_lm, load_trained_lm, resolve_model
+from pipeline.models import check_weights, load_causal_lm, load_trained_lm, resolve_model
 
 DRIFT_PICTURE = "register/drift.png"  # drawn here from validate's drift.json, beside evaluate's pictures
 SAMPLE_ROWS, SAMPLE_CHARS = 5, 120  # a causal LM's sample answers in the model card: rows, characters a cell
@@ -326,6 +326,7 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
 
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
         path = resolve_model(model_uri, Path(tmp), what="trained model", published=True)
+        check_weights(Path(path), f"trained model {model_uri}")  # before anything is logged or registered
         if cfg.task == "causal-lm":
             flavor = _chat_model(cfg, path, Path(tmp))
         else:

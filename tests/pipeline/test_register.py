@@ -1,12 +1,13 @@
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline import register, storage, tracking
 from pipeline.config import load_config
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ModelError
 from pipeline.tracking import client
 from tests.helpers import aliases, promotion_audit
 
@@ -217,3 +218,58 @@ def test_the_model_card_shows_the_gate_metric_per_language_beside_the_champion()
     )
     assert "### By language of the eval rows (accuracy)" in card
     assert "| zh | 171 | 0.8000 | 0.7600 |" in card and "| latin | 171 | 1.0000 | - |" in card
+
+
+def _damaged(classifier_dir, into, damage):
+    """A copy of the published classifier with one tensor of its weights damaged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(classifier_dir, into)
+    weights = load_file(into / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = damage(weights[name])
+    save_file(weights, into / "model.safetensors", metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.new_empty(0), "is empty (shape [0]): saved from an ungathered ZeRO-3 partition"),
+        (lambda t: t.clone().fill_(float("nan")), "has 32 NaN or infinite values of 32: training diverged"),
+    ],
+    ids=["zero3-empty", "nan"],
+)
+def test_a_model_with_an_empty_or_non_finite_tensor_is_refused_and_nothing_registered(
+    tmp_path, classifier_dir, damage, message
+):
+    register.run(_inputs(tmp_path, classifier_dir, "ok", True, 0.8))
+    name = _damaged(classifier_dir, tmp_path / "damaged", damage)
+    with pytest.raises(ModelError, match=re.escape(f"tensor {name} of model.safetensors {message}")) as refused:
+        register.run(_inputs(tmp_path, tmp_path / "damaged", "bad", True, 0.99))
+    assert refused.value.exit_code == 2
+    assert len(client().search_model_versions("name='support-intents'")) == 1
+    assert aliases(client()) == {"champion": "1", "challenger": "1"}
+
+
+def test_a_lora_adapter_that_changes_nothing_is_refused_and_a_trained_one_passes(tmp_path, tiny_lm_dir):
+    """PEFT initialises lora_B to zero: an adapter no optimizer step reached is a no-op, and
+    registering it would serve the base model under the fine-tune's name."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import check_weights
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    model.save_pretrained(tmp_path / "untrained")
+    with pytest.raises(ModelError, match=r"the LoRA adapter changes nothing: lora_B @ lora_A is zero in all \d+"):
+        check_weights(tmp_path / "untrained")
+    with torch.no_grad():  # one module's B moved, as one optimizer step would
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
+    model.save_pretrained(tmp_path / "trained")
+    check_weights(tmp_path / "trained")
