@@ -72,3 +72,57 @@ def test_padding_is_a_block_of_its_own_and_never_a_target(lm):
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]] and "attention_mask" not in batch
     assert batch["use_cache"] is False  # with a cache transformers would not build the packed mask
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+
+
+# A second template family beside the shipped ChatML (train.chat_template accepts Jinja text).
+ZEPHYR = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, end_of_turn", [(chat.CHATML, "<|im_end|>\n"), (ZEPHYR, "</s>\n")], ids=["chatml", "zephyr"]
+)
+def test_packed_labels_are_each_conversations_assistant_tokens_and_nothing_else(lm, template, end_of_turn):
+    """Several multi-turn conversations (with and without a system turn) packed into rows with
+    padding: each packed example carries exactly its unpacked labels but the first (never
+    predicted from the previous example), the learned tokens decode to its assistant turns and their
+    end-of-turn marker only, and no padding token or token across a boundary is a target."""
+    _, tokenizer = lm
+    conversations = [
+        [
+            *([{"role": "system", "content": f"Be brief, agent {i}."}] if i % 2 else []),
+            {"role": "user", "content": f"where is parcel {i}?"},
+            {"role": "assistant", "content": f"Parcel {i} ships today."},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": f"You are welcome ({i})."},
+        ]
+        for i in range(7)
+    ]
+    examples, counts = chat.prepare(tokenizer, conversations, template, 512, "truncate")
+    assert counts["kept"] == 7
+    width = 2 * max(len(e["input_ids"]) for e in examples) + 3
+    packed = chat.pack(examples, width)
+    batch = chat.PackedCollator(tokenizer.pad_token_id)(packed)
+    assert len(packed) > 1 and (batch["input_ids"] == tokenizer.pad_token_id).any()  # several rows, padding
+    ids, labels, positions = (batch[k].tolist() for k in ("input_ids", "labels", "position_ids"))
+    found = []
+    for row in range(len(packed)):
+        starts = [i for i, p in enumerate(positions[row]) if p == 0] + [len(positions[row])]
+        for begin, end in zip(starts, starts[1:]):
+            found.append((ids[row][begin:end], labels[row][begin:end]))
+    by_ids = {tuple(e["input_ids"]): e for e in examples}
+    seen = 0
+    for segment_ids, segment_labels in found:
+        example = by_ids.get(tuple(segment_ids))
+        if example is None:  # the padding block
+            assert set(segment_ids) == {tokenizer.pad_token_id} and set(segment_labels) == {chat.IGNORE}
+            continue
+        seen += 1
+        assert segment_labels == [chat.IGNORE, *example["labels"][1:]]  # the unpacked mask, boundary ignored
+        messages = conversations[example["example_id"]]
+        learned = tokenizer.decode([t for t, label in zip(segment_ids, segment_labels) if label != chat.IGNORE])
+        expected = "".join(m["content"] + end_of_turn for m in messages if m["role"] == "assistant")
+        assert learned == expected
+    assert seen == 7
