@@ -145,6 +145,49 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: st
     return full, spans
 
 
+def stop_ids(tokenizer: Any, model_dir: str | None = None) -> set[int]:
+    """The token ids generation stops at: the tokenizer's EOS and the ``eos_token_id`` of the
+    model's ``generation_config.json`` (or ``config.json``) in ``model_dir``."""
+    import json
+    from pathlib import Path
+
+    ids = {tokenizer.eos_token_id}
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_dir) / name if model_dir else None
+        if file is not None and file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids |= set(value if isinstance(value, list) else [value])
+            break
+    ids.discard(None)
+    return ids
+
+
+def turn_end(tokenizer: Any, template: str) -> tuple[str, list[int]]:
+    """What the template renders after an assistant turn's content (its end-of-turn marker), as
+    text and token ids: what a model trained on it learns to produce last."""
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"}]
+    text, spans = assistant_spans(tokenizer, probe, template)
+    begin, end = spans[0]
+    closing = text[begin:end]
+    marker = closing[closing.index("fine") + len("fine") :]
+    return marker, list(tokenizer(closing, add_special_tokens=False)["input_ids"])
+
+
+def use_eos_token(tokenizer: Any, model: Any | None, token: str) -> int:
+    """Make ``token`` (train.eos_token, TRL's ``SFTConfig.eos_token``) the tokenizer's EOS and one
+    of the model's ``generation_config.eos_token_id``, so generation stops where training ends a
+    turn; its id. A token the vocabulary lacks is refused."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+        raise ValueError(f"train.eos_token {token!r} is not a single token of the tokenizer's vocabulary")
+    tokenizer.eos_token = token
+    if model is not None:
+        config = model.generation_config
+        current = config.eos_token_id
+        config.eos_token_id = sorted({*(current if isinstance(current, list) else [current]), token_id} - {None})
+    return int(token_id)
+
+
 def encode(
     tokenizer: Any, messages: list[dict[str, str]], template: str, train_on_inputs: bool = False
 ) -> tuple[list[int], list[int]]:

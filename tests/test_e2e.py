@@ -194,6 +194,8 @@ def test_causal_lm_run_registers_a_chat_model_better_than_its_base(causal_lm_run
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["aliases"] == ["challenger", "champion"]
     assert summary["metrics"]["perplexity"] < summary["base_metrics"]["perplexity"]
+    # Of evaluate.generate_rows=4 greedy answers, the share that ended with a stop token: both models.
+    assert {summary["metrics"]["stop_rate"] * 4, summary["base_metrics"]["stop_rate"] * 4} <= {0.0, 1.0, 2.0, 3.0, 4.0}
     version = client().get_model_version_by_alias("support-chat", "champion")
     run = client().get_run(version.run_id)
     assert run.data.metrics["eval_perplexity"] == pytest.approx(summary["metrics"]["perplexity"])

@@ -18,7 +18,7 @@ from pipeline.fields import check_fields, option
 # Each task family's metrics, the first its default gate metric, and each metric's direction.
 TASK_METRICS = {
     "sequence-classification": ("accuracy", "macro_f1"),
-    "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l"),
+    "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate"),
 }
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
 LOWER_IS_BETTER = ("perplexity", "eval_loss")

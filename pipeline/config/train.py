@@ -91,6 +91,12 @@ class TrainConfig:
         "truncate", "causal-lm: conversations longer than max_seq_len are truncated or dropped.", choices=OVERLONG
     )
     packing: bool = option(False, "causal-lm: pack several conversations into each max_seq_len sequence.")
+    eos_token: str = option(
+        "",
+        "causal-lm: the token that ends an assistant turn, made the tokenizer's EOS and added to the generation "
+        "config's eos_token_id (TRL's SFTConfig.eos_token); validate refuses a template whose turns end with "
+        "no stop token.",
+    )
     train_on_inputs: bool = option(
         False,
         "causal-lm: the loss covers the prompt (system and user turns, template tokens) too, not only the "

@@ -19,7 +19,9 @@ from pipeline.evaluate.scored import Scored, print_metrics
 from pipeline.models import extend_like, load_causal_lm, load_trained_lm, resolve_model
 from pipeline.text import language_of
 
-GENERATION_METRICS = ("exact_match", "rouge_l")  # of greedy answers; the others are of the loss
+# Of greedy answers; the others are of the loss. stop_rate: the share of answers that ended with a
+# stop token before evaluate.max_new_tokens (a model that never stops scores 0).
+GENERATION_METRICS = ("exact_match", "rouge_l", "stop_rate")
 
 
 def generate(
@@ -48,6 +50,7 @@ def generate(
             )
         new = out[0, ids.shape[1] :].tolist()
         cut = next((i for i, token in enumerate(new) if token in stop), len(new))
+        stopped = cut < len(new)
         output = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
         reference = messages[last]["content"]
         samples.append(
@@ -57,6 +60,7 @@ def generate(
                 "output": output,
                 "exact_match": chat.exact_match(reference, output),
                 "rouge_l": chat.rouge_l(reference, output),
+                "stopped": stopped,
             }
         )
     return samples
@@ -84,6 +88,7 @@ def score_lm(
         samples = generate(model, tokenizer, chat.conversations(frame, "eval"), template, cfg)
         metrics["exact_match"] = sum(s["exact_match"] for s in samples) / len(samples)
         metrics["rouge_l"] = sum(s["rouge_l"] for s in samples) / len(samples)
+        metrics["stop_rate"] = sum(s["stopped"] for s in samples) / len(samples)
     return metrics, samples
 
 
@@ -122,7 +127,7 @@ def evaluate_lm(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
     # training used): what fine-tuning bought, and the bar a first champion must clear. Its answers
     # are generated only when the gate is on them (exact_match, rouge_l). A LoRA model holds its
     # base: switch the adapter off.
-    answers = own.gate(cfg.task)[0] in GENERATION_METRICS
+    answers = bool(own.generate_rows)  # the base model's stop_rate beside the fine-tune's, always
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             base_metrics, _ = score_lm(cfg, model, tokenizer, frame, generate_samples=answers, encoded=encoded)

@@ -148,6 +148,11 @@ def causal_lm_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwarg
 
     own = cfg.train
     tokenizer = lm_tokenizer(model_dir, f"base_model '{cfg.base_model}'")
+    if own.eos_token:  # the saved tokenizer's EOS: generation stops where training ends a turn
+        try:
+            chat.use_eos_token(tokenizer, None, own.eos_token)
+        except ValueError as exc:
+            raise ConfigError(f"base_model '{cfg.base_model}': {exc}") from exc
     # Before encoding: the conversations are tokenized with the new tokens.
     added = _extend_vocab(
         own, tokenizer, (m["content"] for messages in chat.conversations(frame, "train") for m in messages)
@@ -201,6 +206,8 @@ def _causal_lm_model(
         raise ModelError(f"base_model '{cfg.base_model}'{with_kwargs}: cannot load: {exc}") from exc
     if added:
         extend_embeddings(model, list(added.values()))
+    if own.eos_token:  # a stop token of the saved generation config
+        chat.use_eos_token(tokenizer, model, own.eos_token)
     if not own.lora_r:
         return model
     from peft import LoraConfig, get_peft_model

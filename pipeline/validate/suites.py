@@ -6,6 +6,7 @@ the derived columns they read, ready for :func:`pipeline.validate.checks.run_sui
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,9 +128,41 @@ def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[s
         template = chat.chat_template(tokenizer, cfg.train.chat_template)
     except ValueError as exc:
         raise ConfigError(f"train.chat_template: {exc}") from exc
+    check_turns_stop(cfg, tokenizer, template)
     derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train, cfg.seed)
     summary = {"token_count": token_note, "training_drops": drop_counts(derived, cfg.train.max_seq_len)}
     return Suite("chat", derived, chat_expectations(gx, cfg.validate), parsed, summary)
+
+
+def check_turns_stop(cfg: PipelineConfig, tokenizer: Any, template: str) -> None:
+    """Refuse a template whose assistant turns end with no token generation stops at (the
+    tokenizer's EOS, the base model's generation config, train.eos_token): a model trained on it
+    never stops generating (TRL #2059). Bad settings: exit 2, before anything is trained."""
+    try:
+        if cfg.train.eos_token:
+            chat.use_eos_token(tokenizer, None, cfg.train.eos_token)
+        marker, ids = chat.turn_end(tokenizer, template)
+    except ValueError as exc:
+        raise ConfigError(f"train.chat_template / train.eos_token: {exc}") from exc
+    stops = chat.stop_ids(tokenizer, tokenizer.name_or_path)
+    if not stops:  # a base model that names no stop token at all: nothing the template could match
+        print(f"validate: base_model '{cfg.base_model}' names no EOS token; set train.eos_token", file=sys.stderr)
+        return
+    if set(ids) & stops:
+        return
+    names = sorted(str(tokenizer.convert_ids_to_tokens(i)) for i in stops)
+    marker_tokens = [
+        str(t) for t in tokenizer.convert_ids_to_tokens(tokenizer(marker, add_special_tokens=False)["input_ids"])
+    ]
+    special = [t for t in marker_tokens if t in tokenizer.all_special_tokens] or marker_tokens or ["<end-of-turn>"]
+    raise ConfigError(
+        f"train.chat_template ({cfg.train.chat_template or 'the tokenizer' + chr(39) + 's own'}) ends an assistant "
+        f"turn with {marker!r} (tokens {marker_tokens}), which holds none of the tokens generation stops at "
+        f"{names} (base_model '{cfg.base_model}': the tokenizer's EOS and its generation config's eos_token_id): "
+        f"a model trained on it would never stop; set train.eos_token to the end-of-turn token (e.g. "
+        f"{special[0]!r}), which then becomes the saved tokenizer's EOS and a stop token of the saved "
+        "generation config"
+    )
 
 
 SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}

@@ -132,3 +132,19 @@ def test_rouge_l_and_exact_match():
     assert chat.rouge_l("refund approved", "no") == 0.0
     assert chat.exact_match("It ships today.", "it ships  today") == 1.0
     assert chat.exact_match("It ships today.", "It ships tomorrow.") == 0.0
+
+
+def test_train_eos_token_becomes_the_saved_tokenizers_eos_and_a_stop_token_of_the_generation_config(
+    tmp_path, tiny_lm_dir
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    before = model.generation_config.eos_token_id
+    token_id = chat.use_eos_token(tokenizer, model, "<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).eos_token == "<|endoftext|>"
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == sorted({before, token_id})
+    assert chat.stop_ids(AutoTokenizer.from_pretrained(tmp_path), str(tmp_path)) == {before, token_id}

@@ -641,3 +641,30 @@ def test_a_failed_gate_is_printed_once_in_full_after_a_summary_line(tmp_path, ca
     )
     assert detail in failed.value.details and failed.value.returncode == 3
     assert last_line.startswith("step 'validate' failed: 2 check(s) failed: label_present, examples_per_class (in")
+
+
+def test_a_template_whose_turns_end_with_no_stop_token_is_refused_and_train_eos_token_fixes_it(tmp_path, tiny_lm_dir):
+    """The tiny Llama with its EOS set to <|endoftext|> (in the tokenizer and the generation
+    config) while ChatML ends each turn with <|im_end|>: a model trained on it never stops."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = tmp_path / "eos-mismatch"
+    shutil.copytree(tiny_lm_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(model)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(model)
+    uri = _chat_snapshot(tmp_path, _good_chats())
+    chat_cfg = [f"validate.snapshot_uri={json.dumps(uri)}", "task=causal-lm", f"base_model={model}", "model_name=c"]
+    with pytest.raises(ConfigError) as refused:
+        validate.run(load_config(None, [*chat_cfg, "run_id=mismatch"]))
+    message = str(refused.value)
+    assert "ends an assistant turn with '<|im_end|>\\n'" in message and "['<|endoftext|>']" in message
+    assert (
+        refused.value.exit_code == 2 and "set train.eos_token to the end-of-turn token (e.g. '<|im_end|>')" in message
+    )
+    assert validate.run(load_config(None, [*chat_cfg, "run_id=fixed", "train.eos_token=<|im_end|>"])).passed
+    with pytest.raises(ConfigError, match="train.eos_token 'no-such-token' is not a single token"):
+        validate.run(load_config(None, [*chat_cfg, "run_id=bogus", "train.eos_token=no-such-token"]))
