@@ -3,7 +3,8 @@
 #   make demo-llm  the causal-LM loop offline: a small Llama on the shipped support chats
 #   make test   the whole test suite (what CI runs)
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
-#   make down   stop what `make up` started
+#   make down   stop what `make up` (and `make serve`) started
+#   make serve  the champion behind MLflow's scoring server on 127.0.0.1:5001 (POST /invocations)
 #   make bench  the benchmarks behind BENCHMARKS.md (writes bench/results/*.json, then the tables)
 #   make images the four images of docker/ (needs a Docker engine; docs/deploy.md)
 #   make lint   the import layers ([tool.importlinter]), ruff (lint + format check) and mypy over
@@ -25,7 +26,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo demo-llm test test-fast up down bench bench-memory lock lint format clean images
+.PHONY: install demo demo-llm test test-fast up down serve bench bench-memory lock lint format clean images
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,11 @@ test-fast: install $(CHECKOV)
 # the running copy. Ports: make up AIRFLOW_PORT=8081 MLFLOW_PORT=5001 (never 8793/8794: log servers).
 up: install
 	AIRFLOW_PORT=$(AIRFLOW_PORT) MLFLOW_PORT=$(MLFLOW_PORT) $(BIN)/python -m pipeline.services up
+
+# The champion of the config's model_name (or MODEL=...) on 127.0.0.1:$(SERVE_PORT); make down stops it.
+SERVE_PORT ?= 5001
+serve: install
+	SERVE_PORT=$(SERVE_PORT) $(BIN)/python -m pipeline.services serve $(if $(MODEL),--model $(MODEL))
 
 down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m pipeline.services down; else echo "nothing to stop: no $(VENV)"; fi

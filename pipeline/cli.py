@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import chat, dagrun, distributed, models, steps, storage, tracking
+from pipeline import chat, dagrun, distributed, models, services, steps, storage, tracking
 from pipeline.config import SECTIONS, PipelineConfig, add_settings_arguments, file_overrides, finetune_home, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fields import describe
@@ -37,6 +37,7 @@ COMMANDS = {
     "run": "Run the whole finetune DAG through Airflow on this machine.",
     "render": "Print the Kubernetes manifest a step would be submitted as (Pod, PyTorchJob or TrainJob).",
     "config": "Print the effective configuration (defaults < --config < --set) as YAML.",
+    "serve": "Serve the champion with MLflow's scoring server on 127.0.0.1 (SERVE_PORT, 5001); make down stops it.",
     "demo-model": "Build the demo causal LM (no hub needed) that `make demo-llm` fine-tunes; print its directory.",
 }
 CONFIG_HELP = "YAML config file (sections per step)"
@@ -214,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_main(rest)
     if command == "demo-model":
         return demo_model_main(rest)
+    if command == "serve":
+        return services.main(["serve", *rest])
     return step_main(command, rest)
 
 

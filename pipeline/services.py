@@ -331,6 +331,60 @@ def up(home: Path) -> int:
     return 0
 
 
+# --- the champion, served -----------------------------------------------------------------------
+
+SERVE = "serve"
+
+
+def serve(home: Path, model_name: str, alias: str = "champion") -> int:
+    """``finetune serve`` (make serve): MLflow's scoring server (``mlflow models serve``, env
+    manager local) for the version ``alias`` names now, on 127.0.0.1:``SERVE_PORT`` (5001). The
+    alias is resolved once, here: after a promotion or a roll-back, stop and serve again. The
+    served version is printed and kept in ``$FINETUNE_HOME/run/serve.pid``; `make down` stops it."""
+    from pipeline import tracking
+
+    home.mkdir(parents=True, exist_ok=True)
+    record = running(home, SERVE)
+    if record is not None:
+        print(
+            f"serve: already serving {record['model']} version {record['version']} at {record['url']} "
+            f"(pid {record['pid']}); `make down` stops it",
+            file=sys.stderr,
+        )
+        return 0
+    uri = tracking.tracking_uri()
+    try:
+        version = str(tracking.client().get_model_version_by_alias(model_name, alias).version)
+    except Exception as exc:  # no such model or alias
+        raise PipelineError(
+            f"serve: {model_name}@{alias} names no version ({' '.join(str(exc).split())[:200]})"
+        ) from exc
+    port = port_setting("SERVE_PORT", 5001)
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{model_name}/{version}"]
+    command += ["--env-manager", "local", "--host", HOST, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, MARKER: str(home), "FINETUNE_HOME": str(home), "MLFLOW_TRACKING_URI": uri}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"  # it runs `uvicorn` from PATH
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    service = Service(SERVE, port, command, env, "/ping")
+    record = start(home, service)
+    record.update(model=model_name, alias=alias, version=version)
+    pid_file(home, SERVE).write_text(json.dumps(record) + "\n")
+    print(f"serve: {model_name}@{alias} is version {version}; waiting for {service.url}/ping", file=sys.stderr)
+    try:
+        wait_healthy(home, service, record, START_TIMEOUT_S)
+    except PipelineError:
+        stop_service(home, SERVE)
+        raise
+    example = json.dumps({"inputs": ["where is my parcel", "我要退款"]}, ensure_ascii=False)
+    print(
+        f"serving {model_name} version {version} ({alias} when started) at {service.url}\n"
+        f"curl -s {service.url}/invocations -H 'Content-Type: application/json' -d '{example}'\n"
+        f"stop it with `make down`"
+    )
+    return 0
+
+
 def stop_service(home: Path, name: str) -> bool:
     record = running(home, name)
     if record is not None:
@@ -340,7 +394,7 @@ def stop_service(home: Path, name: str) -> bool:
 
 
 def down(home: Path) -> int:
-    for name in ("airflow", "mlflow"):
+    for name in ("airflow", "mlflow", SERVE):
         print(f"{name}: {'stopped' if stop_service(home, name) else 'not running'}", file=sys.stderr)
     for pid in marked_processes(home):  # a child that left its group (none is known to)
         try:
@@ -353,14 +407,24 @@ def down(home: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", SERVE])
+    parser.add_argument("--model", default="", help="serve: the registered model (default: the config's model_name)")
+    parser.add_argument("--alias", default="champion", help="serve: the alias whose version is served")
     args = parser.parse_args(argv)
     home = finetune_home()
     try:
+        if args.action == SERVE:
+            return serve(home, args.model or _default_model_name(), args.alias)
         return up(home) if args.action == "up" else down(home)
     except PipelineError as exc:
         print(f"error: {args.action}: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _default_model_name() -> str:
+    from pipeline.config import load_config
+
+    return load_config(None).model_name
 
 
 if __name__ == "__main__":

@@ -273,3 +273,52 @@ def test_a_lora_adapter_that_changes_nothing_is_refused_and_a_trained_one_passes
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
     model.save_pretrained(tmp_path / "trained")
     check_weights(tmp_path / "trained")
+
+
+def _invocations(port: int, texts: list[str]) -> list[dict]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps({"inputs": texts}, ensure_ascii=False).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["predictions"]
+
+
+def test_the_champion_is_served_and_a_restart_after_a_roll_back_serves_the_previous_one(
+    tmp_path, classifier_dir, monkeypatch, capsys
+):
+    """`finetune serve`: MLflow's scoring server for the version champion names at start, on
+    loopback; English and Chinese utterances get labels and scores; after a roll-back a restarted
+    server serves the previous champion, and `make down` stops it."""
+    from pipeline import promote, services
+    from tests.helpers import free_port
+
+    register.run(_inputs(tmp_path, classifier_dir, "s1", True, 0.8))
+    register.run(_inputs(tmp_path, classifier_dir, "s2", True, 0.9, champion="1", champion_accuracy=0.8))
+    port = free_port()
+    monkeypatch.setenv("SERVE_PORT", str(port))
+    home = Path(os.environ["FINETUNE_HOME"])
+    labels = {"order_status", "password_reset", "refund_request"}  # classifier_dir's head
+    try:
+        assert services.main(["serve"]) == 0
+        assert json.loads(services.pid_file(home, "serve").read_text())["version"] == "2"
+        assert f"serving support-intents version 2 (champion when started) at http://127.0.0.1:{port}" in (
+            capsys.readouterr().out
+        )
+        predictions = _invocations(port, ["where is my parcel", "我要退款", "reset my password please"])
+        assert len(predictions) == 3 and all(p["label"] in labels and 0 < p["score"] <= 1 for p in predictions)
+
+        rollback = ["run_id=rb", "promote.version=previous_champion", "promote.force=true", "promote.reason=v2 bad"]
+        promote.run(load_config(None, rollback))
+        assert services.main(["serve"]) == 0  # still the one started: the alias was resolved at its start
+        assert json.loads(services.pid_file(home, "serve").read_text())["version"] == "2"
+        assert services.main(["down"]) == 0 and not services.pid_file(home, "serve").exists()
+        assert services.main(["serve"]) == 0
+        assert json.loads(services.pid_file(home, "serve").read_text())["version"] == "1"
+        assert len(_invocations(port, ["我的订单在哪里"])) == 1
+    finally:
+        services.main(["down"])
+    assert services.running(home, "serve") is None
