@@ -465,7 +465,9 @@ def test_rbac_is_namespaced_and_least_privilege():
 
 
 def test_mlflow_server_has_auth_on_and_takes_its_stores_from_secrets():
-    (deploy,) = [d for d in manifests_in(ROOT / "k8s") if d["kind"] == "Deployment"]
+    (deploy,) = [
+        d for d in manifests_in(ROOT / "k8s") if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+    ]
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     assert "--app-name=basic-auth" in c["args"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
@@ -479,7 +481,7 @@ def test_mlflow_server_has_auth_on_and_takes_its_stores_from_secrets():
 
 def test_people_reach_mlflows_ui_through_the_ingress_and_the_steps_through_the_service():
     docs = manifests_in(ROOT / "k8s")
-    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
     (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow"]
     (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
     (rule,) = ingress["spec"]["rules"]
@@ -529,7 +531,9 @@ def test_make_images_builds_every_dockerfile_as_the_manifests_and_the_config_nam
             built[words[words.index("-f") + 1]] = words[words.index("-t") + 1]
     assert sorted(built) == sorted(f"docker/{p.name}" for p in (ROOT / "docker").glob("*.Dockerfile"))
     values, k = helm_values(), load_config().k8s
-    (deploy,) = [d for d in manifests_in(ROOT / "k8s") if d["kind"] == "Deployment"]
+    (deploy,) = [
+        d for d in manifests_in(ROOT / "k8s") if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+    ]
     assert built["docker/step-cpu.Dockerfile"] == k.image
     assert built["docker/step-cuda.Dockerfile"] == k.gpu_image
     assert built["docker/airflow.Dockerfile"] == f"{values['defaultAirflowRepository']}:{values['defaultAirflowTag']}"
@@ -645,3 +649,27 @@ def test_k8s_resources_memory_raises_a_steps_pod_memory_and_k8s_memory_is_refuse
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
     with pytest.raises(ConfigError, match="set k8s.resources.train.memory instead"):
         steps.render("train", [*RUN, 'k8s.memory=["train:16Gi"]'], "kubernetes")
+
+
+def test_the_served_champion_runs_the_step_image_ready_on_ping_with_the_tracking_secret_by_name():
+    """k8s/serve.yaml: `mlflow models serve` of the champion in the step image, the way `finetune
+    serve` runs it; ready only once /ping answers (the model loaded); credentials by Secret name."""
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d for d in manifests_in(ROOT / "k8s") if "serve" in d["metadata"]["name"]
+    }
+    deploy = docs[("Deployment", "finetune-serve")]
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == load_config().k8s.image
+    assert c["command"] == ["mlflow"] and c["args"][:3] == [
+        "models",
+        "serve",
+        "--model-uri=models:/support-intents@champion",
+    ]
+    assert "--env-manager=local" in c["args"] and c["readinessProbe"]["httpGet"]["path"] == "/ping"
+    assert c["envFrom"] == [{"secretRef": {"name": load_config().k8s.mlflow_secret}}] and not any(
+        "value" in e and "PASSWORD" in e["name"] for e in c["env"]
+    )
+    service = docs[("Service", "finetune-serve")]
+    assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    # Its label lets it through the policy in front of MLflow, which it reads the model from.
+    assert deploy["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "finetune-pipeline"
