@@ -179,11 +179,35 @@ Report of {_provenance(r)}
 """
 
 
+def serving(r: dict[str, Any]) -> str:
+    s, res, ratios = r["setup"], r["results"], r["ratios"]
+    names = {
+        "served_single": "scoring server, 1 utterance a request",
+        "in_process_single": "pyfunc in-process, 1 utterance (the floor)",
+        "served_batch_32": "scoring server, 32 utterances a request",
+        "in_process_batch_32": "pyfunc in-process, 32 utterances (the floor)",
+    }
+    rows = "\n".join(
+        f"| {names[k]} | {f['p50_ms']:,.1f} | {f['p99_ms']:,.1f} | {f['requests_per_s']:,.1f} | {f['rows_per_s']:,.1f} |"
+        for k, f in res.items()
+    )
+    return f"""{s["model"]}; {s["server"]}, started in {s["start_s"]} s; {s["requests"]} single requests and \
+{s["batches"]} of 32, one at a time, after 5 warm-up calls. Served over in-process p50: \
+{ratios["single_p50_served_over_in_process"]}x single, {ratios["batch_p50_served_over_in_process"]}x batched\
+{"; " + s["load"] if s.get("load") else ""}. {_provenance(r)}
+
+| path | p50 (ms) | p99 (ms) | requests/s | utterances/s |
+|---|---:|---:|---:|---:|
+{rows}
+"""
+
+
 RENDERERS = {
     "training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
     "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
     "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput),
     "suite": ("Test suite: where make test's time goes", suite),
+    "serving": ("Serving: the champion behind MLflow's scoring server vs in-process", serving),
 }
 
 
