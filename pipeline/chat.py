@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
@@ -148,9 +149,6 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: st
 def stop_ids(tokenizer: Any, model_dir: str | None = None) -> set[int]:
     """The token ids generation stops at: the tokenizer's EOS and the ``eos_token_id`` of the
     model's ``generation_config.json`` (or ``config.json``) in ``model_dir``."""
-    import json
-    from pathlib import Path
-
     ids = {tokenizer.eos_token_id}
     for name in ("generation_config.json", "config.json"):
         file = Path(model_dir) / name if model_dir else None

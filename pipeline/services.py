@@ -29,7 +29,8 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import finetune_home
+from pipeline import tracking
+from pipeline.config import finetune_home, load_config
 from pipeline.errors import ConfigError, PipelineError
 
 HOST = "127.0.0.1"
@@ -341,8 +342,6 @@ def serve(home: Path, model_name: str, alias: str = "champion") -> int:
     manager local) for the version ``alias`` names now, on 127.0.0.1:``SERVE_PORT`` (5001). The
     alias is resolved once, here: after a promotion or a roll-back, stop and serve again. The
     served version is printed and kept in ``$FINETUNE_HOME/run/serve.pid``; `make down` stops it."""
-    from pipeline import tracking
-
     home.mkdir(parents=True, exist_ok=True)
     record = running(home, SERVE)
     if record is not None:
@@ -422,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_model_name() -> str:
-    from pipeline.config import load_config
-
     return load_config(None).model_name
 
 
