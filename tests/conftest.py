@@ -11,6 +11,18 @@ import pytest
 from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, write_jsonl
 
 
+# Fixtures of the whole session that more than one module reads and that cost a training: under
+# pytest-xdist (make test runs two workers) the modules that read one run in the same worker, so it
+# is built once. Every other module is a group of its own: its module-scoped fixtures are built once.
+SHARED_RUNS = ("causal_lm_run",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def finetune_home(tmp_path, monkeypatch):
     """Every test gets its own artifact store, MLflow SQLite file and Airflow home."""
