@@ -39,8 +39,9 @@ def run(cfg: PipelineConfig) -> AliasesResult:
             "  to put one back, or to adopt the move, promote through the promote DAG (audited; force=true and "
             "a reason where the gate would refuse)"
         )
-    aliases = {k: str(v) for k, v in tracker.get_registered_model(cfg.model_name).aliases.items()}
-    checked = tracker.get_registered_model(cfg.model_name).tags.get(registry.CHECKED_TAG, "")
+    model = tracker.get_registered_model(cfg.model_name)  # after the check: it wrote the checked_at tag
+    aliases = {k: str(v) for k, v in model.aliases.items()}
+    checked = model.tags.get(registry.CHECKED_TAG, "")
     print(f"aliases: {cfg.model_name} {aliases} match the promotion audit", file=sys.stderr)
     return AliasesResult(
         result_uri=storage.join(cfg.step_uri("aliases"), "result.json"),

@@ -128,6 +128,11 @@ def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[s
         template = chat.chat_template(tokenizer, cfg.train.chat_template)
     except ValueError as exc:
         raise ConfigError(f"train.chat_template: {exc}") from exc
+    try:
+        if cfg.train.eos_token:  # the tokenizer train will use: its EOS renders, and counts, as training's
+            chat.use_eos_token(tokenizer, None, cfg.train.eos_token)
+    except ValueError as exc:
+        raise ConfigError(f"train.chat_template / train.eos_token: {exc}") from exc
     check_turns_stop(cfg, tokenizer, template)
     derived, token_note, parsed = chat_columns(frame, tokenizer, template, cfg.validate, cfg.train, cfg.seed)
     summary = {"token_count": token_note, "training_drops": drop_counts(derived, cfg.train.max_seq_len)}
@@ -137,10 +142,9 @@ def chat_suite(cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[s
 def check_turns_stop(cfg: PipelineConfig, tokenizer: Any, template: str) -> None:
     """Refuse a template whose assistant turns end with no token generation stops at (the
     tokenizer's EOS, the base model's generation config, train.eos_token): a model trained on it
-    never stops generating (TRL #2059). Bad settings: exit 2, before anything is trained."""
+    never stops generating (TRL #2059). ``tokenizer`` already carries train.eos_token. Bad settings:
+    exit 2, before anything is trained."""
     try:
-        if cfg.train.eos_token:
-            chat.use_eos_token(tokenizer, None, cfg.train.eos_token)
         marker, ids = chat.turn_end(tokenizer, template)
     except ValueError as exc:
         raise ConfigError(f"train.chat_template / train.eos_token: {exc}") from exc
