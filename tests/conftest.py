@@ -10,7 +10,6 @@ import pytest
 
 from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, write_jsonl
 
-
 # Fixtures of the whole session that more than one module reads and that cost a training: under
 # pytest-xdist (make test runs two workers) the modules that read one run in the same worker, so it
 # is built once. Every other module is a group of its own: its module-scoped fixtures are built once.
