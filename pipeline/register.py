@@ -55,6 +55,8 @@ class RegisterResult:
     base_metrics: dict[str, float] = field(default_factory=dict)  # causal-lm: the base model, same eval tokens
     slices: dict[str, dict[str, float]] = field(default_factory=dict)  # the metrics per language of the eval rows
     outside_moves: list[str] = field(default_factory=list)  # aliases someone moved without the pipeline
+    gate: dict[str, Any] = field(default_factory=dict)  # the version's gate verdict (registry.gate_summary)
+    alias_moves: list[registry.AliasMove] = field(default_factory=list)  # what this try moved: one event each
 
 
 def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
@@ -372,13 +374,19 @@ def _already_registered(tracker: Any, cfg: PipelineConfig) -> Any:
 PROMOTION_DONE = "finetune.register.promotion"  # version tag: the outcome of register's promotion attempt
 
 
-def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[str, Any]) -> None:
+def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[str, Any]) -> list[registry.AliasMove]:
     """What follows the version, done so that a re-run after a crash at any point ends where an
     uninterrupted run would: ``challenger`` (unless a newer version holds it by now), then, when
-    the gate passed and no earlier try finished it, the promotion attempt."""
+    the gate passed and no earlier try finished it, the promotion attempt. The aliases this try
+    moved, in order."""
+    moves: list[registry.AliasMove] = []
     held = tracker.get_registered_model(cfg.model_name).aliases.get(CHALLENGER)
     if held is None or int(held) < int(version):
         tracker.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        why = f"version {version} registered by pipeline run {cfg.run_id}"
+        metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
+        previous = "" if held is None else str(held)
+        moves.append(registry.AliasMove(CHALLENGER, version, previous, why, metrics, at=registry.SYSTEM_CLOCK.stamp()))
     if evaluated["promote"] and PROMOTION_DONE not in tracker.get_model_version(cfg.model_name, version).tags:
         # Under the registry lock, and only if the champion evaluate compared against still holds.
         promotion = registry.attempt(
@@ -393,6 +401,8 @@ def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[s
             wait_s=cfg.promote.lock_wait_s,
         )
         tracker.set_model_version_tag(cfg.model_name, version, PROMOTION_DONE, promotion.outcome)
+        moves += promotion.alias_moves
+    return moves
 
 
 def _ensure_registered_model(tracker: Any, cfg: PipelineConfig) -> None:
@@ -452,9 +462,10 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     outside = [str(move) for move in registry.outside_moves(tracker, cfg.model_name)]
     for move in outside:
         print(f"register: WARNING {cfg.model_name}: {move}", file=sys.stderr)
-    _complete(tracker, cfg, version, evaluated)
+    moves = _complete(tracker, cfg, version, evaluated)
     tracker.set_tag(mlflow_run_id, "finetune.registered_version", f"{cfg.model_name}/{version}")
-    aliases = sorted(tracker.get_model_version(cfg.model_name, version).aliases)
+    registered = tracker.get_model_version(cfg.model_name, version)
+    aliases = sorted(registered.aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
     if CHAMPION not in aliases:
         print(
@@ -479,4 +490,6 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         base_metrics={k: float(v) for k, v in (evaluated.get("base_metrics") or {}).items()},
         slices=evaluated.get("slices") or {},
         outside_moves=outside,
+        gate=registry.gate_summary(registered, forced=False),
+        alias_moves=moves,
     )

@@ -88,6 +88,19 @@ SYSTEM_CLOCK = Clock()
 
 
 @dataclass(frozen=True)
+class AliasMove:
+    """One alias moved, as the step that moved it reports it (an alias event is sent for each)."""
+
+    alias: str
+    version: str
+    previous_version: str  # "" when the alias was new
+    why: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the gate metrics recorded on ``version``
+    audit_run_id: str = ""  # the promotion audit run; "" for register's challenger, which has none
+    at: str = ""
+
+
+@dataclass(frozen=True)
 class Promotion:
     """One attempt to move an alias, as audited: promoted, unchanged or refused, and why."""
 
@@ -98,6 +111,10 @@ class Promotion:
     reason: str
     previous_version: str
     audit_run_id: str
+    requested_by: str = ""
+    gate: dict[str, Any] = field(default_factory=dict)  # the version's gate verdict (``gate_summary``)
+    mlflow_run_id: str = ""  # the MLflow run the version was logged from
+    alias_moves: list[AliasMove] = field(default_factory=list)  # empty unless promoted
 
 
 def _lock_prefix(model_name: str) -> str:
@@ -362,6 +379,22 @@ def _metric(version: Any) -> tuple[str, bool, float | None]:
     return name, gate.get("greater_is_better", True) is not False, float(value) if value is not None else None
 
 
+def recorded_metrics(version: Any) -> dict[str, float]:
+    """The metrics register recorded on ``version`` (its ``metric.*`` tags)."""
+    return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+
+
+def gate_summary(version: Any, forced: bool) -> dict[str, Any]:
+    """``version``'s gate verdict as an alias event carries it: passed, on which metric, why."""
+    gate = _gate(version)
+    return {
+        "passed": version.tags.get("finetune.gate_passed") == "true",
+        "metric": gate.get("gate_metric") or "accuracy",
+        "reason": str(gate.get("reason") or ""),
+        "forced": forced,
+    }
+
+
 def _compared(candidate: Any, current: Any) -> str | None:
     """A manual promote's verdict from the versions' recorded gate metrics; None when better."""
     name, greater_is_better, ours = _metric(candidate)
@@ -516,8 +549,8 @@ def attempt(
     candidate = resolve_version(tracker, model_name, ref)
     version = str(candidate.version)
     with registry_lock(tracker, model_name, requested_by or "unknown", ttl_s, wait_s, clock) as lease:
-        current_version = tracker.get_registered_model(model_name).aliases.get(alias)
-        current_version = None if current_version is None else str(current_version)
+        before = {name: str(held) for name, held in tracker.get_registered_model(model_name).aliases.items()}
+        current_version = before.get(alias)
         current = tracker.get_model_version(model_name, current_version) if current_version else None
         outcome, why = _outcome(candidate, current, current_version, alias, reason, force, expected_current)
         record = {
@@ -547,7 +580,27 @@ def attempt(
         reason=why,
         previous_version=current_version or "",
         audit_run_id=audit_run_id,
+        requested_by=requested_by or "unknown",
+        gate=gate_summary(candidate, force),
+        mlflow_run_id=str(candidate.run_id or ""),
+        alias_moves=_moves(candidate, current, before, record, audit_run_id) if outcome == "promoted" else [],
     )
+
+
+def _moves(
+    candidate: Any, current: Any | None, before: dict[str, str], record: dict[str, Any], audit_run_id: str
+) -> list[AliasMove]:
+    """The aliases a promoted attempt moved, in the order ``_move`` wrote them."""
+    alias, version, why, at = record["alias"], record["version"], record["why"], record["at"]
+    moves: list[AliasMove] = []
+    held = str(current.version) if current is not None else ""
+    if alias == CHAMPION and held and before.get(PREVIOUS_CHAMPION) != held:
+        kept = f"version {held} was {CHAMPION} until version {version} took it: {why}"
+        previous = before.get(PREVIOUS_CHAMPION, "")
+        moves.append(AliasMove(PREVIOUS_CHAMPION, held, previous, kept, recorded_metrics(current), audit_run_id, at))
+    previous = record["previous_version"]
+    moves.append(AliasMove(alias, version, previous, why, recorded_metrics(candidate), audit_run_id, at))
+    return moves
 
 
 # --- alias moves made outside the pipeline ------------------------------------------------------

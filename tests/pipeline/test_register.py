@@ -70,6 +70,18 @@ def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsy
         in (refusal.data.tags["promotion.why"])
     )
     assert client().get_model_version("support-intents", "4").tags[register.PROMOTION_DONE] == "refused"
+    # What each moved, in order: one alias event each (tests/dags/test_events.py sends them).
+    moved = [[(m.alias, m.previous_version, m.version) for m in r.alias_moves] for r in (first, second, third, fourth)]
+    assert moved == [
+        [("challenger", "", "1"), ("champion", "", "1")],
+        [("challenger", "1", "2")],
+        [("challenger", "2", "3"), ("previous_champion", "", "1"), ("champion", "1", "3")],
+        [("challenger", "3", "4")],
+    ]
+    (promotion,) = [r for r in promotion_audit(client()) if r.data.tags["promotion.version"] == "3"]
+    assert {m.audit_run_id for m in third.alias_moves[1:]} == {promotion.info.run_id}
+    assert third.alias_moves[2].metrics["accuracy"] == 0.9 and third.alias_moves[1].metrics["accuracy"] == 1.0
+    assert third.gate["passed"] and not third.gate["forced"] and third.gate["metric"] == "accuracy"
     version = client().get_model_version("support-intents", third.version)
     assert version.tags["finetune.run_id"] == "r3" and version.tags["metric.accuracy"] == "0.900000"
     gate = json.loads(version.tags["finetune.gate"])
