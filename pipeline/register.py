@@ -26,17 +26,24 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version as installed_version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pipeline import drift, registry, storage, tracking
 from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig, is_challenge
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import check_weights, load_causal_lm, load_trained_lm, resolve_model
 
 DRIFT_PICTURE = "register/drift.png"  # drawn here from validate's drift.json, beside evaluate's pictures
 SAMPLE_ROWS, SAMPLE_CHARS = 5, 120  # a causal LM's sample answers in the model card: rows, characters a cell
 INPUT_EXAMPLE = ["Where is my order #A1234?", "我想取消订单"]
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 16}
+# What register asks the saved model through mlflow.pyfunc before it registers it: one utterance,
+# one chat message answered in a few tokens.
+SERVING_PROBES: dict[str, Any] = {
+    "text-classification": INPUT_EXAMPLE[:1],
+    "llm/v1/chat": {**CHAT_EXAMPLE, "max_tokens": 4},
+}
 
 
 @dataclass(frozen=True)
@@ -324,24 +331,83 @@ re-check after the data changes.
 
 def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> Any:
     import mlflow
-    import transformers
 
+    what = f"trained model {model_uri}"
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
         path = resolve_model(model_uri, Path(tmp), what="trained model", published=True)
-        check_weights(Path(path), f"trained model {model_uri}")  # before anything is logged or registered
-        if cfg.task == "causal-lm":
-            flavor = _chat_model(cfg, path, Path(tmp))
-        else:
-            flavor = {
-                "transformers_model": transformers.pipeline("text-classification", model=path, tokenizer=path),
-                "task": "text-classification",
-                "input_example": INPUT_EXAMPLE,
-                "pip_requirements": pip_requirements(),
-            }
+        # A refusal from here on leaves the run FAILED (start_run's exit) and nothing registered.
         with tracking.module_api(), mlflow.start_run(run_id=run_id):
+            check_weights(Path(path), what)  # before anything is logged or registered
+            flavor = _chat_model(cfg, path, Path(tmp)) if cfg.task == "causal-lm" else _classifier(path, what)
+            # mlflow.transformers.log_model, but with serving_round_trip on the directory it saves,
+            # before the upload; MLflow's own check of the input example there only warns.
+            info = mlflow.models.Model.log(
+                artifact_path=None,  # deprecated for name, still a required argument
+                name="model",
+                flavor=_served_transformers(what),
+                validate_serving_input=False,
+                **flavor,
+            )
             mlflow.log_text(card, "model_card.md")
-            # The signature is inferred by running the model on the input example.
-            return mlflow.transformers.log_model(name="model", **flavor)
+            return info
+
+
+def _classifier(path: str, what: str) -> dict[str, Any]:
+    """log_model arguments for a sequence classifier: a text-classification pipeline."""
+    import transformers
+
+    try:
+        # The signature is inferred by running the pipeline on the input example.
+        classifier = transformers.pipeline("text-classification", model=path, tokenizer=path)
+    except (OSError, ValueError) as exc:  # a config whose architecture transformers cannot build
+        raise ModelError(f"{what}: cannot load a text-classification pipeline: {exc}; nothing registered") from exc
+    return {
+        "transformers_model": classifier,
+        "task": "text-classification",
+        "input_example": INPUT_EXAMPLE,
+        "pip_requirements": pip_requirements(),
+    }
+
+
+def _served_transformers(what: str) -> Any:
+    """MLflow's transformers flavor for ``Model.log`` whose save ends with ``serving_round_trip``
+    on the saved directory, the one Model.log uploads next: a model that cannot be served stops
+    the log there, before any upload (MLflow marks the logged model FAILED)."""
+    import mlflow
+
+    def save_model(path: str, **kwargs: Any) -> None:
+        mlflow.transformers.save_model(path=path, **kwargs)
+        serving_round_trip(path, kwargs["task"], what)
+
+    return SimpleNamespace(__name__="mlflow.transformers", save_model=save_model)
+
+
+def serving_round_trip(path: str, task: str, what: str) -> None:
+    """Refuse (exit 2) a saved MLflow model that does not load and answer the way it is served:
+    ``mlflow.pyfunc`` loads ``path`` and predicts ``SERVING_PROBES[task]``, one short input, and
+    the served tokenizer must read the probe as more than its unknown token (without its
+    tokenizer.json, transformers builds a BERT tokenizer of only special tokens, and the model
+    then answers every text alike)."""
+    import mlflow
+
+    probe = SERVING_PROBES[task]
+    text = probe[0] if isinstance(probe, list) else probe["messages"][-1]["content"]
+    check = f"{what}: the serving round trip (mlflow.pyfunc load + predict of {json.dumps(probe, ensure_ascii=False)})"
+    try:
+        served = mlflow.pyfunc.load_model(path)
+        answers = served.predict(probe)
+        tokenizer = served.get_raw_model().tokenizer
+    except Exception as exc:  # whatever stops it stops serving too
+        raise ModelError(f"{check} failed: {exc}; nothing registered") from exc
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or set(ids) == {tokenizer.unk_token_id}:
+        raise ModelError(
+            f"{check} failed: the served tokenizer reads {text!r} as nothing but its unknown token "
+            f"{tokenizer.unk_token!r} ({len(tokenizer)} tokens in all): a tokenizer file (tokenizer.json, vocab.txt) "
+            "is missing from the published model; nothing registered"
+        )
+    if len(answers) != 1:
+        raise ModelError(f"{check} failed: {len(answers)} answers to one input; nothing registered")
 
 
 def _chat_model(cfg: PipelineConfig, path: str, scratch: Path) -> dict[str, Any]:

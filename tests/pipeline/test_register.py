@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from pipeline.tracking import client
 from tests.helpers import aliases, promotion_audit
 
 
-def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion="", champion_accuracy=None):
+def _inputs(
+    tmp_path, classifier_dir, name, promote, accuracy, metrics=None, champion="", champion_accuracy=None, settings=()
+):
     uris = {step: (tmp_path / f"{name}-{step}.json").as_uri() for step in ("collect", "train", "evaluate")}
     storage.write_json(uris["collect"], {"sha256": "ab" * 32, "rows": 100, "rows_train": 80, "rows_eval": 20})
     storage.write_json(
@@ -36,7 +39,8 @@ def _inputs(tmp_path, classifier_dir, name, promote, accuracy, metrics=None, cha
             "greater_is_better": True,
         },
     )
-    return load_config(None, [f"run_id={name}"] + [f"register.{step}_result_uri={uri}" for step, uri in uris.items()])
+    steps = [f"register.{step}_result_uri={uri}" for step, uri in uris.items()]
+    return load_config(None, [f"run_id={name}", *settings, *steps])
 
 
 def test_register_versions_aliases_and_promotion(tmp_path, classifier_dir, capsys):
@@ -285,6 +289,72 @@ def test_a_lora_adapter_that_changes_nothing_is_refused_and_a_trained_one_passes
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
     model.save_pretrained(tmp_path / "trained")
     check_weights(tmp_path / "trained")
+
+
+def _without_tokenizer_json(model_dir, into):
+    shutil.copytree(model_dir, into)
+    (into / "tokenizer.json").unlink()
+
+
+def _without_chat_template(model_dir, into):
+    shutil.copytree(model_dir, into)
+    (into / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((into / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (into / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+CHAT = ["task=causal-lm", "model_name=support-chat"]
+
+
+@pytest.mark.parametrize(
+    "model, settings, damage, message",
+    [
+        # transformers then builds a BERT tokenizer of its 5 special tokens: every text reads as [UNK].
+        (
+            "classifier_dir",
+            [],
+            _without_tokenizer_json,
+            "the served tokenizer reads 'Where is my order #A1234?' as "
+            "nothing but its unknown token '[UNK]' (5 tokens in all)",
+        ),
+        # Loads, saves and passes every weight check; only answering a chat message fails.
+        (
+            "tiny_lm_dir",
+            CHAT,
+            _without_chat_template,
+            "Failed to apply chat template: Cannot use chat template "
+            "functions because tokenizer.chat_template is not set",
+        ),
+    ],
+    ids=["tokenizer-json-removed", "chat-template-removed"],
+)
+def test_a_model_that_cannot_be_served_is_refused_before_it_is_logged_and_nothing_registered(
+    tmp_path, request, model, settings, damage, message
+):
+    """register asks the saved artifact, through mlflow.pyfunc as serving loads it, one short
+    input: a model whose weights pass check_weights but which cannot answer is refused, exit 2,
+    naming the round trip; no version, the champion untouched, the run and the logged model FAILED."""
+    from mlflow.entities import LoggedModelStatus
+
+    from pipeline.models import check_weights
+
+    good = request.getfixturevalue(model)
+    name = "support-chat" if settings else "support-intents"
+    register.run(_inputs(tmp_path, good, "ok", True, 0.8, settings=settings))
+    damage(good, tmp_path / "damaged")
+    check_weights(tmp_path / "damaged")  # the weights are fine: only serving finds it broken
+    round_trip = r"the serving round trip \(mlflow\.pyfunc load \+ predict of .+\) failed: "
+    with pytest.raises(ModelError, match=round_trip + re.escape(message)) as refused:
+        register.run(_inputs(tmp_path, tmp_path / "damaged", "bad", True, 0.99, settings=settings))
+    assert refused.value.exit_code == 2 and str(tmp_path / "damaged") in str(refused.value)
+    assert len(client().search_model_versions(f"name='{name}'")) == 1
+    assert aliases(client(), name) == {"champion": "1", "challenger": "1"}
+    experiment = client().get_experiment_by_name(name).experiment_id
+    [run] = client().search_runs([experiment], filter_string="tags.`finetune.run_id` = 'bad'")
+    assert run.info.status == "FAILED"
+    [logged] = client().search_logged_models([experiment], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert logged.status == LoggedModelStatus.FAILED  # stopped before its artifacts were uploaded
 
 
 def _invocations(port: int, texts: list[str]) -> list[dict]:
