@@ -41,6 +41,12 @@ def webhook_url(conn_id: str = ALERTS_CONN_ID) -> str | None:
         connection = Connection.get(conn_id)
     except AirflowNotFoundException:
         return None
+    return connection_url(connection)
+
+
+def connection_url(connection: Any) -> str | None:
+    """An Airflow connection's URL: its extra ``webhook_url``, else its host when that is a whole
+    URL, else ``<conn_type>://<host>[:<port>]/<schema>``; None without a host."""
     extra = connection.extra_dejson or {}
     host = connection.host or ""
     if extra.get("webhook_url"):
@@ -52,6 +58,15 @@ def webhook_url(conn_id: str = ALERTS_CONN_ID) -> str | None:
     scheme = connection.conn_type if connection.conn_type in ("http", "https") else "https"
     port = f":{connection.port}" if connection.port else ""
     return f"{scheme}://{host}{port}/{(connection.schema or '').lstrip('/')}"
+
+
+def send_alert(text: str, conn_id: str = ALERTS_CONN_ID) -> None:
+    """Post ``text`` to the webhook of the connection ``conn_id``; without one, only log it."""
+    url = webhook_url(conn_id)
+    if url is None:
+        log.info("alert: no Airflow connection %s, nothing sent: %s", conn_id, text)
+        return
+    post(url, text)
 
 
 def post(url: str, text: str) -> None:
@@ -149,11 +164,7 @@ class WebhookNotifier(BaseNotifier):
             )
             if text is None:
                 return
-            url = webhook_url(self.conn_id)
-            if url is None:
-                self.log.info("alert: no Airflow connection %s, nothing sent: %s", self.conn_id, text)
-                return
-            post(url, text)
+            send_alert(text, self.conn_id)
         except Exception as exc:  # an alert must never change the outcome of what it reports
             self.log.warning("alert: %s not sent to the webhook of connection %s: %s", self.event, self.conn_id, exc)
 

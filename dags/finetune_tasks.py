@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, BaseOperator, Param, task
 from finetune_alerts import ON_FAILURE, ON_PROMOTION
+from finetune_events import ON_ALIAS_MOVES
 from finetune_operators import RETRY_TABLE, LocalStepOperator, deployment_config, step_timeout_s
 
 from pipeline.config import param_schema
@@ -132,16 +133,17 @@ def run_deadline(step_names: Iterable[str], extra: timedelta = timedelta(0)) -> 
     return sum((execution_timeout(step) for step in step_names), extra)
 
 
-# Steps whose success may crown a new champion: their result is checked and announced.
+# Steps whose success may move an alias: a new champion is announced, each move sent as an event.
 PROMOTING_STEPS = ("register", "promote")
 
 
 def step_task(step: str, launcher: str) -> BaseOperator:
     """One Airflow task per row of ``pipeline.steps.STEPS``, run by ``launcher``, with the step's
-    ``execution_timeout``; register and promote announce a new champion (``finetune_alerts``)."""
+    ``execution_timeout``; register and promote announce a new champion (``finetune_alerts``) and
+    send an event for each alias they moved (``finetune_events``)."""
     settings = {"task_id": step, "step": step, "execution_timeout": execution_timeout(step)}
     if step in PROMOTING_STEPS:
-        settings["on_success_callback"] = ON_PROMOTION
+        settings["on_success_callback"] = [ON_PROMOTION, ON_ALIAS_MOVES]
     if launcher == "local":
         return LocalStepOperator(**settings)
     # The cluster launchers' operators import the cncf.kubernetes provider (most of a second of

@@ -1,10 +1,13 @@
 """Faults on loopback, for the retry and alert tests: a proxy in front of an HTTP service (the Moto
 S3 server) that answers 503 to the first k requests, an HTTP server that always answers 503, a
-port nothing listens on, and a webhook receiver that records what it is sent."""
+port nothing listens on, a webhook receiver that records what it is sent, and a receiver of alias
+events that checks their signatures and answers what a test scripts."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import http.client
 import http.server
 import json
@@ -124,6 +127,49 @@ def webhook_receiver() -> Iterator[Receiver]:
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"ok")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with serving(Handler) as url:
+        state.url = f"{url}/hooks/finetune"
+        yield state
+
+
+@dataclass
+class SignedReceiver:
+    """What a receiver of alias events got: every request's raw body and headers, and which it accepted."""
+
+    url: str
+    secret: str
+    answers: list[int]  # the status of each request in turn; 200 once they run out
+    requests: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
+    accepted: list[dict] = field(default_factory=list)
+
+    def verified(self, raw: bytes, header: str) -> bool:
+        """What a receiver does first: the HMAC-SHA256 of the raw body under the shared secret."""
+        expected = "sha256=" + hmac.new(self.secret.encode(), raw, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected, header)
+
+
+@contextlib.contextmanager
+def signed_receiver(secret: str, answers: list[int] | None = None) -> Iterator[SignedReceiver]:
+    """A loopback receiver that answers ``answers`` in turn, then accepts an event only when its
+    signature verifies (401 otherwise)."""
+    state = SignedReceiver(url="", secret=secret, answers=list(answers or []))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            state.requests.append((raw, dict(self.headers)))
+            status = state.answers.pop(0) if state.answers else 200
+            if status == 200 and not state.verified(raw, self.headers.get("X-Finetune-Signature", "")):
+                status = 401
+            if status == 200:
+                state.accepted.append(json.loads(raw))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def log_message(self, *args) -> None:
             pass
