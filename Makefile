@@ -16,6 +16,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKOV_VERSION := 3.3.30
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
 # Where a CPU build of torch comes from on machines that lack one locally, e.g.
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -30,10 +32,12 @@ MLFLOW_PORT ?= 5000
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, from the CPU index when given: an unpinned torch would pull a multi-GB CUDA build
-	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt torch
-	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt -e '.[dev]'
+	# torch first, by pip, so pip's own config (find-links, indexes) picks the local CPU wheel, or the CPU
+	# index when given: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet $(PIP_TORCH) -c constraints.txt torch uv==$(UV_VERSION)
+	# the rest by uv, the same pins (constraints.txt) resolved in seconds where pip takes minutes; torch,
+	# already there at its pin, stays
+	$(UV) pip install --python $(BIN)/python --quiet -c constraints.txt -e '.[dev]'
 	# DeepSpeed's C++ ops (CPU collectives, CPU Adam) built here, once, into .venv/torch_extensions,
 	# not inside the first training, silently, for minutes (pipeline/train/ops.py)
 	$(BIN)/python -c "from pipeline.train import ops; ops.main()"
@@ -42,8 +46,8 @@ $(STAMP): pyproject.toml constraints.txt
 # checkov (manifest and Dockerfile checks, tests only) in a venv of its own: in .venv, under our
 # pins, pip resolves it to an ancient 2.x.
 CHECKOV := .tools/checkov/bin/checkov
-$(CHECKOV):
-	$(PYTHON) -m venv .tools/checkov && .tools/checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+$(CHECKOV): $(STAMP)
+	$(PYTHON) -m venv .tools/checkov && $(UV) pip install --python .tools/checkov/bin/python --quiet checkov==$(CHECKOV_VERSION)
 
 install: $(STAMP)
 
