@@ -44,7 +44,9 @@ an event without one collects the `source` Param.
 step, a pod gets it as `activeDeadlineSeconds`, and the task's `execution_timeout` backs both. A
 task that fails for good, and (with `FINETUNE_DEADLINE_ALERTS=true`) a run still going after one
 attempt of each task, sends a message to the webhook of the Airflow connection `finetune_alerts`;
-so does a new champion. No such connection: nothing is sent.
+so does a new champion. Each alias `register` moves (`challenger`, `champion`,
+`previous_champion`) is also sent as a signed JSON event to the connection `finetune_events`
+(docs/operations.md, "Alias events"). No such connection: nothing is sent.
 
 **Credentials.** Under the `local` launcher, an Airflow connection `aws_default`, looked up when
 each task runs, supplies the step's `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,

@@ -7,6 +7,9 @@ champion first: a version that did not pass its promotion gate, or is not better
 current champion on the gate metric, is refused unless `force` is set, and `force` needs a
 `reason`. Every attempt, refused or not, is recorded (who, when, why) as a run in the MLflow
 experiment `<model_name>-promotions`.
+Each alias it moves is sent as a signed JSON event to the Airflow connection `finetune_events`
+(docs/operations.md, "Alias events"); an event that cannot be delivered is alerted, and the
+move stands.
 
 **Roll back**: `version=previous_champion`, `force=true`, `reason=<why>`.
 
