@@ -68,12 +68,12 @@ demo-llm: install
 # session fixtures wrote. TEST_TMPDIR=/tmp make test keeps them on disk.
 TEST_TMPDIR ?= $(shell d=/dev/shm; [ -d $$d ] && [ -w $$d ] && \
 	[ "$$(df -Pk $$d | awk 'NR==2 {print $$4}')" -gt 4000000 ] && echo $$d || echo $${TMPDIR:-/tmp})
-# Tests run in TEST_WORKERS processes (pytest-xdist), one per core up to 4: a test module stays in one
-# worker, and the modules that read one shared training with it (tests/conftest.py). TEST_WORKERS=0
-# runs them in this process, one after another.
+# Tests run in TEST_WORKERS processes (pytest-xdist), one per core up to 4, a module at a time
+# (loadscope: its module fixtures are built once), the slow modules first (tests/conftest.py).
+# TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) \
-	--dist loadgroup
+	--dist loadscope --no-loadscope-reorder
 
 # The JUnit report is what bench/suite.py sums per module for BENCHMARKS.md.
 test: install $(CHECKOV) lint

@@ -10,16 +10,17 @@ import pytest
 
 from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, write_jsonl
 
-# Fixtures of the whole session that more than one module reads and that cost a training: under
-# pytest-xdist (make test runs two workers) the modules that read one run in the same worker, so it
-# is built once. Every other module is a group of its own: its module-scoped fixtures are built once.
-SHARED_RUNS = ("causal_lm_run",)
-
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+    """The modules that run the whole DAG (tests marked e2e), then those that train (marked slow),
+    the most such tests first, each module's tests in their order: make test's xdist workers take a module at
+    a time (--dist loadscope --no-loadscope-reorder), and the long ones started first end together
+    instead of one worker finishing alone."""
+    weight: dict[str, int] = {}
+    for item in items:  # a whole DAG run (e2e) outweighs a training (slow)
+        cost = 100 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 0
+        weight[item.module.__name__] = weight.get(item.module.__name__, 0) + cost
+    items.sort(key=lambda item: -weight[item.module.__name__])  # stable: a module's own order stays
 
 
 @pytest.fixture(autouse=True)
@@ -209,7 +210,7 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 
 
 # The LLM path through the real DAG costs a ZeRO-3 training and an evaluation with generation;
-# one run serves both the end-to-end test (its registry) and the train test (its artifacts).
+# one run serves two tests of test_e2e: one reads its registry, the other its artifacts.
 CAUSAL_LM_RUN = [
     "--source",
     "pkg://pipeline/data/support_instructions.jsonl",
