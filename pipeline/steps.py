@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline import aliases, collect, evaluate, k8s, promote, register, storage, train, validate
 from pipeline.config import (
+    STEP_NAMES,
     PipelineConfig,
     check_model_name,
     check_sources,
@@ -157,7 +158,20 @@ def check_inputs(table: Mapping[str, Step]) -> None:
                 )
 
 
+def check_steps(table: Mapping[str, Step]) -> None:
+    """The rows of ``table`` are the steps the config knows (``config.STEP_NAMES``: one field of
+    the timeouts section each, below this layer): a row without its ``timeouts.<step>``, or a timeout
+    without its row, fails the import, not a run."""
+    rows, timed = set(table), set(STEP_NAMES)
+    if rows != timed:
+        raise TypeError(
+            f"steps.STEPS and config.TimeoutsConfig (pipeline/config/deploy.py) name different steps: rows without "
+            f"a timeouts.<step> field {sorted(rows - timed)}, timeouts without a row {sorted(timed - rows)}"
+        )
+
+
 check_inputs(STEPS)
+check_steps(STEPS)
 
 
 def dag_steps(dag_id: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ Foundation layer (the ``config`` package): imports nothing of ours but ``fields`
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import re
@@ -197,7 +198,6 @@ class K8sConfig:
         check_step_resources(self.resources, self.max_gpus_per_node)
 
 
-STEP_NAMES = ("collect", "validate", "train", "evaluate", "register", "promote", "aliases")
 RESOURCE_KEYS = ("cpu", "memory", "gpus", "node_selector", "tolerations")
 
 
@@ -302,6 +302,13 @@ class TimeoutsConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "timeouts.")
+
+
+# The steps: one field of the timeouts section each, in the step table's order. The step table
+# (pipeline/steps.py, above this layer) checks at import that its rows are these steps, so a new
+# step is its row there and its timeout here; k8s.resources and timeouts.<step> then know it.
+NOT_STEPS = ("kill_grace_s",)
+STEP_NAMES = tuple(item.name for item in dataclasses.fields(TimeoutsConfig) if item.name not in NOT_STEPS)
 
 
 # --- what a trigger may set -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from pipeline import local, steps
-from pipeline.config import load_config
+from pipeline.config import STEP_NAMES, load_config
 from pipeline.errors import ConfigError
 from tests.helpers import ROOT
 
@@ -46,6 +46,18 @@ def test_every_input_in_the_table_is_a_field_of_the_producing_steps_result_datac
     }
     with pytest.raises(TypeError, match="train.model_path is no field of the result of step 'train'"):
         steps.check_inputs(renamed)
+
+
+def test_every_step_of_the_table_has_a_timeout_and_every_timeout_a_step():
+    assert set(steps.STEPS) == set(STEP_NAMES) and len(STEP_NAMES) == len(steps.STEPS)
+    added = {**steps.STEPS, "deploy": dataclasses.replace(steps.STEPS["promote"], name="deploy")}
+    with pytest.raises(
+        TypeError, match=r"rows without a timeouts.<step> field \['deploy'\], timeouts without a row \[\]"
+    ):
+        steps.check_steps(added)
+    dropped = {name: row for name, row in steps.STEPS.items() if name != "aliases"}
+    with pytest.raises(TypeError, match=r"timeouts without a row \['aliases'\]"):
+        steps.check_steps(dropped)
 
 
 def test_the_overrides_carry_the_config_they_built_once():
