@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from airflow.sdk import BaseOperator, Connection, RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from pipeline import local, steps
-from pipeline.config import PipelineConfig, load_config, safe_run_id, scope
+from pipeline.config import PipelineConfig, defaults_environment, load_config, safe_run_id, scope
 from pipeline.errors import PipelineError
 from pipeline.steps import STEPS
 
@@ -33,16 +32,17 @@ def deployment_config(deployment: Sequence[str] | None = None) -> PipelineConfig
     form shows as defaults. Read when a DAG file is parsed: local files, no network. ``deployment``:
     its files' overrides (``steps.deployment_overrides()``), when the caller has read them already.
 
-    Built once per distinct input: a DAG file asks for it for every task's timeout and for the
-    Params (22 times for finetune.py), and each build checks every field (4 ms; BENCHMARKS.md,
-    DAG parse). The key is all a build reads: the config files' overrides, the environment
-    (FINETUNE_HOME, FINETUNE_ARTIFACT_ROOT, ...) and the working directory (the default home)."""
+    Built once per distinct input in a process: a DAG file asks for it for every task's timeout
+    and for the Params (22 times for finetune.py), and the task's ``execute``, in the process that
+    parsed it, asks again; each build checks every field (4 ms; BENCHMARKS.md, DAG parse). The key
+    is all a build reads (``config.defaults_environment``), not the whole environment, which the
+    task runner changes before ``execute`` (``AIRFLOW_CTX_*``)."""
     deployment = steps.deployment_overrides() if deployment is None else deployment
-    return _deployment_config(tuple(deployment), tuple(sorted(os.environ.items())), os.getcwd())
+    return _deployment_config(tuple(deployment), defaults_environment())
 
 
 @functools.lru_cache(maxsize=4)
-def _deployment_config(overrides: tuple[str, ...], environ: tuple[tuple[str, str], ...], cwd: str) -> PipelineConfig:
+def _deployment_config(overrides: tuple[str, ...], environment: tuple[str | None, str | None, str]) -> PipelineConfig:
     return load_config(None, overrides)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -73,6 +74,7 @@ __all__ = [
     "add_settings_arguments",
     "build_config",
     "default_artifact_root",
+    "defaults_environment",
     "file_overrides",
     "finetune_home",
     "known_keys",
@@ -120,6 +122,13 @@ def finetune_home() -> Path:
 
 def default_artifact_root() -> str:
     return os.environ.get("FINETUNE_ARTIFACT_ROOT") or (finetune_home() / "artifacts").as_uri()
+
+
+def defaults_environment() -> tuple[str | None, str | None, str]:
+    """What a build reads besides its settings: the variables and the working directory the defaults
+    come from (``finetune_home``, ``default_artifact_root``). A cache of configs keys on it, so it
+    never hands out one built for another home or artifact root."""
+    return os.environ.get("FINETUNE_HOME"), os.environ.get("FINETUNE_ARTIFACT_ROOT"), os.getcwd()
 
 
 def safe_run_id(airflow_run_id: str) -> str:
@@ -291,9 +300,22 @@ def _read_yaml(path: str | os.PathLike) -> list[tuple[str, Any]]:
 
 
 def file_overrides(path: str | os.PathLike) -> list[str]:
-    """A YAML config file as ``key=value`` overrides, e.g. to travel as a DAG run's Params."""
-    load_config(path)  # validates keys and values, naming the file
+    """A YAML config file as ``key=value`` overrides, e.g. to travel as a DAG run's Params. Its keys
+    and values are checked, naming the file, once per content in a process: a DAG file reads the
+    deployment's file for every task and Param it builds, and each check is a build."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        load_config(path)  # says what is wrong with it, naming the file
+    else:
+        _check_file(str(path), text, defaults_environment())
     return [f"{key}={json.dumps(value)}" for key, value in _read_yaml(path)]
+
+
+@functools.lru_cache(maxsize=8)
+def _check_file(path: str, text: str, environment: tuple[str | None, str | None, str]) -> None:
+    """``path`` checked as a config file (``load_config``); its ``text`` and the ``environment`` are the key."""
+    load_config(path)
 
 
 def add_settings_arguments(parser: Any, config_help: str, set_help: str) -> None:
