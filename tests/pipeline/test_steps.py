@@ -1,3 +1,4 @@
+import ast
 import dataclasses
 import os
 import re
@@ -58,6 +59,54 @@ def test_every_step_of_the_table_has_a_timeout_and_every_timeout_a_step():
     dropped = {name: row for name, row in steps.STEPS.items() if name != "aliases"}
     with pytest.raises(TypeError, match=r"timeouts without a row \['aliases'\]"):
         steps.check_steps(dropped)
+
+
+# The name register gives each upstream result it reads (its inputs["<step>"] too).
+READERS = {"trained": "train", "evaluated": "evaluate", "validated": "validate", "collected": "collect"}
+# Read with .get and a fallback, and no field of that result: the fallback always answers.
+FALLBACK_ONLY = {("evaluate", "promotion_margin"), ("train", "labels")}
+
+
+def result_reads(source: str) -> set[tuple[str, str, int]]:
+    """(step, key, line) of each ``trained["key"]``, ``evaluated.get("key")``, ``inputs["train"]["key"]``
+    ... in ``source``: the fields of the upstream result JSONs register reads, by name."""
+    reads = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            target, key = node.value, node.slice
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+        ):
+            target, key = node.func.value, node.args[0]
+        else:
+            continue
+        if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+            continue
+        if isinstance(target, ast.Name) and target.id in READERS:
+            reads.add((READERS[target.id], key.value, node.lineno))
+        elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and target.value.id == "inputs":
+            if isinstance(target.slice, ast.Constant) and target.slice.value in steps.STEPS:
+                reads.add((target.slice.value, key.value, node.lineno))
+    return reads
+
+
+def test_every_upstream_result_field_register_reads_is_a_field_of_that_steps_result_dataclass():
+    reads = result_reads((ROOT / "pipeline" / "register.py").read_text())
+    assert {("train", "model_uri"), ("evaluate", "promote"), ("collect", "sha256")} <= {(s, k) for s, k, _ in reads}
+    unknown = [
+        f"register.py:{line} reads {step}.{key}"
+        for step, key, line in sorted(reads)
+        if key not in steps.result_fields(step) and (step, key) not in FALLBACK_ONLY
+    ]
+    assert unknown == [], f"no fields of those steps' result dataclasses: {unknown}"
+    assert all(key not in steps.result_fields(step) for step, key in FALLBACK_ONLY)  # else drop them from the list
+    renamed = result_reads('trained, evaluated = inputs["train"], inputs["evaluate"]\nuri = trained["model_path"]')
+    assert [(step, key) for step, key, _ in renamed if key not in steps.result_fields(step)] == [
+        ("train", "model_path")
+    ]
 
 
 def test_the_overrides_carry_the_config_they_built_once():
