@@ -51,6 +51,22 @@ def write_snapshot(path: Path, rows: Any, columns: list[str] | None = None) -> s
     return path.as_uri()
 
 
+# Four rows of the classifier fixture's three intents (conftest.py's classifier_dir), one in Chinese.
+INTENT_ROWS = [
+    ("where is my order", "order_status"),
+    ("reset my password", "password_reset"),
+    ("I want my money back", "refund_request"),
+    ("我的订单在哪", "order_status"),
+]
+
+
+def intent_snapshot(tmp_path: Path, split: str = "eval") -> str:
+    """``INTENT_ROWS`` three times (12 rows, 3 in Chinese), all in ``split``, as
+    ``tmp_path/snap.parquet``: the small snapshot the evaluate tests score; its URI."""
+    rows = [(text, label, split) for text, label in INTENT_ROWS * 3]
+    return write_snapshot(tmp_path / "snap.parquet", rows, ["text", "label", "split"])
+
+
 def collect_snapshot(sources: list[Any], *sets: str) -> collect.CollectResult:
     """A snapshot published by the real collect step from ``sources`` (paths or URIs)."""
     return collect.run(load_config(None, [f"collect.sources={json.dumps([str(s) for s in sources])}", *sets]))

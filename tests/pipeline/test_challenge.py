@@ -13,7 +13,7 @@ from pipeline.config import DEFAULT_CHALLENGE, load_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluate.challenge import challenge_rows
 from pipeline.text import language_of, normalize_text
-from tests.helpers import SHIPPED_DATA, write_jsonl, write_snapshot
+from tests.helpers import SHIPPED_DATA, intent_snapshot, write_jsonl
 
 # The generator's order references (#A1234, A1234, 订单号 58231, 单号58231) and any long number.
 ORDER_NUMBER = re.compile(r"#\s*\w*\d|\b[A-Za-z]\d{3,}\b|\d{4,}|单号\s*\d")
@@ -42,15 +42,7 @@ def test_the_shipped_challenge_set_is_big_bilingual_known_and_apart_from_the_tra
 
 @pytest.fixture
 def snapshot(tmp_path):
-    rows = [
-        ("where is my order", "order_status"),
-        ("reset my password", "password_reset"),
-        ("I want my money back", "refund_request"),
-        ("我的订单在哪", "order_status"),
-    ] * 3
-    return write_snapshot(
-        tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"]
-    )
+    return intent_snapshot(tmp_path)
 
 
 @pytest.fixture

@@ -5,19 +5,7 @@ import pytest
 from pipeline import evaluate, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, ModelError
-from tests.helpers import write_snapshot
-
-
-def _snapshot(tmp_path, split="eval"):
-    rows = [
-        ("where is my order", "order_status"),
-        ("reset my password", "password_reset"),
-        ("I want my money back", "refund_request"),
-        ("我的订单在哪", "order_status"),
-    ] * 3
-    return write_snapshot(
-        tmp_path / "snap.parquet", [(text, label, split) for text, label in rows], ["text", "label", "split"]
-    )
+from tests.helpers import intent_snapshot, write_snapshot
 
 
 def test_scores_writes_report_and_png_and_a_model_no_better_than_the_majority_class_stays_challenger(
@@ -28,7 +16,7 @@ def test_scores_writes_report_and_png_and_a_model_no_better_than_the_majority_cl
     cfg = load_config(
         None,
         [
-            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}",
             f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
             "run_id=e",
         ],
@@ -118,18 +106,21 @@ def test_empty_eval_split_and_missing_inputs(tmp_path, classifier_dir):
             load_config(
                 None,
                 [
-                    f"evaluate.snapshot_uri={_snapshot(tmp_path, 'train')}",
+                    f"evaluate.snapshot_uri={intent_snapshot(tmp_path, 'train')}",
                     f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
                 ],
             )
         )
     with pytest.raises(ConfigError, match="evaluate.model_uri is required"):
-        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={_snapshot(tmp_path)}"]))
+        evaluate.run(load_config(None, [f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}"]))
     with pytest.raises(ModelError, match="no config.json"):
         evaluate.run(
             load_config(
                 None,
-                [f"evaluate.snapshot_uri={_snapshot(tmp_path)}", f"evaluate.model_uri={json.dumps(str(tmp_path))}"],
+                [
+                    f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}",
+                    f"evaluate.model_uri={json.dumps(str(tmp_path))}",
+                ],
             )
         )
 
@@ -156,7 +147,7 @@ def test_champion_is_scored_on_the_same_rows_and_a_tie_does_not_promote(tmp_path
     cfg = load_config(
         None,
         [
-            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}",
             f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
             "run_id=e2",
         ],
@@ -179,7 +170,7 @@ def test_a_champion_that_cannot_be_loaded_fails_closed(tmp_path, classifier_dir)
     cfg = load_config(
         None,
         [
-            f"evaluate.snapshot_uri={_snapshot(tmp_path)}",
+            f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}",
             f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
             "run_id=e3",
         ],

@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.evaluate.classifier import predict
 from pipeline.evaluate.pictures import PICTURES, loss_curves_png, loss_history, per_class_f1_png, perplexity_png
 from pipeline.tracking import RUN_TAG, artifact_url, client, pipeline_run_id
-from tests.helpers import collect_snapshot, write_snapshot
+from tests.helpers import collect_snapshot, intent_snapshot
 
 INSTRUCTIONS = "pkg://pipeline/data/support_instructions.jsonl"
 LM = ["task=causal-lm", "train.max_seq_len=192", "train.batch_size=8"]
@@ -59,18 +59,6 @@ def _log_training_history(cfg, with_eval: bool = True) -> str:
             batch(step, train_eval_loss=EVAL_DURING[step], train_epoch=step / 8)
     batch(8, train_loss=sum(PER_STEP.values()) / len(PER_STEP), train_runtime=12.0, train_epoch=1.0)
     return run_id
-
-
-def _classification_snapshot(tmp_path):
-    rows = [
-        ("where is my order", "order_status"),
-        ("reset my password", "password_reset"),
-        ("I want my money back", "refund_request"),
-        ("我的订单在哪", "order_status"),
-    ] * 3
-    return write_snapshot(
-        tmp_path / "snap.parquet", [(text, label, "eval") for text, label in rows], ["text", "label", "split"]
-    )
 
 
 def _validate_result_with_drift(tmp_path) -> str:
@@ -146,7 +134,7 @@ def test_classification_pictures_are_in_mlflow_and_linked_from_the_model_card(tm
         None,
         [
             *sets,
-            f"evaluate.snapshot_uri={_classification_snapshot(tmp_path)}",
+            f"evaluate.snapshot_uri={intent_snapshot(tmp_path)}",
             f"evaluate.model_uri={json.dumps(str(classifier_dir))}",
         ],
     )
