@@ -51,7 +51,6 @@ def score(truth: list[str], predicted: list[str]) -> dict[str, float]:
 
 
 def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Scored:
-    from sklearn.metrics import classification_report
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     own = cfg.evaluate
@@ -87,28 +86,9 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
             **score_slices(challenge_truth, theirs_challenge, challenge_groups),
         }
 
-    labels = sorted(set(truth) | set(predicted))
-    report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
-    artifacts = {
-        "classification_report.json": json.dumps(report, indent=2).encode(),
-        "confusion_matrix.png": confusion_png(truth, predicted, labels),
-        "per_class_f1.png": per_class_f1_png(report, labels)[0],
-    }
-    for name, values in sorted(slices.items()):  # where the model fails, per language and column value
-        if values["rows"] >= own.min_slice_rows and name in groups:
-            chosen = groups[name]
-            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
-                [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows"
-            )
-    challenge_labels = sorted(set(challenge_truth) | set(challenge_predicted))
-    for name, chosen in challenge_groups.items():
-        if len(chosen) >= own.min_slice_rows:
-            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
-                [challenge_truth[i] for i in chosen],
-                [challenge_predicted[i] for i in chosen],
-                challenge_labels,
-                "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""),
-            )
+    artifacts = _artifacts(
+        own.min_slice_rows, (truth, predicted, groups), slices, (challenge_truth, challenge_predicted, challenge_groups)
+    )
     challenge_frame = _frame(challenge_texts, challenge_truth)
     return Scored(
         rows[["text", "label"]],
@@ -123,6 +103,44 @@ def evaluate_classifier(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
         baseline=baseline,
         baseline_name="majority-class baseline",
     )
+
+
+def _artifacts(
+    min_rows: int,
+    scored: tuple[list[str], list[str], dict[str, list[int]]],
+    slices: dict[str, dict[str, float]],
+    challenge: tuple[list[str], list[str], dict[str, list[int]]],
+) -> dict[str, bytes]:
+    """The classification report, the confusion matrix and F1 per class of the eval split, and a
+    confusion matrix per slice of ``min_rows`` rows or more, of the eval split (``scored``: truth,
+    predictions, the rows of each slice) and of the challenge set (``challenge``, the same)."""
+    from sklearn.metrics import classification_report
+
+    truth, predicted, groups = scored
+    challenge_truth, challenge_predicted, challenge_groups = challenge
+    labels = sorted(set(truth) | set(predicted))
+    report = classification_report(truth, predicted, labels=labels, output_dict=True, zero_division=0)
+    artifacts = {
+        "classification_report.json": json.dumps(report, indent=2).encode(),
+        "confusion_matrix.png": confusion_png(truth, predicted, labels),
+        "per_class_f1.png": per_class_f1_png(report, labels)[0],
+    }
+    for name, values in sorted(slices.items()):  # where the model fails, per language and column value
+        if values["rows"] >= min_rows and name in groups:
+            chosen = groups[name]
+            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
+                [truth[i] for i in chosen], [predicted[i] for i in chosen], labels, f"eval split, {name} rows"
+            )
+    challenge_labels = sorted(set(challenge_truth) | set(challenge_predicted))
+    for name, chosen in challenge_groups.items():
+        if len(chosen) >= min_rows:
+            artifacts[f"confusion_matrix_{_file_safe(name)}.png"] = confusion_png(
+                [challenge_truth[i] for i in chosen],
+                [challenge_predicted[i] for i in chosen],
+                challenge_labels,
+                "challenge set" + (f", {name.removeprefix(CHALLENGE + ':')} rows" if name != CHALLENGE else ""),
+            )
+    return artifacts
 
 
 def majority_label(truth: list[str]) -> str:

@@ -31,22 +31,9 @@ def decide(
     snapshot better can lose a few of its rows by chance. It is there to be read beside the eval
     split, not to veto a model on its own; a bar on it is a choice the user makes explicitly."""
     slices = slices or {}
-    for rule in cfg.thresholds:
-        name, op, bound = parse_threshold(rule)
-        metric_name, _, slice_name = name.rstrip("]").partition("[")
-        if metric_name not in metrics:
-            raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
-        if slice_name and slice_name not in slices:
-            where = (
-                "the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
-                "skipped for a model that does not know its labels)"
-                if is_challenge(slice_name)
-                else f"the eval split has no rows of slice '{slice_name}'"
-            )
-            return False, f"{name} cannot be checked: {where} (slices: {sorted(slices)})"
-        value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
-        if not (value >= bound if op == ">=" else value <= bound):
-            return False, f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
+    refused = _threshold_refusal(metrics, cfg, task, slices)
+    if refused:
+        return False, refused
     metric, greater_is_better = cfg.gate(task)
     ours = metrics[metric]
     better = "higher" if greater_is_better else "lower"
@@ -60,17 +47,9 @@ def decide(
             f"no champion yet; {metric}={ours:.4f} {beats} the {baseline_name} {floor:.4f} by more than "
             f"promotion_margin {cfg.promotion_margin} ({better} is better)"
         )
-    for slice_name, values in sorted(slices.items()):
-        theirs_there = (champion_slices or {}).get(slice_name, {}).get(metric)
-        if values["rows"] < cfg.min_slice_rows or theirs_there is None or is_challenge(slice_name):
-            continue
-        loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
-        if loss > cfg.max_slice_regression:
-            return False, (
-                f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
-                f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
-                f"evaluate.max_slice_regression={cfg.max_slice_regression}"
-            )
+    refused = _regression_refusal(metric, greater_is_better, cfg, slices, champion_slices or {})
+    if refused:
+        return False, refused
     theirs = champion[metric]
     gain = ours - theirs if greater_is_better else theirs - ours
     if gain > cfg.promotion_margin:
@@ -81,6 +60,53 @@ def decide(
         f"{metric} {ours:.4f} does not beat champion {theirs:.4f} by more than {cfg.promotion_margin} "
         f"({better} is better)"
     )
+
+
+def _threshold_refusal(
+    metrics: dict[str, float], cfg: EvaluateConfig, task: str, slices: dict[str, dict[str, float]]
+) -> str | None:
+    """Why the first threshold of ``evaluate.thresholds`` that fails, or cannot be checked, refuses;
+    None when all hold. A threshold on a metric the task family does not report is bad input."""
+    for rule in cfg.thresholds:
+        name, op, bound = parse_threshold(rule)
+        metric_name, _, slice_name = name.rstrip("]").partition("[")
+        if metric_name not in metrics:
+            raise ConfigError(f"evaluate.thresholds: {rule!r}: {metric_name} is not a {task} metric ({list(metrics)})")
+        if slice_name and slice_name not in slices:
+            where = (
+                "the challenge set was not scored (evaluate.challenge_uri is empty, or the shipped set was "
+                "skipped for a model that does not know its labels)"
+                if is_challenge(slice_name)
+                else f"the eval split has no rows of slice '{slice_name}'"
+            )
+            return f"{name} cannot be checked: {where} (slices: {sorted(slices)})"
+        value = slices[slice_name][metric_name] if slice_name else metrics[metric_name]
+        if not (value >= bound if op == ">=" else value <= bound):
+            return f"{name} {value:.4f} fails the threshold {name} {op} {bound}"
+    return None
+
+
+def _regression_refusal(
+    metric: str,
+    greater_is_better: bool,
+    cfg: EvaluateConfig,
+    slices: dict[str, dict[str, float]],
+    champion_slices: dict[str, dict[str, float]],
+) -> str | None:
+    """Why the first slice (of ``evaluate.min_slice_rows`` rows or more, not the challenge set's)
+    worse than the champion's by more than ``max_slice_regression`` refuses; None when none is."""
+    for slice_name, values in sorted(slices.items()):
+        theirs_there = champion_slices.get(slice_name, {}).get(metric)
+        if values["rows"] < cfg.min_slice_rows or theirs_there is None or is_challenge(slice_name):
+            continue
+        loss = theirs_there - values[metric] if greater_is_better else values[metric] - theirs_there
+        if loss > cfg.max_slice_regression:
+            return (
+                f"{metric}[{slice_name}] {values[metric]:.4f} is worse than the champion's "
+                f"{theirs_there:.4f} on slice '{slice_name}' ({int(values['rows'])} rows) by more than "
+                f"evaluate.max_slice_regression={cfg.max_slice_regression}"
+            )
+    return None
 
 
 def reference_refusal(

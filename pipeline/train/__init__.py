@@ -247,16 +247,7 @@ def _fit(
     finally:
         term.close()
     if saver.stopped_at is not None:
-        raise TransientError(
-            f"train: stopped by SIGTERM at step {saver.stopped_at} (an eviction or preemption "
-            "notice); "
-            + (
-                "a checkpoint was saved there"
-                if saver.stopped_at == _newest_step(cfg)
-                else f"no time to save within train.term_grace_s={cfg.train.term_grace_s}"
-            )
-            + "; the next attempt resumes from the newest checkpoint"
-        )
+        raise _stopped(cfg, saver.stopped_at)
     extra, report = _save(cfg, parts, trainer, audit, model_dir, scratch)
     barrier()
     if local_rank == 0:
@@ -272,6 +263,20 @@ def _fit(
         "trainer_world_size": args.world_size,
         "peak_memory_bytes": _peak_memory(torch),
     }
+
+
+def _stopped(cfg: PipelineConfig, step: int) -> TransientError:
+    """What a run SIGTERM stopped at ``step`` raises: retried, from the newest checkpoint."""
+    return TransientError(
+        f"train: stopped by SIGTERM at step {step} (an eviction or preemption "
+        "notice); "
+        + (
+            "a checkpoint was saved there"
+            if step == _newest_step(cfg)
+            else f"no time to save within train.term_grace_s={cfg.train.term_grace_s}"
+        )
+        + "; the next attempt resumes from the newest checkpoint"
+    )
 
 
 def _warm_start(own: TrainConfig, parts: Parts, ds_config: dict[str, Any]) -> _WarmStart | None:

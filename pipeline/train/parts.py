@@ -68,31 +68,12 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
             extend_embeddings(model, list(added.values()))
         return model
 
-    def encode(split_rows: Any) -> tuple[Any, int, int]:
-        """The Dataset, its tokens (counted here: read back from the Dataset, the column comes out
-        of Arrow a row at a time, which took longer than the tokenizing) and the rows truncated."""
-        # .tolist(): Arrow-backed columns convert at once; iterating them boxes a value at a time.
-        texts = split_rows["text"].tolist()
-        limit = cfg.train.max_seq_len
-        encoded = tokenizer(texts, truncation=True, max_length=limit)
-        # Only a row at the limit can have been cut: those are tokenized again, whole.
-        at_limit = [texts[i] for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= limit]
-        whole = tokenizer(at_limit)["input_ids"] if at_limit else []
-        return (
-            _token_dataset(
-                {
-                    **encoded,
-                    "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
-                    "example_id": list(range(len(split_rows))),
-                }
-            ),
-            sum(map(len, encoded["input_ids"])),
-            sum(len(ids) > limit for ids in whole),
-        )
-
-    dataset, tokens, truncated = encode(rows)
+    limit = cfg.train.max_seq_len
+    dataset, tokens, truncated = _encode_labelled(tokenizer, rows, limit, label2id)
     held_out = frame[(frame["split"] == "eval") & frame["label"].notna()].reset_index(drop=True)
-    eval_dataset, _, eval_truncated = encode(held_out) if len(held_out) else (None, 0, 0)
+    eval_dataset, _, eval_truncated = (
+        _encode_labelled(tokenizer, held_out, limit, label2id) if len(held_out) else (None, 0, 0)
+    )
     if truncated or eval_truncated:
         print(
             f"train: texts longer than train.max_seq_len={cfg.train.max_seq_len} tokens, truncated: "
@@ -114,6 +95,29 @@ def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_
         },
         eval_dataset=eval_dataset if cfg.train.eval_steps else None,
         warm_start=bool(added),
+    )
+
+
+def _encode_labelled(tokenizer: Any, split_rows: Any, limit: int, label2id: dict[str, int]) -> tuple[Any, int, int]:
+    """A split's labelled texts as the classifier's Dataset, its tokens (counted here: read back from
+    the Dataset, the column comes out of Arrow a row at a time, which took longer than the
+    tokenizing) and the rows longer than ``limit`` tokens, truncated."""
+    # .tolist(): Arrow-backed columns convert at once; iterating them boxes a value at a time.
+    texts = split_rows["text"].tolist()
+    encoded = tokenizer(texts, truncation=True, max_length=limit)
+    # Only a row at the limit can have been cut: those are tokenized again, whole.
+    at_limit = [texts[i] for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= limit]
+    whole = tokenizer(at_limit)["input_ids"] if at_limit else []
+    return (
+        _token_dataset(
+            {
+                **encoded,
+                "labels": [label2id[str(v)] for v in split_rows["label"].tolist()],
+                "example_id": list(range(len(split_rows))),
+            }
+        ),
+        sum(map(len, encoded["input_ids"])),
+        sum(len(ids) > limit for ids in whole),
     )
 
 
