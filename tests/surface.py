@@ -14,23 +14,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline import cli, steps
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["run_id=scheduled__2026-01-05T00_00_00_00_00", 'train.snapshot_uri="s3://b/snap/data.parquet"']
-STEPS = ("collect", "validate", "train", "evaluate", "register", "promote")
-COMMANDS = ("run", "render", "config", "demo-model")
+STEPS = tuple(steps.STEPS)
+COMMANDS = tuple(cli.COMMANDS)
+HOME = "/tmp/finetune-surface"  # one FINETUNE_HOME for every tree: the default artifact_root follows it
+DEPLOYMENT = ROOT / "k8s" / "config" / "deploy.yaml"  # the shipped deployment's config (FINETUNE_CONFIG)
 LAUNCHERS = ("kubernetes", "pytorchjob", "trainjob")
 
 
 def finetune(*argv: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "FINETUNE_HOME": HOME}
+    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=ROOT, env=env)
     return f"exit {done.returncode}\n--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
 
 
-def dag_graphs() -> str:
-    """Each DAG's tasks: id, type, edges, retries, trigger rule, timeout, pool, queue; its params and tags."""
+def dag_graphs(**extra: str) -> str:
+    """Each DAG's tasks: id, type, edges, retries, trigger rule, timeout, pool, queue; its params and
+    tags; ``extra`` goes into the environment of the parse (``FINETUNE_CONFIG``, ...)."""
     home = tempfile.mkdtemp(prefix="surface-airflow-")
     env = {
         **os.environ,
+        **extra,
         "AIRFLOW_HOME": home,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
@@ -93,9 +100,14 @@ def main(out: Path) -> None:
         "--set",
         "train.num_processes=4",
     )
+    pages["render-train-pytorchjob-deployment"] = finetune(
+        "render", "--step", "train", "--launcher", "pytorchjob", "--config", str(DEPLOYMENT), *sets
+    )
     pages["config"] = finetune("config")
+    pages["config-deployment"] = finetune("config", "--config", str(DEPLOYMENT))
     pages["trainingruntime"] = runtime()
     pages["dags"] = dag_graphs()
+    pages["dags-deployment"] = dag_graphs(FINETUNE_CONFIG=str(DEPLOYMENT))
     for name, text in pages.items():
         (out / f"{name}.txt").write_text(text)
     print(json.dumps({"written": len(pages), "out": str(out)}))
