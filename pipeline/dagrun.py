@@ -13,6 +13,11 @@ with ``collect: {allowed_sources: [/its/dir/]}``, which the refusal spells out).
 ``--no-promote`` makes a smoke run: the version is registered as challenger and champion never
 moves (the trigger's ``evaluate.promote=false``); the summary's ``reason`` says so.
 
+With the deployment's ``promote.require_approval`` on, a run that may promote is refused before
+Airflow starts: its champion waits for a person in Airflow's Required actions page, which
+``airflow dags test`` cannot serve (no UI, and no scheduler to apply the approval's timeout).
+The message says where to go instead: ``make up`` and a trigger from the UI, or ``--no-promote``.
+
     finetune run --source pipeline/data/support_intents.jsonl --set train.epochs=1 --no-promote
 """
 
@@ -29,10 +34,17 @@ from typing import Any
 
 from pipeline import steps, storage
 from pipeline.config import add_settings_arguments, finetune_home, safe_run_id
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.steps import PIPELINE, RESULT_FILE, step_error
 
 DAG_ID = "finetune"
+APPROVAL_REFUSED = (
+    "promote.require_approval is on in the deployment's config: a new champion waits for a person to "
+    "approve it in Airflow's Required actions page, which `finetune run` (airflow dags test: no UI, no "
+    "scheduler for the approval's timeout) cannot offer. Start the UIs with `make up`, trigger finetune "
+    "there (Dags > finetune > Trigger) and answer under Browse > Required actions; or run with "
+    "--no-promote (a smoke run: challenger only, nobody asked)"
+)
 
 
 def dags_folder() -> Path:
@@ -129,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment = steps.deployment_overrides({**os.environ, **env_extra})  # as the DAG's tasks will read it
         cfg = steps.trigger_config(deployment, trigger, origin="run --set")  # as the DAG's tasks will check it
+        if cfg.promote.require_approval and cfg.evaluate.promote:
+            raise ConfigError(APPROVAL_REFUSED)
     except PipelineError as exc:
         print(f"error: run: {exc}", file=sys.stderr)
         return exc.exit_code

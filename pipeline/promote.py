@@ -1,6 +1,9 @@
 """promote: move a registry alias (default ``champion``) to a model version, with an audit
-record for every attempt; behind the ``promote`` DAG (manual promote and roll-back). The lock,
-the verdict and the audit are ``pipeline/registry.py``'s, shared with ``register``.
+record for every attempt; behind the ``promote`` DAG (manual promote and roll-back) and, with
+``promote.require_approval``, the ``finetune`` DAG's answer to its approval (``promote.approval``:
+``approved`` promotes on evaluate's head-to-head, as register would have; ``rejected`` records the
+refusal and moves nothing). The lock, the verdict and the audit are ``pipeline/registry.py``'s,
+shared with ``register``.
 
     finetune promote --set promote.version=previous_champion --set promote.force=true \\
         --set promote.reason="v7 misroutes refunds"
@@ -9,7 +12,7 @@ the verdict and the audit are ``pipeline/registry.py``'s, shared with ``register
 from __future__ import annotations
 
 from pipeline import registry, tracking
-from pipeline.config import PipelineConfig
+from pipeline.config import APPROVED, REJECTED, PipelineConfig
 from pipeline.errors import PipelineError
 
 # The step's result is the audited record of its attempt.
@@ -22,14 +25,29 @@ class PromotionRefused(PipelineError):
 
 def run(cfg: PipelineConfig) -> PromoteResult:
     own = cfg.promote
+    tracker = tracking.client()
+    if own.approval == REJECTED:  # a person's answer (or the approval's timeout), not a failure
+        return registry.refuse(
+            tracker,
+            cfg.model_name,
+            own.version,
+            own.target_alias,
+            requested_by=own.requested_by,
+            reason=own.reason,
+            ttl_s=own.lock_ttl_s,
+            wait_s=own.lock_wait_s,
+        )
+    # Approved: the champion evaluate compared against must still hold, as in register's own promotion.
+    expected = registry.compared_against(tracker, cfg.model_name, own.version) if own.approval == APPROVED else None
     result = registry.attempt(
-        tracking.client(),
+        tracker,
         cfg.model_name,
         own.version,
         own.target_alias,
         requested_by=own.requested_by,
         reason=own.reason,
         force=own.force,
+        expected_current=expected,
         ttl_s=own.lock_ttl_s,
         wait_s=own.lock_wait_s,
     )

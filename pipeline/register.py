@@ -1,6 +1,8 @@
 """register: log the trained model to MLflow with the transformers flavor, register a version
 with its lineage and model card, give it the ``challenger`` alias and, when the evaluate step's
-gate passed, move ``champion`` to it. The model card links every picture of the run (evaluate's
+gate passed, move ``champion`` to it -- unless the deployment's ``promote.require_approval`` is on:
+then the result says ``awaiting_approval`` and a person decides (the finetune DAG's approval and
+promote tasks). The model card links every picture of the run (evaluate's
 loss curves, confusion matrix, per-class F1 or perplexity, and ``register/drift.png``, drawn here
 from validate's drift report) and shows a causal LM's first sample answers. The version that held ``champion`` keeps the
 ``previous_champion`` alias, so a roll-back is promoting that alias back.
@@ -64,6 +66,10 @@ class RegisterResult:
     outside_moves: list[str] = field(default_factory=list)  # aliases someone moved without the pipeline
     gate: dict[str, Any] = field(default_factory=dict)  # the version's gate verdict (registry.gate_summary)
     alias_moves: list[registry.AliasMove] = field(default_factory=list)  # what this try moved: one event each
+    # promote.require_approval: the gate passed and champion waits for a person (the finetune DAG's
+    # approval task, then promote); drift: validate's measures then, for the approval's body.
+    awaiting_approval: bool = False
+    drift: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _read(uri: str, key: str, required: bool) -> dict[str, Any]:
@@ -153,17 +159,32 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
     return {k: v for k, v in tags.items() if v != ""}
 
 
+def _drift_report(validated: dict[str, Any]) -> dict[str, Any] | None:
+    """validate's drift report (``drift.json`` beside its ``drift.html``); None when validate found
+    no earlier snapshot to compare with (the first run of a model) or was not run."""
+    page = validated.get("drift_report_uri") or ""
+    if not page:
+        return None
+    report_uri = page.rsplit("/", 1)[0] + "/drift.json"
+    return storage.read_json(report_uri) if storage.exists(report_uri) else None
+
+
+def drift_measures(validated: dict[str, Any]) -> list[dict[str, Any]]:
+    """validate's drift measures against the last accepted snapshot, each with its bar
+    (``check``, ``of``, ``value``, ``max``, ``passed``); empty when there was nothing to compare with."""
+    report = _drift_report(validated) or {}
+    keys = ("check", "of", "value", "max", "passed")
+    return [{key: measure.get(key) for key in keys} for measure in report.get("checks") or []]
+
+
 def drift_picture(validated: dict[str, Any], run_id: str) -> dict[str, str]:
     """Draw the validate step's drift report (``drift.json`` beside its ``drift.html``) as a PNG and
     log it to ``run_id`` as ``DRIFT_PICTURE``; ``{path: caption}``, or ``{}`` when validate found no
     earlier snapshot to compare with (the first run of a model) or was not run."""
     page = validated.get("drift_report_uri") or ""
-    if not page:
+    report = _drift_report(validated)
+    if report is None:
         return {}
-    report_uri = page.rsplit("/", 1)[0] + "/drift.json"
-    if not storage.exists(report_uri):
-        return {}
-    report = storage.read_json(report_uri)
     sha256 = (report.get("reference") or {}).get("sha256") or ""  # the URI is too long for a title
     png, _ = drift.plot_png(report, "Drift from the last accepted snapshot" + (f" {sha256[:12]}" if sha256 else ""))
     with tempfile.TemporaryDirectory(prefix="finetune-register-") as tmp:
@@ -453,6 +474,8 @@ def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[s
         metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
         previous = "" if held is None else str(held)
         moves.append(registry.AliasMove(CHALLENGER, version, previous, why, metrics, at=registry.SYSTEM_CLOCK.stamp()))
+    if cfg.promote.require_approval:  # champion moves when a person approves: the finetune DAG's promote task
+        return moves
     if evaluated["promote"] and PROMOTION_DONE not in tracker.get_model_version(cfg.model_name, version).tags:
         # Under the registry lock, and only if the champion evaluate compared against still holds.
         promotion = registry.attempt(
@@ -533,7 +556,14 @@ def run(cfg: PipelineConfig) -> RegisterResult:
     registered = tracker.get_model_version(cfg.model_name, version)
     aliases = sorted(registered.aliases)
     print(f"register: {cfg.model_name} version {version} aliases {aliases}: {evaluated['reason']}", file=sys.stderr)
-    if CHAMPION not in aliases:
+    awaiting = bool(evaluated["promote"]) and cfg.promote.require_approval and CHAMPION not in aliases
+    if awaiting:
+        print(
+            f"register: version {version} passed the gate and is awaiting approval (promote.require_approval): "
+            f"{CHAMPION} moves when a person approves it in Airflow's Required actions",
+            file=sys.stderr,
+        )
+    elif CHAMPION not in aliases:
         print(
             f"register: the champion is unchanged; version {version} stays {CHALLENGER}. To promote it anyway, "
             f"trigger the promote DAG with version={version}, force=true and a reason (recorded in "
@@ -558,4 +588,6 @@ def run(cfg: PipelineConfig) -> RegisterResult:
         outside_moves=outside,
         gate=registry.gate_summary(registered, forced=False),
         alias_moves=moves,
+        awaiting_approval=awaiting,
+        drift=drift_measures(inputs["validate"]) if awaiting else [],
     )

@@ -603,6 +603,70 @@ def _moves(
     return moves
 
 
+# --- the approval gate --------------------------------------------------------------------------
+
+REFUSED_TAG = "finetune.approval_refused."  # + alias: version tag, the refusal's audit record
+
+
+def compared_against(tracker: Any, model_name: str, ref: str) -> str:
+    """The champion evaluate scored the version ``ref`` names against (``""``: none), as register
+    recorded it: what an approved promotion holds the champion to, as register's own would."""
+    return str(_gate(resolve_version(tracker, model_name, ref)).get("champion_version") or "")
+
+
+def refuse(
+    tracker: Any,
+    model_name: str,
+    ref: str,
+    alias: str,
+    *,
+    requested_by: str,
+    reason: str,
+    ttl_s: float = LOCK_TTL_S,
+    wait_s: float = LOCK_WAIT_S,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Promotion:
+    """Record that a person (or the approval's timeout) refused the version ``ref`` names
+    ``alias``: one audit record, "refused by <requested_by>: <reason>", written under the registry
+    lock beside the champion it leaves where it is; no alias moves. The version is tagged with the
+    record, so a retry returns it instead of writing a second."""
+    candidate = resolve_version(tracker, model_name, ref)
+    version, tagged = str(candidate.version), f"{REFUSED_TAG}{alias}"
+    who = requested_by or "unknown"
+    with registry_lock(tracker, model_name, who, ttl_s, wait_s, clock) as lease:
+        current_version = str(tracker.get_registered_model(model_name).aliases.get(alias) or "")
+        earlier = json.loads(candidate.tags[tagged]) if tagged in candidate.tags else None
+        record = earlier or {
+            "model": model_name,
+            "version": version,
+            "alias": alias,
+            "outcome": "refused",
+            "why": f"refused by {who}: {reason or '(no comment)'}",
+            "reason": reason,
+            "forced": False,
+            "requested_by": who,
+            "previous_version": current_version,
+            "at": clock.stamp(),
+        }
+        if earlier is None:
+            record["audit_run_id"] = _audit(tracker, model_name, record)
+            lease.check()
+            tracker.set_model_version_tag(model_name, version, tagged, json.dumps(record))
+    print(f"promote: {model_name} v{version} -> {alias}: refused: {record['why']}", file=sys.stderr)
+    return Promotion(
+        model_name=model_name,
+        version=version,
+        target_alias=alias,
+        outcome="refused",
+        reason=record["why"],
+        previous_version=record["previous_version"],
+        audit_run_id=record["audit_run_id"],
+        requested_by=record["requested_by"],
+        gate=gate_summary(candidate, forced=False),
+        mlflow_run_id=str(candidate.run_id or ""),
+    )
+
+
 # --- alias moves made outside the pipeline ------------------------------------------------------
 
 CHECKED_TAG = "finetune.aliases.checked_at"  # registered-model tag: when the aliases last matched the audit

@@ -56,7 +56,15 @@ from pipeline.config.deploy import (
     tolerations,
 )
 from pipeline.config.evaluate import CHALLENGE, DEFAULT_CHALLENGE, EvaluateConfig, is_challenge, parse_threshold
-from pipeline.config.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, PromoteConfig, RegisterConfig
+from pipeline.config.registry import (
+    APPROVED,
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    REJECTED,
+    PromoteConfig,
+    RegisterConfig,
+)
 from pipeline.config.scope import check_model_name, check_sources, local_files
 from pipeline.config.train import TrainConfig
 from pipeline.config.trainer_args import PIPELINE_TRAINER_ARGS, trainer_argument_types
@@ -100,6 +108,8 @@ __all__ = [
     "CHAMPION",
     "CHALLENGER",
     "PREVIOUS_CHAMPION",
+    "APPROVED",
+    "REJECTED",
     "QUANTITY",
     "STEP_NAMES",
     "TRIGGER_KEYS",

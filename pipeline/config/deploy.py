@@ -375,6 +375,12 @@ NEVER_FROM_A_TRIGGER = (
     "evaluate.reference_sets",  # the deployment's own rows, and its bars on them (pipeline/evaluate/reference.py)
     "evaluate.reference_thresholds",
     "evaluate.max_reference_regression",
+    # The approval gate (pipeline/config/registry.py): whether a person is asked, who, for how long,
+    # and the answer itself, which the finetune DAG's promote task sets from the approval task alone.
+    "promote.require_approval",
+    "promote.approvers",
+    "promote.approval_timeout",
+    "promote.approval",
 )
 
 

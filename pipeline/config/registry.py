@@ -15,6 +15,8 @@ from pipeline.fields import check_fields, option
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous_champion"
 ALIAS_PATTERN = r"[A-Za-z_][A-Za-z0-9_\-]{0,254}"
+APPROVED, REJECTED = "approved", "rejected"
+APPROVAL_ANSWERS = ("", APPROVED, REJECTED)  # promote.approval: "" for a promotion nobody was asked about
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,30 @@ class PromoteConfig:
         "Seconds an alias move waits for the registry lock before it fails with a retryable error.",
         minimum=0.0,
         maximum=86400.0,
+    )
+    # The approval gate: the deployment's (NEVER_FROM_A_TRIGGER in deploy.py), read when the DAG
+    # file is parsed, so it decides the finetune DAG's shape (register > approve > promote).
+    require_approval: bool = option(
+        False,
+        "A person approves each new champion: register sets challenger only, the finetune DAG asks in "
+        "Airflow's Required actions and promote moves champion on Approve.",
+    )
+    approvers: list[str] = option(
+        [],
+        "Airflow users who may answer the approval (their auth manager ids: the user name under the "
+        "simple auth manager); empty: anyone the auth manager lets act on the DAG.",
+    )
+    approval_timeout: int = option(
+        72 * 3600,
+        "Seconds the approval waits for an answer; then it is Reject, never Approve.",
+        minimum=1,
+        maximum=30 * 86400,
+    )
+    approval: str = option(
+        "",
+        "Set by the finetune DAG's promote task from the approval's answer: 'approved' promotes on "
+        "evaluate's head-to-head, 'rejected' records the refusal and moves nothing.",
+        choices=APPROVAL_ANSWERS,
     )
 
     def __post_init__(self) -> None:

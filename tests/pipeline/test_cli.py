@@ -48,3 +48,15 @@ def test_config_prints_the_effective_configuration_as_yaml_that_loads_back(tmp_p
 def test_config_names_a_bad_key(capsys):
     assert cli.main(["config", "--set", "train.epoch=2"]) == 2
     assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+
+
+def test_finetune_run_with_approval_on_says_where_to_answer_instead_of_waiting(tmp_path, capsys):
+    from pipeline import dagrun
+
+    deployment = tmp_path / "deployment.yaml"
+    deployment.write_text("promote: {require_approval: true}\n")
+    assert dagrun.main(["--config", str(deployment)]) == 2  # refused before Airflow starts
+    said = capsys.readouterr().err
+    assert "error: run: promote.require_approval is on in the deployment's config" in said
+    assert "`make up`" in said and "Required actions" in said and "--no-promote" in said
+    assert not (tmp_path / "home" / "airflow").exists()  # no Airflow database was made

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,37 @@ def test_a_frozen_first_phase_as_long_as_the_run_is_refused_naming_both_keys():
         load_config(None, ["train.epochs=1", "train.extend_vocab_epochs=2"])
     assert load_config(None, ["train.epochs=1"]).train.extend_vocab_epochs == 1  # the default: no frozen phase
     load_config(None, ["train.epochs=3", "train.extend_vocab_epochs=3", "train.extend_vocab=false"])
+
+
+def test_the_approval_gate_is_the_deployments_and_never_a_triggers(tmp_path):
+    from pipeline import steps
+
+    defaults = load_config(None).promote
+    assert (defaults.require_approval, defaults.approvers, defaults.approval_timeout) == (False, [], 72 * 3600)
+    deployment = tmp_path / "deployment.yaml"
+    deployment.write_text(
+        'trigger_keys: ["promote.*", "*"]\n'
+        "promote: {require_approval: true, approvers: [ana, bo], approval_timeout: 60}\n"
+    )
+    own = file_overrides(str(deployment))
+    trusted = steps.trigger_config(own, [])
+    assert (trusted.promote.require_approval, trusted.promote.approvers) == (True, ["ana", "bo"])
+    assert trusted.promote.approval_timeout == 60
+    # Not even a deployment whose trigger_keys allow every key lets a trigger turn it off, pick who
+    # answers, wait longer or answer itself.
+    for override in (
+        "promote.require_approval=false",
+        "promote.approvers=[mallory]",
+        "promote.approval_timeout=600",
+        "promote.approval=approved",
+    ):
+        key = override.partition("=")[0]
+        with pytest.raises(ConfigError, match=rf"'{key}' may not be set by a trigger"):
+            steps.trigger_config(own, [override])
+    for override, message in (
+        ("promote.approval_timeout=0", "promote.approval_timeout: 0 is below the minimum 1"),
+        ("promote.approval=maybe", "promote.approval: 'maybe' is not one of"),
+        ("promote.require_approval=sometimes", "promote.require_approval: expected true or false"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])

@@ -162,3 +162,42 @@ def test_a_lower_is_better_gate_metric_promotes_the_lower_perplexity():
     with pytest.raises(promote.PromotionRefused, match="perplexity 130.0000 of version 3 is not better"):
         _promote(*sets, f"promote.version={v3}")
     assert str(tracker.get_model_version_by_alias(name, "champion").version) == v2
+
+
+def test_an_approval_promotes_on_evaluates_head_to_head_and_a_refusal_is_audited_and_moves_nothing():
+    """promote.approval, as the finetune DAG's promote task sets it from a person's answer."""
+    tracker = client()
+    v1, v2 = register_version(tracker, 0.80), register_version(tracker, 0.70)
+    # v2 was scored against v1, head to head on the same rows, and passed there.
+    tracker.set_model_version_tag(
+        MODEL_NAME, v2, "finetune.gate", json.dumps({"gate_metric": "accuracy", "champion_version": v1})
+    )
+    approved = _promote(
+        f"promote.version={v1}", "promote.approval=approved", "promote.requested_by=ana", "promote.reason=looks right"
+    )
+    assert approved.outcome == "promoted" and approved.requested_by == "ana"
+    assert aliases(tracker) == {"champion": v1}
+    [record] = promotion_audit(tracker)
+    assert record.data.tags["promotion.requested_by"] == "ana" and record.data.tags["promotion.reason"] == "looks right"
+
+    refused = _promote(
+        f"promote.version={v2}", "promote.approval=rejected", "promote.requested_by=bo", "promote.reason=zh regressed"
+    )
+    assert (refused.outcome, refused.reason, refused.alias_moves) == ("refused", "refused by bo: zh regressed", [])
+    assert aliases(tracker) == {"champion": v1}  # untouched, and no exception: a person's answer is no failure
+    again = _promote(
+        f"promote.version={v2}", "promote.approval=rejected", "promote.requested_by=bo", "promote.reason=zh regressed"
+    )
+    assert again.audit_run_id == refused.audit_run_id  # a retried task finds its record, writes no second
+    [refusal] = [r for r in promotion_audit(tracker) if r.data.tags["promotion.version"] == v2]
+    assert refusal.info.run_id == refused.audit_run_id
+    assert refusal.data.tags["promotion.outcome"] == "refused" and refusal.data.tags["promotion.previous_version"] == v1
+    assert refusal.data.tags["promotion.why"] == "refused by bo: zh regressed"
+    assert registry.outside_moves(tracker, MODEL_NAME) == []  # a refusal leaves the aliases where the audit says
+    assert lock_is_free(tracker)
+
+    # v3 was evaluated when there was no champion; approved after v1 became one: refused, as register's would be.
+    v3 = register_version(tracker, 0.99)
+    with pytest.raises(promote.PromotionRefused, match=f"champion is version {v1} now, not version \\(none\\)"):
+        _promote(f"promote.version={v3}", "promote.approval=approved", "promote.requested_by=ana")
+    assert aliases(tracker) == {"champion": v1}

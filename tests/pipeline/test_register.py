@@ -404,3 +404,39 @@ def test_the_champion_is_served_and_a_restart_after_a_roll_back_serves_the_previ
     finally:
         services.main(["down"])
     assert services.running(home, "serve") is None
+
+
+def test_with_approval_required_register_sets_challenger_only_and_says_it_awaits_approval(
+    tmp_path, classifier_dir, capsys
+):
+    approval = ("promote.require_approval=true",)
+    first = register.run(_inputs(tmp_path, classifier_dir, "a1", True, 0.9, settings=approval))
+    assert first.awaiting_approval and not first.promoted and first.aliases == ["challenger"]
+    assert [(m.alias, m.version) for m in first.alias_moves] == [("challenger", "1")]
+    assert aliases(client()) == {"challenger": "1"} and promotion_audit(client()) == []  # nothing attempted
+    assert "version 1 passed the gate and is awaiting approval (promote.require_approval)" in capsys.readouterr().err
+    assert register.PROMOTION_DONE not in client().get_model_version("support-intents", "1").tags
+    assert first.drift == []  # no validate result: nothing to compare with
+    # The gate refused: nobody is asked, the result says nothing awaits.
+    refused = register.run(_inputs(tmp_path, classifier_dir, "a2", False, 0.5, settings=approval))
+    assert not refused.awaiting_approval and aliases(client()) == {"challenger": "2"}
+    # Off (the default): register promotes as before.
+    third = register.run(_inputs(tmp_path, classifier_dir, "a3", True, 0.95))
+    assert not third.awaiting_approval and third.promoted and aliases(client())["champion"] == "3"
+
+
+def test_drift_measures_are_validates_report_each_with_its_bar(tmp_path):
+    import pandas as pd
+
+    from pipeline import drift
+
+    labels = pd.Series(["order", "password", "refund"] * 10)
+    before = pd.Series(["where is my order", "reset my password", "i want a refund"] * 10)
+    after = pd.Series(["cancel subscription now", "update billing address", "wrong parcel arrived"] * 10)
+    report = drift.compare(before, after, labels, labels, 0.2, 0.3, 0.05)
+    storage.write_json((tmp_path / "drift.json").as_uri(), report)
+    measures = register.drift_measures({"drift_report_uri": (tmp_path / "drift.html").as_uri()})
+    assert [m["check"] for m in measures] == ["drift_label_psi", "drift_length_ks", "drift_oov_rate"]
+    oov = measures[-1]
+    assert (oov["of"], oov["max"], oov["passed"]) == ("text", 0.05, False) and oov["value"] > 0.05
+    assert register.drift_measures({"drift_report_uri": ""}) == []
