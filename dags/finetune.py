@@ -48,6 +48,14 @@ so does a new champion. Each alias `register` moves (`challenger`, `champion`,
 `previous_champion`) is also sent as a signed JSON event to the connection `finetune_events`
 (docs/operations.md, "Alias events"). No such connection: nothing is sent.
 
+**Approval.** With the deployment's `promote.require_approval` on, `register` sets `challenger`
+only, and two tasks follow it: `approve` asks a person in Airflow's **Required actions** (the
+evidence as its body; Approve or Reject, and a comment; only `promote.approvers` when the
+deployment names them; no answer within `promote.approval_timeout`, 72 h by default, is Reject)
+and `promote` then moves `champion` under the registry lock, requested by whoever approved, or
+records their refusal; the run succeeds either way. A gate that refused the version (or the
+`promote` Param off) skips both: nobody is asked (docs/operations.md, "Approval").
+
 **Credentials.** Under the `local` launcher, an Airflow connection `aws_default`, looked up when
 each task runs, supplies the step's `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN` (extra `aws_session_token`), `AWS_ENDPOINT_URL` (extra `endpoint_url`) and
@@ -61,8 +69,11 @@ import os
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, chain, dag
 from finetune_alerts import deadline_alert
+from finetune_operators import deployment_config
 from finetune_tasks import (
     DEFAULT_ARGS,
+    approval_task,
+    approval_timeout,
     default_model_name,
     env_flag,
     run_deadline,
@@ -75,6 +86,8 @@ from finetune_timetable import OnTimeCronTimetable
 from pipeline.steps import PIPELINE, launcher_from_env
 
 LAUNCHER = launcher_from_env()  # read at parse time: it decides which operator each task is
+# The deployment's approval gate, read at parse time too: on, register > approve > promote.
+APPROVAL = deployment_config().promote.require_approval
 CRON = os.environ.get("FINETUNE_SCHEDULE", "@weekly")
 # A tick already past when the DAG is unpaused is skipped, not run (plugins/finetune_timetable.py).
 CRON_TIMETABLE = OnTimeCronTimetable(CRON, timezone="UTC")
@@ -94,11 +107,17 @@ else:
     max_active_runs=1,
     tags=["finetune", "mlops", "training"],
     default_args=DEFAULT_ARGS,  # retried with back-off but for bad input, a failed gate, out of memory
-    deadline=deadline_alert(run_deadline(PIPELINE)),  # FINETUNE_DEADLINE_ALERTS: a run later than its steps' timeouts
+    # FINETUNE_DEADLINE_ALERTS: a run later than its steps' timeouts (and the approval's wait)
+    deadline=deadline_alert(
+        run_deadline((*PIPELINE, "promote"), approval_timeout()) if APPROVAL else run_deadline(PIPELINE)
+    ),
     params=step_params("finetune"),
     doc_md=__doc__,
 )
 def finetune():
+    if APPROVAL:  # champion moves when a person approves: the promote step, on the run's launcher
+        chain(*(step_task(step, LAUNCHER) for step in PIPELINE), approval_task(), step_task("promote", LAUNCHER))
+        return
     chain(*(step_task(step, LAUNCHER) for step in PIPELINE))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Connection, RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowNotFoundException
+from finetune_approval import APPROVAL_TASK, approval_overrides
 
 from pipeline import local, steps
 from pipeline.config import PipelineConfig, defaults_environment, load_config, safe_run_id, scope
@@ -77,8 +78,9 @@ def _no_snapshot(event) -> None:
 def run_overrides(step: str, context) -> steps.StepOverrides:
     """The step's overrides in this run, with their config (built and checked once): the
     deployment's config files, what the trigger sent (checked against the deployment's
-    trigger_keys), who triggered it, upstream results, and for ``collect`` in an asset-triggered
-    run the announced snapshot as its only source."""
+    trigger_keys), who triggered it, upstream results, for ``collect`` in an asset-triggered
+    run the announced snapshot as its only source, and for ``promote`` after an approval
+    (``finetune_approval``) the version, who answered, their comment and the answer."""
     upstream = {source: context["ti"].xcom_pull(task_ids=source) for source, _ in STEPS[step].inputs.values()}
     dag_run = context.get("dag_run")
     user = getattr(dag_run, "triggering_user_name", None) or "unknown"
@@ -87,6 +89,10 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
     snapshot_uri = None if latest is None else (latest.extra or {}).get("snapshot_uri")
     deployment = steps.deployment_overrides()
     trusted = deployment_config(deployment)
+    extra = [f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else []
+    if step == "promote" and APPROVAL_TASK in getattr(context.get("task"), "upstream_task_ids", ()):
+        answer, registered = (context["ti"].xcom_pull(task_ids=task) for task in (APPROVAL_TASK, "register"))
+        extra += approval_overrides(answer, registered, trusted.promote.approval_timeout)
     if snapshot_uri:
         scope.check_announced(
             snapshot_uri, trusted.artifact_root, trusted.collect.allowed_sources, f"asset event on {latest.asset.name}"
@@ -100,7 +106,7 @@ def run_overrides(step: str, context) -> steps.StepOverrides:
         deployment=deployment,
         run_date=run_after.isoformat() if run_after else "",
         trusted=trusted,
-        extra=[f"collect.sources={json.dumps([snapshot_uri])}"] if snapshot_uri else [],
+        extra=extra,
     )
     if latest is not None and not snapshot_uri:
         _no_snapshot(latest)  # said once the overrides stand, as before

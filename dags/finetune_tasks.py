@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, BaseOperator, Param, task
 from finetune_alerts import ON_FAILURE, ON_PROMOTION
+from finetune_approval import APPROVAL_TASK, ApprovalTask
 from finetune_events import ON_ALIAS_MOVES
 from finetune_operators import RETRY_TABLE, LocalStepOperator, deployment_config, step_timeout_s
 
@@ -153,6 +154,20 @@ def step_task(step: str, launcher: str) -> BaseOperator:
     if job_kind(step, launcher):
         return finetune_k8s_operators.JOB_OPERATORS[launcher](**settings)
     return finetune_k8s_operators.StepPodOperator(launcher=launcher, **settings)
+
+
+def approval_timeout() -> timedelta:
+    """How long the approval waits for an answer: ``promote.approval_timeout`` of the deployment's config."""
+    return timedelta(seconds=deployment_config().promote.approval_timeout)
+
+
+def approval_task() -> BaseOperator:
+    """The approval between ``register`` and ``promote`` (``promote.require_approval``): a person
+    answers in Airflow's Required actions; who may, and for how long, are the deployment's
+    (``promote.approvers``, ``promote.approval_timeout``)."""
+    return ApprovalTask(
+        task_id=APPROVAL_TASK, approvers=deployment_config().promote.approvers, timeout=approval_timeout()
+    )
 
 
 # What an announcement carries of the collect task's result (fields of its result dataclass).

@@ -120,6 +120,8 @@ def services(home: Path) -> list[Service]:
         "AIRFLOW__API__BASE_URL": f"http://{HOST}:{airflow_port}",
         # Task workers report to the API server; its default assumes port 8080.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{HOST}:{airflow_port}/execution/",
+        # Where the approval's body links the model card and the MLflow run (dags/finetune_approval.py).
+        "FINETUNE_MLFLOW_UI_URL": os.environ.get("FINETUNE_MLFLOW_UI_URL", f"http://{HOST}:{mlflow_port}"),
     }
     mlflow_command = [
         str(bin_dir / "mlflow"),
