@@ -68,12 +68,13 @@ demo-llm: install
 # session fixtures wrote. TEST_TMPDIR=/tmp make test keeps them on disk.
 TEST_TMPDIR ?= $(shell d=/dev/shm; [ -d $$d ] && [ -w $$d ] && \
 	[ "$$(df -Pk $$d | awk 'NR==2 {print $$4}')" -gt 4000000 ] && echo $$d || echo $${TMPDIR:-/tmp})
-# Tests run in TEST_WORKERS processes (pytest-xdist), one per core up to 4, a module at a time
-# (loadscope: its module fixtures are built once), the slow modules first (tests/conftest.py).
-# TEST_WORKERS=0 runs them in this process, one after another.
+# Tests run in TEST_WORKERS processes (pytest-xdist), one per core up to 4, each worker given the
+# next test as it frees up (--dist load). Grouping by module and starting the training modules first
+# made two trainings share the 2 cores for most of the run: 31 min of pytest against 23.5 min this
+# way (BENCHMARKS.md). TEST_WORKERS=0 runs the tests in one process, one after another.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) \
-	--dist loadscope --no-loadscope-reorder
+	--dist load
 
 # The JUnit report is what bench/suite.py sums per module for BENCHMARKS.md.
 test: install $(CHECKOV) lint

@@ -11,18 +11,6 @@ import pytest
 from tests.helpers import build_tiny_lm, free_port, moto_server, shipped_rows, write_jsonl
 
 
-def pytest_collection_modifyitems(config, items):
-    """The modules that run the whole DAG (tests marked e2e), then those that train (marked slow),
-    the most such tests first, each module's tests in their order: make test's xdist workers take a module at
-    a time (--dist loadscope --no-loadscope-reorder), and the long ones started first end together
-    instead of one worker finishing alone."""
-    weight: dict[str, int] = {}
-    for item in items:  # a whole DAG run (e2e) outweighs a training (slow)
-        cost = 100 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 0
-        weight[item.module.__name__] = weight.get(item.module.__name__, 0) + cost
-    items.sort(key=lambda item: -weight[item.module.__name__])  # stable: a module's own order stays
-
-
 @pytest.fixture(autouse=True)
 def finetune_home(tmp_path, monkeypatch):
     """Every test gets its own artifact store, MLflow SQLite file and Airflow home."""
