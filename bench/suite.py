@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--how", default="", help="how the run was made (clean clone, load, ...)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    # The target (issue 26): a clean clone through CI=true bash .ci/run, install included, 12 minutes.
     report = {
-        "setup": {"how": args.how, "tests_s": args.tests_s, "wall_s": args.wall_s, "target_wall_s": 7 * 60},
+        "setup": {"how": args.how, "tests_s": args.tests_s, "wall_s": args.wall_s, "target_wall_s": 12 * 60},
         **summarize(args.junit),
     }
     print(write_result("suite", report, args.out))
