@@ -296,21 +296,7 @@ def _submit_and_wait(page: Any, dialog: Any, airflow_url: str, home: Path, dag_i
         lambda: _service_logs(home),
     )
     assert len(created) == 1 and created[0]["run_type"] == "manual", created
-    run_id = created[0]["dag_run_id"]
-    url = f"{airflow_url}/api/v2/dags/{dag_id}/dagRuns/{urllib.request.quote(run_id, safe='')}"
-
-    def finished() -> dict | None:
-        run = _get_json(url, _airflow_token(airflow_url, home))  # a token outlives no long run: fetch one each time
-        return run if run["state"] in ("success", "failed") else None
-
-    run = _poll(
-        f"{dag_id} run {run_id} to finish",
-        finished,
-        timeout_s,
-        lambda: _task_log_tail(home, dag_id, run_id) + "\n" + _service_logs(home),
-    )
-    assert run["state"] == "success", f"{dag_id} run {run_id} failed:\n{_task_log_tail(home, dag_id, run_id)}"
-    return run
+    return _finished(airflow_url, home, dag_id, created[0]["dag_run_id"], timeout_s)
 
 
 def _seconds(run: dict) -> float:
@@ -518,7 +504,7 @@ def _finished(airflow_url: str, home: Path, dag_id: str, run_id: str, timeout_s:
     url = f"{airflow_url}/api/v2/dags/{dag_id}/dagRuns/{urllib.request.quote(run_id, safe='')}"
 
     def finished() -> dict | None:
-        run = _get_json(url, _airflow_token(airflow_url, home))
+        run = _get_json(url, _airflow_token(airflow_url, home))  # a token outlives no long run: fetch one each time
         return run if run["state"] in ("success", "failed") else None
 
     run = _poll(
