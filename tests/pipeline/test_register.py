@@ -406,6 +406,37 @@ def test_the_champion_is_served_and_a_restart_after_a_roll_back_serves_the_previ
     assert services.running(home, "serve") is None
 
 
+def test_a_served_chat_champion_answers_a_chat_message(tmp_path, tiny_lm_dir, monkeypatch):
+    """The causal-LM champion behind the same scoring server: an OpenAI-style chat request to
+    /invocations gets an assistant message back, from the version champion named at start."""
+    import urllib.request
+
+    from pipeline import services
+    from tests.helpers import free_port
+
+    register.run(_inputs(tmp_path, tiny_lm_dir, "c1", True, 0.8, settings=CHAT))
+    port = free_port()
+    monkeypatch.setenv("SERVE_PORT", str(port))
+    home = Path(os.environ["FINETUNE_HOME"])
+    try:
+        assert services.main(["serve", "--model", "support-chat"]) == 0
+        assert json.loads(services.pid_file(home, "serve").read_text())["version"] == "1"
+        body = {"messages": [{"role": "user", "content": "Where is my order #A1234?"}], "max_tokens": 8}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        [choice] = answer["choices"] if isinstance(answer, dict) else answer[0]["choices"]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length")
+    finally:
+        services.main(["down"])
+    assert services.running(home, "serve") is None
+
+
 def test_with_approval_required_register_sets_challenger_only_and_says_it_awaits_approval(
     tmp_path, classifier_dir, capsys
 ):
