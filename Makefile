@@ -69,9 +69,9 @@ demo-llm: install
 TEST_TMPDIR ?= $(shell d=/dev/shm; [ -d $$d ] && [ -w $$d ] && \
 	[ "$$(df -Pk $$d | awk 'NR==2 {print $$4}')" -gt 4000000 ] && echo $$d || echo $${TMPDIR:-/tmp})
 # Tests run in TEST_WORKERS processes (pytest-xdist), one per core up to 4, each worker given the
-# next test as it frees up (--dist load). Grouping by module and starting the training modules first
-# made two trainings share the 2 cores for most of the run: 31 min of pytest against 23.5 min this
-# way (BENCHMARKS.md). TEST_WORKERS=0 runs the tests in one process, one after another.
+# next test as it frees up (--dist load); grouping by module with the training modules first made two
+# trainings share the 2 cores most of the run (BENCHMARKS.md has the runs). TEST_WORKERS=0 runs the
+# tests in one process, one after another.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 PYTEST := TMPDIR=$(TEST_TMPDIR) $(BIN)/python -m pytest -o tmp_path_retention_policy=failed -n $(TEST_WORKERS) \
 	--dist load
