@@ -272,6 +272,20 @@ def _param_input(dialog: Any, name: str) -> Any:
     return dialog.locator(f"#element_{name}")
 
 
+def _signed_in(browser: Any, airflow_url: str, password: str, height: int) -> Any:
+    """A page of ``browser`` past Airflow's sign-in, as the admin user `up` names."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.set_default_timeout(30_000)
+    expect.set_options(timeout=30_000)
+    page.goto(airflow_url)
+    page.get_by_label("Username").fill(services.ADMIN_USER)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    return page
+
+
 def _open_trigger_form(page: Any, airflow_url: str, dag_id: str) -> Any:
     page.goto(f"{airflow_url}/dags/{dag_id}")
     page.get_by_role("button", name="Trigger Dag").click()
@@ -356,15 +370,8 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
         password = json.loads((home / "airflow" / services.PASSWORD_FILE).read_text())["admin"]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.set_default_timeout(30_000)
-            expect.set_options(timeout=30_000)
-
             # Log in with the user and the password file `up` named.
-            page.goto(airflow_url)
-            page.get_by_label("Username").fill(services.ADMIN_USER)
-            page.get_by_label("Password").fill(password)
-            page.get_by_role("button", name="Sign in").click()
+            page = _signed_in(browser, airflow_url, password, height=860)
             expect(page.get_by_role("button", name="Trigger Dag").or_(page.get_by_text("Dags").first)).to_be_visible()
 
             # An invalid value is refused before a run exists: the number field will not hold an
@@ -588,13 +595,7 @@ def test_a_person_approves_a_champion_rejects_the_next_and_a_third_times_out_in_
         password = json.loads((home / "airflow" / services.PASSWORD_FILE).read_text())["admin"]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(30_000)
-            expect.set_options(timeout=30_000)
-            page.goto(airflow_url)
-            page.get_by_label("Username").fill(services.ADMIN_USER)
-            page.get_by_label("Password").fill(password)
-            page.get_by_role("button", name="Sign in").click()
+            page = _signed_in(browser, airflow_url, password, height=1000)
             expect(page.get_by_text("Dags").first).to_be_visible()
 
             # 1. The first version reaches the approval; a person reads the evidence and approves.
