@@ -133,75 +133,77 @@ def test_parquet_and_gzipped_parquet_sources(tmp_path):
     assert result.rows == 4 and result.labels == ["0", "1"]
 
 
-@pytest.mark.parametrize(
-    "name, content, message",
-    [
-        ("empty.jsonl", b"", "empty.jsonl: file is empty"),
-        ("blank.jsonl", b"\n  \n", "blank.jsonl: file is empty"),
-        ("empty.csv.gz", gzip.compress(b""), "empty.csv.gz: file is empty"),
-        ("header.csv", b"text,label\r\n", "header.csv: has a header but no rows"),
-        (
-            "nolabel.jsonl",
-            b'{"text": "hi"}\n',
-            "nolabel.jsonl: missing column(s) 'label' (collect.label_column); the file's columns are ['text']: "
-            "set collect.label_column=<column>",
-        ),
-        (
-            "notext.csv",
-            b"body,label\nhi,x\n",
-            "notext.csv: missing column(s) 'text' (collect.text_column); the file's columns are ['body', 'label']: "
-            "set collect.text_column=<column>",
-        ),
-        (
-            "broken.jsonl",
-            b'{"text": "a", "label": "b"}\n{"text": oops}\n',
-            "broken.jsonl: line 2 is not valid JSON (Expecting value at column 10)",
-        ),
-        (
-            "list.jsonl",
-            b'{"text": "a", "label": "b"}\n["a", "b"]\n',
-            "list.jsonl: line 2 is not a JSON object but list",
-        ),
-        ("latin1.csv", "text,label\ncaf\xe9,x\n".encode("latin-1"), "latin1.csv: not valid UTF-8 at byte 14 (line 2)"),
-        (
-            "bad.jsonl",
-            b'{"text": "a", "label": "b"}\n{"text": "\xff", "label": "b"}\n',
-            "bad.jsonl: not valid UTF-8 at byte 38 (line 2)",
-        ),
-        ("data.txt", b"hello", "data.txt: unknown format"),
-        (
-            "cut.jsonl.gz",
-            gzip.compress(b'{"text": "a", "label": "b"}\n' * 50)[:-12],
-            "cut.jsonl.gz: cannot decompress gzip data (Compressed file ended before the end-of-stream marker",
-        ),
-        ("cut.csv.gz", gzip.compress(b"text,label\n" + b"a,b\n" * 50)[:-12], "cut.csv.gz: cannot decompress gzip"),
-        (
-            "fake.jsonl.gz",
-            b'{"text": "a", "label": "b"}\n',
-            "fake.jsonl.gz: cannot decompress gzip data (Not a gzipped",
-        ),
-        (
-            "num.jsonl",
-            b'{"text": "ok", "label": 1}\n\n{"text": 42, "label": 0}\n',
-            "num.jsonl: row 2 (line 3): 'text' is int 42, not a string",
-        ),
-        (
-            "badlabel.jsonl",
-            b'{"text": "ok", "label": "\\udc00"}\n',
-            "badlabel.jsonl: row 1: a value is not valid Unicode",
-        ),
-        (
-            "nested.jsonl",
-            b'{"text": "ok", "label": ["a"]}\n',
-            "nested.jsonl: row 1: 'label' is list ['a'], not a string",
-        ),
-        (
-            "surrogate.jsonl",
-            b'{"text": "ok", "label": "a"}\n{"text": "\\ud800", "label": "a"}\n',
-            "surrogate.jsonl: row 2: 'text' is not valid Unicode",
-        ),
-    ],
-)
+# Ids are the file names: the gzip bytes carry a timestamp, and ids built from them differ between
+# xdist workers that collect a second apart, which stops the whole run at collection.
+BAD_FILES = [
+    ("empty.jsonl", b"", "empty.jsonl: file is empty"),
+    ("blank.jsonl", b"\n  \n", "blank.jsonl: file is empty"),
+    ("empty.csv.gz", gzip.compress(b"", mtime=0), "empty.csv.gz: file is empty"),
+    ("header.csv", b"text,label\r\n", "header.csv: has a header but no rows"),
+    (
+        "nolabel.jsonl",
+        b'{"text": "hi"}\n',
+        "nolabel.jsonl: missing column(s) 'label' (collect.label_column); the file's columns are ['text']: "
+        "set collect.label_column=<column>",
+    ),
+    (
+        "notext.csv",
+        b"body,label\nhi,x\n",
+        "notext.csv: missing column(s) 'text' (collect.text_column); the file's columns are ['body', 'label']: "
+        "set collect.text_column=<column>",
+    ),
+    (
+        "broken.jsonl",
+        b'{"text": "a", "label": "b"}\n{"text": oops}\n',
+        "broken.jsonl: line 2 is not valid JSON (Expecting value at column 10)",
+    ),
+    (
+        "list.jsonl",
+        b'{"text": "a", "label": "b"}\n["a", "b"]\n',
+        "list.jsonl: line 2 is not a JSON object but list",
+    ),
+    ("latin1.csv", "text,label\ncaf\xe9,x\n".encode("latin-1"), "latin1.csv: not valid UTF-8 at byte 14 (line 2)"),
+    (
+        "bad.jsonl",
+        b'{"text": "a", "label": "b"}\n{"text": "\xff", "label": "b"}\n',
+        "bad.jsonl: not valid UTF-8 at byte 38 (line 2)",
+    ),
+    ("data.txt", b"hello", "data.txt: unknown format"),
+    (
+        "cut.jsonl.gz",
+        gzip.compress(b'{"text": "a", "label": "b"}\n' * 50)[:-12],
+        "cut.jsonl.gz: cannot decompress gzip data (Compressed file ended before the end-of-stream marker",
+    ),
+    ("cut.csv.gz", gzip.compress(b"text,label\n" + b"a,b\n" * 50)[:-12], "cut.csv.gz: cannot decompress gzip"),
+    (
+        "fake.jsonl.gz",
+        b'{"text": "a", "label": "b"}\n',
+        "fake.jsonl.gz: cannot decompress gzip data (Not a gzipped",
+    ),
+    (
+        "num.jsonl",
+        b'{"text": "ok", "label": 1}\n\n{"text": 42, "label": 0}\n',
+        "num.jsonl: row 2 (line 3): 'text' is int 42, not a string",
+    ),
+    (
+        "badlabel.jsonl",
+        b'{"text": "ok", "label": "\\udc00"}\n',
+        "badlabel.jsonl: row 1: a value is not valid Unicode",
+    ),
+    (
+        "nested.jsonl",
+        b'{"text": "ok", "label": ["a"]}\n',
+        "nested.jsonl: row 1: 'label' is list ['a'], not a string",
+    ),
+    (
+        "surrogate.jsonl",
+        b'{"text": "ok", "label": "a"}\n{"text": "\\ud800", "label": "a"}\n',
+        "surrogate.jsonl: row 2: 'text' is not valid Unicode",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[case[0] for case in BAD_FILES])
 def test_bad_files_name_the_file_and_publish_nothing(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     assert message in _fails(tmp_path / name)
