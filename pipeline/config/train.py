@@ -103,6 +103,18 @@ class TrainConfig:
         "assistant's turns (Axolotl's train_on_inputs; TRL's assistant_only_loss=False). Training split only: "
         "evaluate scores the assistant's turns either way.",
     )
+    dpo_beta: float = option(
+        0.1,
+        "preference: DPO's beta (TRL's DPOConfig.beta), how far the tuned model may move from the reference "
+        "model: higher keeps it closer.",
+        exclusive_minimum=0.0,
+        maximum=10.0,
+    )
+    reference_model: str = option(
+        "",
+        "preference: the reference model of DPO, a model URI as base_model takes, or models:/<name>@<alias> or "
+        "models:/<name>/<version> of the registry (e.g. models:/support-chat@champion); empty: base_model.",
+    )
     lora_r: int = option(0, "causal-lm: LoRA rank; 0 trains every weight.", minimum=0, maximum=1024)
     lora_alpha: int = option(16, "causal-lm: LoRA scaling numerator (alpha / r).", minimum=1)
     lora_dropout: float = option(0.05, "causal-lm: dropout on the LoRA input.", minimum=0.0, maximum=0.9)
