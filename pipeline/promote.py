@@ -2,8 +2,8 @@
 record for every attempt; behind the ``promote`` DAG (manual promote and roll-back) and, with
 ``promote.require_approval``, the ``finetune`` DAG's answer to its approval (``promote.approval``:
 ``approved`` promotes on evaluate's head-to-head, as register would have; ``rejected`` records the
-refusal and moves nothing). The lock, the verdict and the audit are ``pipeline/registry.py``'s,
-shared with ``register``.
+refusal and moves nothing). The verdict and the audit are ``pipeline/registry.py``'s, the lock
+``pipeline/lock.py``'s, shared with ``register``.
 
     finetune promote --set promote.version=previous_champion --set promote.force=true \\
         --set promote.reason="v7 misroutes refunds"

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline import drift, registry, storage, tracking
+from pipeline import drift, lock, registry, storage, tracking
 from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig, is_challenge
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import check_weights, load_causal_lm, load_trained_lm, resolve_model
@@ -473,7 +473,7 @@ def _complete(tracker: Any, cfg: PipelineConfig, version: str, evaluated: dict[s
         why = f"version {version} registered by pipeline run {cfg.run_id}"
         metrics = {k: float(v) for k, v in evaluated["metrics"].items()}
         previous = "" if held is None else str(held)
-        moves.append(registry.AliasMove(CHALLENGER, version, previous, why, metrics, at=registry.SYSTEM_CLOCK.stamp()))
+        moves.append(registry.AliasMove(CHALLENGER, version, previous, why, metrics, at=lock.SYSTEM_CLOCK.stamp()))
     if cfg.promote.require_approval:  # champion moves when a person approves: the finetune DAG's promote task
         return moves
     if evaluated["promote"] and PROMOTION_DONE not in tracker.get_model_version(cfg.model_name, version).tags:

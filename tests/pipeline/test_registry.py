@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pipeline import registry
+from pipeline import lock, registry
 from pipeline.tracking import client
 from tests.helpers import MODEL_NAME, aliases, lock_generations, lock_is_free, promotion_audit, register_version
 
@@ -59,7 +59,7 @@ def test_two_waiters_racing_for_a_stale_lock_never_both_hold_it():
 
     def contender(name):
         tracker = Recorder(client(), barrier_on="create_registered_model", barrier=barrier)
-        with registry.registry_lock(tracker, MODEL_NAME, name, ttl_s=5, wait_s=30) as lease:
+        with lock.registry_lock(tracker, MODEL_NAME, name, ttl_s=5, wait_s=30) as lease:
             with guard:
                 inside[0] += 1
                 most[0] = max(most[0], inside[0])
@@ -82,18 +82,18 @@ def test_two_waiters_racing_for_a_stale_lock_never_both_hold_it():
 
 HOLDER = """
 import sys, time
-from pipeline import registry, tracking
+from pipeline import lock, tracking
 tracker = tracking.client()
-clock = registry.Clock(wall=lambda: time.time() + float(sys.argv[3]))  # this machine's clock, that far off
+clock = lock.Clock(wall=lambda: time.time() + float(sys.argv[3]))  # this machine's clock, that far off
 ttl_s = float(sys.argv[2])
-with registry.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=ttl_s, wait_s=30, clock=clock) as lease:
+with lock.registry_lock(tracker, sys.argv[1], "frozen-holder", ttl_s=ttl_s, wait_s=30, clock=clock) as lease:
     print("held", lease.generation, flush=True)
     sys.stdin.readline()  # frozen here by the test
     try:
         lease.check()
         tracker.set_registered_model_alias(sys.argv[1], "champion", "1")
         print("wrote", flush=True)
-    except registry.LockLost as exc:
+    except lock.LockLost as exc:
         print("lost:", exc, flush=True)
 """
 
@@ -118,7 +118,7 @@ def test_a_holder_frozen_past_the_ttl_loses_the_lock_and_neither_writes_nor_remo
     holder = _holder(ttl_s=2)
     os.kill(holder.pid, signal.SIGSTOP)  # an eviction notice that never came, a GC pause, a stuck VM
     try:
-        with registry.registry_lock(tracker, MODEL_NAME, "successor", ttl_s=30, wait_s=10) as lease:
+        with lock.registry_lock(tracker, MODEL_NAME, "successor", ttl_s=30, wait_s=10) as lease:
             assert lease.generation == 2  # took over generation 1 once it was seen unrenewed for the TTL
             tracker.set_registered_model_alias(MODEL_NAME, "champion", v2)
             os.kill(holder.pid, signal.SIGCONT)
@@ -140,7 +140,7 @@ def test_a_refused_prune_does_not_stop_the_lock_and_a_refused_create_fails_at_on
     real = client()
     _stale_lease(real)
     refusing_delete = Recorder(real, refuse={"delete_registered_model"})
-    with registry.registry_lock(refusing_delete, MODEL_NAME, "a", ttl_s=5, wait_s=5) as lease:
+    with lock.registry_lock(refusing_delete, MODEL_NAME, "a", ttl_s=5, wait_s=5) as lease:
         assert lease.generation == 2
     assert refusing_delete.calls["delete_registered_model"] == 1  # tried once, not in a loop
     assert set(lock_generations(real)) == {f"{LOCK}1", f"{LOCK}2"}
@@ -148,7 +148,7 @@ def test_a_refused_prune_does_not_stop_the_lock_and_a_refused_create_fails_at_on
     refusing_create = Recorder(real, refuse={"create_registered_model"})
     started = time.monotonic()
     with pytest.raises(Exception, match=rf"cannot create the registry lock {LOCK}3: .*permission"):
-        with registry.registry_lock(refusing_create, MODEL_NAME, "b", ttl_s=5, wait_s=30):
+        with lock.registry_lock(refusing_create, MODEL_NAME, "b", ttl_s=5, wait_s=30):
             pass
     assert time.monotonic() - started < 5 and refusing_create.calls["create_registered_model"] == 1
 
@@ -157,11 +157,11 @@ def test_a_busy_lock_is_waited_for_with_back_off_until_the_deadline_then_a_retry
     real = client()
     # The holder renews every TTL/4 (1 s), each renewal three calls to the SQLite store; a TTL of
     # 4 s leaves it room for a slow renewal on a loaded machine (2 s did not: a take-over under load).
-    with registry.registry_lock(real, MODEL_NAME, "long-holder", ttl_s=4, wait_s=8):
+    with lock.registry_lock(real, MODEL_NAME, "long-holder", ttl_s=4, wait_s=8):
         waiter = Recorder(client())
         started = time.monotonic()
-        with pytest.raises(registry.RegistryBusy) as busy:
-            registry.acquire(waiter, MODEL_NAME, "impatient", ttl_s=4, wait_s=5)
+        with pytest.raises(lock.RegistryBusy) as busy:
+            lock.acquire(waiter, MODEL_NAME, "impatient", ttl_s=4, wait_s=5)
         waited = time.monotonic() - started
     # The holder renewed the lease all along, so the 5 s wait outlasted the 4 s TTL in vain.
     assert 5 <= waited < 8
@@ -223,16 +223,16 @@ def test_ten_concurrent_promotions_proceed_past_a_holder_killed_inside_the_lock(
 @pytest.mark.parametrize("offset_s", [120, -120])
 def test_contenders_whose_wall_clocks_are_off_never_take_a_healthy_holders_lease(offset_s):
     real = client()
-    skewed = registry.Clock(wall=lambda: time.time() + offset_s)
+    skewed = lock.Clock(wall=lambda: time.time() + offset_s)
     busy = []
 
     def contender(i):
         try:
-            registry.acquire(client(), MODEL_NAME, f"skewed-{i}", ttl_s=2, wait_s=3.5, clock=skewed)
-        except registry.RegistryBusy as exc:
+            lock.acquire(client(), MODEL_NAME, f"skewed-{i}", ttl_s=2, wait_s=3.5, clock=skewed)
+        except lock.RegistryBusy as exc:
             busy.append(str(exc))
 
-    with registry.registry_lock(real, MODEL_NAME, "healthy-holder", ttl_s=2, wait_s=5) as lease:
+    with lock.registry_lock(real, MODEL_NAME, "healthy-holder", ttl_s=2, wait_s=5) as lease:
         threads = [threading.Thread(target=contender, args=(i,)) for i in range(2)]
         for thread in threads:
             thread.start()
@@ -249,7 +249,7 @@ def test_a_holder_an_hour_ahead_killed_inside_the_lock_is_taken_over_after_one_t
     holder.kill()
     holder.wait(timeout=10)
     started = time.monotonic()
-    with registry.registry_lock(tracker, MODEL_NAME, "next", ttl_s=5, wait_s=20) as lease:
+    with lock.registry_lock(tracker, MODEL_NAME, "next", ttl_s=5, wait_s=20) as lease:
         waited = time.monotonic() - started
         assert lease.generation == 2
     assert 1.5 <= waited < 8, waited  # one TTL of watching it unrenewed (and back-off), not an hour
@@ -258,12 +258,12 @@ def test_a_holder_an_hour_ahead_killed_inside_the_lock_is_taken_over_after_one_t
 def test_a_holder_whose_renewal_was_late_loses_the_lock_only_to_another_holder():
     """A renewal thread starved past the TTL (a loaded machine) is not a lost lease; a take-over is."""
     tracker = client()
-    lease = registry.acquire(tracker, MODEL_NAME, "starved", ttl_s=1, wait_s=5)  # never renewed
+    lease = lock.acquire(tracker, MODEL_NAME, "starved", ttl_s=1, wait_s=5)  # never renewed
     time.sleep(1.5)
     lease.check()  # late, but nobody took it: still ours
-    successor = registry.acquire(client(), MODEL_NAME, "successor", ttl_s=5, wait_s=10)
+    successor = lock.acquire(client(), MODEL_NAME, "successor", ttl_s=5, wait_s=10)
     assert successor.generation == 2
-    with pytest.raises(registry.LockLost, match="generation 2 took over"):
+    with pytest.raises(lock.LockLost, match="generation 2 took over"):
         lease.check()
 
 
@@ -292,14 +292,14 @@ def _unpruned_generations(count):
 def test_the_lock_works_with_two_thousand_unpruned_generations():
     _unpruned_generations(2000)  # more than one page of the search, and 999 sorts after 2000 by name
     tracker = client()
-    with registry.registry_lock(tracker, MODEL_NAME, "first", ttl_s=5, wait_s=10) as lease:
+    with lock.registry_lock(tracker, MODEL_NAME, "first", ttl_s=5, wait_s=10) as lease:
         assert lease.generation == 2001
-        with pytest.raises(registry.RegistryBusy, match="still held by first"):
-            registry.acquire(client(), MODEL_NAME, "second", ttl_s=5, wait_s=1)
-    with registry.registry_lock(tracker, MODEL_NAME, "third", ttl_s=5, wait_s=10) as lease:
+        with pytest.raises(lock.RegistryBusy, match="still held by first"):
+            lock.acquire(client(), MODEL_NAME, "second", ttl_s=5, wait_s=1)
+    with lock.registry_lock(tracker, MODEL_NAME, "third", ttl_s=5, wait_s=10) as lease:
         assert lease.generation == 2002
-    left = len(registry._generations(tracker, MODEL_NAME))
-    assert left == 2002 - 2 * registry.PRUNE_AT_MOST  # each holder pruned a few of the oldest
+    left = len(lock._generations(tracker, MODEL_NAME))
+    assert left == 2002 - 2 * lock.PRUNE_AT_MOST  # each holder pruned a few of the oldest
 
 
 class TakenOverAfterAudit(Recorder):
@@ -315,7 +315,7 @@ class TakenOverAfterAudit(Recorder):
 def test_an_attempt_that_lost_its_lease_ends_its_audit_run_failed_as_lost():
     real = client()
     version = register_version(real, 0.9)
-    with pytest.raises(registry.LockLost, match="generation 2 took over"):
+    with pytest.raises(lock.LockLost, match="generation 2 took over"):
         registry.attempt(TakenOverAfterAudit(real), MODEL_NAME, version, "champion", requested_by="a", reason="")
     (record,) = promotion_audit(real)
     assert record.info.status == "FAILED" and record.data.tags["promotion.outcome"] == "lost"
