@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def snapshot_columns(task: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The snapshot's columns, in the fixed order the content hash and the Parquet file use: the
     task's, then the source columns collect.extra_columns carries (evaluate slices on them)."""
-    own = ("messages",) if task == "causal-lm" else ("text", "label")
+    own = {"causal-lm": ("messages",), "preference": ("prompt", "chosen", "rejected")}.get(task, ("text", "label"))
     return (*own, *(c for c in extra if c not in (*own, "split")), "split")
 
 

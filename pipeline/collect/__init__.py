@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import chat, storage
+from pipeline import chat, preference, storage
 from pipeline.collect.formats import Chunk, Limits, format_of, open_source
 from pipeline.collect.mixing import MixEntry, plan_mix
 from pipeline.collect.sources import SourceFile, expand, local_copy
@@ -130,6 +130,8 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     fields: tuple[str, ...]
     if cfg.task == "causal-lm":
         to_rows, fields = _chat_rows, CHAT_FIELDS
+    elif cfg.task == "preference":
+        to_rows, fields = _preference_rows, preference.FIELDS
     else:
         to_rows, fields = _classification_rows, (own.text_column, own.label_column)
     fields = tuple(dict.fromkeys((*fields, *own.extra_columns)))
@@ -246,6 +248,22 @@ def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any
     return {"messages": conversations, "split": splits}
 
 
+def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+    """prompt, chosen, rejected (each chat.dumps JSON: text becomes one turn), split by the prompt,
+    so that a prompt's pairs are all in one split. Pair structure is validate's to judge."""
+    columns: dict[str, list[Any]] = {f: [] for f in (*preference.FIELDS, "split")}
+    for index, values in enumerate(zip(*(chunk.values[f] for f in preference.FIELDS))):
+        record = {f: v for f, v in zip(preference.FIELDS, values) if not _is_null(v)}
+        try:
+            pair = [preference.dumps(m) for m in preference.to_pair(record)]
+        except ValueError as exc:
+            raise DataError(f"{uri}: {chunk.where(index)}: {exc}") from exc
+        for field, value in zip(preference.FIELDS, pair):
+            columns[field].append(value)
+        columns["split"].append(_split(pair[0], own, lambda index=index: f"{uri}: {chunk.where(index)}: 'prompt'"))
+    return columns
+
+
 def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, list[Any]]:
     """The columns collect.extra_columns carries (e.g. channel, product), as text; nulls stay null."""
     return {
@@ -281,6 +299,14 @@ def _check_columns(task: str, uri: str, found: set[str], own: CollectConfig) -> 
             raise DataError(
                 f"{uri}: missing column(s): needs 'messages', or 'prompt' and 'response' (task=causal-lm reads "
                 f"these names; no setting maps another column to them); the file's columns are {sorted(found)}"
+            )
+        return
+    if task == "preference":
+        absent = [c for c in preference.FIELDS if c not in found]
+        if absent:
+            raise DataError(
+                f"{uri}: missing column(s) {absent}: task=preference reads 'prompt', 'chosen' and 'rejected' (chat "
+                f"messages or text; no setting maps another column to them); the file's columns are {sorted(found)}"
             )
         return
     settings = {"collect.text_column": own.text_column, "collect.label_column": own.label_column}

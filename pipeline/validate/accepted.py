@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline import drift, storage
+from pipeline import chat, drift, storage
 from pipeline.config import PipelineConfig
 from pipeline.errors import DataError
 from pipeline.snapshot import load_snapshot
@@ -81,12 +81,24 @@ def _texts_and_labels(task: str, frame: Any, parsed: list[Any] | None = None) ->
     """What drift compares: the text (chat: the concatenated message contents) and the labels (chat: none)."""
     import pandas as pd
 
-    if task != "causal-lm":
+    if task == "preference" and parsed is None:  # the prompt and the chosen answer, as the suite hands them
+        parsed = [
+            None if any(not isinstance(row[f], str) for f in ("prompt", "chosen")) else _pair_text(row)
+            for _, row in frame.iterrows()
+        ]
+    if task == "sequence-classification":
         texts = frame["text"] if "text" in frame else pd.Series([], dtype=object)
         return texts.where(texts.map(lambda t: isinstance(t, str)), None), frame.get("label")
     if parsed is None:
         parsed, _ = parse_each(frame.get("messages", []))
     return pd.Series(["\n".join(x["content"] for x in m) if m else None for m in parsed], dtype=object), None
+
+
+def _pair_text(row: Any) -> list[dict[str, str]] | None:
+    try:
+        return chat.parse_messages(row["prompt"]) + chat.parse_messages(row["chosen"])
+    except ValueError:
+        return None
 
 
 def measure_drift(

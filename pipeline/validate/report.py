@@ -172,11 +172,18 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
         "split_valid": "split must be train or eval: give collect the source, not a hand-made snapshot",
         "duplicate_rate": f"more than validate.max_duplicate_rate={own.max_duplicate_rate} of the rows repeat "
         f"another's text once normalised: deduplicate the source",
-        "split_leakage": "the same text in train and eval: give collect the source, which splits by text",
+        "split_leakage": "the same text in train and eval (preference: the same prompt): give collect the source, "
+        "which splits by text (preference: by prompt)",
         "messages_valid": chat_source,
         "role_order": chat_source,
         "assistant_present": chat_source,
         "assistant_not_empty": chat_source,
+        "pairs_valid": "fix the pairs in the source: prompt (ending with a user turn), chosen and rejected (assistant "
+        "turns with text), each chat messages or text (the format: pipeline/data/README.md)",
+        "answers_differ": "a pair whose chosen and rejected answers are the same teaches nothing: drop or fix it in "
+        "the source",
+        "pair_tokens": f"pairs whose prompt and answer are longer than train.max_seq_len={cfg.train.max_seq_len} "
+        "tokens with the chat template (DPO truncates nothing): raise train.max_seq_len, or shorten them in the source",
         "training_drops": f"more than validate.max_dropped_rate={own.max_dropped_rate} of the rows are longer than "
         f"train.max_seq_len={cfg.train.max_seq_len} tokens, so training would "
         f"{'truncate' if cfg.task != 'causal-lm' else cfg.train.overlong} them (or find nothing left to learn once "

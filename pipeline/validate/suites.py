@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import extend_vocabulary
 from pipeline.validate.columns import classification_columns, drop_counts
 from pipeline.validate.conversations import chat_columns
+from pipeline.validate.pairs import preference_columns
 
 
 @dataclass
@@ -169,7 +170,54 @@ def check_turns_stop(cfg: PipelineConfig, tokenizer: Any, template: str) -> None
     )
 
 
-SUITES: dict[str, Callable[..., Suite]] = {"sequence-classification": classification_suite, "causal-lm": chat_suite}
+def preference_expectations(gx: Any, own: ValidateConfig, max_seq_len: int) -> list[tuple[str, Any]]:
+    e = gx.expectations
+    return [
+        *(("columns", e.ExpectColumnToExist(column=c)) for c in ("prompt", "chosen", "rejected", "split")),
+        ("row_count", e.ExpectTableRowCountToBeBetween(min_value=own.min_rows)),
+        # The null-expectation reports the problem text of each failing row (naming the field) as its value.
+        ("pairs_valid", e.ExpectColumnValuesToBeNull(column="pair_error")),
+        ("answers_differ", e.ExpectColumnValuesToBeInSet(column="same_answers", value_set=[False])),
+        ("pair_tokens", e.ExpectColumnValuesToBeBetween(column="pair_tokens", min_value=1, max_value=max_seq_len)),
+        ("split_valid", e.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "eval"])),
+        (
+            "duplicate_rate",
+            e.ExpectColumnValuesToBeUnique(column="text_normalized", mostly=1.0 - own.max_duplicate_rate),
+        ),
+        ("split_leakage", e.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False])),
+    ]
+
+
+def preference_suite(
+    cfg: PipelineConfig, frame: Any, tokenizer: Any, accepted: dict[str, Any] | None, gx: Any
+) -> Suite:
+    """Pairs as train's DPO reads them: structure, two different answers, each with its prompt within
+    train.max_seq_len tokens once rendered with the chat template (DPO truncates nothing: a longer
+    pair is refused here), duplicates, and no prompt in both splits."""
+    try:
+        template = chat.chat_template(tokenizer, cfg.train.chat_template)
+    except ValueError as exc:
+        raise ConfigError(f"train.chat_template: {exc}") from exc
+    derived, parsed = preference_columns(frame, tokenizer, template)
+    counted = derived["pair_tokens"].dropna() if "pair_tokens" in derived else []
+    summary = {
+        "pair_tokens": {
+            "max_seq_len": cfg.train.max_seq_len,
+            "longest": int(max(counted)) if len(counted) else 0,
+            "counted": len(counted),
+            "what": "tokens of the prompt and the longer answer rendered with the chat template",
+        }
+    }
+    return Suite(
+        "preference", derived, preference_expectations(gx, cfg.validate, cfg.train.max_seq_len), parsed, summary
+    )
+
+
+SUITES: dict[str, Callable[..., Suite]] = {
+    "sequence-classification": classification_suite,
+    "causal-lm": chat_suite,
+    "preference": preference_suite,
+}
 
 
 def allowed_labels(own: ValidateConfig, accepted: dict[str, Any] | None) -> tuple[list[str], str]:
