@@ -30,6 +30,7 @@ HEAVY = {
     "pyarrow",
     "datasets",
     "peft",
+    "trl",
     "sklearn",
     "scipy",
     "matplotlib",

@@ -1,9 +1,11 @@
 """train: fine-tune a pretrained model with Hugging Face ``Trainer`` and DeepSpeed ZeRO, over
 ``train.num_processes`` processes started by ``torch.distributed.run``.
 
-Two task families: ``sequence-classification`` (a classification head on the snapshot's
-``text``/``label``) and ``causal-lm`` (instruction or chat fine-tuning on the snapshot's
-``messages``, rendered with the chat template, loss on assistant tokens only, optional LoRA).
+Three task families: ``sequence-classification`` (a classification head on the snapshot's
+``text``/``label``), ``causal-lm`` (instruction or chat fine-tuning on the snapshot's
+``messages``, rendered with the chat template, loss on assistant tokens only, optional LoRA) and
+``preference`` (DPO on ``prompt``/``chosen``/``rejected`` pairs with TRL's ``DPOTrainer``, against
+the base model or ``train.reference_model``, optional LoRA; ``preference``).
 Each rank gets its own shard of every epoch; at the end the ranks exchange the ids of the
 examples they saw and rank 0 records the sharding audit (per-rank counts, overlap) in
 ``training_summary.json``. The model is published as safetensors with its tokenizer under
@@ -14,7 +16,7 @@ examples they saw and rank 0 records the sharding audit (per-rank counts, overla
 
 This module is the recipe, read top to bottom: ``run`` (the step) and ``_fit`` (the training, phase
 by phase). The task families' parts are in ``parts`` (the model, tokenizer, datasets and collator of
-each), the plumbing beside it: ``trainer`` (the audited Trainer, the warm start, the progress
+each; ``preference`` adds its Trainer class, arguments and reference model), the plumbing beside it: ``trainer`` (the audited Trainer, the warm start, the progress
 callbacks), ``checkpointing`` (checkpoints to the store, SIGTERM, resume) and
 ``pipeline.distributed`` (ranks and collectives).
 
@@ -52,6 +54,7 @@ from pipeline.train.checkpointing import (
     weights_only_deepspeed_loads,
 )
 from pipeline.train.parts import TASK_PARTS, Parts, model_kwargs
+from pipeline.train.preference import preference_parts
 from pipeline.train.trainer import (
     _Audit,
     _audited_trainer,
@@ -62,6 +65,8 @@ from pipeline.train.trainer import (
     settings_refused,
     sharding_report,
 )
+
+LM_TASKS = ("causal-lm", "preference")  # the families that train a causal LM (LoRA, adapters)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     own = cfg.train
     if not own.snapshot_uri:
         raise ConfigError("train.snapshot_uri is required (the collect step's snapshot_uri)")
-    if cfg.task == "causal-lm" and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
+    if cfg.task in LM_TASKS and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
         raise ConfigError(
             f"train.lora_merge=false registers the adapter with a reference to base_model, but "
             f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
@@ -103,7 +108,9 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
             raise DataError(f"{own.snapshot_uri}: the train split is empty")
         check_snapshot(cfg, frame)
         # Data and tokenizer first: bad input fails here, before any model is built or run tracked.
-        parts = TASK_PARTS[cfg.task](cfg, model_dir, frame, model_kwargs(cfg, model_dir))
+        parts = {**TASK_PARTS, "preference": preference_parts}[cfg.task](
+            cfg, model_dir, frame, model_kwargs(cfg, model_dir)
+        )
         if own.eval_steps and parts.eval_dataset is None:
             raise DataError(
                 f"{own.snapshot_uri}: train.eval_steps={own.eval_steps} needs held-out examples, but "
@@ -140,7 +147,11 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
 
 def check_snapshot(cfg: PipelineConfig, frame: Any) -> None:
     """The snapshot holds what the task family trains on."""
-    needed = {"sequence-classification": ("text", "label"), "causal-lm": ("messages",)}[cfg.task]
+    needed = {
+        "sequence-classification": ("text", "label"),
+        "causal-lm": ("messages",),
+        "preference": ("prompt", "chosen", "rejected"),
+    }[cfg.task]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise DataError(
@@ -232,7 +243,7 @@ def _fit(
     if world > 1:
         _init_distributed(cfg.train, use_cpu)
     checkpoint_dir = node_dir(scratch)
-    args = _training_arguments(cfg, checkpoint_dir, ds_config, use_cpu)
+    args = _training_arguments(cfg, checkpoint_dir, ds_config, use_cpu, parts)
     meta = checkpoint_meta(cfg, ds_config, world)
     resume = _resume_point(cfg, meta, checkpoint_dir)
     audit = _Audit(parts.collator)
@@ -240,7 +251,7 @@ def _fit(
         _restore(cfg, resume, audit, rank)
     term = _Termination()
     saver = _checkpointing(cfg, meta, audit, term, resume)
-    trainer = _trainer(cfg, parts, args, audit, warm_start, saver, mlflow_run_id, world)
+    trainer = _trainer(cfg, parts, args, audit, warm_start, saver, mlflow_run_id, world, scratch)
     trainer.add_callback(started.callback())  # training began: the start-up is over
     try:
         output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
@@ -308,15 +319,20 @@ def _init_distributed(own: TrainConfig, use_cpu: bool) -> None:
     )
 
 
-def _training_arguments(cfg: PipelineConfig, output_dir: Path, ds_config: dict[str, Any], use_cpu: bool) -> Any:
-    from transformers import TrainingArguments
+def _training_arguments(
+    cfg: PipelineConfig, output_dir: Path, ds_config: dict[str, Any], use_cpu: bool, parts: Parts | None = None
+) -> Any:
+    from transformers import TrainingArguments as HfTrainingArguments
 
+    # The family's own subclass where it has one (preference: TRL's DPOConfig), with its fields.
+    TrainingArguments = (parts and parts.arguments_class) or HfTrainingArguments  # noqa: N806
+    family = {**(parts.arguments if parts else {}), **cfg.train.trainer_args}
     own = cfg.train
     # TrainingArguments first: with ZeRO-3 it must exist before from_pretrained to partition weights.
     # Every field set here is refused in train.trainer_args (config.PIPELINE_TRAINER_ARGS says why).
     try:
         return TrainingArguments(
-            **own.trainer_args,
+            **family,
             output_dir=str(output_dir),
             num_train_epochs=own.epochs,
             learning_rate=own.learning_rate,
@@ -328,7 +344,7 @@ def _training_arguments(cfg: PipelineConfig, output_dir: Path, ds_config: dict[s
             # A classification loss is a per-example mean over equal batches on every rank: token
             # averaging would multiply it by the world size. A causal LM's loss is per token, and
             # batches hold different numbers of target tokens: there it is what makes the mean right.
-            average_tokens_across_devices=cfg.task == "causal-lm",
+            average_tokens_across_devices=cfg.task == "causal-lm",  # DPO's loss is a mean over pairs
             # Checkpoints: the Trainer's own (DeepSpeed state of every rank, RNG, data position) in a
             # node-local folder, copied to the artifact store by the Checkpointing callback.
             **_schedule(own),
@@ -374,13 +390,16 @@ def _trainer(
     saver: Any,
     mlflow_run_id: str | None,
     world: int,
+    scratch: Path,
 ) -> Any:
-    """The audited Trainer, its model loaded (after the TrainingArguments: ZeRO-3 partitions it)."""
+    """The audited Trainer (the family's class, else transformers'), its model loaded (after the
+    TrainingArguments: ZeRO-3 partitions it)."""
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     own = cfg.train
     stopping = [EarlyStoppingCallback(own.early_stopping_patience)] if own.early_stopping_patience else []
     model = parts.load_model()  # what from_pretrained or PEFT refuse is named by parts
+    extra = parts.trainer_kwargs(model, scratch) if parts.trainer_kwargs else {}
     settings = (
         f"train.zero_stage={own.zero_stage}, train.deepspeed_config={own.deepspeed_config or '(the shipped one)'}, "
         f"train.offload_optimizer={own.offload_optimizer}, train.offload_params={own.offload_params}, "
@@ -388,7 +407,7 @@ def _trainer(
         f"train.precision={own.precision}, train.trainer_args={json.dumps(own.trainer_args)}"
     )
     with settings_refused(settings):
-        trainer = _audited_trainer(Trainer)(
+        trainer = _audited_trainer(parts.trainer_class or Trainer)(
             audit,
             warm_start,
             settings,
@@ -398,6 +417,7 @@ def _trainer(
             eval_dataset=parts.eval_dataset,
             data_collator=audit,
             callbacks=[*_callbacks(audit, mlflow_run_id), saver, *stopping],
+            **extra,
         )
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints one line per log instead
     if args.world_size != world:
@@ -415,7 +435,7 @@ def _save(
     under ``scratch``, and the sharding report of the ids every rank trained on."""
     own = cfg.train
     extra = {**_evaluation_summary(trainer, own), **(parts.after_training(trainer) if parts.after_training else {})}
-    target = scratch / ("adapter" if cfg.train.lora_r and cfg.task == "causal-lm" else "model")
+    target = scratch / ("adapter" if cfg.train.lora_r and cfg.task in LM_TASKS else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
     (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
     per_rank = gather(audit.seen)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -34,6 +34,13 @@ class Parts:
     after_training: Any = None  # (trainer) -> summary entries; runs on every rank
     eval_dataset: Any = None  # the snapshot's eval split, for train.eval_steps
     warm_start: bool = False  # train.extend_vocab added tokens: _fit may train their rows and the head first
+    # A family whose Trainer is not transformers' own (preference: TRL's DPOTrainer): the class, its
+    # TrainingArguments subclass and that one's fields of the family, and (model, scratch) -> the
+    # Trainer's own keyword arguments, built once the model is loaded.
+    trainer_class: Any = None
+    arguments_class: Any = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: Any = None
 
 
 def classification_parts(cfg: PipelineConfig, model_dir: str, frame: Any, model_kwargs: dict[str, Any]) -> Parts:
@@ -308,7 +315,7 @@ def _extend_vocab(own: TrainConfig, tokenizer: Any, texts: Any) -> dict[str, lis
     return added
 
 
-TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}
+TASK_PARTS = {"sequence-classification": classification_parts, "causal-lm": causal_lm_parts}  # and train.preference's
 
 
 def model_kwargs(cfg: PipelineConfig, model_dir: str) -> dict[str, Any]:

@@ -4,14 +4,17 @@ LoRA) killed mid-training and resumed from its checkpoint, and evaluate's reward
 One DPO training on the tiny Llama (a module fixture) serves the training and evaluate tests."""
 
 import json
+import signal
+import time
 
 import pytest
 
-from pipeline import preference, storage, validate
+from pipeline import checkpoints, preference, storage, validate
 from pipeline.config import load_config
 from pipeline.config.validate import PREFERENCE_CHECKS
 from pipeline.errors import ValidationFailed
-from tests.helpers import write_snapshot
+from tests.helpers import collect_snapshot, train_settings, write_snapshot
+from tests.pipeline.test_resume import _root, _start, _wait_for_checkpoint
 
 PAIRS = "pipeline/data/support_preferences.jsonl"
 DPO = [
@@ -92,3 +95,57 @@ def test_broken_pairs_are_refused_naming_the_check_row_and_field(tmp_path, tiny_
     assert "4 check(s) failed: pairs_valid, answers_differ, pair_tokens, split_leakage" in message
     for _, expected in BROKEN:
         assert expected in message
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_lm_dir):
+    """One DPO training (ZeRO-2, LoRA, 2 processes, checkpoints every 2 steps), SIGKILLed once it saved
+    a checkpoint and run again: the snapshot, the settings, the resumed step's result and output."""
+    home = tmp_path_factory.mktemp("dpo-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_HOME", str(home))
+        patch.delenv("FINETUNE_ARTIFACT_ROOT", raising=False)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        source = home / "pairs.jsonl"
+        source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _pairs(96)), encoding="utf-8")
+        snapshot = collect_snapshot([source], "task=preference")
+        settings = train_settings(
+            snapshot, tiny_lm_dir, "dpo", *DPO, "train.epochs=2", "train.checkpoint_steps=2", "train.logging_steps=2"
+        )
+        root = _root(settings)
+        process = _start(settings, home)
+        first = _wait_for_checkpoint(process, root)
+        for proc in process.members():
+            proc.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+        time.sleep(0.5)
+        killed_at = checkpoints.complete(root)[0].step
+        again = _start(settings, home)
+        code = again.popen.wait(300)
+        again.reader.join(timeout=30)
+        yield {
+            "home": home,
+            "snapshot": snapshot,
+            "first": first,
+            "killed_at": killed_at,
+            "code": code,
+            "output": "".join(again.lines),
+            "result": json.loads((home / "result.json").read_text()) if code == 0 else None,
+        }
+
+
+@pytest.mark.slow
+def test_dpo_killed_mid_training_resumes_from_its_checkpoint_and_publishes(dpo_run, monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOME", str(dpo_run["home"]))
+    assert dpo_run["code"] == 0, dpo_run["output"][-3000:]
+    result = dpo_run["result"]
+    assert f"resuming from step {dpo_run['killed_at']} " in dpo_run["output"]
+    assert dpo_run["first"] <= dpo_run["killed_at"] < result["global_step"]
+    summary = storage.read_json(result["summary_uri"])
+    assert summary["pairs"]["kept"] == dpo_run["snapshot"].rows_train and summary["lora"]
+    assert summary["sharding"]["world_size"] == 2 and summary["deepspeed"]["zero_stage"] == 2
+    assert all(e["seen_twice"] == 0 for e in summary["sharding"]["epochs"])
+    # The adapter merged into the published model, with the template the pairs were rendered with.
+    model_dir = storage.local_path(result["model_uri"])
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer_config.json").is_file()
+    assert storage.exists(storage.join(result["result_uri"].rsplit("/", 1)[0], "adapter/adapter_config.json"))
