@@ -8,7 +8,10 @@ MLflow run:
   a per-class F1 PNG;
 - ``causal-lm``: eval loss and perplexity on the assistant tokens of the held-out conversations
   (the base model's too, on the same tokens, drawn beside this model's in ``perplexity.png``),
-  exact match and ROUGE-L of greedy generations, and a table of samples (prompt, reference, output).
+  exact match and ROUGE-L of greedy generations, and a table of samples (prompt, reference, output);
+- ``preference``: reward accuracy and margin on the held-out pairs (the model's own preference,
+  and DPO's implicit reward against the reference model), the chosen answers' perplexity, the
+  base model's beside them, and a table of sample pairs.
 
 Both draw ``loss_curves.png``: the training loss per step (and an eval loss during training) from
 the pipeline run's MLflow metric history. The result's ``pictures`` lists every PNG by its MLflow
@@ -59,6 +62,7 @@ from pipeline.evaluate.champion import load_champion
 from pipeline.evaluate.classifier import evaluate_classifier
 from pipeline.evaluate.gate import decide, hold_to_reference, switched_off
 from pipeline.evaluate.pictures import draw_pictures, picture_captions
+from pipeline.evaluate.preference import evaluate_preference
 from pipeline.evaluate.reference import read_reference_sets, score_reference_sets
 from pipeline.evaluate.report import log_reference, log_to_mlflow
 from pipeline.evaluate.scored import print_metrics
@@ -96,7 +100,11 @@ class EvaluateResult:
     champion_reference: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-EVALUATORS = {"sequence-classification": evaluate_classifier, "causal-lm": evaluate_lm}
+EVALUATORS = {
+    "sequence-classification": evaluate_classifier,
+    "causal-lm": evaluate_lm,
+    "preference": evaluate_preference,
+}
 
 
 def run(cfg: PipelineConfig) -> EvaluateResult:

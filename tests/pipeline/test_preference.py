@@ -13,7 +13,7 @@ from pipeline import checkpoints, preference, storage, validate
 from pipeline.config import load_config
 from pipeline.config.validate import PREFERENCE_CHECKS
 from pipeline.errors import ValidationFailed
-from tests.helpers import collect_snapshot, train_settings, write_snapshot
+from tests.helpers import collect_snapshot, run_step_here, train_settings, write_snapshot
 from tests.pipeline.test_resume import _root, _start, _wait_for_checkpoint
 
 PAIRS = "pipeline/data/support_preferences.jsonl"
@@ -149,3 +149,31 @@ def test_dpo_killed_mid_training_resumes_from_its_checkpoint_and_publishes(dpo_r
     model_dir = storage.local_path(result["model_uri"])
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer_config.json").is_file()
     assert storage.exists(storage.join(result["result_uri"].rsplit("/", 1)[0], "adapter/adapter_config.json"))
+
+
+@pytest.mark.slow
+def test_evaluate_scores_reward_accuracy_beside_the_base_and_gates_on_it(dpo_run, tiny_lm_dir, monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOME", str(dpo_run["home"]))
+    assert dpo_run["code"] == 0
+    evaluated = run_step_here(
+        "evaluate",
+        [
+            *DPO,
+            "run_id=dpo",
+            f"base_model={json.dumps(str(tiny_lm_dir))}",
+            f"evaluate.snapshot_uri={dpo_run['snapshot'].snapshot_uri}",
+            f"evaluate.model_uri={dpo_run['result']['model_uri']}",
+        ],
+    )
+    metrics, base = evaluated["metrics"], evaluated["base_metrics"]
+    assert set(metrics) == set(base) == {
+        "reward_accuracy", "reward_margin", "dpo_reward_accuracy", "dpo_reward_margin", "chosen_perplexity"
+    }  # fmt: skip
+    # The base is the reference: its implicit reward is 0 on every pair; the tuned model learnt to prefer.
+    assert base["dpo_reward_accuracy"] == 0 and base["dpo_reward_margin"] == 0
+    assert metrics["dpo_reward_margin"] > 0 and metrics["dpo_reward_accuracy"] >= 0.5
+    assert evaluated["gate_metric"] == "reward_accuracy" and evaluated["greater_is_better"]
+    assert evaluated["baseline_name"] == "base model" and "reward_accuracy" in evaluated["reason"]
+    samples = storage.read_json(evaluated["report_uri"])
+    assert samples and {"prompt", "chosen", "rejected", "chosen_logp", "rejected_logp"} <= set(samples[0])
+    assert evaluated["promote"] == (metrics["reward_accuracy"] > base["reward_accuracy"])
