@@ -15,6 +15,7 @@ from pipeline import drift, evaluate, local, register, storage
 from pipeline.config import load_config
 from pipeline.evaluate.classifier import predict
 from pipeline.evaluate.pictures import PICTURES, loss_curves_png, loss_history, per_class_f1_png, perplexity_png
+from pipeline.register import card as model_card
 from pipeline.tracking import RUN_TAG, artifact_url, client, pipeline_run_id
 from tests.helpers import collect_snapshot, intent_snapshot
 
@@ -232,7 +233,7 @@ def test_causal_lm_perplexity_and_samples_are_in_mlflow_and_the_model_card(tmp_p
     card = version.description
     assert "### Sample answers (the first 3 of 3; all in `evaluate/samples.json`)" in card
     samples = storage.read_json(evaluated.report_uri)
-    assert f"| {register._cell(samples[0]['prompt'])} | {register._cell(samples[0]['reference'])} |" in card
+    assert f"| {model_card._cell(samples[0]['prompt'])} | {model_card._cell(samples[0]['reference'])} |" in card
     for picture in evaluated.pictures:
         assert artifact_url(run_id, picture["path"]) in card
     assert register.DRIFT_PICTURE not in card  # no validate result: nothing to draw

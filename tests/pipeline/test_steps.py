@@ -63,8 +63,6 @@ def test_every_step_of_the_table_has_a_timeout_and_every_timeout_a_step():
 
 # The name register gives each upstream result it reads (its inputs["<step>"] too).
 READERS = {"trained": "train", "evaluated": "evaluate", "validated": "validate", "collected": "collect"}
-# Read with .get and a fallback, and no field of that result: the fallback always answers.
-FALLBACK_ONLY = {("evaluate", "promotion_margin"), ("train", "labels")}
 
 
 def result_reads(source: str) -> set[tuple[str, str, int]]:
@@ -94,15 +92,18 @@ def result_reads(source: str) -> set[tuple[str, str, int]]:
 
 
 def test_every_upstream_result_field_register_reads_is_a_field_of_that_steps_result_dataclass():
-    reads = result_reads((ROOT / "pipeline" / "register.py").read_text())
+    reads = {
+        (step, key, f"{path.name}:{line}")
+        for path in sorted((ROOT / "pipeline" / "register").glob("*.py"))
+        for step, key, line in result_reads(path.read_text())
+    }
     assert {("train", "model_uri"), ("evaluate", "promote"), ("collect", "sha256")} <= {(s, k) for s, k, _ in reads}
     unknown = [
-        f"register.py:{line} reads {step}.{key}"
-        for step, key, line in sorted(reads)
-        if key not in steps.result_fields(step) and (step, key) not in FALLBACK_ONLY
+        f"register/{where} reads {step}.{key}"
+        for step, key, where in sorted(reads)
+        if key not in steps.result_fields(step)
     ]
     assert unknown == [], f"no fields of those steps' result dataclasses: {unknown}"
-    assert all(key not in steps.result_fields(step) for step, key in FALLBACK_ONLY)  # else drop them from the list
     renamed = result_reads('trained, evaluated = inputs["train"], inputs["evaluate"]\nuri = trained["model_path"]')
     assert [(step, key) for step, key, _ in renamed if key not in steps.result_fields(step)] == [
         ("train", "model_path")
