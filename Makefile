@@ -1,6 +1,7 @@
 # The commands a person types. Everything installs into .venv from constraints.txt.
 #   make demo   fine-tune MiniLM on the shipped intents through the real Airflow DAG
 #   make demo-llm  the causal-LM loop offline: a small Llama on the shipped support chats
+#   make demo-dpo  preference tuning (DPO) offline: demo-llm's Llama and recipe, then DPO on the shipped pairs
 #   make test   the whole test suite (what CI runs)
 #   make up     Airflow (standalone) and the MLflow UI on 127.0.0.1, in the background (docs/ui.md)
 #   make down   stop what `make up` (and `make serve`) started
@@ -28,7 +29,7 @@ export TOKENIZERS_PARALLELISM ?= false
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo demo-llm test test-fast up down serve bench bench-memory lock lint format clean images
+.PHONY: install demo demo-llm demo-dpo test test-fast up down serve bench bench-memory lock lint format clean images
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,17 @@ DEMO_LLM_SETTINGS ?= --set train.zero_stage=3 --set train.lora_r=16 --set train.
 	--set train.learning_rate=0.002
 demo-llm: install
 	$(BIN)/finetune run --set task=causal-lm --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)" $(DEMO_LLM_SETTINGS)
+
+# Preference tuning offline: the Llama of demo-llm fine-tuned by demo-llm's recipe (that run's published
+# model), then DPO on the shipped pairs (pipeline/configs/support_preference.yaml) against it, ZeRO-3 + LoRA,
+# the reward-accuracy gate (the SFT model's own figure is the bar). ZeRO-2: DEMO_DPO_ZERO=2.
+DEMO_DPO_ZERO ?= 3
+DEMO_DPO_SETTINGS ?= --set train.zero_stage=$(DEMO_DPO_ZERO) --set train.num_processes=2 --set train.learning_rate=5e-4
+demo-dpo: install
+	sft=$$($(BIN)/finetune run --set task=causal-lm --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)" \
+		$(DEMO_LLM_SETTINGS) | tail -n 1 | $(BIN)/python -c "import json, sys; print(json.load(sys.stdin)['run_id'])") && \
+	$(BIN)/finetune run --config pipeline/configs/support_preference.yaml \
+		--set base_model="$(FINETUNE_HOME)/artifacts/runs/$$sft/train/model" $(DEMO_DPO_SETTINGS)
 
 # The suite's temp dirs on tmpfs where it has room: every test's MLflow and Airflow SQLite stores
 # live there, and SQLite syncs to disk on each commit, which on a shared disk cost more wall time

@@ -2,15 +2,16 @@
 ### finetune: collect → validate → train → evaluate → register
 
 Fine-tunes a pretrained transformer and registers it in MLflow. The `task` Param picks the
-family: `sequence-classification` (labelled text) or `causal-lm` (instruction/chat data, the LLM
-case: loss on assistant tokens, optional LoRA, perplexity gate).
+family: `sequence-classification` (labelled text), `causal-lm` (instruction/chat data, the LLM
+case: loss on assistant tokens, optional LoRA, perplexity gate) or `preference` (prompt/chosen/rejected
+pairs: DPO with TRL on a chat model, optional LoRA, reward-accuracy gate).
 
 | task | what it does | writes under `<artifact_root>/runs/<run_id>/` |
 |---|---|---|
 | `collect` | reads the `source` URIs into a content-addressed Parquet snapshot | `collect/` |
 | `validate` | Great Expectations gate; a failure stops the run | `validate/` (Data Docs) |
 | `train` | Hugging Face `Trainer` + DeepSpeed ZeRO over `num_processes` | `train/model/` |
-| `evaluate` | accuracy/macro-F1 or perplexity/ROUGE-L (and the base model's); compares with `champion` | `evaluate/` |
+| `evaluate` | accuracy/macro-F1, perplexity/ROUGE-L or reward accuracy (and the base model's); compares with `champion` | `evaluate/` |
 | `register` | MLflow model version, alias `challenger`, `champion` if it wins | `register/` |
 
 With no champion yet, "wins" means beating a model that learnt nothing on the same rows (the

@@ -78,6 +78,8 @@ def test_params_have_type_bounds_default_and_description(dag):
         assert param.schema.get("type") and param.description, name
     assert dag.params.get_param("epochs").schema["minimum"] == 1
     assert dag.params.get_param("zero_stage").schema["enum"] == [0, 1, 2, 3]
+    assert dag.params.get_param("task").schema["enum"] == ["sequence-classification", "causal-lm", "preference"]
+    assert dag.params.get_param("task").resolve("preference") == "preference"
     assert dag.params["source"] == ["pkg://pipeline/data/support_intents.jsonl"]
     # Off: a smoke run, registered as challenger only (evaluate.promote); on by default.
     assert dag.params.get_param("promote").schema["type"] == "boolean" and dag.params["promote"] is True
