@@ -16,8 +16,11 @@ share of the rows of the weighted entries, as many as they can fill without repe
 the sample is seeded by ``seed`` and the manifest records each entry's rows read and kept.
 
 The split (``train`` or ``eval``) comes from a stable hash of the normalised text, so it never
-changes between runs and the same text can never land in both splits. A published snapshot is a
-valid source: collecting it again gives the same sha256 and URI. An http(s) source's redirects are
+changes between runs and the same text can never land in both splits. For classification the
+work is a column at a time: pyarrow's JSON reader on a parsing thread of its own (``formats``),
+the split from Arrow buffers (``keys``), the content address over the columns (``writer``); the
+manifest records that address scheme (``scheme``: 2; ``pipeline.snapshot``). A published
+snapshot is a valid source: collecting it again gives the same sha256 and URI. An http(s) source's redirects are
 followed (at most five) only within its scheme and, unless ``collect.allowed_hosts`` lists the
 host, only to public addresses or back to the source's own host and port; the manifest names the
 source as configured (``uri``) and the URL its bytes came from (``final_uri``).
@@ -26,8 +29,8 @@ source as configured (``uri``) and the URL its bytes came from (``final_uri``).
 
 The step is here; its parts beside it: ``sources`` (which files a source names, a local copy of
 each; http(s) downloads are ``pipeline.storage.http``'s), ``formats`` (JSONL, CSV, Parquet as
-chunks of records), ``mixing`` (``#rows`` / ``#weight``) and ``writer`` (the snapshot's Parquet
-file and content hash).
+chunks of records), ``keys`` (the split of a column of texts), ``mixing`` (``#rows`` /
+``#weight``) and ``writer`` (the snapshot's Parquet file and content address).
 
 pandas, pyarrow and urllib3 are imported inside the functions that parse, write or download:
 the step table imports this package when Airflow parses the DAG files.
@@ -35,7 +38,7 @@ the step table imports this package when Airflow parses the DAG files.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import sys
 import tempfile
@@ -45,14 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import chat, preference, storage
-from pipeline.collect.formats import Chunk, Limits, format_of, open_source
+from pipeline.collect.formats import Chunk, Limits, format_of, open_source, read_ahead
+from pipeline.collect.keys import split_column, split_of
 from pipeline.collect.mixing import MixEntry, plan_mix
 from pipeline.collect.sources import SourceFile, expand, local_copy
 from pipeline.collect.writer import SnapshotWriter, Tally, UnencodableRow
 from pipeline.config import READ_ROWS, CollectConfig, PipelineConfig
 from pipeline.errors import DataError
-from pipeline.snapshot import snapshot_columns
-from pipeline.text import normalize_text
+from pipeline.snapshot import SCHEME, snapshot_columns
 
 # The source fields a causal-lm record may use (chat.to_messages decides which shape it is).
 CHAT_FIELDS = ("messages", "prompt", "response", "system")
@@ -68,11 +71,6 @@ class CollectResult:
     rows_train: int
     rows_eval: int
     labels: list[str]
-
-
-def split_of(text: str, eval_fraction: float) -> str:
-    digest = hashlib.sha256(normalize_text(text).encode()).digest()
-    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,14 +133,18 @@ def read_source(cfg: PipelineConfig, source: SourceFile, writer: Any, tally: Tal
     else:
         to_rows, fields = _classification_rows, (own.text_column, own.label_column)
     fields = tuple(dict.fromkeys((*fields, *own.extra_columns)))
+    columnar = cfg.task == "sequence-classification"  # the others' rows are built a record at a time
     limits = Limits(own.max_record_bytes, own.max_decompressed_bytes, own.max_compression_ratio)
     with (
         local_copy(source, tmp, own.allowed_hosts) as path,
-        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp, limits) as parsed,
+        open_source(path, source.uri, fields, min(own.row_group_rows, READ_ROWS), tmp, limits, columnar) as parsed,
+        contextlib.ExitStack() as stack,  # the parsing thread stops before the file closes
     ):
         if parsed.columns_complete:  # fail before reading rows when the header says so
             _check_columns(cfg.task, source.uri, parsed.columns, own)
-        for chunk in parsed.chunks:
+        for chunk in stack.enter_context(read_ahead(parsed.chunks)):
+            if not columnar:
+                chunk.values = {f: _python(v) for f, v in chunk.values.items()}
             values = {**to_rows(chunk, source.uri, own), **_extra_values(chunk, own)}
             try:
                 writer.add(values)
@@ -179,6 +181,7 @@ def publish_snapshot(
             manifest_uri,
             {
                 "sha256": sha,
+                "scheme": SCHEME,
                 "task": cfg.task,
                 "rows": writer.rows,
                 "rows_eval": tally.rows_eval,
@@ -202,41 +205,49 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def _classification_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+def _strings(values: Any) -> bool:
+    """Whether a chunk's column is an Arrow string array (pyarrow's JSON reader, CSV, Parquet text)."""
+    import pyarrow as pa
+
+    return isinstance(values, pa.Array) and values.type == pa.string()
+
+
+def _python(values: Any) -> list[Any]:
+    return values if isinstance(values, list) else values.to_pylist()
+
+
+def _classification_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, Any]:
     """text, label, split. Nulls stay nulls for validate to report; text must already be text (a
-    number there means the column is not what the file claims); numeric labels become text."""
-    texts, labels, splits = [], [], []
-    for index, (text, label) in enumerate(zip(chunk.values[own.text_column], chunk.values[own.label_column])):
-        if _is_null(text):
-            text = None
-        elif not isinstance(text, str):
-            raise DataError(
-                f"{uri}: {chunk.where(index)}: '{own.text_column}' is {type(text).__name__} "
-                f"{_short(text)}, not a string"
-            )
-        if _is_null(label):
-            label = None
-        elif isinstance(label, (int, float)):  # bool too: 0/1 and True/False classes
-            label = str(label)
-        elif not isinstance(label, str):
-            raise DataError(
-                f"{uri}: {chunk.where(index)}: '{own.label_column}' is {type(label).__name__} "
-                f"{_short(label)}, not a string or number"
-            )
-        texts.append(text)
-        labels.append(label)
-        splits.append(
-            "train"
-            if text is None
-            else _split(text, own, lambda index=index: f"{uri}: {chunk.where(index)}: '{own.text_column}'")
-        )
-    return {"text": texts, "label": labels, "split": splits}
+    number there means the column is not what the file claims); numeric labels become text.
+    Columns that are Arrow text already pass as they are; others are checked a value at a time."""
+    texts, labels = chunk.values[own.text_column], chunk.values[own.label_column]
+    if not (_strings(texts) and _strings(labels)):
+        texts, labels = list(_python(texts)), list(_python(labels))
+        for index, (text, label) in enumerate(zip(texts, labels)):
+            if _is_null(text):
+                texts[index] = None
+            elif not isinstance(text, str):
+                raise DataError(
+                    f"{uri}: {chunk.where(index)}: '{own.text_column}' is {type(text).__name__} "
+                    f"{_short(text)}, not a string"
+                )
+            if _is_null(label):
+                labels[index] = None
+            elif isinstance(label, (int, float)):  # bool too: 0/1 and True/False classes
+                labels[index] = str(label)
+            elif not isinstance(label, str):
+                raise DataError(
+                    f"{uri}: {chunk.where(index)}: '{own.label_column}' is {type(label).__name__} "
+                    f"{_short(label)}, not a string or number"
+                )
+        texts = _text_array(texts, lambda index: f"{uri}: {chunk.where(index)}: '{own.text_column}'")
+    return {"text": texts, "label": labels, "split": split_column(texts, own.eval_fraction)}
 
 
-def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, Any]:
     """messages (chat.dumps JSON), split. Role order is validate's to judge, not collect's."""
     columns = [chunk.values[f] for f in CHAT_FIELDS]
-    conversations, splits = [], []
+    conversations = []
     for index, values in enumerate(zip(*columns)):
         record = {f: v for f, v in zip(CHAT_FIELDS, values) if not _is_null(v)}
         try:
@@ -244,8 +255,28 @@ def _chat_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any
         except ValueError as exc:
             raise DataError(f"{uri}: {chunk.where(index)}: {exc}") from exc
         conversations.append(messages)
-        splits.append(_split(messages, own, lambda index=index: f"{uri}: {chunk.where(index)}: the messages"))
-    return {"messages": conversations, "split": splits}
+    array = _text_array(conversations, lambda index: f"{uri}: {chunk.where(index)}: the messages")
+    return {"messages": array, "split": split_column(array, own.eval_fraction)}
+
+
+def _text_array(values: list[Any], where: Any) -> Any:
+    """The texts as an Arrow string array; one UTF-8 cannot hold (JSON can escape half a surrogate
+    pair; UTF-8 and Parquet cannot hold it) is named by ``where(index)``."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, pa.string())
+    except (UnicodeEncodeError, pa.ArrowInvalid):
+        index = next(i for i, v in enumerate(values) if isinstance(v, str) and not _utf8(v))
+        raise DataError(f"{where(index)} is not valid Unicode (an unpaired surrogate such as \\ud800)") from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
@@ -264,18 +295,21 @@ def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, li
     return columns
 
 
-def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, list[Any]]:
+def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, Any]:
     """The columns collect.extra_columns carries (e.g. channel, product), as text; nulls stay null."""
     return {
-        column: [
+        column: chunk.values[column]
+        if _strings(chunk.values[column])
+        else [
             None if _is_null(v) else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-            for v in chunk.values[column]
+            for v in _python(chunk.values[column])
         ]
         for column in own.extra_columns
     }
 
 
 def _split(text: str, own: CollectConfig, where: Any) -> str:
+    """One text's split (``keys.split_of``), for rows built a record at a time."""
     try:
         return split_of(text, own.eval_fraction)
     except UnicodeEncodeError:  # JSON can escape half a surrogate pair; UTF-8 and Parquet cannot hold it

@@ -13,6 +13,8 @@ import contextlib
 import gzip
 import io
 import json
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pipeline.errors import DataError
 
 FORMATS = ("jsonl", "csv", "parquet")
 READ_BYTES = 1 << 20  # bytes per read from a source stream
+COLUMNAR_BLOCK_BYTES = 1 << 20  # bytes per block of pyarrow's JSON reader; a longer line reads row by row
 GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # truncated, corrupt, not gzip at all
 RATIO_FROM_BYTES = 8 << 20  # a compression ratio is judged from this much output on: a small file's says little
 
@@ -50,9 +53,9 @@ def format_of(uri: str) -> tuple[str, bool]:
 
 @dataclass
 class Chunk:
-    """A batch of records of one file, as one list of values per field."""
+    """A batch of records of one file, as one list of values (or one Arrow array) per field."""
 
-    values: dict[str, list[Any]]
+    values: dict[str, Any]
     first_row: int  # data rows of the file before this chunk
     lines: list[int] | None = None  # JSONL: each record's line number, which blank lines shift
 
@@ -116,7 +119,7 @@ class CheckedStream(io.RawIOBase):
         self._file = path.open("rb")
         self._raw: BinaryIO | BoundedGzip = BoundedGzip(self._file, uri, limits) if compressed else self._file
         self._uri = uri
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._pending = b""  # the start of a character split across reads
         self._offset = 0
         self._newlines = 0
         self._record_bytes = limits.record_bytes
@@ -128,20 +131,39 @@ class CheckedStream(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         data = self._raw.read(len(buffer))
-        pending = self._decoder.getstate()[0]  # the start of a character split across reads
-        try:
-            self._decoder.decode(data, final=not data)
-        except UnicodeDecodeError as exc:
-            seen = pending + data
-            line = self._newlines + seen[: exc.start].count(b"\n") + 1
-            raise DataError(
-                f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} (line {line})"
-            ) from exc
+        self._check_utf8(data)
         self._check_lines(data)
         self._offset += len(data)
         self._newlines += data.count(b"\n")
         buffer[: len(data)] = data
         return len(data)
+
+    def _check_utf8(self, data: bytes) -> None:
+        """Arrow's UTF-8 check of the whole characters read so far (a character split across reads
+        waits for its end); where it fails, Python's decoder finds the byte and the line."""
+        import pyarrow as pa
+
+        pending = self._pending
+        whole = pending + data if pending else data
+        cut = _complete(whole) if data else len(whole)
+        try:
+            if cut:
+                chars = memoryview(whole)[:cut]
+                pa.Array.from_buffers(pa.binary(), 1, [None, _offsets(cut), pa.py_buffer(chars)]).cast(pa.string())
+        except pa.ArrowInvalid:
+            pass
+        else:
+            if data or not whole:
+                self._pending = whole[cut:]
+                return
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(whole, final=not data)
+        except UnicodeDecodeError as exc:
+            line = self._newlines + whole[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} (line {line})"
+            ) from exc
+        self._pending = whole[cut:]
 
     def _check_lines(self, data: bytes) -> None:
         """Refuse a line longer than the limit, counting across reads; a parser never gathers it."""
@@ -178,6 +200,68 @@ class CheckedStream(io.RawIOBase):
         super().close()
 
 
+def _complete(data: bytes) -> int:
+    """How many bytes of ``data`` are whole UTF-8 characters: all but a last one still missing bytes."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's first byte
+            needs = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
+            return len(data) - back if needs > back else len(data)
+    return len(data)
+
+
+def _offsets(size: int) -> Any:
+    """The offsets buffer of a one-value Arrow binary array of ``size`` bytes."""
+    import pyarrow as pa
+
+    return pa.py_buffer(bytes(4) + size.to_bytes(4, "little", signed=True))
+
+
+@contextlib.contextmanager
+def read_ahead(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Iterator[Chunk]]:
+    """``chunks`` parsed by a thread of their own, up to ``depth`` ahead of the caller, so the
+    parser (pyarrow's, which lets go of the GIL) works while the caller builds and writes rows.
+    The chunks come in their order; a parse error is raised to the caller where that chunk would
+    have come; leaving stops the thread before the file is closed."""
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def hand(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def parse() -> None:
+        try:
+            for chunk in chunks:
+                if not hand(("chunk", chunk)):
+                    return
+            hand(("end", None))
+        except BaseException as exc:  # handed on, raised in the caller's thread
+            hand(("error", exc))
+
+    def given() -> Iterator[Chunk]:
+        while True:
+            kind, item = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+
+    thread = threading.Thread(target=parse, name="collect-parse", daemon=True)
+    thread.start()
+    try:
+        yield given()
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass
 class Parsed:
     """An open source file: the columns it has and its chunks with just the fields asked for."""
@@ -189,11 +273,13 @@ class Parsed:
 
 @contextlib.contextmanager
 def open_source(
-    path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, tmp: Path, limits: Limits
+    path: Path, uri: str, fields: tuple[str, ...], chunk_rows: int, tmp: Path, limits: Limits, columnar: bool = False
 ) -> Iterator[Parsed]:
     """Parse one file as a stream of chunks of ``chunk_rows`` records; a field a record lacks
     reads as None. A record, or a .gz's output, past ``limits`` is refused. Everything the file
-    opened is closed on leaving, on error too."""
+    opened is closed on leaving, on error too. With ``columnar``, JSONL whose fields are all
+    strings (or null) comes as Arrow string arrays from pyarrow's reader; CSV and Parquet's string
+    columns come as Arrow arrays either way."""
     fmt, compressed = format_of(uri)
     if path.stat().st_size == 0:
         raise DataError(f"{uri}: file is empty")
@@ -203,19 +289,58 @@ def open_source(
         elif fmt == "csv":
             yield _csv_source(path, uri, fields, chunk_rows, compressed, stack, limits)
         else:
-            checked = CheckedStream(path, uri, compressed, limits)
-            stream = stack.enter_context(io.BufferedReader(checked, READ_BYTES))
+
+            def stream() -> BinaryIO:
+                checked = CheckedStream(path, uri, compressed, limits)
+                return stack.enter_context(io.BufferedReader(checked, READ_BYTES))
+
             found: set[str] = set()
-            yield Parsed(found, False, _jsonl_chunks(stream, uri, fields, chunk_rows, found))
+            if columnar:
+                yield Parsed(found, False, _jsonl_columnar(stream, uri, fields, chunk_rows, found))
+            else:
+                yield Parsed(found, False, _jsonl_chunks(stream(), uri, fields, chunk_rows, found))
+
+
+def _jsonl_columnar(
+    stream: Any, uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str]
+) -> Iterator[Chunk]:
+    """JSONL through pyarrow's reader, a block at a time, every field read as a string. Where it
+    stops (a value that is not a string: a number, an object; JSON it refuses; a line longer than
+    a block; a field no record gives a value), the row-by-row reader reads the file again from the
+    start, passing over the rows already given (which it would have given alike), and either
+    names the exact row, line or byte at fault or gives the rest."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    schema = pa.schema([(f, pa.string()) for f in fields])
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False)
+    rows = 0
+    try:
+        reader = pj.open_json(
+            stream(), read_options=pj.ReadOptions(block_size=COLUMNAR_BLOCK_BYTES), parse_options=options
+        )
+        for batch in reader:
+            if batch.num_rows:
+                found.update(f for f in fields if batch.column(f).null_count < batch.num_rows)
+                yield Chunk({f: batch.column(f) for f in fields}, rows)
+                rows += batch.num_rows
+    except pa.ArrowException:
+        pass
+    else:
+        if rows and found >= set(fields):
+            return
+    found.clear()
+    yield from _jsonl_chunks(stream(), uri, fields, chunk_rows, found, skip=rows)
 
 
 def _jsonl_chunks(
-    stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str]
+    stream: BinaryIO, uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str], skip: int = 0
 ) -> Iterator[Chunk]:
-    """Records in batches of lines, each remembering its line number for errors."""
+    """Records in batches of lines, each remembering its line number for errors; the first
+    ``skip`` records are read and checked but not given."""
     records: list[dict[str, Any]] = []
     lines: list[int] = []
-    rows = 0
+    rows, seen = skip, 0
     for number, raw in enumerate(stream, start=1):
         if number == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -228,6 +353,9 @@ def _jsonl_chunks(
         if not isinstance(record, dict):
             raise DataError(f"{uri}: line {number} is not a JSON object but {type(record).__name__}")
         found.update(record)
+        if seen < skip:
+            seen += 1
+            continue
         records.append(record)
         lines.append(number)
         if len(records) == chunk_rows:
@@ -250,6 +378,7 @@ def _csv_source(
     limits: Limits,
 ) -> Parsed:
     import pandas as pd
+    import pyarrow as pa
 
     checked = CheckedStream(path, uri, compressed, limits, breaks=b"\n\r")
     stream = stack.enter_context(io.BufferedReader(checked, READ_BYTES))
@@ -282,7 +411,9 @@ def _csv_source(
             _check_csv_records(frame, uri, rows, limits.record_bytes)
             yield Chunk(
                 {
-                    f: [v if isinstance(v, str) else None for v in frame[f]] if f in frame else [None] * len(frame)
+                    f: pa.Array.from_pandas(frame[f], type=pa.string())
+                    if f in frame
+                    else pa.nulls(len(frame), pa.string())
                     for f in fields
                 },
                 rows,
@@ -337,14 +468,27 @@ def _parquet_source(
         try:
             for batch in parquet.iter_batches(batch_size=chunk_rows, columns=[f for f in fields if f in columns]):
                 _check_parquet_rows(batch, uri, rows, limits.record_bytes)
-                yield Chunk(
-                    {f: batch.column(f).to_pylist() if f in columns else [None] * batch.num_rows for f in fields}, rows
-                )
+                yield Chunk({f: _parquet_values(batch, f, columns) for f in fields}, rows)
                 rows += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{uri}: cannot read Parquet data after row {rows} ({exc})") from exc
 
     return Parsed(columns, True, chunks())
+
+
+def _parquet_values(batch: Any, field: str, columns: set[str]) -> Any:
+    """A Parquet column as an Arrow string array when it holds text, else as Python values (which
+    the rows check and convert); a column the file lacks as nulls."""
+    import pyarrow as pa
+
+    if field not in columns:
+        return pa.nulls(batch.num_rows, pa.string())
+    column = batch.column(field)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    return column.to_pylist()
 
 
 def _check_parquet_rows(batch: Any, uri: str, rows: int, limit: int) -> None:

@@ -121,11 +121,12 @@ class _Staging:
         self._file = RowFile(path, columns)
         self.keys: list[int] = []
 
-    def add(self, values: dict[str, list[Any]]) -> None:
-        for row in zip(*(values[c] for c in self.columns)):
+    def add(self, values: dict[str, Any]) -> None:
+        table = self._file.table(values)
+        for row in zip(*(table.column(c).to_pylist() for c in self.columns)):
             content = json.dumps([len(self.keys), *row], ensure_ascii=False).encode("utf-8", "surrogatepass")
             self.keys.append(int.from_bytes(hashlib.blake2b(self.prefix + content, digest_size=8).digest(), "big"))
-        self._file.write(self._file.table(values))
+        self._file.write(table)
 
     def close(self) -> None:
         self._file.close()
