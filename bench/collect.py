@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         AWS_DEFAULT_REGION="us-east-1",
         HF_HUB_OFFLINE="1",
     )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its server
     trees = {"new": ROOT}
     download_s: list[float] = []
     runs: dict[str, list[tuple[float, int, dict]]] = {}

@@ -140,13 +140,10 @@ def _forms(texts: Any) -> list[tuple[Any, Any]]:
             parts.append((numbers[_where(python)], pa.array(own, pa.string())))
     tidied = []
     for numbers, forms in parts:  # only rows with a run, an edge space or a break need the regex
-        messy = pc.or_(
-            pc.match_substring_regex(forms, f"{WHITESPACE}{WHITESPACE}|[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f]"),
-            pc.or_(pc.starts_with(forms, " "), pc.ends_with(forms, " ")),
-        )
-        if pc.any(messy).as_py():
-            tidy = pc.utf8_trim(pc.replace_substring_regex(forms.filter(messy), f"{WHITESPACE}+", " "), " ")
-            tidied.append((numbers[_where(messy)], tidy))
+        messy = _messy(forms)
+        if messy.any():
+            tidy = pc.replace_substring_regex(forms.filter(pa.array(messy)), f"{WHITESPACE}+", " ")
+            tidied.append((numbers[messy], pc.utf8_trim(tidy, " ")))
     return parts + tidied
 
 
@@ -203,6 +200,39 @@ def _class(points: list[int]) -> str:
     return "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in runs)
 
 
+def _messy(texts: Any) -> Any:
+    """Which strings (numpy bool) hold whitespace that normalize_text would change: a space at
+    either end, two in a row, or any other ASCII whitespace; found in the bytes, a block at a time."""
+    import numpy as np
+
+    offsets, values = _buffers(texts)
+    messy = np.zeros(len(texts), bool)
+    filled = offsets[1:] > offsets[:-1]
+    if not filled.any():
+        return messy
+    messy[filled] = (values[offsets[:-1][filled]] == 32) | (values[offsets[1:][filled] - 1] == 32)
+    low, high = int(offsets[0]), int(offsets[-1])
+    for start in range(low, high, BLOCK_BYTES):
+        stop = min(start + BLOCK_BYTES, high)
+        block = values[start : min(stop + 1, high)]  # one byte more: a pair across two blocks
+        head = block[: stop - start]
+        breaks = np.flatnonzero(((head >= 9) & (head <= 13)) | ((head >= 28) & (head <= 31))) + start
+        messy[np.searchsorted(offsets, breaks, "right") - 1] = True
+        pairs = np.flatnonzero((block[:-1] == 32) & (block[1:] == 32)) + start
+        first, second = (np.searchsorted(offsets, pairs + k, "right") - 1 for k in (0, 1))
+        messy[first[first == second]] = True  # both spaces in one string
+    return messy
+
+
+def _buffers(texts: Any) -> tuple[Any, Any]:
+    """An Arrow string array's offsets (int64) and bytes (uint8), as numpy views where they can be."""
+    import numpy as np
+
+    offsets = np.frombuffer(texts.buffers()[1], np.int32, len(texts) + 1, texts.offset * 4).astype(np.int64)
+    data = texts.buffers()[2]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
 @functools.cache
 def _powers(size: int) -> tuple[Any, Any]:
     """MULTIPLIER**i and its inverse**i modulo 2**64, for i in 0..size."""
@@ -225,9 +255,7 @@ def _hash(texts: Any) -> Any:
     keys = np.zeros(count, np.uint64)
     if not count:
         return keys
-    offsets = np.frombuffer(texts.buffers()[1], np.int32, count + 1, texts.offset * 4).astype(np.int64)
-    data = texts.buffers()[2]
-    values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    offsets, values = _buffers(texts)
     start = 0
     while start < count:  # rows [start, stop) hold at most BLOCK_BYTES (or are one longer row)
         stop = int(np.searchsorted(offsets, offsets[start] + BLOCK_BYTES, "right")) - 1
@@ -236,7 +264,8 @@ def _hash(texts: Any) -> Any:
         size = last - first
         forward, inverse = _powers(max(BLOCK_BYTES, 1 << max(size - 1, 0).bit_length()))
         sums = np.zeros(size + 1, np.uint64)
-        np.cumsum(values[first:last].astype(np.uint64) * forward[:size], out=sums[1:])
+        np.multiply(values[first:last], forward[:size], out=sums[1:])  # no uint64 copy of the bytes first
+        np.cumsum(sums[1:], out=sums[1:])
         begins, ends = offsets[start:stop] - first, offsets[start + 1 : stop + 1] - first
         keys[start:stop] = (sums[ends] - sums[begins]) * inverse[begins]
         start = stop

@@ -215,6 +215,33 @@ def test_bad_utf8_far_into_a_file_gives_the_exact_byte_and_line(tmp_path):
     assert f"late.csv: not valid UTF-8 at byte {len(head.encode()) + 3} (line 1502)" in _fails(tmp_path / "late.csv")
 
 
+def _many_rows(count: int) -> list[dict]:
+    """``count`` unique shipped-like rows: past pyarrow's first 1 MiB block from about 10,000."""
+    shipped = shipped_rows(labels=8, per_label=200)
+    return [{**shipped[i % len(shipped)], "text": f"{shipped[i % len(shipped)]['text']} #{i}"} for i in range(count)]
+
+
+def test_where_pyarrow_stops_late_in_a_file_the_row_by_row_reader_gives_the_same_snapshot(tmp_path):
+    rows = _many_rows(30_000)
+    write_jsonl(tmp_path / "strings.jsonl", rows)  # read by pyarrow from first to last
+    numbers = [dict(r) for r in rows]
+    numbers[25_000]["label"] = 7  # pyarrow stops here, blocks after its first; a number label is valid
+    write_jsonl(tmp_path / "numbers.jsonl", numbers)
+    rows[25_000]["label"] = "7"  # what the row-by-row reader makes of the number
+    write_jsonl(tmp_path / "expected.jsonl", rows)
+    fast = _run(tmp_path / "expected.jsonl", **{"artifact_root": (tmp_path / "fast").as_uri()})
+    mixed = _run(tmp_path / "numbers.jsonl", **{"artifact_root": (tmp_path / "mixed").as_uri()})
+    assert (mixed.sha256, mixed.rows, mixed.rows_eval) == (fast.sha256, 30_000, fast.rows_eval)
+    assert load_snapshot(mixed.snapshot_uri).equals(load_snapshot(fast.snapshot_uri))
+
+
+def test_bad_json_late_in_a_file_names_its_line(tmp_path):
+    lines = [json.dumps(r, ensure_ascii=False) for r in _many_rows(20_000)]
+    lines[17_000] = '{"text": "cut off", "label": '
+    (tmp_path / "late.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert "late.jsonl: line 17001 is not valid JSON (Expecting value" in _fails(tmp_path / "late.jsonl")
+
+
 def test_a_later_bad_file_publishes_nothing_from_the_good_ones(small_data, tmp_path):
     (tmp_path / "zero.parquet").write_bytes(b"PAR1 not really")
     assert "zero.parquet: not a readable Parquet file" in _fails(small_data, tmp_path / "zero.parquet")
