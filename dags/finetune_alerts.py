@@ -13,6 +13,7 @@ gives). Not a DAG file (``.airflowignore``); the DAG files import it as ``finetu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from airflow.sdk import BaseNotifier, DeadlineAlert, DeadlineReference, SyncCallback
 
 from pipeline import steps
-from pipeline.config import CHAMPION, load_config, safe_run_id
+from pipeline.config import CHAMPION, safe_run_id
 from pipeline.errors import ConfigError
 
 ALERTS_CONN_ID = "finetune_alerts"
@@ -82,7 +83,9 @@ def step_error_text(dag_run_id: str, task_id: str) -> str | None:
     (the artifact root is the deployment's: a trigger cannot point this elsewhere)."""
     if task_id not in steps.STEPS:
         return None
-    cfg = load_config(None, [*steps.deployment_overrides(), f"run_id={safe_run_id(dag_run_id)}"])
+    # The deployment's config this process built already (the DAG's parse, the task's execute),
+    # with this run's id: a copy, not another build.
+    cfg = dataclasses.replace(steps.deployment_config(), run_id=safe_run_id(dag_run_id))
     error = steps.step_error(cfg.step_uri(task_id))
     if error is None:
         return None

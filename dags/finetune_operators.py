@@ -11,9 +11,7 @@ DAG bundle's folder on ``sys.path``, so the task factory (``finetune_tasks``) im
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Connection, RetryDecision, RetryPolicy
@@ -21,30 +19,11 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from finetune_approval import APPROVAL_TASK, approval_overrides
 
 from pipeline import local, steps
-from pipeline.config import PipelineConfig, defaults_environment, load_config, safe_run_id, scope
+from pipeline.config import safe_run_id, scope
 from pipeline.errors import PipelineError
-from pipeline.steps import STEPS
+from pipeline.steps import STEPS, deployment_config
 
 AWS_CONN_ID = "aws_default"
-
-
-def deployment_config(deployment: Sequence[str] | None = None) -> PipelineConfig:
-    """The deployment's effective config (its config files over the defaults): what the trigger
-    form shows as defaults. Read when a DAG file is parsed: local files, no network. ``deployment``:
-    its files' overrides (``steps.deployment_overrides()``), when the caller has read them already.
-
-    Built once per distinct input in a process: a DAG file asks for it for every task's timeout
-    and for the Params (22 times for finetune.py), and the task's ``execute``, in the process that
-    parsed it, asks again; each build checks every field (4 ms; BENCHMARKS.md, DAG parse). The key
-    is all a build reads (``config.defaults_environment``), not the whole environment, which the
-    task runner changes before ``execute`` (``AIRFLOW_CTX_*``)."""
-    deployment = steps.deployment_overrides() if deployment is None else deployment
-    return _deployment_config(tuple(deployment), defaults_environment())
-
-
-@functools.lru_cache(maxsize=4)
-def _deployment_config(overrides: tuple[str, ...], environment: tuple[str | None, str | None, str]) -> PipelineConfig:
-    return load_config(None, overrides)
 
 
 def step_timeout_s(step: str) -> int:

@@ -114,7 +114,7 @@ def test_dag(dag_id: str, conf: dict[str, Any], env_extra: dict[str, str] | None
     return airflow_run_id
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--source",
@@ -132,7 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a smoke run: register the version as challenger and never move champion (evaluate.promote=false)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What ``finetune run`` prints of register's result."""
+    summary = {
+        key: result[key] for key in ("model_name", "version", "aliases", "reason", "metrics", "run_id", "snapshot")
+    }
+    if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
+        summary["base_metrics"] = result["base_metrics"]
+    if result.get("slices"):  # per language of the eval rows: one number can hide a language it cannot read
+        summary["slices"] = {
+            name: {k: round(v, 4) for k, v in values.items()} for name, values in result["slices"].items()
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.no_promote:
         args.overrides.append("evaluate.promote=false")
     sources = [s if storage.scheme(s) else str(Path(s).expanduser().resolve()) for s in args.source]
@@ -160,15 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: run: {failure(run_uri)}", file=sys.stderr)
         return 1
     result = storage.read_json(result_uri)
-    summary = {
-        key: result[key] for key in ("model_name", "version", "aliases", "reason", "metrics", "run_id", "snapshot")
-    }
-    if result.get("base_metrics"):  # causal-lm: what fine-tuning bought, on the same eval tokens
-        summary["base_metrics"] = result["base_metrics"]
-    if result.get("slices"):  # per language of the eval rows: one number can hide a language it cannot read
-        summary["slices"] = {
-            name: {k: round(v, 4) for k, v in values.items()} for name, values in result["slices"].items()
-        }
+    summary = _summary(result)
     print(
         f"finetune run: artifacts in {run_uri}; MLflow UI: make up (or `mlflow ui --backend-store-uri "
         f"sqlite:///{finetune_home() / 'mlflow.db'}`)",

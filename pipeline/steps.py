@@ -20,6 +20,7 @@ imported at DAG parse time, so everything it imports keeps heavy libraries insid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from pipeline.config import (
     check_model_name,
     check_sources,
     check_trigger,
+    defaults_environment,
     file_overrides,
     load_config,
     value_of,
@@ -217,6 +219,25 @@ def deployment_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
     """The deployment's config files as ``key=value`` overrides (each checked, naming the file)."""
     environ = os.environ if environ is None else environ
     return [item for name in DEPLOYMENT_CONFIG_VARIABLES if environ.get(name) for item in file_overrides(environ[name])]
+
+
+def deployment_config(deployment: Sequence[str] | None = None) -> PipelineConfig:
+    """The deployment's effective config (its config files over the defaults): what the trigger
+    form shows as defaults. Read when a DAG file is parsed: local files, no network. ``deployment``:
+    its files' overrides (``deployment_overrides()``), when the caller has read them already.
+
+    Built once per distinct input in a process: a DAG file asks for it for every task's timeout
+    and for the Params (22 times for finetune.py), the task's ``execute``, in the process that
+    parsed it, asks again, and so does its failure alert; each build checks every field (4 ms;
+    BENCHMARKS.md, DAG parse). The key is all a build reads (``config.defaults_environment``), not
+    the whole environment, which the task runner changes before ``execute`` (``AIRFLOW_CTX_*``)."""
+    deployment = deployment_overrides() if deployment is None else deployment
+    return _deployment_config(tuple(deployment), defaults_environment())
+
+
+@functools.lru_cache(maxsize=4)
+def _deployment_config(overrides: tuple[str, ...], environment: tuple[str | None, str | None, str]) -> PipelineConfig:
+    return load_config(None, overrides)
 
 
 class StepOverrides(list[str]):
