@@ -452,7 +452,8 @@ def _schedule(own: TrainConfig) -> dict[str, Any]:
     """Evaluation and checkpoint arguments. With early stopping the Trainer keeps the best
     evaluation's checkpoint and loads it at the end (load_best_model_at_end), which it allows only
     when saves can fall on evaluations: its save interval is then train.eval_steps, and the
-    Checkpointing callback keeps, of those, only a new best, train.checkpoint_steps' and the epoch ends."""
+    Checkpointing callback keeps, of those, only a new best and train.checkpoint_steps' (the epoch
+    ends with 0)."""
     evaluation = {"eval_strategy": "steps", "eval_steps": own.eval_steps} if own.eval_steps else {"eval_strategy": "no"}
     if own.early_stopping_patience:
         return {

@@ -4,6 +4,7 @@ The tests that train are marked slow; those that fail before training are not.""
 
 import json
 import math
+import re
 
 import pytest
 
@@ -31,11 +32,15 @@ def _weights(model_uri):
 
 
 @pytest.mark.slow
-def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, tiny_model_dir):
+def test_two_processes_shard_every_epoch_and_runs_are_deterministic(snapshot, tiny_model_dir, capfd):
     result = _train(snapshot, tiny_model_dir, "a")
     per_rank = snapshot.rows_train // (BATCH * 2) * BATCH  # the partial last global batch is dropped
     assert result["world_size"] == 2
     assert result["global_step"] == 2 * (snapshot.rows_train // (BATCH * 2))  # 2 epochs
+    # train.checkpoint_steps (200) is the cadence, as the Trainer's "steps" strategy has it: one
+    # checkpoint at the last step, none at the end of the first epoch.
+    saved = re.findall(r"train: checkpoint at step (\d+) saved", capfd.readouterr().out)
+    assert saved == [str(result["global_step"])]
     audit = storage.read_json(result["summary_uri"])
     assert audit["trainer_world_size"] == 2 and audit["deepspeed"]["zero_stage"] == 2
     for epoch in audit["sharding"]["epochs"]:
