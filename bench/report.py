@@ -202,12 +202,40 @@ def serving(r: dict[str, Any]) -> str:
 """
 
 
+def demo(r: dict[str, Any]) -> str:
+    floors = r["floors"]
+    slices = list(floors)
+    rows = []
+    for number, run in enumerate(r["runs"], 1):
+        steps = run["steps_s"]
+        saves = run["checkpoints"]
+        rows.append(
+            f"| {number} | {run['wall_s'] / 60:.1f} | {run['install_s']:.0f}"
+            f"{' (ops built)' if run['built_deepspeed_ops'] else ''} | "
+            + " | ".join(
+                f"{steps.get(step, 0):.0f}" for step in ("collect", "validate", "train", "evaluate", "register")
+            )
+            + f" | {len(saves)}: {sum(c['mib'] for c in saves):,.0f} MiB, "
+            f"{sum(c['s'] or 0 for c in saves):.0f} s | "
+            + " | ".join(f"{run['accuracy'].get(name, float('nan')):.3f}" for name in slices)
+            + " |"
+        )
+    return f"""`make demo` in a fresh clone (install included) against {r["target_s"] / 60:.0f} minutes: median {r["wall_s"]["median"] / 60:.1f} min ({_verdict(r["wall_s"]["median"], r["target_s"], above=False)}). Accuracy floors {", ".join(f"{name} >= {floor}" for name, floor in floors.items())}: {"met" if all(run["floors_met"] for run in r["runs"]) else "**missed**"} in every run. Checkpoints: how many train saved, their size, and the seconds from their step's log line to the marker (the last step's line comes \
+after its save: not counted). {_provenance(r)}
+
+| run | min | install s | collect s | validate s | train s | evaluate s | register s | checkpoints | {" | ".join(slices)} |
+|---|---:|---:|---:|---:|---:|---:|---:|---|{"---:|" * len(slices)}
+{chr(10).join(rows)}
+"""
+
+
 RENDERERS = {
     "training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
     "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
     "data_throughput": ("Data: collect from S3 and tokenization vs the plain calls", data_throughput),
     "suite": ("Test suite: where make test's time goes", suite),
     "serving": ("Serving: the champion behind MLflow's scoring server vs in-process", serving),
+    "demo": ("The demo: make demo from a fresh clone", demo),
 }
 
 
