@@ -2,7 +2,7 @@
 `collect.run` on it against boto3's download_file of the same object, interleaved, --repeats times.
 
 Each collect runs in a child process of its own (imports paid before the clock starts), so its
-peak RSS is its own (``wait4``). With ``--base REV`` the same object is also collected by the
+peak RSS (VmHWM) is its own. With ``--base REV`` the same object is also collected by the
 pipeline package of git revision REV (``git archive`` into a temporary directory), interleaved
 with this tree's: base and new share the machine's load, and their ratios are comparable.
 Target (issue 26): >= 0.5x the plain download, peak RSS within 2x of the base's.
@@ -43,8 +43,10 @@ from pipeline.config import load_config
 cfg = load_config(None, json.loads(sys.argv[2]))
 started = time.perf_counter()
 result = collect.run(cfg)
-print(json.dumps({"seconds": time.perf_counter() - started, "sha256": result.sha256, "rows": result.rows,
-                  "rows_eval": result.rows_eval, "package": collect.__file__}))
+seconds = time.perf_counter() - started
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({"seconds": seconds, "sha256": result.sha256, "rows": result.rows, "rows_eval": result.rows_eval,
+                  "peak_rss_kib": int(status["VmHWM"].split()[0]), "package": collect.__file__}))
 """
 
 
@@ -70,7 +72,8 @@ def plain_download(client, dest: Path) -> float:
 
 
 def run_alone(tree: Path, home: Path, run: str) -> tuple[float, int, dict]:
-    """Seconds of collect.run in a child process, the child's peak RSS in bytes (wait4), and what it printed."""
+    """Seconds of collect.run in a child process, the child's peak RSS in bytes (its own VmHWM: after
+    fork and exec, wait4's ru_maxrss still counts the parent's pages), and what it printed."""
     settings = [f'collect.sources=["s3://{BUCKET}/{KEY}"]', f"run_id=bench-{run}", f"model_name=bench-{run}"]
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen(
@@ -79,13 +82,13 @@ def run_alone(tree: Path, home: Path, run: str) -> tuple[float, int, dict]:
             stdout=out,
             stderr=subprocess.DEVNULL,
         )
-        _, status, usage = os.wait4(process.pid, 0)
+        _, status, _ = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode:
             raise SystemExit(f"collect ({tree}) failed with exit code {process.returncode}")
         out.seek(0)
         printed = json.loads(out.read().strip().splitlines()[-1])
-    return printed["seconds"], usage.ru_maxrss * 1024, printed
+    return printed["seconds"], printed["peak_rss_kib"] * 1024, printed
 
 
 def main(argv: list[str] | None = None) -> int:
