@@ -47,6 +47,11 @@ def evaluate_preference(cfg: PipelineConfig, frame: Any, scratch: Path) -> Score
     print_metrics("base model", base_metrics)
 
     def score_other(other: Any, other_tokenizer: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        if other.get_output_embeddings() is None:  # e.g. a champion registered as a classifier
+            raise ModelError(
+                f"the champion of {cfg.model_name} is a {type(other).__name__}, not a causal LM: its answers' "
+                "log-probabilities cannot be scored against the new model's; register it as a chat model"
+            )
         if other_tokenizer.pad_token is None:
             other_tokenizer.pad_token = other_tokenizer.eos_token
         theirs = _logps(cfg, on_accelerator(other), other_tokenizer, _encoded(cfg, other_tokenizer, pairs))
