@@ -115,7 +115,9 @@ class CheckedStream(io.RawIOBase):
     ``breaks``: a newline, or for CSV a carriage return too (pandas ends a record at either).
     """
 
-    def __init__(self, path: Path, uri: str, compressed: bool, limits: Limits, breaks: bytes = b"\n") -> None:
+    def __init__(
+        self, path: Path, uri: str, compressed: bool, limits: Limits, breaks: bytes = b"\n", count: bool = False
+    ) -> None:
         self._file = path.open("rb")
         self._raw: BinaryIO | BoundedGzip = BoundedGzip(self._file, uri, limits) if compressed else self._file
         self._uri = uri
@@ -125,6 +127,9 @@ class CheckedStream(io.RawIOBase):
         self._record_bytes = limits.record_bytes
         self._carriage = b"\r" in breaks
         self._line = 0  # bytes of the line being read so far
+        self._count = count
+        self.records = 0  # with ``count``: lines holding more than whitespace, once the stream has ended
+        self._content = False  # whether the line being read holds more than whitespace so far
 
     def readable(self) -> bool:
         return True
@@ -133,6 +138,8 @@ class CheckedStream(io.RawIOBase):
         data = self._raw.read(len(buffer))
         self._check_utf8(data)
         self._check_lines(data)
+        if self._count:
+            self._count_records(data)
         self._offset += len(data)
         self._newlines += data.count(b"\n")
         buffer[: len(data)] = data
@@ -164,6 +171,30 @@ class CheckedStream(io.RawIOBase):
                 f"{self._uri}: not valid UTF-8 at byte {self._offset - len(pending) + exc.start} (line {line})"
             ) from exc
         self._pending = whole[cut:]
+
+    def _count_records(self, data: bytes) -> None:
+        """Count the lines that hold more than whitespace (``bytes.strip``'s): the records the
+        row-by-row JSONL reader would parse, which pyarrow's reader must match (it also reads two
+        objects on one line, or one across two). A line's first byte decides, but for the rare
+        line that starts with whitespace."""
+        import numpy as np
+
+        if not data:
+            self.records += self._content
+            self._content = False
+            return
+        breaks = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+        if not len(breaks):
+            self._content = self._content or _holds(data)
+            return
+        self.records += self._content or _holds(data[: breaks[0]])
+        starts, ends = breaks[:-1] + 1, breaks[1:]
+        firsts = np.frombuffer(data, np.uint8)[starts[starts < ends]] if len(starts) else np.zeros(0, np.uint8)
+        plain = ~np.isin(firsts, WHITESPACE_BYTES)
+        self.records += int(plain.sum())
+        for start, end in zip(starts[starts < ends][~plain].tolist(), ends[starts < ends][~plain].tolist()):
+            self.records += _holds(data[start:end])
+        self._content = _holds(data[int(breaks[-1]) + 1 :])
 
     def _check_lines(self, data: bytes) -> None:
         """Refuse a line longer than the limit, counting across reads; a parser never gathers it."""
@@ -198,6 +229,14 @@ class CheckedStream(io.RawIOBase):
         self._raw.close()
         self._file.close()
         super().close()
+
+
+WHITESPACE_BYTES = list(b" \t\r\x0b\x0c")  # bytes.strip()'s whitespace, but for the newline
+
+
+def _holds(line: bytes) -> bool:
+    """Whether a piece of a line holds more than whitespace."""
+    return bool(line.strip())
 
 
 def _complete(data: bytes) -> int:
@@ -289,24 +328,26 @@ def open_source(
         elif fmt == "csv":
             yield _csv_source(path, uri, fields, chunk_rows, compressed, stack, limits)
         else:
+            opened: list[CheckedStream] = []
 
             def stream() -> BinaryIO:
-                checked = CheckedStream(path, uri, compressed, limits)
-                return stack.enter_context(io.BufferedReader(checked, READ_BYTES))
+                opened.append(CheckedStream(path, uri, compressed, limits, count=columnar))
+                return stack.enter_context(io.BufferedReader(opened[-1], READ_BYTES))
 
             found: set[str] = set()
             if columnar:
-                yield Parsed(found, False, _jsonl_columnar(stream, uri, fields, chunk_rows, found))
+                yield Parsed(found, False, _jsonl_columnar(stream, opened, uri, fields, chunk_rows, found))
             else:
                 yield Parsed(found, False, _jsonl_chunks(stream(), uri, fields, chunk_rows, found))
 
 
 def _jsonl_columnar(
-    stream: Any, uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str]
+    stream: Any, opened: list[CheckedStream], uri: str, fields: tuple[str, ...], chunk_rows: int, found: set[str]
 ) -> Iterator[Chunk]:
     """JSONL through pyarrow's reader, a block at a time, every field read as a string. Where it
     stops (a value that is not a string: a number, an object; JSON it refuses; a line longer than
-    a block; a field no record gives a value), the row-by-row reader reads the file again from the
+    a block; a field no record gives a value), or where its rows are not the file's lines that
+    hold more than whitespace (two objects on one line, one across lines), the row-by-row reader reads the file again from the
     start, passing over the rows already given (which it would have given alike), and either
     names the exact row, line or byte at fault or gives the rest."""
     import pyarrow as pa
@@ -327,7 +368,7 @@ def _jsonl_columnar(
     except pa.ArrowException:
         pass
     else:
-        if rows and found >= set(fields):
+        if rows and found >= set(fields) and rows == opened[-1].records:
             return
     found.clear()
     yield from _jsonl_chunks(stream(), uri, fields, chunk_rows, found, skip=rows)

@@ -376,3 +376,19 @@ def test_causal_lm_file_without_chat_columns(tmp_path):
         "names; no setting maps another column to them); the file's columns are ['label', 'text']"
         in _fails(tmp_path / "plain.csv", task="causal-lm")
     )
+
+
+@pytest.mark.parametrize(
+    "lines, reason",
+    [
+        ('{"text": "a", "label": "x"} {"text": "b", "label": "y"}', "Extra data"),
+        ('{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}', "Extra data"),
+        ('{"text":\n "a", "label": "x"}', "Expecting value"),
+    ],
+    ids=["two-objects-on-a-line", "two-split-by-cr", "one-across-lines"],
+)
+def test_what_pyarrow_would_read_but_jsonl_is_not_is_refused_naming_the_line(tmp_path, lines, reason):
+    # pyarrow's reader takes these; a JSONL record is one line, so the row-by-row reader names it.
+    rows = [json.dumps(r, ensure_ascii=False) for r in _many_rows(12_000)]  # line 11,001: pyarrow's second block
+    (tmp_path / "odd.jsonl").write_text("\n".join([*rows[:11_000], lines, *rows[11_000:]]) + "\n", encoding="utf-8")
+    assert f"odd.jsonl: line 11001 is not valid JSON ({reason}" in _fails(tmp_path / "odd.jsonl")
