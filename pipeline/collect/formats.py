@@ -176,25 +176,35 @@ class CheckedStream(io.RawIOBase):
         """Count the lines that hold more than whitespace (``bytes.strip``'s): the records the
         row-by-row JSONL reader would parse, which pyarrow's reader must match (it also reads two
         objects on one line, or one across two). A line's first byte decides, but for the rare
-        line that starts with whitespace."""
+        line that starts with whitespace. A record that does not start with ``{`` stops pyarrow's
+        reader before it parses it (NotAnObject): pyarrow reads a ``null`` line as a row of nulls,
+        and a file of ``null`` alone crashes it."""
         import numpy as np
 
         if not data:
             self.records += self._content
             self._content = False
             return
+        if self._offset == 0 and data.startswith(codecs.BOM_UTF8):
+            data = b" " * len(codecs.BOM_UTF8) + data[len(codecs.BOM_UTF8) :]  # the reader drops a BOM
         breaks = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+        head = data[: breaks[0]] if len(breaks) else data
+        if not self._content:
+            self._content = _opens(head)
         if not len(breaks):
-            self._content = self._content or _holds(data)
             return
-        self.records += self._content or _holds(data[: breaks[0]])
+        self.records += self._content
         starts, ends = breaks[:-1] + 1, breaks[1:]
-        firsts = np.frombuffer(data, np.uint8)[starts[starts < ends]] if len(starts) else np.zeros(0, np.uint8)
+        filled = starts < ends
+        starts, ends = starts[filled], ends[filled]
+        firsts = np.frombuffer(data, np.uint8)[starts]
         plain = ~np.isin(firsts, WHITESPACE_BYTES)
+        if (firsts[plain] != ord("{")).any():
+            raise NotAnObject()
         self.records += int(plain.sum())
-        for start, end in zip(starts[starts < ends][~plain].tolist(), ends[starts < ends][~plain].tolist()):
-            self.records += _holds(data[start:end])
-        self._content = _holds(data[int(breaks[-1]) + 1 :])
+        for start, end in zip(starts[~plain].tolist(), ends[~plain].tolist()):
+            self.records += _opens(data[start:end])
+        self._content = _opens(data[int(breaks[-1]) + 1 :])
 
     def _check_lines(self, data: bytes) -> None:
         """Refuse a line longer than the limit, counting across reads; a parser never gathers it."""
@@ -234,9 +244,16 @@ class CheckedStream(io.RawIOBase):
 WHITESPACE_BYTES = list(b" \t\r\x0b\x0c")  # bytes.strip()'s whitespace, but for the newline
 
 
-def _holds(line: bytes) -> bool:
-    """Whether a piece of a line holds more than whitespace."""
-    return bool(line.strip())
+class NotAnObject(Exception):
+    """A JSONL line that does not start with an object: the row-by-row reader names it."""
+
+
+def _opens(piece: bytes) -> bool:
+    """Whether a piece of a line holds more than whitespace; NotAnObject if that is not an object's ``{``."""
+    content = piece.lstrip(b" \t\r\x0b\x0c")
+    if content and content[:1] != b"{":
+        raise NotAnObject()
+    return bool(content)
 
 
 def _complete(data: bytes) -> int:
@@ -330,8 +347,8 @@ def open_source(
         else:
             opened: list[CheckedStream] = []
 
-            def stream() -> BinaryIO:
-                opened.append(CheckedStream(path, uri, compressed, limits, count=columnar))
+            def stream(count: bool = False) -> BinaryIO:
+                opened.append(CheckedStream(path, uri, compressed, limits, count=count))
                 return stack.enter_context(io.BufferedReader(opened[-1], READ_BYTES))
 
             found: set[str] = set()
@@ -358,14 +375,14 @@ def _jsonl_columnar(
     rows = 0
     try:
         reader = pj.open_json(
-            stream(), read_options=pj.ReadOptions(block_size=COLUMNAR_BLOCK_BYTES), parse_options=options
+            stream(count=True), read_options=pj.ReadOptions(block_size=COLUMNAR_BLOCK_BYTES), parse_options=options
         )
         for batch in reader:
             if batch.num_rows:
                 found.update(f for f in fields if batch.column(f).null_count < batch.num_rows)
                 yield Chunk({f: batch.column(f) for f in fields}, rows)
                 rows += batch.num_rows
-    except pa.ArrowException:
+    except (pa.ArrowException, NotAnObject):
         pass
     else:
         if rows and found >= set(fields) and rows == opened[-1].records:

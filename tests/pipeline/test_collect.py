@@ -381,14 +381,18 @@ def test_causal_lm_file_without_chat_columns(tmp_path):
 @pytest.mark.parametrize(
     "lines, reason",
     [
-        ('{"text": "a", "label": "x"} {"text": "b", "label": "y"}', "Extra data"),
-        ('{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}', "Extra data"),
-        ('{"text":\n "a", "label": "x"}', "Expecting value"),
+        ('{"text": "a", "label": "x"} {"text": "b", "label": "y"}', "is not valid JSON (Extra data"),
+        ('{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}', "is not valid JSON (Extra data"),
+        ('{"text":\n "a", "label": "x"}', "is not valid JSON (Expecting value"),
+        ("null", "is not a JSON object but NoneType"),  # pyarrow reads it as a row of nulls
+        ("  [1]", "is not a JSON object but list"),
     ],
-    ids=["two-objects-on-a-line", "two-split-by-cr", "one-across-lines"],
+    ids=["two-objects-on-a-line", "two-split-by-cr", "one-across-lines", "null", "a-list"],
 )
 def test_what_pyarrow_would_read_but_jsonl_is_not_is_refused_naming_the_line(tmp_path, lines, reason):
     # pyarrow's reader takes these; a JSONL record is one line, so the row-by-row reader names it.
     rows = [json.dumps(r, ensure_ascii=False) for r in _many_rows(12_000)]  # line 11,001: pyarrow's second block
     (tmp_path / "odd.jsonl").write_text("\n".join([*rows[:11_000], lines, *rows[11_000:]]) + "\n", encoding="utf-8")
-    assert f"odd.jsonl: line 11001 is not valid JSON ({reason}" in _fails(tmp_path / "odd.jsonl")
+    assert f"odd.jsonl: line 11001 {reason}" in _fails(tmp_path / "odd.jsonl")
+    (tmp_path / "first.jsonl").write_text(lines + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert f"first.jsonl: line 1 {reason}" in _fails(tmp_path / "first.jsonl")  # a lone null line crashes pyarrow
