@@ -137,8 +137,8 @@ class TrainConfig:
     )
     checkpoint_steps: int = option(
         200,
-        "Save a checkpoint to the artifact store every N optimizer steps (and at "
-        "each epoch end); 0: at epoch ends only.",
+        "Save a checkpoint to the artifact store every N optimizer steps and at the "
+        "last one; 0: at each epoch end instead.",
         minimum=0,
     )
     keep_checkpoints: int = option(
