@@ -177,3 +177,17 @@ def test_evaluate_scores_reward_accuracy_beside_the_base_and_gates_on_it(dpo_run
     samples = storage.read_json(evaluated["report_uri"])
     assert samples and {"prompt", "chosen", "rejected", "chosen_logp", "rejected_logp"} <= set(samples[0])
     assert evaluated["promote"] == (metrics["reward_accuracy"] > base["reward_accuracy"])
+
+    # train.reference_model names the reference by URI: here the base model's directory, so the same figures.
+    again = run_step_here(
+        "evaluate",
+        [
+            *DPO,
+            "run_id=dpo-reference",
+            f"base_model={json.dumps(str(tiny_lm_dir))}",
+            f"train.reference_model={json.dumps(str(tiny_lm_dir))}",
+            f"evaluate.snapshot_uri={dpo_run['snapshot'].snapshot_uri}",
+            f"evaluate.model_uri={dpo_run['result']['model_uri']}",
+        ],
+    )
+    assert again["metrics"] == pytest.approx(metrics) and again["base_metrics"] == pytest.approx(base)
