@@ -37,7 +37,7 @@ KEY = "intents/rows.jsonl"
 CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import pandas, pyarrow, pyarrow.parquet, boto3
+import numpy, pandas, pyarrow, pyarrow.compute, pyarrow.json, pyarrow.parquet, boto3
 from pipeline import collect
 from pipeline.config import load_config
 cfg = load_config(None, json.loads(sys.argv[2]))
