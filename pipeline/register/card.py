@@ -110,7 +110,16 @@ def _use_and_limits(cfg: PipelineConfig, collected: dict[str, Any]) -> tuple[str
         "Trained on a small, synthetic or team-curated set of intents: messages outside them are "
         "forced into the nearest known intent."
     )
-    if cfg.task == "causal-lm":
+    if cfg.task == "preference":
+        limits = (
+            "Learns the tone and patterns of its conversations, not facts, and prefers what its pairs "
+            "preferred: the shipped pairs are synthetic (the reference answer over another intent's or a "
+            "truncated one), so its preferences are those, not a person's."
+        )
+        use = f"""A chat model preference-tuned (DPO, beta {cfg.train.dpo_beta}) on chosen/rejected answer pairs
+against `{cfg.train.reference_model or cfg.base_model}`; `mlflow.pyfunc` takes OpenAI-style `messages`.
+Drafts replies for a person to check."""
+    elif cfg.task == "causal-lm":
         limits = (
             "Learns the tone and patterns of its conversations, not facts: answers about a customer's order, "
             "account or refund are plausible text, not looked up."

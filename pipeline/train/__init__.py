@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoints, storage, tracking
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import CHAT_TASKS, PipelineConfig, TrainConfig
 from pipeline.distributed import barrier, gather, node_dir, ranks
 from pipeline.errors import ConfigError, DataError, TransientError
 from pipeline.models import extend_like, load_causal_lm, resolve_model
@@ -66,7 +66,7 @@ from pipeline.train.trainer import (
     sharding_report,
 )
 
-LM_TASKS = ("causal-lm", "preference")  # the families that train a causal LM (LoRA, adapters)
+LM_TASKS = CHAT_TASKS  # the families that train a causal LM (LoRA, adapters)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def test_param_schema_follows_the_field():
     assert param_schema("train.zero_stage")["enum"] == [0, 1, 2, 3]
     assert param_schema("collect.sources")["type"] == "array"
     assert "train.epochs" in known_keys() and "run_id" in known_keys()
-    assert param_schema("task")["enum"] == ["sequence-classification", "causal-lm"]
+    assert param_schema("task")["enum"] == ["sequence-classification", "causal-lm", "preference"]
 
 
 def test_param_pattern_rejects_what_the_config_rejects():

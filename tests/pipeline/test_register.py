@@ -437,6 +437,22 @@ def test_a_served_chat_champion_answers_a_chat_message(tmp_path, tiny_lm_dir, mo
     assert services.running(home, "serve") is None
 
 
+def test_a_preference_tuned_model_registers_as_a_chat_model_with_its_reference(tmp_path, tiny_lm_dir):
+    """DPO's model is a chat model: logged as one (llm/v1/chat, as the causal-LM family's), never as
+    a text classifier with a random head, and its lineage names the reference its reward is against."""
+    import mlflow
+
+    register.run(_inputs(tmp_path, tiny_lm_dir, "p1", True, 0.8, settings=["task=preference", "model_name=chat-dpo"]))
+    version = client().get_model_version("chat-dpo", "1")
+    with tracking.module_api():
+        info = mlflow.models.get_model_info("models:/chat-dpo/1")
+    flavor = info.flavors["transformers"]
+    assert flavor["task"] == "text-generation" and flavor["pipeline_model_type"].endswith("ForCausalLM")
+    assert info.metadata["task"] == "llm/v1/chat"  # OpenAI-style messages in and out
+    assert version.tags["finetune.reference_model"] == version.tags["finetune.base_model"]  # no train.reference_model
+    assert "preference-tuned (DPO" in version.description
+
+
 def test_with_approval_required_register_sets_challenger_only_and_says_it_awaits_approval(
     tmp_path, classifier_dir, capsys
 ):
