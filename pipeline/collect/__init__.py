@@ -49,7 +49,8 @@ from typing import Any
 
 from pipeline import chat, preference, storage
 from pipeline.collect.formats import Chunk, Limits, format_of, open_source, read_ahead
-from pipeline.collect.keys import split_column, split_of
+from pipeline.collect.keys import split_column
+from pipeline.collect.keys import split_of as split_of  # collect.split_of: the split of one text
 from pipeline.collect.mixing import MixEntry, plan_mix
 from pipeline.collect.sources import SourceFile, expand, local_copy
 from pipeline.collect.writer import SnapshotWriter, Tally, UnencodableRow
@@ -279,10 +280,10 @@ def _utf8(text: str) -> bool:
         return False
 
 
-def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, list[Any]]:
+def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, Any]:
     """prompt, chosen, rejected (each chat.dumps JSON: text becomes one turn), split by the prompt,
     so that a prompt's pairs are all in one split. Pair structure is validate's to judge."""
-    columns: dict[str, list[Any]] = {f: [] for f in (*preference.FIELDS, "split")}
+    columns: dict[str, Any] = {f: [] for f in preference.FIELDS}
     for index, values in enumerate(zip(*(chunk.values[f] for f in preference.FIELDS))):
         record = {f: v for f, v in zip(preference.FIELDS, values) if not _is_null(v)}
         try:
@@ -291,8 +292,8 @@ def _preference_rows(chunk: Chunk, uri: str, own: CollectConfig) -> dict[str, li
             raise DataError(f"{uri}: {chunk.where(index)}: {exc}") from exc
         for field, value in zip(preference.FIELDS, pair):
             columns[field].append(value)
-        columns["split"].append(_split(pair[0], own, lambda index=index: f"{uri}: {chunk.where(index)}: 'prompt'"))
-    return columns
+    prompts = _text_array(columns["prompt"], lambda index: f"{uri}: {chunk.where(index)}: 'prompt'")
+    return {**columns, "prompt": prompts, "split": split_column(prompts, own.eval_fraction)}
 
 
 def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, Any]:
@@ -306,14 +307,6 @@ def _extra_values(chunk: Chunk, own: CollectConfig) -> dict[str, Any]:
         ]
         for column in own.extra_columns
     }
-
-
-def _split(text: str, own: CollectConfig, where: Any) -> str:
-    """One text's split (``keys.split_of``), for rows built a record at a time."""
-    try:
-        return split_of(text, own.eval_fraction)
-    except UnicodeEncodeError:  # JSON can escape half a surrogate pair; UTF-8 and Parquet cannot hold it
-        raise DataError(f"{where()} is not valid Unicode (an unpaired surrogate such as \\ud800)") from None
 
 
 def _short(value: Any) -> str:
