@@ -149,8 +149,8 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
         "the data moved away from the last accepted snapshot: check it is the data you meant; drift checks "
         "fail the gate only with validate.drift_severity=error"
     )
-    chat_source = "fix the conversations in the source (the format: pipeline/data/README.md)"
     return {
+        **_conversation_remedies(cfg),
         "columns": f"the snapshot lacks a column training reads; its columns are {summary.get('columns', '?')}: "
         "collect.text_column and collect.label_column name the source's columns that become text and label "
         "(causal-lm: messages, or prompt and response, by those names); give collect the source, not a "
@@ -174,16 +174,6 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
         f"another's text once normalised: deduplicate the source",
         "split_leakage": "the same text in train and eval (preference: the same prompt): give collect the source, "
         "which splits by text (preference: by prompt)",
-        "messages_valid": chat_source,
-        "role_order": chat_source,
-        "assistant_present": chat_source,
-        "assistant_not_empty": chat_source,
-        "pairs_valid": "fix the pairs in the source: prompt (ending with a user turn), chosen and rejected (assistant "
-        "turns with text), each chat messages or text (the format: pipeline/data/README.md)",
-        "answers_differ": "a pair whose chosen and rejected answers are the same teaches nothing: drop or fix it in "
-        "the source",
-        "pair_tokens": f"pairs whose prompt and answer are longer than train.max_seq_len={cfg.train.max_seq_len} "
-        "tokens with the chat template (DPO truncates nothing): raise train.max_seq_len, or shorten them in the source",
         "training_drops": f"more than validate.max_dropped_rate={own.max_dropped_rate} of the rows are longer than "
         f"train.max_seq_len={cfg.train.max_seq_len} tokens, so training would "
         f"{'truncate' if cfg.task != 'causal-lm' else cfg.train.overlong} them (or find nothing left to learn once "
@@ -204,3 +194,20 @@ def remedy(check: str, cfg: PipelineConfig, summary: dict[str, Any]) -> str:
             "validate.max_unknown_token_rate knowingly"
         ),
     }.get(check, "see the Data Docs")
+
+
+def _conversation_remedies(cfg: PipelineConfig) -> dict[str, str]:
+    """``remedy``'s words for the chat and preference families' own checks."""
+    chat_source = "fix the conversations in the source (the format: pipeline/data/README.md)"
+    return {
+        "messages_valid": chat_source,
+        "role_order": chat_source,
+        "assistant_present": chat_source,
+        "assistant_not_empty": chat_source,
+        "pairs_valid": "fix the pairs in the source: prompt (ending with a user turn), chosen and rejected (assistant "
+        "turns with text), each chat messages or text (the format: pipeline/data/README.md)",
+        "answers_differ": "a pair whose chosen and rejected answers are the same teaches nothing: drop or fix it in "
+        "the source",
+        "pair_tokens": f"pairs whose prompt and answer are longer than train.max_seq_len={cfg.train.max_seq_len} "
+        "tokens with the chat template (DPO truncates nothing): raise train.max_seq_len, or shorten them in the source",
+    }
