@@ -59,3 +59,19 @@ def test_recollecting_a_scheme_1_snapshot_publishes_scheme_2_beside_it_and_valid
     assert [checks[n]["observed_value"] for n in ("drift_label_psi", "drift_length_ks", "drift_oov_rate")] == [0, 0, 0]
     record = storage.read_json(result.accepted_uri)
     assert (record["sha256"], record["snapshot_uri"]) == (new.sha256, new.snapshot_uri)
+
+
+def test_scheme_2_gives_every_row_the_split_scheme_1_gave_it(tmp_path):
+    """The rows of the scheme-1 snapshot as a plain source (no split column): collected under
+    scheme 2, each keeps its split, so a champion trained before the change has seen no new eval row."""
+    uri, _ = _published_old()
+    old = load_snapshot(uri)
+    source = tmp_path / "rows.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"text": t, "label": x}, ensure_ascii=False) + "\n" for t, x in zip(old["text"], old["label"])
+        )
+    )
+    fresh = load_snapshot(collect_snapshot([str(source)], "run_id=r4").snapshot_uri)
+    assert fresh["text"].tolist() == old["text"].tolist() and 0 < (old["split"] == "eval").sum() < len(old)
+    assert fresh["split"].tolist() == old["split"].tolist()
