@@ -48,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import chat, preference, storage
-from pipeline.collect.formats import Chunk, Limits, format_of, open_source, read_ahead
+from pipeline.collect.formats import format_of, open_source
 from pipeline.collect.keys import split_column
 from pipeline.collect.keys import split_of as split_of  # collect.split_of: the split of one text
 from pipeline.collect.mixing import MixEntry, plan_mix
 from pipeline.collect.sources import SourceFile, expand, local_copy
+from pipeline.collect.streams import Chunk, Limits, read_ahead
 from pipeline.collect.writer import SnapshotWriter, Tally, UnencodableRow
 from pipeline.config import READ_ROWS, CollectConfig, PipelineConfig
 from pipeline.errors import DataError
