@@ -40,8 +40,9 @@ def test_config_prints_the_effective_configuration_as_yaml_that_loads_back(tmp_p
     assert effective["train"]["epochs"] == 1 and effective["task"] == "causal-lm"
     (tmp_path / "effective.yaml").write_text(printed)
     assert load_config(tmp_path / "effective.yaml") == load_config(recipe, ["train.epochs=1"])
-    assert "  task (text, default sequence-classification; one of sequence-classification, causal-lm, preference)" in _help(
-        "config"
+    assert (
+        "  task (text, default sequence-classification; one of sequence-classification, causal-lm, preference)"
+        in _help("config")
     )
 
 
