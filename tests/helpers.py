@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+MOTO_START_S = 120
+
+
 @contextlib.contextmanager
 def moto_server(env: dict[str, str] | None = None, probe_path: str = "", host: str = "127.0.0.1") -> Iterator[str]:
     """Moto's S3 (and IAM) API in server mode on a free port of ``host`` (loopback unless a test's
@@ -121,12 +125,21 @@ def moto_server(env: dict[str, str] | None = None, probe_path: str = "", host: s
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://{host}:{port}"
+    # Moto's start-up (its imports) has taken over 10 s on a loaded 2-core machine: wait for it by a
+    # deadline, and fail here, naming it, rather than hand the test a server that is not listening.
+    deadline = time.monotonic() + MOTO_START_S
     try:
-        for _ in range(100):
+        while True:
             try:
                 urllib.request.urlopen(endpoint + probe_path, timeout=1)
                 break
+            except urllib.error.HTTPError:
+                break  # it answered
             except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"moto server on {endpoint} exited {server.returncode} at start-up") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server on {endpoint} did not answer within {MOTO_START_S} s") from None
                 time.sleep(0.1)
         yield endpoint
     finally:
