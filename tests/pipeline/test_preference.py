@@ -4,17 +4,15 @@ LoRA) killed mid-training and resumed from its checkpoint, and evaluate's reward
 One DPO training on the tiny Llama (a module fixture) serves the training and evaluate tests."""
 
 import json
-import signal
-import time
 
 import pytest
 
-from pipeline import checkpoints, preference, storage, validate
+from pipeline import preference, storage, validate
 from pipeline.config import load_config
 from pipeline.config.validate import PREFERENCE_CHECKS
 from pipeline.errors import ValidationFailed
 from tests.helpers import collect_snapshot, run_step_here, train_settings, write_snapshot
-from tests.pipeline.test_resume import _root, _start, _wait_for_checkpoint
+from tests.pipeline.test_resume import _kill_after_first_checkpoint, _start
 
 PAIRS = "pipeline/data/support_preferences.jsonl"
 DPO = [
@@ -112,14 +110,7 @@ def dpo_run(tmp_path_factory, tiny_lm_dir):
         settings = train_settings(
             snapshot, tiny_lm_dir, "dpo", *DPO, "train.epochs=2", "train.checkpoint_steps=2", "train.logging_steps=2"
         )
-        root = _root(settings)
-        process = _start(settings, home)
-        first = _wait_for_checkpoint(process, root)
-        for proc in process.members():
-            proc.send_signal(signal.SIGKILL)
-        assert process.wait(30) == -signal.SIGKILL
-        time.sleep(0.5)
-        killed_at = checkpoints.complete(root)[0].step
+        first, killed_at = _kill_after_first_checkpoint(settings, home)
         again = _start(settings, home)
         code = again.popen.wait(300)
         again.reader.join(timeout=30)
