@@ -66,8 +66,6 @@ from pipeline.train.trainer import (
     sharding_report,
 )
 
-LM_TASKS = CHAT_TASKS  # the families that train a causal LM (LoRA, adapters)
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -88,7 +86,7 @@ def run(cfg: PipelineConfig) -> TrainResult | None:
     own = cfg.train
     if not own.snapshot_uri:
         raise ConfigError("train.snapshot_uri is required (the collect step's snapshot_uri)")
-    if cfg.task in LM_TASKS and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
+    if cfg.task in CHAT_TASKS and own.lora_r and not own.lora_merge and storage.scheme(cfg.base_model) == "s3":
         raise ConfigError(
             f"train.lora_merge=false registers the adapter with a reference to base_model, but "
             f"'{cfg.base_model}' is copied from S3 into a temporary directory for each step; use a "
@@ -435,7 +433,7 @@ def _save(
     under ``scratch``, and the sharding report of the ids every rank trained on."""
     own = cfg.train
     extra = {**_evaluation_summary(trainer, own), **(parts.after_training(trainer) if parts.after_training else {})}
-    target = scratch / ("adapter" if cfg.train.lora_r and cfg.task in LM_TASKS else "model")
+    target = scratch / ("adapter" if cfg.train.lora_r and cfg.task in CHAT_TASKS else "model")
     trainer.save_model(str(target))  # all ranks: ZeRO-3 gathers the 16-bit weights here
     (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in MLflow
     per_rank = gather(audit.seen)
