@@ -5,10 +5,10 @@ the ``prompt`` is the conversation up to its last assistant turn (as chat messag
 that turn, the reference answer, and ``rejected`` is one of two worse answers, alternately:
 
 - **another request's answer**: the reference answer of another record in the same language that
-  answers another request: of another intent where ``support_intents.jsonl`` names the customer
-  message's intent for both (the chats were built from older intent templates, so most messages
-  are no longer there), else an answer sharing under ``MAX_OVERLAP`` ROUGE-L with the reference
-  (``pipeline.chat.rouge_l``), so the rejected answer is fluent but off-topic;
+  answers another request: of another intent (as ``support_intents.jsonl`` names the first
+  customer message's intent) and sharing under ``MAX_OVERLAP`` ROUGE-L with the reference either
+  way (``pipeline.chat.rouge_l``), so the rejected answer is fluent but off-topic, and a chat's
+  generic thanks reply is never rejected for another chat's;
 - **a truncated answer**: the reference answer cut off after about a third of its characters,
   mid-sentence, without its final punctuation, so the rejected answer is on-topic but unfinished.
 
@@ -69,11 +69,9 @@ def main() -> int:
                 answer
                 for _, answer, other in conversations
                 if is_chinese(answer) == is_chinese(chosen)
-                and (
-                    other != intent
-                    if None not in (other, intent)
-                    else chat.rouge_l(chosen, answer) < MAX_OVERLAP and chat.rouge_l(answer, chosen) < MAX_OVERLAP
-                )
+                and (other != intent or None in (other, intent))
+                and chat.rouge_l(chosen, answer) < MAX_OVERLAP
+                and chat.rouge_l(answer, chosen) < MAX_OVERLAP
             ]
             rejected = rng.choice(others)
         else:
