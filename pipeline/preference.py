@@ -9,16 +9,19 @@ one assistant turn.
 
     python -c "from pipeline import preference; print(preference.to_pair({'prompt': 'hi', 'chosen': 'Hello!', 'rejected': 'Bye.'}))"
 
-torch is imported inside the functions that use it.
+torch and mlflow are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
-from pipeline import chat
+from pipeline import chat, tracking
+from pipeline.errors import ModelError
+from pipeline.models import resolve_model
 
 FIELDS = ("prompt", "chosen", "rejected")
 Messages = list[dict[str, str]]
@@ -191,3 +194,23 @@ def sample_rows(
 
 def as_json(rows: list[dict[str, Any]]) -> bytes:
     return json.dumps(rows, ensure_ascii=False, indent=2).encode()
+
+
+def reference_dir(uri: str, scratch: Path) -> str:
+    """A local directory of ``train.reference_model``, what train's DPO and evaluate measure the
+    implicit reward against: a registered model (``models:/<name>@<alias>``) downloaded from the
+    registry (its Hugging Face model directory), else the URI as base_model's are resolved."""
+    target = scratch / "reference"
+    if not uri.startswith("models:/"):
+        return resolve_model(uri, target, what="train.reference_model")
+    import mlflow
+
+    try:
+        with tracking.module_api():
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except Exception as exc:  # the registry names what it lacks (model, alias, version)
+        raise ModelError(f"train.reference_model '{uri}': cannot download it from the registry: {exc}") from exc
+    weights = sorted(p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+    if not weights:
+        raise ModelError(f"train.reference_model '{uri}': the registered model holds no Hugging Face model directory")
+    return str(weights[0])

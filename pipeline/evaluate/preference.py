@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from pipeline import chat, preference, tracking
+from pipeline import chat, preference
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.evaluate.causal_lm import on_accelerator
@@ -93,15 +93,6 @@ def _base(cfg: PipelineConfig, scratch: Path, model: Any) -> Any:
 
 
 def _reference(cfg: PipelineConfig, scratch: Path) -> tuple[Any, Any]:
-    """train.reference_model: a registered model (``models:/...``) or a model URI."""
+    """train.reference_model: a registered model (``models:/...``) or a model URI, as train loads it."""
     uri = cfg.train.reference_model
-    if not uri.startswith("models:/"):
-        return load_causal_lm(resolve_model(uri, scratch / "reference", what="train.reference_model"), uri)
-    import mlflow
-
-    try:
-        with tracking.module_api():
-            parts = mlflow.transformers.load_model(uri, return_type="components")
-    except Exception as exc:  # fail closed: the figures need the reference the model was tuned against
-        raise ModelError(f"train.reference_model '{uri}': cannot be loaded from the registry: {exc}") from exc
-    return parts["model"], parts["tokenizer"]
+    return load_causal_lm(preference.reference_dir(uri, scratch), f"train.reference_model '{uri}'")

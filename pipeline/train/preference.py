@@ -22,10 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline import chat, preference, tracking
+from pipeline import chat, preference
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, DataError, ModelError
-from pipeline.models import lm_tokenizer, resolve_model
+from pipeline.models import lm_tokenizer
 from pipeline.train.parts import Parts, _causal_lm_model, lora_target_modules
 
 
@@ -133,30 +133,11 @@ def _trainer_kwargs(cfg: PipelineConfig, tokenizer: Any, model: Any, scratch: Pa
     return kwargs
 
 
-def reference_dir(uri: str, scratch: Path) -> str:
-    """A local directory of the reference model: a registered model (``models:/...``) downloaded
-    from the registry, else the URI as base_model's are resolved."""
-    if not uri.startswith("models:/"):
-        return resolve_model(uri, scratch, what="train.reference_model")
-    import mlflow
-
-    target = scratch / "reference"
-    try:
-        with tracking.module_api():
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except Exception as exc:  # the registry names what it lacks (model, alias, version)
-        raise ModelError(f"train.reference_model '{uri}': cannot download it from the registry: {exc}") from exc
-    weights = sorted(p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors")))
-    if not weights:
-        raise ModelError(f"train.reference_model '{uri}': the registered model holds no Hugging Face model directory")
-    return str(weights[0])
-
-
 def load_reference(cfg: PipelineConfig, scratch: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     uri = cfg.train.reference_model
-    path = reference_dir(uri, scratch)
+    path = preference.reference_dir(uri, scratch)
     try:
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline import preference, storage, validate
+from pipeline import preference, storage, tracking, validate
 from pipeline.config import load_config
 from pipeline.config.validate import PREFERENCE_CHECKS
 from pipeline.errors import ValidationFailed
@@ -142,6 +142,20 @@ def test_dpo_killed_mid_training_resumes_from_its_checkpoint_and_publishes(dpo_r
     assert storage.exists(storage.join(result["result_uri"].rsplit("/", 1)[0], "adapter/adapter_config.json"))
 
 
+def _registered(model_dir, name, alias):
+    """``model_dir`` logged as a run's artifacts and registered as ``name`` at ``alias``: its models:/ URI."""
+    import mlflow
+
+    with tracking.module_api():
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(model_dir), "model")
+    tracker = tracking.client()
+    tracker.create_registered_model(name)
+    version = tracker.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    tracker.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
 @pytest.mark.slow
 def test_evaluate_scores_reward_accuracy_beside_the_base_and_gates_on_it(dpo_run, tiny_lm_dir, monkeypatch):
     monkeypatch.setenv("FINETUNE_HOME", str(dpo_run["home"]))
@@ -169,14 +183,16 @@ def test_evaluate_scores_reward_accuracy_beside_the_base_and_gates_on_it(dpo_run
     assert samples and {"prompt", "chosen", "rejected", "chosen_logp", "rejected_logp"} <= set(samples[0])
     assert evaluated["promote"] == (metrics["reward_accuracy"] > base["reward_accuracy"])
 
-    # train.reference_model names the reference by URI: here the base model's directory, so the same figures.
+    # train.reference_model names the reference as a registered model (models:/<name>@<alias>, read
+    # through the registry as train reads it): here the base model's weights, so the same figures.
+    reference = _registered(tiny_lm_dir, "support-chat-reference", "champion")
     again = run_step_here(
         "evaluate",
         [
             *DPO,
             "run_id=dpo-reference",
             f"base_model={json.dumps(str(tiny_lm_dir))}",
-            f"train.reference_model={json.dumps(str(tiny_lm_dir))}",
+            f"train.reference_model={reference}",
             f"evaluate.snapshot_uri={dpo_run['snapshot'].snapshot_uri}",
             f"evaluate.model_uri={dpo_run['result']['model_uri']}",
         ],
