@@ -228,7 +228,7 @@ def _try_acquire(tracker: Any, model_name: str, token: str, ttl_s: float, watch:
         tracker.create_registered_model(
             name,
             tags={"holder": token, "renewed_at": str(renewed_at), "ttl_s": str(ttl_s), "released": "false"},
-            description="A lease on moving this model's aliases (pipeline/registry.py).",
+            description="A lease on moving this model's aliases (pipeline/lock.py).",
         )
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_ALREADY_EXISTS":

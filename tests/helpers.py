@@ -236,7 +236,7 @@ def promotion_audit(tracker: Any, name: str = MODEL_NAME) -> list[Any]:
 
 
 def lock_generations(tracker: Any, name: str = MODEL_NAME) -> dict[str, dict[str, str]]:
-    """The registry lock's generations of ``name`` (pipeline/registry.py) and their tags."""
+    """The registry lock's generations of ``name`` (pipeline/lock.py) and their tags."""
     prefix = f"{name}.promotion-lock."
     return {m.name: dict(m.tags) for m in tracker.search_registered_models(f"name LIKE '{prefix}%'")}
 

@@ -43,7 +43,7 @@ class PromoteConfig:
     reason: str = option("", "Why; recorded in the audit trail; required with force.")
     force: bool = option(False, "Promote even if the version failed its gate or is worse than the champion.")
     requested_by: str = option("", "Who asked (the Airflow user who triggered the run).")
-    # The lock every alias move (promote, and register's own promotion) takes: pipeline/registry.py.
+    # The lock every alias move (promote, and register's own promotion) takes: pipeline/lock.py.
     lock_ttl_s: float = option(
         60.0,
         "Seconds after which the registry lock of a holder that stopped renewing it "
