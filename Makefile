@@ -56,11 +56,11 @@ demo: install
 	$(BIN)/finetune run
 
 # The causal-LM loop offline: a small Llama built here (finetune demo-model: a tokenizer trained on
-# the shipped texts, random weights), the shipped support chats, ZeRO-3 + LoRA, the perplexity gate.
-DEMO_LLM_SETTINGS ?= --set train.zero_stage=3 --set train.lora_r=16 --set train.lora_alpha=32 --set train.epochs=2 \
-	--set train.learning_rate=0.002
+# the shipped texts, random weights), the shipped support chats, ZeRO-3, the perplexity gate and a
+# floor under stop_rate (pipeline/configs/support_chat_demo.yaml).
+DEMO_LLM_SETTINGS ?= --config pipeline/configs/support_chat_demo.yaml
 demo-llm: install
-	$(BIN)/finetune run --set task=causal-lm --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)" $(DEMO_LLM_SETTINGS)
+	$(BIN)/finetune run $(DEMO_LLM_SETTINGS) --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)"
 
 # Preference tuning offline: the Llama of demo-llm fine-tuned by demo-llm's recipe (that run's published
 # model), then DPO on the shipped pairs (pipeline/configs/support_preference.yaml) against it, ZeRO-3 + LoRA,
@@ -68,8 +68,8 @@ demo-llm: install
 DEMO_DPO_ZERO ?= 3
 DEMO_DPO_SETTINGS ?= --set train.zero_stage=$(DEMO_DPO_ZERO) --set train.num_processes=2 --set train.learning_rate=5e-4
 demo-dpo: install
-	sft=$$($(BIN)/finetune run --set task=causal-lm --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)" \
-		$(DEMO_LLM_SETTINGS) | tail -n 1 | $(BIN)/python -c "import json, sys; print(json.load(sys.stdin)['run_id'])") && \
+	sft=$$($(BIN)/finetune run $(DEMO_LLM_SETTINGS) --set base_model="$$($(BIN)/finetune demo-model | tail -n 1)" \
+		| tail -n 1 | $(BIN)/python -c "import json, sys; print(json.load(sys.stdin)['run_id'])") && \
 	$(BIN)/finetune run --config pipeline/configs/support_preference.yaml \
 		--set base_model="$(FINETUNE_HOME)/artifacts/runs/$$sft/train/model" $(DEMO_DPO_SETTINGS)
 
