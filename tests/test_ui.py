@@ -2,8 +2,9 @@
 `make down` run) on a scratch $FINETUNE_HOME, and the Airflow and MLflow UIs in a real headless
 Chromium (Debian's, driven by Playwright): trigger `finetune` from its form, watch the scheduler's
 run succeed, find the version and its aliases in MLflow, roll back from `promote`'s form; and, with
-the deployment's approval gate on, approve a new champion in Required Actions, reject the next, and
-leave a third to its timeout.
+the deployment's approval gate on, approve a new champion in Required Actions and reject the next
+(no answer within the timeout is Reject too: tests/dags/test_approval_dag.py, where the scheduler's
+sweep rejects an approval 3 s old instead of a third training here).
 
     .venv/bin/python -m pytest -q tests/test_ui.py
 
@@ -483,9 +484,10 @@ def test_a_person_triggers_a_run_finds_the_model_and_rolls_back_from_the_uis(
 
 # --- the approval gate ----------------------------------------------------------------------------
 
-APPROVAL_TIMEOUT_S = 60  # the deployment's promote.approval_timeout here: the third run's wait, then Reject
-# The first champion learns less (accuracy 0.79 on the 14 eval rows) than the two runs after it (0.93,
-# no language worse), so theirs pass the gate against it and reach a person (measured: 6 epochs
+# The deployment's promote.approval_timeout here: longer than the test takes to answer on a busy machine.
+APPROVAL_TIMEOUT_S = 1800
+# The first champion learns less (accuracy 0.79 on the 14 eval rows) than the run after it (0.93,
+# no language worse), so its passes the gate against it and reaches a person (measured: 6 epochs
 # 0.79, 8 epochs 0.93, 12 epochs 1.0; 3 epochs 0.21, below the majority class).
 FIRST_EPOCHS, LATER_EPOCHS = 6, 8
 
@@ -565,7 +567,7 @@ def _open_required_action(page: Any, airflow_url: str, run_id: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_a_person_approves_a_champion_rejects_the_next_and_a_third_times_out_in_required_actions(
+def test_a_person_approves_a_champion_and_rejects_the_next_in_required_actions(
     tmp_path, chromium, tiny_model_dir, small_data, monkeypatch
 ):
     from playwright.sync_api import expect, sync_playwright
@@ -642,20 +644,6 @@ def test_a_person_approves_a_champion_rejects_the_next_and_a_third_times_out_in_
             assert refusal["promotion.outcome"] == "refused"
             assert refusal["promotion.why"] == "refused by admin: not before the launch"
 
-            # 3. Nobody answers the third: after the timeout it is Reject, never Approve.
-            third = _trigger(airflow_url, home, "finetune", {**small, "epochs": LATER_EPOCHS})
-            _awaiting_approval(airflow_url, home, third)
-            asked = time.monotonic()
-            _finished(airflow_url, home, "finetune", third, APPROVAL_TIMEOUT_S + 300)
-            timings["unanswered_to_rejected_s"] = time.monotonic() - asked
-            assert aliases(tracker) == {"challenger": "3", "champion": "1"}
-            assert _refusal(tracker, "3")["promotion.why"] == (
-                f"refused by airflow:approval_timeout: no answer within {APPROVAL_TIMEOUT_S} s "
-                "(promote.approval_timeout): Reject"
-            )
-            _open_required_action(page, airflow_url, third)
-            expect(page.get_by_text("passed its promotion gate")).to_be_visible()
-            stages.shot(page, "approval-timed-out", full_page=True)
             browser.close()
     finally:
         stopped = _down(env)
@@ -666,5 +654,5 @@ def test_a_person_approves_a_champion_rejects_the_next_and_a_third_times_out_in_
     assert services.marked_processes(home) == []
     if os.environ.get("FINETUNE_UPDATE_SCREENSHOTS") == "1":  # refresh the pictures docs/ui.md shows
         DOCS_SCREENSHOTS.mkdir(exist_ok=True)
-        for shot in ("required-actions-list", "approval-required-action", "approval-answered", "approval-timed-out"):
+        for shot in ("required-actions-list", "approval-required-action", "approval-answered"):
             shutil.copy(next(stages.folder.glob(f"*-{shot}.png")), DOCS_SCREENSHOTS / f"{shot}.png")
