@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "source_mib": round(mib, 1),
             "repeats": args.repeats,
             "base": args.base,
+            "base_commit": _short(args.base) if args.base else None,
         },
         "plain_boto3_mib_per_s": spread([mib / s for s in download_s]),
     }
@@ -165,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v["ratio"] for k, v in report.items() if isinstance(v, dict) and "ratio" in v}, indent=2))
     print(f"collect bench: wrote {path}", file=sys.stderr)
     return 0
+
+
+def _short(revision: str) -> str:
+    """The abbreviated commit a revision (``63307b7~1``, ``HEAD``) names."""
+    named = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT, capture_output=True, text=True)
+    return named.stdout.strip() or revision
 
 
 if __name__ == "__main__":

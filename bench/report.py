@@ -229,6 +229,47 @@ after its save: not counted). {_provenance(r)}
 """
 
 
+def collect(r: dict[str, Any]) -> str:
+    s, plain = r["setup"], r["plain_boto3_mib_per_s"]
+    mib = s["source_mib"]
+    seconds = {k: mib / plain[k] for k in ("median", "max", "min")}  # the fastest download has the most MiB/s
+    base = s.get("base_commit") or s.get("base")
+    rows = [
+        f"| plain boto3 download | {seconds['median']:.2f} ({seconds['max']:.2f}-{seconds['min']:.2f}) | {_m(plain)} | 1 | |"
+    ]
+    for name, label in (("base", f"collect before ({base})"), ("new", f"collect after ({r['commit']})")):
+        if name in r:
+            f = r[name]
+            ratio = _m(f["ratio"], digits=3)
+            if name == "new":
+                ratio = f"**{ratio.split(' ')[0]}** {ratio.split(' ', 1)[1]}"
+            rows.append(
+                f"| {label} | {_m(f['seconds'], digits=2)} | {_m(f['mib_per_s'])} | {ratio} | "
+                f"{_m(f['peak_rss_mib'], digits=0)} MiB |"
+            )
+    new = r["new"]
+    verdicts = f"target >= 0.5x the download: {_verdict(new['ratio']['median'], 0.5)}"
+    if "base" in r:
+        old = r["base"]
+        rss = new["peak_rss_mib"]["median"] / old["peak_rss_mib"]["median"]
+        same_split = old["rows_eval"] == new["rows_eval"]
+        verdicts = (
+            f"After is {old['seconds']['median'] / new['seconds']['median']:.1f}x before (by median seconds), "
+            f"peak RSS {rss:.2f}x (target within 2x: {_verdict(rss, 2.0, above=False)}); {verdicts}. "
+            f"Rows in eval: {', '.join(f'{n:,}' for n in new['rows_eval'])} after, {', '.join(f'{n:,}' for n in old['rows_eval'])} "
+            f"before ({'the same split' if same_split else 'the split moved'})"
+        )
+    return f"""One JSONL object of {s["rows"]:,} rows ({mib} MiB) on a {s["s3"]}; each of {s["repeats"]} repetitions \
+downloads it with boto3's `download_file`, then runs `collect.run` on it in a child process{" with the pipeline package of " + str(base) + " and of this checkout, interleaved" if "base" in r else ""}. \
+Median (min-max) of {s["repeats"]}; the ratio is the download's seconds over collect's in the same repetition. \
+{verdicts}. {_provenance(r)}
+
+| | seconds | MiB/s | ratio to the download | peak RSS |
+|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+
+
 RENDERERS = {
     "training_tax": ("Training tax: the pipeline vs HF Trainer vs raw DeepSpeed", training_tax),
     "orchestration": ("Orchestration overhead: what Airflow adds per task", orchestration),
@@ -236,6 +277,7 @@ RENDERERS = {
     "suite": ("Test suite: where make test's time goes", suite),
     "serving": ("Serving: the champion behind MLflow's scoring server vs in-process", serving),
     "demo": ("The demo: make demo from a fresh clone", demo),
+    "collect": ("collect from S3 against a plain download", collect),
 }
 
 

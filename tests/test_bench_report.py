@@ -150,3 +150,32 @@ def test_the_suite_report_sums_each_module_and_names_the_slowest_tests(tmp_path,
     assert "| `tests.pipeline.test_train` | 2 | 120 | 67% |" in text
     result["setup"]["wall_s"] = 1500
     assert "(target 12 min: **missed**)" in _report_module().suite(result)
+
+
+def test_the_collect_ratio_and_its_verdicts_come_from_collect_json():
+    report = _report_module()
+    side = {
+        "seconds": _spread(3.0),
+        "mib_per_s": _spread(32.0),
+        "ratio": _spread(0.3),
+        "peak_rss_mib": _spread(300.0),
+        "rows_eval": [200385],
+    }
+    result = {
+        "command": "python bench/collect.py --base HEAD~1",
+        "commit": "abc1234",
+        "date": "today",
+        "machine": {"cpus": 2, "memory_gib": 23.5, "gpus": [], "torch": "2.13.0"},
+        "setup": {"s3": "moto server", "rows": 1000000, "source_mib": 96.0, "repeats": 5, "base_commit": "def5678"},
+        "plain_boto3_mib_per_s": _spread(96.0),
+        "base": {**side, "seconds": _spread(12.0), "ratio": _spread(0.08), "peak_rss_mib": _spread(100.0)},
+        "new": side,
+    }
+    text = report.collect(result)
+    assert "| collect after (abc1234) | 3.00 (2.70-3.30) | 32.0 (28.8-35.2) | **0.300** (0.270-0.330) |" in text
+    assert "| collect before (def5678) |" in text and "After is 4.0x before" in text
+    assert "peak RSS 3.00x (target within 2x: **missed**)" in text and "0.5x the download: **missed**" in text
+    assert "the same split" in text
+    result["new"] = {**side, "ratio": _spread(0.6), "rows_eval": [199000]}
+    text = report.collect(result)
+    assert "0.5x the download: met" in text and "the split moved" in text
