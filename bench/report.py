@@ -241,8 +241,9 @@ def collect(r: dict[str, Any]) -> str:
         if name in r:
             f = r[name]
             ratio = _m(f["ratio"], digits=3)
-            if name == "new":
-                ratio = f"**{ratio.split(' ')[0]}** {ratio.split(' ', 1)[1]}"
+            if name == "new":  # the figure the target is on, in bold: "**median** (min-max)"
+                median, spread = ratio.split(" ", 1)
+                ratio = f"**{median}** {spread}"
             rows.append(
                 f"| {label} | {_m(f['seconds'], digits=2)} | {_m(f['mib_per_s'])} | {ratio} | "
                 f"{_m(f['peak_rss_mib'], digits=0)} MiB |"
